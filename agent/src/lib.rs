@@ -1,0 +1,3 @@
+//! placeholder
+pub mod discovery;
+pub mod process;

@@ -1,0 +1,1119 @@
+//! Launching ranks as child processes, capturing their output, and cleaning up after them (Linux).
+//!
+//! Each rank runs in its own process group, so one signal to `-pgid` reaches everything the rank
+//! started (data-loader workers, `sh -c` wrappers, compilers). Three mechanisms keep a rank from
+//! outliving the agent that launched it:
+//!
+//! 1. `PR_SET_PDEATHSIG = SIGKILL` on the rank, set between `fork` and `exec`: the kernel kills the
+//!    rank when the agent dies, however it dies.
+//! 2. [`terminate_group`]: SIGTERM to the group, a bounded grace period, then SIGKILL.
+//! 3. [`PgidJournal`]: a small file naming every live group, so an agent restarted after a crash
+//!    kills what the previous one left behind ([`PgidJournal::reap_leftovers`]).
+//!
+//! # Which thread forks matters
+//! The kernel sends the parent-death signal when the *thread* that forked the child exits, not
+//! when the process does. A rank forked from a `spawn_blocking` thread would be SIGKILLed when
+//! that idle thread retires (10 s by default). [`spawn_rank`] therefore hands every fork to one
+//! dedicated launcher thread that lives as long as the agent process, whatever task or thread
+//! calls it.
+//!
+//! # Logs
+//! A rank's stdout and stderr are read line by line (lossy UTF-8, lines longer than
+//! [`MAX_LINE_BYTES`] split) and appended as whole lines to one file per rank by a single writer,
+//! so lines of the two streams never tear into each other. The file holds the raw lines; the
+//! prefix that names node and rank ([`RankSpec::line_prefix`]) is for the copies the agent ships or
+//! echoes, available through [`RankProcess::subscribe_lines`].
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{mpsc as std_mpsc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWriteExt as _, BufReader, BufWriter};
+use tokio::process::{Child, Command};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+/// Longest line written to a rank's log; a longer line is split into pieces of at most this size
+/// (at a UTF-8 character boundary when the text is valid UTF-8).
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Lines buffered between the pipe readers and the log writer before the readers wait (and the
+/// rank, once its pipe fills, blocks on write).
+pub const LOG_QUEUE_LINES: usize = 1024;
+/// Lines a slow [`RankProcess::subscribe_lines`] receiver may fall behind before it loses some.
+pub const LINE_BROADCAST_LINES: usize = 1024;
+/// How long [`RankProcess::wait`] keeps waiting for the pipes to close after the rank's main
+/// process exited. A background process that inherited the pipes can hold them open for ever;
+/// its output is still captured after `wait` returns.
+pub const LOG_DRAIN_AFTER_EXIT_MS: u64 = 2_000;
+/// Interval between checks of whether a process group is empty.
+pub const GROUP_POLL_INTERVAL_MS: u64 = 20;
+/// How long [`terminate_group`] waits for the group to vanish after SIGKILL.
+pub const KILL_CONFIRM_MS: u64 = 5_000;
+/// Exit code reported when the agent could not learn how the rank ended (its status was lost).
+pub const UNKNOWN_EXIT_CODE: i32 = 255;
+/// The search path used when the rank's environment has no `PATH` (glibc's default).
+pub const DEFAULT_PATH: &str = "/usr/bin:/bin";
+/// File name of the journal inside the agent's data directory.
+pub const JOURNAL_FILE_NAME: &str = "rank-groups.journal";
+
+/// Everything needed to start one rank.
+#[derive(Debug, Clone, Default)]
+pub struct RankSpec {
+    /// Program and arguments. `argv[0]` without a `/` is looked up in the rank's `PATH`; with a
+    /// `/` it is a path, relative paths taken from `workdir`.
+    pub argv: Vec<String>,
+    /// Working directory of the rank; must exist.
+    pub workdir: PathBuf,
+    /// Variables set for the rank, overriding the agent's inherited environment.
+    pub env: Vec<(String, String)>,
+    /// Variables set only if absent from both the inherited environment and `env`.
+    pub env_defaults: Vec<(String, String)>,
+    /// File the rank's stdout and stderr lines are appended to (parents are created).
+    pub log_path: PathBuf,
+    /// Prefix naming node and rank, e.g. `"[node-3 rank 17] "`. Not written to the file; kept for
+    /// whoever ships or echoes the lines ([`RankProcess::line_prefix`]).
+    pub line_prefix: String,
+}
+
+/// Why a rank could not be started. Each message says what was wrong on which host.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// `argv` was empty.
+    #[error("the rank's argv is empty: nothing to run")]
+    EmptyArgv,
+    /// The program does not exist.
+    #[error("command `{program}` not found {searched} on this host")]
+    CommandNotFound {
+        /// `argv[0]` as given.
+        program: String,
+        /// Where it was looked for: `in PATH=...` or `at /abs/path`.
+        searched: String,
+    },
+    /// The program exists but may not be executed (no execute bit, a directory, a `noexec`
+    /// mount, ...).
+    #[error("command `{program}` at {} is not executable on this host (permission denied)", path.display())]
+    NotExecutable {
+        /// `argv[0]` as given.
+        program: String,
+        /// The file found.
+        path: PathBuf,
+    },
+    /// The program exists but the kernel could not find what it needs to run it.
+    #[error("command `{program}` at {} could not be started on this host: its `#!` interpreter or dynamic loader is missing", path.display())]
+    InterpreterNotFound {
+        /// `argv[0]` as given.
+        program: String,
+        /// The file found.
+        path: PathBuf,
+    },
+    /// The working directory does not exist.
+    #[error("workdir {} does not exist on this host", workdir.display())]
+    WorkdirMissing {
+        /// The workdir asked for.
+        workdir: PathBuf,
+    },
+    /// The working directory exists but is not a directory.
+    #[error("workdir {} is not a directory on this host", workdir.display())]
+    WorkdirNotADirectory {
+        /// The workdir asked for.
+        workdir: PathBuf,
+    },
+    /// Any other IO failure (creating the log file, fork, ...).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, e.g. "create log file /var/lib/trainctl/logs/r0.log".
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl LaunchError {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        LaunchError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// How a rank ended, in torchrun's convention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RankExit {
+    /// The exit code, or the negated signal number when a signal killed the rank
+    /// (`-9` for SIGKILL), or [`UNKNOWN_EXIT_CODE`] when the status was lost.
+    pub code: i32,
+}
+
+impl RankExit {
+    /// Whether the rank exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+}
+
+/// Which pipe a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    /// The rank's standard output.
+    Stdout,
+    /// The rank's standard error.
+    Stderr,
+}
+
+/// One line of a rank's output, without its newline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankLine {
+    /// The pipe it came from.
+    pub stream: Stream,
+    /// The text (invalid UTF-8 replaced by U+FFFD).
+    pub text: String,
+}
+
+/// A running (or finished) rank. Dropping it neither kills nor forgets the rank: its exit status
+/// is still collected and its output still captured in the background.
+#[derive(Debug)]
+pub struct RankProcess {
+    pid: i32,
+    start_time: u64,
+    line_prefix: String,
+    log_path: PathBuf,
+    exit: watch::Receiver<Option<RankExit>>,
+    lines: broadcast::Sender<RankLine>,
+}
+
+impl RankProcess {
+    /// The rank's process id.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The rank's process group id (equal to its pid: the rank leads its own group).
+    pub fn pgid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The rank's start time in clock ticks since boot (`/proc/<pid>/stat` field 22), which with
+    /// the pid identifies the process even after the pid is recycled. 0 if it could not be read.
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// The prefix naming node and rank, from [`RankSpec::line_prefix`].
+    pub fn line_prefix(&self) -> &str {
+        &self.line_prefix
+    }
+
+    /// The file the rank's output is appended to.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Receives the rank's lines from now on, in file order. A receiver that falls more than
+    /// [`LINE_BROADCAST_LINES`] behind loses lines (the file keeps them all).
+    pub fn subscribe_lines(&self) -> broadcast::Receiver<RankLine> {
+        self.lines.subscribe()
+    }
+
+    /// How the rank ended, if it has.
+    pub fn try_exit(&self) -> Option<RankExit> {
+        *self.exit.borrow()
+    }
+
+    /// Waits for the rank's main process to exit and for its output to reach the log file
+    /// (bounded by [`LOG_DRAIN_AFTER_EXIT_MS`] if a background process holds the pipes open).
+    /// May be called again; it then returns the same value at once.
+    pub async fn wait(&mut self) -> RankExit {
+        match self.exit.wait_for(Option::is_some).await {
+            Ok(exit) => exit.unwrap_or(RankExit {
+                code: UNKNOWN_EXIT_CODE,
+            }),
+            // The supervisor task is gone without a status: the runtime is shutting down.
+            Err(_) => RankExit {
+                code: UNKNOWN_EXIT_CODE,
+            },
+        }
+    }
+
+    /// [`terminate_group`] on this rank's group.
+    pub async fn terminate(&self, grace: Duration) -> GroupEnd {
+        terminate_group(self.pgid(), grace).await
+    }
+}
+
+/// Starts one rank: resolves the program, checks the workdir, opens the log, forks in a new
+/// process group with `PR_SET_PDEATHSIG = SIGKILL`, and starts capturing output.
+///
+/// Must be called inside a Tokio runtime; the rank's supervision runs as tasks of that runtime.
+pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
+    let RankSpec {
+        argv,
+        workdir,
+        env,
+        env_defaults,
+        log_path,
+        line_prefix,
+    } = spec;
+    let program = argv.first().ok_or(LaunchError::EmptyArgv)?.clone();
+
+    match fs::metadata(&workdir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(LaunchError::WorkdirNotADirectory { workdir }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(LaunchError::WorkdirMissing { workdir })
+        }
+        Err(e) => {
+            return Err(LaunchError::io(
+                format!("inspect workdir {}", workdir.display()),
+                e,
+            ))
+        }
+    }
+
+    let merged_env = merge_env(std::env::vars_os(), &env, &env_defaults);
+    let path_var = merged_env
+        .get(&OsString::from("PATH"))
+        .map(|p| p.to_string_lossy().into_owned());
+    let resolved = resolve_program(&program, path_var.as_deref(), &workdir)?;
+
+    let log_file = open_log(&log_path).await?;
+
+    let mut cmd = Command::new(&resolved);
+    cmd.arg0(&program)
+        .args(&argv[1..])
+        .current_dir(&workdir)
+        .env_clear()
+        .envs(&merged_env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    let agent_pid = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+    // functions may be called. It calls `prctl` and `getppid` (plain system calls) and builds an
+    // `io::Error` from errno without allocating (`from_raw_os_error`/`last_os_error` store an int).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // If the agent died between fork and prctl, no death signal will ever come: the
+            // child has already been reparented. Do not start an unsupervised rank.
+            if libc::getppid() != agent_pid {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+
+    let mut child = launch(cmd).await.map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => LaunchError::InterpreterNotFound {
+            program: program.clone(),
+            path: resolved.clone(),
+        },
+        io::ErrorKind::PermissionDenied => LaunchError::NotExecutable {
+            program: program.clone(),
+            path: resolved.clone(),
+        },
+        _ => LaunchError::io(format!("start command `{program}`"), e),
+    })?;
+
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or_else(|| {
+            LaunchError::io(
+                format!("start command `{program}`"),
+                io::Error::other("the child has no pid"),
+            )
+        })?;
+    // The child cannot be reaped before the supervisor below first polls `wait`, so its
+    // /proc entry is still there (perhaps as a zombie).
+    let start_time = read_proc_stat(pid).map(|s| s.start_time).unwrap_or(0);
+
+    let (line_tx, line_rx) = mpsc::channel(LOG_QUEUE_LINES);
+    let (broadcast_tx, _) = broadcast::channel(LINE_BROADCAST_LINES);
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    if let Some(out) = stdout {
+        tokio::spawn(pump_lines(out, Stream::Stdout, line_tx.clone()));
+    }
+    if let Some(err) = stderr {
+        tokio::spawn(pump_lines(err, Stream::Stderr, line_tx.clone()));
+    }
+    drop(line_tx);
+    let writer = tokio::spawn(write_lines(
+        log_file,
+        log_path.clone(),
+        line_rx,
+        broadcast_tx.clone(),
+    ));
+
+    let (exit_tx, exit_rx) = watch::channel(None);
+    tokio::spawn(supervise(child, pid, writer, exit_tx));
+
+    Ok(RankProcess {
+        pid,
+        start_time,
+        line_prefix,
+        log_path,
+        exit: exit_rx,
+        lines: broadcast_tx,
+    })
+}
+
+/// Reaps the rank's main process as soon as it exits (so a zombie leader never keeps its group
+/// looking alive to [`terminate_group`]), then waits for the log to drain and publishes the exit.
+async fn supervise(
+    mut child: Child,
+    pid: i32,
+    writer: tokio::task::JoinHandle<()>,
+    exit_tx: watch::Sender<Option<RankExit>>,
+) {
+    let code = match child.wait().await {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => -signal,
+            (None, None) => UNKNOWN_EXIT_CODE,
+        },
+        Err(e) => {
+            tracing::error!(pid, error = %e, "lost the exit status of a rank");
+            UNKNOWN_EXIT_CODE
+        }
+    };
+    if tokio::time::timeout(Duration::from_millis(LOG_DRAIN_AFTER_EXIT_MS), writer)
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            pid,
+            "a rank exited but a process it started still holds its output open; still capturing"
+        );
+    }
+    exit_tx.send_replace(Some(RankExit { code }));
+}
+
+/// The thread every rank is forked from. It never exits, so the parent-death signal fires only
+/// when the agent process itself dies (see the module docs).
+fn launcher() -> &'static Mutex<std_mpsc::Sender<LaunchRequest>> {
+    static LAUNCHER: OnceLock<Mutex<std_mpsc::Sender<LaunchRequest>>> = OnceLock::new();
+    LAUNCHER.get_or_init(|| {
+        let (tx, rx) = std_mpsc::channel::<LaunchRequest>();
+        let spawned = std::thread::Builder::new()
+            .name("trainctl-rank-launcher".into())
+            .spawn(move || {
+                for mut request in rx {
+                    let _runtime = request.runtime.enter();
+                    let _ = request.reply.send(request.command.spawn());
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the rank launcher thread");
+        }
+        Mutex::new(tx)
+    })
+}
+
+struct LaunchRequest {
+    command: Command,
+    runtime: tokio::runtime::Handle,
+    reply: oneshot::Sender<io::Result<Child>>,
+}
+
+async fn launch(command: Command) -> io::Result<Child> {
+    let (reply, answer) = oneshot::channel();
+    let request = LaunchRequest {
+        command,
+        runtime: tokio::runtime::Handle::current(),
+        reply,
+    };
+    let sent = launcher()
+        .lock()
+        .map_err(|_| io::Error::other("the rank launcher lock is poisoned"))?
+        .send(request);
+    if sent.is_err() {
+        return Err(io::Error::other("the rank launcher thread is not running"));
+    }
+    answer
+        .await
+        .map_err(|_| io::Error::other("the rank launcher thread dropped the request"))?
+}
+
+/// The environment a rank sees: inherited, overridden by `env`, then `env_defaults` for names
+/// absent from both.
+fn merge_env(
+    inherited: impl IntoIterator<Item = (OsString, OsString)>,
+    env: &[(String, String)],
+    env_defaults: &[(String, String)],
+) -> BTreeMap<OsString, OsString> {
+    let mut merged: BTreeMap<OsString, OsString> = inherited.into_iter().collect();
+    for (k, v) in env {
+        merged.insert(k.into(), v.into());
+    }
+    for (k, v) in env_defaults {
+        merged
+            .entry(OsString::from(k))
+            .or_insert_with(|| OsString::from(v));
+    }
+    merged
+}
+
+/// Finds the file `program` names, as `execvp` would in the rank's environment, so that a
+/// mistake is reported with the path searched.
+fn resolve_program(
+    program: &str,
+    path_var: Option<&str>,
+    workdir: &Path,
+) -> Result<PathBuf, LaunchError> {
+    if program.contains('/') {
+        let path = workdir.join(program);
+        return match fs::metadata(&path) {
+            Ok(meta) if is_executable_file(&meta) => Ok(path),
+            Ok(_) => Err(LaunchError::NotExecutable {
+                program: program.to_owned(),
+                path,
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(LaunchError::CommandNotFound {
+                program: program.to_owned(),
+                searched: format!("at {}", path.display()),
+            }),
+            Err(e) => Err(LaunchError::io(
+                format!("inspect command {}", path.display()),
+                e,
+            )),
+        };
+    }
+    let path_var = path_var.unwrap_or(DEFAULT_PATH);
+    let mut not_executable = None;
+    for dir in path_var.split(':') {
+        // An empty PATH entry means the current directory, which for the rank is its workdir.
+        let candidate = workdir.join(if dir.is_empty() { "." } else { dir }).join(program);
+        match fs::metadata(&candidate) {
+            Ok(meta) if is_executable_file(&meta) => return Ok(candidate),
+            Ok(meta) if meta.is_file() => {
+                not_executable.get_or_insert(candidate);
+            }
+            _ => {}
+        }
+    }
+    match not_executable {
+        Some(path) => Err(LaunchError::NotExecutable {
+            program: program.to_owned(),
+            path,
+        }),
+        None => Err(LaunchError::CommandNotFound {
+            program: program.to_owned(),
+            searched: format!("in PATH={path_var}"),
+        }),
+    }
+}
+
+fn is_executable_file(meta: &fs::Metadata) -> bool {
+    meta.is_file() && meta.permissions().mode() & 0o111 != 0
+}
+
+async fn open_log(log_path: &Path) -> Result<tokio::fs::File, LaunchError> {
+    if let Some(parent) = log_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        tokio::fs::create_dir_all(parent).await.map_err(|e| {
+            LaunchError::io(format!("create log directory {}", parent.display()), e)
+        })?;
+    }
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .await
+        .map_err(|e| LaunchError::io(format!("open log file {}", log_path.display()), e))
+}
+
+/// Reads one pipe into whole lines of at most [`MAX_LINE_BYTES`] and queues them for the writer.
+async fn pump_lines<R: AsyncRead + Unpin>(pipe: R, stream: Stream, out: mpsc::Sender<RankLine>) {
+    let mut reader = BufReader::with_capacity(MAX_LINE_BYTES, pipe);
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(buf) => buf,
+            Err(e) => {
+                tracing::warn!(?stream, error = %e, "reading a rank's output failed");
+                break;
+            }
+        };
+        if buf.is_empty() {
+            break;
+        }
+        let room = MAX_LINE_BYTES - line.len();
+        let window = &buf[..buf.len().min(room)];
+        let consumed = match window.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&window[..i]);
+                let text = String::from_utf8_lossy(&line).into_owned();
+                line.clear();
+                if out.send(RankLine { stream, text }).await.is_err() {
+                    return;
+                }
+                i + 1
+            }
+            None => {
+                line.extend_from_slice(window);
+                window.len()
+            }
+        };
+        reader.consume(consumed);
+        if line.len() >= MAX_LINE_BYTES {
+            let cut = utf8_cut(&line);
+            let rest = line.split_off(cut);
+            let text = String::from_utf8_lossy(&line).into_owned();
+            line = rest;
+            if out.send(RankLine { stream, text }).await.is_err() {
+                return;
+            }
+        }
+    }
+    if !line.is_empty() {
+        let text = String::from_utf8_lossy(&line).into_owned();
+        let _ = out.send(RankLine { stream, text }).await;
+    }
+}
+
+/// Where to split `buf` so that a UTF-8 character cut at its end moves to the next piece.
+fn utf8_cut(buf: &[u8]) -> usize {
+    let n = buf.len();
+    for back in 1..=n.min(3) {
+        let b = buf[n - back];
+        if b & 0xC0 == 0x80 {
+            continue; // a continuation byte: look further back for the lead byte
+        }
+        let needed = match b {
+            0xF0.. => 4,
+            0xE0.. => 3,
+            0xC0.. => 2,
+            _ => 1,
+        };
+        return if needed > back && back < n {
+            n - back
+        } else {
+            n
+        };
+    }
+    n
+}
+
+/// The single writer of a rank's log file: whole lines, in arrival order, flushed whenever the
+/// queue runs empty. A write error is logged once and the pipes keep being drained, so the rank
+/// never blocks on a full pipe because the disk is full.
+async fn write_lines(
+    file: tokio::fs::File,
+    log_path: PathBuf,
+    mut lines: mpsc::Receiver<RankLine>,
+    subscribers: broadcast::Sender<RankLine>,
+) {
+    let mut file = BufWriter::new(file);
+    let mut failed = false;
+    let mut buf = Vec::new();
+    while let Some(first) = lines.recv().await {
+        let mut next = Some(first);
+        while let Some(line) = next {
+            buf.clear();
+            buf.extend_from_slice(line.text.as_bytes());
+            buf.push(b'\n');
+            if !failed {
+                if let Err(e) = file.write_all(&buf).await {
+                    tracing::error!(path = %log_path.display(), error = %e, "writing a rank's log failed; further lines are dropped");
+                    failed = true;
+                }
+            }
+            let _ = subscribers.send(line);
+            next = lines.try_recv().ok();
+        }
+        if !failed {
+            if let Err(e) = file.flush().await {
+                tracing::error!(path = %log_path.display(), error = %e, "writing a rank's log failed; further lines are dropped");
+                failed = true;
+            }
+        }
+    }
+    if !failed {
+        let _ = file.flush().await;
+    }
+}
+
+/// How [`terminate_group`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupEnd {
+    /// There was no such group when asked (or the id was not a valid group to signal).
+    AlreadyGone,
+    /// Every member exited within the grace period after SIGTERM.
+    ExitedAfterTerm,
+    /// Some member outlived the grace period; the group was SIGKILLed and is gone.
+    Killed,
+    /// The group was SIGKILLed but some member was still there after [`KILL_CONFIRM_MS`]
+    /// (stuck in uninterruptible sleep, e.g. in a GPU driver call).
+    KilledButLingering,
+}
+
+/// Stops a whole process group: SIGTERM to `-pgid`, up to `grace` for every member to exit, then
+/// SIGKILL, then up to [`KILL_CONFIRM_MS`] to confirm. Members that are zombies count as gone.
+///
+/// A rank started by [`spawn_rank`] has its leader reaped by its supervisor task as soon as it
+/// exits, so a leader that dies on SIGTERM does not hold the group "alive" for the whole grace.
+/// Refuses (returning [`GroupEnd::AlreadyGone`]) a `pgid` below 2, which `kill` would treat as
+/// "every process" or "my own group".
+pub async fn terminate_group(pgid: i32, grace: Duration) -> GroupEnd {
+    if pgid < 2 {
+        tracing::warn!(pgid, "refusing to signal an invalid process group");
+        return GroupEnd::AlreadyGone;
+    }
+    if signal_group(pgid, libc::SIGTERM).is_err() {
+        return GroupEnd::AlreadyGone;
+    }
+    if wait_group_gone(pgid, grace).await {
+        return GroupEnd::ExitedAfterTerm;
+    }
+    tracing::warn!(
+        pgid,
+        grace_ms = grace.as_millis() as u64,
+        "rank group outlived its grace period; sending SIGKILL"
+    );
+    if signal_group(pgid, libc::SIGKILL).is_err() {
+        return GroupEnd::Killed;
+    }
+    if wait_group_gone(pgid, Duration::from_millis(KILL_CONFIRM_MS)).await {
+        GroupEnd::Killed
+    } else {
+        tracing::error!(
+            pgid,
+            "rank group still has members after SIGKILL (uninterruptible sleep?)"
+        );
+        GroupEnd::KilledButLingering
+    }
+}
+
+fn signal_group(pgid: i32, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: `kill` has no memory-safety preconditions; `pgid >= 2` was checked by every caller,
+    // so `-pgid` names exactly one process group, never "all processes".
+    if unsafe { libc::kill(-pgid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+async fn wait_group_gone(pgid: i32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if !group_has_live_members(pgid) {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let step = Duration::from_millis(GROUP_POLL_INTERVAL_MS).min(deadline - now);
+        tokio::time::sleep(step).await;
+    }
+}
+
+/// Whether any process other than a zombie is in group `pgid`.
+pub fn group_has_live_members(pgid: i32) -> bool {
+    if pgid < 2 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks for existence and permission; nothing is delivered.
+    if unsafe { libc::kill(-pgid, 0) } != 0 {
+        return io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    }
+    // Something answers, but zombies answer too until their parent reaps them (and a zombie whose
+    // parent is a non-reaping init never is): look at the states.
+    match group_members(pgid) {
+        Ok(members) => members.iter().any(|m| !m.is_zombie()),
+        Err(_) => true,
+    }
+}
+
+/// The fields of `/proc/<pid>/stat` this module uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Process id.
+    pub pid: i32,
+    /// State letter (`R`, `S`, `D`, `Z`, ...), field 3.
+    pub state: char,
+    /// Process group id, field 5.
+    pub pgid: i32,
+    /// Start time in clock ticks after boot, field 22.
+    pub start_time: u64,
+}
+
+impl ProcStat {
+    /// Whether the process has exited and waits to be reaped (or is being torn down).
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Parses one `/proc/<pid>/stat` line. The command name (field 2) may hold spaces and
+/// parentheses, so the fields are counted from its last `)`.
+pub fn parse_proc_stat(line: &str) -> Option<ProcStat> {
+    let open = line.find('(')?;
+    let close = line.rfind(')')?;
+    let pid = line[..open].trim().parse().ok()?;
+    let rest: Vec<&str> = line.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is field 3.
+    Some(ProcStat {
+        pid,
+        state: rest.first()?.chars().next()?,
+        pgid: rest.get(2)?.parse().ok()?,
+        start_time: rest.get(19)?.parse().ok()?,
+    })
+}
+
+/// Reads `/proc/<pid>/stat`.
+pub fn read_proc_stat(pid: i32) -> io::Result<ProcStat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_proc_stat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unparsable /proc/{pid}/stat"),
+        )
+    })
+}
+
+/// Every process (zombies included) whose process group is `pgid`, by scanning `/proc`.
+pub fn group_members(pgid: i32) -> io::Result<Vec<ProcStat>> {
+    let mut members = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit between read_dir and read: skip it.
+        if let Ok(stat) = read_proc_stat(pid) {
+            if stat.pgid == pgid {
+                members.push(stat);
+            }
+        }
+    }
+    Ok(members)
+}
+
+/// One process group recorded in the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    /// The group id (= the pid of its leader, the rank).
+    pub pgid: i32,
+    /// The leader's start time ([`RankProcess::start_time`]).
+    pub start_time: u64,
+    /// The job the rank belongs to (any text without a newline).
+    pub job_id: String,
+}
+
+/// A group that [`PgidJournal::reap_leftovers`] killed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reaped {
+    /// The group id.
+    pub pgid: i32,
+    /// The job it belonged to.
+    pub job_id: String,
+    /// How many live processes of the group were sent SIGKILL.
+    pub processes: usize,
+}
+
+/// The record of live rank process groups, kept in the agent's data directory so that an agent
+/// restarted after a crash can kill what its predecessor left running.
+///
+/// The file has one line per group: `<pgid> <start_time> <job_id>`. Every change rewrites it
+/// through a temporary file and a rename, so a crash mid-write leaves the old or the new list.
+/// It is not fsynced: the only event that could lose an unsynced write is a host crash, and that
+/// kills the recorded processes anyway. Methods do small blocking file IO: on an async path call
+/// them from `spawn_blocking`.
+#[derive(Debug)]
+pub struct PgidJournal {
+    path: PathBuf,
+    lock: Mutex<()>,
+}
+
+impl PgidJournal {
+    /// Opens (creating if needed) the journal `JOURNAL_FILE_NAME` in `data_dir`.
+    pub fn open(data_dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(data_dir)?;
+        let path = data_dir.join(JOURNAL_FILE_NAME);
+        if !path.exists() {
+            fs::write(&path, b"")?;
+        }
+        Ok(PgidJournal {
+            path,
+            lock: Mutex::new(()),
+        })
+    }
+
+    /// The journal file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records a live group. `start_time` is the leader's ([`RankProcess::start_time`]).
+    pub fn record(&self, pgid: i32, start_time: u64, job_id: &str) -> io::Result<()> {
+        if job_id.contains('\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a job id in the pgid journal cannot contain a newline",
+            ));
+        }
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.load()?;
+        entries.retain(|e| e.pgid != pgid);
+        entries.push(JournalEntry {
+            pgid,
+            start_time,
+            job_id: job_id.to_owned(),
+        });
+        self.store(&entries)
+    }
+
+    /// Forgets a group (it was terminated or exited on its own).
+    pub fn remove(&self, pgid: i32) -> io::Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.load()?;
+        entries.retain(|e| e.pgid != pgid);
+        self.store(&entries)
+    }
+
+    /// The recorded groups. Malformed lines are skipped with a warning.
+    pub fn entries(&self) -> io::Result<Vec<JournalEntry>> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.load()
+    }
+
+    /// SIGKILLs every recorded group that is provably the one recorded, then empties the journal.
+    ///
+    /// A group is killed when its leader is alive with the recorded start time, or, when the
+    /// leader is gone, for each member whose start time is not before the recorded one (while any
+    /// member lives the kernel cannot hand the group id out again, so these are the rank's own
+    /// descendants). If the leader's pid now belongs to another process (different start time),
+    /// the id was recycled and nothing is killed. The signals are sent, not waited for.
+    pub fn reap_leftovers(&self) -> Vec<Reaped> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = match self.load() {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot read the pgid journal; leftovers not reaped");
+                return Vec::new();
+            }
+        };
+        let mut reaped = Vec::new();
+        for entry in entries {
+            if let Some(r) = reap_one(&entry) {
+                tracing::warn!(
+                    pgid = r.pgid,
+                    job_id = %r.job_id,
+                    processes = r.processes,
+                    "killed rank processes left by a previous agent"
+                );
+                reaped.push(r);
+            }
+        }
+        if let Err(e) = self.store(&[]) {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot clear the pgid journal");
+        }
+        reaped
+    }
+
+    fn load(&self) -> io::Result<Vec<JournalEntry>> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(parse_journal(&text, &self.path))
+    }
+
+    fn store(&self, entries: &[JournalEntry]) -> io::Result<()> {
+        let mut tmp_name = self.path.as_os_str().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = PathBuf::from(tmp_name);
+        let mut file = fs::File::create(&tmp)?;
+        for e in entries {
+            writeln!(file, "{} {} {}", e.pgid, e.start_time, e.job_id)?;
+        }
+        drop(file);
+        fs::rename(&tmp, &self.path)
+    }
+}
+
+fn parse_journal(text: &str, path: &Path) -> Vec<JournalEntry> {
+    let mut entries = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = line.splitn(3, ' ');
+        let parsed = (|| {
+            let pgid = fields.next()?.parse::<i32>().ok()?;
+            let start_time = fields.next()?.parse::<u64>().ok()?;
+            let job_id = fields.next().unwrap_or("").to_owned();
+            Some(JournalEntry {
+                pgid,
+                start_time,
+                job_id,
+            })
+        })();
+        match parsed {
+            Some(e) => entries.push(e),
+            None => tracing::warn!(
+                path = %path.display(),
+                line = n + 1,
+                "skipping a malformed pgid journal line (expected `<pgid> <start_time> <job_id>`)"
+            ),
+        }
+    }
+    entries
+}
+
+fn reap_one(entry: &JournalEntry) -> Option<Reaped> {
+    if entry.pgid < 2 {
+        return None;
+    }
+    // The kernel does not hand out a pid again while a process group still uses it as its id.
+    // So if the leader's pid now belongs to another process, the recorded group has emptied and
+    // the id was recycled: leave everything alone.
+    let leader_alive = match read_proc_stat(entry.pgid) {
+        Ok(leader) if leader.start_time != entry.start_time => return None,
+        Ok(leader) => leader.pgid == entry.pgid,
+        Err(_) => false,
+    };
+    let members = group_members(entry.pgid).ok()?;
+    let targets: Vec<&ProcStat> = members
+        .iter()
+        .filter(|m| !m.is_zombie() && (leader_alive || m.start_time >= entry.start_time))
+        .collect();
+    if targets.is_empty() {
+        return None;
+    }
+    if leader_alive {
+        let _ = signal_group(entry.pgid, libc::SIGKILL);
+    } else {
+        for t in &targets {
+            // SAFETY: `kill` has no memory-safety preconditions; `t.pid` (>= 2, from /proc) is a
+            // member of the recorded group that started no earlier than its leader.
+            unsafe { libc::kill(t.pid, libc::SIGKILL) };
+        }
+    }
+    Some(Reaped {
+        pgid: entry.pgid,
+        job_id: entry.job_id.clone(),
+        processes: targets.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_parses_names_with_spaces_and_parens() {
+        let line = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200";
+        let s = parse_proc_stat(line).unwrap();
+        assert_eq!(s.pid, 4242);
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.pgid, 4242);
+        assert_eq!(s.start_time, 987654);
+    }
+
+    #[test]
+    fn own_proc_stat_is_readable() {
+        let me = std::process::id() as i32;
+        let s = read_proc_stat(me).unwrap();
+        assert_eq!(s.pid, me);
+        assert!(s.start_time > 0);
+    }
+
+    #[test]
+    fn env_precedence() {
+        let inherited = vec![
+            (OsString::from("PATH"), OsString::from("/usr/bin")),
+            (OsString::from("HOME"), OsString::from("/root")),
+        ];
+        let env = vec![("HOME".to_owned(), "/home/r".to_owned())];
+        let defaults = vec![
+            ("PATH".to_owned(), "/nope".to_owned()),
+            ("HOME".to_owned(), "/nope".to_owned()),
+            ("NCCL_DEBUG".to_owned(), "WARN".to_owned()),
+        ];
+        let m = merge_env(inherited, &env, &defaults);
+        assert_eq!(m[&OsString::from("PATH")], "/usr/bin");
+        assert_eq!(m[&OsString::from("HOME")], "/home/r");
+        assert_eq!(m[&OsString::from("NCCL_DEBUG")], "WARN");
+    }
+
+    #[test]
+    fn utf8_cut_keeps_characters_whole() {
+        assert_eq!(utf8_cut(b"abc"), 3);
+        let e_acute = "é".as_bytes(); // 2 bytes
+        let mut buf = b"ab".to_vec();
+        buf.push(e_acute[0]);
+        assert_eq!(utf8_cut(&buf), 2);
+        buf.push(e_acute[1]);
+        assert_eq!(utf8_cut(&buf), 4);
+        let euro = "€".as_bytes(); // 3 bytes
+        let buf = [b'x', euro[0], euro[1]];
+        assert_eq!(utf8_cut(&buf), 1);
+        // Invalid bytes are not held back for ever.
+        assert_eq!(utf8_cut(&[0xFF, 0xFF]), 2);
+        assert_eq!(utf8_cut(&[0xE2]), 1);
+    }
+
+    #[test]
+    fn journal_round_trips_and_skips_malformed_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = PgidJournal::open(dir.path()).unwrap();
+        journal.record(100, 5, "job one").unwrap();
+        journal.record(200, 6, "job-2").unwrap();
+        journal.record(100, 7, "job one again").unwrap();
+        journal.remove(200).unwrap();
+        let mut text = fs::read_to_string(journal.path()).unwrap();
+        text.push_str("garbage\n12 notanumber job\n");
+        fs::write(journal.path(), text).unwrap();
+        let reopened = PgidJournal::open(dir.path()).unwrap();
+        assert_eq!(
+            reopened.entries().unwrap(),
+            vec![JournalEntry {
+                pgid: 100,
+                start_time: 7,
+                job_id: "job one again".into()
+            }]
+        );
+        assert!(journal.record(1, 1, "bad\nid").is_err());
+    }
+
+    #[test]
+    fn terminate_refuses_invalid_groups() {
+        assert!(!group_has_live_members(0));
+        assert!(!group_has_live_members(1));
+        assert!(!group_has_live_members(-5));
+    }
+
+    #[test]
+    fn resolve_reports_the_path_searched() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = resolve_program("pyhton3", Some("/usr/bin:/bin"), dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "command `pyhton3` not found in PATH=/usr/bin:/bin on this host"
+        );
+        let err = resolve_program("./train.sh", None, dir.path()).unwrap_err();
+        assert!(matches!(err, LaunchError::CommandNotFound { .. }), "{err}");
+        assert!(err.to_string().contains("train.sh"), "{err}");
+        assert!(resolve_program("sh", None, dir.path()).is_ok());
+    }
+}

@@ -1,0 +1,956 @@
+//! [`TcpRing`]: rendezvous through rank 0, then a ring of TCP connections carrying the collectives.
+//!
+//! Rendezvous: rank 0 listens on the master address; every other rank binds a data listener,
+//! connects to rank 0 (retrying until its timeout, since rank 0 may start later) and sends a
+//! `Join { rank, world_size, data_addr }`. Rank 0 checks that world sizes agree and ranks are
+//! unique, then sends every rank the address table, or the reason it gave up (timeout with the
+//! missing ranks, world-size mismatch, duplicate rank), so that every rank reports the same cause.
+//! Each rank then connects to rank + 1, accepts from rank - 1, and both ends check a hello naming
+//! the rendezvous session and the ranks.
+//!
+//! Data: each rank owns a sender thread that writes to the next rank while the calling thread reads
+//! from the previous one, so a ring of large messages never deadlocks on full socket buffers.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::error::CollectiveError;
+use crate::schedule::{all_gather_step, chunk_range, reduce_scatter_step};
+use crate::wire::{self, Abort, Hello, HelloAck, Join, OpHeader, OpKind, Reply, WireError};
+use crate::{Collective, MAX_WORLD_SIZE};
+
+/// First pause between attempts to reach rank 0 or a ring neighbour; doubles up to the maximum.
+const CONNECT_RETRY_MIN_MS: u64 = 10;
+/// Longest pause between connection attempts.
+const CONNECT_RETRY_MAX_MS: u64 = 500;
+/// How often a listener waiting for connections checks its deadline.
+const ACCEPT_POLL_INTERVAL_MS: u64 = 5;
+/// How long rank 0 waits for the join message of a connection it accepted.
+const JOIN_READ_TIMEOUT_MS: u64 = 2_000;
+/// How long past its own timeout a joined rank waits for rank 0's verdict (table or abort): rank 0
+/// started before this rank joined, so its own timeout has expired by then.
+const REPLY_GRACE_MS: u64 = 2_000;
+/// Broadcast forwards the buffer in segments of this many bytes, so ranks down the ring start
+/// forwarding before the whole buffer has arrived.
+const BROADCAST_SEGMENT_BYTES: usize = 1 << 20;
+/// Byte each rank passes around the ring in a barrier.
+const BARRIER_TOKEN: u8 = 0xba;
+/// Spare send buffers a ring keeps for reuse.
+const SEND_BUFFER_POOL_COUNT: usize = 4;
+
+/// Where and how one rank meets the others.
+///
+/// The agent fills this from `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` and
+/// `TRAINCTL_NODE_ADDR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RendezvousConfig {
+    /// This process's rank, `0..world_size`.
+    pub rank: u32,
+    /// Number of ranks in the job, `1..=MAX_WORLD_SIZE`.
+    pub world_size: u32,
+    /// Address rank 0 listens on and every other rank connects to.
+    pub master_addr: IpAddr,
+    /// Port rank 0 listens on.
+    pub master_port: u16,
+    /// Address this rank's ring data listener binds to (port chosen by the system). If unspecified
+    /// (`0.0.0.0` or `::`), the rank listens on every interface and advertises the local address of
+    /// its connection to rank 0 (rank 0 advertises `master_addr`).
+    pub bind_addr: IpAddr,
+    /// How long rank 0 waits for every rank to join, and how long a rank retries reaching rank 0.
+    /// The ring connections after the rendezvous get the same time again.
+    pub timeout: Duration,
+}
+
+impl RendezvousConfig {
+    /// The rendezvous address: `master_addr:master_port`.
+    pub fn master_socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.master_addr, self.master_port)
+    }
+
+    fn validate(&self) -> Result<(), CollectiveError> {
+        if self.world_size == 0 || self.world_size > MAX_WORLD_SIZE {
+            return Err(CollectiveError::InvalidWorldSize {
+                world_size: self.world_size,
+            });
+        }
+        if self.rank >= self.world_size {
+            return Err(CollectiveError::InvalidRank {
+                rank: self.rank,
+                world_size: self.world_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Rank 0's side of a rendezvous, bound but not yet waiting for the other ranks.
+///
+/// [`TcpRing::connect`] does both steps for rank 0; splitting them lets a caller listen on port 0
+/// and learn the port ([`MasterListener::local_addr`]) before telling the other ranks.
+#[derive(Debug)]
+pub struct MasterListener {
+    cfg: RendezvousConfig,
+    listener: TcpListener,
+    started: Instant,
+}
+
+impl MasterListener {
+    /// Listens on `master_addr:master_port` for rank 0. The rendezvous timeout counts from here.
+    ///
+    /// Fails with [`CollectiveError::AddressInUse`] if something already listens on that port.
+    pub fn bind(cfg: RendezvousConfig) -> Result<MasterListener, CollectiveError> {
+        cfg.validate()?;
+        if cfg.rank != 0 {
+            return Err(CollectiveError::Io {
+                context: "only rank 0 listens for the rendezvous",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("MasterListener::bind called with rank {}", cfg.rank),
+                ),
+            });
+        }
+        let addr = cfg.master_socket_addr();
+        // std's listener sets SO_REUSEADDR on Unix, which only permits rebinding over connections
+        // in TIME_WAIT; a port another socket listens on still fails with AddrInUse.
+        let listener = TcpListener::bind(addr).map_err(|e| match e.kind() {
+            io::ErrorKind::AddrInUse => CollectiveError::AddressInUse { addr },
+            _ => CollectiveError::Bind {
+                addr,
+                purpose: "rendezvous",
+                source: e,
+            },
+        })?;
+        Ok(MasterListener {
+            cfg,
+            listener,
+            started: Instant::now(),
+        })
+    }
+
+    /// The address actually listened on (with the system's port if `master_port` was 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, CollectiveError> {
+        self.listener
+            .local_addr()
+            .map_err(|e| CollectiveError::Io {
+                context: "read the rendezvous listener's address",
+                source: e,
+            })
+    }
+
+    /// Waits for every other rank to join, sends them the address table and builds the ring.
+    pub fn accept_ring(self) -> Result<TcpRing, CollectiveError> {
+        let n = self.cfg.world_size;
+        if n == 1 {
+            return Ok(TcpRing::solo());
+        }
+        let addr = self.local_addr()?;
+        let data = bind_data_listener(self.cfg.bind_addr)?;
+        let data_port = local_addr(&data, "read the data listener's address")?.port();
+        let own_ip = if self.cfg.bind_addr.is_unspecified() {
+            self.cfg.master_addr
+        } else {
+            self.cfg.bind_addr
+        };
+        let deadline = self.started + self.cfg.timeout;
+        let mut table: Vec<Option<SocketAddr>> = vec![None; n as usize];
+        table[0] = Some(SocketAddr::new(own_ip, data_port));
+        let mut joined_count: u32 = 1;
+        let mut conns: Vec<TcpStream> = Vec::new();
+
+        set_nonblocking(&self.listener, true)?;
+        while joined_count < n {
+            let (mut stream, peer) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let missing: Vec<u32> = (0..n)
+                            .filter(|&r| table[r as usize].is_none())
+                            .collect();
+                        let abort = Abort::Timeout {
+                            timeout_ms: u64::try_from(self.cfg.timeout.as_millis())
+                                .unwrap_or(u64::MAX),
+                            joined: joined_count,
+                            missing: missing.clone(),
+                        };
+                        send_abort(&mut conns, &abort);
+                        return Err(CollectiveError::RendezvousTimeout {
+                            addr,
+                            timeout: self.cfg.timeout,
+                            joined: joined_count,
+                            world_size: n,
+                            missing,
+                        });
+                    }
+                    thread::sleep(
+                        Duration::from_millis(ACCEPT_POLL_INTERVAL_MS).min(deadline - now),
+                    );
+                    continue;
+                }
+                // Transient accept failures (a connection reset before it was accepted, a full
+                // file table) are retried until the deadline.
+                Err(_) => {
+                    thread::sleep(Duration::from_millis(ACCEPT_POLL_INTERVAL_MS));
+                    continue;
+                }
+            };
+            let wait = remaining(deadline).min(Duration::from_millis(JOIN_READ_TIMEOUT_MS));
+            let join = match prepare_stream(&stream, Some(wait)) {
+                Ok(()) => wire::read_join(&mut stream),
+                Err(e) => Err(WireError::Io(e)),
+            };
+            let join = match join {
+                Ok(join) => join,
+                Err(WireError::Mismatch(detail)) => {
+                    conns.push(stream);
+                    send_abort(
+                        &mut conns,
+                        &Abort::Other(format!("a connection from {peer} to rank 0 was not a trainctl rank: {detail}")),
+                    );
+                    return Err(CollectiveError::ProtocolMismatch { peer, detail });
+                }
+                // A rank that connected and vanished before joining counts as not joined; if it
+                // comes back it can still join before the deadline.
+                Err(WireError::Io(_)) => continue,
+            };
+            conns.push(stream);
+            let abort = if join.world_size != n {
+                Some(Abort::WorldSizeMismatch {
+                    expected: n,
+                    rank: join.rank,
+                    got: join.world_size,
+                })
+            } else if join.rank == 0 || join.rank >= n || table[join.rank as usize].is_some() {
+                Some(Abort::DuplicateRank { rank: join.rank })
+            } else {
+                None
+            };
+            if let Some(abort) = abort {
+                send_abort(&mut conns, &abort);
+                return Err(abort_error(abort, addr));
+            }
+            table[join.rank as usize] = Some(join.data_addr);
+            joined_count += 1;
+        }
+
+        let addrs: Vec<SocketAddr> = table.into_iter().flatten().collect();
+        let session = new_session_id(addr);
+        let reply = wire::encode_reply(&Reply::Table {
+            session,
+            addrs: addrs.clone(),
+        });
+        for conn in &mut conns {
+            // A rank that died after joining shows up as a failed ring connection below.
+            let _ = conn.write_all(&reply);
+        }
+        drop(conns);
+        build_ring(0, n, session, &addrs, data, self.cfg.timeout)
+    }
+}
+
+/// A [`Collective`] over TCP: a ring of connections, each rank sending to rank + 1 and receiving
+/// from rank - 1.
+///
+/// `all_reduce_sum_f32` is the bandwidth-optimal ring (reduce-scatter then all-gather), so each rank
+/// sends and receives about `2 * (world_size - 1) / world_size` times the buffer. Results are
+/// bit-identical on every rank and, for a given world size, from run to run.
+///
+/// After any failed operation the ring is unusable and every later call returns
+/// [`CollectiveError::Broken`]; rendezvous again to continue.
+#[derive(Debug)]
+pub struct TcpRing {
+    rank: u32,
+    world_size: u32,
+    link: Option<Link>,
+    seq: u64,
+    broken: Option<String>,
+    op_timeout: Option<Duration>,
+    recv_buf: Vec<u8>,
+}
+
+/// The two connections of a rank in a ring of two or more.
+#[derive(Debug)]
+struct Link {
+    prev_rank: u32,
+    next_rank: u32,
+    prev: TcpStream,
+    prev_addr: SocketAddr,
+    /// A handle on the connection the sender thread writes to, to set timeouts and shut it down.
+    next_ctl: TcpStream,
+    jobs: Option<Sender<Vec<u8>>>,
+    done: Receiver<io::Result<Vec<u8>>>,
+    in_flight: usize,
+    /// The first failed write since the last flush.
+    send_error: Option<io::Error>,
+    sender: Option<JoinHandle<()>>,
+    pool: Vec<Vec<u8>>,
+}
+
+impl TcpRing {
+    /// Meets the other ranks and builds the ring: rank 0 listens on `master_addr:master_port`, the
+    /// others connect to it. Returns once every rank is connected to its neighbours.
+    ///
+    /// With `world_size == 1` no socket is opened at all.
+    pub fn connect(cfg: RendezvousConfig) -> Result<TcpRing, CollectiveError> {
+        cfg.validate()?;
+        if cfg.world_size == 1 {
+            return Ok(TcpRing::solo());
+        }
+        if cfg.rank == 0 {
+            return MasterListener::bind(cfg)?.accept_ring();
+        }
+        join(&cfg)
+    }
+
+    /// Sets how long one operation may wait on a neighbour before failing with
+    /// [`CollectiveError::PeerTimeout`]. `None` (the default) waits forever, which suits ranks
+    /// that may spend minutes between collectives on compute or checkpoints. Must not be zero.
+    pub fn set_op_timeout(&mut self, timeout: Option<Duration>) -> Result<(), CollectiveError> {
+        if let Some(link) = &self.link {
+            let set = link
+                .prev
+                .set_read_timeout(timeout)
+                .and_then(|()| link.next_ctl.set_write_timeout(timeout));
+            set.map_err(|e| CollectiveError::Io {
+                context: "set the operation timeout",
+                source: e,
+            })?;
+        }
+        self.op_timeout = timeout;
+        Ok(())
+    }
+
+    fn solo() -> TcpRing {
+        TcpRing {
+            rank: 0,
+            world_size: 1,
+            link: None,
+            seq: 0,
+            broken: None,
+            op_timeout: None,
+            recv_buf: Vec::new(),
+        }
+    }
+
+    /// Runs one operation; any failure leaves the ring broken.
+    fn run_op(
+        &mut self,
+        header: (OpKind, u64, u32),
+        body: impl FnOnce(&mut TcpRing) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
+        if let Some(cause) = &self.broken {
+            return Err(CollectiveError::Broken {
+                cause: cause.clone(),
+            });
+        }
+        if self.link.is_none() {
+            return Ok(());
+        }
+        let mut result = self.start_op(header.0, header.1, header.2);
+        if result.is_ok() {
+            result = body(self);
+        }
+        if result.is_ok() {
+            result = self.flush_sends();
+        }
+        if let Err(e) = &result {
+            self.broken = Some(e.to_string());
+            // Closing both connections makes the neighbours fail too instead of waiting forever
+            // for data this rank will never send, so the failure travels around the ring.
+            if let Some(link) = &self.link {
+                link.shut_down();
+            }
+        }
+        result
+    }
+
+    /// Tells the next rank which operation this is and checks the previous rank's announcement.
+    fn start_op(&mut self, kind: OpKind, len: u64, root: u32) -> Result<(), CollectiveError> {
+        self.seq += 1;
+        let ours = OpHeader {
+            seq: self.seq,
+            kind,
+            len,
+            root,
+        };
+        self.queue_send(wire::encode_op(&ours))?;
+        let timeout = self.op_timeout;
+        let rank = self.rank;
+        let link = self.link_mut()?;
+        let theirs = wire::read_op(&mut link.prev).map_err(|e| match e {
+            WireError::Io(e) => peer_error(link.prev_rank, "receiving a collective header", timeout, e),
+            WireError::Mismatch(detail) => CollectiveError::ProtocolMismatch {
+                peer: link.prev_addr,
+                detail,
+            },
+        })?;
+        if theirs != ours {
+            return Err(CollectiveError::OpMismatch {
+                rank,
+                peer: link.prev_rank,
+                ours: ours.to_string(),
+                theirs: theirs.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn link_mut(&mut self) -> Result<&mut Link, CollectiveError> {
+        self.link.as_mut().ok_or_else(|| CollectiveError::Io {
+            context: "use the ring",
+            source: io::Error::new(io::ErrorKind::NotConnected, "a world of one has no ring"),
+        })
+    }
+
+    /// A cleared buffer for an outgoing message, reusing one the sender thread gave back.
+    fn take_buf(&mut self) -> Vec<u8> {
+        let Some(link) = self.link.as_mut() else {
+            return Vec::new();
+        };
+        while let Ok(done) = link.done.try_recv() {
+            link.in_flight -= 1;
+            match done {
+                Ok(buf) if link.pool.len() < SEND_BUFFER_POOL_COUNT => link.pool.push(buf),
+                Ok(_) => {}
+                Err(e) => {
+                    link.send_error.get_or_insert(e);
+                }
+            }
+        }
+        let mut buf = link.pool.pop().unwrap_or_default();
+        buf.clear();
+        buf
+    }
+
+    fn queue_send(&mut self, bytes: Vec<u8>) -> Result<(), CollectiveError> {
+        let link = self.link_mut()?;
+        let jobs = link.jobs.as_ref().ok_or_else(sender_gone)?;
+        jobs.send(bytes).map_err(|_| sender_gone())?;
+        link.in_flight += 1;
+        Ok(())
+    }
+
+    fn send_f32(&mut self, values: &[f32]) -> Result<(), CollectiveError> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let mut buf = self.take_buf();
+        buf.resize(values.len() * 4, 0);
+        for (dst, v) in buf.chunks_exact_mut(4).zip(values) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+        self.queue_send(buf)
+    }
+
+    /// Reads exactly `len` bytes from the previous rank into `self.recv_buf`.
+    fn recv_bytes(&mut self, len: usize, during: &'static str) -> Result<(), CollectiveError> {
+        let timeout = self.op_timeout;
+        self.recv_buf.resize(len, 0);
+        let link = self.link.as_mut().ok_or_else(sender_gone)?;
+        link.prev
+            .read_exact(&mut self.recv_buf)
+            .map_err(|e| peer_error(link.prev_rank, during, timeout, e))
+    }
+
+    /// Waits until the sender thread has handed every queued message to the kernel.
+    fn flush_sends(&mut self) -> Result<(), CollectiveError> {
+        let timeout = self.op_timeout;
+        let link = self.link_mut()?;
+        while link.in_flight > 0 {
+            let done = link.done.recv().map_err(|_| sender_gone())?;
+            link.in_flight -= 1;
+            match done {
+                Ok(buf) if link.pool.len() < SEND_BUFFER_POOL_COUNT => link.pool.push(buf),
+                Ok(_) => {}
+                Err(e) => {
+                    link.send_error.get_or_insert(e);
+                }
+            }
+        }
+        match link.send_error.take() {
+            Some(e) => Err(peer_error(link.next_rank, "sending", timeout, e)),
+            None => Ok(()),
+        }
+    }
+
+    fn all_reduce_body(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let n = self.world_size as usize;
+        let rank = self.rank as usize;
+        let len = buf.len();
+        for step in 0..n - 1 {
+            let (send, recv) = reduce_scatter_step(rank, n, step);
+            self.send_f32(&buf[chunk_range(len, n, send)])?;
+            let dst = &mut buf[chunk_range(len, n, recv)];
+            if dst.is_empty() {
+                continue;
+            }
+            self.recv_bytes(dst.len() * 4, "receiving all_reduce data")?;
+            for (d, src) in dst.iter_mut().zip(self.recv_buf.chunks_exact(4)) {
+                *d += f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+            }
+        }
+        for step in 0..n - 1 {
+            let (send, recv) = all_gather_step(rank, n, step);
+            self.send_f32(&buf[chunk_range(len, n, send)])?;
+            let dst = &mut buf[chunk_range(len, n, recv)];
+            if dst.is_empty() {
+                continue;
+            }
+            self.recv_bytes(dst.len() * 4, "receiving all_reduce results")?;
+            decode_into(dst, &self.recv_buf);
+        }
+        Ok(())
+    }
+
+    fn broadcast_body(&mut self, buf: &mut [f32], root: u32) -> Result<(), CollectiveError> {
+        let n = self.world_size;
+        let last = (root + n - 1) % n; // the rank before the root forwards nothing
+        for segment in buf.chunks_mut(BROADCAST_SEGMENT_BYTES / 4) {
+            if self.rank == root {
+                self.send_f32(segment)?;
+                continue;
+            }
+            self.recv_bytes(segment.len() * 4, "receiving broadcast data")?;
+            decode_into(segment, &self.recv_buf);
+            if self.rank != last {
+                let mut fwd = self.take_buf();
+                fwd.extend_from_slice(&self.recv_buf);
+                self.queue_send(fwd)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After the header exchange each rank knows its predecessor arrived; `world_size - 2` more
+    /// hops of a token make that every rank.
+    fn barrier_body(&mut self) -> Result<(), CollectiveError> {
+        for _ in 2..self.world_size {
+            let mut token = self.take_buf();
+            token.push(BARRIER_TOKEN);
+            self.queue_send(token)?;
+            self.recv_bytes(1, "waiting at a barrier")?;
+            if self.recv_buf[0] != BARRIER_TOKEN {
+                let link = self.link_mut()?;
+                return Err(CollectiveError::ProtocolMismatch {
+                    peer: link.prev_addr,
+                    detail: format!(
+                        "expected barrier token {BARRIER_TOKEN:#04x}, got {:#04x}",
+                        self.recv_buf[0]
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    fn world_size(&self) -> u32 {
+        self.world_size
+    }
+
+    fn all_reduce_sum_f32(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.run_op(
+            (OpKind::AllReduceSumF32, buf.len() as u64, 0),
+            |ring: &mut TcpRing| ring.all_reduce_body(buf),
+        )
+    }
+
+    fn broadcast_f32(&mut self, buf: &mut [f32], root: u32) -> Result<(), CollectiveError> {
+        if root >= self.world_size {
+            return Err(CollectiveError::InvalidRoot {
+                root,
+                world_size: self.world_size,
+            });
+        }
+        self.run_op(
+            (OpKind::BroadcastF32, buf.len() as u64, root),
+            |ring: &mut TcpRing| ring.broadcast_body(buf, root),
+        )
+    }
+
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        self.run_op((OpKind::Barrier, 0, 0), TcpRing::barrier_body)
+    }
+}
+
+impl Link {
+    /// Closes both connections; also unblocks a sender thread stuck writing to a neighbour that
+    /// stopped reading. Data already written is still delivered before the end of stream.
+    fn shut_down(&self) {
+        let _ = self.next_ctl.shutdown(Shutdown::Both);
+        let _ = self.prev.shutdown(Shutdown::Both);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.shut_down();
+        self.jobs = None;
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.join();
+        }
+    }
+}
+
+fn decode_into(dst: &mut [f32], bytes: &[u8]) {
+    for (d, src) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+        *d = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+    }
+}
+
+fn sender_gone() -> CollectiveError {
+    CollectiveError::Io {
+        context: "hand data to the ring's sender thread",
+        source: io::Error::new(io::ErrorKind::BrokenPipe, "the sender thread has stopped"),
+    }
+}
+
+/// Maps an IO error on a neighbour's connection to the variant a caller branches on.
+fn peer_error(
+    rank: u32,
+    during: &'static str,
+    timeout: Option<Duration>,
+    e: io::Error,
+) -> CollectiveError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => CollectiveError::PeerTimeout {
+            rank,
+            during,
+            timeout: timeout.unwrap_or_default(),
+        },
+        _ => CollectiveError::PeerLost {
+            rank,
+            during,
+            source: e,
+        },
+    }
+}
+
+fn abort_error(abort: Abort, addr: SocketAddr) -> CollectiveError {
+    match abort {
+        Abort::Timeout {
+            timeout_ms,
+            joined,
+            missing,
+        } => CollectiveError::RendezvousTimeout {
+            addr,
+            timeout: Duration::from_millis(timeout_ms),
+            joined,
+            world_size: joined + missing.len() as u32,
+            missing,
+        },
+        Abort::WorldSizeMismatch {
+            expected,
+            rank,
+            got,
+        } => CollectiveError::WorldSizeMismatch {
+            expected,
+            rank,
+            got,
+        },
+        Abort::DuplicateRank { rank } => CollectiveError::DuplicateRank { rank },
+        Abort::Other(detail) => CollectiveError::ProtocolMismatch { peer: addr, detail },
+    }
+}
+
+fn send_abort(conns: &mut [TcpStream], abort: &Abort) {
+    let bytes = wire::encode_reply(&Reply::Abort(abort.clone()));
+    for conn in conns {
+        // Best effort: the rank may already be gone, and rank 0 reports the cause itself.
+        let _ = conn.write_all(&bytes);
+    }
+}
+
+/// A rank other than 0: joins through rank 0, then builds the ring.
+fn join(cfg: &RendezvousConfig) -> Result<TcpRing, CollectiveError> {
+    let deadline = Instant::now() + cfg.timeout;
+    let master = cfg.master_socket_addr();
+    let data = bind_data_listener(cfg.bind_addr)?;
+    let mut stream =
+        connect_until(master, deadline).map_err(|e| CollectiveError::MasterUnreachable {
+            addr: master,
+            timeout: cfg.timeout,
+            last_error: e,
+        })?;
+    let lost = |during, e| CollectiveError::PeerLost {
+        rank: 0,
+        during,
+        source: e,
+    };
+    let wait = cfg.timeout + Duration::from_millis(REPLY_GRACE_MS);
+    prepare_stream(&stream, Some(wait)).map_err(|e| lost("setting up the rendezvous connection", e))?;
+    let ip = if cfg.bind_addr.is_unspecified() {
+        stream
+            .local_addr()
+            .map_err(|e| lost("reading the local address", e))?
+            .ip()
+    } else {
+        cfg.bind_addr
+    };
+    let port = local_addr(&data, "read the data listener's address")?.port();
+    let msg = Join {
+        rank: cfg.rank,
+        world_size: cfg.world_size,
+        data_addr: SocketAddr::new(ip, port),
+    };
+    stream
+        .write_all(&wire::encode_join(&msg))
+        .map_err(|e| lost("sending the join message", e))?;
+    let (session, addrs) = match wire::read_reply(&mut stream) {
+        Ok(Reply::Table { session, addrs }) => (session, addrs),
+        Ok(Reply::Abort(abort)) => return Err(abort_error(abort, master)),
+        Err(WireError::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(CollectiveError::RendezvousNoReply {
+                addr: master,
+                waited: wait,
+            })
+        }
+        Err(WireError::Io(e)) => return Err(lost("waiting for the address table", e)),
+        Err(WireError::Mismatch(detail)) => {
+            return Err(CollectiveError::ProtocolMismatch {
+                peer: master,
+                detail,
+            })
+        }
+    };
+    if addrs.len() != cfg.world_size as usize {
+        return Err(CollectiveError::ProtocolMismatch {
+            peer: master,
+            detail: format!(
+                "address table has {} entries for a world of {}",
+                addrs.len(),
+                cfg.world_size
+            ),
+        });
+    }
+    drop(stream);
+    build_ring(cfg.rank, cfg.world_size, session, &addrs, data, cfg.timeout)
+}
+
+/// Connects to the next rank, accepts the previous one, checks both hellos and starts the sender.
+fn build_ring(
+    rank: u32,
+    n: u32,
+    session: u64,
+    addrs: &[SocketAddr],
+    data: TcpListener,
+    timeout: Duration,
+) -> Result<TcpRing, CollectiveError> {
+    let deadline = Instant::now() + timeout;
+    let next_rank = (rank + 1) % n;
+    let prev_rank = (rank + n - 1) % n;
+    let next_addr = addrs[next_rank as usize];
+
+    let mut next = connect_until(next_addr, deadline).map_err(|e| CollectiveError::PeerConnect {
+        rank: next_rank,
+        addr: next_addr,
+        source: e,
+    })?;
+    let next_err = |during, e| peer_error(next_rank, during, Some(timeout), e);
+    prepare_stream(&next, Some(remaining(deadline)))
+        .map_err(|e| next_err("setting up the ring connection", e))?;
+    let hello = Hello {
+        session,
+        from: rank,
+        to: next_rank,
+    };
+    next.write_all(&wire::encode_hello(&hello))
+        .map_err(|e| next_err("sending the ring hello", e))?;
+
+    let prev_err = |during, e| peer_error(prev_rank, during, Some(timeout), e);
+    let (mut prev, prev_addr) = accept_until(&data, deadline)
+        .map_err(|e| prev_err("waiting for its ring connection", e))?;
+    drop(data);
+    prepare_stream(&prev, Some(remaining(deadline)))
+        .map_err(|e| prev_err("setting up the ring connection", e))?;
+    let got = wire::read_hello(&mut prev).map_err(|e| match e {
+        WireError::Io(e) => prev_err("receiving the ring hello", e),
+        WireError::Mismatch(detail) => CollectiveError::ProtocolMismatch {
+            peer: prev_addr,
+            detail,
+        },
+    })?;
+    let want = Hello {
+        session,
+        from: prev_rank,
+        to: rank,
+    };
+    if got != want {
+        return Err(CollectiveError::UnexpectedPeer {
+            peer: prev_addr,
+            detail: format!(
+                "expected rank {prev_rank} of session {session:#x} to connect to rank {rank}, got rank {} of session {:#x} connecting to rank {}",
+                got.from, got.session, got.to
+            ),
+        });
+    }
+    prev.write_all(&wire::encode_hello_ack(&HelloAck {
+        session,
+        from: rank,
+    }))
+    .map_err(|e| prev_err("acknowledging the ring hello", e))?;
+
+    next.set_read_timeout(Some(remaining(deadline)))
+        .map_err(|e| next_err("setting up the ring connection", e))?;
+    let ack = wire::read_hello_ack(&mut next).map_err(|e| match e {
+        WireError::Io(e) => next_err("receiving the ring hello acknowledgement", e),
+        WireError::Mismatch(detail) => CollectiveError::ProtocolMismatch {
+            peer: next_addr,
+            detail,
+        },
+    })?;
+    if ack.session != session || ack.from != next_rank {
+        return Err(CollectiveError::UnexpectedPeer {
+            peer: next_addr,
+            detail: format!(
+                "expected rank {next_rank} of session {session:#x} at this address, got rank {} of session {:#x}",
+                ack.from, ack.session
+            ),
+        });
+    }
+
+    // Operations wait without a limit unless `set_op_timeout` says otherwise.
+    let no_timeout = |s: &TcpStream| s.set_read_timeout(None).and_then(|()| s.set_write_timeout(None));
+    no_timeout(&prev).map_err(|e| prev_err("setting up the ring connection", e))?;
+    no_timeout(&next).map_err(|e| next_err("setting up the ring connection", e))?;
+
+    let next_ctl = next.try_clone().map_err(|e| CollectiveError::Io {
+        context: "clone the ring connection",
+        source: e,
+    })?;
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Vec<u8>>();
+    let (done_tx, done_rx) = mpsc::channel::<io::Result<Vec<u8>>>();
+    let sender = thread::Builder::new()
+        .name(format!("collective-send-r{rank}"))
+        .spawn(move || {
+            for buf in jobs_rx {
+                let result = next.write_all(&buf).map(|()| buf);
+                if done_tx.send(result).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| CollectiveError::Io {
+            context: "start the ring's sender thread",
+            source: e,
+        })?;
+
+    Ok(TcpRing {
+        rank,
+        world_size: n,
+        link: Some(Link {
+            prev_rank,
+            next_rank,
+            prev,
+            prev_addr,
+            next_ctl,
+            jobs: Some(jobs_tx),
+            done: done_rx,
+            in_flight: 0,
+            send_error: None,
+            sender: Some(sender),
+            pool: Vec::new(),
+        }),
+        seq: 0,
+        broken: None,
+        op_timeout: None,
+        recv_buf: Vec::new(),
+    })
+}
+
+fn bind_data_listener(ip: IpAddr) -> Result<TcpListener, CollectiveError> {
+    let addr = SocketAddr::new(ip, 0);
+    TcpListener::bind(addr).map_err(|e| CollectiveError::Bind {
+        addr,
+        purpose: "ring data connections",
+        source: e,
+    })
+}
+
+fn local_addr(l: &TcpListener, context: &'static str) -> Result<SocketAddr, CollectiveError> {
+    l.local_addr()
+        .map_err(|e| CollectiveError::Io { context, source: e })
+}
+
+fn set_nonblocking(l: &TcpListener, on: bool) -> Result<(), CollectiveError> {
+    l.set_nonblocking(on).map_err(|e| CollectiveError::Io {
+        context: "configure a listener",
+        source: e,
+    })
+}
+
+/// Blocking mode, no Nagle delay (collectives are latency-bound on small messages), read timeout.
+fn prepare_stream(s: &TcpStream, read_timeout: Option<Duration>) -> io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(read_timeout)
+}
+
+/// Time left before `deadline`, never zero (a zero timeout means "none" to some socket calls).
+fn remaining(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
+}
+
+/// Connects to `addr`, retrying with backoff until `deadline`; returns the last error.
+fn connect_until(addr: SocketAddr, deadline: Instant) -> io::Result<TcpStream> {
+    let mut pause = Duration::from_millis(CONNECT_RETRY_MIN_MS);
+    loop {
+        let err = match TcpStream::connect_timeout(&addr, remaining(deadline)) {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(err);
+        }
+        thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(CONNECT_RETRY_MAX_MS));
+    }
+}
+
+/// Accepts one connection before `deadline`.
+fn accept_until(l: &TcpListener, deadline: Instant) -> io::Result<(TcpStream, SocketAddr)> {
+    l.set_nonblocking(true)?;
+    loop {
+        match l.accept() {
+            Ok(accepted) => return Ok(accepted),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no connection arrived in time",
+                    ));
+                }
+                thread::sleep(Duration::from_millis(ACCEPT_POLL_INTERVAL_MS).min(deadline - now));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// An id that tells this rendezvous apart from earlier ones on the same address, so a connection
+/// left over from a previous attempt is refused by the ring hello.
+fn new_session_id(addr: SocketAddr) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let pid = u64::from(std::process::id());
+    crate::prng::mix64(nanos ^ (pid << 32) ^ u64::from(addr.port()))
+}

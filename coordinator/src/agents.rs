@@ -1,0 +1,300 @@
+//! The gRPC service agents talk to: `Register` once per agent process, then `Heartbeat`.
+//!
+//! Intent versus observed: a heartbeat carries what the agent sees (rank states, log bytes); the reply
+//! carries what the state says should run on that node. Observations that change the state become one
+//! `ReportRanks` command; unchanged ones cost no Raft write.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use trainctl_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
+use trainctl_proto::agent::{
+    Assignment, HeartbeatRequest, HeartbeatResponse, LogAck, RankAssignment, RankPhase as WirePhase, RankReport,
+    RegisterRequest, RegisterResponse,
+};
+
+use crate::launch::rank_launches;
+use crate::server::{now_ms, Coordinator, WriteError};
+use crate::state::{
+    Command, CommandOutcome, GpuInfo, JobId, NodeId, NodeResources, NodeStatus, RankObservation, RankPhase,
+    RdmaDeviceInfo, RdmaPortInfo, State,
+};
+
+/// Most log bytes stored from one heartbeat; the agent sends the rest next time.
+pub const MAX_LOG_BYTES_PER_HEARTBEAT: usize = 4 << 20;
+
+/// The routes serving the agent protocol, to merge into the coordinator's router.
+pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
+    let service = AgentServiceServer::new(AgentEndpoint { coordinator })
+        .max_decoding_message_size(MAX_LOG_BYTES_PER_HEARTBEAT * 2);
+    tonic::service::Routes::new(service).into_axum_router()
+}
+
+struct AgentEndpoint {
+    coordinator: Arc<Coordinator>,
+}
+
+fn write_status(e: WriteError) -> Status {
+    match e {
+        WriteError::NotLeader { .. } => Status::unavailable(e.to_string()),
+        WriteError::Raft(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn validate_register(r: &RegisterRequest) -> Result<(), Status> {
+    if r.node_name.is_empty() || r.node_name.len() > 253 {
+        return Err(Status::invalid_argument("node_name must be 1 to 253 characters"));
+    }
+    if r.address.parse::<IpAddr>().is_err() {
+        return Err(Status::invalid_argument(format!(
+            "address `{}` is not an IP address; agents advertise an IP other hosts can reach",
+            r.address
+        )));
+    }
+    if r.instance_id.is_empty() {
+        return Err(Status::invalid_argument("instance_id must not be empty"));
+    }
+    let (lo, hi) = (r.port_range_start, r.port_range_end);
+    if lo == 0 || hi > u32::from(u16::MAX) || lo > hi {
+        return Err(Status::invalid_argument(format!(
+            "port range {lo}-{hi} is not a range of TCP ports (1-65535, start <= end)"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentEndpoint {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let r = request.into_inner();
+        validate_register(&r)?;
+        let res = r.resources.unwrap_or_default();
+        let resources = NodeResources {
+            hostname: res.hostname,
+            cpus: res.cpus,
+            memory_mib: res.memory_mib,
+            gpus: res
+                .gpus
+                .into_iter()
+                .map(|g| GpuInfo {
+                    index: g.index,
+                    name: g.name,
+                    memory_mib: g.memory_mib,
+                    uuid: g.uuid,
+                })
+                .collect(),
+            rdma_devices: res
+                .rdma_devices
+                .into_iter()
+                .map(|d| RdmaDeviceInfo {
+                    name: d.name,
+                    ports: d
+                        .ports
+                        .into_iter()
+                        .map(|p| RdmaPortInfo {
+                            port: p.port,
+                            state: p.state,
+                            link_layer: p.link_layer,
+                            rate: p.rate,
+                            gid_count: p.gid_count,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        let node = NodeId(r.node_name);
+        let outcome = self
+            .coordinator
+            .write(Command::RegisterNode {
+                node: node.clone(),
+                address: r.address,
+                instance_id: r.instance_id,
+                resources,
+                port_range: (r.port_range_start as u16, r.port_range_end as u16),
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(write_status)?;
+        if let CommandOutcome::Rejected { reason } = outcome {
+            return Err(Status::invalid_argument(reason));
+        }
+        self.coordinator.heard_from(&node);
+        tracing::info!(%node, "agent registered");
+        Ok(Response::new(RegisterResponse {
+            heartbeat_interval_ms: self.coordinator.config.heartbeat_interval_ms,
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let hb = request.into_inner();
+        let c = &self.coordinator;
+        c.metrics.heartbeats.inc();
+        let node = NodeId(hb.node_name.clone());
+        let known = c.state.read(|s| {
+            s.nodes
+                .get(&node)
+                .map(|n| n.instance_id == hb.instance_id && n.status == NodeStatus::Up)
+        });
+        if known != Some(true) {
+            // Unknown node, a previous agent process, or a node declared lost: it must register anew.
+            return Ok(Response::new(HeartbeatResponse {
+                register_again: true,
+                ..Default::default()
+            }));
+        }
+        c.heard_from(&node);
+
+        // Logs first: a rank's exit is applied only after the lines it printed are stored.
+        let log_acks = store_logs(c, &node, hb.logs).await?;
+
+        let (observations, idle_jobs) = c.state.read(|s| changed_observations(s, &node, &hb.ranks));
+        if !observations.is_empty() || !idle_jobs.is_empty() {
+            c.write(Command::ReportRanks {
+                node: node.clone(),
+                instance_id: hb.instance_id,
+                observations,
+                idle_jobs,
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(write_status)?;
+        }
+
+        let assignments = c.state.read(|s| assignments_for(s, &node, c.config.stop_grace_ms));
+        Ok(Response::new(HeartbeatResponse {
+            assignments,
+            log_acks,
+            register_again: false,
+        }))
+    }
+}
+
+async fn store_logs(
+    c: &Coordinator,
+    node: &NodeId,
+    chunks: Vec<trainctl_proto::agent::LogChunk>,
+) -> Result<Vec<LogAck>, Status> {
+    if chunks.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Only ranks this node runs may write logs.
+    let allowed: BTreeSet<(u64, u32, u32)> = c.state.read(|s| {
+        chunks
+            .iter()
+            .filter(|ch| {
+                s.jobs.get(&JobId(ch.job_id.parse().unwrap_or(0))).is_some_and(|j| {
+                    j.attempt == ch.attempt && j.ranks.iter().any(|r| r.rank == ch.rank && &r.node == node)
+                })
+            })
+            .map(|ch| (ch.job_id.parse().unwrap_or(0), ch.attempt, ch.rank))
+            .collect()
+    });
+    let store = c.logs.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut acks = Vec::new();
+        let mut budget = MAX_LOG_BYTES_PER_HEARTBEAT;
+        for ch in chunks {
+            let job: u64 = ch.job_id.parse().unwrap_or(0);
+            if !allowed.contains(&(job, ch.attempt, ch.rank)) || budget < ch.data.len() {
+                continue;
+            }
+            budget -= ch.data.len();
+            let stored = store.append(JobId(job), ch.attempt, ch.rank, ch.offset, &ch.data)?;
+            acks.push(LogAck {
+                job_id: ch.job_id,
+                attempt: ch.attempt,
+                rank: ch.rank,
+                stored_until: stored,
+            });
+        }
+        Ok::<_, std::io::Error>(acks)
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?
+    .map_err(|e| Status::internal(format!("store logs: {e}")))
+}
+
+fn wire_phase(report: &RankReport) -> Option<RankPhase> {
+    match WirePhase::try_from(report.phase).ok()? {
+        WirePhase::Running => Some(RankPhase::Running),
+        WirePhase::Exited => Some(RankPhase::Exited),
+        WirePhase::FailedToStart => Some(RankPhase::FailedToStart),
+        WirePhase::Unspecified => None,
+    }
+}
+
+/// The reports that would change the state, and the ended jobs of which the agent runs nothing.
+pub fn changed_observations(s: &State, node: &NodeId, reports: &[RankReport]) -> (Vec<RankObservation>, Vec<JobId>) {
+    let mut observations = Vec::new();
+    for report in reports {
+        let Ok(job_id) = report.job_id.parse::<u64>().map(JobId) else { continue };
+        let Some(phase) = wire_phase(report) else { continue };
+        let Some(job) = s.jobs.get(&job_id) else { continue };
+        if job.attempt != report.attempt {
+            continue;
+        }
+        let Some(rank) = job.ranks.iter().find(|r| r.rank == report.rank && &r.node == node) else {
+            continue;
+        };
+        let exit_code = (phase == RankPhase::Exited).then_some(report.exit_code);
+        if rank.phase.is_terminal() || (rank.phase == phase && rank.exit_code == exit_code) {
+            continue;
+        }
+        observations.push(RankObservation {
+            job: job_id,
+            attempt: report.attempt,
+            rank: report.rank,
+            phase,
+            exit_code,
+            message: (!report.message.is_empty()).then(|| report.message.clone()),
+            pid: (report.pid != 0).then_some(report.pid),
+        });
+    }
+    let live: BTreeSet<&str> = reports
+        .iter()
+        .filter(|r| wire_phase(r) == Some(RankPhase::Running))
+        .map(|r| r.job_id.as_str())
+        .collect();
+    let idle_jobs = s
+        .jobs
+        .values()
+        .filter(|j| j.state.is_terminal())
+        .filter(|j| {
+            j.allocation
+                .as_ref()
+                .is_some_and(|a| a.nodes.iter().any(|na| &na.node == node && !na.released))
+        })
+        .filter(|j| !live.contains(j.id.to_string().as_str()))
+        .filter(|j| {
+            // Only ranks the agent does not report at all are idle; reported exits arrive as observations.
+            !reports.iter().any(|r| r.job_id == j.id.to_string() && r.attempt == j.attempt)
+        })
+        .map(|j| j.id)
+        .collect();
+    (observations, idle_jobs)
+}
+
+/// What `node` should run now.
+pub fn assignments_for(s: &State, node: &NodeId, stop_grace_ms: u32) -> Vec<Assignment> {
+    let address = s.nodes.get(node).map(|n| n.address.clone()).unwrap_or_default();
+    s.jobs_assigned_to(node)
+        .map(|job| Assignment {
+            job_id: job.id.to_string(),
+            attempt: job.attempt,
+            argv: job.spec.launch.command.clone(),
+            workdir: job.spec.launch.workdir.clone().unwrap_or_default(),
+            ranks: rank_launches(job, node, &address)
+                .into_iter()
+                .map(|l| RankAssignment {
+                    rank: l.rank,
+                    local_rank: l.local_rank,
+                    env: l.env.into_iter().collect(),
+                    env_defaults: l.env_defaults.into_iter().collect(),
+                })
+                .collect(),
+            stop_grace_ms,
+        })
+        .collect()
+}

@@ -1,0 +1,650 @@
+//! The REST API: everything the CLI does, as JSON over HTTP, described by an OpenAPI document at
+//! `/openapi.json` (browsable at `/docs`).
+//!
+//! Errors map to status codes in exactly one place, [`ApiError`]'s `IntoResponse`. A user's mistake is a
+//! 4xx with a message; 5xx is for the coordinator's own faults.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use trainctl_jobs::JobSpec;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use crate::logs::{format_cursor, parse_cursor};
+use crate::scheduler::{self, Unschedulable};
+use crate::server::{job_counts, now_ms, Coordinator, WriteError};
+use crate::state::{Command, CommandOutcome, Job, JobId, JobState, Node, NodeStatus, RankPhase, State as ClusterState};
+
+/// Everything that can go wrong in a request, each with its status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    InvalidSpec(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("job {0} does not exist")]
+    JobNotFound(JobId),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Infeasible(String),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The body of every error response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong and, where it helps, what is accepted.
+    pub error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidSpec(_) | ApiError::Infeasible(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::JobNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Write(WriteError::NotLeader { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Write(WriteError::Raft(_)) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (status, Json(ErrorBody { error: self.to_string() })).into_response()
+    }
+}
+
+/// The reply to a submission.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubmitResponse {
+    /// The new job's id.
+    pub id: String,
+}
+
+/// One job in a listing.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobSummary {
+    pub id: String,
+    pub name: String,
+    /// One of pending, starting, running, succeeded, failed, cancelled.
+    pub state: String,
+    pub nodes: u32,
+    pub procs_per_node: u32,
+    pub world_size: u32,
+    pub gpus_per_node: u32,
+    pub submitted_at_ms: u64,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    /// Why the job failed or was cancelled.
+    pub reason: Option<String>,
+    /// Why a pending job is still waiting.
+    pub pending_reason: Option<String>,
+}
+
+/// One rank of a job.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RankView {
+    pub rank: u32,
+    pub local_rank: u32,
+    pub node: String,
+    /// One of pending, running, exited, failed_to_start, lost.
+    pub state: String,
+    /// Exit code once exited; negative: killed by that signal.
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+    pub pid: Option<u32>,
+}
+
+/// One node's share of a job.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AllocationView {
+    pub node: String,
+    pub address: String,
+    pub group_rank: u32,
+    pub gpus: Vec<u32>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub released: bool,
+}
+
+/// Everything about one job.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub summary: JobSummary,
+    /// The launch of the gang shown (0 for the first).
+    pub attempt: u32,
+    pub master_addr: Option<String>,
+    pub master_port: Option<u16>,
+    pub allocation: Vec<AllocationView>,
+    pub ranks: Vec<RankView>,
+    /// The job spec as stored (defaults filled in).
+    #[schema(value_type = Object)]
+    pub spec: JobSpec,
+}
+
+/// One node of the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NodeView {
+    pub name: String,
+    pub address: String,
+    pub hostname: String,
+    /// up or down.
+    pub status: String,
+    pub status_reason: Option<String>,
+    pub cpus: u32,
+    pub cpus_allocated: u32,
+    pub memory_mib: u64,
+    pub memory_allocated_mib: u64,
+    pub gpus: u32,
+    pub gpus_allocated: u32,
+    pub gpu_models: Vec<String>,
+    /// RDMA devices and their port states, e.g. `mlx5_0 port 1 ACTIVE InfiniBand 400 Gb/sec`.
+    pub rdma: Vec<String>,
+    /// Jobs holding resources here.
+    pub jobs: Vec<String>,
+}
+
+/// One line of a rank's output.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LogLine {
+    pub rank: u32,
+    pub node: String,
+    pub text: String,
+}
+
+/// A page of a job's output.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LogsPage {
+    pub lines: Vec<LogLine>,
+    /// Pass back as `cursor` to get the lines after these.
+    pub cursor: String,
+    /// True when the job has ended and every line has been returned: following can stop.
+    pub complete: bool,
+}
+
+/// Query of the logs endpoint.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct LogsQuery {
+    /// Only this global rank.
+    pub rank: Option<u32>,
+    /// Where the previous page ended.
+    pub cursor: Option<String>,
+    /// `text` for plain `[node rank N] line` text instead of JSON.
+    pub format: Option<String>,
+}
+
+/// Query of the job listing.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ListQuery {
+    /// Only jobs in this state.
+    pub state: Option<String>,
+}
+
+/// The coordinator's health.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok` when this coordinator knows a Raft leader.
+    pub status: String,
+    pub server_id: u64,
+    pub is_leader: bool,
+    pub leader: Option<u64>,
+    pub raft_term: u64,
+    pub last_applied_index: Option<u64>,
+    pub nodes_up: u64,
+    pub nodes_down: u64,
+    pub jobs: BTreeMap<String, u64>,
+    pub uptime_s: u64,
+}
+
+/// Counters kept across requests; gauges are read from the state at scrape time.
+pub struct Metrics {
+    registry: Registry,
+    pub submissions: Counter,
+    pub placements: Counter,
+    pub heartbeats: Counter,
+    jobs: Family<Vec<(String, String)>, Gauge>,
+    nodes: Family<Vec<(String, String)>, Gauge>,
+    gpus_total: Gauge,
+    gpus_allocated: Gauge,
+    raft_last_applied: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("trainctl");
+        let submissions = Counter::default();
+        let placements = Counter::default();
+        let heartbeats = Counter::default();
+        let jobs = Family::default();
+        let nodes = Family::default();
+        let gpus_total = Gauge::default();
+        let gpus_allocated = Gauge::default();
+        let raft_last_applied = Gauge::default();
+        registry.register("job_submissions", "Jobs submitted", submissions.clone());
+        registry.register("gang_placements", "Gangs placed by the scheduler", placements.clone());
+        registry.register("agent_heartbeats", "Heartbeats received from agents", heartbeats.clone());
+        registry.register("jobs", "Jobs by state", jobs.clone());
+        registry.register("nodes", "Nodes by status", nodes.clone());
+        registry.register("gpus", "GPUs of nodes that are up", gpus_total.clone());
+        registry.register("gpus_allocated", "GPUs held by jobs", gpus_allocated.clone());
+        registry.register("raft_last_applied_index", "Last Raft log index applied", raft_last_applied.clone());
+        Metrics {
+            registry,
+            submissions,
+            placements,
+            heartbeats,
+            jobs,
+            nodes,
+            gpus_total,
+            gpus_allocated,
+            raft_last_applied,
+        }
+    }
+}
+
+type Ctx = State<Arc<Coordinator>>;
+
+/// The REST routes, the OpenAPI document and its browser UI.
+pub fn router(coordinator: Arc<Coordinator>) -> Router {
+    Router::new()
+        .route("/v1/jobs", post(submit_job).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/logs", get(job_logs))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/docs/openapi.json", ApiDoc::openapi()))
+        .fallback(|| async { ApiError::BadRequest("no such endpoint; the API is described at /openapi.json".into()) })
+        .with_state(coordinator)
+}
+
+/// The OpenAPI description of the REST API.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "trainctl", description = "Gang-scheduled distributed training jobs"),
+    paths(submit_job, list_jobs, get_job, cancel_job, job_logs, list_nodes, health, metrics),
+    components(schemas(ErrorBody, SubmitResponse, JobSummary, JobDetail, RankView, AllocationView, NodeView, LogLine, LogsPage, Health))
+)]
+pub struct ApiDoc;
+
+fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
+    raw.parse().map_err(ApiError::BadRequest)
+}
+
+/// Reads a job spec from a request body: TOML or JSON, by Content-Type or, without one, by its look.
+pub fn spec_from_body(headers: &HeaderMap, body: &[u8]) -> Result<JobSpec, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::BadRequest("the body is not UTF-8 text; send a job spec as TOML or JSON".into()))?;
+    if text.trim().is_empty() {
+        return Err(ApiError::BadRequest(
+            "the body is empty; send a job spec as TOML (Content-Type: application/toml) or JSON (application/json)"
+                .into(),
+        ));
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    let is_json = match content_type.as_deref() {
+        Some("application/json") => true,
+        Some("application/toml") | Some("text/toml") | Some("text/x-toml") => false,
+        None | Some("text/plain") | Some("application/octet-stream") | Some("application/x-www-form-urlencoded") => {
+            text.trim_start().starts_with('{')
+        }
+        Some(other) => {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "Content-Type `{other}` is not accepted; send the job spec as application/toml or application/json"
+            )))
+        }
+    };
+    let parsed = if is_json {
+        JobSpec::from_json(text, "request body")
+    } else {
+        JobSpec::from_toml(text, "request body")
+    };
+    parsed.map_err(|e| ApiError::InvalidSpec(e.to_string()))
+}
+
+/// Submit a job (TOML or JSON job spec).
+#[utoipa::path(post, path = "/v1/jobs",
+    request_body(content = Object, description = "A job spec, as TOML (application/toml) or JSON (application/json)",
+        content_type = "application/toml"),
+    responses(
+        (status = 201, body = SubmitResponse, description = "Queued"),
+        (status = 400, body = ErrorBody, description = "Not a job spec"),
+        (status = 415, body = ErrorBody, description = "Neither TOML nor JSON"),
+        (status = 422, body = ErrorBody, description = "Invalid spec, or a job that can never fit the cluster"),
+        (status = 503, body = ErrorBody, description = "Not the leader")))]
+async fn submit_job(State(c): Ctx, headers: HeaderMap, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let spec = spec_from_body(&headers, &body)?;
+    let fit = c.state.read(|s| scheduler::check_ever_fits(&s.cluster_snapshot(), &spec.resources));
+    if let Err(Unschedulable::NeverFits(why)) | Err(Unschedulable::NoRoomNow(why)) = fit {
+        return Err(ApiError::Infeasible(format!("job `{}` can never run here: {why}", spec.name)));
+    }
+    match c.write(Command::SubmitJob { spec, at_ms: now_ms() }).await? {
+        CommandOutcome::JobSubmitted { job } => {
+            c.metrics.submissions.inc();
+            Ok((StatusCode::CREATED, Json(SubmitResponse { id: job.to_string() })))
+        }
+        CommandOutcome::Rejected { reason } => Err(ApiError::InvalidSpec(reason)),
+        CommandOutcome::Done => Err(ApiError::Internal("submission produced no job id".into())),
+    }
+}
+
+/// List jobs, oldest first.
+#[utoipa::path(get, path = "/v1/jobs", params(ListQuery),
+    responses((status = 200, body = [JobSummary]), (status = 400, body = ErrorBody)))]
+async fn list_jobs(State(c): Ctx, Query(q): Query<ListQuery>) -> Result<Json<Vec<JobSummary>>, ApiError> {
+    const STATES: &[&str] = &["pending", "starting", "running", "succeeded", "failed", "cancelled"];
+    if let Some(st) = &q.state {
+        if !STATES.contains(&st.as_str()) {
+            return Err(ApiError::BadRequest(format!("unknown state `{st}`; accepted: {}", STATES.join(", "))));
+        }
+    }
+    Ok(Json(c.state.read(|s| {
+        s.jobs
+            .values()
+            .filter(|j| q.state.as_deref().is_none_or(|st| j.state.as_str() == st))
+            .map(|j| summary(s, j))
+            .collect()
+    })))
+}
+
+/// Get one job: state, placement, and every rank's state and exit code.
+#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = JobDetail), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_job(State(c): Ctx, Path(id): Path<String>) -> Result<Json<JobDetail>, ApiError> {
+    let id = parse_job_id(&id)?;
+    c.state
+        .read(|s| s.jobs.get(&id).map(|j| detail(s, j)))
+        .map(Json)
+        .ok_or(ApiError::JobNotFound(id))
+}
+
+/// Cancel a job: a pending job leaves the queue; a running gang is stopped (SIGTERM, grace, SIGKILL).
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = JobDetail), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Already ended")))]
+async fn cancel_job(State(c): Ctx, Path(id): Path<String>) -> Result<Json<JobDetail>, ApiError> {
+    let id = parse_job_id(&id)?;
+    if !c.state.read(|s| s.jobs.contains_key(&id)) {
+        return Err(ApiError::JobNotFound(id));
+    }
+    match c.write(Command::CancelJob { job: id, at_ms: now_ms() }).await? {
+        CommandOutcome::Rejected { reason } => Err(ApiError::Conflict(reason)),
+        _ => get_job(State(c), Path(id.to_string())).await,
+    }
+}
+
+/// Read a job's output, each line tagged with node and global rank. Follow by passing the cursor back.
+#[utoipa::path(get, path = "/v1/jobs/{id}/logs", params(("id" = String, Path, description = "Job id"), LogsQuery),
+    responses((status = 200, body = LogsPage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn job_logs(State(c): Ctx, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> Result<Response, ApiError> {
+    let id = parse_job_id(&id)?;
+    let cursor = parse_cursor(q.cursor.as_deref().unwrap_or("")).map_err(ApiError::BadRequest)?;
+    let found = c.state.read(|s| {
+        s.jobs.get(&id).map(|j| {
+            let nodes: BTreeMap<u32, String> = j.ranks.iter().map(|r| (r.rank, r.node.to_string())).collect();
+            let complete = j.state.is_terminal()
+                && j.allocation.as_ref().is_none_or(|a| a.nodes.iter().all(|n| n.released));
+            (j.attempt, nodes, complete, j.spec.world_size())
+        })
+    });
+    let Some((attempt, nodes, complete, world_size)) = found else {
+        return Err(ApiError::JobNotFound(id));
+    };
+    let ranks: Vec<u32> = match q.rank {
+        Some(r) if r >= world_size => {
+            return Err(ApiError::BadRequest(format!(
+                "rank {r} does not exist: job {id} has ranks 0 to {}",
+                world_size - 1
+            )))
+        }
+        Some(r) => vec![r],
+        None => nodes.keys().copied().collect(),
+    };
+    let store = c.logs.clone();
+    let (lines, next) = tokio::task::spawn_blocking(move || store.read(id, attempt, &ranks, &cursor))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(format!("read logs of job {id}: {e}")))?;
+    // Complete only once nothing is left unread.
+    let complete = complete && lines.is_empty();
+    let lines: Vec<LogLine> = lines
+        .into_iter()
+        .map(|l| LogLine {
+            node: nodes.get(&l.rank).cloned().unwrap_or_default(),
+            rank: l.rank,
+            text: l.text,
+        })
+        .collect();
+    if q.format.as_deref() == Some("text") {
+        let mut out = String::new();
+        for l in &lines {
+            out.push_str(&format!("[{} rank {}] {}\n", l.node, l.rank, l.text));
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response());
+    }
+    Ok(Json(LogsPage {
+        lines,
+        cursor: format_cursor(&next),
+        complete,
+    })
+    .into_response())
+}
+
+/// List the cluster's nodes with what they have and what jobs hold.
+#[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = [NodeView])))]
+async fn list_nodes(State(c): Ctx) -> Json<Vec<NodeView>> {
+    Json(c.state.read(|s| s.nodes.values().map(|n| node_view(s, n)).collect()))
+}
+
+/// Health of this coordinator and a summary of the cluster.
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health), (status = 503, body = Health)))]
+async fn health(State(c): Ctx) -> (StatusCode, Json<Health>) {
+    let m = c.raft.metrics().borrow().clone();
+    let (up, down) = c.state.read(|s| {
+        let up = s.nodes.values().filter(|n| n.status == NodeStatus::Up).count() as u64;
+        (up, s.nodes.len() as u64 - up)
+    });
+    let health = Health {
+        status: if m.current_leader.is_some() { "ok" } else { "no_leader" }.to_string(),
+        server_id: c.config.server_id,
+        is_leader: m.current_leader == Some(c.config.server_id),
+        leader: m.current_leader,
+        raft_term: m.current_term,
+        last_applied_index: m.last_applied.map(|l| l.index),
+        nodes_up: up,
+        nodes_down: down,
+        jobs: job_counts(&c).into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        uptime_s: c.started_at.elapsed().as_secs(),
+    };
+    let status = if health.leader.is_some() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(health))
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(c): Ctx) -> Result<Response, ApiError> {
+    let m = &c.metrics;
+    for (state, count) in job_counts(&c) {
+        m.jobs.get_or_create(&vec![("state".to_string(), state.to_string())]).set(count as i64);
+    }
+    c.state.read(|s| {
+        let (mut up, mut down, mut gpus, mut allocated) = (0, 0, 0, 0);
+        for n in s.nodes.values() {
+            if n.status == NodeStatus::Up {
+                up += 1;
+                gpus += n.resources.gpus.len() as i64;
+            } else {
+                down += 1;
+            }
+            allocated += n.usage.gpus.len() as i64;
+        }
+        m.nodes.get_or_create(&vec![("status".to_string(), "up".to_string())]).set(up);
+        m.nodes.get_or_create(&vec![("status".to_string(), "down".to_string())]).set(down);
+        m.gpus_total.set(gpus);
+        m.gpus_allocated.set(allocated);
+    });
+    let applied = c.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+    m.raft_last_applied.set(applied as i64);
+    let mut body = String::new();
+    encode(&mut body, &m.registry).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response())
+}
+
+fn pending_reason(s: &ClusterState, job: &Job) -> Option<String> {
+    if job.state != JobState::Pending {
+        return None;
+    }
+    let own = match scheduler::plan(&s.cluster_snapshot(), &job.spec.resources) {
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    };
+    let ahead = s.queue.iter().position(|id| *id == job.id).unwrap_or(0);
+    match (ahead, own) {
+        (0, Some(why)) => Some(why),
+        (0, None) => Some("fits now; being placed".to_string()),
+        (n, why) => Some(format!(
+            "waiting behind {n} earlier job{} (first: job {}){}",
+            if n == 1 { "" } else { "s" },
+            s.queue[0],
+            why.map(|w| format!("; and it {w}")).unwrap_or_default()
+        )),
+    }
+}
+
+fn summary(s: &ClusterState, job: &Job) -> JobSummary {
+    let res = &job.spec.resources;
+    JobSummary {
+        id: job.id.to_string(),
+        name: job.spec.name.clone(),
+        state: job.state.as_str().to_string(),
+        nodes: res.nodes,
+        procs_per_node: res.procs_per_node,
+        world_size: job.spec.world_size(),
+        gpus_per_node: res.gpus_per_node,
+        submitted_at_ms: job.submitted_at_ms,
+        started_at_ms: job.started_at_ms,
+        finished_at_ms: job.finished_at_ms,
+        reason: job.reason.clone(),
+        pending_reason: pending_reason(s, job),
+    }
+}
+
+fn rank_phase_name(phase: RankPhase) -> &'static str {
+    match phase {
+        RankPhase::Pending => "pending",
+        RankPhase::Running => "running",
+        RankPhase::Exited => "exited",
+        RankPhase::FailedToStart => "failed_to_start",
+        RankPhase::Lost => "lost",
+    }
+}
+
+fn detail(s: &ClusterState, job: &Job) -> JobDetail {
+    let allocation = job
+        .allocation
+        .as_ref()
+        .map(|a| {
+            a.nodes
+                .iter()
+                .map(|na| AllocationView {
+                    node: na.node.to_string(),
+                    address: s.nodes.get(&na.node).map(|n| n.address.clone()).unwrap_or_default(),
+                    group_rank: na.group_rank,
+                    gpus: na.gpus.clone(),
+                    cpus: na.cpus,
+                    memory_mib: na.memory_mib,
+                    released: na.released,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    JobDetail {
+        summary: summary(s, job),
+        attempt: job.attempt,
+        master_addr: job.allocation.as_ref().map(|a| a.master_addr.clone()),
+        master_port: job.allocation.as_ref().map(|a| a.master_port),
+        allocation,
+        ranks: job
+            .ranks
+            .iter()
+            .map(|r| RankView {
+                rank: r.rank,
+                local_rank: r.local_rank,
+                node: r.node.to_string(),
+                state: rank_phase_name(r.phase).to_string(),
+                exit_code: r.exit_code,
+                message: r.message.clone(),
+                pid: r.pid,
+            })
+            .collect(),
+        spec: job.spec.clone(),
+    }
+}
+
+fn node_view(s: &ClusterState, n: &Node) -> NodeView {
+    let jobs = s
+        .jobs
+        .values()
+        .filter(|j| {
+            j.allocation
+                .as_ref()
+                .is_some_and(|a| a.nodes.iter().any(|na| na.node == n.id && !na.released))
+        })
+        .map(|j| j.id.to_string())
+        .collect();
+    let mut gpu_models: Vec<String> = n.resources.gpus.iter().map(|g| g.name.clone()).collect();
+    gpu_models.dedup();
+    NodeView {
+        name: n.id.to_string(),
+        address: n.address.clone(),
+        hostname: n.resources.hostname.clone(),
+        status: match n.status {
+            NodeStatus::Up => "up",
+            NodeStatus::Down => "down",
+        }
+        .to_string(),
+        status_reason: n.status_reason.clone(),
+        cpus: n.resources.cpus,
+        cpus_allocated: n.usage.cpus,
+        memory_mib: n.resources.memory_mib,
+        memory_allocated_mib: n.usage.memory_mib,
+        gpus: n.resources.gpus.len() as u32,
+        gpus_allocated: n.usage.gpus.len() as u32,
+        gpu_models,
+        rdma: n
+            .resources
+            .rdma_devices
+            .iter()
+            .flat_map(|d| {
+                d.ports
+                    .iter()
+                    .map(move |p| format!("{} port {} {} {} {}", d.name, p.port, p.state, p.link_layer, p.rate))
+            })
+            .collect(),
+        jobs,
+    }
+}

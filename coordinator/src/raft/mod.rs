@@ -1,0 +1,37 @@
+//! Raft glue: openraft's type configuration, the redb-backed log and state machine, and the network.
+//!
+//! The adapters here are thin: the state machine's `apply` hands each committed [`Command`] to the pure
+//! [`State::apply`](crate::state::State::apply).
+
+use std::io::Cursor;
+
+use crate::state::{Command, CommandOutcome};
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+openraft::declare_raft_types!(
+    /// Types of trainctl's Raft: commands in, outcomes out, u64 server ids, HTTP addresses.
+    pub TypeConfig:
+        D = Command,
+        R = CommandOutcome,
+);
+
+/// A coordinator's Raft handle.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// Raft server id of a coordinator.
+pub type ServerId = u64;
+/// Storage error of this Raft.
+pub type StorageError = openraft::StorageError<ServerId>;
+
+/// Runs blocking storage work (redb, fsync) off the async threads.
+pub(crate) async fn blocking<T, F>(work: F) -> Result<T, StorageError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StorageError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| openraft::StorageIOError::write(&e))?
+}

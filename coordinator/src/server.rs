@@ -1,0 +1,330 @@
+//! The coordinator process: one TCP listener serving REST, gRPC (agents) and Raft (other coordinators),
+//! plus the leader's background loops (scheduling, node liveness).
+//!
+//! Shape: `run(config, listener, shutdown)` starts everything and returns when `shutdown` fires and every
+//! task has stopped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::logs::LogStore;
+use crate::raft::log_store::LogStore as RaftLogStore;
+use crate::raft::network::HttpNetworkFactory;
+use crate::raft::state_machine::StateMachineStore;
+use crate::raft::{Raft, ServerId};
+use crate::scheduler::{self, Unschedulable};
+use crate::state::{Command, CommandOutcome, JobState, NodeId, NodeStatus};
+
+/// How a coordinator runs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Where the Raft log, snapshots and rank logs live.
+    pub data_dir: PathBuf,
+    /// This coordinator's Raft server id.
+    pub server_id: ServerId,
+    /// The address other coordinators reach this one at (host:port).
+    pub advertise_addr: String,
+    /// How often agents heartbeat.
+    pub heartbeat_interval_ms: u32,
+    /// A node not heard from for this long is lost, and its jobs fail.
+    pub node_timeout_ms: u64,
+    /// SIGTERM-to-SIGKILL grace when agents stop ranks.
+    pub stop_grace_ms: u32,
+    /// Most requests (API and agent) served at once; more wait their turn.
+    pub max_connections: usize,
+}
+
+impl CoordinatorConfig {
+    /// Defaults for a coordinator storing its data in `data_dir` and reachable at `advertise_addr`.
+    pub fn new(data_dir: PathBuf, advertise_addr: String) -> Self {
+        CoordinatorConfig {
+            data_dir,
+            server_id: 1,
+            advertise_addr,
+            heartbeat_interval_ms: 500,
+            node_timeout_ms: 10_000,
+            stop_grace_ms: 10_000,
+            max_connections: 4096,
+        }
+    }
+}
+
+/// Errors of a write through Raft, for the API and the agent service to map.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// This coordinator is not the leader; the request belongs there.
+    #[error("this coordinator is not the leader{}", leader.as_ref().map(|l| format!("; the leader is at {l}")).unwrap_or_default())]
+    NotLeader { leader: Option<String> },
+    /// Raft could not commit the command.
+    #[error("the cluster state could not be written: {0}")]
+    Raft(String),
+}
+
+/// Everything the request handlers and loops share.
+pub struct Coordinator {
+    pub config: CoordinatorConfig,
+    pub raft: Raft,
+    pub state: StateMachineStore,
+    pub logs: LogStore,
+    /// When each node's agent was last heard from (leader-local, not replicated).
+    pub last_heard: Mutex<HashMap<NodeId, Instant>>,
+    pub metrics: crate::api::Metrics,
+    pub started_at: Instant,
+}
+
+/// Milliseconds since the Unix epoch: the leader stamps commands with it before the Raft write.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Coordinator {
+    /// Commits one command through Raft and returns what applying it produced.
+    pub async fn write(&self, command: Command) -> Result<CommandOutcome, WriteError> {
+        match self.raft.client_write(command).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(WriteError::NotLeader {
+                leader: f.leader_node.map(|n| n.addr),
+            }),
+            Err(e) => Err(WriteError::Raft(e.to_string())),
+        }
+    }
+
+    /// Whether this coordinator leads the Raft group now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.config.server_id)
+    }
+
+    /// Notes that `node`'s agent was just heard from.
+    pub fn heard_from(&self, node: &NodeId) {
+        self.last_heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.clone(), Instant::now());
+    }
+}
+
+/// Opens the coordinator's storage and Raft, initialising a one-voter cluster on first start.
+pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    let db_path = config.data_dir.join("state.redb");
+    let db = tokio::task::spawn_blocking(move || redb::Database::create(&db_path))
+        .await?
+        .context("open the state database (is another coordinator using this data dir?)")?;
+    let db = Arc::new(db);
+    let log_store = RaftLogStore::open(db.clone()).context("open the raft log")?;
+    let state = StateMachineStore::open(db).context("open the state machine")?;
+    let raft_config = openraft::Config {
+        cluster_name: "trainctl".to_string(),
+        heartbeat_interval: 100,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2000),
+        ..Default::default()
+    }
+    .validate()
+    .context("raft configuration")?;
+    let raft = Raft::new(
+        config.server_id,
+        Arc::new(raft_config),
+        HttpNetworkFactory::default(),
+        log_store,
+        state.clone(),
+    )
+    .await
+    .context("start raft")?;
+    if !raft.is_initialized().await.context("read raft state")? {
+        let members = BTreeMap::from([(config.server_id, BasicNode::new(&config.advertise_addr))]);
+        raft.initialize(members).await.context("initialise a one-voter raft cluster")?;
+        info!(server_id = config.server_id, "initialised a new one-voter cluster");
+    }
+    let logs = LogStore::new(config.data_dir.join("logs"));
+    Ok(Arc::new(Coordinator {
+        config,
+        raft,
+        state,
+        logs,
+        last_heard: Mutex::new(HashMap::new()),
+        metrics: crate::api::Metrics::default(),
+        started_at: Instant::now(),
+    }))
+}
+
+/// Serves REST, gRPC and Raft on `listener` and runs the leader loops until `shutdown` turns true.
+pub async fn run(
+    coordinator: Arc<Coordinator>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let local: SocketAddr = listener.local_addr()?;
+    let app = crate::api::router(coordinator.clone())
+        .merge(crate::agents::router(coordinator.clone()))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(coordinator.config.max_connections));
+
+    let scheduler = tokio::spawn(scheduling_loop(coordinator.clone(), shutdown.clone()));
+    let liveness = tokio::spawn(liveness_loop(coordinator.clone(), shutdown.clone()));
+    info!(%local, "coordinator serving REST, gRPC and Raft");
+
+    let graceful = async move {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    axum::serve(listener, app).with_graceful_shutdown(graceful).await.context("serve")?;
+    scheduler.await.ok();
+    liveness.await.ok();
+    coordinator.raft.shutdown().await.ok();
+    Ok(())
+}
+
+/// Bodies are job specs and heartbeats with log chunks; 16 MiB is far above either.
+const MAX_BODY_BYTES: usize = 16 << 20;
+
+async fn wait_for_change_or(
+    changes: &mut watch::Receiver<u64>,
+    shutdown: &mut watch::Receiver<bool>,
+    period: Duration,
+) -> bool {
+    tokio::select! {
+        _ = changes.changed() => {}
+        _ = tokio::time::sleep(period) => {}
+        _ = shutdown.changed() => {}
+    }
+    !*shutdown.borrow()
+}
+
+/// The leader places pending jobs first come, first served: the head of the queue is placed whole or
+/// the queue waits (a gang is never starved by smaller jobs behind it).
+async fn scheduling_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>) {
+    let mut changes = coordinator.state.subscribe();
+    const SCHEDULE_PERIOD: Duration = Duration::from_millis(500);
+    while wait_for_change_or(&mut changes, &mut shutdown, SCHEDULE_PERIOD).await {
+        if !coordinator.is_leader() {
+            continue;
+        }
+        // Place as many as fit, one commit each; stop at the first that does not.
+        const MAX_PLACEMENTS_PER_PASS: usize = 1024;
+        for _ in 0..MAX_PLACEMENTS_PER_PASS {
+            let decision = coordinator.state.read(|s| {
+                let head = s.queue.front().and_then(|id| s.jobs.get(id))?;
+                Some((head.id, scheduler::plan(&s.cluster_snapshot(), &head.spec.resources)))
+            });
+            let Some((job, plan)) = decision else { break };
+            let placement = match plan {
+                Ok(p) => p,
+                Err(Unschedulable::NoRoomNow(_)) | Err(Unschedulable::NeverFits(_)) => break,
+            };
+            match coordinator
+                .write(Command::PlaceJob {
+                    job,
+                    placement,
+                    at_ms: now_ms(),
+                })
+                .await
+            {
+                Ok(CommandOutcome::Done) => {
+                    coordinator.metrics.placements.inc();
+                    info!(%job, "placed job");
+                }
+                Ok(other) => warn!(%job, ?other, "placement not applied; planning again"),
+                Err(e) => {
+                    warn!(%job, error = %e, "placement not written");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The leader declares lost every node it has not heard from within the node timeout.
+async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>) {
+    let timeout = Duration::from_millis(coordinator.config.node_timeout_ms);
+    let mut was_leader = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let leader = coordinator.is_leader();
+        if leader && !was_leader {
+            // A new leader has heard from nobody yet: give every node a full timeout from now.
+            let now = Instant::now();
+            let nodes: Vec<NodeId> = coordinator.state.read(|s| s.nodes.keys().cloned().collect());
+            let mut heard = coordinator.last_heard.lock().unwrap_or_else(|e| e.into_inner());
+            for node in nodes {
+                heard.entry(node).or_insert(now);
+            }
+        }
+        was_leader = leader;
+        if !leader {
+            continue;
+        }
+        let silent: Vec<(NodeId, Duration)> = {
+            let heard = coordinator.last_heard.lock().unwrap_or_else(|e| e.into_inner());
+            coordinator.state.read(|s| {
+                s.nodes
+                    .values()
+                    .filter(|n| n.status == NodeStatus::Up)
+                    .filter_map(|n| {
+                        let since = heard.get(&n.id).map(Instant::elapsed).unwrap_or(timeout);
+                        (since >= timeout).then(|| (n.id.clone(), since))
+                    })
+                    .collect()
+            })
+        };
+        for (node, since) in silent {
+            let reason = format!("no heartbeat for {:.1}s", since.as_secs_f64());
+            warn!(%node, %reason, "node lost");
+            if let Err(e) = coordinator
+                .write(Command::NodeLost {
+                    node,
+                    reason,
+                    at_ms: now_ms(),
+                })
+                .await
+            {
+                warn!(error = %e, "could not record a lost node");
+            }
+        }
+    }
+}
+
+/// Counts jobs by state, for health and metrics.
+pub fn job_counts(coordinator: &Coordinator) -> BTreeMap<&'static str, u64> {
+    coordinator.state.read(|s| {
+        let mut counts: BTreeMap<&'static str, u64> = [
+            JobState::Pending,
+            JobState::Starting,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+        ]
+        .into_iter()
+        .map(|st| (st.as_str(), 0))
+        .collect();
+        for job in s.jobs.values() {
+            *counts.entry(job.state.as_str()).or_default() += 1;
+        }
+        counts
+    })
+}

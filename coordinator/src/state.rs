@@ -1,0 +1,737 @@
+//! The replicated state and the deterministic function that changes it.
+//!
+//! Every change to the cluster's intent goes through [`State::apply`] with a [`Command`] that Raft has
+//! committed. `apply` never reads the clock, makes an id or rolls a die: the leader puts timestamps in
+//! the command, and ids come from counters inside the state. So every replica that applies the same log
+//! reaches the same state, and tests can drive it with plain values.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use trainctl_jobs::JobSpec;
+
+use crate::scheduler::{ClusterSnapshot, NodeCapacity, Placement};
+
+/// A job's id: a number the state machine hands out in submission order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub u64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.trim()
+            .parse::<u64>()
+            .map(JobId)
+            .map_err(|_| format!("`{s}` is not a job id (job ids are positive numbers, e.g. `3`)"))
+    }
+}
+
+/// A node's id: the name its agent registered with (unique in the cluster).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(pub String);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One GPU of a node, as its agent discovered (or was told to declare) it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub name: String,
+    pub memory_mib: u64,
+    pub uuid: String,
+}
+
+/// One port of an RDMA device of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdmaPortInfo {
+    pub port: u32,
+    pub state: String,
+    pub link_layer: String,
+    pub rate: String,
+    pub gid_count: u32,
+}
+
+/// One RDMA device (an InfiniBand or RoCE HCA) of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdmaDeviceInfo {
+    pub name: String,
+    pub ports: Vec<RdmaPortInfo>,
+}
+
+/// What a node has, as reported by its agent at registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeResources {
+    pub hostname: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub gpus: Vec<GpuInfo>,
+    pub rdma_devices: Vec<RdmaDeviceInfo>,
+}
+
+/// Whether the coordinator hears from a node's agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Up,
+    Down,
+}
+
+/// What jobs hold on a node right now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeUsage {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub gpus: BTreeSet<u32>,
+    pub ports: BTreeSet<u16>,
+}
+
+/// A host with an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    /// The IP address other hosts reach it at.
+    pub address: String,
+    pub instance_id: String,
+    pub resources: NodeResources,
+    /// Ports the coordinator may lease to jobs on this node (MASTER_PORT), inclusive.
+    pub port_range: (u16, u16),
+    pub status: NodeStatus,
+    pub status_reason: Option<String>,
+    pub registered_at_ms: u64,
+    pub usage: NodeUsage,
+}
+
+impl Node {
+    /// The lowest port of this node's range that no job holds.
+    pub fn free_port(&self) -> Option<u16> {
+        (self.port_range.0..=self.port_range.1).find(|p| !self.usage.ports.contains(p))
+    }
+
+    /// This node as the scheduler sees it.
+    pub fn capacity(&self) -> NodeCapacity {
+        NodeCapacity {
+            node: self.id.clone(),
+            up: self.status == NodeStatus::Up,
+            total_gpus: self.resources.gpus.len() as u32,
+            total_cpus: self.resources.cpus,
+            total_memory_mib: self.resources.memory_mib,
+            free_gpus: self
+                .resources
+                .gpus
+                .iter()
+                .map(|g| g.index)
+                .filter(|i| !self.usage.gpus.contains(i))
+                .collect(),
+            free_cpus: self.resources.cpus.saturating_sub(self.usage.cpus),
+            free_memory_mib: self.resources.memory_mib.saturating_sub(self.usage.memory_mib),
+            free_port: self.free_port(),
+        }
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Queued: waiting for every rank to fit at once.
+    Pending,
+    /// Placed: agents are launching the ranks.
+    Starting,
+    /// Every rank has started.
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job has ended for good.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    /// The lowercase name used in the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Starting => "starting",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Where a rank (one process of the gang) is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RankPhase {
+    /// Placed, not yet reported started.
+    Pending,
+    Running,
+    /// Ended; `exit_code` says how.
+    Exited,
+    /// Its process could not be started; `message` says why.
+    FailedToStart,
+    /// Its host or agent went away; nothing more will be heard of it.
+    Lost,
+}
+
+impl RankPhase {
+    /// Whether no more reports can change it.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, RankPhase::Exited | RankPhase::FailedToStart | RankPhase::Lost)
+    }
+}
+
+/// One rank of a job's current attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankStatus {
+    pub rank: u32,
+    pub local_rank: u32,
+    pub node: NodeId,
+    pub phase: RankPhase,
+    /// Exit code (negative: killed by that signal), once exited.
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+    pub pid: Option<u32>,
+}
+
+/// What one node gives to a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAllocation {
+    pub node: NodeId,
+    /// GROUP_RANK: the node's index in the gang.
+    pub group_rank: u32,
+    pub gpus: Vec<u32>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// Set once the node's ranks have all ended (or the node was lost), returning its resources.
+    pub released: bool,
+}
+
+/// Where every rank of a job runs, and how the ranks find each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// IP address of the node of group rank 0.
+    pub master_addr: String,
+    /// Port leased on that node for this job.
+    pub master_port: u16,
+    pub nodes: Vec<NodeAllocation>,
+}
+
+/// A submitted job and everything the cluster intends and knows about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Why the job ended as it did (failed, cancelled), in words.
+    pub reason: Option<String>,
+    pub submitted_at_ms: u64,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    /// The launch of the gang this state describes; 0 for the first (TORCHELASTIC_RESTART_COUNT).
+    pub attempt: u32,
+    pub allocation: Option<Allocation>,
+    pub ranks: Vec<RankStatus>,
+}
+
+/// A rank's state as an agent observed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankObservation {
+    pub job: JobId,
+    pub attempt: u32,
+    pub rank: u32,
+    pub phase: RankPhase,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+    pub pid: Option<u32>,
+}
+
+/// A change to the cluster's state, as written to the Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// An agent (re)started on a host and announced what the host has.
+    RegisterNode {
+        node: NodeId,
+        address: String,
+        instance_id: String,
+        resources: NodeResources,
+        port_range: (u16, u16),
+        at_ms: u64,
+    },
+    /// The coordinator stopped hearing from a node's agent.
+    NodeLost { node: NodeId, reason: String, at_ms: u64 },
+    /// A user submitted a job; it gets the next id.
+    SubmitJob { spec: JobSpec, at_ms: u64 },
+    /// The scheduler placed every rank of a pending job.
+    PlaceJob {
+        job: JobId,
+        placement: Placement,
+        at_ms: u64,
+    },
+    /// An agent reported what its ranks are doing.
+    ReportRanks {
+        node: NodeId,
+        instance_id: String,
+        observations: Vec<RankObservation>,
+        /// Ended jobs of which the agent runs no process (any rank still pending there never started).
+        idle_jobs: Vec<JobId>,
+        at_ms: u64,
+    },
+    /// A user cancelled a job.
+    CancelJob { job: JobId, at_ms: u64 },
+}
+
+/// What applying a command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandOutcome {
+    Done,
+    JobSubmitted { job: JobId },
+    /// The command was valid when proposed but not against the state it met (a stale plan, a job that
+    /// already ended, ...). Nothing changed.
+    Rejected { reason: String },
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub nodes: BTreeMap<NodeId, Node>,
+    pub jobs: BTreeMap<JobId, Job>,
+    /// Pending jobs in submission order: the scheduler places them first come, first served.
+    pub queue: VecDeque<JobId>,
+    pub last_job_id: u64,
+}
+
+fn rejected(reason: impl Into<String>) -> CommandOutcome {
+    CommandOutcome::Rejected { reason: reason.into() }
+}
+
+impl State {
+    /// Applies one committed command. Deterministic: same state and command, same result.
+    pub fn apply(&mut self, command: Command) -> CommandOutcome {
+        match command {
+            Command::RegisterNode {
+                node,
+                address,
+                instance_id,
+                resources,
+                port_range,
+                at_ms,
+            } => self.register_node(node, address, instance_id, resources, port_range, at_ms),
+            Command::NodeLost { node, reason, at_ms } => self.node_lost(&node, reason, at_ms),
+            Command::SubmitJob { spec, at_ms } => self.submit_job(spec, at_ms),
+            Command::PlaceJob { job, placement, at_ms } => self.place_job(job, placement, at_ms),
+            Command::ReportRanks {
+                node,
+                instance_id,
+                observations,
+                idle_jobs,
+                at_ms,
+            } => self.report_ranks(&node, &instance_id, observations, idle_jobs, at_ms),
+            Command::CancelJob { job, at_ms } => self.cancel_job(job, at_ms),
+        }
+    }
+
+    fn register_node(
+        &mut self,
+        node: NodeId,
+        address: String,
+        instance_id: String,
+        resources: NodeResources,
+        port_range: (u16, u16),
+        at_ms: u64,
+    ) -> CommandOutcome {
+        if port_range.0 > port_range.1 {
+            return rejected(format!("port range {}-{} is empty", port_range.0, port_range.1));
+        }
+        let previous_instance = self.nodes.get(&node).map(|n| n.instance_id.clone());
+        if let Some(previous) = previous_instance {
+            if previous != instance_id {
+                // A new agent process: the ranks of the old one died with it (they run with a
+                // parent-death signal), so whatever they were doing is lost.
+                self.lose_ranks_on(&node, &format!("the agent on {node} restarted"), at_ms);
+            }
+        }
+        let usage = self.nodes.get(&node).map(|n| n.usage.clone()).unwrap_or_default();
+        let registered_at_ms = self.nodes.get(&node).map_or(at_ms, |n| n.registered_at_ms);
+        self.nodes.insert(
+            node.clone(),
+            Node {
+                id: node,
+                address,
+                instance_id,
+                resources,
+                port_range,
+                status: NodeStatus::Up,
+                status_reason: None,
+                registered_at_ms,
+                usage,
+            },
+        );
+        CommandOutcome::Done
+    }
+
+    fn node_lost(&mut self, node: &NodeId, reason: String, at_ms: u64) -> CommandOutcome {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return rejected(format!("no node named {node}"));
+        };
+        if n.status == NodeStatus::Down {
+            return rejected(format!("node {node} is already down"));
+        }
+        n.status = NodeStatus::Down;
+        n.status_reason = Some(reason.clone());
+        self.lose_ranks_on(node, &format!("node {node} was lost: {reason}"), at_ms);
+        CommandOutcome::Done
+    }
+
+    /// Marks every live rank on `node` lost, fails their jobs, and returns the node's resources.
+    fn lose_ranks_on(&mut self, node: &NodeId, why: &str, at_ms: u64) {
+        let affected: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| {
+                j.allocation
+                    .as_ref()
+                    .is_some_and(|a| a.nodes.iter().any(|na| &na.node == node && !na.released))
+            })
+            .map(|j| j.id)
+            .collect();
+        for job_id in affected {
+            let job = self.jobs.get_mut(&job_id).expect("listed above");
+            let mut lost_any = false;
+            for rank in job.ranks.iter_mut().filter(|r| &r.node == node) {
+                if !rank.phase.is_terminal() {
+                    rank.phase = RankPhase::Lost;
+                    rank.message = Some(why.to_string());
+                    lost_any = true;
+                }
+            }
+            if lost_any && !job.state.is_terminal() {
+                job.state = JobState::Failed;
+                job.reason = Some(why.to_string());
+                job.finished_at_ms = Some(at_ms);
+            }
+            self.release_node_allocation(job_id, node);
+            self.release_finished_allocations(job_id);
+        }
+    }
+
+    fn submit_job(&mut self, spec: JobSpec, at_ms: u64) -> CommandOutcome {
+        if let Err(e) = spec.validate() {
+            return rejected(e.to_string());
+        }
+        self.last_job_id += 1;
+        let id = JobId(self.last_job_id);
+        self.jobs.insert(
+            id,
+            Job {
+                id,
+                spec,
+                state: JobState::Pending,
+                reason: None,
+                submitted_at_ms: at_ms,
+                started_at_ms: None,
+                finished_at_ms: None,
+                attempt: 0,
+                allocation: None,
+                ranks: Vec::new(),
+            },
+        );
+        self.queue.push_back(id);
+        CommandOutcome::JobSubmitted { job: id }
+    }
+
+    fn place_job(&mut self, job_id: JobId, placement: Placement, at_ms: u64) -> CommandOutcome {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return rejected(format!("job {job_id} does not exist"));
+        };
+        if job.state != JobState::Pending {
+            return rejected(format!("job {job_id} is {}, not pending", job.state.as_str()));
+        }
+        let res = &job.spec.resources;
+        if placement.nodes.len() != res.nodes as usize {
+            return rejected(format!(
+                "plan has {} nodes, job {job_id} needs {}",
+                placement.nodes.len(),
+                res.nodes
+            ));
+        }
+        // Re-check the plan against the state it meets: it was computed on an older snapshot.
+        let mut seen = BTreeSet::new();
+        for (i, p) in placement.nodes.iter().enumerate() {
+            if !seen.insert(&p.node) {
+                return rejected(format!("plan uses node {} twice", p.node));
+            }
+            let Some(node) = self.nodes.get(&p.node) else {
+                return rejected(format!("plan uses unknown node {}", p.node));
+            };
+            if node.status != NodeStatus::Up {
+                return rejected(format!("plan uses node {} which is down", p.node));
+            }
+            let cap = node.capacity();
+            if p.gpus.len() != res.gpus_per_node as usize
+                || p.gpus.iter().any(|g| !cap.free_gpus.contains(g))
+                || cap.free_cpus < res.cpus_per_node
+                || cap.free_memory_mib < res.memory_per_node_mib
+            {
+                return rejected(format!("node {} no longer has room for job {job_id}", p.node));
+            }
+            if i == 0 && node.usage.ports.contains(&placement.master_port) {
+                return rejected(format!("port {} on {} is taken", placement.master_port, p.node));
+            }
+            if i == 0
+                && !(node.port_range.0..=node.port_range.1).contains(&placement.master_port)
+            {
+                return rejected(format!(
+                    "port {} is outside the range of {}",
+                    placement.master_port, p.node
+                ));
+            }
+        }
+
+        let procs = res.procs_per_node;
+        let cpus = res.cpus_per_node;
+        let memory_mib = res.memory_per_node_mib;
+        let master_addr = self.nodes[&placement.nodes[0].node].address.clone();
+        let mut nodes = Vec::with_capacity(placement.nodes.len());
+        let mut ranks = Vec::with_capacity((procs as usize) * placement.nodes.len());
+        for (group_rank, p) in placement.nodes.iter().enumerate() {
+            let group_rank = group_rank as u32;
+            let node = self.nodes.get_mut(&p.node).expect("checked above");
+            node.usage.cpus += cpus;
+            node.usage.memory_mib += memory_mib;
+            node.usage.gpus.extend(p.gpus.iter().copied());
+            if group_rank == 0 {
+                node.usage.ports.insert(placement.master_port);
+            }
+            nodes.push(NodeAllocation {
+                node: p.node.clone(),
+                group_rank,
+                gpus: p.gpus.clone(),
+                cpus,
+                memory_mib,
+                released: false,
+            });
+            for local_rank in 0..procs {
+                ranks.push(RankStatus {
+                    rank: group_rank * procs + local_rank,
+                    local_rank,
+                    node: p.node.clone(),
+                    phase: RankPhase::Pending,
+                    exit_code: None,
+                    message: None,
+                    pid: None,
+                });
+            }
+        }
+        let job = self.jobs.get_mut(&job_id).expect("checked above");
+        job.state = JobState::Starting;
+        job.started_at_ms = Some(at_ms);
+        job.allocation = Some(Allocation {
+            master_addr,
+            master_port: placement.master_port,
+            nodes,
+        });
+        job.ranks = ranks;
+        self.queue.retain(|j| *j != job_id);
+        CommandOutcome::Done
+    }
+
+    fn report_ranks(
+        &mut self,
+        node: &NodeId,
+        instance_id: &str,
+        observations: Vec<RankObservation>,
+        idle_jobs: Vec<JobId>,
+        at_ms: u64,
+    ) -> CommandOutcome {
+        match self.nodes.get(node) {
+            None => return rejected(format!("no node named {node}")),
+            Some(n) if n.instance_id != instance_id => {
+                return rejected(format!("report from a previous agent of {node}"))
+            }
+            Some(_) => {}
+        }
+        let mut touched = BTreeSet::new();
+        for obs in observations {
+            let Some(job) = self.jobs.get_mut(&obs.job) else { continue };
+            if job.attempt != obs.attempt {
+                continue;
+            }
+            let Some(rank) = job.ranks.iter_mut().find(|r| r.rank == obs.rank) else { continue };
+            if &rank.node != node || rank.phase.is_terminal() {
+                continue;
+            }
+            rank.phase = obs.phase;
+            rank.exit_code = obs.exit_code;
+            rank.message = obs.message;
+            rank.pid = obs.pid.or(rank.pid);
+            touched.insert(obs.job);
+        }
+        for job_id in &touched {
+            self.update_job_from_ranks(*job_id, at_ms);
+        }
+        for job_id in &idle_jobs {
+            let Some(job) = self.jobs.get_mut(job_id) else { continue };
+            if !job.state.is_terminal() {
+                continue;
+            }
+            for rank in job.ranks.iter_mut().filter(|r| &r.node == node) {
+                if !rank.phase.is_terminal() {
+                    rank.phase = RankPhase::Lost;
+                    rank.message = Some("the job ended before this rank started".to_string());
+                }
+            }
+        }
+        for job_id in touched.into_iter().chain(idle_jobs) {
+            self.release_finished_allocations(job_id);
+        }
+        CommandOutcome::Done
+    }
+
+    /// Derives a running job's state from its ranks: the first failure fails the gang.
+    fn update_job_from_ranks(&mut self, job_id: JobId, at_ms: u64) {
+        let job = self.jobs.get_mut(&job_id).expect("caller checked");
+        if job.state.is_terminal() {
+            return;
+        }
+        let failure = job.ranks.iter().find(|r| match r.phase {
+            RankPhase::FailedToStart | RankPhase::Lost => true,
+            RankPhase::Exited => r.exit_code != Some(0),
+            _ => false,
+        });
+        if let Some(r) = failure {
+            let what = match r.phase {
+                RankPhase::FailedToStart => format!(
+                    "rank {} on {} failed to start: {}",
+                    r.rank,
+                    r.node,
+                    r.message.as_deref().unwrap_or("unknown error")
+                ),
+                RankPhase::Lost => format!(
+                    "rank {} on {} was lost: {}",
+                    r.rank,
+                    r.node,
+                    r.message.as_deref().unwrap_or("unknown")
+                ),
+                _ => describe_exit(r),
+            };
+            job.state = JobState::Failed;
+            job.reason = Some(what);
+            job.finished_at_ms = Some(at_ms);
+        } else if job.ranks.iter().all(|r| r.phase == RankPhase::Exited) {
+            job.state = JobState::Succeeded;
+            job.finished_at_ms = Some(at_ms);
+        } else if job.ranks.iter().all(|r| r.phase != RankPhase::Pending) {
+            job.state = JobState::Running;
+        }
+    }
+
+    fn cancel_job(&mut self, job_id: JobId, at_ms: u64) -> CommandOutcome {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return rejected(format!("job {job_id} does not exist"));
+        };
+        if job.state.is_terminal() {
+            return rejected(format!("job {job_id} already {}", job.state.as_str()));
+        }
+        job.state = JobState::Cancelled;
+        job.reason = Some("cancelled by user".to_string());
+        job.finished_at_ms = Some(at_ms);
+        self.queue.retain(|j| *j != job_id);
+        self.release_finished_allocations(job_id);
+        CommandOutcome::Done
+    }
+
+    /// Returns the resources of every node of an ended job whose ranks have all ended.
+    fn release_finished_allocations(&mut self, job_id: JobId) {
+        let Some(job) = self.jobs.get(&job_id) else { return };
+        if !job.state.is_terminal() {
+            return;
+        }
+        let Some(allocation) = &job.allocation else { return };
+        let done: Vec<NodeId> = allocation
+            .nodes
+            .iter()
+            .filter(|na| !na.released)
+            .filter(|na| {
+                job.ranks
+                    .iter()
+                    .filter(|r| r.node == na.node)
+                    .all(|r| r.phase.is_terminal())
+            })
+            .map(|na| na.node.clone())
+            .collect();
+        for node in done {
+            self.release_node_allocation(job_id, &node);
+        }
+    }
+
+    fn release_node_allocation(&mut self, job_id: JobId, node_id: &NodeId) {
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let Some(allocation) = job.allocation.as_mut() else { return };
+        let master_port = allocation.master_port;
+        let Some(na) = allocation
+            .nodes
+            .iter_mut()
+            .find(|na| &na.node == node_id && !na.released)
+        else {
+            return;
+        };
+        na.released = true;
+        let (cpus, memory_mib, gpus, group_rank) =
+            (na.cpus, na.memory_mib, na.gpus.clone(), na.group_rank);
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            node.usage.cpus = node.usage.cpus.saturating_sub(cpus);
+            node.usage.memory_mib = node.usage.memory_mib.saturating_sub(memory_mib);
+            for g in gpus {
+                node.usage.gpus.remove(&g);
+            }
+            if group_rank == 0 {
+                node.usage.ports.remove(&master_port);
+            }
+        }
+    }
+
+    /// The cluster as the scheduler sees it.
+    pub fn cluster_snapshot(&self) -> ClusterSnapshot {
+        ClusterSnapshot {
+            nodes: self.nodes.values().map(Node::capacity).collect(),
+        }
+    }
+
+    /// Jobs whose ranks should be running on `node`: a node runs exactly these, and stops anything else.
+    pub fn jobs_assigned_to<'a>(&'a self, node: &'a NodeId) -> impl Iterator<Item = &'a Job> + 'a {
+        self.jobs.values().filter(move |j| {
+            matches!(j.state, JobState::Starting | JobState::Running)
+                && j.allocation
+                    .as_ref()
+                    .is_some_and(|a| a.nodes.iter().any(|na| &na.node == node && !na.released))
+        })
+    }
+}
+
+fn describe_exit(r: &RankStatus) -> String {
+    match r.exit_code {
+        Some(code) if code < 0 => {
+            format!("rank {} on {} was killed by signal {}", r.rank, r.node, -code)
+        }
+        Some(code) => format!("rank {} on {} exited with code {code}", r.rank, r.node),
+        None => format!("rank {} on {} exited", r.rank, r.node),
+    }
+}

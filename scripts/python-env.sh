@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Provide a Python virtual environment with torch (CPU-usable) for trainctl's tests and examples.
+#
+# Usage:  PY=$(scripts/python-env.sh)
+#
+# - Creates the venv at ${TRAINCTL_VENV:-<repo>/.venv} with `python3 -m venv` (idempotent).
+# - Installs torch (and numpy) from PyPI unless `<venv>/bin/python -c 'import torch'` already works.
+# - Prints the venv's python path as the last line of stdout; all progress goes to stderr.
+#
+# Environment:
+#   TRAINCTL_VENV   venv directory (default: <repo>/.venv)
+#   PYTHON3         interpreter used to create the venv (default: python3)
+#   TRAINCTL_TORCH_SPEC  pip requirement for torch (default: torch)
+set -euo pipefail
+
+log() { printf 'python-env: %s\n' "$*" >&2; }
+die() { printf 'python-env: error: %s\n' "$*" >&2; exit 1; }
+
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo_root=$(cd "$script_dir/.." && pwd)
+venv=${TRAINCTL_VENV:-$repo_root/.venv}
+case $venv in /*) ;; *) venv=$PWD/$venv ;; esac   # callers get an absolute python path
+python3_bin=${PYTHON3:-python3}
+torch_spec=${TRAINCTL_TORCH_SPEC:-torch}
+py=$venv/bin/python
+
+torch_version=
+has_torch() {  # sets torch_version; one interpreter start, since importing torch takes seconds
+    [ -x "$py" ] && torch_version=$("$py" -c 'import torch; print(torch.__version__)' 2>/dev/null)
+}
+
+if has_torch; then
+    log "torch $torch_version already importable in $venv"
+    printf '%s\n' "$py"
+    exit 0
+fi
+
+# Serialise concurrent callers (e.g. tests started in parallel) so only one creates/installs; the others
+# wait and then take the fast path. The lock lives inside the venv directory (ignored by git with it).
+mkdir -p "$venv"
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$venv/.python-env.lock"
+    if ! flock -n 9; then
+        log "another python-env.sh is preparing $venv; waiting for it"
+        flock 9
+    fi
+    if has_torch; then
+        log "torch $torch_version importable in $venv (prepared by a concurrent caller)"
+        printf '%s\n' "$py"
+        exit 0
+    fi
+fi
+
+command -v "$python3_bin" >/dev/null 2>&1 \
+    || die "'$python3_bin' not found on PATH; install Python 3 (Debian/Ubuntu: apt-get install -y python3 python3-venv)"
+
+make_venv() {
+    # --clear is not used: an existing but broken venv is repaired in place by venv itself.
+    "$python3_bin" -m venv "$venv" >&2
+}
+
+if [ ! -x "$py" ] || ! "$py" -m pip --version >/dev/null 2>&1; then
+    log "creating virtual environment at $venv"
+    if ! make_venv; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            log "'$python3_bin -m venv' failed; trying apt-get install -y python3-venv (running as root)"
+            pyver=$("$python3_bin" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
+            apt-get update >&2 || true
+            # Debian splits ensurepip into python3-venv and, on newer releases, python3.X-venv.
+            DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv >&2 \
+                || die "apt-get install -y python3-venv failed"
+            if [ -n "$pyver" ]; then
+                DEBIAN_FRONTEND=noninteractive apt-get install -y "python$pyver-venv" >&2 || true
+            fi
+            # Re-running venv over the half-made one (no pip) completes it in place.
+            make_venv || die "'$python3_bin -m venv $venv' still fails after installing python3-venv"
+        else
+            die "'$python3_bin -m venv $venv' failed; the venv/ensurepip module is missing.
+  On Debian/Ubuntu run (as root): apt-get install -y python3-venv"
+        fi
+    fi
+fi
+
+[ -x "$py" ] || die "venv at $venv has no bin/python after creation"
+"$py" -m pip --version >/dev/null 2>&1 || die "venv at $venv has no working pip (try: rm -rf $venv and re-run)"
+
+log "installing $torch_spec and numpy from PyPI into $venv (large download, cached by pip)"
+"$py" -m pip install --disable-pip-version-check "$torch_spec" numpy >&2 \
+    || die "pip install $torch_spec numpy failed (is PyPI reachable?)"
+
+has_torch || die "torch installed but 'import torch' still fails in $venv"
+log "torch $torch_version ready in $venv"
+printf '%s\n' "$py"
