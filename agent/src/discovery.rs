@@ -250,8 +250,22 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
         fake_port(r, "mlx5_1", 1, "1: DOWN", "Ethernet", "100 Gb/sec (4X EDR)");
-        fake_port(r, "mlx5_0", 2, "4: ACTIVE", "InfiniBand", "200 Gb/sec (4X HDR)");
-        fake_port(r, "mlx5_0", 1, "4: ACTIVE", "InfiniBand", "400 Gb/sec (4X NDR)");
+        fake_port(
+            r,
+            "mlx5_0",
+            2,
+            "4: ACTIVE",
+            "InfiniBand",
+            "200 Gb/sec (4X HDR)",
+        );
+        fake_port(
+            r,
+            "mlx5_0",
+            1,
+            "4: ACTIVE",
+            "InfiniBand",
+            "400 Gb/sec (4X NDR)",
+        );
         let gids = r.join("class/infiniband/mlx5_0/ports/1/gids");
         write(gids.join("0"), "fe80:0000:0000:0000:0ac4:7aff:feb3:1234\n");
         write(gids.join("1"), "0000:0000:0000:0000:0000:ffff:0a00:0001\n");
@@ -346,7 +360,11 @@ mod tests {
         assert_eq!(facts.gpus.len(), 3);
         let expected_cpus = std::thread::available_parallelism().unwrap().get() as u32;
         // sysinfo counts online CPUs; available_parallelism may be limited by affinity/cgroups.
-        assert!(facts.cpus >= expected_cpus, "{} < {expected_cpus}", facts.cpus);
+        assert!(
+            facts.cpus >= expected_cpus,
+            "{} < {expected_cpus}",
+            facts.cpus
+        );
     }
 
     #[test]
@@ -358,7 +376,10 @@ mod tests {
             Err(_) => assert!(facts.gpus.is_empty()),
         }
         for gpu in &facts.gpus {
-            assert!(gpu.memory_mib > 0 && gpu.uuid.starts_with("GPU-"), "{gpu:?}");
+            assert!(
+                gpu.memory_mib > 0 && gpu.uuid.starts_with("GPU-"),
+                "{gpu:?}"
+            );
         }
     }
 }

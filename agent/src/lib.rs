@@ -1,3 +1,568 @@
-//! placeholder
+//! The agent: one per host. It tells the coordinator what the host has, runs the ranks the
+//! coordinator assigns to it, ships their output, and leaves no process behind.
+//!
+//! It owns host discovery ([`discovery`]), process launching and cleanup ([`process`]), and the decision
+//! of what to start and stop ([`reconcile`], pure). This file is the thin async shell around them: it
+//! registers, heartbeats, performs the reconciler's actions and reports what happened. It does not
+//! decide placement or job state: the coordinator does.
+//!
+//! # Layout
+//! - [`discovery`]: CPUs, memory, GPUs (CUDA driver, loaded at run time), RDMA devices (sysfs).
+//! - [`process`]: a rank in its own process group with a parent-death signal; logs; group kill; the
+//!   journal that lets a restarted agent kill what a crashed one left.
+//! - [`reconcile`]: desired ranks + tracked ranks -> actions.
+
 pub mod discovery;
 pub mod process;
+pub mod reconcile;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{IpAddr, ToSocketAddrs, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+use trainctl_proto::agent::agent_service_client::AgentServiceClient;
+use trainctl_proto::agent::{
+    Assignment, Gpu, HeartbeatRequest, HostResources, LogChunk, RankPhase, RankReport, RdmaDevice,
+    RdmaPort, RegisterRequest,
+};
+
+use crate::process::{PgidJournal, RankSpec};
+use crate::reconcile::{reconcile, Action, RankCondition, RankKey, TrackedRank};
+
+/// Most bytes of one rank's log sent in one heartbeat.
+pub const LOG_CHUNK_BYTES: u64 = 512 << 10;
+/// Most log bytes sent in one heartbeat, all ranks together.
+pub const LOG_BYTES_PER_HEARTBEAT: u64 = 2 << 20;
+/// Grace given to ranks when the agent itself shuts down.
+pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+/// Longest wait between attempts to reach the coordinator.
+pub const MAX_RETRY_BACKOFF_MS: u64 = 2_000;
+/// Grace for the rest of a rank's process group once its main process has exited.
+pub const LEFTOVER_GRACE_MS: u64 = 1_000;
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The coordinator's URL, e.g. `http://10.0.0.1:7470`.
+    pub coordinator_url: String,
+    /// This node's name in the cluster; the hostname when absent.
+    pub node_name: Option<String>,
+    /// The IP other hosts reach this one at; found from the route to the coordinator when absent.
+    pub advertise_addr: Option<IpAddr>,
+    /// Where rank logs and the process journal live.
+    pub data_dir: PathBuf,
+    /// Declare this many GPUs instead of discovering them (development on a laptop).
+    pub declared_gpus: Option<u32>,
+    /// Ports the coordinator may lease to jobs' rendezvous on this host, inclusive.
+    pub port_range: (u16, u16),
+    /// The program run when a job's argv[0] is `trainctl` (this binary), for built-in workloads.
+    pub self_exe: PathBuf,
+}
+
+/// What the agent knows of one rank it started.
+#[derive(Debug)]
+struct RankEntry {
+    local_rank: u32,
+    pid: u32,
+    pgid: Option<i32>,
+    exit_code: Option<i32>,
+    failed_to_start: Option<String>,
+    log_path: PathBuf,
+    shipped: u64,
+    stopping: bool,
+    /// The coordinator has received this rank's final state.
+    acknowledged: bool,
+    stop_grace: Duration,
+}
+
+impl RankEntry {
+    fn ended(&self) -> bool {
+        self.exit_code.is_some() || self.failed_to_start.is_some()
+    }
+}
+
+type Ranks = Arc<Mutex<BTreeMap<RankKey, RankEntry>>>;
+
+struct Agent {
+    config: AgentConfig,
+    node_name: String,
+    address: IpAddr,
+    instance_id: String,
+    facts: discovery::HostFacts,
+    client: AgentServiceClient<Channel>,
+    ranks: Ranks,
+    journal: Arc<PgidJournal>,
+    heartbeat_interval: Duration,
+}
+
+fn lock(ranks: &Ranks) -> std::sync::MutexGuard<'_, BTreeMap<RankKey, RankEntry>> {
+    ranks.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Finds the local IP address used to reach `url`'s host: what this host advertises by default.
+pub fn route_address_to(url: &str) -> anyhow::Result<IpAddr> {
+    let authority = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let target = authority
+        .to_socket_addrs()
+        .with_context(|| format!("resolve coordinator address `{authority}`"))?
+        .next()
+        .ok_or_else(|| anyhow!("coordinator address `{authority}` resolves to nothing"))?;
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = UdpSocket::bind(bind).context("open a socket to find the local address")?;
+    socket
+        .connect(target)
+        .context("find a route to the coordinator")?;
+    Ok(socket.local_addr()?.ip())
+}
+
+/// Runs the agent until `shutdown` turns true, then stops every rank it runs and reports their end.
+pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    let journal =
+        Arc::new(PgidJournal::open(&config.data_dir).context("open the process journal")?);
+    for reaped in journal.reap_leftovers() {
+        warn!(?reaped, "killed a process group left by a previous agent");
+    }
+    let declared = config.declared_gpus;
+    let facts = tokio::task::spawn_blocking(move || discovery::discover(declared)).await?;
+    let node_name = config
+        .node_name
+        .clone()
+        .unwrap_or_else(|| facts.hostname.clone());
+    let address = match config.advertise_addr {
+        Some(a) => a,
+        None => route_address_to(&config.coordinator_url)?,
+    };
+    let channel = Channel::from_shared(config.coordinator_url.clone())
+        .with_context(|| format!("coordinator URL `{}`", config.coordinator_url))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
+    let instance_id = format!("{:016x}", rand::random::<u64>());
+    info!(%node_name, %address, gpus = facts.gpus.len(), cpus = facts.cpus, rdma = facts.rdma_devices.len(), "agent starting");
+    let mut agent = Agent {
+        config,
+        node_name,
+        address,
+        instance_id,
+        facts,
+        client: AgentServiceClient::new(channel),
+        ranks: Arc::new(Mutex::new(BTreeMap::new())),
+        journal,
+        heartbeat_interval: Duration::from_millis(500),
+    };
+
+    let mut registered = false;
+    let mut backoff = Duration::from_millis(100);
+    while !*shutdown.borrow() {
+        if !registered {
+            match agent.register().await {
+                Ok(()) => {
+                    registered = true;
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not register with the coordinator; retrying");
+                    sleep_or_shutdown(backoff, &mut shutdown).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(MAX_RETRY_BACKOFF_MS));
+                    continue;
+                }
+            }
+        }
+        match agent.heartbeat().await {
+            Ok(true) => {}
+            Ok(false) => registered = false,
+            Err(e) => warn!(error = %e, "heartbeat failed; ranks keep running, retrying"),
+        }
+        sleep_or_shutdown(agent.heartbeat_interval, &mut shutdown).await;
+    }
+
+    info!("agent stopping: stopping every rank it runs");
+    agent.stop_all().await;
+    if registered {
+        // Best effort: let the coordinator know how the ranks ended.
+        for _ in 0..3 {
+            if agent.heartbeat().await.is_ok() && agent.all_logs_shipped() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn sleep_or_shutdown(period: Duration, shutdown: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(period) => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+impl Agent {
+    async fn register(&mut self) -> anyhow::Result<()> {
+        let f = &self.facts;
+        let request = RegisterRequest {
+            node_name: self.node_name.clone(),
+            address: self.address.to_string(),
+            instance_id: self.instance_id.clone(),
+            resources: Some(HostResources {
+                cpus: f.cpus,
+                memory_mib: f.memory_mib,
+                hostname: f.hostname.clone(),
+                gpus: f
+                    .gpus
+                    .iter()
+                    .map(|g| Gpu {
+                        index: g.index,
+                        name: g.name.clone(),
+                        memory_mib: g.memory_mib,
+                        uuid: g.uuid.clone(),
+                    })
+                    .collect(),
+                rdma_devices: f
+                    .rdma_devices
+                    .iter()
+                    .map(|d| RdmaDevice {
+                        name: d.name.clone(),
+                        ports: d
+                            .ports
+                            .iter()
+                            .map(|p| RdmaPort {
+                                port: p.port,
+                                state: p.state.clone(),
+                                link_layer: p.link_layer.clone(),
+                                rate: p.rate.clone(),
+                                gid_count: p.gid_count,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            }),
+            port_range_start: u32::from(self.config.port_range.0),
+            port_range_end: u32::from(self.config.port_range.1),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let response = self
+            .client
+            .register(request)
+            .await
+            .map_err(|s| anyhow!("{}", s.message()))?;
+        self.heartbeat_interval = Duration::from_millis(u64::from(
+            response.into_inner().heartbeat_interval_ms.max(50),
+        ));
+        info!(node = %self.node_name, "registered with the coordinator");
+        Ok(())
+    }
+
+    /// Reports, ships logs, and reconciles. Ok(false) means the coordinator asks for a new registration.
+    async fn heartbeat(&mut self) -> anyhow::Result<bool> {
+        let ranks = self.ranks.clone();
+        let (reports, logs, finals) = tokio::task::spawn_blocking(move || observe(&ranks)).await?;
+        let request = HeartbeatRequest {
+            node_name: self.node_name.clone(),
+            instance_id: self.instance_id.clone(),
+            ranks: reports,
+            logs,
+        };
+        let response = self
+            .client
+            .heartbeat(request)
+            .await
+            .map_err(|s| anyhow!("{}", s.message()))?
+            .into_inner();
+        if response.register_again {
+            return Ok(false);
+        }
+        {
+            let mut ranks = lock(&self.ranks);
+            for ack in &response.log_acks {
+                let key = RankKey {
+                    job_id: ack.job_id.clone(),
+                    attempt: ack.attempt,
+                    rank: ack.rank,
+                };
+                if let Some(entry) = ranks.get_mut(&key) {
+                    entry.shipped = entry.shipped.max(ack.stored_until);
+                }
+            }
+            for key in finals {
+                if let Some(entry) = ranks.get_mut(&key) {
+                    entry.acknowledged = true;
+                }
+            }
+        }
+        self.apply_assignments(&response.assignments).await;
+        Ok(true)
+    }
+
+    async fn apply_assignments(&mut self, assignments: &[Assignment]) {
+        let desired: BTreeSet<RankKey> = assignments
+            .iter()
+            .flat_map(|a| {
+                a.ranks.iter().map(|r| RankKey {
+                    job_id: a.job_id.clone(),
+                    attempt: a.attempt,
+                    rank: r.rank,
+                })
+            })
+            .collect();
+        let tracked: BTreeMap<RankKey, TrackedRank> = lock(&self.ranks)
+            .iter()
+            .map(|(k, e)| {
+                let condition = if e.ended() {
+                    RankCondition::Ended {
+                        acknowledged: e.acknowledged,
+                    }
+                } else {
+                    RankCondition::Running
+                };
+                (
+                    k.clone(),
+                    TrackedRank {
+                        condition,
+                        stopping: e.stopping,
+                    },
+                )
+            })
+            .collect();
+        for action in reconcile(&desired, &tracked) {
+            match action {
+                Action::Launch(key) => {
+                    let Some(assignment) = assignments
+                        .iter()
+                        .find(|a| a.job_id == key.job_id && a.attempt == key.attempt)
+                    else {
+                        continue;
+                    };
+                    self.launch(assignment, key).await;
+                }
+                Action::Stop(key) => self.stop(&key),
+                Action::Forget(key) => {
+                    lock(&self.ranks).remove(&key);
+                }
+            }
+        }
+    }
+
+    fn run_dir(&self, job_id: &str, attempt: u32) -> PathBuf {
+        self.config
+            .data_dir
+            .join("runs")
+            .join(format!("job-{job_id}"))
+            .join(format!("attempt-{attempt}"))
+    }
+
+    async fn launch(&mut self, assignment: &Assignment, key: RankKey) {
+        let Some(rank) = assignment.ranks.iter().find(|r| r.rank == key.rank) else {
+            return;
+        };
+        let run_dir = self.run_dir(&assignment.job_id, assignment.attempt);
+        let log_path = run_dir.join(format!("rank-{}.log", rank.rank));
+        let mut argv = assignment.argv.clone();
+        if argv.first().map(String::as_str) == Some("trainctl") {
+            argv[0] = self.config.self_exe.to_string_lossy().into_owned();
+        }
+        let workdir = if assignment.workdir.is_empty() {
+            std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"))
+        } else {
+            PathBuf::from(&assignment.workdir)
+        };
+        let mut env: Vec<(String, String)> = rank
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let error_file = run_dir.join(rank.local_rank.to_string()).join("error.json");
+        env.push((
+            "TORCHELASTIC_ERROR_FILE".to_string(),
+            error_file.to_string_lossy().into_owned(),
+        ));
+        let spec = RankSpec {
+            argv,
+            workdir,
+            env,
+            env_defaults: rank
+                .env_defaults
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            log_path: log_path.clone(),
+            line_prefix: format!("[{} rank {}] ", self.node_name, rank.rank),
+        };
+        let stop_grace = Duration::from_millis(u64::from(assignment.stop_grace_ms));
+        let mut entry = RankEntry {
+            local_rank: rank.local_rank,
+            pid: 0,
+            pgid: None,
+            exit_code: None,
+            failed_to_start: None,
+            log_path,
+            shipped: 0,
+            stopping: false,
+            acknowledged: false,
+            stop_grace,
+        };
+        match process::spawn_rank(spec).await {
+            Err(e) => {
+                warn!(job = %key.job_id, rank = key.rank, error = %e, "rank failed to start");
+                entry.failed_to_start = Some(e.to_string());
+                lock(&self.ranks).insert(key, entry);
+            }
+            Ok(mut child) => {
+                let pgid = child.pgid();
+                entry.pid = child.pid() as u32;
+                entry.pgid = Some(pgid);
+                if let Err(e) = self.journal.record(pgid, child.start_time(), &key.job_id) {
+                    warn!(error = %e, "could not record a rank's process group in the journal");
+                }
+                info!(job = %key.job_id, rank = key.rank, pid = pgid, "rank started");
+                lock(&self.ranks).insert(key.clone(), entry);
+                let ranks = self.ranks.clone();
+                let journal = self.journal.clone();
+                tokio::spawn(async move {
+                    let exit = child.wait().await;
+                    // The main process is gone; whatever it left in its group goes too.
+                    process::terminate_group(pgid, Duration::from_millis(LEFTOVER_GRACE_MS)).await;
+                    if let Err(e) = journal.remove(pgid) {
+                        warn!(error = %e, "could not update the process journal");
+                    }
+                    info!(job = %key.job_id, rank = key.rank, code = exit.code, "rank exited");
+                    if let Some(entry) = lock(&ranks).get_mut(&key) {
+                        entry.exit_code = Some(exit.code);
+                    }
+                });
+            }
+        }
+    }
+
+    fn stop(&self, key: &RankKey) {
+        let mut ranks = lock(&self.ranks);
+        let Some(entry) = ranks.get_mut(key) else {
+            return;
+        };
+        entry.stopping = true;
+        let Some(pgid) = entry.pgid else { return };
+        let grace = entry.stop_grace;
+        info!(job = %key.job_id, rank = key.rank, "stopping rank");
+        tokio::spawn(async move {
+            process::terminate_group(pgid, grace).await;
+        });
+    }
+
+    async fn stop_all(&mut self) {
+        let groups: Vec<i32> = lock(&self.ranks)
+            .values_mut()
+            .filter(|e| !e.ended())
+            .filter_map(|e| {
+                e.stopping = true;
+                e.pgid
+            })
+            .collect();
+        let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
+        let stops: Vec<_> = groups
+            .into_iter()
+            .map(|pgid| tokio::spawn(process::terminate_group(pgid, grace)))
+            .collect();
+        for stop in stops {
+            stop.await.ok();
+        }
+        // Let the watchers record the exits.
+        for _ in 0..50 {
+            if lock(&self.ranks).values().all(RankEntry::ended) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn all_logs_shipped(&self) -> bool {
+        lock(&self.ranks)
+            .values()
+            .all(|e| std::fs::metadata(&e.log_path).map_or(true, |m| m.len() <= e.shipped))
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+fn read_chunk(path: &Path, offset: u64, max: u64) -> std::io::Result<Vec<u8>> {
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::new();
+    file.take(max).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Builds a heartbeat's reports and log chunks. A rank's end is reported only once all its output has
+/// been shipped, so a job that has ended has all its lines stored. Returns the ranks whose final state
+/// this heartbeat carries.
+fn observe(ranks: &Ranks) -> (Vec<RankReport>, Vec<LogChunk>, Vec<RankKey>) {
+    let ranks = lock(ranks);
+    let mut reports = Vec::new();
+    let mut chunks = Vec::new();
+    let mut finals = Vec::new();
+    let mut budget = LOG_BYTES_PER_HEARTBEAT;
+    for (key, e) in ranks.iter() {
+        let len = file_len(&e.log_path);
+        if len > e.shipped && budget > 0 {
+            let max = LOG_CHUNK_BYTES.min(budget);
+            match read_chunk(&e.log_path, e.shipped, max) {
+                Ok(data) if !data.is_empty() => {
+                    budget -= data.len() as u64;
+                    chunks.push(LogChunk {
+                        job_id: key.job_id.clone(),
+                        attempt: key.attempt,
+                        rank: key.rank,
+                        offset: e.shipped,
+                        data,
+                    });
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    warn!(path = %e.log_path.display(), error = %err, "could not read a rank's log")
+                }
+            }
+        }
+        let all_shipped = len <= e.shipped;
+        let (phase, exit_code, message) = if let Some(msg) = &e.failed_to_start {
+            (RankPhase::FailedToStart, 0, msg.clone())
+        } else if let (Some(code), true) = (e.exit_code, all_shipped) {
+            (RankPhase::Exited, code, String::new())
+        } else {
+            (RankPhase::Running, 0, String::new())
+        };
+        if phase != RankPhase::Running {
+            finals.push(key.clone());
+        }
+        reports.push(RankReport {
+            job_id: key.job_id.clone(),
+            attempt: key.attempt,
+            rank: key.rank,
+            phase: phase as i32,
+            exit_code,
+            message,
+            pid: e.pid,
+        });
+        let _ = e.local_rank;
+    }
+    (reports, chunks, finals)
+}

@@ -46,7 +46,7 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// rank, once its pipe fills, blocks on write).
 pub const LOG_QUEUE_LINES: usize = 1024;
 /// Lines a slow [`RankProcess::subscribe_lines`] receiver may fall behind before it loses some.
-pub const LINE_BROADCAST_LINES: usize = 1024;
+pub const LINE_BROADCAST_LINES: usize = 256;
 /// How long [`RankProcess::wait`] keeps waiting for the pipes to close after the rank's main
 /// process exited. A background process that inherited the pipes can hold them open for ever;
 /// its output is still captured after `wait` returns.
@@ -187,6 +187,7 @@ pub struct RankProcess {
     log_path: PathBuf,
     exit: watch::Receiver<Option<RankExit>>,
     lines: broadcast::Sender<RankLine>,
+    first_lines: Option<broadcast::Receiver<RankLine>>,
 }
 
 impl RankProcess {
@@ -216,8 +217,15 @@ impl RankProcess {
         &self.log_path
     }
 
-    /// Receives the rank's lines from now on, in file order. A receiver that falls more than
-    /// [`LINE_BROADCAST_LINES`] behind loses lines (the file keeps them all).
+    /// The receiver of the rank's lines from its very first line, in file order (`None` after
+    /// the first call). This is the one to ship logs from; [`subscribe_lines`](Self::subscribe_lines)
+    /// only sees lines from the moment it is called. A receiver that falls more than
+    /// [`LINE_BROADCAST_LINES`] behind loses lines (and learns how many); the file keeps them all.
+    pub fn take_lines(&mut self) -> Option<broadcast::Receiver<RankLine>> {
+        self.first_lines.take()
+    }
+
+    /// Receives the rank's lines from now on, in file order (see [`take_lines`](Self::take_lines)).
     pub fn subscribe_lines(&self) -> broadcast::Receiver<RankLine> {
         self.lines.subscribe()
     }
@@ -302,7 +310,14 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
     // `io::Error` from errno without allocating (`from_raw_os_error`/`last_os_error` store an int).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             // If the agent died between fork and prctl, no death signal will ever come: the
@@ -340,7 +355,7 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
     let start_time = read_proc_stat(pid).map(|s| s.start_time).unwrap_or(0);
 
     let (line_tx, line_rx) = mpsc::channel(LOG_QUEUE_LINES);
-    let (broadcast_tx, _) = broadcast::channel(LINE_BROADCAST_LINES);
+    let (broadcast_tx, first_lines) = broadcast::channel(LINE_BROADCAST_LINES);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     if let Some(out) = stdout {
@@ -367,6 +382,7 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
         log_path,
         exit: exit_rx,
         lines: broadcast_tx,
+        first_lines: Some(first_lines),
     })
 }
 
@@ -495,7 +511,9 @@ fn resolve_program(
     let mut not_executable = None;
     for dir in path_var.split(':') {
         // An empty PATH entry means the current directory, which for the rank is its workdir.
-        let candidate = workdir.join(if dir.is_empty() { "." } else { dir }).join(program);
+        let candidate = workdir
+            .join(if dir.is_empty() { "." } else { dir })
+            .join(program);
         match fs::metadata(&candidate) {
             Ok(meta) if is_executable_file(&meta) => return Ok(candidate),
             Ok(meta) if meta.is_file() => {
@@ -592,6 +610,7 @@ fn utf8_cut(buf: &[u8]) -> usize {
             continue; // a continuation byte: look further back for the lead byte
         }
         let needed = match b {
+            0xF8.. => 1, // never valid in UTF-8: nothing to keep whole
             0xF0.. => 4,
             0xE0.. => 3,
             0xC0.. => 2,

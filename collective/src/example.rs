@@ -55,8 +55,8 @@ impl Default for TrainConfig {
         TrainConfig {
             steps: 30,
             seed: 42,
-            global_batch: 64,
-            lr: 0.05,
+            global_batch: 128,
+            lr: 0.2,
         }
     }
 }
@@ -138,8 +138,8 @@ TRAINCTL_NODE_ADDR and TRAINCTL_RENDEZVOUS_TIMEOUT_SECS from the environment.
 
   --steps N   SGD steps (default 30)
   --seed S    seed of data, teacher and initial parameters (default 42)
-  --batch B   global batch size, split across ranks (default 64)
-  --lr X      learning rate (default 0.05)";
+  --batch B   global batch size, split across ranks (default 128)
+  --lr X      learning rate (default 0.2)";
 
 const ACCEPTED_FLAGS: &str = "--steps N, --seed S, --batch B, --lr X";
 
@@ -237,14 +237,21 @@ pub fn rendezvous_config_from_env(
         })
     };
 
-    let world_size = number("WORLD_SIZE", required("WORLD_SIZE")?, "a whole number of ranks")?;
+    let world_size = number(
+        "WORLD_SIZE",
+        required("WORLD_SIZE")?,
+        "a whole number of ranks",
+    )?;
     let world_size = u32::try_from(world_size)
         .ok()
         .filter(|w| (1..=crate::MAX_WORLD_SIZE).contains(w))
         .ok_or_else(|| {
             env_err(
                 "WORLD_SIZE",
-                format!("{world_size} is out of range: expected 1 to {}", crate::MAX_WORLD_SIZE),
+                format!(
+                    "{world_size} is out of range: expected 1 to {}",
+                    crate::MAX_WORLD_SIZE
+                ),
             )
         })?;
     let rank = number("RANK", required("RANK")?, "a whole number")?;
@@ -254,7 +261,10 @@ pub fn rendezvous_config_from_env(
         .ok_or_else(|| {
             env_err(
                 "RANK",
-                format!("{rank} is out of range for WORLD_SIZE={world_size}: expected 0 to {}", world_size - 1),
+                format!(
+                    "{rank} is out of range for WORLD_SIZE={world_size}: expected 0 to {}",
+                    world_size - 1
+                ),
             )
         })?;
     let master_addr = ip("MASTER_ADDR", required("MASTER_ADDR")?)?;
@@ -263,7 +273,12 @@ pub fn rendezvous_config_from_env(
     let master_port = u16::try_from(master_port)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| env_err("MASTER_PORT", format!("{master_port} is out of range: expected {port_expects}")))?;
+        .ok_or_else(|| {
+            env_err(
+                "MASTER_PORT",
+                format!("{master_port} is out of range: expected {port_expects}"),
+            )
+        })?;
     let bind_addr = match get("TRAINCTL_NODE_ADDR") {
         Some(v) if !v.trim().is_empty() => ip("TRAINCTL_NODE_ADDR", v)?,
         _ => match master_addr {
@@ -272,7 +287,11 @@ pub fn rendezvous_config_from_env(
         },
     };
     let timeout_secs = match get("TRAINCTL_RENDEZVOUS_TIMEOUT_SECS") {
-        Some(v) => number("TRAINCTL_RENDEZVOUS_TIMEOUT_SECS", v, "a whole number of seconds")?,
+        Some(v) => number(
+            "TRAINCTL_RENDEZVOUS_TIMEOUT_SECS",
+            v,
+            "a whole number of seconds",
+        )?,
         None => DEFAULT_RENDEZVOUS_TIMEOUT_SECS,
     };
     Ok(RendezvousConfig {
@@ -430,7 +449,7 @@ impl Mlp {
         for (i, p) in params.iter_mut().enumerate() {
             let scale = match i {
                 _ if i < B1 => w1_scale,
-                _ if i >= W2 && i < B2 => w2_scale,
+                _ if (W2..B2).contains(&i) => w2_scale,
                 _ => gain / 4.0,
             };
             *p = rng.next_signed_unit() * scale;
@@ -461,7 +480,10 @@ impl Mlp {
             grad[W2 + k] += dy * h[k];
             let dz = dy * p[W2 + k] * (1.0 - h[k] * h[k]);
             grad[B1 + k] += dz;
-            for (g, xi) in grad[k * INPUT_COUNT..(k + 1) * INPUT_COUNT].iter_mut().zip(x) {
+            for (g, xi) in grad[k * INPUT_COUNT..(k + 1) * INPUT_COUNT]
+                .iter_mut()
+                .zip(x)
+            {
                 *g += dz * xi;
             }
         }
@@ -505,15 +527,24 @@ mod tests {
             assert_eq!(parse_args(&args(line)).as_ref(), Ok(want), "{line:?}");
         }
         let bad: &[(&str, &str)] = &[
-            ("--epochs 3", "unknown flag `--epochs`; accepted flags: --steps N"),
+            (
+                "--epochs 3",
+                "unknown flag `--epochs`; accepted flags: --steps N",
+            ),
             ("-v", "unknown flag `-v`"),
             ("train", "unexpected argument `train`"),
             ("--steps", "--steps needs a value: a whole number from 1 to"),
-            ("--steps 0", "--steps `0` is not valid: expected a whole number from 1"),
+            (
+                "--steps 0",
+                "--steps `0` is not valid: expected a whole number from 1",
+            ),
             ("--steps ten", "--steps `ten` is not valid"),
             ("--seed -1", "--seed `-1` is not valid"),
             ("--batch 0", "--batch `0` is not valid"),
-            ("--lr -0.1", "--lr `-0.1` is not valid: expected a positive number"),
+            (
+                "--lr -0.1",
+                "--lr `-0.1` is not valid: expected a positive number",
+            ),
             ("--lr NaN", "--lr `NaN` is not valid"),
             ("--lr inf", "--lr `inf` is not valid"),
         ];
@@ -578,15 +609,27 @@ mod tests {
         // An empty value in an override removes the variable.
         let cases: &[(&[(&'static str, &'static str)], &str)] = &[
             (&[("RANK", "")], "environment variable RANK: is not set"),
-            (&[("RANK", "x")], "RANK: `x` is not valid: expected a whole number"),
-            (&[("RANK", "4")], "RANK: 4 is out of range for WORLD_SIZE=4: expected 0 to 3"),
+            (
+                &[("RANK", "x")],
+                "RANK: `x` is not valid: expected a whole number",
+            ),
+            (
+                &[("RANK", "4")],
+                "RANK: 4 is out of range for WORLD_SIZE=4: expected 0 to 3",
+            ),
             (&[("WORLD_SIZE", "0")], "WORLD_SIZE: 0 is out of range"),
             (
                 &[("MASTER_ADDR", "node-1")],
                 "MASTER_ADDR: `node-1` is not an IP address",
             ),
-            (&[("MASTER_PORT", "0")], "MASTER_PORT: 0 is out of range: expected a port number"),
-            (&[("MASTER_PORT", "70000")], "MASTER_PORT: 70000 is out of range"),
+            (
+                &[("MASTER_PORT", "0")],
+                "MASTER_PORT: 0 is out of range: expected a port number",
+            ),
+            (
+                &[("MASTER_PORT", "70000")],
+                "MASTER_PORT: 70000 is out of range",
+            ),
             (
                 &[("TRAINCTL_NODE_ADDR", "eth0")],
                 "TRAINCTL_NODE_ADDR: `eth0` is not an IP address",
@@ -597,7 +640,9 @@ mod tests {
             ),
         ];
         for (overrides, want) in cases {
-            let err = rendezvous_config_from_env(env(&with(overrides))).unwrap_err().to_string();
+            let err = rendezvous_config_from_env(env(&with(overrides)))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{overrides:?}: {err}");
         }
     }

@@ -36,7 +36,6 @@ pub use example::{
     example_train, example_train_from_env, example_train_main, params_checksum, parse_args,
     rendezvous_config_from_env, ExampleError, TrainConfig, TrainSummary,
 };
-pub use schedule::chunk_range;
 pub use tcp::{MasterListener, RendezvousConfig, TcpRing};
 
 /// Largest world size a rendezvous accepts.

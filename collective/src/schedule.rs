@@ -7,7 +7,7 @@ use std::ops::Range;
 /// differ by at most one (the first `len % parts` chunks get the extra element).
 ///
 /// `parts` must be at least 1 and `index` below `parts`.
-pub fn chunk_range(len: usize, parts: usize, index: usize) -> Range<usize> {
+pub(crate) fn chunk_range(len: usize, parts: usize, index: usize) -> Range<usize> {
     let base = len / parts;
     let extra = len % parts;
     let start = index * base + index.min(extra);
@@ -83,20 +83,24 @@ mod tests {
                         (send, chunks[r][send].clone())
                     })
                     .collect();
-                for r in 0..world {
+                for (r, rank_chunks) in chunks.iter_mut().enumerate() {
                     let prev = (r + world - 1) % world;
                     let (_, recv) = reduce_scatter_step(r, world, step);
                     let (chunk, ref incoming) = sent[prev];
                     assert_eq!(chunk, recv, "world {world} step {step} rank {r}");
                     let mut sum = incoming.clone();
-                    sum.extend_from_slice(&chunks[r][recv]);
-                    chunks[r][recv] = sum;
+                    sum.extend_from_slice(&rank_chunks[recv]);
+                    rank_chunks[recv] = sum;
                 }
             }
             for (r, rank_chunks) in chunks.iter().enumerate() {
                 let mut owned = rank_chunks[owned_chunk(r, world)].clone();
                 owned.sort_unstable();
-                assert_eq!(owned, (0..world).collect::<Vec<_>>(), "world {world} rank {r}");
+                assert_eq!(
+                    owned,
+                    (0..world).collect::<Vec<_>>(),
+                    "world {world} rank {r}"
+                );
             }
             for step in 0..world - 1 {
                 let sent: Vec<(usize, Vec<usize>)> = (0..world)
@@ -105,15 +109,18 @@ mod tests {
                         (send, chunks[r][send].clone())
                     })
                     .collect();
-                for r in 0..world {
+                for (r, rank_chunks) in chunks.iter_mut().enumerate() {
                     let prev = (r + world - 1) % world;
                     let (_, recv) = all_gather_step(r, world, step);
                     assert_eq!(sent[prev].0, recv, "world {world} step {step} rank {r}");
-                    chunks[r][recv] = sent[prev].1.clone();
+                    rank_chunks[recv] = sent[prev].1.clone();
                 }
             }
             for r in 1..world {
-                assert_eq!(chunks[r], chunks[0], "world {world}: rank {r} differs from rank 0");
+                assert_eq!(
+                    chunks[r], chunks[0],
+                    "world {world}: rank {r} differs from rank 0"
+                );
             }
         }
     }

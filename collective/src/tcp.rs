@@ -132,12 +132,10 @@ impl MasterListener {
 
     /// The address actually listened on (with the system's port if `master_port` was 0).
     pub fn local_addr(&self) -> Result<SocketAddr, CollectiveError> {
-        self.listener
-            .local_addr()
-            .map_err(|e| CollectiveError::Io {
-                context: "read the rendezvous listener's address",
-                source: e,
-            })
+        self.listener.local_addr().map_err(|e| CollectiveError::Io {
+            context: "read the rendezvous listener's address",
+            source: e,
+        })
     }
 
     /// Waits for every other rank to join, sends them the address table and builds the ring.
@@ -167,9 +165,8 @@ impl MasterListener {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let now = Instant::now();
                     if now >= deadline {
-                        let missing: Vec<u32> = (0..n)
-                            .filter(|&r| table[r as usize].is_none())
-                            .collect();
+                        let missing: Vec<u32> =
+                            (0..n).filter(|&r| table[r as usize].is_none()).collect();
                         let abort = Abort::Timeout {
                             timeout_ms: u64::try_from(self.cfg.timeout.as_millis())
                                 .unwrap_or(u64::MAX),
@@ -208,7 +205,9 @@ impl MasterListener {
                     conns.push(stream);
                     send_abort(
                         &mut conns,
-                        &Abort::Other(format!("a connection from {peer} to rank 0 was not a trainctl rank: {detail}")),
+                        &Abort::Other(format!(
+                            "a connection from {peer} to rank 0 was not a trainctl rank: {detail}"
+                        )),
                     );
                     return Err(CollectiveError::ProtocolMismatch { peer, detail });
                 }
@@ -381,16 +380,22 @@ impl TcpRing {
         let rank = self.rank;
         let link = self.link_mut()?;
         let theirs = wire::read_op(&mut link.prev).map_err(|e| match e {
-            WireError::Io(e) => peer_error(link.prev_rank, "receiving a collective header", timeout, e),
+            WireError::Io(e) => {
+                peer_error(link.prev_rank, "receiving a collective header", timeout, e)
+            }
             WireError::Mismatch(detail) => CollectiveError::ProtocolMismatch {
                 peer: link.prev_addr,
                 detail,
             },
         })?;
         if theirs != ours {
+            // Only our small header is in flight: deliver it before the connections close, so
+            // the next rank reports the same mismatch rather than a lost connection.
+            let peer = link.prev_rank;
+            let _ = self.flush_sends();
             return Err(CollectiveError::OpMismatch {
                 rank,
-                peer: link.prev_rank,
+                peer,
                 ours: ours.to_string(),
                 theirs: theirs.to_string(),
             });
@@ -686,7 +691,8 @@ fn join(cfg: &RendezvousConfig) -> Result<TcpRing, CollectiveError> {
         source: e,
     };
     let wait = cfg.timeout + Duration::from_millis(REPLY_GRACE_MS);
-    prepare_stream(&stream, Some(wait)).map_err(|e| lost("setting up the rendezvous connection", e))?;
+    prepare_stream(&stream, Some(wait))
+        .map_err(|e| lost("setting up the rendezvous connection", e))?;
     let ip = if cfg.bind_addr.is_unspecified() {
         stream
             .local_addr()
@@ -754,11 +760,12 @@ fn build_ring(
     let prev_rank = (rank + n - 1) % n;
     let next_addr = addrs[next_rank as usize];
 
-    let mut next = connect_until(next_addr, deadline).map_err(|e| CollectiveError::PeerConnect {
-        rank: next_rank,
-        addr: next_addr,
-        source: e,
-    })?;
+    let mut next =
+        connect_until(next_addr, deadline).map_err(|e| CollectiveError::PeerConnect {
+            rank: next_rank,
+            addr: next_addr,
+            source: e,
+        })?;
     let next_err = |during, e| peer_error(next_rank, during, Some(timeout), e);
     prepare_stream(&next, Some(remaining(deadline)))
         .map_err(|e| next_err("setting up the ring connection", e))?;
@@ -823,7 +830,10 @@ fn build_ring(
     }
 
     // Operations wait without a limit unless `set_op_timeout` says otherwise.
-    let no_timeout = |s: &TcpStream| s.set_read_timeout(None).and_then(|()| s.set_write_timeout(None));
+    let no_timeout = |s: &TcpStream| {
+        s.set_read_timeout(None)
+            .and_then(|()| s.set_write_timeout(None))
+    };
     no_timeout(&prev).map_err(|e| prev_err("setting up the ring connection", e))?;
     no_timeout(&next).map_err(|e| next_err("setting up the ring connection", e))?;
 

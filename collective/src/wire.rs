@@ -59,7 +59,10 @@ pub(crate) struct Join {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Reply {
     /// Everyone joined: the data address of every rank, indexed by rank.
-    Table { session: u64, addrs: Vec<SocketAddr> },
+    Table {
+        session: u64,
+        addrs: Vec<SocketAddr>,
+    },
     /// The rendezvous failed; the reason, to report on every rank.
     Abort(Abort),
 }
@@ -480,7 +483,11 @@ mod tests {
             read_hello_ack(&mut &encode_hello_ack(&ack)[..]).unwrap(),
             ack
         );
-        for kind in [OpKind::AllReduceSumF32, OpKind::BroadcastF32, OpKind::Barrier] {
+        for kind in [
+            OpKind::AllReduceSumF32,
+            OpKind::BroadcastF32,
+            OpKind::Barrier,
+        ] {
             let op = OpHeader {
                 seq: 9,
                 kind,
@@ -512,9 +519,17 @@ mod tests {
         huge_table.extend_from_slice(&u32::MAX.to_le_bytes());
 
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-            ("http request", b"GET / HTTP/1.1\r\n\r\n".to_vec(), "expected a trainctl collective message"),
+            (
+                "http request",
+                b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+                "expected a trainctl collective message",
+            ),
             ("other version", wrong_version, "protocol version 99"),
-            ("other kind", wrong_kind, "expected a join message, got message kind 4"),
+            (
+                "other kind",
+                wrong_kind,
+                "expected a join message, got message kind 4",
+            ),
             ("bad address family", wrong_family, "address family byte 5"),
         ];
         for (name, bytes, want) in cases {

@@ -35,8 +35,9 @@ fn all_reduce_gives_the_exact_sum_of_integer_valued_floats() {
         });
         for (rank, bufs) in got.iter().enumerate() {
             for (len, buf) in lengths(world).into_iter().zip(bufs) {
-                let want: Vec<f32> =
-                    (0..len).map(|i| (0..world).map(|r| int_value(r, i)).sum()).collect();
+                let want: Vec<f32> = (0..len)
+                    .map(|i| (0..world).map(|r| int_value(r, i)).sum())
+                    .collect();
                 assert_eq!(buf, &want, "world {world} rank {rank} len {len}");
             }
         }
@@ -71,16 +72,29 @@ fn all_reduce_gives_identical_bits_on_every_rank_and_every_run() {
         let len = 10_007;
         let first = reduce_random(world, len);
         for rank in 1..world as usize {
-            assert!(first[rank] == first[0], "world {world}: rank {rank} differs from rank 0");
+            assert!(
+                first[rank] == first[0],
+                "world {world}: rank {rank} differs from rank 0"
+            );
         }
         let second = reduce_random(world, len);
-        assert!(second == first, "world {world}: second run differs from the first");
+        assert!(
+            second == first,
+            "world {world}: second run differs from the first"
+        );
         // And the result is the sum, up to rounding.
         for i in (0..len).step_by(97) {
-            let exact: f64 = (0..world).map(|r| f64::from(random_values(r, len)[i])).sum();
+            let exact: f64 = (0..world)
+                .map(|r| f64::from(random_values(r, len)[i]))
+                .sum();
             let got = f64::from(f32::from_bits(first[0][i]));
-            let scale: f64 = (0..world).map(|r| f64::from(random_values(r, len)[i]).abs()).sum();
-            assert!((got - exact).abs() <= 1e-6 * scale, "world {world} index {i}: {got} vs {exact}");
+            let scale: f64 = (0..world)
+                .map(|r| f64::from(random_values(r, len)[i]).abs())
+                .sum();
+            assert!(
+                (got - exact).abs() <= 1e-6 * scale,
+                "world {world} index {i}: {got} vs {exact}"
+            );
         }
     }
 }
@@ -93,12 +107,19 @@ fn large_buffers_do_not_deadlock() {
             let rank = ring.rank();
             let mut buf: Vec<f32> = (0..LEN).map(|i| int_value(rank, i)).collect();
             ring.all_reduce_sum_f32(&mut buf).unwrap();
-            let mut bcast: Vec<f32> = if rank == 1 { buf.clone() } else { vec![0.0; LEN] };
+            let mut bcast: Vec<f32> = if rank == 1 {
+                buf.clone()
+            } else {
+                vec![0.0; LEN]
+            };
             ring.broadcast_f32(&mut bcast, 1).unwrap();
             (buf == bcast, buf[LEN - 1], buf[12345])
         });
         for (rank, (same, last, mid)) in sums.into_iter().enumerate() {
-            assert!(same, "world {world} rank {rank}: broadcast differs from the all_reduce result");
+            assert!(
+                same,
+                "world {world} rank {rank}: broadcast differs from the all_reduce result"
+            );
             assert_eq!(last, (0..world).map(|r| int_value(r, LEN - 1)).sum::<f32>());
             assert_eq!(mid, (0..world).map(|r| int_value(r, 12345)).sum::<f32>());
         }
@@ -123,7 +144,10 @@ fn broadcast_copies_the_roots_buffer_from_every_root() {
         for (rank, runs) in got.iter().enumerate() {
             for (root, len, buf) in runs {
                 let want: Vec<f32> = (0..*len).map(|i| int_value(*root, i)).collect();
-                assert!(buf == &want, "world {world} rank {rank} root {root} len {len}");
+                assert!(
+                    buf == &want,
+                    "world {world} rank {rank} root {root} len {len}"
+                );
             }
         }
     }
@@ -133,7 +157,16 @@ fn broadcast_copies_the_roots_buffer_from_every_root() {
 fn broadcast_rejects_a_root_outside_the_world_without_breaking_the_ring() {
     run_ranks(2, |mut ring: TcpRing| {
         let err = ring.broadcast_f32(&mut [1.0], 2).unwrap_err();
-        assert!(matches!(err, CollectiveError::InvalidRoot { root: 2, world_size: 2 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CollectiveError::InvalidRoot {
+                    root: 2,
+                    world_size: 2
+                }
+            ),
+            "{err}"
+        );
         ring.barrier().unwrap();
     });
 }
@@ -149,7 +182,10 @@ fn barrier_returns_only_after_every_rank_arrived() {
         });
         let last_arrival = times.iter().map(|t| t.0).max().unwrap();
         for (rank, (_, left)) in times.iter().enumerate() {
-            assert!(*left >= last_arrival, "world {world}: rank {rank} left the barrier early");
+            assert!(
+                *left >= last_arrival,
+                "world {world}: rank {rank} left the barrier early"
+            );
         }
     }
 }
@@ -167,14 +203,22 @@ fn mismatched_collectives_fail_instead_of_mixing_data() {
         (err, later)
     });
     match &errs[0].0 {
-        CollectiveError::OpMismatch { rank: 0, peer: 1, ours, theirs } => {
+        CollectiveError::OpMismatch {
+            rank: 0,
+            peer: 1,
+            ours,
+            theirs,
+        } => {
             assert_eq!(ours, "all_reduce_sum_f32 #1 (len 4)");
             assert_eq!(theirs, "barrier #1");
         }
         other => panic!("rank 0: expected OpMismatch, got {other}"),
     }
     for (rank, (_, later)) in errs.iter().enumerate() {
-        assert!(matches!(later, CollectiveError::Broken { .. }), "rank {rank}: {later}");
+        assert!(
+            matches!(later, CollectiveError::Broken { .. }),
+            "rank {rank}: {later}"
+        );
     }
 
     // Rank 2 passes a longer buffer than the others.
@@ -183,13 +227,18 @@ fn mismatched_collectives_fail_instead_of_mixing_data() {
         ring.all_reduce_sum_f32(&mut vec![1.0; len]).unwrap_err()
     });
     match &errs[0] {
-        CollectiveError::OpMismatch { peer: 2, theirs, .. } => {
+        CollectiveError::OpMismatch {
+            peer: 2, theirs, ..
+        } => {
             assert_eq!(theirs, "all_reduce_sum_f32 #1 (len 5)")
         }
         other => panic!("rank 0: expected OpMismatch with rank 2, got {other}"),
     }
     let msg = errs[0].to_string();
-    assert!(msg.contains("every rank must call the same collectives"), "{msg}");
+    assert!(
+        msg.contains("every rank must call the same collectives"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -199,7 +248,9 @@ fn a_rank_that_exits_is_reported_by_its_neighbours_instead_of_hanging() {
             drop(ring);
             return None;
         }
-        let err = ring.all_reduce_sum_f32(&mut vec![1.0; 100_000]).unwrap_err();
+        let err = ring
+            .all_reduce_sum_f32(&mut vec![1.0; 100_000])
+            .unwrap_err();
         let later = ring.barrier().unwrap_err();
         assert!(matches!(later, CollectiveError::Broken { .. }), "{later}");
         Some(err)
@@ -217,7 +268,8 @@ fn a_rank_that_exits_is_reported_by_its_neighbours_instead_of_hanging() {
 fn op_timeout_reports_the_silent_neighbour() {
     let errs = run_ranks(2, |mut ring: TcpRing| {
         if ring.rank() == 0 {
-            ring.set_op_timeout(Some(Duration::from_millis(200))).unwrap();
+            ring.set_op_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
             Some(ring.barrier().unwrap_err())
         } else {
             thread::sleep(Duration::from_millis(1000));
@@ -226,7 +278,9 @@ fn op_timeout_reports_the_silent_neighbour() {
         }
     });
     match errs[0].as_ref().unwrap() {
-        CollectiveError::PeerTimeout { rank: 1, timeout, .. } => {
+        CollectiveError::PeerTimeout {
+            rank: 1, timeout, ..
+        } => {
             assert_eq!(*timeout, Duration::from_millis(200))
         }
         other => panic!("expected PeerTimeout from rank 1, got {other}"),

@@ -11,15 +11,15 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use trainctl_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
 use trainctl_proto::agent::{
-    Assignment, HeartbeatRequest, HeartbeatResponse, LogAck, RankAssignment, RankPhase as WirePhase, RankReport,
-    RegisterRequest, RegisterResponse,
+    Assignment, HeartbeatRequest, HeartbeatResponse, LogAck, RankAssignment,
+    RankPhase as WirePhase, RankReport, RegisterRequest, RegisterResponse,
 };
 
 use crate::launch::rank_launches;
 use crate::server::{now_ms, Coordinator, WriteError};
 use crate::state::{
-    Command, CommandOutcome, GpuInfo, JobId, NodeId, NodeResources, NodeStatus, RankObservation, RankPhase,
-    RdmaDeviceInfo, RdmaPortInfo, State,
+    Command, CommandOutcome, GpuInfo, JobId, NodeId, NodeResources, NodeStatus, RankObservation,
+    RankPhase, RdmaDeviceInfo, RdmaPortInfo, State,
 };
 
 /// Most log bytes stored from one heartbeat; the agent sends the rest next time.
@@ -45,7 +45,9 @@ fn write_status(e: WriteError) -> Status {
 
 fn validate_register(r: &RegisterRequest) -> Result<(), Status> {
     if r.node_name.is_empty() || r.node_name.len() > 253 {
-        return Err(Status::invalid_argument("node_name must be 1 to 253 characters"));
+        return Err(Status::invalid_argument(
+            "node_name must be 1 to 253 characters",
+        ));
     }
     if r.address.parse::<IpAddr>().is_err() {
         return Err(Status::invalid_argument(format!(
@@ -67,7 +69,10 @@ fn validate_register(r: &RegisterRequest) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl AgentService for AgentEndpoint {
-    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
         let r = request.into_inner();
         validate_register(&r)?;
         let res = r.resources.unwrap_or_default();
@@ -127,7 +132,10 @@ impl AgentService for AgentEndpoint {
         }))
     }
 
-    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
         let hb = request.into_inner();
         let c = &self.coordinator;
         c.metrics.heartbeats.inc();
@@ -162,7 +170,9 @@ impl AgentService for AgentEndpoint {
             .map_err(write_status)?;
         }
 
-        let assignments = c.state.read(|s| assignments_for(s, &node, c.config.stop_grace_ms));
+        let assignments = c
+            .state
+            .read(|s| assignments_for(s, &node, c.config.stop_grace_ms));
         Ok(Response::new(HeartbeatResponse {
             assignments,
             log_acks,
@@ -184,9 +194,12 @@ async fn store_logs(
         chunks
             .iter()
             .filter(|ch| {
-                s.jobs.get(&JobId(ch.job_id.parse().unwrap_or(0))).is_some_and(|j| {
-                    j.attempt == ch.attempt && j.ranks.iter().any(|r| r.rank == ch.rank && &r.node == node)
-                })
+                s.jobs
+                    .get(&JobId(ch.job_id.parse().unwrap_or(0)))
+                    .is_some_and(|j| {
+                        j.attempt == ch.attempt
+                            && j.ranks.iter().any(|r| r.rank == ch.rank && &r.node == node)
+                    })
             })
             .map(|ch| (ch.job_id.parse().unwrap_or(0), ch.attempt, ch.rank))
             .collect()
@@ -226,16 +239,30 @@ fn wire_phase(report: &RankReport) -> Option<RankPhase> {
 }
 
 /// The reports that would change the state, and the ended jobs of which the agent runs nothing.
-pub fn changed_observations(s: &State, node: &NodeId, reports: &[RankReport]) -> (Vec<RankObservation>, Vec<JobId>) {
+pub fn changed_observations(
+    s: &State,
+    node: &NodeId,
+    reports: &[RankReport],
+) -> (Vec<RankObservation>, Vec<JobId>) {
     let mut observations = Vec::new();
     for report in reports {
-        let Ok(job_id) = report.job_id.parse::<u64>().map(JobId) else { continue };
-        let Some(phase) = wire_phase(report) else { continue };
-        let Some(job) = s.jobs.get(&job_id) else { continue };
+        let Ok(job_id) = report.job_id.parse::<u64>().map(JobId) else {
+            continue;
+        };
+        let Some(phase) = wire_phase(report) else {
+            continue;
+        };
+        let Some(job) = s.jobs.get(&job_id) else {
+            continue;
+        };
         if job.attempt != report.attempt {
             continue;
         }
-        let Some(rank) = job.ranks.iter().find(|r| r.rank == report.rank && &r.node == node) else {
+        let Some(rank) = job
+            .ranks
+            .iter()
+            .find(|r| r.rank == report.rank && &r.node == node)
+        else {
             continue;
         };
         let exit_code = (phase == RankPhase::Exited).then_some(report.exit_code);
@@ -269,7 +296,9 @@ pub fn changed_observations(s: &State, node: &NodeId, reports: &[RankReport]) ->
         .filter(|j| !live.contains(j.id.to_string().as_str()))
         .filter(|j| {
             // Only ranks the agent does not report at all are idle; reported exits arrive as observations.
-            !reports.iter().any(|r| r.job_id == j.id.to_string() && r.attempt == j.attempt)
+            !reports
+                .iter()
+                .any(|r| r.job_id == j.id.to_string() && r.attempt == j.attempt)
         })
         .map(|j| j.id)
         .collect();
@@ -278,7 +307,11 @@ pub fn changed_observations(s: &State, node: &NodeId, reports: &[RankReport]) ->
 
 /// What `node` should run now.
 pub fn assignments_for(s: &State, node: &NodeId, stop_grace_ms: u32) -> Vec<Assignment> {
-    let address = s.nodes.get(node).map(|n| n.address.clone()).unwrap_or_default();
+    let address = s
+        .nodes
+        .get(node)
+        .map(|n| n.address.clone())
+        .unwrap_or_default();
     s.jobs_assigned_to(node)
         .map(|job| Assignment {
             job_id: job.id.to_string(),

@@ -25,7 +25,10 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use crate::logs::{format_cursor, parse_cursor};
 use crate::scheduler::{self, Unschedulable};
 use crate::server::{job_counts, now_ms, Coordinator, WriteError};
-use crate::state::{Command, CommandOutcome, Job, JobId, JobState, Node, NodeStatus, RankPhase, State as ClusterState};
+use crate::state::{
+    Command, CommandOutcome, Job, JobId, JobState, Node, NodeStatus, RankPhase,
+    State as ClusterState,
+};
 
 /// Everything that can go wrong in a request, each with its status code.
 #[derive(Debug, thiserror::Error)]
@@ -64,12 +67,20 @@ impl IntoResponse for ApiError {
             ApiError::JobNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Write(WriteError::NotLeader { .. }) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Write(WriteError::Raft(_)) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Write(WriteError::Raft(_)) | ApiError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (status, Json(ErrorBody { error: self.to_string() })).into_response()
+        (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -241,13 +252,29 @@ impl Default for Metrics {
         let gpus_allocated = Gauge::default();
         let raft_last_applied = Gauge::default();
         registry.register("job_submissions", "Jobs submitted", submissions.clone());
-        registry.register("gang_placements", "Gangs placed by the scheduler", placements.clone());
-        registry.register("agent_heartbeats", "Heartbeats received from agents", heartbeats.clone());
+        registry.register(
+            "gang_placements",
+            "Gangs placed by the scheduler",
+            placements.clone(),
+        );
+        registry.register(
+            "agent_heartbeats",
+            "Heartbeats received from agents",
+            heartbeats.clone(),
+        );
         registry.register("jobs", "Jobs by state", jobs.clone());
         registry.register("nodes", "Nodes by status", nodes.clone());
         registry.register("gpus", "GPUs of nodes that are up", gpus_total.clone());
-        registry.register("gpus_allocated", "GPUs held by jobs", gpus_allocated.clone());
-        registry.register("raft_last_applied_index", "Last Raft log index applied", raft_last_applied.clone());
+        registry.register(
+            "gpus_allocated",
+            "GPUs held by jobs",
+            gpus_allocated.clone(),
+        );
+        registry.register(
+            "raft_last_applied_index",
+            "Last Raft log index applied",
+            raft_last_applied.clone(),
+        );
         Metrics {
             registry,
             submissions,
@@ -275,17 +302,34 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
-        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/docs/openapi.json", ApiDoc::openapi()))
-        .fallback(|| async { ApiError::BadRequest("no such endpoint; the API is described at /openapi.json".into()) })
+        .merge(
+            utoipa_swagger_ui::SwaggerUi::new("/docs").url("/docs/openapi.json", ApiDoc::openapi()),
+        )
         .with_state(coordinator)
 }
 
 /// The OpenAPI description of the REST API.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "trainctl", description = "Gang-scheduled distributed training jobs"),
-    paths(submit_job, list_jobs, get_job, cancel_job, job_logs, list_nodes, health, metrics),
-    components(schemas(ErrorBody, SubmitResponse, JobSummary, JobDetail, RankView, AllocationView, NodeView, LogLine, LogsPage, Health))
+    info(
+        title = "trainctl",
+        description = "Gang-scheduled distributed training jobs"
+    ),
+    paths(
+        submit_job, list_jobs, get_job, cancel_job, job_logs, list_nodes, health, metrics
+    ),
+    components(schemas(
+        ErrorBody,
+        SubmitResponse,
+        JobSummary,
+        JobDetail,
+        RankView,
+        AllocationView,
+        NodeView,
+        LogLine,
+        LogsPage,
+        Health
+    ))
 )]
 pub struct ApiDoc;
 
@@ -295,8 +339,9 @@ fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
 
 /// Reads a job spec from a request body: TOML or JSON, by Content-Type or, without one, by its look.
 pub fn spec_from_body(headers: &HeaderMap, body: &[u8]) -> Result<JobSpec, ApiError> {
-    let text = std::str::from_utf8(body)
-        .map_err(|_| ApiError::BadRequest("the body is not UTF-8 text; send a job spec as TOML or JSON".into()))?;
+    let text = std::str::from_utf8(body).map_err(|_| {
+        ApiError::BadRequest("the body is not UTF-8 text; send a job spec as TOML or JSON".into())
+    })?;
     if text.trim().is_empty() {
         return Err(ApiError::BadRequest(
             "the body is empty; send a job spec as TOML (Content-Type: application/toml) or JSON (application/json)"
@@ -306,7 +351,13 @@ pub fn spec_from_body(headers: &HeaderMap, body: &[u8]) -> Result<JobSpec, ApiEr
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
     let is_json = match content_type.as_deref() {
         Some("application/json") => true,
         Some("application/toml") | Some("text/toml") | Some("text/x-toml") => false,
@@ -337,16 +388,36 @@ pub fn spec_from_body(headers: &HeaderMap, body: &[u8]) -> Result<JobSpec, ApiEr
         (status = 415, body = ErrorBody, description = "Neither TOML nor JSON"),
         (status = 422, body = ErrorBody, description = "Invalid spec, or a job that can never fit the cluster"),
         (status = 503, body = ErrorBody, description = "Not the leader")))]
-async fn submit_job(State(c): Ctx, headers: HeaderMap, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+async fn submit_job(
+    State(c): Ctx,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
     let spec = spec_from_body(&headers, &body)?;
-    let fit = c.state.read(|s| scheduler::check_ever_fits(&s.cluster_snapshot(), &spec.resources));
+    let fit = c
+        .state
+        .read(|s| scheduler::check_ever_fits(&s.cluster_snapshot(), &spec.resources));
     if let Err(Unschedulable::NeverFits(why)) | Err(Unschedulable::NoRoomNow(why)) = fit {
-        return Err(ApiError::Infeasible(format!("job `{}` can never run here: {why}", spec.name)));
+        return Err(ApiError::Infeasible(format!(
+            "job `{}` can never run here: {why}",
+            spec.name
+        )));
     }
-    match c.write(Command::SubmitJob { spec, at_ms: now_ms() }).await? {
+    match c
+        .write(Command::SubmitJob {
+            spec,
+            at_ms: now_ms(),
+        })
+        .await?
+    {
         CommandOutcome::JobSubmitted { job } => {
             c.metrics.submissions.inc();
-            Ok((StatusCode::CREATED, Json(SubmitResponse { id: job.to_string() })))
+            Ok((
+                StatusCode::CREATED,
+                Json(SubmitResponse {
+                    id: job.to_string(),
+                }),
+            ))
         }
         CommandOutcome::Rejected { reason } => Err(ApiError::InvalidSpec(reason)),
         CommandOutcome::Done => Err(ApiError::Internal("submission produced no job id".into())),
@@ -356,11 +427,24 @@ async fn submit_job(State(c): Ctx, headers: HeaderMap, body: Bytes) -> Result<im
 /// List jobs, oldest first.
 #[utoipa::path(get, path = "/v1/jobs", params(ListQuery),
     responses((status = 200, body = [JobSummary]), (status = 400, body = ErrorBody)))]
-async fn list_jobs(State(c): Ctx, Query(q): Query<ListQuery>) -> Result<Json<Vec<JobSummary>>, ApiError> {
-    const STATES: &[&str] = &["pending", "starting", "running", "succeeded", "failed", "cancelled"];
+async fn list_jobs(
+    State(c): Ctx,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<JobSummary>>, ApiError> {
+    const STATES: &[&str] = &[
+        "pending",
+        "starting",
+        "running",
+        "succeeded",
+        "failed",
+        "cancelled",
+    ];
     if let Some(st) = &q.state {
         if !STATES.contains(&st.as_str()) {
-            return Err(ApiError::BadRequest(format!("unknown state `{st}`; accepted: {}", STATES.join(", "))));
+            return Err(ApiError::BadRequest(format!(
+                "unknown state `{st}`; accepted: {}",
+                STATES.join(", ")
+            )));
         }
     }
     Ok(Json(c.state.read(|s| {
@@ -391,7 +475,13 @@ async fn cancel_job(State(c): Ctx, Path(id): Path<String>) -> Result<Json<JobDet
     if !c.state.read(|s| s.jobs.contains_key(&id)) {
         return Err(ApiError::JobNotFound(id));
     }
-    match c.write(Command::CancelJob { job: id, at_ms: now_ms() }).await? {
+    match c
+        .write(Command::CancelJob {
+            job: id,
+            at_ms: now_ms(),
+        })
+        .await?
+    {
         CommandOutcome::Rejected { reason } => Err(ApiError::Conflict(reason)),
         _ => get_job(State(c), Path(id.to_string())).await,
     }
@@ -400,14 +490,24 @@ async fn cancel_job(State(c): Ctx, Path(id): Path<String>) -> Result<Json<JobDet
 /// Read a job's output, each line tagged with node and global rank. Follow by passing the cursor back.
 #[utoipa::path(get, path = "/v1/jobs/{id}/logs", params(("id" = String, Path, description = "Job id"), LogsQuery),
     responses((status = 200, body = LogsPage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn job_logs(State(c): Ctx, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> Result<Response, ApiError> {
+async fn job_logs(
+    State(c): Ctx,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
     let id = parse_job_id(&id)?;
     let cursor = parse_cursor(q.cursor.as_deref().unwrap_or("")).map_err(ApiError::BadRequest)?;
     let found = c.state.read(|s| {
         s.jobs.get(&id).map(|j| {
-            let nodes: BTreeMap<u32, String> = j.ranks.iter().map(|r| (r.rank, r.node.to_string())).collect();
+            let nodes: BTreeMap<u32, String> = j
+                .ranks
+                .iter()
+                .map(|r| (r.rank, r.node.to_string()))
+                .collect();
             let complete = j.state.is_terminal()
-                && j.allocation.as_ref().is_none_or(|a| a.nodes.iter().all(|n| n.released));
+                && j.allocation
+                    .as_ref()
+                    .is_none_or(|a| a.nodes.iter().all(|n| n.released));
             (j.attempt, nodes, complete, j.spec.world_size())
         })
     });
@@ -425,10 +525,11 @@ async fn job_logs(State(c): Ctx, Path(id): Path<String>, Query(q): Query<LogsQue
         None => nodes.keys().copied().collect(),
     };
     let store = c.logs.clone();
-    let (lines, next) = tokio::task::spawn_blocking(move || store.read(id, attempt, &ranks, &cursor))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(format!("read logs of job {id}: {e}")))?;
+    let (lines, next) =
+        tokio::task::spawn_blocking(move || store.read(id, attempt, &ranks, &cursor))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(format!("read logs of job {id}: {e}")))?;
     // Complete only once nothing is left unread.
     let complete = complete && lines.is_empty();
     let lines: Vec<LogLine> = lines
@@ -457,7 +558,10 @@ async fn job_logs(State(c): Ctx, Path(id): Path<String>, Query(q): Query<LogsQue
 /// List the cluster's nodes with what they have and what jobs hold.
 #[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = [NodeView])))]
 async fn list_nodes(State(c): Ctx) -> Json<Vec<NodeView>> {
-    Json(c.state.read(|s| s.nodes.values().map(|n| node_view(s, n)).collect()))
+    Json(
+        c.state
+            .read(|s| s.nodes.values().map(|n| node_view(s, n)).collect()),
+    )
 }
 
 /// Health of this coordinator and a summary of the cluster.
@@ -465,11 +569,20 @@ async fn list_nodes(State(c): Ctx) -> Json<Vec<NodeView>> {
 async fn health(State(c): Ctx) -> (StatusCode, Json<Health>) {
     let m = c.raft.metrics().borrow().clone();
     let (up, down) = c.state.read(|s| {
-        let up = s.nodes.values().filter(|n| n.status == NodeStatus::Up).count() as u64;
+        let up = s
+            .nodes
+            .values()
+            .filter(|n| n.status == NodeStatus::Up)
+            .count() as u64;
         (up, s.nodes.len() as u64 - up)
     });
     let health = Health {
-        status: if m.current_leader.is_some() { "ok" } else { "no_leader" }.to_string(),
+        status: if m.current_leader.is_some() {
+            "ok"
+        } else {
+            "no_leader"
+        }
+        .to_string(),
         server_id: c.config.server_id,
         is_leader: m.current_leader == Some(c.config.server_id),
         leader: m.current_leader,
@@ -477,10 +590,17 @@ async fn health(State(c): Ctx) -> (StatusCode, Json<Health>) {
         last_applied_index: m.last_applied.map(|l| l.index),
         nodes_up: up,
         nodes_down: down,
-        jobs: job_counts(&c).into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        jobs: job_counts(&c)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
         uptime_s: c.started_at.elapsed().as_secs(),
     };
-    let status = if health.leader.is_some() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if health.leader.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(health))
 }
 
@@ -489,7 +609,9 @@ async fn health(State(c): Ctx) -> (StatusCode, Json<Health>) {
 async fn metrics(State(c): Ctx) -> Result<Response, ApiError> {
     let m = &c.metrics;
     for (state, count) in job_counts(&c) {
-        m.jobs.get_or_create(&vec![("state".to_string(), state.to_string())]).set(count as i64);
+        m.jobs
+            .get_or_create(&vec![("state".to_string(), state.to_string())])
+            .set(count as i64);
     }
     c.state.read(|s| {
         let (mut up, mut down, mut gpus, mut allocated) = (0, 0, 0, 0);
@@ -502,16 +624,32 @@ async fn metrics(State(c): Ctx) -> Result<Response, ApiError> {
             }
             allocated += n.usage.gpus.len() as i64;
         }
-        m.nodes.get_or_create(&vec![("status".to_string(), "up".to_string())]).set(up);
-        m.nodes.get_or_create(&vec![("status".to_string(), "down".to_string())]).set(down);
+        m.nodes
+            .get_or_create(&vec![("status".to_string(), "up".to_string())])
+            .set(up);
+        m.nodes
+            .get_or_create(&vec![("status".to_string(), "down".to_string())])
+            .set(down);
         m.gpus_total.set(gpus);
         m.gpus_allocated.set(allocated);
     });
-    let applied = c.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+    let applied = c
+        .raft
+        .metrics()
+        .borrow()
+        .last_applied
+        .map_or(0, |l| l.index);
     m.raft_last_applied.set(applied as i64);
     let mut body = String::new();
     encode(&mut body, &m.registry).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
 }
 
 fn pending_reason(s: &ClusterState, job: &Job) -> Option<String> {
@@ -572,7 +710,11 @@ fn detail(s: &ClusterState, job: &Job) -> JobDetail {
                 .iter()
                 .map(|na| AllocationView {
                     node: na.node.to_string(),
-                    address: s.nodes.get(&na.node).map(|n| n.address.clone()).unwrap_or_default(),
+                    address: s
+                        .nodes
+                        .get(&na.node)
+                        .map(|n| n.address.clone())
+                        .unwrap_or_default(),
                     group_rank: na.group_rank,
                     gpus: na.gpus.clone(),
                     cpus: na.cpus,
@@ -640,9 +782,12 @@ fn node_view(s: &ClusterState, n: &Node) -> NodeView {
             .rdma_devices
             .iter()
             .flat_map(|d| {
-                d.ports
-                    .iter()
-                    .map(move |p| format!("{} port {} {} {} {}", d.name, p.port, p.state, p.link_layer, p.rate))
+                d.ports.iter().map(move |p| {
+                    format!(
+                        "{} port {} {} {} {}",
+                        d.name, p.port, p.state, p.link_layer, p.rate
+                    )
+                })
             })
             .collect(),
         jobs,

@@ -18,7 +18,9 @@ pub struct RankLaunch {
 
 /// The ranks `node` must run for `job`, with their environments; empty when the job has nothing there.
 pub fn rank_launches(job: &Job, node: &NodeId, node_address: &str) -> Vec<RankLaunch> {
-    let Some(allocation) = &job.allocation else { return Vec::new() };
+    let Some(allocation) = &job.allocation else {
+        return Vec::new();
+    };
     let Some(share) = allocation.nodes.iter().find(|na| &na.node == node) else {
         return Vec::new();
     };
@@ -27,7 +29,15 @@ pub fn rank_launches(job: &Job, node: &NodeId, node_address: &str) -> Vec<RankLa
         .map(|local_rank| RankLaunch {
             rank: share.group_rank * res.procs_per_node + local_rank,
             local_rank,
-            env: rank_env(job, &allocation.master_addr, allocation.master_port, share, node, node_address, local_rank),
+            env: rank_env(
+                job,
+                &allocation.master_addr,
+                allocation.master_port,
+                share,
+                node,
+                node_address,
+                local_rank,
+            ),
             env_defaults: env_defaults(job),
         })
         .collect()
@@ -61,14 +71,22 @@ fn rank_env(
     set("MASTER_ADDR", master_addr.to_string());
     set("MASTER_PORT", master_port.to_string());
     set("TORCHELASTIC_RESTART_COUNT", job.attempt.to_string());
-    set("TORCHELASTIC_MAX_RESTARTS", job.spec.failure.max_restarts.to_string());
+    set(
+        "TORCHELASTIC_MAX_RESTARTS",
+        job.spec.failure.max_restarts.to_string(),
+    );
     set("TORCHELASTIC_RUN_ID", format!("trainctl-{}", job.id));
     // Rank 0 serves the store at MASTER_ADDR:MASTER_PORT (the port is leased to this job on that host).
     set("TORCHELASTIC_USE_AGENT_STORE", "False".to_string());
     // The job's GPUs on this host, and no others (an empty list hides every GPU from a CPU job).
     set(
         "CUDA_VISIBLE_DEVICES",
-        share.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+        share
+            .gpus
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
     );
     set("TRAINCTL_JOB_ID", job.id.to_string());
     set("TRAINCTL_JOB_NAME", job.spec.name.clone());
@@ -80,7 +98,10 @@ fn rank_env(
 
 fn env_defaults(job: &Job) -> BTreeMap<String, String> {
     let mut defaults = BTreeMap::new();
-    defaults.insert("TORCH_NCCL_ASYNC_ERROR_HANDLING".to_string(), "1".to_string());
+    defaults.insert(
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING".to_string(),
+        "1".to_string(),
+    );
     if job.spec.resources.procs_per_node > 1 {
         // torchrun's rule: several processes per host each get one OpenMP thread unless told otherwise.
         defaults.insert("OMP_NUM_THREADS".to_string(), "1".to_string());

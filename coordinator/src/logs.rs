@@ -46,7 +46,14 @@ impl LogStore {
     /// Stores `data`, which starts at byte `offset` of the rank's log; returns how many bytes of the
     /// log are now stored. Bytes already stored are skipped; a chunk past the end (a gap) is refused by
     /// returning the current length, so the agent resends from there.
-    pub fn append(&self, job: JobId, attempt: u32, rank: u32, offset: u64, data: &[u8]) -> io::Result<u64> {
+    pub fn append(
+        &self,
+        job: JobId,
+        attempt: u32,
+        rank: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<u64> {
         let path = self.path(job, attempt, rank);
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
@@ -88,7 +95,9 @@ impl LogStore {
             let mut buf = Vec::new();
             file.take(budget).read_to_end(&mut buf)?;
             // Only whole lines: a line still being written is returned next time.
-            let Some(last_newline) = buf.iter().rposition(|b| *b == b'\n') else { continue };
+            let Some(last_newline) = buf.iter().rposition(|b| *b == b'\n') else {
+                continue;
+            };
             buf.truncate(last_newline + 1);
             budget -= buf.len() as u64;
             next.insert(rank, offset + buf.len() as u64);
@@ -120,7 +129,9 @@ pub fn parse_cursor(text: &str) -> Result<LogCursor, String> {
             .split_once(':')
             .and_then(|(r, o)| Some((r.parse::<u32>().ok()?, o.parse::<u64>().ok()?)));
         let Some((rank, offset)) = parsed else {
-            return Err(format!("bad cursor part `{part}`: expected RANK:OFFSET pairs separated by commas"));
+            return Err(format!(
+                "bad cursor part `{part}`: expected RANK:OFFSET pairs separated by commas"
+            ));
         };
         cursor.insert(rank, offset);
     }
@@ -138,8 +149,16 @@ mod tests {
         let job = JobId(1);
         assert_eq!(store.append(job, 0, 0, 0, b"one\ntw").unwrap(), 6);
         assert_eq!(store.append(job, 0, 0, 0, b"one\ntw").unwrap(), 6, "resend");
-        assert_eq!(store.append(job, 0, 0, 4, b"two\nthree\n").unwrap(), 14, "overlap");
-        assert_eq!(store.append(job, 0, 0, 20, b"gap\n").unwrap(), 14, "gap refused");
+        assert_eq!(
+            store.append(job, 0, 0, 4, b"two\nthree\n").unwrap(),
+            14,
+            "overlap"
+        );
+        assert_eq!(
+            store.append(job, 0, 0, 20, b"gap\n").unwrap(),
+            14,
+            "gap refused"
+        );
         let (lines, cursor) = store.read(job, 0, &[0], &LogCursor::new()).unwrap();
         let texts: Vec<_> = lines.iter().map(|l| l.text.as_str()).collect();
         assert_eq!(texts, ["one", "two", "three"]);
@@ -152,7 +171,13 @@ mod tests {
         let store = LogStore::new(dir.path().to_path_buf());
         store.append(JobId(2), 0, 1, 0, b"done\nhalf").unwrap();
         let (lines, cursor) = store.read(JobId(2), 0, &[0, 1], &LogCursor::new()).unwrap();
-        assert_eq!(lines, vec![RankLine { rank: 1, text: "done".into() }]);
+        assert_eq!(
+            lines,
+            vec![RankLine {
+                rank: 1,
+                text: "done".into()
+            }]
+        );
         store.append(JobId(2), 0, 1, 9, b" line\n").unwrap();
         let (lines, _) = store.read(JobId(2), 0, &[1], &cursor).unwrap();
         assert_eq!(lines[0].text, "half line");

@@ -93,7 +93,8 @@ fn fits_now(node: &NodeCapacity, res: &Resources) -> bool {
 
 /// Checks that a gang could run on this cluster if it were empty (used to refuse a job at submission).
 pub fn check_ever_fits(cluster: &ClusterSnapshot, res: &Resources) -> Result<(), Unschedulable> {
-    never_fits_reason(cluster.nodes.iter(), res).map_or(Ok(()), |why| Err(Unschedulable::NeverFits(why)))
+    never_fits_reason(cluster.nodes.iter(), res)
+        .map_or(Ok(()), |why| Err(Unschedulable::NeverFits(why)))
 }
 
 /// Why the gang could not run on `nodes` even if they were all empty; None when it could.
@@ -154,7 +155,10 @@ pub fn plan(cluster: &ClusterSnapshot, res: &Resources) -> Result<Placement, Uns
             hosts(up)
         );
         if feasible.len() >= needed {
-            why = format!("no host with room has a free rendezvous port ({} up)", hosts(up));
+            why = format!(
+                "no host with room has a free rendezvous port ({} up)",
+                hosts(up)
+            );
         }
         return Err(Unschedulable::NoRoomNow(why));
     }
@@ -168,7 +172,9 @@ pub fn plan(cluster: &ClusterSnapshot, res: &Resources) -> Result<Placement, Uns
         )
     };
     let order = |a: &&NodeCapacity, b: &&NodeCapacity| {
-        leftover(a).cmp(&leftover(b)).then_with(|| a.node.cmp(&b.node))
+        leftover(a)
+            .cmp(&leftover(b))
+            .then_with(|| a.node.cmp(&b.node))
     };
     if feasible.len() > needed {
         feasible.select_nth_unstable_by(needed - 1, order);
@@ -232,12 +238,18 @@ mod tests {
             free_gpus: (tg - fg..tg).collect(),
             free_cpus: fc.parse().unwrap(),
             free_memory_mib: 1 << 20,
-            free_port: if spec.ends_with(":noport") { None } else { Some(29500) },
+            free_port: if spec.ends_with(":noport") {
+                None
+            } else {
+                Some(29500)
+            },
         }
     }
 
     fn cluster(specs: &[&str]) -> ClusterSnapshot {
-        ClusterSnapshot { nodes: specs.iter().map(|s| node(s)).collect() }
+        ClusterSnapshot {
+            nodes: specs.iter().map(|s| node(s)).collect(),
+        }
     }
 
     fn placed(p: &Placement) -> Vec<&str> {
@@ -252,12 +264,42 @@ mod tests {
             // best fit: b has exactly 4 free, a has 8: the 4-GPU job goes to b
             (&["a:8/8:64/64", "b:4/8:64/64"], 1, 4, 8, Ok(&["b"])),
             // all or nothing: only one of the two nodes has room
-            (&["a:8/8:64/64", "b:2/8:64/64"], 2, 8, 8, Err("needs 2 hosts with 8 free GPUs, 8 free CPUs; 1 has them now (2 hosts up)")),
-            (&["a:8/8:64/64", "b:8/8:64/64"], 3, 8, 8, Err("cluster has 2 hosts in all")),
-            (&["a:8/8:64/64"], 1, 16, 8, Err("the most GPUs on one host is 8")),
+            (
+                &["a:8/8:64/64", "b:2/8:64/64"],
+                2,
+                8,
+                8,
+                Err("needs 2 hosts with 8 free GPUs, 8 free CPUs; 1 has them now (2 hosts up)"),
+            ),
+            (
+                &["a:8/8:64/64", "b:8/8:64/64"],
+                3,
+                8,
+                8,
+                Err("cluster has 2 hosts in all"),
+            ),
+            (
+                &["a:8/8:64/64"],
+                1,
+                16,
+                8,
+                Err("the most GPUs on one host is 8"),
+            ),
             // a down node does not take ranks, but may come back
-            (&["a:8/8:64/64", "b:8/8:64/64:down"], 2, 8, 8, Err("too few of the hosts that could hold it are up")),
-            (&["a:0/0:4/4", "b:0/0:4/4", "c:0/0:2/4"], 2, 0, 4, Ok(&["a", "b"])),
+            (
+                &["a:8/8:64/64", "b:8/8:64/64:down"],
+                2,
+                8,
+                8,
+                Err("too few of the hosts that could hold it are up"),
+            ),
+            (
+                &["a:0/0:4/4", "b:0/0:4/4", "c:0/0:2/4"],
+                2,
+                0,
+                4,
+                Ok(&["a", "b"]),
+            ),
             (&["a:0/0:4/4", "b:0/0:1/4"], 1, 0, 2, Ok(&["a"])),
             // group rank 0 must sit on a node with a free port
             (&["a:0/0:4/4:noport", "b:0/0:4/4"], 2, 0, 4, Ok(&["b", "a"])),
@@ -268,7 +310,10 @@ mod tests {
             match (expected, &got) {
                 (Ok(want), Ok(p)) => assert_eq!(placed(p), *want, "case {i}"),
                 (Err(words), Err(e)) => {
-                    assert!(e.to_string().contains(words), "case {i}: {e} lacks {words:?}")
+                    assert!(
+                        e.to_string().contains(words),
+                        "case {i}: {e} lacks {words:?}"
+                    )
                 }
                 _ => panic!("case {i}: expected {expected:?}, got {got:?}"),
             }
@@ -286,8 +331,14 @@ mod tests {
     #[test]
     fn never_fits_versus_not_now() {
         let c = cluster(&["a:0/8:64/64", "b:0/8:64/64"]);
-        assert!(matches!(plan(&c, &res(2, 8, 8)), Err(Unschedulable::NoRoomNow(_))));
-        assert!(matches!(plan(&c, &res(3, 8, 8)), Err(Unschedulable::NeverFits(_))));
+        assert!(matches!(
+            plan(&c, &res(2, 8, 8)),
+            Err(Unschedulable::NoRoomNow(_))
+        ));
+        assert!(matches!(
+            plan(&c, &res(3, 8, 8)),
+            Err(Unschedulable::NeverFits(_))
+        ));
     }
 
     #[test]

@@ -95,9 +95,11 @@ impl Coordinator {
     pub async fn write(&self, command: Command) -> Result<CommandOutcome, WriteError> {
         match self.raft.client_write(command).await {
             Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(WriteError::NotLeader {
-                leader: f.leader_node.map(|n| n.addr),
-            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader {
+                    leader: f.leader_node.map(|n| n.addr),
+                })
+            }
             Err(e) => Err(WriteError::Raft(e.to_string())),
         }
     }
@@ -148,8 +150,13 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
     .context("start raft")?;
     if !raft.is_initialized().await.context("read raft state")? {
         let members = BTreeMap::from([(config.server_id, BasicNode::new(&config.advertise_addr))]);
-        raft.initialize(members).await.context("initialise a one-voter raft cluster")?;
-        info!(server_id = config.server_id, "initialised a new one-voter cluster");
+        raft.initialize(members)
+            .await
+            .context("initialise a one-voter raft cluster")?;
+        info!(
+            server_id = config.server_id,
+            "initialised a new one-voter cluster"
+        );
     }
     let logs = LogStore::new(config.data_dir.join("logs"));
     Ok(Arc::new(Coordinator {
@@ -170,10 +177,14 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let local: SocketAddr = listener.local_addr()?;
+    let grpc = crate::agents::router(coordinator.clone());
     let app = crate::api::router(coordinator.clone())
-        .merge(crate::agents::router(coordinator.clone()))
+        .merge(raft_router(coordinator.clone()))
+        .fallback_service(grpc)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(coordinator.config.max_connections));
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            coordinator.config.max_connections,
+        ));
 
     let scheduler = tokio::spawn(scheduling_loop(coordinator.clone(), shutdown.clone()));
     let liveness = tokio::spawn(liveness_loop(coordinator.clone(), shutdown.clone()));
@@ -186,11 +197,51 @@ pub async fn run(
             }
         }
     };
-    axum::serve(listener, app).with_graceful_shutdown(graceful).await.context("serve")?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(graceful)
+        .await
+        .context("serve")?;
     scheduler.await.ok();
     liveness.await.ok();
     coordinator.raft.shutdown().await.ok();
     Ok(())
+}
+
+/// Raft messages from other coordinators (see `raft::network`).
+fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
+    use axum::extract::State;
+    use axum::routing::post;
+    use axum::Json;
+    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+
+    use crate::raft::TypeConfig;
+    type Ctx = State<Arc<Coordinator>>;
+    axum::Router::new()
+        .route(
+            "/internal/raft/append",
+            post(
+                |State(c): Ctx, Json(rpc): Json<AppendEntriesRequest<TypeConfig>>| async move {
+                    Json(c.raft.append_entries(rpc).await)
+                },
+            ),
+        )
+        .route(
+            "/internal/raft/vote",
+            post(
+                |State(c): Ctx, Json(rpc): Json<VoteRequest<ServerId>>| async move {
+                    Json(c.raft.vote(rpc).await)
+                },
+            ),
+        )
+        .route(
+            "/internal/raft/snapshot",
+            post(
+                |State(c): Ctx, Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>| async move {
+                    Json(c.raft.install_snapshot(rpc).await)
+                },
+            ),
+        )
+        .with_state(coordinator)
 }
 
 /// Bodies are job specs and heartbeats with log chunks; 16 MiB is far above either.
@@ -223,7 +274,10 @@ async fn scheduling_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Rec
         for _ in 0..MAX_PLACEMENTS_PER_PASS {
             let decision = coordinator.state.read(|s| {
                 let head = s.queue.front().and_then(|id| s.jobs.get(id))?;
-                Some((head.id, scheduler::plan(&s.cluster_snapshot(), &head.spec.resources)))
+                Some((
+                    head.id,
+                    scheduler::plan(&s.cluster_snapshot(), &head.spec.resources),
+                ))
             });
             let Some((job, plan)) = decision else { break };
             let placement = match plan {
@@ -268,8 +322,13 @@ async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Recei
         if leader && !was_leader {
             // A new leader has heard from nobody yet: give every node a full timeout from now.
             let now = Instant::now();
-            let nodes: Vec<NodeId> = coordinator.state.read(|s| s.nodes.keys().cloned().collect());
-            let mut heard = coordinator.last_heard.lock().unwrap_or_else(|e| e.into_inner());
+            let nodes: Vec<NodeId> = coordinator
+                .state
+                .read(|s| s.nodes.keys().cloned().collect());
+            let mut heard = coordinator
+                .last_heard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             for node in nodes {
                 heard.entry(node).or_insert(now);
             }
@@ -279,7 +338,10 @@ async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Recei
             continue;
         }
         let silent: Vec<(NodeId, Duration)> = {
-            let heard = coordinator.last_heard.lock().unwrap_or_else(|e| e.into_inner());
+            let heard = coordinator
+                .last_heard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             coordinator.state.read(|s| {
                 s.nodes
                     .values()

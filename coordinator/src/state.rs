@@ -136,7 +136,10 @@ impl Node {
                 .filter(|i| !self.usage.gpus.contains(i))
                 .collect(),
             free_cpus: self.resources.cpus.saturating_sub(self.usage.cpus),
-            free_memory_mib: self.resources.memory_mib.saturating_sub(self.usage.memory_mib),
+            free_memory_mib: self
+                .resources
+                .memory_mib
+                .saturating_sub(self.usage.memory_mib),
             free_port: self.free_port(),
         }
     }
@@ -160,7 +163,10 @@ pub enum JobState {
 impl JobState {
     /// Whether the job has ended for good.
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 
     /// The lowercase name used in the API and the CLI.
@@ -194,7 +200,10 @@ pub enum RankPhase {
 impl RankPhase {
     /// Whether no more reports can change it.
     pub fn is_terminal(self) -> bool {
-        matches!(self, RankPhase::Exited | RankPhase::FailedToStart | RankPhase::Lost)
+        matches!(
+            self,
+            RankPhase::Exited | RankPhase::FailedToStart | RankPhase::Lost
+        )
     }
 }
 
@@ -276,7 +285,11 @@ pub enum Command {
         at_ms: u64,
     },
     /// The coordinator stopped hearing from a node's agent.
-    NodeLost { node: NodeId, reason: String, at_ms: u64 },
+    NodeLost {
+        node: NodeId,
+        reason: String,
+        at_ms: u64,
+    },
     /// A user submitted a job; it gets the next id.
     SubmitJob { spec: JobSpec, at_ms: u64 },
     /// The scheduler placed every rank of a pending job.
@@ -302,10 +315,14 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandOutcome {
     Done,
-    JobSubmitted { job: JobId },
+    JobSubmitted {
+        job: JobId,
+    },
     /// The command was valid when proposed but not against the state it met (a stale plan, a job that
     /// already ended, ...). Nothing changed.
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
 }
 
 /// The whole replicated state.
@@ -319,7 +336,9 @@ pub struct State {
 }
 
 fn rejected(reason: impl Into<String>) -> CommandOutcome {
-    CommandOutcome::Rejected { reason: reason.into() }
+    CommandOutcome::Rejected {
+        reason: reason.into(),
+    }
 }
 
 impl State {
@@ -334,9 +353,17 @@ impl State {
                 port_range,
                 at_ms,
             } => self.register_node(node, address, instance_id, resources, port_range, at_ms),
-            Command::NodeLost { node, reason, at_ms } => self.node_lost(&node, reason, at_ms),
+            Command::NodeLost {
+                node,
+                reason,
+                at_ms,
+            } => self.node_lost(&node, reason, at_ms),
             Command::SubmitJob { spec, at_ms } => self.submit_job(spec, at_ms),
-            Command::PlaceJob { job, placement, at_ms } => self.place_job(job, placement, at_ms),
+            Command::PlaceJob {
+                job,
+                placement,
+                at_ms,
+            } => self.place_job(job, placement, at_ms),
             Command::ReportRanks {
                 node,
                 instance_id,
@@ -358,7 +385,10 @@ impl State {
         at_ms: u64,
     ) -> CommandOutcome {
         if port_range.0 > port_range.1 {
-            return rejected(format!("port range {}-{} is empty", port_range.0, port_range.1));
+            return rejected(format!(
+                "port range {}-{} is empty",
+                port_range.0, port_range.1
+            ));
         }
         let previous_instance = self.nodes.get(&node).map(|n| n.instance_id.clone());
         if let Some(previous) = previous_instance {
@@ -368,7 +398,11 @@ impl State {
                 self.lose_ranks_on(&node, &format!("the agent on {node} restarted"), at_ms);
             }
         }
-        let usage = self.nodes.get(&node).map(|n| n.usage.clone()).unwrap_or_default();
+        let usage = self
+            .nodes
+            .get(&node)
+            .map(|n| n.usage.clone())
+            .unwrap_or_default();
         let registered_at_ms = self.nodes.get(&node).map_or(at_ms, |n| n.registered_at_ms);
         self.nodes.insert(
             node.clone(),
@@ -462,7 +496,10 @@ impl State {
             return rejected(format!("job {job_id} does not exist"));
         };
         if job.state != JobState::Pending {
-            return rejected(format!("job {job_id} is {}, not pending", job.state.as_str()));
+            return rejected(format!(
+                "job {job_id} is {}, not pending",
+                job.state.as_str()
+            ));
         }
         let res = &job.spec.resources;
         if placement.nodes.len() != res.nodes as usize {
@@ -490,14 +527,18 @@ impl State {
                 || cap.free_cpus < res.cpus_per_node
                 || cap.free_memory_mib < res.memory_per_node_mib
             {
-                return rejected(format!("node {} no longer has room for job {job_id}", p.node));
+                return rejected(format!(
+                    "node {} no longer has room for job {job_id}",
+                    p.node
+                ));
             }
             if i == 0 && node.usage.ports.contains(&placement.master_port) {
-                return rejected(format!("port {} on {} is taken", placement.master_port, p.node));
+                return rejected(format!(
+                    "port {} on {} is taken",
+                    placement.master_port, p.node
+                ));
             }
-            if i == 0
-                && !(node.port_range.0..=node.port_range.1).contains(&placement.master_port)
-            {
+            if i == 0 && !(node.port_range.0..=node.port_range.1).contains(&placement.master_port) {
                 return rejected(format!(
                     "port {} is outside the range of {}",
                     placement.master_port, p.node
@@ -570,11 +611,15 @@ impl State {
         }
         let mut touched = BTreeSet::new();
         for obs in observations {
-            let Some(job) = self.jobs.get_mut(&obs.job) else { continue };
+            let Some(job) = self.jobs.get_mut(&obs.job) else {
+                continue;
+            };
             if job.attempt != obs.attempt {
                 continue;
             }
-            let Some(rank) = job.ranks.iter_mut().find(|r| r.rank == obs.rank) else { continue };
+            let Some(rank) = job.ranks.iter_mut().find(|r| r.rank == obs.rank) else {
+                continue;
+            };
             if &rank.node != node || rank.phase.is_terminal() {
                 continue;
             }
@@ -588,7 +633,9 @@ impl State {
             self.update_job_from_ranks(*job_id, at_ms);
         }
         for job_id in &idle_jobs {
-            let Some(job) = self.jobs.get_mut(job_id) else { continue };
+            let Some(job) = self.jobs.get_mut(job_id) else {
+                continue;
+            };
             if !job.state.is_terminal() {
                 continue;
             }
@@ -660,11 +707,15 @@ impl State {
 
     /// Returns the resources of every node of an ended job whose ranks have all ended.
     fn release_finished_allocations(&mut self, job_id: JobId) {
-        let Some(job) = self.jobs.get(&job_id) else { return };
+        let Some(job) = self.jobs.get(&job_id) else {
+            return;
+        };
         if !job.state.is_terminal() {
             return;
         }
-        let Some(allocation) = &job.allocation else { return };
+        let Some(allocation) = &job.allocation else {
+            return;
+        };
         let done: Vec<NodeId> = allocation
             .nodes
             .iter()
@@ -683,8 +734,12 @@ impl State {
     }
 
     fn release_node_allocation(&mut self, job_id: JobId, node_id: &NodeId) {
-        let Some(job) = self.jobs.get_mut(&job_id) else { return };
-        let Some(allocation) = job.allocation.as_mut() else { return };
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        let Some(allocation) = job.allocation.as_mut() else {
+            return;
+        };
         let master_port = allocation.master_port;
         let Some(na) = allocation
             .nodes
@@ -729,7 +784,10 @@ impl State {
 fn describe_exit(r: &RankStatus) -> String {
     match r.exit_code {
         Some(code) if code < 0 => {
-            format!("rank {} on {} was killed by signal {}", r.rank, r.node, -code)
+            format!(
+                "rank {} on {} was killed by signal {}",
+                r.rank, r.node, -code
+            )
         }
         Some(code) => format!("rank {} on {} exited with code {code}", r.rank, r.node),
         None => format!("rank {} on {} exited", r.rank, r.node),

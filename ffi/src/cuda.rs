@@ -86,8 +86,7 @@ fn enumerate() -> Result<Vec<CudaDevice>, CudaError> {
         // which is the only precondition of `cuDeviceTotalMem`.
         let total = unsafe { result::device::total_mem(dev) }
             .map_err(|e| driver_error("cuDeviceTotalMem", e))?;
-        let uuid =
-            result::device::get_uuid(dev).map_err(|e| driver_error("cuDeviceGetUuid", e))?;
+        let uuid = result::device::get_uuid(dev).map_err(|e| driver_error("cuDeviceGetUuid", e))?;
         devices.push(CudaDevice {
             ordinal: ordinal as u32,
             name,
@@ -145,7 +144,11 @@ mod tests {
                     assert_eq!(d.ordinal as usize, i);
                     assert!(!d.name.is_empty());
                     assert!(d.total_memory_bytes > 0);
-                    assert!(d.uuid.starts_with("GPU-") && d.uuid.len() == 40, "{}", d.uuid);
+                    assert!(
+                        d.uuid.starts_with("GPU-") && d.uuid.len() == 40,
+                        "{}",
+                        d.uuid
+                    );
                 }
             }
             Err(other) => panic!("unexpected error from the CUDA driver: {other}"),

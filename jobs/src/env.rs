@@ -47,7 +47,13 @@ mod tests {
 
     #[test]
     fn reserved_names() {
-        for key in ["RANK", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "TRAINCTL_JOB_ID", "TRAINCTL_"] {
+        for key in [
+            "RANK",
+            "MASTER_PORT",
+            "CUDA_VISIBLE_DEVICES",
+            "TRAINCTL_JOB_ID",
+            "TRAINCTL_",
+        ] {
             assert!(is_reserved_env(key), "{key}");
         }
         for key in ["rank", "NCCL_DEBUG", "MY_RANK", "TRAINCTL", "PATH"] {

@@ -88,6 +88,17 @@ pub struct FailurePolicy {
 impl JobSpec {
     /// Parses and validates a TOML spec. `origin` names the source in messages (usually
     /// the file name as the user gave it); errors carry its line and column.
+    ///
+    /// ```
+    /// use trainctl_jobs::JobSpec;
+    ///
+    /// let source = "name = \"ddp\"\n[launch]\ncommand = [\"python3\", \"train.py\"]\n\
+    ///               [resources]\nnodes = 2\nprocs_per_node = 0\n";
+    /// let err = JobSpec::from_toml(source, "job.toml").unwrap_err();
+    /// assert_eq!(err.line, Some(6));
+    /// assert_eq!(err.field.as_deref(), Some("resources.procs_per_node"));
+    /// assert!(err.to_string().starts_with("job.toml:6:18: resources.procs_per_node: must be at least 1"));
+    /// ```
     pub fn from_toml(source: &str, origin: &str) -> Result<JobSpec, SpecError> {
         let doc = toml::de::DeTable::parse(source).map_err(|e| {
             let mut err = SpecError {

@@ -98,15 +98,13 @@ fn toml_node(v: Spanned<DeValue<'_>>) -> Node {
     let span = v.span();
     let value = match v.into_inner() {
         DeValue::String(s) => Value::Str(s.into_owned()),
-        DeValue::Integer(i) => Value::Int(
-            i128::from_str_radix(i.as_str(), i.radix()).unwrap_or(
-                if i.as_str().starts_with('-') {
-                    i128::MIN
-                } else {
-                    i128::MAX
-                },
-            ),
-        ),
+        DeValue::Integer(i) => Value::Int(i128::from_str_radix(i.as_str(), i.radix()).unwrap_or(
+            if i.as_str().starts_with('-') {
+                i128::MIN
+            } else {
+                i128::MAX
+            },
+        )),
         DeValue::Float(f) => Value::Float(f.as_str().to_owned()),
         DeValue::Boolean(b) => Value::Bool(b),
         DeValue::Datetime(d) => Value::Datetime(d.to_string()),

@@ -137,7 +137,10 @@ impl<'s> Walker<'s> {
                 String::new()
             };
             let expected = format!("a table{hint}");
-            let accepted = format!("(accepted: a [{path}] table with keys {})", known.join(", "));
+            let accepted = format!(
+                "(accepted: a [{path}] table with keys {})",
+                known.join(", ")
+            );
             return Err(self.wrong_type(path, node, &expected, &accepted));
         };
         if !path.is_empty() {
@@ -212,7 +215,8 @@ impl<'s> Walker<'s> {
 
     fn command(&mut self, node: &Node) -> Result<Vec<String>> {
         const FIELD: &str = "launch.command";
-        const ACCEPTED: &str = "(accepted: an array of strings, one per argument, e.g. [\"python3\", \"train.py\"])";
+        const ACCEPTED: &str =
+            "(accepted: an array of strings, one per argument, e.g. [\"python3\", \"train.py\"])";
         self.record(FIELD, node.span.as_ref());
         let items = match &node.value {
             Value::Array(items) => items,
@@ -342,7 +346,9 @@ impl<'s> Walker<'s> {
 
     fn optional_u32(&mut self, entries: &[Entry], key: &str, bound: Bound) -> Result<Option<u32>> {
         debug_assert!(bound.field.ends_with(key));
-        get(entries, key).map(|node| self.u32(node, bound)).transpose()
+        get(entries, key)
+            .map(|node| self.u32(node, bound))
+            .transpose()
     }
 
     fn u32(&mut self, node: &Node, bound: Bound) -> Result<u32> {
@@ -366,12 +372,16 @@ impl<'s> Walker<'s> {
             }),
             Value::Str(s) if s.trim().parse::<i128>().is_ok() => {
                 let key = bound.field.rsplit('.').next().unwrap_or(bound.field);
-                let accepted = format!(
-                    "(remove the quotes: {key} = {}) {}",
-                    s.trim(),
-                    bound.accepted()
-                );
-                Err(self.wrong_type(bound.field, node, &expected, &accepted))
+                Err(self.error(
+                    SpecErrorKind::WrongType,
+                    bound.field,
+                    node.span.as_ref(),
+                    format!(
+                        "must be {expected}, got a string {s:?}; remove the quotes: {key} = {} {}",
+                        s.trim(),
+                        bound.accepted()
+                    ),
+                ))
             }
             _ => Err(self.wrong_type(bound.field, node, &expected, &bound.accepted())),
         }

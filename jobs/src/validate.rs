@@ -23,7 +23,8 @@ fn invalid(field: impl Into<String>, message: String) -> SpecError {
     SpecError::field(SpecErrorKind::Invalid, field, message)
 }
 
-pub(crate) const NAME_ACCEPTED: &str = "(accepted: 1 to 63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit)";
+pub(crate) const NAME_ACCEPTED: &str =
+    "(accepted: 1 to 63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit)";
 
 fn validate_name(name: &str) -> Result<(), SpecError> {
     let length = name.chars().count();
@@ -117,7 +118,10 @@ fn validate_launch(launch: &Launch) -> Result<(), SpecError> {
             ));
         }
         if value.contains('\0') {
-            return Err(invalid(field, "must not contain a NUL character".to_owned()));
+            return Err(invalid(
+                field,
+                "must not contain a NUL character".to_owned(),
+            ));
         }
     }
     Ok(())

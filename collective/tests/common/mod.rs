@@ -19,7 +19,13 @@ pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-pub fn cfg(rank: u32, world_size: u32, master: &str, port: u16, timeout: Duration) -> RendezvousConfig {
+pub fn cfg(
+    rank: u32,
+    world_size: u32,
+    master: &str,
+    port: u16,
+    timeout: Duration,
+) -> RendezvousConfig {
     RendezvousConfig {
         rank,
         world_size,
@@ -32,7 +38,11 @@ pub fn cfg(rank: u32, world_size: u32, master: &str, port: u16, timeout: Duratio
 
 /// A port that was free a moment ago (for tests where rank 0 must start after the others).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Runs `f` on every rank of a `world`-rank ring on 127.0.0.1 and returns the results by rank.
@@ -72,7 +82,8 @@ where
         c.bind_addr = ip(binds[rank as usize]);
         let (f, tx) = (f.clone(), tx.clone());
         handles.push(thread::spawn(move || {
-            let ring = TcpRing::connect(c).unwrap_or_else(|e| panic!("rank {rank} rendezvous: {e}"));
+            let ring =
+                TcpRing::connect(c).unwrap_or_else(|e| panic!("rank {rank} rendezvous: {e}"));
             let _ = tx.send((rank, f(ring)));
         }));
     }
@@ -81,7 +92,9 @@ where
     for _ in 0..world {
         match rx.recv_timeout(WATCHDOG) {
             Ok((rank, value)) => results[rank as usize] = Some(value),
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!("ranks did not finish within {WATCHDOG:?}: deadlock?"),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("ranks did not finish within {WATCHDOG:?}: deadlock?")
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
@@ -90,22 +103,8 @@ where
             std::panic::resume_unwind(panic);
         }
     }
-    results.into_iter().map(|r| r.expect("every rank reported")).collect()
-}
-
-/// Runs `f(rank, result_of_connect)` for each given rank config on its own thread, in parallel.
-pub fn connect_all<T, F>(cfgs: Vec<RendezvousConfig>, f: F) -> Vec<T>
-where
-    T: Send + 'static,
-    F: Fn(Result<TcpRing, trainctl_collective::CollectiveError>) -> T + Send + Sync + 'static,
-{
-    let f = Arc::new(f);
-    let handles: Vec<_> = cfgs
+    results
         .into_iter()
-        .map(|c| {
-            let f = f.clone();
-            thread::spawn(move || f(TcpRing::connect(c)))
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+        .map(|r| r.expect("every rank reported"))
+        .collect()
 }

@@ -32,7 +32,10 @@ impl LogStore {
         Ok(LogStore { db })
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>, StorageError> {
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        db: &Database,
+        key: &str,
+    ) -> Result<Option<T>, StorageError> {
         let txn = db.begin_read().map_err(|e| StorageIOError::read(&e))?;
         let table = txn.open_table(META).map_err(|e| StorageIOError::read(&e))?;
         let Some(raw) = table.get(key).map_err(|e| StorageIOError::read(&e))? else {
@@ -42,12 +45,20 @@ impl LogStore {
         Ok(Some(value))
     }
 
-    fn write_meta<T: serde::Serialize>(db: &Database, key: &str, value: &T) -> Result<(), StorageError> {
+    fn write_meta<T: serde::Serialize>(
+        db: &Database,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(value).map_err(|e| StorageIOError::write(&e))?;
         let txn = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
         {
-            let mut table = txn.open_table(META).map_err(|e| StorageIOError::write(&e))?;
-            table.insert(key, bytes.as_slice()).map_err(|e| StorageIOError::write(&e))?;
+            let mut table = txn
+                .open_table(META)
+                .map_err(|e| StorageIOError::write(&e))?;
+            table
+                .insert(key, bytes.as_slice())
+                .map_err(|e| StorageIOError::write(&e))?;
         }
         txn.commit().map_err(|e| StorageIOError::write(&e))?;
         Ok(())
@@ -68,14 +79,23 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
         let db = self.db.clone();
-        let range = (bound_owned(range.start_bound()), bound_owned(range.end_bound()));
+        let range = (
+            bound_owned(range.start_bound()),
+            bound_owned(range.end_bound()),
+        );
         blocking(move || {
             let txn = db.begin_read().map_err(|e| StorageIOError::read_logs(&e))?;
-            let table = txn.open_table(LOG).map_err(|e| StorageIOError::read_logs(&e))?;
+            let table = txn
+                .open_table(LOG)
+                .map_err(|e| StorageIOError::read_logs(&e))?;
             let mut entries = Vec::new();
-            for item in table.range::<u64>(range).map_err(|e| StorageIOError::read_logs(&e))? {
+            for item in table
+                .range::<u64>(range)
+                .map_err(|e| StorageIOError::read_logs(&e))?
+            {
                 let (_, raw) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-                let entry = serde_json::from_slice(raw.value()).map_err(|e| StorageIOError::read_logs(&e))?;
+                let entry = serde_json::from_slice(raw.value())
+                    .map_err(|e| StorageIOError::read_logs(&e))?;
                 entries.push(entry);
             }
             Ok(entries)
@@ -92,11 +112,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || {
             let last_purged: Option<LogId<ServerId>> = Self::read_meta(&db, KEY_LAST_PURGED)?;
             let txn = db.begin_read().map_err(|e| StorageIOError::read_logs(&e))?;
-            let table = txn.open_table(LOG).map_err(|e| StorageIOError::read_logs(&e))?;
+            let table = txn
+                .open_table(LOG)
+                .map_err(|e| StorageIOError::read_logs(&e))?;
             let last = match table.last().map_err(|e| StorageIOError::read_logs(&e))? {
                 Some((_, raw)) => {
-                    let entry: Entry<TypeConfig> =
-                        serde_json::from_slice(raw.value()).map_err(|e| StorageIOError::read_logs(&e))?;
+                    let entry: Entry<TypeConfig> = serde_json::from_slice(raw.value())
+                        .map_err(|e| StorageIOError::read_logs(&e))?;
                     Some(entry.log_id)
                 }
                 None => last_purged,
@@ -124,17 +146,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || Self::read_meta(&db, KEY_VOTE)).await
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<ServerId>>) -> Result<(), StorageError> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<ServerId>>,
+    ) -> Result<(), StorageError> {
         let db = self.db.clone();
         blocking(move || Self::write_meta(&db, KEY_COMMITTED, &committed)).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<ServerId>>, StorageError> {
         let db = self.db.clone();
-        blocking(move || Ok(Self::read_meta::<Option<LogId<ServerId>>>(&db, KEY_COMMITTED)?.flatten())).await
+        blocking(move || {
+            Ok(Self::read_meta::<Option<LogId<ServerId>>>(&db, KEY_COMMITTED)?.flatten())
+        })
+        .await
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -146,27 +178,42 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             encoded.push((entry.log_id.index, bytes));
         }
         let result = blocking(move || {
-            let txn = db.begin_write().map_err(|e| StorageIOError::write_logs(&e))?;
+            let txn = db
+                .begin_write()
+                .map_err(|e| StorageIOError::write_logs(&e))?;
             {
-                let mut table = txn.open_table(LOG).map_err(|e| StorageIOError::write_logs(&e))?;
+                let mut table = txn
+                    .open_table(LOG)
+                    .map_err(|e| StorageIOError::write_logs(&e))?;
                 for (index, bytes) in &encoded {
-                    table.insert(index, bytes.as_slice()).map_err(|e| StorageIOError::write_logs(&e))?;
+                    table
+                        .insert(index, bytes.as_slice())
+                        .map_err(|e| StorageIOError::write_logs(&e))?;
                 }
             }
             txn.commit().map_err(|e| StorageIOError::write_logs(&e))?;
             Ok(())
         })
         .await;
-        callback.log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        callback.log_io_completed(
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
         result
     }
 
     async fn truncate(&mut self, log_id: LogId<ServerId>) -> Result<(), StorageError> {
         let db = self.db.clone();
         blocking(move || {
-            let txn = db.begin_write().map_err(|e| StorageIOError::write_logs(&e))?;
+            let txn = db
+                .begin_write()
+                .map_err(|e| StorageIOError::write_logs(&e))?;
             {
-                let mut table = txn.open_table(LOG).map_err(|e| StorageIOError::write_logs(&e))?;
+                let mut table = txn
+                    .open_table(LOG)
+                    .map_err(|e| StorageIOError::write_logs(&e))?;
                 table
                     .retain_in(log_id.index.., |_, _| false)
                     .map_err(|e| StorageIOError::write_logs(&e))?;
@@ -181,9 +228,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         blocking(move || {
             Self::write_meta(&db, KEY_LAST_PURGED, &log_id)?;
-            let txn = db.begin_write().map_err(|e| StorageIOError::write_logs(&e))?;
+            let txn = db
+                .begin_write()
+                .map_err(|e| StorageIOError::write_logs(&e))?;
             {
-                let mut table = txn.open_table(LOG).map_err(|e| StorageIOError::write_logs(&e))?;
+                let mut table = txn
+                    .open_table(LOG)
+                    .map_err(|e| StorageIOError::write_logs(&e))?;
                 table
                     .retain_in(..=log_id.index, |_, _| false)
                     .map_err(|e| StorageIOError::write_logs(&e))?;

@@ -9,8 +9,8 @@ use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
-    StoredMembership,
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StorageIOError, StoredMembership,
 };
 use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -75,26 +75,40 @@ impl StateMachineStore {
 }
 
 fn read_snapshot(db: &Database) -> Result<Option<StoredSnapshot>, StorageError> {
-    let txn = db.begin_read().map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-    let table = txn.open_table(SNAPSHOT).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-    let Some(raw) = table.get(KEY_SNAPSHOT).map_err(|e| StorageIOError::read_snapshot(None, &e))? else {
+    let txn = db
+        .begin_read()
+        .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+    let table = txn
+        .open_table(SNAPSHOT)
+        .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+    let Some(raw) = table
+        .get(KEY_SNAPSHOT)
+        .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+    else {
         return Ok(None);
     };
-    let stored = serde_json::from_slice(raw.value()).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+    let stored =
+        serde_json::from_slice(raw.value()).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
     Ok(Some(stored))
 }
 
 fn write_snapshot(db: &Database, stored: &StoredSnapshot) -> Result<(), StorageError> {
     let sig = Some(stored.meta.signature());
-    let bytes = serde_json::to_vec(stored).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-    let txn = db.begin_write().map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+    let bytes =
+        serde_json::to_vec(stored).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+    let txn = db
+        .begin_write()
+        .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
     {
-        let mut table = txn.open_table(SNAPSHOT).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        let mut table = txn
+            .open_table(SNAPSHOT)
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
         table
             .insert(KEY_SNAPSHOT, bytes.as_slice())
             .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
     }
-    txn.commit().map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+    txn.commit()
+        .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
     Ok(())
 }
 
@@ -102,7 +116,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (data, last_applied, last_membership) = {
             let guard = self.applied.read().unwrap_or_else(|e| e.into_inner());
-            let data = serde_json::to_vec(&*guard).map_err(|e| StorageIOError::read_state_machine(&e))?;
+            let data =
+                serde_json::to_vec(&*guard).map_err(|e| StorageIOError::read_state_machine(&e))?;
             (data, guard.last_applied, guard.last_membership.clone())
         };
         let snapshot_id = match last_applied {
@@ -114,7 +129,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             last_membership,
             snapshot_id,
         };
-        let stored = StoredSnapshot { meta: meta.clone(), data };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
         let db = self.db.clone();
         let stored = blocking(move || {
             write_snapshot(&db, &stored)?;
@@ -133,7 +151,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<ServerId>>, StoredMembership<ServerId, BasicNode>), StorageError> {
+    ) -> Result<
+        (
+            Option<LogId<ServerId>>,
+            StoredMembership<ServerId, BasicNode>,
+        ),
+        StorageError,
+    > {
         let guard = self.applied.read().unwrap_or_else(|e| e.into_inner());
         Ok((guard.last_applied, guard.last_membership.clone()))
     }
@@ -152,7 +176,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Blank => CommandOutcome::Done,
                     EntryPayload::Normal(command) => guard.state.apply(command),
                     EntryPayload::Membership(membership) => {
-                        guard.last_membership = StoredMembership::new(Some(entry.log_id), membership);
+                        guard.last_membership =
+                            StoredMembership::new(Some(entry.log_id), membership);
                         CommandOutcome::Done
                     }
                 };
@@ -179,7 +204,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         let applied: Applied = serde_json::from_slice(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let stored = StoredSnapshot { meta: meta.clone(), data };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
         let db = self.db.clone();
         blocking(move || write_snapshot(&db, &stored)).await?;
         *self.applied.write().unwrap_or_else(|e| e.into_inner()) = applied;

@@ -1,0 +1,151 @@
+//! A small client of the coordinator's REST API, used by every CLI command.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use serde::de::DeserializeOwned;
+use trainctl_coordinator::api::{
+    ErrorBody, JobDetail, JobSummary, LogsPage, NodeView, SubmitResponse,
+};
+use trainctl_jobs::JobSpec;
+
+/// Where the CLI finds the coordinator when neither `--addr` nor `TRAINCTL_ADDR` says.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7470";
+
+/// A REST client of one coordinator.
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client of the coordinator at `addr` (`host:port` or a URL).
+    pub fn new(addr: &str) -> anyhow::Result<Self> {
+        let base = if addr.contains("://") {
+            addr.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{}", addr.trim_end_matches('/'))
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("build HTTP client")?;
+        Ok(Client { base, http })
+    }
+
+    async fn check<T: DeserializeOwned>(
+        &self,
+        response: Result<reqwest::Response, reqwest::Error>,
+    ) -> anyhow::Result<T> {
+        let response = response.map_err(|e| {
+            if e.is_connect() || e.is_timeout() {
+                anyhow!(
+                    "cannot reach the coordinator at {}: is it running? Start a local one with `trainctl dev`, \
+                     or point the CLI at yours with --addr or TRAINCTL_ADDR",
+                    self.base
+                )
+            } else {
+                anyhow!("request to {} failed: {e}", self.base)
+            }
+        })?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .context("read the coordinator's reply")?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            bail!("{message}");
+        }
+        serde_json::from_slice(&body)
+            .with_context(|| format!("unexpected reply from the coordinator ({status})"))
+    }
+
+    /// Submits a job spec; returns its id.
+    pub async fn submit(&self, spec: &JobSpec) -> anyhow::Result<String> {
+        let r: SubmitResponse = self
+            .check(
+                self.http
+                    .post(format!("{}/v1/jobs", self.base))
+                    .json(spec)
+                    .send()
+                    .await,
+            )
+            .await?;
+        Ok(r.id)
+    }
+
+    /// Lists jobs.
+    pub async fn list(&self) -> anyhow::Result<Vec<JobSummary>> {
+        self.check(self.http.get(format!("{}/v1/jobs", self.base)).send().await)
+            .await
+    }
+
+    /// One job in full.
+    pub async fn job(&self, id: &str) -> anyhow::Result<JobDetail> {
+        self.check(
+            self.http
+                .get(format!("{}/v1/jobs/{}", self.base, enc(id)))
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// Cancels a job.
+    pub async fn cancel(&self, id: &str) -> anyhow::Result<JobDetail> {
+        self.check(
+            self.http
+                .post(format!("{}/v1/jobs/{}/cancel", self.base, enc(id)))
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// A page of a job's output after `cursor`.
+    pub async fn logs(
+        &self,
+        id: &str,
+        rank: Option<u32>,
+        cursor: &str,
+    ) -> anyhow::Result<LogsPage> {
+        let mut url = format!(
+            "{}/v1/jobs/{}/logs?cursor={}",
+            self.base,
+            enc(id),
+            enc(cursor)
+        );
+        if let Some(r) = rank {
+            url.push_str(&format!("&rank={r}"));
+        }
+        self.check(self.http.get(url).send().await).await
+    }
+
+    /// The cluster's nodes.
+    pub async fn nodes(&self) -> anyhow::Result<Vec<NodeView>> {
+        self.check(
+            self.http
+                .get(format!("{}/v1/nodes", self.base))
+                .send()
+                .await,
+        )
+        .await
+    }
+}
+
+/// Percent-encodes a path segment or query value (so a user-typed id cannot change the URL).
+fn enc(text: &str) -> String {
+    let mut out = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

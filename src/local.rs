@@ -1,0 +1,212 @@
+//! `trainctl dev` and `trainctl demo`: a coordinator and N agents started on this machine as separate
+//! processes of this same binary, each agent on its own loopback address (127.0.0.2, 127.0.0.3, ...) so
+//! every "host" has its own IP. They talk over the same gRPC and REST paths as a real cluster.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::client::Client;
+
+/// Most agents a local cluster may have: each takes an address in 127.0.0.2..=127.0.0.255.
+pub const MAX_LOCAL_AGENTS: u32 = 254;
+/// Ports each local agent may lease to jobs: disjoint per agent, since ranks often bind every address.
+pub const LOCAL_PORTS_PER_AGENT: u16 = 100;
+/// First port leased to local agents' jobs.
+pub const LOCAL_PORT_BASE: u16 = 29500;
+/// How long to wait for every agent to register.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a local cluster looks like.
+#[derive(Debug, Clone)]
+pub struct LocalClusterSpec {
+    pub agents: u32,
+    pub data_dir: PathBuf,
+    /// host:port of the coordinator.
+    pub listen: String,
+    pub gpus_per_agent: Option<u32>,
+    /// Extra environment for every process (e.g. PATH with a Python virtual environment first).
+    pub heartbeat_interval_ms: u32,
+    pub node_timeout_ms: u64,
+}
+
+/// A running local cluster; dropping it stops every process (agents first, so they stop their ranks).
+pub struct LocalCluster {
+    pub coordinator_url: String,
+    pub agents: Vec<(String, Ipv4Addr)>,
+    coordinator: Option<Child>,
+    agent_children: Vec<Child>,
+    pub data_dir: PathBuf,
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_local_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn_child(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it asks the kernel to
+    // kill this child when the process that started it dies, so a killed `trainctl dev` leaves nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("start {} {}", exe.display(), args.join(" ")))
+}
+
+impl LocalCluster {
+    /// Starts the coordinator and the agents, and waits until every agent has registered.
+    pub async fn start(spec: &LocalClusterSpec) -> anyhow::Result<LocalCluster> {
+        if spec.agents == 0 || spec.agents > MAX_LOCAL_AGENTS {
+            bail!(
+                "--agents must be between 1 and {MAX_LOCAL_AGENTS}, got {}",
+                spec.agents
+            );
+        }
+        let exe = std::env::current_exe().context("find this program's path")?;
+        std::fs::create_dir_all(&spec.data_dir)
+            .with_context(|| format!("create {}", spec.data_dir.display()))?;
+        let coordinator_url = format!("http://{}", spec.listen);
+        if std::net::TcpStream::connect_timeout(
+            &spec
+                .listen
+                .parse()
+                .with_context(|| format!("`{}` is not host:port", spec.listen))?,
+            Duration::from_millis(200),
+        )
+        .is_ok()
+        {
+            bail!(
+                "{} is already in use (another `trainctl dev`?). Stop it, or choose another address with --listen",
+                spec.listen
+            );
+        }
+        let coordinator = spawn_child(
+            &exe,
+            &[
+                "coordinator".into(),
+                "--data-dir".into(),
+                spec.data_dir.join("coordinator").display().to_string(),
+                "--listen".into(),
+                spec.listen.clone(),
+                "--heartbeat-interval-ms".into(),
+                spec.heartbeat_interval_ms.to_string(),
+                "--node-timeout-ms".into(),
+                spec.node_timeout_ms.to_string(),
+            ],
+            &spec.data_dir.join("coordinator.log"),
+        )?;
+        let mut cluster = LocalCluster {
+            coordinator_url: coordinator_url.clone(),
+            agents: Vec::new(),
+            coordinator: Some(coordinator),
+            agent_children: Vec::new(),
+            data_dir: spec.data_dir.clone(),
+        };
+        for i in 1..=spec.agents {
+            let name = format!("node-{i}");
+            let ip = Ipv4Addr::new(127, 0, 0, (i + 1) as u8);
+            let lo = LOCAL_PORT_BASE + (i as u16 - 1) * LOCAL_PORTS_PER_AGENT;
+            let mut args = vec![
+                "agent".to_string(),
+                "--coordinator".into(),
+                coordinator_url.clone(),
+                "--data-dir".into(),
+                spec.data_dir.join(&name).display().to_string(),
+                "--name".into(),
+                name.clone(),
+                "--advertise-addr".into(),
+                ip.to_string(),
+                "--port-range".into(),
+                format!("{lo}-{}", lo + LOCAL_PORTS_PER_AGENT - 1),
+            ];
+            if let Some(g) = spec.gpus_per_agent {
+                args.push("--gpus".into());
+                args.push(g.to_string());
+            }
+            let child = spawn_child(&exe, &args, &spec.data_dir.join(format!("{name}.log")))?;
+            cluster.agent_children.push(child);
+            cluster.agents.push((name, ip));
+        }
+        cluster.wait_ready(spec.agents).await?;
+        Ok(cluster)
+    }
+
+    async fn wait_ready(&mut self, agents: u32) -> anyhow::Result<()> {
+        let client = Client::new(&self.coordinator_url)?;
+        let started = Instant::now();
+        loop {
+            if let Some(c) = self.coordinator.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!(
+                        "the coordinator exited ({status}) while starting; see {}",
+                        self.data_dir.join("coordinator.log").display()
+                    );
+                }
+            }
+            if let Ok(nodes) = client.nodes().await {
+                if nodes.iter().filter(|n| n.status == "up").count() as u32 >= agents {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > STARTUP_TIMEOUT {
+                bail!(
+                    "the local cluster did not come up within {}s; see the logs in {}",
+                    STARTUP_TIMEOUT.as_secs(),
+                    self.data_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the agents (which stop their ranks), then the coordinator.
+    pub fn stop(&mut self) {
+        for child in &self.agent_children {
+            // SAFETY: kill(2) with a pid we spawned and have not reaped; no memory is shared.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for child in &mut self.agent_children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.agent_children.clear();
+        if let Some(mut c) = self.coordinator.take() {
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,225 @@
+//! Human-readable output of the CLI: tables and job details, in kubectl/Nomad style.
+
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use trainctl_coordinator::api::{JobDetail, JobSummary, NodeView};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// "3s", "4m", "2h", "5d".
+fn age(since_ms: u64) -> String {
+    let s = now_ms().saturating_sub(since_ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+fn duration(from_ms: u64, to_ms: u64) -> String {
+    format!("{:.1}s", to_ms.saturating_sub(from_ms) as f64 / 1000.0)
+}
+
+/// Lays out rows in columns separated by two spaces.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ", width = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The job listing.
+pub fn job_table(jobs: &[JobSummary]) -> String {
+    if jobs.is_empty() {
+        return "no jobs\n".to_string();
+    }
+    let mut rows = vec![["ID", "NAME", "STATE", "GANG", "AGE", "DETAIL"]
+        .map(String::from)
+        .to_vec()];
+    for j in jobs {
+        rows.push(vec![
+            j.id.clone(),
+            j.name.clone(),
+            j.state.clone(),
+            format!("{}x{}", j.nodes, j.procs_per_node),
+            age(j.submitted_at_ms),
+            j.pending_reason
+                .clone()
+                .or_else(|| j.reason.clone())
+                .unwrap_or_default(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// One line on where a job is: its state and why.
+pub fn state_line(d: &JobDetail) -> String {
+    let s = &d.summary;
+    match s.state.as_str() {
+        "pending" => format!(
+            "pending: {}",
+            s.pending_reason.as_deref().unwrap_or("queued")
+        ),
+        "starting" | "running" => {
+            let hosts: Vec<String> = d
+                .allocation
+                .iter()
+                .map(|a| format!("{} ({})", a.node, a.address))
+                .collect();
+            format!(
+                "{} on {}; rendezvous {}:{}",
+                s.state,
+                hosts.join(", "),
+                d.master_addr.as_deref().unwrap_or("?"),
+                d.master_port.unwrap_or(0)
+            )
+        }
+        other => match &s.reason {
+            Some(r) => format!("{other}: {r}"),
+            None => other.to_string(),
+        },
+    }
+}
+
+/// Everything about one job.
+pub fn job_detail(d: &JobDetail) -> String {
+    let s = &d.summary;
+    let mut out = String::new();
+    let _ = writeln!(out, "job {} ({}): {}", s.id, s.name, s.state);
+    if let Some(r) = &s.pending_reason {
+        let _ = writeln!(out, "  waiting: {r}");
+    }
+    if let Some(r) = &s.reason {
+        let _ = writeln!(out, "  reason: {r}");
+    }
+    let _ = writeln!(
+        out,
+        "  gang: {} hosts x {} ranks = world size {}{}",
+        s.nodes,
+        s.procs_per_node,
+        s.world_size,
+        if s.gpus_per_node > 0 {
+            format!(", {} GPUs per host", s.gpus_per_node)
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(out, "  command: {:?}", d.spec.launch.command);
+    match (s.started_at_ms, s.finished_at_ms) {
+        (Some(a), Some(b)) => {
+            let _ = writeln!(
+                out,
+                "  ran for {} (queued {})",
+                duration(a, b),
+                duration(s.submitted_at_ms, a)
+            );
+        }
+        (Some(a), None) => {
+            let _ = writeln!(out, "  started {} ago", age(a));
+        }
+        _ => {
+            let _ = writeln!(out, "  submitted {} ago", age(s.submitted_at_ms));
+        }
+    }
+    if let (Some(addr), Some(port)) = (&d.master_addr, d.master_port) {
+        let _ = writeln!(
+            out,
+            "  rendezvous: MASTER_ADDR={addr} MASTER_PORT={port}, attempt {}",
+            d.attempt
+        );
+    }
+    if !d.ranks.is_empty() {
+        let mut rows = vec![["RANK", "HOST", "LOCAL", "STATE", "EXIT", "PID", "MESSAGE"]
+            .map(String::from)
+            .to_vec()];
+        for r in &d.ranks {
+            rows.push(vec![
+                r.rank.to_string(),
+                r.node.clone(),
+                r.local_rank.to_string(),
+                r.state.clone(),
+                r.exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                r.message.clone().unwrap_or_default(),
+            ]);
+        }
+        for line in table(&rows).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+/// The node listing.
+pub fn node_table(nodes: &[NodeView]) -> String {
+    if nodes.is_empty() {
+        return "no nodes: start an agent with `trainctl agent --coordinator ADDR --data-dir DIR`\n".to_string();
+    }
+    let mut rows = vec![[
+        "NAME", "ADDRESS", "STATUS", "CPUS", "MEMORY", "GPUS", "RDMA", "JOBS",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for n in nodes {
+        let status = match &n.status_reason {
+            Some(r) if n.status != "up" => format!("{} ({r})", n.status),
+            _ => n.status.clone(),
+        };
+        rows.push(vec![
+            n.name.clone(),
+            n.address.clone(),
+            status,
+            format!("{}/{}", n.cpus_allocated, n.cpus),
+            format!(
+                "{}/{} GiB",
+                n.memory_allocated_mib / 1024,
+                n.memory_mib / 1024
+            ),
+            if n.gpus == 0 {
+                "0".to_string()
+            } else {
+                format!("{}/{} {}", n.gpus_allocated, n.gpus, n.gpu_models.join(","))
+            },
+            if n.rdma.is_empty() {
+                "-".to_string()
+            } else {
+                n.rdma.len().to_string()
+            },
+            if n.jobs.is_empty() {
+                "-".to_string()
+            } else {
+                n.jobs.join(",")
+            },
+        ]);
+    }
+    table(&rows)
+}
