@@ -72,6 +72,9 @@ enum Cmd {
         /// Declare this many GPUs on every agent (development without GPUs).
         #[arg(long)]
         gpus_per_agent: Option<u32>,
+        /// A host not heard from for this long is lost and its jobs fail.
+        #[arg(long, default_value_t = 10_000)]
+        node_timeout_ms: u64,
     },
     /// Submit a job file (TOML).
     Submit {
@@ -226,7 +229,8 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             data_dir,
             keep_state,
             gpus_per_agent,
-        } => dev(agents, listen, data_dir, keep_state, gpus_per_agent).await,
+            node_timeout_ms,
+        } => dev(agents, listen, data_dir, keep_state, gpus_per_agent, node_timeout_ms).await,
         Cmd::Submit {
             file,
             wait,
@@ -470,6 +474,7 @@ async fn dev(
     data_dir: Option<PathBuf>,
     keep_state: bool,
     gpus_per_agent: Option<u32>,
+    node_timeout_ms: u64,
 ) -> anyhow::Result<ExitCode> {
     let data_dir = data_dir.unwrap_or_else(|| std::env::temp_dir().join("trainctl-dev"));
     if !keep_state && data_dir.exists() {
@@ -483,7 +488,7 @@ async fn dev(
         listen: listen.clone(),
         gpus_per_agent,
         heartbeat_interval_ms: 500,
-        node_timeout_ms: 10_000,
+        node_timeout_ms,
     };
     let mut cluster = LocalCluster::start(&spec).await?;
     println!(

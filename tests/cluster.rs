@@ -1,0 +1,370 @@
+//! Real processes on loopback addresses: `trainctl dev` (a coordinator and agents, each agent on its
+//! own 127.0.0.x), driven through the `trainctl` command line exactly as a user would.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{eventually, job_file, processes_with, repo, DevCluster};
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn example_job_is_gang_scheduled_run_logged_and_succeeds() {
+    let cluster = DevCluster::start(2);
+    let spec = repo().join("jobs/examples/ddp-example.toml");
+    let out = cluster.cli(&["submit", spec.to_str().unwrap(), "--wait", "-o", "json"]);
+    assert!(out.status.success(), "submit --wait must exit 0 on success: {}", String::from_utf8_lossy(&out.stderr));
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["state"], "succeeded");
+    let id = job["id"].as_str().unwrap();
+
+    // Every rank ran on its host, exited 0, and the gang spanned both hosts.
+    let ranks = job["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 4);
+    for (i, r) in ranks.iter().enumerate() {
+        assert_eq!(r["rank"], i as u64);
+        assert_eq!(r["state"], "exited");
+        assert_eq!(r["exit_code"], 0);
+        assert_eq!(r["node"], if i < 2 { "node-1" } else { "node-2" });
+    }
+    assert_eq!(job["master_addr"], "127.0.0.2", "MASTER_ADDR is group rank 0's IP, never a hostname");
+
+    // Logs: every line tagged with host and global rank; every rank agrees on the checksum.
+    let logs = cluster.logs(id);
+    assert!(logs.contains("[node-1 rank 0] step 1/30 loss"), "{logs}");
+    let checksums: BTreeSet<&str> = logs
+        .lines()
+        .filter(|l| l.contains("final checksum"))
+        .map(|l| l.split("final checksum ").nth(1).unwrap())
+        .collect();
+    assert_eq!(checksums.len(), 1, "ranks disagree: {checksums:?}");
+    for rank in 0..4 {
+        let node = if rank < 2 { "node-1" } else { "node-2" };
+        assert!(logs.contains(&format!("[{node} rank {rank}] final checksum")), "rank {rank} missing: {logs}");
+    }
+    // --rank filters to one rank.
+    let only = String::from_utf8(cluster.cli(&["logs", id, "--rank", "3"]).stdout).unwrap();
+    assert!(only.lines().all(|l| l.starts_with("[node-2 rank 3]")), "{only}");
+    assert!(!only.is_empty());
+
+    // The same seed and world size give the same checksum on a second run.
+    let again = cluster.cli(&["submit", spec.to_str().unwrap(), "--wait", "-o", "json"]);
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    let logs2 = cluster.logs(again["id"].as_str().unwrap());
+    let first = logs2.lines().find(|l| l.contains("final checksum")).unwrap();
+    assert!(checksums.contains(first.split("final checksum ").nth(1).unwrap()));
+
+    // Human output of list and nodes.
+    let list = String::from_utf8(cluster.cli(&["list"]).stdout).unwrap();
+    assert!(list.contains("ddp-example") && list.contains("succeeded"), "{list}");
+    let nodes = cluster.json(&["nodes"]);
+    for n in nodes.as_array().unwrap() {
+        assert_eq!(n["cpus_allocated"], 0, "resources returned after the job: {n}");
+        assert!(n["jobs"].as_array().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn every_rank_gets_the_torchrun_environment() {
+    let cluster = DevCluster::start_with(2, &["--gpus-per-agent", "4"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = job_file(
+        dir.path(),
+        "env",
+        r#"
+name = "env"
+[launch]
+command = ["sh", "-c", "env | sort"]
+env = { MY_SETTING = "42" }
+[resources]
+nodes = 2
+procs_per_node = 2
+gpus_per_node = 2
+"#,
+    );
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_state(&id, "succeeded", JOB_TIMEOUT);
+    let logs = cluster.logs(&id);
+    let var = |rank: u32, key: &str| -> String {
+        let node = if rank < 2 { "node-1" } else { "node-2" };
+        let prefix = format!("[{node} rank {rank}] {key}=");
+        logs.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("rank {rank} has no {key}: {logs}"))
+            .to_string()
+    };
+    let port: u16 = job["master_port"].as_u64().unwrap() as u16;
+    // node-1's lease range in `trainctl dev`.
+    assert!((29500..29600).contains(&port), "MASTER_PORT {port} outside node-1's range");
+    for rank in 0..4u32 {
+        assert_eq!(var(rank, "RANK"), rank.to_string());
+        assert_eq!(var(rank, "LOCAL_RANK"), (rank % 2).to_string());
+        assert_eq!(var(rank, "WORLD_SIZE"), "4");
+        assert_eq!(var(rank, "LOCAL_WORLD_SIZE"), "2");
+        assert_eq!(var(rank, "GROUP_RANK"), (rank / 2).to_string());
+        assert_eq!(var(rank, "GROUP_WORLD_SIZE"), "2");
+        assert_eq!(var(rank, "ROLE_RANK"), rank.to_string());
+        assert_eq!(var(rank, "ROLE_NAME"), "default");
+        assert_eq!(var(rank, "MASTER_ADDR"), "127.0.0.2");
+        assert_eq!(var(rank, "MASTER_PORT"), port.to_string());
+        assert_eq!(var(rank, "TORCHELASTIC_RESTART_COUNT"), "0");
+        assert_eq!(var(rank, "TORCHELASTIC_RUN_ID"), format!("trainctl-{id}"));
+        assert_eq!(var(rank, "TRAINCTL_JOB_ID"), id);
+        assert_eq!(var(rank, "CUDA_VISIBLE_DEVICES"), "0,1");
+        assert_eq!(var(rank, "OMP_NUM_THREADS"), "1");
+        assert_eq!(var(rank, "MY_SETTING"), "42");
+        assert!(var(rank, "TORCHELASTIC_ERROR_FILE").ends_with("error.json"));
+    }
+    assert_eq!(var(2, "TRAINCTL_NODE_ADDR"), "127.0.0.3");
+}
+
+#[test]
+fn a_failing_rank_fails_the_job_and_stops_the_rest_of_the_gang() {
+    let cluster = DevCluster::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = job_file(
+        dir.path(),
+        "fail",
+        r#"
+name = "fail"
+[launch]
+command = ["sh", "-c", "if [ \"$RANK\" = 3 ]; then sleep 1; echo boom >&2; exit 3; fi; sleep 4711.1"]
+[resources]
+nodes = 2
+procs_per_node = 2
+"#,
+    );
+    let out = cluster.cli(&["submit", spec.to_str().unwrap(), "--wait", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "submit --wait exits 1 when the job fails");
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["state"], "failed");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(reason.contains("rank 3 on node-2 exited with code 3"), "{reason}");
+    let id = job["id"].as_str().unwrap();
+    // The others were stopped: every rank ends, none is left running anywhere.
+    let job = eventually(JOB_TIMEOUT, "every rank to end", || {
+        let job = cluster.job(id);
+        job["ranks"].as_array().unwrap().iter().all(|r| r["state"] != "running").then_some(job)
+    });
+    let codes: Vec<i64> = job["ranks"].as_array().unwrap().iter().map(|r| r["exit_code"].as_i64().unwrap()).collect();
+    assert_eq!(codes, vec![-15, -15, -15, 3], "the rest of the gang is stopped with SIGTERM");
+    eventually(Duration::from_secs(10), "no rank process left", || processes_with("4711.1").is_empty().then_some(()));
+    assert!(cluster.logs(id).contains("[node-2 rank 3] boom"));
+}
+
+#[test]
+fn cancel_stops_every_process_including_grandchildren() {
+    let cluster = DevCluster::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = job_file(
+        dir.path(),
+        "cancel",
+        r#"
+name = "cancel-me"
+[launch]
+command = ["sh", "-c", "sleep 4712.2 & sleep 4712.2 & echo started; wait"]
+[resources]
+nodes = 2
+procs_per_node = 1
+"#,
+    );
+    let id = cluster.submit(&spec);
+    cluster.wait_state(&id, "running", JOB_TIMEOUT);
+    eventually(Duration::from_secs(10), "the grandchildren to start", || {
+        (processes_with("sleep 4712.2").len() >= 4).then_some(())
+    });
+    let out = cluster.cli(&["cancel", &id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(cluster.job(&id)["state"], "cancelled");
+    eventually(Duration::from_secs(20), "every process of the job to be gone", || {
+        processes_with("4712.2").is_empty().then_some(())
+    });
+    // Resources come back once the agents report the ranks ended.
+    eventually(Duration::from_secs(20), "resources to be released", || {
+        let nodes = cluster.json(&["nodes"]);
+        nodes.as_array().unwrap().iter().all(|n| n["cpus_allocated"] == 0).then_some(())
+    });
+    // Cancelling again is a clear conflict, not a crash.
+    let again = cluster.cli(&["cancel", &id]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already cancelled"));
+}
+
+#[test]
+fn jobs_queue_in_order_and_say_why_they_wait() {
+    let cluster = DevCluster::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    // Each host of `trainctl dev` reports this machine's CPUs; take them all on both hosts.
+    let cpus = cluster.json(&["nodes"])[0]["cpus"].as_u64().unwrap();
+    let blocker = job_file(
+        dir.path(),
+        "blocker",
+        &format!(
+            "name = \"blocker\"\n[launch]\ncommand = [\"sleep\", \"4713.3\"]\n[resources]\nnodes = 2\nprocs_per_node = 1\ncpus_per_node = {cpus}\n"
+        ),
+    );
+    let waiter = job_file(
+        dir.path(),
+        "waiter",
+        "name = \"waiter\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
+    );
+    let a = cluster.submit(&blocker);
+    cluster.wait_state(&a, "running", JOB_TIMEOUT);
+    let b = cluster.submit(&waiter);
+    let pending = cluster.job(&b);
+    assert_eq!(pending["state"], "pending");
+    let why = pending["pending_reason"].as_str().unwrap();
+    assert!(why.contains("needs 1 host with 1 free CPUs; 0 have them now"), "{why}");
+    // Two jobs sharing a host would never share a port: this one is not even placed yet.
+    cluster.cli(&["cancel", &a]);
+    cluster.wait_state(&b, "succeeded", JOB_TIMEOUT);
+}
+
+#[test]
+fn two_jobs_on_one_host_get_different_rendezvous_ports() {
+    let cluster = DevCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = job_file(
+        dir.path(),
+        "sleepy",
+        "name = \"sleepy\"\n[launch]\ncommand = [\"sleep\", \"4714.4\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
+    );
+    let a = cluster.submit(&spec);
+    let b = cluster.submit(&spec);
+    let ja = cluster.wait_state(&a, "running", JOB_TIMEOUT);
+    let jb = cluster.wait_state(&b, "running", JOB_TIMEOUT);
+    assert_eq!(ja["master_addr"], jb["master_addr"]);
+    assert_ne!(ja["master_port"], jb["master_port"], "a leased port is never shared");
+    cluster.cli(&["cancel", &a]);
+    cluster.cli(&["cancel", &b]);
+    eventually(Duration::from_secs(20), "sleepers gone", || processes_with("4714.4").is_empty().then_some(()));
+}
+
+#[test]
+fn a_command_that_does_not_exist_fails_the_job_with_a_clear_reason() {
+    let cluster = DevCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = job_file(
+        dir.path(),
+        "typo",
+        "name = \"typo\"\n[launch]\ncommand = [\"pyhton3\", \"train.py\"]\n[resources]\nnodes = 1\nprocs_per_node = 2\n",
+    );
+    let out = cluster.cli(&["submit", spec.to_str().unwrap(), "--wait", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["state"], "failed");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(reason.contains("failed to start") && reason.contains("`pyhton3` not found in PATH="), "{reason}");
+    assert_eq!(job["ranks"][0]["state"], "failed_to_start");
+    // Nothing stays allocated.
+    eventually(Duration::from_secs(10), "resources released", || {
+        (cluster.json(&["nodes"])[0]["cpus_allocated"] == 0).then_some(())
+    });
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let cluster = DevCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("syntax", "name = \"x\n", &["syntax.toml:1"]),
+        (
+            "unknown",
+            "name = \"x\"\n[launch]\ncomand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
+            &["unknown.toml:3", "launch.comand", "did you mean `command`"],
+        ),
+        (
+            "type",
+            "name = \"x\"\n[launch]\ncommand = \"python train.py\"\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
+            &["type.toml:3", "launch.command", "array of strings"],
+        ),
+        (
+            "zero",
+            "name = \"x\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 0\nprocs_per_node = 1\n",
+            &["zero.toml:5", "resources.nodes", "at least 1"],
+        ),
+        (
+            "negative",
+            "name = \"x\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = -2\n",
+            &["negative.toml:6", "resources.procs_per_node"],
+        ),
+        (
+            "workdir",
+            "name = \"x\"\n[launch]\ncommand = [\"true\"]\nworkdir = \"no/such/dir\"\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
+            &["launch.workdir", "does not exist"],
+        ),
+        (
+            "too-big",
+            "name = \"x\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 5\nprocs_per_node = 1\n",
+            &["can never run here", "needs 5 hosts", "the cluster has 1 host"],
+        ),
+    ];
+    for (name, text, words) in cases {
+        let path = job_file(dir.path(), name, text);
+        let out = cluster.cli(&["submit", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: accepted");
+        for w in *words {
+            assert!(err.contains(w), "{name}: error lacks {w:?}: {err}");
+        }
+    }
+    let missing = cluster.cli(&["submit", "/no/such/job.toml"]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("read job file /no/such/job.toml"));
+    for (args, words) in [
+        (vec!["status", "999"], "job 999 does not exist"),
+        (vec!["status", "abc"], "not a job id"),
+        (vec!["logs", "999"], "job 999 does not exist"),
+        (vec!["cancel", "999"], "job 999 does not exist"),
+    ] {
+        let out = cluster.cli(&args);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(words), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(cluster.json(&["list"]).as_array().unwrap().is_empty(), "no bad input created a job");
+}
+
+#[test]
+fn the_rest_api_answers_curl_with_4xx_for_bad_requests() {
+    if std::process::Command::new("curl").arg("--version").output().is_err() {
+        panic!("curl is required for this test (the test command installs it)");
+    }
+    let cluster = DevCluster::start(1);
+    let base = format!("http://{}", cluster.addr);
+    let curl = |args: &[&str]| -> (u16, String) {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_string())
+    };
+    let toml = "name = \"curl\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n";
+    let (code, body) = curl(&["-X", "POST", "-H", "Content-Type: application/toml", "--data-binary", toml, &format!("{base}/v1/jobs")]);
+    assert_eq!(code, 201, "{body}");
+    assert!(body.contains("\"id\""));
+    let (code, body) = curl(&["-X", "POST", "-H", "Content-Type: application/json", "-d", "{not json", &format!("{base}/v1/jobs")]);
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("error"));
+    let (code, _) = curl(&["-X", "POST", "-H", "Content-Type: image/png", "-d", "x", &format!("{base}/v1/jobs")]);
+    assert_eq!(code, 415);
+    let (code, _) = curl(&[&format!("{base}/v1/jobs/12345")]);
+    assert_eq!(code, 404);
+    let (code, _) = curl(&[&format!("{base}/v1/jobs/1/logs?cursor=garbage")]);
+    assert_eq!(code, 400);
+    let (code, body) = curl(&[&format!("{base}/openapi.json")]);
+    assert_eq!(code, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for path in ["/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/cancel", "/v1/jobs/{id}/logs", "/v1/nodes", "/v1/health", "/metrics"] {
+        assert!(doc["paths"].get(path).is_some(), "OpenAPI lacks {path}");
+    }
+    let (code, body) = curl(&[&format!("{base}/metrics")]);
+    assert_eq!(code, 200);
+    assert!(body.contains("trainctl_jobs") && body.contains("trainctl_nodes"), "{body}");
+    let (code, body) = curl(&[&format!("{base}/v1/health")]);
+    assert_eq!(code, 200);
+    assert!(body.contains("\"is_leader\":true"), "{body}");
+}

@@ -1,0 +1,180 @@
+//! Helpers for tests that run the real `trainctl` binary the way a user does.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Local clusters use fixed loopback addresses and port ranges: one at a time.
+static CLUSTER_LOCK: Mutex<()> = Mutex::new(());
+
+/// The binary under test.
+pub fn trainctl() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_trainctl"))
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout` naming `what`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A `trainctl dev` cluster started as a child process.
+pub struct DevCluster {
+    pub addr: String,
+    pub data_dir: tempfile::TempDir,
+    child: Child,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl DevCluster {
+    pub fn start(agents: u32) -> DevCluster {
+        Self::start_with(agents, &[], &[])
+    }
+
+    /// Starts `trainctl dev` with extra flags and environment, and waits for every agent.
+    pub fn start_with(agents: u32, flags: &[&str], env: &[(&str, String)]) -> DevCluster {
+        let lock = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let data_dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let log = std::fs::File::create(data_dir.path().join("dev.out")).unwrap();
+        let mut cmd = Command::new(trainctl());
+        cmd.args(["dev", "--agents", &agents.to_string(), "--listen", &addr, "--data-dir"])
+            .arg(data_dir.path().join("cluster"))
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start trainctl dev");
+        let cluster = DevCluster {
+            addr,
+            data_dir,
+            child,
+            _lock: lock,
+        };
+        eventually(Duration::from_secs(60), "every agent to register", || {
+            let out = cluster.cli(&["nodes", "-o", "json"]);
+            let nodes: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let up = nodes.as_array()?.iter().filter(|n| n["status"] == "up").count();
+            (up == agents as usize).then_some(())
+        });
+        cluster
+    }
+
+    /// Runs `trainctl ARGS` against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli_at(&self.addr, args)
+    }
+
+    /// Runs `trainctl ARGS -o json` and parses its standard output.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.cli(&all);
+        assert!(out.status.success(), "trainctl {all:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("trainctl {all:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    pub fn job(&self, id: &str) -> Value {
+        self.json(&["status", id])
+    }
+
+    /// Submits a job file and returns its id.
+    pub fn submit(&self, file: &Path) -> String {
+        let v = self.json(&["submit", file.to_str().unwrap()]);
+        v["id"].as_str().expect("submit -o json prints an id").to_string()
+    }
+
+    /// Waits until the job reaches `state`.
+    pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
+        eventually(timeout, &format!("job {id} to be {state}"), || {
+            let job = self.job(id);
+            (job["state"] == state).then_some(job)
+        })
+    }
+
+    /// Every log line of a job, as printed by `trainctl logs`.
+    pub fn logs(&self, id: &str) -> String {
+        let out = self.cli(&["logs", id]);
+        assert!(out.status.success(), "logs failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn cli_at(addr: &str, args: &[&str]) -> Output {
+    Command::new(trainctl())
+        .args(args)
+        .env("TRAINCTL_ADDR", addr)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run trainctl")
+}
+
+/// Writes a job file into `dir` and returns its path.
+pub fn job_file(dir: &Path, name: &str, toml: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Pids of live processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // Zombies are dead already.
+        if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) {
+            continue;
+        }
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(marker) {
+            found.push(pid);
+        }
+    }
+    found
+}
