@@ -165,6 +165,12 @@ enum Cmd {
         #[arg(long, default_value = "29500-29999")]
         port_range: String,
     },
+    /// Internal: started by an agent; kills the agent's ranks when the agent dies.
+    #[command(hide = true)]
+    AgentReaper {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// The built-in example workload (run by agents as a job's command; see jobs/examples/ddp-example.toml).
     #[command(disable_help_flag = true)]
     ExampleTrain {
@@ -334,6 +340,10 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             };
             let shutdown = shutdown_on_signals()?;
             trainctl_agent::run(config, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::AgentReaper { data_dir } => {
+            trainctl_agent::reaper_main(&data_dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::ExampleTrain { .. } => unreachable!("handled before the runtime starts"),

@@ -142,6 +142,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     for reaped in journal.reap_leftovers() {
         warn!(?reaped, "killed a process group left by a previous agent");
     }
+    let _reaper = Reaper::spawn(&config).context("start the agent's reaper process")?;
     let declared = config.declared_gpus;
     let facts = tokio::task::spawn_blocking(move || discovery::discover(declared)).await?;
     let node_name = config
@@ -205,6 +206,53 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                 break;
             }
         }
+    }
+    Ok(())
+}
+
+/// A watchdog process (`trainctl agent-reaper`) that kills every rank process group in the journal
+/// when this agent dies, however it dies: it waits for its standard input, a pipe from the agent, to
+/// close. Ranks also get a parent-death signal, but that reaches only the rank's main process, not
+/// the processes it started; the reaper reaches the whole group.
+struct Reaper {
+    child: std::process::Child,
+}
+
+impl Reaper {
+    fn spawn(config: &AgentConfig) -> std::io::Result<Reaper> {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new(&config.self_exe)
+            .arg("agent-reaper")
+            .arg("--data-dir")
+            .arg(&config.data_dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            // Its own group: a Ctrl-C meant for the agent must not take the reaper down first.
+            .process_group(0)
+            .spawn()?;
+        Ok(Reaper { child })
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // Closing the pipe tells the reaper the agent is done; after a clean stop the journal is empty.
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Body of `trainctl agent-reaper`: waits until the agent's end of standard input closes, then kills
+/// every process group the agent's journal still lists.
+pub fn reaper_main(data_dir: &Path) -> anyhow::Result<()> {
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    let journal = PgidJournal::open(data_dir).context("open the process journal")?;
+    for reaped in journal.reap_leftovers() {
+        eprintln!(
+            "trainctl agent-reaper: the agent is gone; killed {} process(es) of job {} (group {})",
+            reaped.processes, reaped.job_id, reaped.pgid
+        );
     }
     Ok(())
 }

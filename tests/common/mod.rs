@@ -12,6 +12,19 @@ use serde_json::Value;
 /// Local clusters use fixed loopback addresses and port ranges: one at a time.
 static CLUSTER_LOCK: Mutex<()> = Mutex::new(());
 
+/// Holds the right to use the local cluster addresses until dropped.
+pub fn lock_cluster_addresses() -> MutexGuard<'static, ()> {
+    CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
 /// The binary under test.
 pub fn trainctl() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_trainctl"))
@@ -53,7 +66,7 @@ impl DevCluster {
 
     /// Starts `trainctl dev` with extra flags and environment, and waits for every agent.
     pub fn start_with(agents: u32, flags: &[&str], env: &[(&str, String)]) -> DevCluster {
-        let lock = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = lock_cluster_addresses();
         let data_dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");

@@ -1,0 +1,197 @@
+//! Faults with real processes: an agent killed or cut off mid-job, a coordinator restarted mid-job.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{cli_at, eventually, free_port, job_file, lock_cluster_addresses, processes_with, signal, trainctl, DevCluster};
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A job whose every rank is a shell with a `sleep MARKER` child: two processes per rank.
+fn sleeper(dir: &Path, marker: &str, nodes: u32) -> std::path::PathBuf {
+    job_file(
+        dir,
+        "sleeper",
+        &format!(
+            "name = \"sleeper\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo up; sleep {marker} & wait\"]\n[resources]\nnodes = {nodes}\nprocs_per_node = 2\n"
+        ),
+    )
+}
+
+fn agent_pid(name: &str) -> u32 {
+    let pids = processes_with(&format!("--name {name} "));
+    assert_eq!(pids.len(), 1, "expected one agent named {name}: {pids:?}");
+    pids[0]
+}
+
+#[test]
+fn an_agent_killed_mid_job_fails_the_job_and_leaves_no_process() {
+    let cluster = DevCluster::start_with(2, &["--node-timeout-ms", "2000"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let id = cluster.submit(&sleeper(dir.path(), "4721.1", 2));
+    cluster.wait_state(&id, "running", JOB_TIMEOUT);
+    eventually(Duration::from_secs(10), "shells and sleeps of 4 ranks", || {
+        (processes_with("sleep 4721.1").len() == 8).then_some(())
+    });
+
+    signal(agent_pid("node-2"), libc::SIGKILL);
+    let job = cluster.wait_state(&id, "failed", Duration::from_secs(30));
+    let reason = job["reason"].as_str().unwrap();
+    assert!(reason.contains("node node-2 was lost") && reason.contains("no heartbeat"), "{reason}");
+    for r in job["ranks"].as_array().unwrap() {
+        if r["node"] == "node-2" {
+            assert_eq!(r["state"], "lost");
+        }
+    }
+    // The killed agent's ranks and their children die with it (its reaper); node-1 stops its own.
+    eventually(Duration::from_secs(20), "every rank process gone", || {
+        processes_with("4721.1").is_empty().then_some(())
+    });
+    let nodes = cluster.json(&["nodes"]);
+    let node2 = nodes.as_array().unwrap().iter().find(|n| n["name"] == "node-2").unwrap();
+    assert_eq!(node2["status"], "down");
+    assert!(node2["status_reason"].as_str().unwrap().contains("no heartbeat"));
+    // Logs printed before the loss are kept.
+    assert!(cluster.logs(&id).contains("[node-2 rank 2] up"));
+}
+
+#[test]
+fn an_agent_cut_off_mid_job_stops_its_ranks_when_it_returns() {
+    let cluster = DevCluster::start_with(2, &["--node-timeout-ms", "2000"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let id = cluster.submit(&sleeper(dir.path(), "4722.2", 2));
+    cluster.wait_state(&id, "running", JOB_TIMEOUT);
+    let agent = agent_pid("node-2");
+    // A frozen agent is silent, as one behind a network partition is; its ranks keep running.
+    signal(agent, libc::SIGSTOP);
+    let job = cluster.wait_state(&id, "failed", Duration::from_secs(30));
+    assert!(job["reason"].as_str().unwrap().contains("node-2"));
+    eventually(Duration::from_secs(20), "node-1's ranks stopped", || {
+        (processes_with("sleep 4722.2").len() == 4).then_some(())
+    });
+    // Back on the network: it registers again, learns the job is over, and stops its ranks.
+    signal(agent, libc::SIGCONT);
+    eventually(Duration::from_secs(20), "node-2's ranks stopped", || {
+        processes_with("4722.2").is_empty().then_some(())
+    });
+    eventually(Duration::from_secs(20), "node-2 up again with nothing allocated", || {
+        let nodes = cluster.json(&["nodes"]);
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["status"] == "up" && n["cpus_allocated"] == 0)
+            .then_some(())
+    });
+    // The cluster is usable again.
+    let spec = job_file(dir.path(), "ok", "name = \"ok\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 2\nprocs_per_node = 1\n");
+    let ok = cluster.submit(&spec);
+    cluster.wait_state(&ok, "succeeded", JOB_TIMEOUT);
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        signal(self.0.id(), libc::SIGTERM);
+        for _ in 0..200 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(args: &[&str], log: &Path) -> Proc {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Proc(
+        Command::new(trainctl())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn a_coordinator_restarted_mid_job_loses_no_job_and_no_log_line() {
+    let _lock = lock_cluster_addresses();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let coordinator_dir = dir.path().join("coordinator");
+    let coordinator_args = [
+        "coordinator",
+        "--data-dir",
+        coordinator_dir.to_str().unwrap(),
+        "--listen",
+        &addr,
+        "--node-timeout-ms",
+        "15000",
+    ];
+    let log = dir.path().join("cluster.log");
+    let mut coordinator = start(&coordinator_args, &log);
+    let url = format!("http://{addr}");
+    let mut agents = Vec::new();
+    for i in 1..=2u32 {
+        let data = dir.path().join(format!("agent-{i}"));
+        let ip = format!("127.0.0.{}", i + 1);
+        let ports = format!("{}-{}", 29500 + i * 100, 29599 + i * 100);
+        agents.push(start(
+            &["agent", "--coordinator", &url, "--data-dir", data.to_str().unwrap(), "--name", &format!("host-{i}"), "--advertise-addr", &ip, "--port-range", &ports],
+            &log,
+        ));
+    }
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = cli_at(&addr, &all);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    eventually(Duration::from_secs(30), "two agents up", || {
+        let nodes = json(&["nodes"]);
+        (nodes.as_array()?.iter().filter(|n| n["status"] == "up").count() == 2).then_some(())
+    });
+    let quick = job_file(dir.path(), "quick", "name = \"quick\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n");
+    let out = cli_at(&addr, &["submit", quick.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success());
+    let ticker = job_file(
+        dir.path(),
+        "ticker",
+        "name = \"ticker\"\n[launch]\ncommand = [\"sh\", \"-c\", \"for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.5; done\"]\n[resources]\nnodes = 2\nprocs_per_node = 2\n",
+    );
+    let id = json(&["submit", ticker.to_str().unwrap()])["id"].as_str().unwrap().to_string();
+    eventually(JOB_TIMEOUT, "the ticker to run", || (json(&["status", &id])["state"] == "running").then_some(()));
+
+    // Kill the coordinator hard, mid-job, and bring it back on the same data dir.
+    signal(coordinator.0.id(), libc::SIGKILL);
+    let _ = coordinator.0.wait();
+    std::thread::sleep(Duration::from_millis(1500));
+    coordinator = start(&coordinator_args, &log);
+
+    let job = eventually(JOB_TIMEOUT, "the ticker to finish after the restart", || {
+        let job = json(&["status", &id]);
+        (job["state"] == "succeeded").then_some(job)
+    });
+    assert_eq!(job["ranks"].as_array().unwrap().len(), 4);
+    let logs = String::from_utf8(cli_at(&addr, &["logs", &id]).stdout).unwrap();
+    for rank in 0..4 {
+        let host = if rank < 2 { "host-1" } else { "host-2" };
+        for tick in 1..=8 {
+            let line = format!("[{host} rank {rank}] tick {tick}");
+            assert!(logs.lines().any(|l| l == line), "lost {line:?}: {logs}");
+        }
+    }
+    let jobs = json(&["list"]);
+    let names: Vec<&str> = jobs.as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["quick", "ticker"], "every job survives the restart");
+    assert_eq!(jobs[0]["state"], "succeeded");
+    drop(agents);
+    drop(coordinator);
+}
