@@ -236,7 +236,17 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             keep_state,
             gpus_per_agent,
             node_timeout_ms,
-        } => dev(agents, listen, data_dir, keep_state, gpus_per_agent, node_timeout_ms).await,
+        } => {
+            dev(
+                agents,
+                listen,
+                data_dir,
+                keep_state,
+                gpus_per_agent,
+                node_timeout_ms,
+            )
+            .await
+        }
         Cmd::Submit {
             file,
             wait,

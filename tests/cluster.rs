@@ -15,7 +15,11 @@ fn example_job_is_gang_scheduled_run_logged_and_succeeds() {
     let cluster = DevCluster::start(2);
     let spec = repo().join("jobs/examples/ddp-example.toml");
     let out = cluster.cli(&["submit", spec.to_str().unwrap(), "--wait", "-o", "json"]);
-    assert!(out.status.success(), "submit --wait must exit 0 on success: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "submit --wait must exit 0 on success: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["state"], "succeeded");
     let id = job["id"].as_str().unwrap();
@@ -29,7 +33,10 @@ fn example_job_is_gang_scheduled_run_logged_and_succeeds() {
         assert_eq!(r["exit_code"], 0);
         assert_eq!(r["node"], if i < 2 { "node-1" } else { "node-2" });
     }
-    assert_eq!(job["master_addr"], "127.0.0.2", "MASTER_ADDR is group rank 0's IP, never a hostname");
+    assert_eq!(
+        job["master_addr"], "127.0.0.2",
+        "MASTER_ADDR is group rank 0's IP, never a hostname"
+    );
 
     // Logs: every line tagged with host and global rank; every rank agrees on the checksum.
     let logs = cluster.logs(id);
@@ -42,26 +49,41 @@ fn example_job_is_gang_scheduled_run_logged_and_succeeds() {
     assert_eq!(checksums.len(), 1, "ranks disagree: {checksums:?}");
     for rank in 0..4 {
         let node = if rank < 2 { "node-1" } else { "node-2" };
-        assert!(logs.contains(&format!("[{node} rank {rank}] final checksum")), "rank {rank} missing: {logs}");
+        assert!(
+            logs.contains(&format!("[{node} rank {rank}] final checksum")),
+            "rank {rank} missing: {logs}"
+        );
     }
     // --rank filters to one rank.
     let only = String::from_utf8(cluster.cli(&["logs", id, "--rank", "3"]).stdout).unwrap();
-    assert!(only.lines().all(|l| l.starts_with("[node-2 rank 3]")), "{only}");
+    assert!(
+        only.lines().all(|l| l.starts_with("[node-2 rank 3]")),
+        "{only}"
+    );
     assert!(!only.is_empty());
 
     // The same seed and world size give the same checksum on a second run.
     let again = cluster.cli(&["submit", spec.to_str().unwrap(), "--wait", "-o", "json"]);
     let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     let logs2 = cluster.logs(again["id"].as_str().unwrap());
-    let first = logs2.lines().find(|l| l.contains("final checksum")).unwrap();
+    let first = logs2
+        .lines()
+        .find(|l| l.contains("final checksum"))
+        .unwrap();
     assert!(checksums.contains(first.split("final checksum ").nth(1).unwrap()));
 
     // Human output of list and nodes.
     let list = String::from_utf8(cluster.cli(&["list"]).stdout).unwrap();
-    assert!(list.contains("ddp-example") && list.contains("succeeded"), "{list}");
+    assert!(
+        list.contains("ddp-example") && list.contains("succeeded"),
+        "{list}"
+    );
     let nodes = cluster.json(&["nodes"]);
     for n in nodes.as_array().unwrap() {
-        assert_eq!(n["cpus_allocated"], 0, "resources returned after the job: {n}");
+        assert_eq!(
+            n["cpus_allocated"], 0,
+            "resources returned after the job: {n}"
+        );
         assert!(n["jobs"].as_array().unwrap().is_empty());
     }
 }
@@ -97,7 +119,10 @@ gpus_per_node = 2
     };
     let port: u16 = job["master_port"].as_u64().unwrap() as u16;
     // node-1's lease range in `trainctl dev`.
-    assert!((29500..29600).contains(&port), "MASTER_PORT {port} outside node-1's range");
+    assert!(
+        (29500..29600).contains(&port),
+        "MASTER_PORT {port} outside node-1's range"
+    );
     for rank in 0..4u32 {
         assert_eq!(var(rank, "RANK"), rank.to_string());
         assert_eq!(var(rank, "LOCAL_RANK"), (rank % 2).to_string());
@@ -137,20 +162,43 @@ procs_per_node = 2
 "#,
     );
     let out = cluster.cli(&["submit", spec.to_str().unwrap(), "--wait", "-o", "json"]);
-    assert_eq!(out.status.code(), Some(1), "submit --wait exits 1 when the job fails");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "submit --wait exits 1 when the job fails"
+    );
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["state"], "failed");
     let reason = job["reason"].as_str().unwrap();
-    assert!(reason.contains("rank 3 on node-2 exited with code 3"), "{reason}");
+    assert!(
+        reason.contains("rank 3 on node-2 exited with code 3"),
+        "{reason}"
+    );
     let id = job["id"].as_str().unwrap();
     // The others were stopped: every rank ends, none is left running anywhere.
     let job = eventually(JOB_TIMEOUT, "every rank to end", || {
         let job = cluster.job(id);
-        job["ranks"].as_array().unwrap().iter().all(|r| r["state"] != "running").then_some(job)
+        job["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] != "running")
+            .then_some(job)
     });
-    let codes: Vec<i64> = job["ranks"].as_array().unwrap().iter().map(|r| r["exit_code"].as_i64().unwrap()).collect();
-    assert_eq!(codes, vec![-15, -15, -15, 3], "the rest of the gang is stopped with SIGTERM");
-    eventually(Duration::from_secs(10), "no rank process left", || processes_with("4711.1").is_empty().then_some(()));
+    let codes: Vec<i64> = job["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["exit_code"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        vec![-15, -15, -15, 3],
+        "the rest of the gang is stopped with SIGTERM"
+    );
+    eventually(Duration::from_secs(10), "no rank process left", || {
+        processes_with("4711.1").is_empty().then_some(())
+    });
     assert!(cluster.logs(id).contains("[node-2 rank 3] boom"));
 }
 
@@ -172,19 +220,32 @@ procs_per_node = 1
     );
     let id = cluster.submit(&spec);
     cluster.wait_state(&id, "running", JOB_TIMEOUT);
-    eventually(Duration::from_secs(10), "the grandchildren to start", || {
-        (processes_with("sleep 4712.2").len() >= 4).then_some(())
-    });
+    eventually(
+        Duration::from_secs(10),
+        "the grandchildren to start",
+        || (processes_with("sleep 4712.2").len() >= 4).then_some(()),
+    );
     let out = cluster.cli(&["cancel", &id]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(cluster.job(&id)["state"], "cancelled");
-    eventually(Duration::from_secs(20), "every process of the job to be gone", || {
-        processes_with("4712.2").is_empty().then_some(())
-    });
+    eventually(
+        Duration::from_secs(20),
+        "every process of the job to be gone",
+        || processes_with("4712.2").is_empty().then_some(()),
+    );
     // Resources come back once the agents report the ranks ended.
     eventually(Duration::from_secs(20), "resources to be released", || {
         let nodes = cluster.json(&["nodes"]);
-        nodes.as_array().unwrap().iter().all(|n| n["cpus_allocated"] == 0).then_some(())
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["cpus_allocated"] == 0)
+            .then_some(())
     });
     // Cancelling again is a clear conflict, not a crash.
     let again = cluster.cli(&["cancel", &id]);
@@ -216,7 +277,10 @@ fn jobs_queue_in_order_and_say_why_they_wait() {
     let pending = cluster.job(&b);
     assert_eq!(pending["state"], "pending");
     let why = pending["pending_reason"].as_str().unwrap();
-    assert!(why.contains("needs 1 host with 1 free CPUs; 0 have them now"), "{why}");
+    assert!(
+        why.contains("needs 1 host with 1 free CPUs; 0 have them now"),
+        "{why}"
+    );
     // Two jobs sharing a host would never share a port: this one is not even placed yet.
     cluster.cli(&["cancel", &a]);
     cluster.wait_state(&b, "succeeded", JOB_TIMEOUT);
@@ -236,10 +300,15 @@ fn two_jobs_on_one_host_get_different_rendezvous_ports() {
     let ja = cluster.wait_state(&a, "running", JOB_TIMEOUT);
     let jb = cluster.wait_state(&b, "running", JOB_TIMEOUT);
     assert_eq!(ja["master_addr"], jb["master_addr"]);
-    assert_ne!(ja["master_port"], jb["master_port"], "a leased port is never shared");
+    assert_ne!(
+        ja["master_port"], jb["master_port"],
+        "a leased port is never shared"
+    );
     cluster.cli(&["cancel", &a]);
     cluster.cli(&["cancel", &b]);
-    eventually(Duration::from_secs(20), "sleepers gone", || processes_with("4714.4").is_empty().then_some(()));
+    eventually(Duration::from_secs(20), "sleepers gone", || {
+        processes_with("4714.4").is_empty().then_some(())
+    });
 }
 
 #[test]
@@ -256,7 +325,10 @@ fn a_command_that_does_not_exist_fails_the_job_with_a_clear_reason() {
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["state"], "failed");
     let reason = job["reason"].as_str().unwrap();
-    assert!(reason.contains("failed to start") && reason.contains("`pyhton3` not found in PATH="), "{reason}");
+    assert!(
+        reason.contains("failed to start") && reason.contains("`pyhton3` not found in PATH="),
+        "{reason}"
+    );
     assert_eq!(job["ranks"][0]["state"], "failed_to_start");
     // Nothing stays allocated.
     eventually(Duration::from_secs(10), "resources released", || {
@@ -320,14 +392,25 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     ] {
         let out = cluster.cli(&args);
         assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains(words), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(words),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    assert!(cluster.json(&["list"]).as_array().unwrap().is_empty(), "no bad input created a job");
+    assert!(
+        cluster.json(&["list"]).as_array().unwrap().is_empty(),
+        "no bad input created a job"
+    );
 }
 
 #[test]
 fn the_rest_api_answers_curl_with_4xx_for_bad_requests() {
-    if std::process::Command::new("curl").arg("--version").output().is_err() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         panic!("curl is required for this test (the test command installs it)");
     }
     let cluster = DevCluster::start(1);
@@ -343,13 +426,37 @@ fn the_rest_api_answers_curl_with_4xx_for_bad_requests() {
         (code.parse().unwrap(), body.to_string())
     };
     let toml = "name = \"curl\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n";
-    let (code, body) = curl(&["-X", "POST", "-H", "Content-Type: application/toml", "--data-binary", toml, &format!("{base}/v1/jobs")]);
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/toml",
+        "--data-binary",
+        toml,
+        &format!("{base}/v1/jobs"),
+    ]);
     assert_eq!(code, 201, "{body}");
     assert!(body.contains("\"id\""));
-    let (code, body) = curl(&["-X", "POST", "-H", "Content-Type: application/json", "-d", "{not json", &format!("{base}/v1/jobs")]);
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        "{not json",
+        &format!("{base}/v1/jobs"),
+    ]);
     assert_eq!(code, 422, "{body}");
     assert!(body.contains("error"));
-    let (code, _) = curl(&["-X", "POST", "-H", "Content-Type: image/png", "-d", "x", &format!("{base}/v1/jobs")]);
+    let (code, _) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: image/png",
+        "-d",
+        "x",
+        &format!("{base}/v1/jobs"),
+    ]);
     assert_eq!(code, 415);
     let (code, _) = curl(&[&format!("{base}/v1/jobs/12345")]);
     assert_eq!(code, 404);
@@ -358,12 +465,23 @@ fn the_rest_api_answers_curl_with_4xx_for_bad_requests() {
     let (code, body) = curl(&[&format!("{base}/openapi.json")]);
     assert_eq!(code, 200);
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
-    for path in ["/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/cancel", "/v1/jobs/{id}/logs", "/v1/nodes", "/v1/health", "/metrics"] {
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
+        "/v1/jobs/{id}/logs",
+        "/v1/nodes",
+        "/v1/health",
+        "/metrics",
+    ] {
         assert!(doc["paths"].get(path).is_some(), "OpenAPI lacks {path}");
     }
     let (code, body) = curl(&[&format!("{base}/metrics")]);
     assert_eq!(code, 200);
-    assert!(body.contains("trainctl_jobs") && body.contains("trainctl_nodes"), "{body}");
+    assert!(
+        body.contains("trainctl_jobs") && body.contains("trainctl_nodes"),
+        "{body}"
+    );
     let (code, body) = curl(&[&format!("{base}/v1/health")]);
     assert_eq!(code, 200);
     assert!(body.contains("\"is_leader\":true"), "{body}");

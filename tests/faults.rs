@@ -6,7 +6,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{cli_at, eventually, free_port, job_file, lock_cluster_addresses, processes_with, signal, trainctl, DevCluster};
+use common::{
+    cli_at, eventually, free_port, job_file, lock_cluster_addresses, processes_with, signal,
+    trainctl, DevCluster,
+};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -33,14 +36,19 @@ fn an_agent_killed_mid_job_fails_the_job_and_leaves_no_process() {
     let dir = tempfile::tempdir().unwrap();
     let id = cluster.submit(&sleeper(dir.path(), "4721.1", 2));
     cluster.wait_state(&id, "running", JOB_TIMEOUT);
-    eventually(Duration::from_secs(10), "shells and sleeps of 4 ranks", || {
-        (processes_with("sleep 4721.1").len() == 8).then_some(())
-    });
+    eventually(
+        Duration::from_secs(10),
+        "shells and sleeps of 4 ranks",
+        || (processes_with("sleep 4721.1").len() == 8).then_some(()),
+    );
 
     signal(agent_pid("node-2"), libc::SIGKILL);
     let job = cluster.wait_state(&id, "failed", Duration::from_secs(30));
     let reason = job["reason"].as_str().unwrap();
-    assert!(reason.contains("node node-2 was lost") && reason.contains("no heartbeat"), "{reason}");
+    assert!(
+        reason.contains("node node-2 was lost") && reason.contains("no heartbeat"),
+        "{reason}"
+    );
     for r in job["ranks"].as_array().unwrap() {
         if r["node"] == "node-2" {
             assert_eq!(r["state"], "lost");
@@ -51,9 +59,17 @@ fn an_agent_killed_mid_job_fails_the_job_and_leaves_no_process() {
         processes_with("4721.1").is_empty().then_some(())
     });
     let nodes = cluster.json(&["nodes"]);
-    let node2 = nodes.as_array().unwrap().iter().find(|n| n["name"] == "node-2").unwrap();
+    let node2 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "node-2")
+        .unwrap();
     assert_eq!(node2["status"], "down");
-    assert!(node2["status_reason"].as_str().unwrap().contains("no heartbeat"));
+    assert!(node2["status_reason"]
+        .as_str()
+        .unwrap()
+        .contains("no heartbeat"));
     // Logs printed before the loss are kept.
     assert!(cluster.logs(&id).contains("[node-2 rank 2] up"));
 }
@@ -77,15 +93,19 @@ fn an_agent_cut_off_mid_job_stops_its_ranks_when_it_returns() {
     eventually(Duration::from_secs(20), "node-2's ranks stopped", || {
         processes_with("4722.2").is_empty().then_some(())
     });
-    eventually(Duration::from_secs(20), "node-2 up again with nothing allocated", || {
-        let nodes = cluster.json(&["nodes"]);
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["status"] == "up" && n["cpus_allocated"] == 0)
-            .then_some(())
-    });
+    eventually(
+        Duration::from_secs(20),
+        "node-2 up again with nothing allocated",
+        || {
+            let nodes = cluster.json(&["nodes"]);
+            nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["status"] == "up" && n["cpus_allocated"] == 0)
+                .then_some(())
+        },
+    );
     // The cluster is usable again.
     let spec = job_file(dir.path(), "ok", "name = \"ok\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 2\nprocs_per_node = 1\n");
     let ok = cluster.submit(&spec);
@@ -108,7 +128,11 @@ impl Drop for Proc {
 }
 
 fn start(args: &[&str], log: &Path) -> Proc {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     Proc(
         Command::new(trainctl())
             .args(args)
@@ -144,7 +168,19 @@ fn a_coordinator_restarted_mid_job_loses_no_job_and_no_log_line() {
         let ip = format!("127.0.0.{}", i + 1);
         let ports = format!("{}-{}", 29500 + i * 100, 29599 + i * 100);
         agents.push(start(
-            &["agent", "--coordinator", &url, "--data-dir", data.to_str().unwrap(), "--name", &format!("host-{i}"), "--advertise-addr", &ip, "--port-range", &ports],
+            &[
+                "agent",
+                "--coordinator",
+                &url,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--name",
+                &format!("host-{i}"),
+                "--advertise-addr",
+                &ip,
+                "--port-range",
+                &ports,
+            ],
             &log,
         ));
     }
@@ -156,7 +192,13 @@ fn a_coordinator_restarted_mid_job_loses_no_job_and_no_log_line() {
     };
     eventually(Duration::from_secs(30), "two agents up", || {
         let nodes = json(&["nodes"]);
-        (nodes.as_array()?.iter().filter(|n| n["status"] == "up").count() == 2).then_some(())
+        (nodes
+            .as_array()?
+            .iter()
+            .filter(|n| n["status"] == "up")
+            .count()
+            == 2)
+            .then_some(())
     });
     let quick = job_file(dir.path(), "quick", "name = \"quick\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n");
     let out = cli_at(&addr, &["submit", quick.to_str().unwrap(), "--wait"]);
@@ -166,8 +208,13 @@ fn a_coordinator_restarted_mid_job_loses_no_job_and_no_log_line() {
         "ticker",
         "name = \"ticker\"\n[launch]\ncommand = [\"sh\", \"-c\", \"for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.5; done\"]\n[resources]\nnodes = 2\nprocs_per_node = 2\n",
     );
-    let id = json(&["submit", ticker.to_str().unwrap()])["id"].as_str().unwrap().to_string();
-    eventually(JOB_TIMEOUT, "the ticker to run", || (json(&["status", &id])["state"] == "running").then_some(()));
+    let id = json(&["submit", ticker.to_str().unwrap()])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(JOB_TIMEOUT, "the ticker to run", || {
+        (json(&["status", &id])["state"] == "running").then_some(())
+    });
 
     // Kill the coordinator hard, mid-job, and bring it back on the same data dir.
     signal(coordinator.0.id(), libc::SIGKILL);
@@ -175,10 +222,14 @@ fn a_coordinator_restarted_mid_job_loses_no_job_and_no_log_line() {
     std::thread::sleep(Duration::from_millis(1500));
     coordinator = start(&coordinator_args, &log);
 
-    let job = eventually(JOB_TIMEOUT, "the ticker to finish after the restart", || {
-        let job = json(&["status", &id]);
-        (job["state"] == "succeeded").then_some(job)
-    });
+    let job = eventually(
+        JOB_TIMEOUT,
+        "the ticker to finish after the restart",
+        || {
+            let job = json(&["status", &id]);
+            (job["state"] == "succeeded").then_some(job)
+        },
+    );
     assert_eq!(job["ranks"].as_array().unwrap().len(), 4);
     let logs = String::from_utf8(cli_at(&addr, &["logs", &id]).stdout).unwrap();
     for rank in 0..4 {
@@ -189,7 +240,12 @@ fn a_coordinator_restarted_mid_job_loses_no_job_and_no_log_line() {
         }
     }
     let jobs = json(&["list"]);
-    let names: Vec<&str> = jobs.as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["quick", "ticker"], "every job survives the restart");
     assert_eq!(jobs[0]["state"], "succeeded");
     drop(agents);

@@ -36,7 +36,11 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `f` until it returns Some, or panics after `timeout` naming `what`.
@@ -46,7 +50,10 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -72,12 +79,19 @@ impl DevCluster {
         let addr = format!("127.0.0.1:{port}");
         let log = std::fs::File::create(data_dir.path().join("dev.out")).unwrap();
         let mut cmd = Command::new(trainctl());
-        cmd.args(["dev", "--agents", &agents.to_string(), "--listen", &addr, "--data-dir"])
-            .arg(data_dir.path().join("cluster"))
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        cmd.args([
+            "dev",
+            "--agents",
+            &agents.to_string(),
+            "--listen",
+            &addr,
+            "--data-dir",
+        ])
+        .arg(data_dir.path().join("cluster"))
+        .args(flags)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -91,7 +105,11 @@ impl DevCluster {
         eventually(Duration::from_secs(60), "every agent to register", || {
             let out = cluster.cli(&["nodes", "-o", "json"]);
             let nodes: Value = serde_json::from_slice(&out.stdout).ok()?;
-            let up = nodes.as_array()?.iter().filter(|n| n["status"] == "up").count();
+            let up = nodes
+                .as_array()?
+                .iter()
+                .filter(|n| n["status"] == "up")
+                .count();
             (up == agents as usize).then_some(())
         });
         cluster
@@ -107,9 +125,17 @@ impl DevCluster {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);
         let out = self.cli(&all);
-        assert!(out.status.success(), "trainctl {all:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("trainctl {all:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        assert!(
+            out.status.success(),
+            "trainctl {all:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "trainctl {all:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     pub fn job(&self, id: &str) -> Value {
@@ -119,7 +145,10 @@ impl DevCluster {
     /// Submits a job file and returns its id.
     pub fn submit(&self, file: &Path) -> String {
         let v = self.json(&["submit", file.to_str().unwrap()]);
-        v["id"].as_str().expect("submit -o json prints an id").to_string()
+        v["id"]
+            .as_str()
+            .expect("submit -o json prints an id")
+            .to_string()
     }
 
     /// Waits until the job reaches `state`.
@@ -133,7 +162,11 @@ impl DevCluster {
     /// Every log line of a job, as printed by `trainctl logs`.
     pub fn logs(&self, id: &str) -> String {
         let out = self.cli(&["logs", id]);
-        assert!(out.status.success(), "logs failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "logs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 }
@@ -174,14 +207,24 @@ pub fn processes_with(marker: &str) -> Vec<u32> {
     let me = std::process::id();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if pid == me {
             continue;
         }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
         // Zombies are dead already.
-        if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) {
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        {
             continue;
         }
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");

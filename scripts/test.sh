@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command (README, CI): installs what the tests need, then runs every test of the workspace.
+#
+# Needs: a Rust toolchain (cargo) and python3. Installs by itself: curl (Debian package, when root and
+# missing) and a Python virtual environment with CPU-usable torch (scripts/python-env.sh, cached in .venv).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+need_apt=()
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing ${need_apt[*]}" >&2
+        apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >&2
+    else
+        echo "test.sh: please install: ${need_apt[*]}" >&2
+        exit 1
+    fi
+fi
+
+echo "test.sh: preparing the Python environment with torch (for the PyTorch test)" >&2
+scripts/python-env.sh >/dev/null
+
+echo "test.sh: cargo test --workspace" >&2
+cargo test --workspace --locked "$@"
