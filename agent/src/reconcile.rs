@@ -95,15 +95,18 @@ mod tests {
             .collect()
     }
 
+    /// (name, desired ranks, tracked ranks, expected actions)
+    type Case = (
+        &'static str,
+        Vec<RankKey>,
+        BTreeMap<RankKey, TrackedRank>,
+        Vec<Action>,
+    );
+
     #[test]
     fn table() {
         use RankCondition::*;
-        let cases: Vec<(
-            &str,
-            Vec<RankKey>,
-            BTreeMap<RankKey, TrackedRank>,
-            Vec<Action>,
-        )> =
+        let cases: Vec<Case> =
             vec![
             ("nothing to do", vec![], tracked(&[]), vec![]),
             (

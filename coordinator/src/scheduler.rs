@@ -256,10 +256,19 @@ mod tests {
         p.nodes.iter().map(|n| n.node.0.as_str()).collect()
     }
 
+    /// (cluster, job nodes, GPUs per node, CPUs per node, expected nodes or words of the refusal)
+    type Case = (
+        &'static [&'static str],
+        u32,
+        u32,
+        u32,
+        Result<&'static [&'static str], &'static str>,
+    );
+
     #[test]
     fn placement_table() {
         // (cluster, job nodes, gpus/node, cpus/node, expected nodes or the words of the refusal)
-        let cases: &[(&[&str], u32, u32, u32, Result<&[&str], &str>)] = &[
+        let cases: &[Case] = &[
             (&["a:8/8:64/64", "b:8/8:64/64"], 2, 8, 8, Ok(&["a", "b"])),
             // best fit: b has exactly 4 free, a has 8: the 4-GPU job goes to b
             (&["a:8/8:64/64", "b:4/8:64/64"], 1, 4, 8, Ok(&["b"])),

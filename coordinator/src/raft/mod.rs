@@ -3,6 +3,9 @@
 //! The adapters here are thin: the state machine's `apply` hands each committed [`Command`] to the pure
 //! [`State::apply`](crate::state::State::apply).
 
+// openraft's storage traits fix the error type (`StorageError`, over 200 bytes); our helpers return it.
+#![allow(clippy::result_large_err)]
+
 use std::io::Cursor;
 
 use crate::state::{Command, CommandOutcome};
