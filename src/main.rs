@@ -55,6 +55,9 @@ enum Cmd {
         /// Keep the cluster's data (logs, state) in this directory instead of a temporary one.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// `json`: print only a JSON summary (the job, its checksum) at the end.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human)]
+        output: Output,
     },
     /// Keep a local cluster up: a coordinator and N agents acting as N hosts (127.0.0.2, ...).
     Dev {
@@ -75,6 +78,9 @@ enum Cmd {
         /// A host not heard from for this long is lost and its jobs fail.
         #[arg(long, default_value_t = 10_000)]
         node_timeout_ms: u64,
+        /// `json`: print the cluster's addresses as one JSON line once it is ready.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human)]
+        output: Output,
     },
     /// Submit a job file (TOML).
     Submit {
@@ -228,7 +234,11 @@ fn shutdown_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
 
 async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
     match command {
-        Cmd::Demo { agents, data_dir } => demo(agents, data_dir).await,
+        Cmd::Demo {
+            agents,
+            data_dir,
+            output,
+        } => demo(agents, data_dir, output).await,
         Cmd::Dev {
             agents,
             listen,
@@ -236,16 +246,17 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             keep_state,
             gpus_per_agent,
             node_timeout_ms,
+            output,
         } => {
-            dev(
+            let spec = LocalClusterSpec {
                 agents,
+                data_dir: data_dir.unwrap_or_else(|| std::env::temp_dir().join("trainctl-dev")),
                 listen,
-                data_dir,
-                keep_state,
                 gpus_per_agent,
+                heartbeat_interval_ms: 500,
                 node_timeout_ms,
-            )
-            .await
+            };
+            dev(spec, keep_state, output).await
         }
         Cmd::Submit {
             file,
@@ -488,29 +499,38 @@ async fn follow_logs(
     }
 }
 
-async fn dev(
-    agents: u32,
-    listen: String,
-    data_dir: Option<PathBuf>,
-    keep_state: bool,
-    gpus_per_agent: Option<u32>,
-    node_timeout_ms: u64,
-) -> anyhow::Result<ExitCode> {
-    let data_dir = data_dir.unwrap_or_else(|| std::env::temp_dir().join("trainctl-dev"));
+async fn dev(spec: LocalClusterSpec, keep_state: bool, output: Output) -> anyhow::Result<ExitCode> {
+    let data_dir = spec.data_dir.clone();
     if !keep_state && data_dir.exists() {
         std::fs::remove_dir_all(&data_dir)
             .with_context(|| format!("clear {}", data_dir.display()))?;
     }
     let mut shutdown = shutdown_on_signals()?;
-    let spec = LocalClusterSpec {
-        agents,
-        data_dir: data_dir.clone(),
-        listen: listen.clone(),
-        gpus_per_agent,
-        heartbeat_interval_ms: 500,
-        node_timeout_ms,
-    };
     let mut cluster = LocalCluster::start(&spec).await?;
+    if output == Output::Json {
+        let agents: Vec<_> = cluster
+            .agents
+            .iter()
+            .map(|(name, ip)| serde_json::json!({ "name": name, "address": ip.to_string() }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "coordinator": cluster.coordinator_url, "data_dir": data_dir, "agents": agents })
+        );
+    } else {
+        print_dev_banner(&cluster, &data_dir);
+    }
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
+    }
+    eprintln!("stopping the local cluster");
+    cluster.stop();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_dev_banner(cluster: &LocalCluster, data_dir: &Path) {
     println!(
         "trainctl dev: coordinator at {} (REST API, docs at {}/docs)",
         cluster.coordinator_url, cluster.coordinator_url
@@ -524,14 +544,6 @@ async fn dev(
         cluster.coordinator_url
     );
     println!("Press Ctrl-C to stop.");
-    while !*shutdown.borrow() {
-        if shutdown.changed().await.is_err() {
-            break;
-        }
-    }
-    eprintln!("stopping the local cluster");
-    cluster.stop();
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The demo's job: the built-in workload on every host of the embedded cluster.
@@ -544,19 +556,24 @@ fn demo_spec(agents: u32) -> anyhow::Result<JobSpec> {
     Ok(spec)
 }
 
-async fn demo(agents: u32, data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let temp;
-    let data_dir = match data_dir {
-        Some(d) => d,
-        None => {
-            temp = tempfile_dir()?;
-            temp.clone()
+async fn demo(agents: u32, data_dir: Option<PathBuf>, output: Output) -> anyhow::Result<ExitCode> {
+    let human = output == Output::Human;
+    let say = |text: String| {
+        if human {
+            println!("{text}");
         }
     };
+    let temporary = data_dir.is_none();
+    let data_dir = match data_dir {
+        Some(d) => d,
+        None => tempfile_dir()?,
+    };
     let started = Instant::now();
-    let port = local::free_local_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    println!("[demo] starting an embedded cluster: a coordinator on {listen} and {agents} agents on 127.0.0.2..127.0.0.{}", agents + 1);
+    let listen = format!("127.0.0.1:{}", local::free_local_port()?);
+    say(format!(
+        "[demo] starting an embedded cluster: a coordinator on {listen} and {agents} agents on 127.0.0.2..127.0.0.{}",
+        agents + 1
+    ));
     let spec = LocalClusterSpec {
         agents,
         data_dir: data_dir.clone(),
@@ -568,55 +585,75 @@ async fn demo(agents: u32, data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode
     let cluster = LocalCluster::start(&spec).await?;
     let client = Client::new(&cluster.coordinator_url)?;
     let nodes = client.nodes().await?;
-    println!(
+    say(format!(
         "[demo] {} hosts up in {:.1}s:",
         nodes.len(),
         started.elapsed().as_secs_f64()
-    );
-    print!("{}", render::node_table(&nodes));
+    ));
+    if human {
+        print!("{}", render::node_table(&nodes));
+    }
 
     let spec = demo_spec(agents)?;
     let id = client.submit(&spec).await?;
-    println!(
+    say(format!(
         "[demo] submitted job {id} `{}`: {} hosts x {} ranks, command {:?}",
         spec.name, spec.resources.nodes, spec.resources.procs_per_node, spec.launch.command
-    );
-    // Rank 0's progress, and every rank's final line.
-    follow_logs(&client, &id, None, true, Output::Human, |l| {
-        l.rank == 0 || l.text.contains("checksum")
-    })
-    .await?;
-    let detail = client.job(&id).await?;
-    print!("{}", render::job_detail(&detail));
+    ));
+    let detail = if human {
+        // Rank 0's progress, and every rank's final line.
+        follow_logs(&client, &id, None, true, Output::Human, |l| {
+            l.rank == 0 || l.text.contains("checksum")
+        })
+        .await?;
+        client.job(&id).await?
+    } else {
+        wait_for_end(&client, &id, false).await?
+    };
+    if human {
+        print!("{}", render::job_detail(&detail));
+    }
     let page = client.logs(&id, None, "").await?;
-    let mut checksums: Vec<&str> = page
+    let mut checksums: Vec<String> = page
         .lines
         .iter()
         .filter_map(|l| l.text.strip_prefix("final checksum "))
-        .map(|rest| rest.split_whitespace().next().unwrap_or(""))
+        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
         .collect();
     checksums.sort_unstable();
     checksums.dedup();
     drop(cluster);
-    if detail.summary.state == "succeeded" && checksums.len() == 1 {
+    let succeeded = detail.summary.state == "succeeded" && checksums.len() == 1;
+    if !human {
         println!(
+            "{}",
+            serde_json::json!({ "succeeded": succeeded, "checksums": checksums, "job": detail })
+        );
+    } else if succeeded {
+        say(format!(
             "[demo] job {id} succeeded: {} ranks on {} hosts trained in lockstep and agree on checksum {} ({:.1}s in all)",
             detail.summary.world_size,
             detail.summary.nodes,
             checksums[0],
             started.elapsed().as_secs_f64()
-        );
-        println!("[demo] next: `trainctl dev` keeps a cluster up; see README.md");
-        Ok(ExitCode::SUCCESS)
+        ));
+        say("[demo] next: `trainctl dev` keeps a cluster up; see README.md".to_string());
     } else {
-        println!(
+        say(format!(
             "[demo] job {id} ended {} (checksums seen: {:?}); cluster logs are in {}",
             detail.summary.state,
             checksums,
             data_dir.display()
-        );
-        Ok(ExitCode::FAILURE)
+        ));
     }
+    if succeeded && temporary {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    Ok(if succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
