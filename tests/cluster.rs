@@ -486,3 +486,25 @@ fn the_rest_api_answers_curl_with_4xx_for_bad_requests() {
     assert_eq!(code, 200);
     assert!(body.contains("\"is_leader\":true"), "{body}");
 }
+
+#[test]
+fn demo_runs_the_example_job_end_to_end() {
+    let _lock = common::lock_cluster_addresses();
+    let out = std::process::Command::new(common::trainctl())
+        .args(["demo", "--agents", "3", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["succeeded"], true);
+    assert_eq!(summary["checksums"].as_array().unwrap().len(), 1, "every rank ends with the same parameters");
+    assert_eq!(summary["job"]["state"], "succeeded");
+    assert_eq!(summary["job"]["world_size"], 6, "3 hosts x 2 ranks");
+    let hosts: BTreeSet<&str> = summary["job"]["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts.len(), 3, "the gang spans every host");
+}
