@@ -35,12 +35,18 @@ fn main() -> anyhow::Result<()> {
     let hosts = match std::env::var("TRAINCTL_BENCH_HOSTS") {
         Ok(list) => list
             .split(',')
-            .map(|s| s.trim().parse::<usize>().with_context(|| format!("TRAINCTL_BENCH_HOSTS: `{s}` is not a number")))
+            .map(|s| {
+                s.trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("TRAINCTL_BENCH_HOSTS: `{s}` is not a number"))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?,
         Err(_) => DEFAULT_HOSTS.to_vec(),
     };
     let case_budget = Duration::from_millis(match std::env::var("TRAINCTL_BENCH_CASE_MS") {
-        Ok(ms) => ms.parse().context("TRAINCTL_BENCH_CASE_MS is not a number of milliseconds")?,
+        Ok(ms) => ms
+            .parse()
+            .context("TRAINCTL_BENCH_CASE_MS is not a number of milliseconds")?,
         Err(_) => DEFAULT_CASE_MS,
     });
     let gang = fixtures::gang_64x8();
@@ -60,7 +66,11 @@ fn main() -> anyhow::Result<()> {
             let snapshot = state.cluster_snapshot();
             let placement = scheduler::plan(&snapshot, &gang)
                 .map_err(|e| anyhow::anyhow!("{n} hosts, {fill}: the gang did not fit: {e}"))?;
-            ensure!(placement.nodes.len() == gang.nodes as usize, "placed {} hosts", placement.nodes.len());
+            ensure!(
+                placement.nodes.len() == gang.nodes as usize,
+                "placed {} hosts",
+                placement.nodes.len()
+            );
 
             let plan = time_case(case_budget, || {
                 black_box(scheduler::plan(black_box(&snapshot), black_box(&gang))).ok();
@@ -68,7 +78,12 @@ fn main() -> anyhow::Result<()> {
             let snap = time_case(case_budget, || {
                 black_box(black_box(&state).cluster_snapshot());
             });
-            rows.push(Row { hosts: n, fill, plan, snapshot: snap });
+            rows.push(Row {
+                hosts: n,
+                fill,
+                plan,
+                snapshot: snap,
+            });
             eprintln!("  measured {n} hosts, {fill}");
         }
     }
@@ -76,7 +91,13 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!(
         "{:>7}  {:<20}  {:>12}  {:>12}  {:>15}  {:>15}  {:>7}",
-        "hosts", "fill", "plan med us", "plan p99 us", "snapshot med us", "snapshot p99 us", "samples"
+        "hosts",
+        "fill",
+        "plan med us",
+        "plan p99 us",
+        "snapshot med us",
+        "snapshot p99 us",
+        "samples"
     );
     for r in &rows {
         println!(
@@ -93,7 +114,7 @@ fn main() -> anyhow::Result<()> {
 
     println!();
     println!("growth of the median (x hosts -> ratio of time):");
-    println!("{:<20}  {:>22}  {:>22}", "fill", "plan", "snapshot");
+    println!("{:<20}  {:>26}  {:>26}", "fill", "plan", "snapshot");
     for fill in Fill::ALL {
         let of = |n: usize| rows.iter().find(|r| r.hosts == n && r.fill == fill);
         let mut plan_growth = Vec::new();
@@ -101,11 +122,22 @@ fn main() -> anyhow::Result<()> {
         for pair in hosts.windows(2) {
             if let (Some(a), Some(b)) = (of(pair[0]), of(pair[1])) {
                 let label = format!("{}k/{}k", pair[1] / 1000, pair[0] / 1000);
-                plan_growth.push(format!("{label} {:.1}x", ratio(b.plan.median, a.plan.median)));
-                snap_growth.push(format!("{label} {:.1}x", ratio(b.snapshot.median, a.snapshot.median)));
+                plan_growth.push(format!(
+                    "{label} {:.1}x",
+                    ratio(b.plan.median, a.plan.median)
+                ));
+                snap_growth.push(format!(
+                    "{label} {:.1}x",
+                    ratio(b.snapshot.median, a.snapshot.median)
+                ));
             }
         }
-        println!("{:<20}  {:>22}  {:>22}", fill.to_string(), plan_growth.join(", "), snap_growth.join(", "));
+        println!(
+            "{:<20}  {:>26}  {:>26}",
+            fill.to_string(),
+            plan_growth.join(", "),
+            snap_growth.join(", ")
+        );
     }
     Ok(())
 }
@@ -121,7 +153,8 @@ fn time_case(budget: Duration, mut f: impl FnMut()) -> Summary {
     }
     let started = Instant::now();
     let mut samples = Vec::new();
-    while samples.len() < SAMPLES_MAX && (samples.len() < SAMPLES_MIN || started.elapsed() < budget) {
+    while samples.len() < SAMPLES_MAX && (samples.len() < SAMPLES_MIN || started.elapsed() < budget)
+    {
         let t = Instant::now();
         f();
         samples.push(t.elapsed());

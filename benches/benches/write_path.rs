@@ -73,11 +73,18 @@ fn main() -> anyhow::Result<()> {
     let levels = match std::env::var("TRAINCTL_BENCH_CONCURRENCY") {
         Ok(list) => list
             .split(',')
-            .map(|s| s.trim().parse::<usize>().with_context(|| format!("TRAINCTL_BENCH_CONCURRENCY: `{s}`")))
+            .map(|s| {
+                s.trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("TRAINCTL_BENCH_CONCURRENCY: `{s}`"))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?,
         Err(_) => DEFAULT_CONCURRENCY.to_vec(),
     };
-    ensure!(jobs > 0 && levels.iter().all(|&c| c > 0), "jobs and concurrency must be positive");
+    ensure!(
+        jobs > 0 && levels.iter().all(|&c| c > 0),
+        "jobs and concurrency must be positive"
+    );
     let etcd_binary = std::env::var("TRAINCTL_BENCH_ETCD").unwrap_or_else(|_| "etcd".to_string());
 
     let tmp = tempfile::tempdir().context("create a temporary directory")?;
@@ -94,16 +101,31 @@ fn main() -> anyhow::Result<()> {
         millis(fsync.p99),
         fsync.count
     );
-    println!("{jobs} submissions per level, clients {levels:?}; job spec {} bytes of JSON", job_spec_json(0).len());
+    println!(
+        "{jobs} submissions per level, clients {levels:?}; job spec {} bytes of JSON",
+        job_spec_json(0).len()
+    );
 
-    let trainctl = runtime.block_on(bench_trainctl(&tmp.path().join("coordinator"), jobs, &levels))?;
-    print_levels("trainctl: POST /v1/jobs (REST + one-voter Raft, fsync per append)", &trainctl);
+    let trainctl = runtime.block_on(bench_trainctl(
+        &tmp.path().join("coordinator"),
+        jobs,
+        &levels,
+    ))?;
+    print_levels(
+        "trainctl: POST /v1/jobs (REST + one-voter Raft, fsync per append)",
+        &trainctl,
+    );
 
     let etcd = if etcd_binary == "off" {
         println!("\netcd: skipped (TRAINCTL_BENCH_ETCD=off)");
         None
     } else {
-        match runtime.block_on(bench_etcd(&etcd_binary, &tmp.path().join("etcd"), jobs, &levels)) {
+        match runtime.block_on(bench_etcd(
+            &etcd_binary,
+            &tmp.path().join("etcd"),
+            jobs,
+            &levels,
+        )) {
             Ok(levels) => Some(levels),
             Err(e) => {
                 println!("\netcd: skipped: {e:#}");
@@ -112,8 +134,14 @@ fn main() -> anyhow::Result<()> {
         }
     };
     if let Some(etcd) = etcd {
-        print_levels("etcd: POST /v3/kv/put through the JSON gateway (one member, fsync'd WAL)", &etcd);
-        println!("\n{:>8}  {:>12}  {:>12}  {:>16}", "clients", "trainctl/s", "etcd/s", "trainctl / etcd");
+        print_levels(
+            "etcd: POST /v3/kv/put through the JSON gateway (one member, fsync'd WAL)",
+            &etcd,
+        );
+        println!(
+            "\n{:>8}  {:>12}  {:>12}  {:>16}",
+            "clients", "trainctl/s", "etcd/s", "trainctl / etcd"
+        );
         for (t, e) in trainctl.iter().zip(&etcd) {
             println!(
                 "{:>8}  {:>12.0}  {:>12.0}  {:>16.2}",
@@ -129,7 +157,10 @@ fn main() -> anyhow::Result<()> {
 
 fn print_levels(title: &str, levels: &[Level]) {
     println!("\n{title}");
-    println!("{:>8}  {:>7}  {:>8}  {:>10}  {:>11}  {:>11}", "clients", "writes", "secs", "writes/s", "median ms", "p99 ms");
+    println!(
+        "{:>8}  {:>7}  {:>8}  {:>10}  {:>11}  {:>11}",
+        "clients", "writes", "secs", "writes/s", "median ms", "p99 ms"
+    );
     for l in levels {
         println!(
             "{:>8}  {:>7}  {:>8.2}  {:>10.0}  {:>11}  {:>11}",
@@ -151,7 +182,8 @@ fn fsync_reference(path: &Path) -> anyhow::Result<Summary> {
     let mut samples = Vec::with_capacity(FSYNC_SAMPLE_COUNT);
     for _ in 0..FSYNC_SAMPLE_COUNT {
         let t = Instant::now();
-        file.write_all(&record).context("append to the probe file")?;
+        file.write_all(&record)
+            .context("append to the probe file")?;
         file.sync_data().context("fdatasync the probe file")?;
         samples.push(t.elapsed());
     }
@@ -167,8 +199,14 @@ fn http_client() -> anyhow::Result<reqwest::Client> {
         .context("build the HTTP client")
 }
 
-async fn bench_trainctl(data_dir: &Path, jobs: usize, levels: &[usize]) -> anyhow::Result<Vec<Level>> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("bind 127.0.0.1:0")?;
+async fn bench_trainctl(
+    data_dir: &Path,
+    jobs: usize,
+    levels: &[usize],
+) -> anyhow::Result<Vec<Level>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("bind 127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let mut config = CoordinatorConfig::new(data_dir.to_path_buf(), addr.to_string());
     // No agent heartbeats here: keep the liveness loop from declaring the fake nodes lost mid-run.
@@ -180,16 +218,24 @@ async fn bench_trainctl(data_dir: &Path, jobs: usize, levels: &[usize]) -> anyho
     let client = http_client()?;
 
     let result = async {
-        wait_until_ready(&client, &format!("{base}/v1/health"), || coordinator.is_leader()).await?;
+        wait_until_ready(&client, &format!("{base}/v1/health"), || {
+            coordinator.is_leader()
+        })
+        .await?;
         for i in 0..NODE_COUNT {
             let outcome = coordinator
                 .write(fixtures::register_node(i, server::now_ms()))
                 .await
                 .context("register a fake node")?;
-            ensure!(outcome == CommandOutcome::Done, "registering node {i}: {outcome:?}");
+            ensure!(
+                outcome == CommandOutcome::Done,
+                "registering node {i}: {outcome:?}"
+            );
         }
         let target = Target::Trainctl { base: base.clone() };
-        run_level(&client, &target, 1, WARMUP_COUNT, 0).await.context("warm-up")?;
+        run_level(&client, &target, 1, WARMUP_COUNT, 0)
+            .await
+            .context("warm-up")?;
         let mut out = Vec::new();
         for (k, &c) in levels.iter().enumerate() {
             out.push(run_level(&client, &target, c, jobs, (k + 1) * jobs).await?);
@@ -211,7 +257,11 @@ async fn bench_trainctl(data_dir: &Path, jobs: usize, levels: &[usize]) -> anyho
 }
 
 /// Polls `url` until it answers 200 and `ready()` holds, for at most `STARTUP_TIMEOUT`.
-async fn wait_until_ready(client: &reqwest::Client, url: &str, ready: impl Fn() -> bool) -> anyhow::Result<()> {
+async fn wait_until_ready(
+    client: &reqwest::Client,
+    url: &str,
+    ready: impl Fn() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
         let ok = matches!(client.get(url).send().await, Ok(r) if r.status().is_success());
@@ -234,12 +284,17 @@ async fn run_level(
     first: usize,
 ) -> anyhow::Result<Level> {
     // Bodies are made before the clock starts, so the load generator spends its CPU on sending.
-    let bodies: Arc<Vec<String>> = Arc::new((first..first + count).map(|seq| body(target, seq)).collect());
+    let bodies: Arc<Vec<String>> = Arc::new(
+        (first..first + count)
+            .map(|seq| body(target, seq))
+            .collect(),
+    );
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        let (client, target, bodies, next) = (client.clone(), target.clone(), bodies.clone(), next.clone());
+        let (client, target, bodies, next) =
+            (client.clone(), target.clone(), bodies.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
@@ -288,7 +343,10 @@ async fn send(client: &reqwest::Client, target: &Target, body: String) -> anyhow
         .await
         .with_context(|| format!("POST {url}"))?;
     let status = response.status();
-    let text = response.text().await.with_context(|| format!("read the answer of POST {url}"))?;
+    let text = response
+        .text()
+        .await
+        .with_context(|| format!("read the answer of POST {url}"))?;
     ensure!(status == expected, "POST {url}: {status}: {text}");
     Ok(())
 }
@@ -316,9 +374,14 @@ fn start_etcd(binary: &str, data_dir: &Path) -> anyhow::Result<Etcd> {
     let version = Process::new(binary)
         .arg("--version")
         .output()
-        .with_context(|| format!("run `{binary} --version` (is etcd installed? `apt-get install etcd-server`)"))?;
+        .with_context(|| {
+            format!("run `{binary} --version` (is etcd installed? `apt-get install etcd-server`)")
+        })?;
     let version = String::from_utf8_lossy(&version.stdout);
-    println!("\netcd: {}", version.lines().next().unwrap_or("version unknown"));
+    println!(
+        "\netcd: {}",
+        version.lines().next().unwrap_or("version unknown")
+    );
 
     let (client_port, peer_port) = (free_loopback_port()?, free_loopback_port()?);
     let client_url = format!("http://127.0.0.1:{client_port}");
@@ -328,39 +391,79 @@ fn start_etcd(binary: &str, data_dir: &Path) -> anyhow::Result<Etcd> {
     let child = Process::new(binary)
         .args(["--name", "bench", "--data-dir"])
         .arg(data_dir)
-        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("bench={peer_url}"), "--initial-cluster-state", "new"])
+        .args([
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("bench={peer_url}"),
+            "--initial-cluster-state",
+            "new",
+        ])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
         .with_context(|| format!("start {binary}"))?;
-    Ok(Etcd { child, base: client_url })
+    Ok(Etcd {
+        child,
+        base: client_url,
+    })
 }
 
-async fn bench_etcd(binary: &str, data_dir: &Path, jobs: usize, levels: &[usize]) -> anyhow::Result<Vec<Level>> {
+async fn bench_etcd(
+    binary: &str,
+    data_dir: &Path,
+    jobs: usize,
+    levels: &[usize],
+) -> anyhow::Result<Vec<Level>> {
     let mut etcd = start_etcd(binary, data_dir)?;
     let client = http_client()?;
     let health = format!("{}/health", etcd.base);
     let ready = wait_until_ready(&client, &health, || true).await;
     if let Ok(Some(status)) = etcd.child.try_wait() {
-        bail!("etcd exited ({status}); see {}", data_dir.with_extension("log").display());
+        bail!(
+            "etcd exited ({status}); see {}",
+            data_dir.with_extension("log").display()
+        );
     }
-    ready.with_context(|| format!("etcd did not come up; see {}", data_dir.with_extension("log").display()))?;
+    ready.with_context(|| {
+        format!(
+            "etcd did not come up; see {}",
+            data_dir.with_extension("log").display()
+        )
+    })?;
 
     // etcd 3.4 serves the gateway under /v3/, older releases under /v3beta/.
     let mut path = None;
     for candidate in ["/v3/kv/put", "/v3beta/kv/put"] {
-        let target = Target::Etcd { base: etcd.base.clone(), path: candidate };
+        let target = Target::Etcd {
+            base: etcd.base.clone(),
+            path: candidate,
+        };
         if send(&client, &target, body(&target, 0)).await.is_ok() {
             path = Some(candidate);
             break;
         }
     }
-    let path = path.context("etcd's JSON gateway answered neither /v3/kv/put nor /v3beta/kv/put")?;
-    let target = Target::Etcd { base: etcd.base.clone(), path };
-    run_level(&client, &target, 1, WARMUP_COUNT, 0).await.context("etcd warm-up")?;
+    let path =
+        path.context("etcd's JSON gateway answered neither /v3/kv/put nor /v3beta/kv/put")?;
+    let target = Target::Etcd {
+        base: etcd.base.clone(),
+        path,
+    };
+    run_level(&client, &target, 1, WARMUP_COUNT, 0)
+        .await
+        .context("etcd warm-up")?;
     let mut out = Vec::new();
     for (k, &c) in levels.iter().enumerate() {
         out.push(run_level(&client, &target, c, jobs, (k + 1) * jobs).await?);

@@ -136,9 +136,17 @@ mod tests {
 
     #[test]
     fn fills_take_the_stated_share() {
-        for (fill, busy) in [(Fill::Empty, 0), (Fill::HalfBusy, 500), (Fill::NinetyScattered, 900)] {
+        for (fill, busy) in [
+            (Fill::Empty, 0),
+            (Fill::HalfBusy, 500),
+            (Fill::NinetyScattered, 900),
+        ] {
             let snapshot = state(1000, fill).cluster_snapshot();
-            let taken = snapshot.nodes.iter().filter(|n| n.free_gpus.is_empty()).count();
+            let taken = snapshot
+                .nodes
+                .iter()
+                .filter(|n| n.free_gpus.is_empty())
+                .count();
             assert_eq!(taken, busy, "{fill}");
         }
     }
@@ -146,8 +154,11 @@ mod tests {
     #[test]
     fn gang_fits_every_fixture() {
         for fill in Fill::ALL {
-            let p = trainctl_coordinator::scheduler::plan(&state(1000, fill).cluster_snapshot(), &gang_64x8())
-                .unwrap();
+            let p = trainctl_coordinator::scheduler::plan(
+                &state(1000, fill).cluster_snapshot(),
+                &gang_64x8(),
+            )
+            .unwrap();
             assert_eq!(p.nodes.len(), 64, "{fill}");
         }
     }

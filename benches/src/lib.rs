@@ -86,7 +86,11 @@ pub fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -123,7 +127,10 @@ mod tests {
     fn summary_uses_nearest_rank() {
         let mut samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
         let s = Summary::of(&mut samples).unwrap();
-        assert_eq!((s.median, s.p99), (Duration::from_micros(50), Duration::from_micros(99)));
+        assert_eq!(
+            (s.median, s.p99),
+            (Duration::from_micros(50), Duration::from_micros(99))
+        );
         assert_eq!(Summary::of(&mut []), None);
     }
 

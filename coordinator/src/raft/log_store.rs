@@ -45,13 +45,19 @@ impl LogStore {
         Ok(Some(value))
     }
 
+    /// Writes one metadata value; `durable` commits wait for fsync, others ride on the next one.
     fn write_meta<T: serde::Serialize>(
         db: &Database,
         key: &str,
         value: &T,
+        durable: bool,
     ) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(value).map_err(|e| StorageIOError::write(&e))?;
-        let txn = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
+        let mut txn = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StorageIOError::write(&e))?;
+        }
         {
             let mut table = txn
                 .open_table(META)
@@ -138,7 +144,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<ServerId>) -> Result<(), StorageError> {
         let db = self.db.clone();
         let vote = *vote;
-        blocking(move || Self::write_meta(&db, KEY_VOTE, &vote)).await
+        blocking(move || Self::write_meta(&db, KEY_VOTE, &vote, true)).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<ServerId>>, StorageError> {
@@ -146,12 +152,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || Self::read_meta(&db, KEY_VOTE)).await
     }
 
+    /// The commit index is a hint (openraft recomputes it from a quorum), so it is written without
+    /// waiting for fsync: it reaches disk with the next log append.
     async fn save_committed(
         &mut self,
         committed: Option<LogId<ServerId>>,
     ) -> Result<(), StorageError> {
         let db = self.db.clone();
-        blocking(move || Self::write_meta(&db, KEY_COMMITTED, &committed)).await
+        blocking(move || Self::write_meta(&db, KEY_COMMITTED, &committed, false)).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<ServerId>>, StorageError> {
@@ -227,7 +235,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<ServerId>) -> Result<(), StorageError> {
         let db = self.db.clone();
         blocking(move || {
-            Self::write_meta(&db, KEY_LAST_PURGED, &log_id)?;
+            Self::write_meta(&db, KEY_LAST_PURGED, &log_id, true)?;
             let txn = db
                 .begin_write()
                 .map_err(|e| StorageIOError::write_logs(&e))?;
