@@ -494,10 +494,18 @@ fn demo_runs_the_example_job_end_to_end() {
         .args(["demo", "--agents", "3", "-o", "json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["succeeded"], true);
-    assert_eq!(summary["checksums"].as_array().unwrap().len(), 1, "every rank ends with the same parameters");
+    assert_eq!(
+        summary["checksums"].as_array().unwrap().len(),
+        1,
+        "every rank ends with the same parameters"
+    );
     assert_eq!(summary["job"]["state"], "succeeded");
     assert_eq!(summary["job"]["world_size"], 6, "3 hosts x 2 ranks");
     let hosts: BTreeSet<&str> = summary["job"]["ranks"]

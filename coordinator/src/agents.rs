@@ -331,3 +331,252 @@ pub fn assignments_for(s: &State, node: &NodeId, stop_grace_ms: u32) -> Vec<Assi
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler;
+    use crate::state::{JobState, NodeResources};
+    use trainctl_jobs::JobSpec;
+
+    fn id(name: &str) -> NodeId {
+        NodeId(name.to_string())
+    }
+
+    /// node-1 (10.0.0.1) and node-2 (10.0.0.2), 4 GPUs each, and one job of 2 nodes x 2 ranks x 2 GPUs,
+    /// placed: ranks 0-1 on node-1 (group rank 0), ranks 2-3 on node-2.
+    fn cluster_with_job() -> (State, JobId) {
+        let mut s = State::default();
+        for n in 1..=2 {
+            let name = format!("node-{n}");
+            let outcome = s.apply(Command::RegisterNode {
+                node: id(&name),
+                address: format!("10.0.0.{n}"),
+                instance_id: format!("{name}-a"),
+                resources: NodeResources {
+                    hostname: name.clone(),
+                    cpus: 16,
+                    memory_mib: 1 << 16,
+                    gpus: (0..4)
+                        .map(|index| GpuInfo {
+                            index,
+                            name: "Test GPU".into(),
+                            memory_mib: 1 << 16,
+                            uuid: format!("GPU-{n}-{index}"),
+                        })
+                        .collect(),
+                    rdma_devices: vec![],
+                },
+                port_range: (29500, 29599),
+                at_ms: 1,
+            });
+            assert_eq!(outcome, CommandOutcome::Done);
+        }
+        let spec = JobSpec::from_toml(
+            "name = \"ddp\"\n[launch]\ncommand = [\"python3\", \"train.py\"]\n\
+             [resources]\nnodes = 2\nprocs_per_node = 2\ngpus_per_node = 2\n",
+            "test.toml",
+        )
+        .unwrap();
+        let CommandOutcome::JobSubmitted { job } = s.apply(Command::SubmitJob { spec, at_ms: 2 })
+        else {
+            panic!("not submitted")
+        };
+        let placement =
+            scheduler::plan(&s.cluster_snapshot(), &s.jobs[&job].spec.resources).expect("fits");
+        assert_eq!(placement.nodes[0].node, id("node-1"), "ties go by name");
+        let outcome = s.apply(Command::PlaceJob {
+            job,
+            placement,
+            at_ms: 3,
+        });
+        assert_eq!(outcome, CommandOutcome::Done);
+        (s, job)
+    }
+
+    fn wire(job: &str, attempt: u32, rank: u32, phase: WirePhase, exit_code: i32) -> RankReport {
+        RankReport {
+            job_id: job.to_string(),
+            attempt,
+            rank,
+            phase: phase as i32,
+            exit_code,
+            message: String::new(),
+            pid: 4000 + rank,
+        }
+    }
+
+    /// Applies what `node`'s agent reported, as the heartbeat handler does.
+    fn apply_reports(s: &mut State, node: &str, reports: &[RankReport]) {
+        let (observations, idle_jobs) = changed_observations(s, &id(node), reports);
+        let outcome = s.apply(Command::ReportRanks {
+            node: id(node),
+            instance_id: format!("{node}-a"),
+            observations,
+            idle_jobs,
+            at_ms: 10,
+        });
+        assert_eq!(outcome, CommandOutcome::Done);
+    }
+
+    #[test]
+    fn only_reports_that_change_this_nodes_ranks_become_observations() {
+        let (mut s, job) = cluster_with_job();
+        let j = job.to_string();
+        let reports = [
+            wire(&j, 0, 0, WirePhase::Running, 0),
+            // Not ranks of node-1, not this attempt, not a job, not a phase, not known:
+            wire(&j, 0, 2, WirePhase::Running, 0),
+            wire(&j, 1, 1, WirePhase::Running, 0),
+            wire("abc", 0, 1, WirePhase::Running, 0),
+            wire(&j, 0, 1, WirePhase::Unspecified, 0),
+            wire("99", 0, 0, WirePhase::Running, 0),
+        ];
+        let (observations, idle) = changed_observations(&s, &id("node-1"), &reports);
+        assert_eq!(
+            observations,
+            vec![RankObservation {
+                job,
+                attempt: 0,
+                rank: 0,
+                phase: RankPhase::Running,
+                exit_code: None,
+                message: None,
+                pid: Some(4000),
+            }]
+        );
+        assert!(idle.is_empty());
+        apply_reports(&mut s, "node-1", &reports);
+        // The same report again changes nothing, so it costs no Raft write.
+        let (observations, _) = changed_observations(&s, &id("node-1"), &reports);
+        assert!(observations.is_empty(), "{observations:?}");
+        // An exit is a change; the exit code travels only with an exit.
+        let exited = [wire(&j, 0, 0, WirePhase::Exited, 3)];
+        let (observations, _) = changed_observations(&s, &id("node-1"), &exited);
+        assert_eq!(
+            (observations[0].phase, observations[0].exit_code),
+            (RankPhase::Exited, Some(3))
+        );
+        let failed = RankReport {
+            message: "exec python3: not found".into(),
+            ..wire(&j, 0, 1, WirePhase::FailedToStart, 0)
+        };
+        let (observations, _) = changed_observations(&s, &id("node-1"), &[failed]);
+        assert_eq!(observations[0].exit_code, None);
+        assert_eq!(
+            observations[0].message.as_deref(),
+            Some("exec python3: not found")
+        );
+    }
+
+    #[test]
+    fn an_ended_job_is_idle_on_a_node_whose_agent_no_longer_reports_it() {
+        let (mut s, job) = cluster_with_job();
+        let j = job.to_string();
+        let running = [
+            wire(&j, 0, 0, WirePhase::Running, 0),
+            wire(&j, 0, 1, WirePhase::Running, 0),
+        ];
+        apply_reports(&mut s, "node-1", &running);
+        // A live job is never idle, reported or not.
+        assert!(changed_observations(&s, &id("node-2"), &[]).1.is_empty());
+
+        assert_eq!(
+            s.apply(Command::CancelJob { job, at_ms: 11 }),
+            CommandOutcome::Done
+        );
+        // Still running there: not idle. Exiting: an observation, not idle.
+        assert!(changed_observations(&s, &id("node-1"), &running)
+            .1
+            .is_empty());
+        let exits = [
+            wire(&j, 0, 0, WirePhase::Exited, -15),
+            wire(&j, 0, 1, WirePhase::Running, 0),
+        ];
+        let (observations, idle) = changed_observations(&s, &id("node-1"), &exits);
+        assert_eq!((observations.len(), idle.len()), (1, 0));
+        // Reporting nothing of it: idle, on each node that still holds a share.
+        assert_eq!(changed_observations(&s, &id("node-1"), &[]).1, vec![job]);
+        assert_eq!(changed_observations(&s, &id("node-2"), &[]).1, vec![job]);
+        apply_reports(&mut s, "node-2", &[]);
+        assert_eq!(s.nodes[&id("node-2")].usage, Default::default());
+        assert!(
+            changed_observations(&s, &id("node-2"), &[]).1.is_empty(),
+            "a released share is not reported idle again"
+        );
+        assert_eq!(s.jobs[&job].state, JobState::Cancelled);
+    }
+
+    #[test]
+    fn assignments_carry_the_torchrun_environment_of_each_rank() {
+        let (mut s, job) = cluster_with_job();
+        let allocation = s.jobs[&job].allocation.clone().unwrap();
+        for (node, group_rank) in [("node-1", 0u32), ("node-2", 1)] {
+            let assignments = assignments_for(&s, &id(node), 7000);
+            assert_eq!(assignments.len(), 1, "{node}");
+            let a = &assignments[0];
+            assert_eq!(a.job_id, job.to_string());
+            assert_eq!((a.attempt, a.stop_grace_ms), (0, 7000));
+            assert_eq!(a.argv, ["python3", "train.py"]);
+            let ranks: Vec<(u32, u32)> = a.ranks.iter().map(|r| (r.rank, r.local_rank)).collect();
+            assert_eq!(ranks, [(group_rank * 2, 0), (group_rank * 2 + 1, 1)]);
+            let gpus = &allocation.nodes[group_rank as usize].gpus;
+            let visible = gpus
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            for r in &a.ranks {
+                let env = |k: &str| r.env.get(k).map(String::as_str);
+                assert_eq!(env("RANK"), Some(r.rank.to_string().as_str()));
+                assert_eq!(env("LOCAL_RANK"), Some(r.local_rank.to_string().as_str()));
+                assert_eq!(env("WORLD_SIZE"), Some("4"));
+                assert_eq!(env("LOCAL_WORLD_SIZE"), Some("2"));
+                assert_eq!(env("GROUP_RANK"), Some(group_rank.to_string().as_str()));
+                assert_eq!(env("MASTER_ADDR"), Some("10.0.0.1"));
+                assert_eq!(env("MASTER_PORT"), Some("29500"));
+                assert_eq!(env("CUDA_VISIBLE_DEVICES"), Some(visible.as_str()));
+                assert_eq!(env("TRAINCTL_NODE_NAME"), Some(node));
+                assert_eq!(
+                    r.env_defaults.get("OMP_NUM_THREADS").map(String::as_str),
+                    Some("1")
+                );
+            }
+        }
+        assert!(assignments_for(&s, &id("node-9"), 7000).is_empty());
+        // An ended job is assigned nowhere: the agents stop its ranks.
+        s.apply(Command::CancelJob { job, at_ms: 4 });
+        assert!(assignments_for(&s, &id("node-1"), 7000).is_empty());
+        assert!(assignments_for(&s, &id("node-2"), 7000).is_empty());
+    }
+
+    #[test]
+    fn registrations_with_bad_fields_are_refused() {
+        let good = RegisterRequest {
+            node_name: "node-1".into(),
+            address: "10.0.0.1".into(),
+            instance_id: "i-1".into(),
+            resources: None,
+            port_range_start: 29500,
+            port_range_end: 29599,
+            agent_version: "test".into(),
+        };
+        assert!(validate_register(&good).is_ok());
+        type Break = fn(&mut RegisterRequest);
+        let cases: &[(Break, &str)] = &[
+            (|r| r.node_name.clear(), "node_name"),
+            (|r| r.address = "node-1.example".into(), "not an IP address"),
+            (|r| r.instance_id.clear(), "instance_id"),
+            (|r| r.port_range_start = 0, "port range"),
+            (|r| r.port_range_end = 70000, "port range"),
+            (|r| r.port_range_end = 29000, "port range"),
+        ];
+        for (make_bad, words) in cases {
+            let mut r = good.clone();
+            make_bad(&mut r);
+            let status = validate_register(&r).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains(words), "{}", status.message());
+        }
+    }
+}

@@ -522,7 +522,9 @@ impl State {
                 return rejected(format!("plan uses node {} which is down", p.node));
             }
             let cap = node.capacity();
+            let distinct_gpus: BTreeSet<&u32> = p.gpus.iter().collect();
             if p.gpus.len() != res.gpus_per_node as usize
+                || distinct_gpus.len() != p.gpus.len()
                 || p.gpus.iter().any(|g| !cap.free_gpus.contains(g))
                 || cap.free_cpus < res.cpus_per_node
                 || cap.free_memory_mib < res.memory_per_node_mib
@@ -967,10 +969,7 @@ mod tests {
     }
 
     fn cancel(state: &mut State, job: JobId) -> CommandOutcome {
-        let outcome = state.apply(Command::CancelJob {
-            job,
-            at_ms: AT + 4,
-        });
+        let outcome = state.apply(Command::CancelJob { job, at_ms: AT + 4 });
         check_invariants(state);
         outcome
     }
@@ -989,7 +988,7 @@ mod tests {
         state.jobs[&job].state
     }
 
-    fn usage(state: &State, node: &str) -> &NodeUsage {
+    fn usage<'a>(state: &'a State, node: &str) -> &'a NodeUsage {
         &state.nodes[&id(node)].usage
     }
 
@@ -1023,7 +1022,11 @@ mod tests {
         let mut gpu_owner: BTreeMap<(NodeId, u32), JobId> = BTreeMap::new();
         for job in state.jobs.values() {
             let Some(allocation) = &job.allocation else {
-                assert!(job.ranks.is_empty(), "job {} has ranks but no allocation", job.id);
+                assert!(
+                    job.ranks.is_empty(),
+                    "job {} has ranks but no allocation",
+                    job.id
+                );
                 continue;
             };
             for na in allocation.nodes.iter().filter(|na| !na.released) {
@@ -1037,12 +1040,17 @@ mod tests {
                         na.node
                     );
                 }
-                let u = expected.get_mut(&na.node).expect("allocation on a known node");
+                let u = expected
+                    .get_mut(&na.node)
+                    .expect("allocation on a known node");
                 u.cpus += na.cpus;
                 u.memory_mib += na.memory_mib;
                 for g in &na.gpus {
                     if let Some(other) = gpu_owner.insert((na.node.clone(), *g), job.id) {
-                        panic!("GPU {g} of {} given to jobs {other} and {}", na.node, job.id);
+                        panic!(
+                            "GPU {g} of {} given to jobs {other} and {}",
+                            na.node, job.id
+                        );
                     }
                     u.gpus.insert(*g);
                 }
@@ -1071,7 +1079,10 @@ mod tests {
         }
         for (node_id, node) in &state.nodes {
             assert_eq!(node.usage, expected[node_id], "usage of {node_id}");
-            assert!(node.usage.cpus <= node.resources.cpus, "{node_id} overcommitted");
+            assert!(
+                node.usage.cpus <= node.resources.cpus,
+                "{node_id} overcommitted"
+            );
             for g in &node.usage.gpus {
                 assert!(
                     node.resources.gpus.iter().any(|gpu| gpu.index == *g),
@@ -1080,10 +1091,18 @@ mod tests {
             }
         }
         for job_id in &state.queue {
-            assert_eq!(state.jobs[job_id].state, JobState::Pending, "queued job {job_id}");
+            assert_eq!(
+                state.jobs[job_id].state,
+                JobState::Pending,
+                "queued job {job_id}"
+            );
         }
         let pending = state.jobs.values().filter(|j| j.state == JobState::Pending);
-        assert_eq!(pending.count(), state.queue.len(), "every pending job is queued");
+        assert_eq!(
+            pending.count(),
+            state.queue.len(),
+            "every pending job is queued"
+        );
     }
 
     /// Two 8-GPU, 32-CPU nodes.
@@ -1113,7 +1132,10 @@ mod tests {
             nodes: nodes.to_vec(),
             ..placement
         };
-        assert_eq!(apply_place(&mut state, job, placement), CommandOutcome::Done);
+        assert_eq!(
+            apply_place(&mut state, job, placement),
+            CommandOutcome::Done
+        );
         (state, job)
     }
 
@@ -1197,17 +1219,27 @@ mod tests {
         // A second job takes the other GPUs and the next port.
         let second_job = submit(&mut state, 1, 4, 4);
         let p2 = place(&mut state, second_job);
-        let port2 = state.jobs[&second_job].allocation.as_ref().unwrap().master_port;
+        let port2 = state.jobs[&second_job]
+            .allocation
+            .as_ref()
+            .unwrap()
+            .master_port;
         if p2.nodes[0].node == first {
             assert_eq!(port2, PORTS.0 + 1, "the first node's next free port");
         }
         // Now nothing fits: a third 4-GPU job stays queued.
         let third = submit(&mut state, 1, 4, 4);
-        let left = if p2.nodes[0].node == first { &second } else { &first };
+        let left = if p2.nodes[0].node == first {
+            &second
+        } else {
+            &first
+        };
         assert_eq!(state.nodes[left].usage.gpus.len(), 4);
         let _ = place(&mut state, third);
         let full = submit(&mut state, 1, 1, 1);
-        assert!(scheduler::plan(&state.cluster_snapshot(), &state.jobs[&full].spec.resources).is_err());
+        assert!(
+            scheduler::plan(&state.cluster_snapshot(), &state.jobs[&full].spec.resources).is_err()
+        );
         assert_eq!(state.queue, [full]);
     }
 
@@ -1337,11 +1369,29 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_naming_one_gpu_twice_is_rejected() {
+        let mut state = two_nodes();
+        let job = submit(&mut state, 1, 2, 2);
+        let mut placement = plan_for(&state, job);
+        placement.nodes[0].gpus = vec![3, 3];
+        let before = state.clone();
+        assert_rejected(
+            apply_place(&mut state, job, placement),
+            "no longer has room",
+        );
+        assert_eq!(state, before);
+    }
+
+    #[test]
     fn all_ranks_running_makes_the_job_running() {
         let (mut state, job) = placed_job();
         for (node, rank) in [("node-1", 0), ("node-1", 1), ("node-2", 2)] {
             report(&mut state, node, job, rank, RankPhase::Running, None);
-            assert_eq!(job_state(&state, job), JobState::Starting, "after rank {rank}");
+            assert_eq!(
+                job_state(&state, job),
+                JobState::Starting,
+                "after rank {rank}"
+            );
         }
         report(&mut state, "node-2", job, 3, RankPhase::Running, None);
         assert_eq!(job_state(&state, job), JobState::Running);
@@ -1353,13 +1403,20 @@ mod tests {
         let (mut state, job) = running_job();
         for (node, rank) in [("node-1", 0), ("node-1", 1), ("node-2", 2)] {
             report(&mut state, node, job, rank, RankPhase::Exited, Some(0));
-            assert_eq!(job_state(&state, job), JobState::Running, "after rank {rank}");
+            assert_eq!(
+                job_state(&state, job),
+                JobState::Running,
+                "after rank {rank}"
+            );
         }
         assert!(!idle(&state, "node-1") && !idle(&state, "node-2"));
         report(&mut state, "node-2", job, 3, RankPhase::Exited, Some(0));
         let j = &state.jobs[&job];
         assert_eq!(j.state, JobState::Succeeded);
-        assert_eq!((j.reason.as_deref(), j.finished_at_ms), (None, Some(AT + 2)));
+        assert_eq!(
+            (j.reason.as_deref(), j.finished_at_ms),
+            (None, Some(AT + 2))
+        );
         assert!(idle(&state, "node-1") && idle(&state, "node-2"));
         assert!(released(&state, job, "node-1") && released(&state, job, "node-2"));
     }
@@ -1371,7 +1428,10 @@ mod tests {
         report(&mut state, "node-2", job, 3, RankPhase::Exited, Some(7));
         let j = &state.jobs[&job];
         assert_eq!(j.state, JobState::Failed);
-        assert_eq!(j.reason.as_deref(), Some("rank 3 on node-2 exited with code 7"));
+        assert_eq!(
+            j.reason.as_deref(),
+            Some("rank 3 on node-2 exited with code 7")
+        );
         // node-2's ranks have all ended: its share is back. node-1's ranks still run: held.
         assert!(released(&state, job, "node-2") && idle(&state, "node-2"));
         assert!(!released(&state, job, "node-1"));
@@ -1382,7 +1442,10 @@ mod tests {
         report(&mut state, "node-1", job, 1, RankPhase::Exited, Some(-15));
         assert!(released(&state, job, "node-1") && idle(&state, "node-1"));
         let j = &state.jobs[&job];
-        assert_eq!(j.reason.as_deref(), Some("rank 3 on node-2 exited with code 7"));
+        assert_eq!(
+            j.reason.as_deref(),
+            Some("rank 3 on node-2 exited with code 7")
+        );
         assert_eq!(j.ranks[0].exit_code, Some(-15));
     }
 
@@ -1390,8 +1453,16 @@ mod tests {
     fn exit_reasons_name_rank_node_and_how() {
         // (phase, exit code, reason)
         let cases: &[(RankPhase, Option<i32>, &str)] = &[
-            (RankPhase::Exited, Some(1), "rank 2 on node-2 exited with code 1"),
-            (RankPhase::Exited, Some(-9), "rank 2 on node-2 was killed by signal 9"),
+            (
+                RankPhase::Exited,
+                Some(1),
+                "rank 2 on node-2 exited with code 1",
+            ),
+            (
+                RankPhase::Exited,
+                Some(-9),
+                "rank 2 on node-2 was killed by signal 9",
+            ),
             (RankPhase::Exited, None, "rank 2 on node-2 exited"),
             (
                 RankPhase::FailedToStart,
@@ -1420,10 +1491,16 @@ mod tests {
         assert_eq!(j.ranks[1].message.as_deref(), Some("no such file: python3"));
         // node-2's ranks never started: the agent there says it runs nothing of the job.
         assert!(!released(&state, job, "node-2"));
-        assert_eq!(report_idle(&mut state, "node-2", vec![job]), CommandOutcome::Done);
+        assert_eq!(
+            report_idle(&mut state, "node-2", vec![job]),
+            CommandOutcome::Done
+        );
         assert!(released(&state, job, "node-2") && idle(&state, "node-2"));
         let ranks = &state.jobs[&job].ranks;
-        assert_eq!((ranks[2].phase, ranks[3].phase), (RankPhase::Lost, RankPhase::Lost));
+        assert_eq!(
+            (ranks[2].phase, ranks[3].phase),
+            (RankPhase::Lost, RankPhase::Lost)
+        );
     }
 
     #[test]
@@ -1453,10 +1530,17 @@ mod tests {
         assert!(released(&state, job, "node-1") && idle(&state, "node-1"));
         assert!(!released(&state, job, "node-2"));
         // node-2's agent stopped them and forgot them: it reports the job idle.
-        assert_eq!(report_idle(&mut state, "node-2", vec![job]), CommandOutcome::Done);
+        assert_eq!(
+            report_idle(&mut state, "node-2", vec![job]),
+            CommandOutcome::Done
+        );
         assert!(idle(&state, "node-2"));
         let j = &state.jobs[&job];
-        assert_eq!(j.state, JobState::Cancelled, "the exits do not change how it ended");
+        assert_eq!(
+            j.state,
+            JobState::Cancelled,
+            "the exits do not change how it ended"
+        );
         assert_eq!(j.reason.as_deref(), Some("cancelled by user"));
     }
 
@@ -1464,8 +1548,14 @@ mod tests {
     fn idle_reports_for_live_jobs_are_ignored() {
         let (mut state, job) = running_job();
         let before = state.clone();
-        assert_eq!(report_idle(&mut state, "node-1", vec![job, JobId(99)]), CommandOutcome::Done);
-        assert_eq!(state, before, "a running job is not released by an idle report");
+        assert_eq!(
+            report_idle(&mut state, "node-1", vec![job, JobId(99)]),
+            CommandOutcome::Done
+        );
+        assert_eq!(
+            state, before,
+            "a running job is not released by an idle report"
+        );
     }
 
     #[test]
@@ -1514,13 +1604,29 @@ mod tests {
         let phases: Vec<RankPhase> = j.ranks.iter().map(|r| r.phase).collect();
         assert_eq!(
             phases,
-            [RankPhase::Running, RankPhase::Running, RankPhase::Lost, RankPhase::Lost]
+            [
+                RankPhase::Running,
+                RankPhase::Running,
+                RankPhase::Lost,
+                RankPhase::Lost
+            ]
         );
         assert!(released(&state, job, "node-2") && idle(&state, "node-2"));
-        assert!(!released(&state, job, "node-1"), "node-1's ranks may still run");
+        assert!(
+            !released(&state, job, "node-1"),
+            "node-1's ranks may still run"
+        );
         assert_eq!(job_state(&state, bystander), JobState::Running);
         // A lost node takes no work and cannot be lost twice.
-        assert!(!state.cluster_snapshot().nodes.iter().find(|c| c.node == id("node-2")).unwrap().up);
+        assert!(
+            !state
+                .cluster_snapshot()
+                .nodes
+                .iter()
+                .find(|c| c.node == id("node-2"))
+                .unwrap()
+                .up
+        );
         assert_rejected(lose(&mut state, "node-2"), "already down");
         assert_rejected(lose(&mut state, "node-7"), "no node named node-7");
     }
@@ -1535,11 +1641,17 @@ mod tests {
         assert_eq!(j.state, JobState::Failed);
         let reason = j.reason.as_deref().unwrap();
         assert!(reason.contains("the agent on node-1 restarted"), "{reason}");
-        assert_eq!((j.ranks[0].phase, j.ranks[1].phase), (RankPhase::Lost, RankPhase::Lost));
+        assert_eq!(
+            (j.ranks[0].phase, j.ranks[1].phase),
+            (RankPhase::Lost, RankPhase::Lost)
+        );
         assert!(released(&state, job, "node-1") && idle(&state, "node-1"));
         assert!(!released(&state, job, "node-2"));
         let n = &state.nodes[&id("node-1")];
-        assert_eq!((n.instance_id.as_str(), n.status), ("node-1-b", NodeStatus::Up));
+        assert_eq!(
+            (n.instance_id.as_str(), n.status),
+            ("node-1-b", NodeStatus::Up)
+        );
     }
 
     #[test]
@@ -1647,7 +1759,10 @@ mod tests {
                 |_, _, o| Command::ReportRanks {
                     node: id("node-1"),
                     instance_id: "node-1-a".into(),
-                    observations: vec![RankObservation { job: JobId(99), ..o }],
+                    observations: vec![RankObservation {
+                        job: JobId(99),
+                        ..o
+                    }],
                     idle_jobs: vec![JobId(99)],
                     at_ms: AT,
                 },
@@ -1691,16 +1806,21 @@ mod tests {
     fn random_command(state: &State, rng: &mut Lcg, step: u64) -> Command {
         let nodes: Vec<&Node> = state.nodes.values().collect();
         let at_ms = AT + step;
-        match rng.below(10) {
+        match rng.below(20) {
             0 | 1 => {
-                let gpus = [0, 1, 2, 4, 8][rng.below(5) as usize];
-                let procs = if gpus == 0 { 1 + rng.below(2) as u32 } else { gpus };
+                // Sizes that fit the cluster when it is empty, so the queue keeps moving.
+                let gpus = [0, 1, 2, 4][rng.below(4) as usize];
+                let procs = if gpus == 0 {
+                    1 + rng.below(2) as u32
+                } else {
+                    gpus
+                };
                 Command::SubmitJob {
-                    spec: spec(1 + rng.below(3) as u32, procs, gpus),
+                    spec: spec(1 + rng.below(2) as u32, procs, gpus),
                     at_ms,
                 }
             }
-            2 => {
+            2..=5 => {
                 // Sometimes the plan is made stale on purpose, as a slow leader's would be.
                 let Some(head) = state.queue.front() else {
                     return Command::CancelJob {
@@ -1732,7 +1852,7 @@ mod tests {
                     at_ms,
                 }
             }
-            3..=6 => {
+            6..=14 => {
                 // An agent reports some of its ranks.
                 let node = nodes[rng.below(nodes.len() as u64) as usize];
                 let mut observations = Vec::new();
@@ -1776,11 +1896,11 @@ mod tests {
                     at_ms,
                 }
             }
-            7 => Command::CancelJob {
+            15 => Command::CancelJob {
                 job: JobId(1 + rng.below(state.last_job_id.max(1))),
                 at_ms,
             },
-            8 => {
+            16 => {
                 let node = nodes[rng.below(nodes.len() as u64) as usize];
                 Command::NodeLost {
                     node: node.id.clone(),
@@ -1808,42 +1928,52 @@ mod tests {
         }
     }
 
-    /// Applies a long deterministic workload; returns every command and the final state.
-    fn random_workload(seed: u64, steps: u64) -> (Vec<Command>, State) {
+    /// Applies a long deterministic workload, checking the invariants after every step; returns
+    /// every command, the final state and the job states seen on the way.
+    fn random_workload(seed: u64, steps: u64) -> (Vec<Command>, State, BTreeSet<&'static str>) {
         let mut state = State::default();
         for (name, gpus) in [("node-1", 8), ("node-2", 8), ("node-3", 4), ("node-4", 0)] {
             register(&mut state, name, 16, gpus);
         }
         let mut rng = Lcg(seed);
         let mut commands = Vec::new();
+        let mut seen = BTreeSet::new();
         for step in 0..steps {
             let command = random_command(&state, &mut rng, step);
             commands.push(command.clone());
             state.apply(command.clone());
             check_invariants(&state);
+            seen.extend(state.jobs.values().map(|j| j.state.as_str()));
         }
-        (commands, state)
+        (commands, state, seen)
     }
 
     #[test]
     fn invariants_hold_through_a_long_random_workload() {
-        let mut ended = 0;
+        // check_invariants runs after every step; here, check the workload went everywhere.
         for seed in [1, 2, 3, 0x5eed] {
-            let (_, state) = random_workload(seed, 1500);
-            ended += state.jobs.values().filter(|j| j.state.is_terminal()).count();
-            let succeeded = state
+            let (_, state, seen) = random_workload(seed, 1500);
+            let all = [
+                "pending",
+                "starting",
+                "running",
+                "succeeded",
+                "failed",
+                "cancelled",
+            ];
+            assert_eq!(seen, BTreeSet::from(all), "seed {seed}: states reached");
+            let ended = state
                 .jobs
                 .values()
-                .filter(|j| j.state == JobState::Succeeded)
+                .filter(|j| j.state.is_terminal())
                 .count();
-            assert!(succeeded > 0, "seed {seed}: the workload reaches success");
+            assert!(ended > 50, "seed {seed}: only {ended} jobs ended");
         }
-        assert!(ended > 100, "the workload ends many jobs ({ended})");
     }
 
     #[test]
     fn apply_is_deterministic() {
-        let (commands, _) = random_workload(7, 800);
+        let (commands, _, _) = random_workload(7, 800);
         let replay = |commands: &[Command]| {
             let mut state = State::default();
             for (name, gpus) in [("node-1", 8), ("node-2", 8), ("node-3", 4), ("node-4", 0)] {
@@ -1862,7 +1992,7 @@ mod tests {
 
     #[test]
     fn state_round_trips_through_json() {
-        let (_, state) = random_workload(11, 600);
+        let (_, state, _) = random_workload(11, 600);
         assert!(state.jobs.values().any(|j| j.allocation.is_some()));
         let json = serde_json::to_vec(&state).unwrap();
         let back: State = serde_json::from_slice(&json).unwrap();

@@ -1,0 +1,979 @@
+//! A real coordinator in the test process, driven the way users and agents drive it: REST with
+//! reqwest, the agent protocol with the generated tonic client. No agent runs: the tests play it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use trainctl_coordinator::server::{self, Coordinator, CoordinatorConfig};
+use trainctl_proto::agent::agent_service_client::AgentServiceClient;
+use trainctl_proto::agent::{
+    Assignment, Gpu, HeartbeatRequest, HeartbeatResponse, HostResources, LogChunk, RankPhase,
+    RankReport, RegisterRequest,
+};
+
+/// Longest a test waits for something the coordinator does in the background.
+const WAIT_LIMIT: Duration = Duration::from_secs(15);
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A coordinator serving on a loopback port, with a way to stop it.
+struct Running {
+    addr: SocketAddr,
+    http: reqwest::Client,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(data_dir: &Path, node_timeout_ms: Option<u64>) -> Running {
+    let mut config = CoordinatorConfig::new(data_dir.to_path_buf(), "127.0.0.1:0".into());
+    if let Some(ms) = node_timeout_ms {
+        config.node_timeout_ms = ms;
+    }
+    let coordinator = open_when_free(config).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (shutdown, rx) = watch::channel(false);
+    let task = tokio::spawn(server::run(coordinator, listener, rx));
+    let running = Running {
+        addr,
+        http: reqwest::Client::new(),
+        shutdown,
+        task,
+    };
+    // A one-voter cluster elects itself; writes before that are refused with 503.
+    let r = &running;
+    wait_for("this coordinator to lead", move || async move {
+        // 503 until a leader is known.
+        let (_, health) = r
+            .call(reqwest::Method::GET, "/v1/health", None, vec![])
+            .await;
+        (health["is_leader"] == json!(true)).then_some(())
+    })
+    .await;
+    running
+}
+
+/// Opens the data dir, waiting while a coordinator that just stopped still has it open.
+async fn open_when_free(config: CoordinatorConfig) -> Arc<Coordinator> {
+    let deadline = Instant::now() + WAIT_LIMIT;
+    loop {
+        match server::open(config.clone()).await {
+            Ok(c) => return c,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(POLL_INTERVAL).await,
+            Err(e) => panic!("open the coordinator: {e:#}"),
+        }
+    }
+}
+
+impl Running {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
+    }
+
+    /// Sends a request and returns the status and the body as JSON (or as a JSON string if not JSON).
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut request = self.http.request(method, self.url(path)).body(body);
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, body)
+    }
+
+    async fn submit(&self, spec: Value) -> String {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/jobs",
+                Some("application/json"),
+                spec.to_string().into_bytes(),
+            )
+            .await;
+        assert_eq!(status, 201, "submit: {body}");
+        body["id"].as_str().expect("an id").to_string()
+    }
+
+    async fn job(&self, id: &str) -> Value {
+        self.get(&format!("/v1/jobs/{id}")).await
+    }
+
+    async fn node(&self, name: &str) -> Value {
+        let nodes = self.get("/v1/nodes").await;
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == json!(name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no node {name} in {nodes}"))
+    }
+
+    async fn wait_for_job_state(&self, id: &str, state: &str) -> Value {
+        wait_for(&format!("job {id} to be {state}"), move || async move {
+            let job = self.job(id).await;
+            (job["state"] == json!(state)).then_some(job)
+        })
+        .await
+    }
+
+    /// Stops the coordinator and waits for every task of it to end.
+    async fn stop(self) {
+        drop(self.http);
+        self.shutdown.send(true).unwrap();
+        tokio::time::timeout(WAIT_LIMIT, self.task)
+            .await
+            .expect("the coordinator stops within the limit")
+            .expect("the server task did not panic")
+            .expect("the server stopped cleanly");
+    }
+}
+
+/// Polls `check` until it returns something, or fails the test naming `what`.
+async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT_LIMIT;
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// The test playing one node's agent.
+struct FakeAgent {
+    client: AgentServiceClient<Channel>,
+    name: String,
+    address: String,
+    instance_id: String,
+    ports: (u32, u32),
+}
+
+impl FakeAgent {
+    /// An agent for `node-N` at 127.0.0.1N with ports 29N00-29N09.
+    async fn connect(coordinator: &Running, n: u32) -> FakeAgent {
+        let client = AgentServiceClient::connect(format!("http://{}", coordinator.addr))
+            .await
+            .unwrap();
+        FakeAgent {
+            client,
+            name: format!("node-{n}"),
+            address: format!("127.0.0.1{n}"),
+            instance_id: format!("node-{n}-instance-a"),
+            ports: (29000 + n * 100, 29000 + n * 100 + 9),
+        }
+    }
+
+    async fn register(&mut self, cpus: u32, gpus: u32) {
+        let response = self
+            .client
+            .register(RegisterRequest {
+                node_name: self.name.clone(),
+                address: self.address.clone(),
+                instance_id: self.instance_id.clone(),
+                resources: Some(HostResources {
+                    cpus,
+                    memory_mib: 1 << 16,
+                    gpus: (0..gpus)
+                        .map(|index| Gpu {
+                            index,
+                            name: "Test GPU".into(),
+                            memory_mib: 1 << 16,
+                            uuid: format!("GPU-{}-{index}", self.name),
+                        })
+                        .collect(),
+                    rdma_devices: vec![],
+                    hostname: format!("{}.example", self.name),
+                }),
+                port_range_start: self.ports.0,
+                port_range_end: self.ports.1,
+                agent_version: "test".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(response.heartbeat_interval_ms > 0);
+    }
+
+    async fn heartbeat(
+        &mut self,
+        ranks: Vec<RankReport>,
+        logs: Vec<LogChunk>,
+    ) -> HeartbeatResponse {
+        self.client
+            .heartbeat(HeartbeatRequest {
+                node_name: self.name.clone(),
+                instance_id: self.instance_id.clone(),
+                ranks,
+                logs,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Heartbeats until the coordinator assigns this node a job.
+    async fn wait_for_assignment(&mut self) -> Assignment {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        loop {
+            let response = self.heartbeat(vec![], vec![]).await;
+            assert!(
+                !response.register_again,
+                "{} must register again",
+                self.name
+            );
+            if let Some(a) = response.assignments.into_iter().next() {
+                return a;
+            }
+            assert!(Instant::now() < deadline, "no assignment for {}", self.name);
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+fn report(a: &Assignment, rank: u32, phase: RankPhase, exit_code: i32) -> RankReport {
+    RankReport {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank,
+        phase: phase as i32,
+        exit_code,
+        message: String::new(),
+        pid: 5000 + rank,
+    }
+}
+
+/// Every rank of the assignment in `phase`.
+fn report_all(a: &Assignment, phase: RankPhase, exit_code: i32) -> Vec<RankReport> {
+    a.ranks
+        .iter()
+        .map(|r| report(a, r.rank, phase, exit_code))
+        .collect()
+}
+
+/// A JSON job spec: `nodes` x `procs` ranks with `gpus` GPUs per node.
+fn spec(name: &str, nodes: u32, procs: u32, gpus: u32) -> Value {
+    json!({
+        "name": name,
+        "launch": { "command": ["python3", "train.py"] },
+        "resources": { "nodes": nodes, "procs_per_node": procs, "gpus_per_node": gpus },
+    })
+}
+
+fn env<'a>(env: &'a HashMap<String, String>, key: &str) -> &'a str {
+    env.get(key)
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("{key} is not set"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_runs_to_success_through_rest_and_the_agent_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let mut agents = [
+        FakeAgent::connect(&c, 1).await,
+        FakeAgent::connect(&c, 2).await,
+    ];
+    for a in &mut agents {
+        a.register(16, 4).await;
+    }
+    let id = c.submit(spec("ddp", 2, 2, 2)).await;
+    assert_eq!(id, "1");
+
+    let mut assignments = Vec::new();
+    for a in &mut agents {
+        assignments.push(a.wait_for_assignment().await);
+    }
+    let job = c.wait_for_job_state(&id, "starting").await;
+    let allocation = job["allocation"].as_array().unwrap();
+    let rank0_share = allocation
+        .iter()
+        .find(|na| na["group_rank"] == json!(0))
+        .unwrap();
+    let rank0_agent = agents
+        .iter()
+        .find(|a| rank0_share["node"] == json!(a.name))
+        .unwrap();
+    let master_port: u32 = job["master_port"].as_u64().unwrap() as u32;
+    assert_eq!(job["master_addr"], json!(rank0_agent.address));
+    assert!(
+        (rank0_agent.ports.0..=rank0_agent.ports.1).contains(&master_port),
+        "MASTER_PORT {master_port} outside {:?}",
+        rank0_agent.ports
+    );
+
+    let mut seen_ranks = Vec::new();
+    for (agent, a) in agents.iter().zip(&assignments) {
+        assert_eq!(a.job_id, id);
+        assert_eq!(a.argv, ["python3", "train.py"]);
+        let share = allocation
+            .iter()
+            .find(|na| na["node"] == json!(agent.name))
+            .unwrap();
+        let gpus: Vec<String> = share["gpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.to_string())
+            .collect();
+        assert_eq!(a.ranks.len(), 2);
+        for r in &a.ranks {
+            seen_ranks.push(r.rank);
+            assert_eq!(env(&r.env, "RANK"), r.rank.to_string());
+            assert_eq!(env(&r.env, "LOCAL_RANK"), r.local_rank.to_string());
+            assert_eq!(env(&r.env, "WORLD_SIZE"), "4");
+            assert_eq!(env(&r.env, "MASTER_ADDR"), rank0_agent.address);
+            assert_eq!(env(&r.env, "MASTER_PORT"), master_port.to_string());
+            assert_eq!(env(&r.env, "CUDA_VISIBLE_DEVICES"), gpus.join(","));
+            assert_eq!(
+                env(&r.env, "GROUP_RANK"),
+                share["group_rank"].to_string(),
+                "on {}",
+                agent.name
+            );
+        }
+    }
+    seen_ranks.sort_unstable();
+    assert_eq!(seen_ranks, [0, 1, 2, 3]);
+    let node = c.node("node-1").await;
+    assert_eq!(
+        (node["gpus_allocated"].clone(), node["jobs"].clone()),
+        (json!(2), json!([id]))
+    );
+
+    // Every rank starts.
+    for (agent, a) in agents.iter_mut().zip(&assignments) {
+        let response = agent
+            .heartbeat(report_all(a, RankPhase::Running, 0), vec![])
+            .await;
+        assert_eq!(
+            response.assignments.len(),
+            1,
+            "still assigned while running"
+        );
+    }
+    c.wait_for_job_state(&id, "running").await;
+    // A node may not write the log of a rank it does not run.
+    let foreign_rank = assignments[0].ranks[0].rank;
+    let foreign = LogChunk {
+        job_id: id.clone(),
+        attempt: 0,
+        rank: foreign_rank,
+        offset: 0,
+        data: b"forged\n".to_vec(),
+    };
+    let response = agents[1].heartbeat(vec![], vec![foreign]).await;
+    assert!(response.log_acks.is_empty(), "{:?}", response.log_acks);
+
+    // Every rank prints and exits 0; the lines ride on the heartbeat that reports the exit.
+    for (agent, a) in agents.iter_mut().zip(&assignments) {
+        let logs: Vec<LogChunk> = a
+            .ranks
+            .iter()
+            .map(|r| LogChunk {
+                job_id: a.job_id.clone(),
+                attempt: a.attempt,
+                rank: r.rank,
+                offset: 0,
+                data: format!("hello from rank {}\nloss 0.{}\n", r.rank, r.rank).into_bytes(),
+            })
+            .collect();
+        let response = agent
+            .heartbeat(report_all(a, RankPhase::Exited, 0), logs.clone())
+            .await;
+        assert_eq!(response.log_acks.len(), 2);
+        for (ack, chunk) in response.log_acks.iter().zip(&logs) {
+            assert_eq!(ack.stored_until, chunk.data.len() as u64);
+        }
+    }
+    let job = c.wait_for_job_state(&id, "succeeded").await;
+    for agent in &mut agents {
+        let response = agent.heartbeat(vec![], vec![]).await;
+        assert!(
+            response.assignments.is_empty(),
+            "an ended job is not assigned"
+        );
+    }
+    assert_eq!(job["reason"], Value::Null);
+    let ranks = job["ranks"].as_array().unwrap();
+    assert!(ranks
+        .iter()
+        .all(|r| r["state"] == json!("exited") && r["exit_code"] == json!(0)));
+    assert!(job["allocation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|na| na["released"] == json!(true)));
+
+    // The logs: every line, tagged with its node and rank; complete once nothing is left.
+    let page = c.get(&format!("/v1/jobs/{id}/logs")).await;
+    let mut lines: Vec<(u64, String, String)> = page["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["rank"].as_u64().unwrap(),
+                l["node"].as_str().unwrap().to_string(),
+                l["text"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    lines.sort();
+    let rank_node = |rank: u64| {
+        ranks.iter().find(|r| r["rank"] == json!(rank)).unwrap()["node"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut want = Vec::new();
+    for rank in 0..4u64 {
+        want.push((rank, rank_node(rank), format!("hello from rank {rank}")));
+        want.push((rank, rank_node(rank), format!("loss 0.{rank}")));
+    }
+    want.sort();
+    assert_eq!(lines, want);
+    assert_eq!(page["complete"], json!(false), "lines were still returned");
+    let cursor = page["cursor"].as_str().unwrap();
+    let next = c.get(&format!("/v1/jobs/{id}/logs?cursor={cursor}")).await;
+    assert_eq!(next["lines"], json!([]));
+    assert_eq!(next["complete"], json!(true));
+    let text = c
+        .http
+        .get(c.url(&format!("/v1/jobs/{id}/logs?format=text&rank=3")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "[{n} rank 3] hello from rank 3\n[{n} rank 3] loss 0.3\n",
+            n = rank_node(3)
+        )
+    );
+
+    // Every resource is back.
+    for name in ["node-1", "node-2"] {
+        let node = c.node(name).await;
+        assert_eq!(node["status"], json!("up"));
+        assert_eq!(node["gpus_allocated"], json!(0), "{node}");
+        assert_eq!(node["cpus_allocated"], json!(0), "{node}");
+        assert_eq!(node["jobs"], json!([]), "{node}");
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_from_unknown_agents_are_told_to_register_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let mut agent = FakeAgent::connect(&c, 1).await;
+    let response = agent.heartbeat(vec![], vec![]).await;
+    assert!(response.register_again, "an unknown node");
+    agent.register(4, 0).await;
+    assert!(!agent.heartbeat(vec![], vec![]).await.register_again);
+    // The same node name from another agent process (the old one is gone).
+    agent.instance_id = "node-1-instance-b".into();
+    let response = agent.heartbeat(vec![], vec![]).await;
+    assert!(response.register_again, "a previous agent instance");
+    assert!(response.assignments.is_empty());
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_errors_are_4xx_with_a_json_error_that_says_what_was_wrong() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let mut agent = FakeAgent::connect(&c, 1).await;
+    agent.register(8, 4).await;
+    let id = c.submit(spec("small", 1, 1, 0)).await;
+
+    let json_ct = Some("application/json");
+    let too_big = spec("huge", 3, 2, 2).to_string();
+    /// (method, path, content type, body, accepted statuses, words of the error)
+    type Case<'a> = (Method, String, Option<&'a str>, Vec<u8>, &'a [u16], &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            Method::GET,
+            "/v1/jobs/42".into(),
+            None,
+            vec![],
+            &[404],
+            "job 42 does not exist",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/42/cancel".into(),
+            None,
+            vec![],
+            &[404],
+            "job 42",
+        ),
+        (
+            Method::GET,
+            "/v1/jobs/42/logs".into(),
+            None,
+            vec![],
+            &[404],
+            "job 42",
+        ),
+        (
+            Method::GET,
+            "/v1/jobs/abc".into(),
+            None,
+            vec![],
+            &[400],
+            "not a job id",
+        ),
+        (
+            Method::GET,
+            "/v1/jobs/-1".into(),
+            None,
+            vec![],
+            &[400],
+            "not a job id",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/abc/cancel".into(),
+            None,
+            vec![],
+            &[400],
+            "not a job id",
+        ),
+        (
+            Method::GET,
+            "/v1/jobs?state=bogus".into(),
+            None,
+            vec![],
+            &[400],
+            "unknown state",
+        ),
+        (
+            Method::GET,
+            format!("/v1/jobs/{id}/logs?rank=9"),
+            None,
+            vec![],
+            &[400],
+            "rank 9 does not exist",
+        ),
+        (
+            Method::GET,
+            format!("/v1/jobs/{id}/logs?cursor=zz"),
+            None,
+            vec![],
+            &[400],
+            "bad cursor",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs".into(),
+            None,
+            vec![],
+            &[400],
+            "empty",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs".into(),
+            None,
+            vec![0xff, 0xfe, 0x00, 0x01],
+            &[400, 415, 422],
+            "",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs".into(),
+            None,
+            b"this is neither json nor toml".to_vec(),
+            &[400, 415, 422],
+            "",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs".into(),
+            json_ct,
+            b"{\"name\": ".to_vec(),
+            &[400, 422],
+            "invalid JSON",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs".into(),
+            Some("application/toml"),
+            b"name = [".to_vec(),
+            &[400, 422],
+            "invalid TOML",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs".into(),
+            Some("image/png"),
+            spec("a", 1, 1, 0).to_string().into_bytes(),
+            &[415],
+            "image/png",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs".into(),
+            json_ct,
+            too_big.into_bytes(),
+            &[422],
+            "needs 3 hosts",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs".into(),
+            json_ct,
+            spec("Bad Name", 1, 1, 0).to_string().into_bytes(),
+            &[422],
+            "name",
+        ),
+    ];
+    for (method, path, ct, body, statuses, words) in cases {
+        let (status, reply) = c.call(method.clone(), &path, ct, body).await;
+        assert!(
+            statuses.contains(&status),
+            "{method} {path} ({ct:?}): got {status}, want one of {statuses:?}: {reply}"
+        );
+        let error = reply["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{method} {path}: no JSON `error` in {reply}"));
+        assert!(
+            error.contains(words),
+            "{method} {path}: `{error}` lacks `{words}`"
+        );
+    }
+    // A finished job cannot be cancelled twice.
+    let cancel = format!("/v1/jobs/{id}/cancel");
+    let (status, reply) = c.call(Method::POST, &cancel, None, vec![]).await;
+    assert_eq!((status, reply["state"].clone()), (200, json!("cancelled")));
+    let (status, reply) = c.call(Method::POST, &cancel, None, vec![]).await;
+    assert_eq!(status, 409, "{reply}");
+    assert!(reply["error"]
+        .as_str()
+        .unwrap()
+        .contains("already cancelled"));
+    // Nothing above made a job.
+    let jobs = c.get("/v1/jobs").await;
+    assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toml_body_without_content_type_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    FakeAgent::connect(&c, 1).await.register(4, 0).await;
+    let toml = "name = \"toml-job\"\n[launch]\ncommand = [\"python3\", \"t.py\"]\n\
+                [resources]\nnodes = 1\nprocs_per_node = 1\n";
+    let (status, reply) = c
+        .call(
+            reqwest::Method::POST,
+            "/v1/jobs",
+            None,
+            toml.as_bytes().to_vec(),
+        )
+        .await;
+    assert_eq!(status, 201, "{reply}");
+    let (status, reply) = c
+        .call(
+            reqwest::Method::POST,
+            "/v1/jobs",
+            Some("application/toml; charset=utf-8"),
+            toml.as_bytes().to_vec(),
+        )
+        .await;
+    assert_eq!(status, 201, "{reply}");
+    let job = c.job(reply["id"].as_str().unwrap()).await;
+    assert_eq!(job["name"], json!("toml-job"));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_lists_every_path_and_metrics_count_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let doc = c.get("/openapi.json").await;
+    let paths = doc["paths"].as_object().expect("paths");
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
+        "/v1/jobs/{id}/logs",
+        "/v1/nodes",
+        "/v1/health",
+        "/metrics",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from /openapi.json"
+        );
+    }
+    assert!(paths["/v1/jobs"]["post"].is_object() && paths["/v1/jobs"]["get"].is_object());
+
+    FakeAgent::connect(&c, 1).await.register(4, 0).await;
+    c.submit(spec("counted", 1, 1, 0)).await;
+    let metrics = c
+        .http
+        .get(c.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("trainctl_jobs"), "{metrics}");
+    assert!(
+        metrics.contains("trainctl_job_submissions_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trainctl_nodes{status=\"up\"} 1"),
+        "{metrics}"
+    );
+    c.stop().await;
+}
+
+/// The parts of the REST view that a restart must keep (leaving out what is computed per request).
+async fn snapshot(c: &Running) -> (Value, Value) {
+    let mut jobs = Vec::new();
+    for summary in c.get("/v1/jobs").await.as_array().unwrap() {
+        let mut job = c.job(summary["id"].as_str().unwrap()).await;
+        job.as_object_mut().unwrap().remove("pending_reason");
+        jobs.push(job);
+    }
+    (Value::Array(jobs), c.get("/v1/nodes").await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_and_nodes_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let mut agents = [
+        FakeAgent::connect(&c, 1).await,
+        FakeAgent::connect(&c, 2).await,
+    ];
+    for a in &mut agents {
+        a.register(8, 2).await;
+    }
+    // One job succeeds, one runs, one is cancelled, one waits for room.
+    let done = c.submit(spec("done", 1, 1, 1)).await;
+    let a = agents[0].wait_for_assignment().await;
+    agents[0]
+        .heartbeat(report_all(&a, RankPhase::Exited, 0), vec![])
+        .await;
+    c.wait_for_job_state(&done, "succeeded").await;
+    let running = c.submit(spec("running", 2, 2, 2)).await;
+    for agent in &mut agents {
+        let a = agent.wait_for_assignment().await;
+        assert_eq!(a.job_id, running);
+        agent
+            .heartbeat(report_all(&a, RankPhase::Running, 0), vec![])
+            .await;
+    }
+    c.wait_for_job_state(&running, "running").await;
+    let cancelled = c.submit(spec("cancelled", 1, 1, 0)).await;
+    let cancel = format!("/v1/jobs/{cancelled}/cancel");
+    let (status, _) = c.call(reqwest::Method::POST, &cancel, None, vec![]).await;
+    assert_eq!(status, 200);
+    let waiting = c.submit(spec("waiting", 1, 1, 1)).await;
+    // No GPU is free: it stays pending.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(c.job(&waiting).await["state"], json!("pending"));
+    let before = snapshot(&c).await;
+    let states: Vec<Value> = before
+        .0
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["state"].clone())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            json!("succeeded"),
+            json!("running"),
+            json!("cancelled"),
+            json!("pending")
+        ]
+    );
+    drop(agents);
+    c.stop().await;
+
+    let c = start(dir.path(), None).await;
+    let after = snapshot(&c).await;
+    assert_eq!(after.0, before.0, "jobs after the restart");
+    assert_eq!(after.1, before.1, "nodes after the restart");
+    // And it keeps working: new ids follow the old ones.
+    let next = c.submit(spec("after", 1, 1, 0)).await;
+    assert_eq!(next, "5");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_heartbeating_is_lost_and_its_job_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), Some(1500)).await;
+    let mut agents = [
+        FakeAgent::connect(&c, 1).await,
+        FakeAgent::connect(&c, 2).await,
+    ];
+    for a in &mut agents {
+        a.register(8, 2).await;
+    }
+    let id = c.submit(spec("ddp", 2, 1, 1)).await;
+    let mut assignments = Vec::new();
+    for agent in &mut agents {
+        let a = agent.wait_for_assignment().await;
+        agent
+            .heartbeat(report_all(&a, RankPhase::Running, 0), vec![])
+            .await;
+        assignments.push(a);
+    }
+    c.wait_for_job_state(&id, "running").await;
+
+    // node-1 keeps heartbeating; node-2 falls silent.
+    let [agent1, agent2] = &mut agents;
+    let deadline = Instant::now() + WAIT_LIMIT;
+    let job = loop {
+        let response = agent1
+            .heartbeat(report_all(&assignments[0], RankPhase::Running, 0), vec![])
+            .await;
+        assert!(!response.register_again, "node-1 keeps heartbeating");
+        let job = c.job(&id).await;
+        if job["state"] != json!("running") {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "node-2 was never declared lost");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(job["state"], json!("failed"), "{job}");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(reason.contains("node-2"), "{reason}");
+    let node2 = c.node("node-2").await;
+    assert_eq!(node2["status"], json!("down"));
+    assert!(node2["status_reason"]
+        .as_str()
+        .unwrap()
+        .contains("no heartbeat"));
+    assert_eq!(node2["gpus_allocated"], json!(0));
+    assert_eq!(c.node("node-1").await["status"], json!("up"));
+    let lost = job["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == json!("node-2"))
+        .unwrap()
+        .clone();
+    assert_eq!(lost["state"], json!("lost"));
+    // node-1 is told to stop its rank; once it reports the exit, node-1 is free again.
+    let response = agent1
+        .heartbeat(report_all(&assignments[0], RankPhase::Exited, -15), vec![])
+        .await;
+    assert!(response.assignments.is_empty());
+    let node1 = c.node("node-1").await;
+    assert_eq!(
+        (node1["gpus_allocated"].clone(), node1["jobs"].clone()),
+        (json!(0), json!([]))
+    );
+    // The silent agent, heard from again, must register anew.
+    assert!(agent2.heartbeat(vec![], vec![]).await.register_again);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_survives_a_restart_after_a_raft_snapshot() {
+    // The coordinator snapshots every 2000 log entries; write more than that, then restart.
+    const SUBMISSIONS: usize = 2100;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let mut agent = FakeAgent::connect(&c, 1).await;
+    agent.register(4, 0).await;
+    // A job holding every CPU keeps the rest pending.
+    let first = c.submit(spec("hog", 1, 4, 0)).await;
+    c.wait_for_job_state(&first, "starting").await;
+    // Submitted 32 at a time, as many clients would: Raft batches them.
+    const IN_FLIGHT: usize = 32;
+    let mut submitters = tokio::task::JoinSet::new();
+    for worker in 0..IN_FLIGHT {
+        let (http, url) = (c.http.clone(), c.url("/v1/jobs"));
+        submitters.spawn(async move {
+            for i in (worker..SUBMISSIONS).step_by(IN_FLIGHT) {
+                let body = spec(&format!("job-{i}"), 1, 1, 0).to_string();
+                let response = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status().as_u16(), 201);
+            }
+        });
+    }
+    while let Some(done) = submitters.join_next().await {
+        done.unwrap();
+    }
+    let before = snapshot(&c).await;
+    let health = c.get("/v1/health").await;
+    assert!(
+        health["last_applied_index"].as_u64().unwrap() > 2000,
+        "{health}"
+    );
+    c.stop().await;
+    // The state was written as a snapshot (not only as log entries) before the restart.
+    // Retried: a task of the stopped coordinator may hold the database a moment longer.
+    let db = wait_for("the stopped coordinator to close its database", || async {
+        redb::Database::open(dir.path().join("state.redb")).ok()
+    })
+    .await;
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let table: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("snapshot");
+    let table = txn.open_table(table).unwrap();
+    assert!(
+        table.get("current").unwrap().is_some(),
+        "no snapshot was taken"
+    );
+    drop((table, txn, db));
+
+    let c = start(dir.path(), None).await;
+    let after = snapshot(&c).await;
+    assert_eq!(after.0.as_array().unwrap().len(), SUBMISSIONS + 1);
+    assert_eq!(after.0, before.0, "jobs after the restart");
+    assert_eq!(after.1, before.1, "nodes after the restart");
+    c.stop().await;
+}
