@@ -191,6 +191,21 @@ fn main() -> ExitCode {
         // No runtime, no logging setup: this is a training process.
         return ExitCode::from(trainctl_collective::example_train_main(args).clamp(0, 255) as u8);
     }
+    if matches!(
+        cli.command,
+        Cmd::Submit { .. }
+            | Cmd::List { .. }
+            | Cmd::Status { .. }
+            | Cmd::Logs { .. }
+            | Cmd::Cancel { .. }
+            | Cmd::Nodes { .. }
+    ) {
+        // Like other Unix tools: `trainctl logs 3 | head` ends quietly when `head` has enough.
+        // SAFETY: setting a signal disposition before any thread starts; no handler code runs.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

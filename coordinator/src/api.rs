@@ -396,7 +396,7 @@ async fn submit_job(
     let spec = spec_from_body(&headers, &body)?;
     let fit = c
         .state
-        .read(|s| scheduler::check_ever_fits(&s.cluster_snapshot(), &spec.resources));
+        .read(|s| scheduler::check_ever_fits(s.nodes.values().map(Node::size), &spec.resources));
     if let Err(Unschedulable::NeverFits(why)) | Err(Unschedulable::NoRoomNow(why)) = fit {
         return Err(ApiError::Infeasible(format!(
             "job `{}` can never run here: {why}",
@@ -448,10 +448,11 @@ async fn list_jobs(
         }
     }
     Ok(Json(c.state.read(|s| {
+        let view = View::new(s);
         s.jobs
             .values()
             .filter(|j| q.state.as_deref().is_none_or(|st| j.state.as_str() == st))
-            .map(|j| summary(s, j))
+            .map(|j| summary(&view, j))
             .collect()
     })))
 }
@@ -462,7 +463,7 @@ async fn list_jobs(
 async fn get_job(State(c): Ctx, Path(id): Path<String>) -> Result<Json<JobDetail>, ApiError> {
     let id = parse_job_id(&id)?;
     c.state
-        .read(|s| s.jobs.get(&id).map(|j| detail(s, j)))
+        .read(|s| s.jobs.get(&id).map(|j| detail(&View::new(s), j)))
         .map(Json)
         .ok_or(ApiError::JobNotFound(id))
 }
@@ -652,15 +653,38 @@ async fn metrics(State(c): Ctx) -> Result<Response, ApiError> {
         .into_response())
 }
 
-fn pending_reason(s: &ClusterState, job: &Job) -> Option<String> {
+/// What rendering jobs needs from the state, each part computed at most once per request: a listing
+/// of many pending jobs builds one cluster snapshot and one queue index, not one per job.
+struct View<'a> {
+    state: &'a ClusterState,
+    snapshot: std::cell::OnceCell<scheduler::ClusterSnapshot>,
+    queue_position: std::cell::OnceCell<std::collections::HashMap<JobId, usize>>,
+}
+
+impl<'a> View<'a> {
+    fn new(state: &'a ClusterState) -> Self {
+        View {
+            state,
+            snapshot: std::cell::OnceCell::new(),
+            queue_position: std::cell::OnceCell::new(),
+        }
+    }
+}
+
+fn pending_reason(v: &View, job: &Job) -> Option<String> {
     if job.state != JobState::Pending {
         return None;
     }
-    let own = match scheduler::plan(&s.cluster_snapshot(), &job.spec.resources) {
+    let s = v.state;
+    let snapshot = v.snapshot.get_or_init(|| s.cluster_snapshot());
+    let own = match scheduler::plan(snapshot, &job.spec.resources) {
         Ok(_) => None,
         Err(e) => Some(e.to_string()),
     };
-    let ahead = s.queue.iter().position(|id| *id == job.id).unwrap_or(0);
+    let positions = v
+        .queue_position
+        .get_or_init(|| s.queue.iter().enumerate().map(|(i, id)| (*id, i)).collect());
+    let ahead = positions.get(&job.id).copied().unwrap_or(0);
     match (ahead, own) {
         (0, Some(why)) => Some(why),
         (0, None) => Some("fits now; being placed".to_string()),
@@ -673,7 +697,7 @@ fn pending_reason(s: &ClusterState, job: &Job) -> Option<String> {
     }
 }
 
-fn summary(s: &ClusterState, job: &Job) -> JobSummary {
+fn summary(v: &View, job: &Job) -> JobSummary {
     let res = &job.spec.resources;
     JobSummary {
         id: job.id.to_string(),
@@ -687,7 +711,7 @@ fn summary(s: &ClusterState, job: &Job) -> JobSummary {
         started_at_ms: job.started_at_ms,
         finished_at_ms: job.finished_at_ms,
         reason: job.reason.clone(),
-        pending_reason: pending_reason(s, job),
+        pending_reason: pending_reason(v, job),
     }
 }
 
@@ -701,7 +725,8 @@ fn rank_phase_name(phase: RankPhase) -> &'static str {
     }
 }
 
-fn detail(s: &ClusterState, job: &Job) -> JobDetail {
+fn detail(v: &View, job: &Job) -> JobDetail {
+    let s = v.state;
     let allocation = job
         .allocation
         .as_ref()
@@ -725,7 +750,7 @@ fn detail(s: &ClusterState, job: &Job) -> JobDetail {
         })
         .unwrap_or_default();
     JobDetail {
-        summary: summary(s, job),
+        summary: summary(v, job),
         attempt: job.attempt,
         master_addr: job.allocation.as_ref().map(|a| a.master_addr.clone()),
         master_port: job.allocation.as_ref().map(|a| a.master_port),

@@ -78,10 +78,29 @@ fn hosts(n: usize) -> String {
     }
 }
 
-fn fits_empty(node: &NodeCapacity, res: &Resources) -> bool {
-    node.total_gpus >= res.gpus_per_node
-        && node.total_cpus >= res.cpus_per_node
-        && node.total_memory_mib >= res.memory_per_node_mib
+/// How big a node is when empty: all that "could this job ever fit?" needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeSize {
+    pub gpus: u32,
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+impl NodeCapacity {
+    /// The node's size when empty.
+    pub fn size(&self) -> NodeSize {
+        NodeSize {
+            gpus: self.total_gpus,
+            cpus: self.total_cpus,
+            memory_mib: self.total_memory_mib,
+        }
+    }
+}
+
+fn fits_empty(node: NodeSize, res: &Resources) -> bool {
+    node.gpus >= res.gpus_per_node
+        && node.cpus >= res.cpus_per_node
+        && node.memory_mib >= res.memory_per_node_mib
 }
 
 fn fits_now(node: &NodeCapacity, res: &Resources) -> bool {
@@ -92,22 +111,21 @@ fn fits_now(node: &NodeCapacity, res: &Resources) -> bool {
 }
 
 /// Checks that a gang could run on this cluster if it were empty (used to refuse a job at submission).
-pub fn check_ever_fits(cluster: &ClusterSnapshot, res: &Resources) -> Result<(), Unschedulable> {
-    never_fits_reason(cluster.nodes.iter(), res)
-        .map_or(Ok(()), |why| Err(Unschedulable::NeverFits(why)))
+pub fn check_ever_fits(
+    nodes: impl IntoIterator<Item = NodeSize>,
+    res: &Resources,
+) -> Result<(), Unschedulable> {
+    never_fits_reason(nodes, res).map_or(Ok(()), |why| Err(Unschedulable::NeverFits(why)))
 }
 
 /// Why the gang could not run on `nodes` even if they were all empty; None when it could.
-fn never_fits_reason<'a>(
-    nodes: impl Iterator<Item = &'a NodeCapacity>,
-    res: &Resources,
-) -> Option<String> {
+fn never_fits_reason(nodes: impl IntoIterator<Item = NodeSize>, res: &Resources) -> Option<String> {
     let needed = res.nodes as usize;
     let (mut total, mut capable, mut max_gpus) = (0usize, 0usize, 0u32);
     for n in nodes {
         total += 1;
         capable += usize::from(fits_empty(n, res));
-        max_gpus = max_gpus.max(n.total_gpus);
+        max_gpus = max_gpus.max(n.gpus);
     }
     if capable >= needed {
         return None;
@@ -128,10 +146,19 @@ fn never_fits_reason<'a>(
 
 /// Places every rank of a gang at once, or explains why it cannot.
 pub fn plan(cluster: &ClusterSnapshot, res: &Resources) -> Result<Placement, Unschedulable> {
-    if let Some(why) = never_fits_reason(cluster.nodes.iter(), res) {
+    if let Some(why) = never_fits_reason(cluster.nodes.iter().map(NodeCapacity::size), res) {
         return Err(Unschedulable::NeverFits(why));
     }
-    if never_fits_reason(cluster.nodes.iter().filter(|n| n.up), res).is_some() {
+    if never_fits_reason(
+        cluster
+            .nodes
+            .iter()
+            .filter(|n| n.up)
+            .map(NodeCapacity::size),
+        res,
+    )
+    .is_some()
+    {
         // Down nodes may come back, so this is "not now" rather than "never".
         return Err(Unschedulable::NoRoomNow(format!(
             "the job needs {} with {}; too few of the hosts that could hold it are up",

@@ -11,7 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use trainctl_jobs::JobSpec;
 
-use crate::scheduler::{ClusterSnapshot, NodeCapacity, Placement};
+use crate::scheduler::{ClusterSnapshot, NodeCapacity, NodeSize, Placement};
 
 /// A job's id: a number the state machine hands out in submission order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -118,6 +118,15 @@ impl Node {
     /// The lowest port of this node's range that no job holds.
     pub fn free_port(&self) -> Option<u16> {
         (self.port_range.0..=self.port_range.1).find(|p| !self.usage.ports.contains(p))
+    }
+
+    /// How big this node is when empty.
+    pub fn size(&self) -> NodeSize {
+        NodeSize {
+            gpus: self.resources.gpus.len() as u32,
+            cpus: self.resources.cpus,
+            memory_mib: self.resources.memory_mib,
+        }
     }
 
     /// This node as the scheduler sees it.
