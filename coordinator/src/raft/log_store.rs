@@ -214,42 +214,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<ServerId>) -> Result<(), StorageError> {
         let db = self.db.clone();
-        blocking(move || {
-            let txn = db
-                .begin_write()
-                .map_err(|e| StorageIOError::write_logs(&e))?;
-            {
-                let mut table = txn
-                    .open_table(LOG)
-                    .map_err(|e| StorageIOError::write_logs(&e))?;
-                table
-                    .retain_in(log_id.index.., |_, _| false)
-                    .map_err(|e| StorageIOError::write_logs(&e))?;
-            }
-            txn.commit().map_err(|e| StorageIOError::write_logs(&e))?;
-            Ok(())
-        })
-        .await
+        blocking(move || remove_entries(&db, log_id.index.., None)).await
     }
 
     async fn purge(&mut self, log_id: LogId<ServerId>) -> Result<(), StorageError> {
         let db = self.db.clone();
-        blocking(move || {
-            Self::write_meta(&db, KEY_LAST_PURGED, &log_id, true)?;
-            let txn = db
-                .begin_write()
-                .map_err(|e| StorageIOError::write_logs(&e))?;
-            {
-                let mut table = txn
-                    .open_table(LOG)
-                    .map_err(|e| StorageIOError::write_logs(&e))?;
-                table
-                    .retain_in(..=log_id.index, |_, _| false)
-                    .map_err(|e| StorageIOError::write_logs(&e))?;
-            }
-            txn.commit().map_err(|e| StorageIOError::write_logs(&e))?;
-            Ok(())
-        })
-        .await
+        blocking(move || remove_entries(&db, ..=log_id.index, Some(&log_id))).await
     }
+}
+
+/// Removes the log entries in `range` in one durable transaction, recording `last_purged` with them
+/// when the removal is a purge (so the two never disagree after a crash).
+fn remove_entries(
+    db: &Database,
+    range: impl std::ops::RangeBounds<u64>,
+    last_purged: Option<&LogId<ServerId>>,
+) -> Result<(), StorageError> {
+    let txn = db
+        .begin_write()
+        .map_err(|e| StorageIOError::write_logs(&e))?;
+    {
+        if let Some(log_id) = last_purged {
+            let bytes = serde_json::to_vec(log_id).map_err(|e| StorageIOError::write_logs(&e))?;
+            let mut meta = txn
+                .open_table(META)
+                .map_err(|e| StorageIOError::write_logs(&e))?;
+            meta.insert(KEY_LAST_PURGED, bytes.as_slice())
+                .map_err(|e| StorageIOError::write_logs(&e))?;
+        }
+        let mut table = txn
+            .open_table(LOG)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        table
+            .retain_in(range, |_, _| false)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+    }
+    txn.commit().map_err(|e| StorageIOError::write_logs(&e))?;
+    Ok(())
 }
