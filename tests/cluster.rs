@@ -278,7 +278,7 @@ fn jobs_queue_in_order_and_say_why_they_wait() {
     assert_eq!(pending["state"], "pending");
     let why = pending["pending_reason"].as_str().unwrap();
     assert!(
-        why.contains("needs 1 host with 1 free CPUs; 0 have them now"),
+        why.contains("needs 1 host with 1 free CPU; 0 have them now"),
         "{why}"
     );
     // Two jobs sharing a host would never share a port: this one is not even placed yet.

@@ -61,21 +61,26 @@ pub enum Unschedulable {
 fn describe_share(res: &Resources) -> String {
     let mut parts = Vec::new();
     if res.gpus_per_node > 0 {
-        parts.push(format!("{} free GPUs", res.gpus_per_node));
+        parts.push(count(res.gpus_per_node, "free GPU"));
     }
-    parts.push(format!("{} free CPUs", res.cpus_per_node));
+    parts.push(count(res.cpus_per_node, "free CPU"));
     if res.memory_per_node_mib > 0 {
         parts.push(format!("{} MiB free memory", res.memory_per_node_mib));
     }
     parts.join(", ")
 }
 
-fn hosts(n: usize) -> String {
+/// "1 free GPU", "8 free GPUs".
+fn count(n: u32, what: &str) -> String {
     if n == 1 {
-        "1 host".to_string()
+        format!("1 {what}")
     } else {
-        format!("{n} hosts")
+        format!("{n} {what}s")
     }
+}
+
+fn hosts(n: usize) -> String {
+    count(n as u32, "host")
 }
 
 /// How big a node is when empty: all that "could this job ever fit?" needs.

@@ -32,9 +32,10 @@ struct Running {
 
 async fn start(data_dir: &Path, node_timeout_ms: Option<u64>) -> Running {
     let mut config = CoordinatorConfig::new(data_dir.to_path_buf(), "127.0.0.1:0".into());
-    if let Some(ms) = node_timeout_ms {
-        config.node_timeout_ms = ms;
-    }
+    // These tests play the agents by hand and heartbeat only when they mean to: unless a test is
+    // about node loss, no node may be declared lost while it runs (on a loaded machine a test can
+    // take longer than the default timeout).
+    config.node_timeout_ms = node_timeout_ms.unwrap_or(3_600_000);
     let coordinator = open_when_free(config).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
