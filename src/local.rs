@@ -43,6 +43,37 @@ pub struct LocalCluster {
     pub data_dir: PathBuf,
 }
 
+/// A file that marks a directory as a local cluster's, so `dev` only ever clears its own.
+pub const DATA_DIR_MARKER: &str = ".trainctl-dev";
+
+/// Fails if something already listens on `listen` (another `trainctl dev`?).
+pub fn ensure_address_free(listen: &str) -> anyhow::Result<()> {
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("`{listen}` is not host:port"))?;
+    if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        bail!(
+            "{listen} is already in use (another `trainctl dev`?). Stop it, or choose another address with --listen"
+        );
+    }
+    Ok(())
+}
+
+/// Empties a local cluster's data directory, refusing one that `trainctl dev` did not make.
+pub fn clear_data_dir(dir: &Path) -> anyhow::Result<()> {
+    let Ok(mut entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    if entries.next().is_some() && !dir.join(DATA_DIR_MARKER).exists() {
+        bail!(
+            "refusing to clear {}: it is not empty and was not made by `trainctl dev`; \
+             choose a new or empty --data-dir",
+            dir.display()
+        );
+    }
+    std::fs::remove_dir_all(dir).with_context(|| format!("clear {}", dir.display()))
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_local_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -80,20 +111,12 @@ impl LocalCluster {
         std::fs::create_dir_all(&spec.data_dir)
             .with_context(|| format!("create {}", spec.data_dir.display()))?;
         let coordinator_url = format!("http://{}", spec.listen);
-        if std::net::TcpStream::connect_timeout(
-            &spec
-                .listen
-                .parse()
-                .with_context(|| format!("`{}` is not host:port", spec.listen))?,
-            Duration::from_millis(200),
+        ensure_address_free(&spec.listen)?;
+        std::fs::write(
+            spec.data_dir.join(DATA_DIR_MARKER),
+            "made by trainctl dev\n",
         )
-        .is_ok()
-        {
-            bail!(
-                "{} is already in use (another `trainctl dev`?). Stop it, or choose another address with --listen",
-                spec.listen
-            );
-        }
+        .with_context(|| format!("write into {}", spec.data_dir.display()))?;
         let coordinator = spawn_child(
             &exe,
             &[

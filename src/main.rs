@@ -516,9 +516,10 @@ async fn follow_logs(
 
 async fn dev(spec: LocalClusterSpec, keep_state: bool, output: Output) -> anyhow::Result<ExitCode> {
     let data_dir = spec.data_dir.clone();
-    if !keep_state && data_dir.exists() {
-        std::fs::remove_dir_all(&data_dir)
-            .with_context(|| format!("clear {}", data_dir.display()))?;
+    // Check the address before touching the data: it may be another running cluster's.
+    local::ensure_address_free(&spec.listen)?;
+    if !keep_state {
+        local::clear_data_dir(&data_dir)?;
     }
     let mut shutdown = shutdown_on_signals()?;
     let mut cluster = LocalCluster::start(&spec).await?;

@@ -44,6 +44,8 @@ pub const LOG_BYTES_PER_HEARTBEAT: u64 = 2 << 20;
 pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
 /// Longest wait between attempts to reach the coordinator.
 pub const MAX_RETRY_BACKOFF_MS: u64 = 2_000;
+/// How long a stopping agent keeps reporting until the coordinator has every rank's end.
+pub const FINAL_REPORT_DEADLINE_MS: u64 = 10_000;
 /// Grace for the rest of a rank's process group once its main process has exited.
 pub const LEFTOVER_GRACE_MS: u64 = 1_000;
 
@@ -100,6 +102,8 @@ struct Agent {
     ranks: Ranks,
     journal: Arc<PgidJournal>,
     heartbeat_interval: Duration,
+    /// Set once the agent is stopping: it reports and ships, but starts nothing new.
+    shutting_down: bool,
 }
 
 fn lock(ranks: &Ranks) -> std::sync::MutexGuard<'_, BTreeMap<RankKey, RankEntry>> {
@@ -170,6 +174,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         ranks: Arc::new(Mutex::new(BTreeMap::new())),
         journal,
         heartbeat_interval: Duration::from_millis(500),
+        shutting_down: false,
     };
 
     let mut registered = false;
@@ -198,13 +203,18 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     }
 
     info!("agent stopping: stopping every rank it runs");
+    agent.shutting_down = true;
     agent.stop_all().await;
     if registered {
-        // Best effort: let the coordinator know how the ranks ended.
-        for _ in 0..3 {
-            if agent.heartbeat().await.is_ok() && agent.all_logs_shipped() {
+        // Let the coordinator learn how every rank ended (which needs their output shipped first),
+        // so their jobs fail with the real exit codes rather than "node lost" much later.
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(FINAL_REPORT_DEADLINE_MS);
+        while tokio::time::Instant::now() < deadline {
+            if agent.heartbeat().await.is_ok() && agent.all_reported() {
                 break;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     Ok(())
@@ -348,7 +358,9 @@ impl Agent {
                     rank: ack.rank,
                 };
                 if let Some(entry) = ranks.get_mut(&key) {
-                    entry.shipped = entry.shipped.max(ack.stored_until);
+                    // The coordinator's word is the truth, even backwards: if it lost the tail of a
+                    // log (a crash before the bytes reached its disk), we resend from where it is.
+                    entry.shipped = ack.stored_until;
                 }
             }
             for key in finals {
@@ -393,6 +405,7 @@ impl Agent {
             .collect();
         for action in reconcile(&desired, &tracked) {
             match action {
+                Action::Launch(_) if self.shutting_down => {}
                 Action::Launch(key) => {
                     let Some(assignment) = assignments
                         .iter()
@@ -541,10 +554,11 @@ impl Agent {
         }
     }
 
-    fn all_logs_shipped(&self) -> bool {
+    /// Whether the coordinator has the final state of every rank this agent started.
+    fn all_reported(&self) -> bool {
         lock(&self.ranks)
             .values()
-            .all(|e| std::fs::metadata(&e.log_path).map_or(true, |m| m.len() <= e.shipped))
+            .all(|e| e.ended() && e.acknowledged)
     }
 }
 

@@ -214,19 +214,24 @@ async fn store_logs(
                 continue;
             }
             budget -= ch.data.len();
-            let stored = store.append(JobId(job), ch.attempt, ch.rank, ch.offset, &ch.data)?;
-            acks.push(LogAck {
-                job_id: ch.job_id,
-                attempt: ch.attempt,
-                rank: ch.rank,
-                stored_until: stored,
-            });
+            match store.append(JobId(job), ch.attempt, ch.rank, ch.offset, &ch.data) {
+                Ok(stored) => acks.push(LogAck {
+                    job_id: ch.job_id,
+                    attempt: ch.attempt,
+                    rank: ch.rank,
+                    stored_until: stored,
+                }),
+                // Unacknowledged, the chunk comes again next heartbeat; the rest of the heartbeat
+                // (reports, cancellations, launches) must not wait on a full or broken disk.
+                Err(e) => {
+                    tracing::error!(job, rank = ch.rank, error = %e, "could not store a log chunk")
+                }
+            }
         }
-        Ok::<_, std::io::Error>(acks)
+        acks
     })
     .await
-    .map_err(|e| Status::internal(e.to_string()))?
-    .map_err(|e| Status::internal(format!("store logs: {e}")))
+    .map_err(|e| Status::internal(e.to_string()))
 }
 
 fn wire_phase(report: &RankReport) -> Option<RankPhase> {

@@ -26,7 +26,7 @@ use crate::logs::{format_cursor, parse_cursor};
 use crate::scheduler::{self, Unschedulable};
 use crate::server::{job_counts, now_ms, Coordinator, WriteError};
 use crate::state::{
-    Command, CommandOutcome, Job, JobId, JobState, Node, NodeStatus, RankPhase,
+    Command, CommandOutcome, Job, JobId, JobState, Node, NodeId, NodeStatus, RankPhase,
     State as ClusterState,
 };
 
@@ -505,10 +505,14 @@ async fn job_logs(
                 .iter()
                 .map(|r| (r.rank, r.node.to_string()))
                 .collect();
+            // Every host has shipped all it will: its share is released, or its node is down (a
+            // lost node that returns ships what it still has, but nobody should wait for that).
+            let node_down =
+                |n: &NodeId| s.nodes.get(n).is_none_or(|n| n.status == NodeStatus::Down);
             let complete = j.state.is_terminal()
                 && j.allocation
                     .as_ref()
-                    .is_none_or(|a| a.nodes.iter().all(|n| n.released));
+                    .is_none_or(|a| a.nodes.iter().all(|n| n.released || node_down(&n.node)));
             (j.attempt, nodes, complete, j.spec.world_size())
         })
     });

@@ -28,12 +28,18 @@ pub struct RankLine {
 #[derive(Debug, Clone)]
 pub struct LogStore {
     root: PathBuf,
+    /// Appends are read-length-then-write: two at once (a retried heartbeat racing the original)
+    /// would store a chunk twice. Appends are small and unsynced, so one at a time is cheap.
+    append_lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl LogStore {
     /// Logs under `root` (created on first write).
     pub fn new(root: PathBuf) -> Self {
-        LogStore { root }
+        LogStore {
+            root,
+            append_lock: Default::default(),
+        }
     }
 
     fn path(&self, job: JobId, attempt: u32, rank: u32) -> PathBuf {
@@ -54,6 +60,7 @@ impl LogStore {
         offset: u64,
         data: &[u8],
     ) -> io::Result<u64> {
+        let _one_at_a_time = self.append_lock.lock().unwrap_or_else(|e| e.into_inner());
         let path = self.path(job, attempt, rank);
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;

@@ -282,7 +282,24 @@ async fn scheduling_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Rec
             let Some((job, plan)) = decision else { break };
             let placement = match plan {
                 Ok(p) => p,
-                Err(Unschedulable::NoRoomNow(_)) | Err(Unschedulable::NeverFits(_)) => break,
+                Err(Unschedulable::NoRoomNow(_)) => break,
+                Err(Unschedulable::NeverFits(why)) => {
+                    // It fit when submitted, but the cluster shrank: it must not block the queue.
+                    let reason = format!("can never run here any more: {why}");
+                    warn!(%job, %reason, "failing a queued job");
+                    if let Err(e) = coordinator
+                        .write(Command::FailPendingJob {
+                            job,
+                            reason,
+                            at_ms: now_ms(),
+                        })
+                        .await
+                    {
+                        warn!(%job, error = %e, "could not fail a job that can never run");
+                        break;
+                    }
+                    continue;
+                }
             };
             match coordinator
                 .write(Command::PlaceJob {

@@ -238,8 +238,13 @@ pub struct NodeAllocation {
     pub gpus: Vec<u32>,
     pub cpus: u32,
     pub memory_mib: u64,
-    /// Set once the node's ranks have all ended (or the node was lost), returning its resources.
+    /// Set once the node's ranks have all ended, returning its resources.
     pub released: bool,
+    /// The node was lost while its ranks ran: they count as lost, but its resources stay held until
+    /// its agent says it runs nothing of the job (or a new agent instance, which reaps them, replaces
+    /// it). A cut-off agent's ranks may still run, and their GPUs and port are not free.
+    #[serde(default)]
+    pub awaiting_agent: bool,
 }
 
 /// Where every rank of a job runs, and how the ranks find each other.
@@ -318,6 +323,12 @@ pub enum Command {
     },
     /// A user cancelled a job.
     CancelJob { job: JobId, at_ms: u64 },
+    /// The scheduler found a queued job can no longer ever fit (the cluster shrank under it).
+    FailPendingJob {
+        job: JobId,
+        reason: String,
+        at_ms: u64,
+    },
 }
 
 /// What applying a command produced.
@@ -381,6 +392,9 @@ impl State {
                 at_ms,
             } => self.report_ranks(&node, &instance_id, observations, idle_jobs, at_ms),
             Command::CancelJob { job, at_ms } => self.cancel_job(job, at_ms),
+            Command::FailPendingJob { job, reason, at_ms } => {
+                self.fail_pending_job(job, reason, at_ms)
+            }
         }
     }
 
@@ -404,7 +418,13 @@ impl State {
             if previous != instance_id {
                 // A new agent process: the ranks of the old one died with it (they run with a
                 // parent-death signal), so whatever they were doing is lost.
-                self.lose_ranks_on(&node, &format!("the agent on {node} restarted"), at_ms);
+                // The new agent reaped the old one's process groups before registering.
+                self.lose_ranks_on(
+                    &node,
+                    &format!("the agent on {node} restarted"),
+                    at_ms,
+                    true,
+                );
             }
         }
         let usage = self
@@ -439,12 +459,19 @@ impl State {
         }
         n.status = NodeStatus::Down;
         n.status_reason = Some(reason.clone());
-        self.lose_ranks_on(node, &format!("node {node} was lost: {reason}"), at_ms);
+        // Its ranks may still run behind a partition: hold its resources until its agent answers.
+        self.lose_ranks_on(
+            node,
+            &format!("node {node} was lost: {reason}"),
+            at_ms,
+            false,
+        );
         CommandOutcome::Done
     }
 
-    /// Marks every live rank on `node` lost, fails their jobs, and returns the node's resources.
-    fn lose_ranks_on(&mut self, node: &NodeId, why: &str, at_ms: u64) {
+    /// Marks every live rank on `node` lost and fails their jobs. The node's shares are returned when
+    /// `processes_gone` (nothing of them can still run), else held until the agent confirms.
+    fn lose_ranks_on(&mut self, node: &NodeId, why: &str, at_ms: u64, processes_gone: bool) {
         let affected: Vec<JobId> = self
             .jobs
             .values()
@@ -470,7 +497,16 @@ impl State {
                 job.reason = Some(why.to_string());
                 job.finished_at_ms = Some(at_ms);
             }
-            self.release_node_allocation(job_id, node);
+            // Every rank there had already ended: nothing can still run, so nothing to hold.
+            if processes_gone || !lost_any {
+                self.release_node_allocation(job_id, node);
+            } else if let Some(share) = job.allocation.as_mut().and_then(|a| {
+                a.nodes
+                    .iter_mut()
+                    .find(|na| &na.node == node && !na.released)
+            }) {
+                share.awaiting_agent = true;
+            }
             self.release_finished_allocations(job_id);
         }
     }
@@ -579,6 +615,7 @@ impl State {
                 cpus,
                 memory_mib,
                 released: false,
+                awaiting_agent: false,
             });
             for local_rank in 0..procs {
                 ranks.push(RankStatus {
@@ -656,6 +693,14 @@ impl State {
                     rank.message = Some("the job ended before this rank started".to_string());
                 }
             }
+            // The agent runs nothing of it here: whatever was held for a lost node is free now.
+            if let Some(share) = job
+                .allocation
+                .as_mut()
+                .and_then(|a| a.nodes.iter_mut().find(|na| &na.node == node))
+            {
+                share.awaiting_agent = false;
+            }
         }
         for job_id in touched.into_iter().chain(idle_jobs) {
             self.release_finished_allocations(job_id);
@@ -716,6 +761,23 @@ impl State {
         CommandOutcome::Done
     }
 
+    fn fail_pending_job(&mut self, job_id: JobId, reason: String, at_ms: u64) -> CommandOutcome {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return rejected(format!("job {job_id} does not exist"));
+        };
+        if job.state != JobState::Pending {
+            return rejected(format!(
+                "job {job_id} is {}, not pending",
+                job.state.as_str()
+            ));
+        }
+        job.state = JobState::Failed;
+        job.reason = Some(reason);
+        job.finished_at_ms = Some(at_ms);
+        self.queue.retain(|j| *j != job_id);
+        CommandOutcome::Done
+    }
+
     /// Returns the resources of every node of an ended job whose ranks have all ended.
     fn release_finished_allocations(&mut self, job_id: JobId) {
         let Some(job) = self.jobs.get(&job_id) else {
@@ -730,7 +792,7 @@ impl State {
         let done: Vec<NodeId> = allocation
             .nodes
             .iter()
-            .filter(|na| !na.released)
+            .filter(|na| !na.released && !na.awaiting_agent)
             .filter(|na| {
                 job.ranks
                     .iter()
@@ -1073,12 +1135,15 @@ mod tests {
                 }
             }
             if job.state.is_terminal() {
-                // An ended job holds a node only while some rank there may still run.
+                // An ended job holds a node only while some rank there may still run: one not yet
+                // ended, or one lost with its node whose agent has not said it is gone.
                 for na in allocation.nodes.iter().filter(|na| !na.released) {
                     assert!(
-                        job.ranks
-                            .iter()
-                            .any(|r| r.node == na.node && !r.phase.is_terminal()),
+                        na.awaiting_agent
+                            || job
+                                .ranks
+                                .iter()
+                                .any(|r| r.node == na.node && !r.phase.is_terminal()),
                         "ended job {} holds {} with every rank there ended",
                         job.id,
                         na.node
@@ -1620,7 +1685,9 @@ mod tests {
                 RankPhase::Lost
             ]
         );
-        assert!(released(&state, job, "node-2") && idle(&state, "node-2"));
+        // Its ranks may still run behind a partition: its GPUs and port stay held until its agent
+        // says otherwise.
+        assert!(!released(&state, job, "node-2") && !idle(&state, "node-2"));
         assert!(
             !released(&state, job, "node-1"),
             "node-1's ranks may still run"
@@ -1683,6 +1750,27 @@ mod tests {
             "is empty",
         );
         assert!(!state.nodes.contains_key(&id("node-3")));
+    }
+
+    #[test]
+    fn a_cut_off_agent_that_returns_frees_its_share_only_once_it_runs_nothing() {
+        let (mut state, job) = running_job();
+        lose(&mut state, "node-2");
+        // The same agent process registers again: its old ranks may still be running.
+        register_instance(&mut state, "node-2", "node-2-a", 32, 8);
+        assert_eq!(state.nodes[&id("node-2")].status, NodeStatus::Up);
+        assert!(
+            !released(&state, job, "node-2"),
+            "held while its ranks may run"
+        );
+        assert!(!idle(&state, "node-2"));
+        // Its reports of the old ranks (now stopped) change nothing: they are lost already.
+        report(&mut state, "node-2", job, 2, RankPhase::Exited, Some(-15));
+        assert!(!released(&state, job, "node-2"));
+        // Once it reports nothing of the job, the share comes back.
+        report_idle(&mut state, "node-2", vec![job]);
+        assert!(released(&state, job, "node-2"));
+        assert!(idle(&state, "node-2"));
     }
 
     #[test]

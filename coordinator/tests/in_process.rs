@@ -891,7 +891,8 @@ async fn a_node_that_stops_heartbeating_is_lost_and_its_job_fails() {
         .as_str()
         .unwrap()
         .contains("no heartbeat"));
-    assert_eq!(node2["gpus_allocated"], json!(0));
+    // Its ranks may still run behind the partition: its GPUs stay held until its agent answers.
+    assert_eq!(node2["gpus_allocated"], job["gpus_per_node"]);
     assert_eq!(c.node("node-1").await["status"], json!("up"));
     let lost = job["ranks"]
         .as_array()

@@ -10,9 +10,12 @@ use trainctl_coordinator::raft::{StorageError, TypeConfig};
 struct RedbStores;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for RedbStores {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = Arc::new(redb::Database::create(dir.path().join("state.redb")).expect("create db"));
+        let db =
+            Arc::new(redb::Database::create(dir.path().join("state.redb")).expect("create db"));
         let log = LogStore::open(db.clone()).expect("open log");
         let sm = StateMachineStore::open(db).expect("open state machine");
         Ok((dir, log, sm))

@@ -1,0 +1,223 @@
+//! Real-process regression tests for bugs found in review; each failed before its fix.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    cli_at, eventually, free_port, job_file, lock_cluster_addresses, processes_with, signal,
+    trainctl, DevCluster,
+};
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The agent of *this* cluster named `name` (another local cluster may run agents of the same name).
+fn agent_pid(cluster: &DevCluster, name: &str) -> u32 {
+    let dir = cluster.data_dir.path().join("cluster").join(name);
+    let pids = processes_with(&format!(
+        "agent --coordinator http://{} --data-dir {} ",
+        cluster.addr,
+        dir.display()
+    ));
+    assert_eq!(pids.len(), 1, "expected one agent named {name}: {pids:?}");
+    pids[0]
+}
+
+/// An agent cut off mid-job (SIGSTOP here, a partition in life) comes back. The coordinator released
+/// its CPUs and MASTER_PORT when it declared the node lost, so the queued job is placed on the node
+/// the moment the agent re-registers, and launched in the same heartbeat reply that tells the agent
+/// to stop the old ranks, which then have `stop_grace_ms` to exit. Here the old ranks take 6 s to
+/// exit on SIGTERM (as a job that checkpoints on SIGTERM does): the new job runs beside them.
+#[test]
+fn a_returning_cut_off_agent_gets_no_new_work_until_its_old_ranks_are_gone() {
+    let cluster = DevCluster::start_with(1, &["--node-timeout-ms", "2000"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    // procs_per_node = 2 takes cpus_per_node = 2: the whole of a 2-CPU test machine's agent.
+    let old = job_file(
+        dir.path(),
+        "old",
+        "name = \"old\"\n[launch]\ncommand = [\"sh\", \"-c\", \"trap 'sleep 6.48011; exit 0' TERM; echo up; sleep 4801.1 & wait\"]\n[resources]\nnodes = 1\nprocs_per_node = 2\ncpus_per_node = 2\n",
+    );
+    let old = cluster.submit(&old);
+    cluster.wait_state(&old, "running", JOB_TIMEOUT);
+    let agent = agent_pid(&cluster, "node-1");
+    signal(agent, libc::SIGSTOP);
+    cluster.wait_state(&old, "failed", Duration::from_secs(30));
+
+    let new = job_file(
+        dir.path(),
+        "new",
+        "name = \"new\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo new; sleep 4802.2\"]\n[resources]\nnodes = 1\nprocs_per_node = 2\ncpus_per_node = 2\n",
+    );
+    let new = cluster.submit(&new);
+    assert_eq!(cluster.job(&new)["state"], "pending");
+    signal(agent, libc::SIGCONT);
+
+    // Watch until the old job's processes are gone; the new job must not have started before that.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut overlap = None;
+    while Instant::now() < deadline {
+        let old_alive = processes_with("4801").len();
+        let new_alive = processes_with("sleep 4802.2").len();
+        if old_alive > 0 && new_alive > 0 {
+            overlap = Some((old_alive, new_alive));
+            break;
+        }
+        if old_alive == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let new_job = cluster.job(&new);
+    let old_job = cluster.job(&old);
+    signal(agent, libc::SIGCONT);
+    let _ = cli_at(&cluster.addr, &["cancel", &new]);
+    assert!(
+        overlap.is_none(),
+        "job {new} ({} on port {}) ran beside {:?} processes of job {old} (port {}) on the same host",
+        new_job["state"],
+        new_job["master_port"],
+        overlap,
+        old_job["master_port"],
+    );
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        signal(self.0.id(), libc::SIGTERM);
+        for _ in 0..200 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(args: &[&str], log: &Path) -> Proc {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Proc(
+        Command::new(trainctl())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The coordinator acknowledges log bytes once they are written, not fsynced. A coordinator host
+/// that crashes (power, kernel) comes back with its Raft state (fsynced) but with the tail of a
+/// rank's log file gone: shorter than what it acknowledged. Simulated here by truncating the file
+/// while the coordinator is down. The agent keeps `shipped = max(shipped, stored_until)`, so it
+/// never resends the gap; the coordinator refuses every later chunk as a gap; and the agent reports
+/// a rank's exit only once `len <= shipped`, which never happens: the job runs for ever, its
+/// allocation is never released, and `logs -f` never ends.
+#[test]
+fn a_coordinator_that_lost_the_tail_of_a_log_gets_it_again_and_sees_the_job_end() {
+    let _lock = lock_cluster_addresses();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let coordinator_dir = dir.path().join("coordinator");
+    let coordinator_args = [
+        "coordinator",
+        "--data-dir",
+        coordinator_dir.to_str().unwrap(),
+        "--listen",
+        &addr,
+        "--node-timeout-ms",
+        "15000",
+    ];
+    let log = dir.path().join("cluster.log");
+    let mut coordinator = start(&coordinator_args, &log);
+    let url = format!("http://{addr}");
+    let data = dir.path().join("agent-1");
+    let agent = start(
+        &[
+            "agent",
+            "--coordinator",
+            &url,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--name",
+            "host-1",
+            "--advertise-addr",
+            "127.0.0.2",
+            "--port-range",
+            "29600-29699",
+        ],
+        &log,
+    );
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = cli_at(&addr, &all);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    eventually(Duration::from_secs(30), "the agent up", || {
+        let nodes = json(&["nodes"]);
+        (nodes
+            .as_array()?
+            .iter()
+            .filter(|n| n["status"] == "up")
+            .count()
+            == 1)
+            .then_some(())
+    });
+    let spec = job_file(
+        dir.path(),
+        "two-lines",
+        "name = \"two-lines\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo first; sleep 4; echo second\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
+    );
+    let id = json(&["submit", spec.to_str().unwrap()])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(JOB_TIMEOUT, "the first line stored", || {
+        let out = cli_at(&addr, &["logs", &id]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("first")
+            .then_some(())
+    });
+    // Let the agent receive the acknowledgement of the first line.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    signal(coordinator.0.id(), libc::SIGKILL);
+    let _ = coordinator.0.wait();
+    let rank_log = coordinator_dir.join(format!("logs/job-{id}/attempt-0/rank-0.log"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&rank_log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    coordinator = start(&coordinator_args, &log);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = serde_json::Value::Null;
+    while Instant::now() < deadline {
+        last = json(&["status", &id]);
+        if last["state"] == "succeeded" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let logs = String::from_utf8(cli_at(&addr, &["logs", &id]).stdout).unwrap();
+    drop(agent);
+    drop(coordinator);
+    assert_eq!(
+        last["state"], "succeeded",
+        "the job did not end 16 s after its rank exited; logs now: {logs:?}"
+    );
+    assert!(logs.contains("second"), "{logs}");
+}
