@@ -251,3 +251,86 @@ fn a_coordinator_restarted_mid_job_loses_no_job_and_no_log_line() {
     drop(agents);
     drop(coordinator);
 }
+
+#[test]
+fn a_coordinator_with_a_new_state_gets_agents_that_stop_the_old_ranks() {
+    let _lock = lock_cluster_addresses();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let coordinator_args = |data: &Path| -> Vec<String> {
+        [
+            "coordinator",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &addr,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let log = dir.path().join("cluster.log");
+    let first = dir.path().join("first");
+    let args = coordinator_args(&first);
+    let mut coordinator = start(&args.iter().map(String::as_str).collect::<Vec<_>>(), &log);
+    let url = format!("http://{addr}");
+    let agent_dir = dir.path().join("agent");
+    let _agent = start(
+        &[
+            "agent",
+            "--coordinator",
+            &url,
+            "--data-dir",
+            agent_dir.to_str().unwrap(),
+            "--name",
+            "host-1",
+            "--advertise-addr",
+            "127.0.0.2",
+        ],
+        &log,
+    );
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_slice(&cli_at(&addr, &all).stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let up = || {
+        eventually(Duration::from_secs(30), "the agent up", || {
+            (json(&["nodes"])
+                .as_array()?
+                .iter()
+                .any(|n| n["status"] == "up"))
+            .then_some(())
+        })
+    };
+    up();
+    let id = json(&["submit", sleeper(dir.path(), "4723.3", 1).to_str().unwrap()])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(JOB_TIMEOUT, "the sleeper to run", || {
+        (json(&["status", &id])["state"] == "running").then_some(())
+    });
+
+    // The coordinator's data is gone (a new data dir): a new cluster state on the same address.
+    signal(coordinator.0.id(), libc::SIGKILL);
+    let _ = coordinator.0.wait();
+    let args = coordinator_args(&dir.path().join("second"));
+    coordinator = start(&args.iter().map(String::as_str).collect::<Vec<_>>(), &log);
+    up();
+    // The agent learns its ranks belong to a state that no longer exists, and stops them.
+    eventually(Duration::from_secs(30), "the old ranks stopped", || {
+        processes_with("4723.3").is_empty().then_some(())
+    });
+    // The new state's job 1 really runs (its id matches the old job's: it must not be mistaken for it).
+    let fresh = job_file(dir.path(), "fresh", "name = \"fresh\"\n[launch]\ncommand = [\"echo\", \"fresh job ran\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n");
+    let out = cli_at(
+        &addr,
+        &["submit", fresh.to_str().unwrap(), "--wait", "-o", "json"],
+    );
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["id"], id.as_str(), "the new state reuses the id");
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let logs = String::from_utf8(cli_at(&addr, &["logs", &id]).stdout).unwrap();
+    assert_eq!(logs.trim(), "[host-1 rank 0] fresh job ran");
+    drop(coordinator);
+}

@@ -104,6 +104,8 @@ struct Agent {
     heartbeat_interval: Duration,
     /// Set once the agent is stopping: it reports and ships, but starts nothing new.
     shutting_down: bool,
+    /// The cluster state this agent's ranks belong to (from the last registration).
+    cluster_id: Option<String>,
 }
 
 fn lock(ranks: &Ranks) -> std::sync::MutexGuard<'_, BTreeMap<RankKey, RankEntry>> {
@@ -175,6 +177,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         journal,
         heartbeat_interval: Duration::from_millis(500),
         shutting_down: false,
+        cluster_id: None,
     };
 
     let mut registered = false;
@@ -322,10 +325,27 @@ impl Agent {
             .client
             .register(request)
             .await
-            .map_err(|s| anyhow!("{}", s.message()))?;
-        self.heartbeat_interval = Duration::from_millis(u64::from(
-            response.into_inner().heartbeat_interval_ms.max(50),
-        ));
+            .map_err(|s| anyhow!("{}", s.message()))?
+            .into_inner();
+        // (An empty id is a new cluster not yet named: the same state, not a replaced one.)
+        let named = !response.cluster_id.is_empty();
+        if named
+            && self
+                .cluster_id
+                .as_ref()
+                .is_some_and(|id| *id != response.cluster_id)
+        {
+            // The coordinator's state was replaced: the jobs our ranks belong to no longer exist, and
+            // the new state may reuse their ids. Stop them and forget them.
+            warn!("the coordinator's cluster state changed; stopping every rank of the old one");
+            self.stop_all().await;
+            lock(&self.ranks).clear();
+        }
+        if named {
+            self.cluster_id = Some(response.cluster_id.clone());
+        }
+        self.heartbeat_interval =
+            Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(50)));
         info!(node = %self.node_name, "registered with the coordinator");
         Ok(())
     }
@@ -423,10 +443,12 @@ impl Agent {
         }
     }
 
+    /// Where one attempt's logs and error files go: per cluster state, since a new state reuses job ids.
     fn run_dir(&self, job_id: &str, attempt: u32) -> PathBuf {
         self.config
             .data_dir
             .join("runs")
+            .join(self.cluster_id.as_deref().unwrap_or("unnamed"))
             .join(format!("job-{job_id}"))
             .join(format!("attempt-{attempt}"))
     }
@@ -506,7 +528,10 @@ impl Agent {
                         warn!(error = %e, "could not update the process journal");
                     }
                     info!(job = %key.job_id, rank = key.rank, code = exit.code, "rank exited");
-                    if let Some(entry) = lock(&ranks).get_mut(&key) {
+                    // Only the entry of this very process: after a state change the same key may
+                    // name a newer rank.
+                    if let Some(entry) = lock(&ranks).get_mut(&key).filter(|e| e.pgid == Some(pgid))
+                    {
                         entry.exit_code = Some(exit.code);
                     }
                 });

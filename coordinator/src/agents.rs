@@ -75,6 +75,12 @@ impl AgentService for AgentEndpoint {
     ) -> Result<Response<RegisterResponse>, Status> {
         let r = request.into_inner();
         validate_register(&r)?;
+        // Empty for the moment between a new cluster's first start and its naming.
+        let cluster_id = self
+            .coordinator
+            .state
+            .read(|s| s.cluster_id.clone())
+            .unwrap_or_default();
         let res = r.resources.unwrap_or_default();
         let resources = NodeResources {
             hostname: res.hostname,
@@ -129,6 +135,7 @@ impl AgentService for AgentEndpoint {
         tracing::info!(%node, "agent registered");
         Ok(Response::new(RegisterResponse {
             heartbeat_interval_ms: self.coordinator.config.heartbeat_interval_ms,
+            cluster_id,
         }))
     }
 

@@ -158,6 +158,9 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
             "initialised a new one-voter cluster"
         );
     }
+    if state.read(|s| s.cluster_id.is_none()) {
+        name_cluster(&raft, config.server_id).await?;
+    }
     let logs = LogStore::new(config.data_dir.join("logs"));
     Ok(Arc::new(Coordinator {
         config,
@@ -168,6 +171,26 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
         metrics: crate::api::Metrics::default(),
         started_at: Instant::now(),
     }))
+}
+
+/// Gives a new cluster state its id before anything registers, so agents can tell it from any other.
+/// The leader makes the id and the command carries it, so every replica agrees.
+async fn name_cluster(raft: &Raft, server_id: ServerId) -> anyhow::Result<()> {
+    raft.wait(Some(Duration::from_secs(30)))
+        .metrics(
+            |m| m.current_leader == Some(server_id),
+            "this coordinator leads",
+        )
+        .await
+        .context("wait for this coordinator to lead its new cluster")?;
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let cluster_id = format!("{:016x}{:08x}", nanos as u64, std::process::id());
+    raft.client_write(Command::InitCluster { cluster_id })
+        .await
+        .context("name the new cluster")?;
+    Ok(())
 }
 
 /// Serves REST, gRPC and Raft on `listener` and runs the leader loops until `shutdown` turns true.

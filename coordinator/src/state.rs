@@ -323,6 +323,8 @@ pub enum Command {
     },
     /// A user cancelled a job.
     CancelJob { job: JobId, at_ms: u64 },
+    /// The first leader names the cluster's state (once; later attempts are rejected).
+    InitCluster { cluster_id: String },
     /// The scheduler found a queued job can no longer ever fit (the cluster shrank under it).
     FailPendingJob {
         job: JobId,
@@ -353,6 +355,9 @@ pub struct State {
     /// Pending jobs in submission order: the scheduler places them first come, first served.
     pub queue: VecDeque<JobId>,
     pub last_job_id: u64,
+    /// Chosen once, when the cluster's state is created; agents use it to notice a replaced state.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
 }
 
 fn rejected(reason: impl Into<String>) -> CommandOutcome {
@@ -392,6 +397,13 @@ impl State {
                 at_ms,
             } => self.report_ranks(&node, &instance_id, observations, idle_jobs, at_ms),
             Command::CancelJob { job, at_ms } => self.cancel_job(job, at_ms),
+            Command::InitCluster { cluster_id } => match &self.cluster_id {
+                Some(existing) => rejected(format!("the cluster is already named {existing}")),
+                None => {
+                    self.cluster_id = Some(cluster_id);
+                    CommandOutcome::Done
+                }
+            },
             Command::FailPendingJob { job, reason, at_ms } => {
                 self.fail_pending_job(job, reason, at_ms)
             }
