@@ -44,6 +44,8 @@ pub const LOG_BYTES_PER_HEARTBEAT: u64 = 2 << 20;
 pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
 /// Longest wait between attempts to reach the coordinator.
 pub const MAX_RETRY_BACKOFF_MS: u64 = 2_000;
+/// Pause before the next heartbeat when the last one left output or a rank's end still to report.
+pub const FOLLOW_UP_HEARTBEAT_MS: u64 = 20;
 /// How long a stopping agent keeps reporting until the coordinator has every rank's end.
 pub const FINAL_REPORT_DEADLINE_MS: u64 = 10_000;
 /// Grace for the rest of a rank's process group once its main process has exited.
@@ -106,6 +108,22 @@ struct Agent {
     shutting_down: bool,
     /// The cluster state this agent's ranks belong to (from the last registration).
     cluster_id: Option<String>,
+    /// Rung when a rank ends, so its end is reported without waiting for the next beat.
+    wake: Arc<tokio::sync::Notify>,
+    /// `job_id:attempt` of the assignments of the last reply acted on.
+    known_assignments: BTreeSet<String>,
+}
+
+/// How a heartbeat went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Beat {
+    /// The assignments this node runs changed.
+    Changed,
+    Unchanged,
+    /// A rank ended during the long poll: the beat was dropped to report it at once.
+    Abandoned,
+    /// The coordinator does not know this agent (instance): register anew.
+    RegisterAgain,
 }
 
 fn lock(ranks: &Ranks) -> std::sync::MutexGuard<'_, BTreeMap<RankKey, RankEntry>> {
@@ -178,6 +196,8 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         heartbeat_interval: Duration::from_millis(500),
         shutting_down: false,
         cluster_id: None,
+        wake: Arc::new(tokio::sync::Notify::new()),
+        known_assignments: BTreeSet::new(),
     };
 
     let mut registered = false;
@@ -197,12 +217,38 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                 }
             }
         }
-        match agent.heartbeat().await {
-            Ok(true) => {}
-            Ok(false) => registered = false,
-            Err(e) => warn!(error = %e, "heartbeat failed; ranks keep running, retrying"),
+        // Nothing to report: let the coordinator hold the beat until there is work (long poll).
+        let news = agent.has_news();
+        let wait_ms = if news {
+            0
+        } else {
+            agent.heartbeat_interval.as_millis() as u32
+        };
+        let started = tokio::time::Instant::now();
+        let beat = agent.heartbeat(wait_ms).await;
+        let pause = match beat {
+            Ok(Beat::RegisterAgain) => {
+                registered = false;
+                Duration::ZERO
+            }
+            // New ranks to report, output to ship, or an end to report: go again almost at once.
+            Ok(Beat::Changed | Beat::Abandoned) => Duration::from_millis(FOLLOW_UP_HEARTBEAT_MS),
+            Ok(Beat::Unchanged) if agent.has_news() => {
+                Duration::from_millis(FOLLOW_UP_HEARTBEAT_MS)
+            }
+            // A held beat already waited; one answered at once waits out the interval.
+            Ok(Beat::Unchanged) => agent.heartbeat_interval.saturating_sub(started.elapsed()),
+            Err(e) => {
+                warn!(error = %e, "heartbeat failed; ranks keep running, retrying");
+                agent.heartbeat_interval
+            }
+        };
+        let wake = agent.wake.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => {}
+            _ = wake.notified() => {}
         }
-        sleep_or_shutdown(agent.heartbeat_interval, &mut shutdown).await;
     }
 
     info!("agent stopping: stopping every rank it runs");
@@ -214,7 +260,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(FINAL_REPORT_DEADLINE_MS);
         while tokio::time::Instant::now() < deadline {
-            if agent.heartbeat().await.is_ok() && agent.all_reported() {
+            if agent.heartbeat(0).await.is_ok() && agent.all_reported() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -350,8 +396,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Reports, ships logs, and reconciles. Ok(false) means the coordinator asks for a new registration.
-    async fn heartbeat(&mut self) -> anyhow::Result<bool> {
+    /// Reports, ships logs, and reconciles. With `wait_ms` > 0 the coordinator may hold the reply (a
+    /// long poll) until this node's assignments change; a rank ending meanwhile abandons the wait.
+    async fn heartbeat(&mut self, wait_ms: u32) -> anyhow::Result<Beat> {
         let ranks = self.ranks.clone();
         let (reports, logs, finals) = tokio::task::spawn_blocking(move || observe(&ranks)).await?;
         let request = HeartbeatRequest {
@@ -359,15 +406,19 @@ impl Agent {
             instance_id: self.instance_id.clone(),
             ranks: reports,
             logs,
+            known_assignments: self.known_assignments.iter().cloned().collect(),
+            wait_ms,
         };
-        let response = self
-            .client
-            .heartbeat(request)
-            .await
-            .map_err(|s| anyhow!("{}", s.message()))?
-            .into_inner();
+        let mut client = self.client.clone();
+        let wake = self.wake.clone();
+        // Only the exchange is abandoned, never the reconciling below: what the coordinator applied
+        // of an abandoned beat is resent and applied again idempotently.
+        let response = tokio::select! {
+            r = client.heartbeat(request) => r.map_err(|s| anyhow!("{}", s.message()))?.into_inner(),
+            _ = wake.notified(), if wait_ms > 0 => return Ok(Beat::Abandoned),
+        };
         if response.register_again {
-            return Ok(false);
+            return Ok(Beat::RegisterAgain);
         }
         {
             let mut ranks = lock(&self.ranks);
@@ -389,8 +440,19 @@ impl Agent {
                 }
             }
         }
+        let assignments: BTreeSet<String> = response
+            .assignments
+            .iter()
+            .map(|a| format!("{}:{}", a.job_id, a.attempt))
+            .collect();
+        let changed = assignments != self.known_assignments;
+        self.known_assignments = assignments;
         self.apply_assignments(&response.assignments).await;
-        Ok(true)
+        Ok(if changed {
+            Beat::Changed
+        } else {
+            Beat::Unchanged
+        })
     }
 
     async fn apply_assignments(&mut self, assignments: &[Assignment]) {
@@ -520,6 +582,7 @@ impl Agent {
                 lock(&self.ranks).insert(key.clone(), entry);
                 let ranks = self.ranks.clone();
                 let journal = self.journal.clone();
+                let wake = self.wake.clone();
                 tokio::spawn(async move {
                     let exit = child.wait().await;
                     // The main process is gone; whatever it left in its group goes too.
@@ -534,6 +597,7 @@ impl Agent {
                     {
                         entry.exit_code = Some(exit.code);
                     }
+                    wake.notify_one();
                 });
             }
         }
@@ -577,6 +641,13 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Whether some output is not shipped yet, or some rank's end is not yet acknowledged.
+    fn has_news(&self) -> bool {
+        lock(&self.ranks)
+            .values()
+            .any(|e| file_len(&e.log_path) > e.shipped || (e.ended() && !e.acknowledged))
     }
 
     /// Whether the coordinator has the final state of every rank this agent started.

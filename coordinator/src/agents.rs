@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 use trainctl_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
@@ -21,6 +22,17 @@ use crate::state::{
     Command, CommandOutcome, GpuInfo, JobId, NodeId, NodeResources, NodeStatus, RankObservation,
     RankPhase, RdmaDeviceInfo, RdmaPortInfo, State,
 };
+
+/// Longest a heartbeat reply is held waiting for this node's assignments to change (long poll).
+pub const MAX_HEARTBEAT_HOLD_MS: u64 = 2_000;
+
+/// `job_id:attempt` of each assignment: what an agent says it already knows.
+pub fn assignment_keys(assignments: &[Assignment]) -> BTreeSet<String> {
+    assignments
+        .iter()
+        .map(|a| format!("{}:{}", a.job_id, a.attempt))
+        .collect()
+}
 
 /// Most log bytes stored from one heartbeat; the agent sends the rest next time.
 pub const MAX_LOG_BYTES_PER_HEARTBEAT: usize = 4 << 20;
@@ -177,9 +189,28 @@ impl AgentService for AgentEndpoint {
             .map_err(write_status)?;
         }
 
-        let assignments = c
-            .state
-            .read(|s| assignments_for(s, &node, c.config.stop_grace_ms));
+        // Subscribe before reading, so no change between the two is missed.
+        let mut changes = c.state.subscribe();
+        let read = || {
+            c.state
+                .read(|s| assignments_for(s, &node, c.config.stop_grace_ms))
+        };
+        let mut assignments = read();
+        let known: BTreeSet<String> = hb.known_assignments.iter().cloned().collect();
+        if hb.wait_ms > 0 && log_acks.is_empty() && assignment_keys(&assignments) == known {
+            let wait = Duration::from_millis(u64::from(hb.wait_ms).min(MAX_HEARTBEAT_HOLD_MS));
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { break },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+                assignments = read();
+                if assignment_keys(&assignments) != known {
+                    break;
+                }
+            }
+        }
         Ok(Response::new(HeartbeatResponse {
             assignments,
             log_acks,

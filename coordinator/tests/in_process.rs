@@ -236,6 +236,22 @@ impl FakeAgent {
                 instance_id: self.instance_id.clone(),
                 ranks,
                 logs,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// A long-polling heartbeat that says it already knows `known` (`job:attempt`).
+    async fn long_poll(&mut self, known: Vec<String>, wait_ms: u32) -> HeartbeatResponse {
+        self.client
+            .heartbeat(HeartbeatRequest {
+                node_name: self.name.clone(),
+                instance_id: self.instance_id.clone(),
+                known_assignments: known,
+                wait_ms,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -510,6 +526,39 @@ async fn heartbeats_from_unknown_agents_are_told_to_register_again() {
     let response = agent.heartbeat(vec![], vec![]).await;
     assert!(response.register_again, "a previous agent instance");
     assert!(response.assignments.is_empty());
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_polling_heartbeat_is_answered_as_soon_as_work_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let mut agent = FakeAgent::connect(&c, 1).await;
+    agent.register(4, 0).await;
+    // Nothing to do: the reply is held for the wait, then comes empty.
+    let started = Instant::now();
+    let idle = agent.long_poll(vec![], 400).await;
+    assert!(idle.assignments.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(350),
+        "held {:?}",
+        started.elapsed()
+    );
+    // A job submitted while the beat is held is delivered at once, not at the end of the wait.
+    let poll = tokio::spawn(async move {
+        let started = Instant::now();
+        let reply = agent.long_poll(vec![], 10_000).await;
+        (reply, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let id = c.submit(spec("now", 1, 1, 0)).await;
+    let (reply, waited) = poll.await.unwrap();
+    assert_eq!(reply.assignments.len(), 1);
+    assert_eq!(reply.assignments[0].job_id, id);
+    assert!(
+        waited < Duration::from_millis(1_900),
+        "held past the change: {waited:?}"
+    );
     c.stop().await;
 }
 
