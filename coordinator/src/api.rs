@@ -420,7 +420,9 @@ async fn submit_job(
             ))
         }
         CommandOutcome::Rejected { reason } => Err(ApiError::InvalidSpec(reason)),
-        CommandOutcome::Done => Err(ApiError::Internal("submission produced no job id".into())),
+        CommandOutcome::Done | CommandOutcome::Batch(_) => {
+            Err(ApiError::Internal("submission produced no job id".into()))
+        }
     }
 }
 

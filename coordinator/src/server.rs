@@ -14,7 +14,7 @@ use anyhow::Context;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::logs::LogStore;
@@ -80,7 +80,17 @@ pub struct Coordinator {
     pub last_heard: Mutex<HashMap<NodeId, Instant>>,
     pub metrics: crate::api::Metrics,
     pub started_at: Instant,
+    /// Writes go through one queue so that concurrent ones share a log entry and an fsync.
+    writes: mpsc::Sender<PendingWrite>,
 }
+
+/// A command waiting for its turn in the log, and where its outcome goes.
+type PendingWrite = (Command, oneshot::Sender<Result<CommandOutcome, WriteError>>);
+
+/// Most commands written as one log entry.
+pub const MAX_COMMANDS_PER_ENTRY: usize = 256;
+/// Writes waiting for the log before callers wait for room.
+pub const WRITE_QUEUE_LEN: usize = 4096;
 
 /// Milliseconds since the Unix epoch: the leader stamps commands with it before the Raft write.
 pub fn now_ms() -> u64 {
@@ -91,17 +101,16 @@ pub fn now_ms() -> u64 {
 }
 
 impl Coordinator {
-    /// Commits one command through Raft and returns what applying it produced.
+    /// Commits one command through Raft and returns what applying it produced. Commands written
+    /// while another write is in flight are grouped into one log entry (group commit).
     pub async fn write(&self, command: Command) -> Result<CommandOutcome, WriteError> {
-        match self.raft.client_write(command).await {
-            Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(WriteError::NotLeader {
-                    leader: f.leader_node.map(|n| n.addr),
-                })
-            }
-            Err(e) => Err(WriteError::Raft(e.to_string())),
-        }
+        let (reply, outcome) = oneshot::channel();
+        let stopped = || WriteError::Raft("the coordinator is shutting down".to_string());
+        self.writes
+            .send((command, reply))
+            .await
+            .map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
     }
 
     /// Whether this coordinator leads the Raft group now.
@@ -162,7 +171,10 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
         name_cluster(&raft, config.server_id).await?;
     }
     let logs = LogStore::new(config.data_dir.join("logs"));
+    let (writes, queue) = mpsc::channel(WRITE_QUEUE_LEN);
+    tokio::spawn(group_commit(raft.clone(), queue));
     Ok(Arc::new(Coordinator {
+        writes,
         config,
         raft,
         state,
@@ -171,6 +183,58 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
         metrics: crate::api::Metrics::default(),
         started_at: Instant::now(),
     }))
+}
+
+/// Writes queued commands to the Raft log, as many as are waiting in one entry, one entry at a time:
+/// while an entry's fsync runs, the next ones gather. So N concurrent writes cost about one fsync.
+async fn group_commit(raft: Raft, mut queue: mpsc::Receiver<PendingWrite>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_COMMANDS_PER_ENTRY {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+        let single = commands.len() == 1;
+        let command = if single {
+            commands.into_iter().next().expect("one command")
+        } else {
+            Command::Batch(commands)
+        };
+        let result = match raft.client_write(command).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader {
+                    leader: f.leader_node.map(|n| n.addr),
+                })
+            }
+            Err(e) => Err(WriteError::Raft(e.to_string())),
+        };
+        match result {
+            Ok(CommandOutcome::Batch(outcomes)) if !single => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Ok(outcome) => {
+                for reply in replies {
+                    let _ = reply.send(Ok(outcome.clone()));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(match &e {
+                        WriteError::NotLeader { leader } => WriteError::NotLeader {
+                            leader: leader.clone(),
+                        },
+                        WriteError::Raft(m) => WriteError::Raft(m.clone()),
+                    }));
+                }
+            }
+        }
+    }
 }
 
 /// Gives a new cluster state its id before anything registers, so agents can tell it from any other.

@@ -325,6 +325,8 @@ pub enum Command {
     CancelJob { job: JobId, at_ms: u64 },
     /// The first leader names the cluster's state (once; later attempts are rejected).
     InitCluster { cluster_id: String },
+    /// Commands that arrived together, written as one log entry (group commit); applied in order.
+    Batch(Vec<Command>),
     /// The scheduler found a queued job can no longer ever fit (the cluster shrank under it).
     FailPendingJob {
         job: JobId,
@@ -345,6 +347,8 @@ pub enum CommandOutcome {
     Rejected {
         reason: String,
     },
+    /// The outcome of each command of a batch, in order.
+    Batch(Vec<CommandOutcome>),
 }
 
 /// The whole replicated state.
@@ -397,6 +401,9 @@ impl State {
                 at_ms,
             } => self.report_ranks(&node, &instance_id, observations, idle_jobs, at_ms),
             Command::CancelJob { job, at_ms } => self.cancel_job(job, at_ms),
+            Command::Batch(commands) => {
+                CommandOutcome::Batch(commands.into_iter().map(|c| self.apply(c)).collect())
+            }
             Command::InitCluster { cluster_id } => match &self.cluster_id {
                 Some(existing) => rejected(format!("the cluster is already named {existing}")),
                 None => {
@@ -2078,6 +2085,48 @@ mod tests {
                 .count();
             assert!(ended > 50, "seed {seed}: only {ended} jobs ended");
         }
+    }
+
+    #[test]
+    fn a_batch_applies_its_commands_in_order_with_one_outcome_each() {
+        let mut batched = State::default();
+        let mut one_by_one = State::default();
+        let spec = |name: &str| {
+            JobSpec::from_toml(
+                &format!("name = \"{name}\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n"),
+                "test.toml",
+            )
+            .unwrap()
+        };
+        let commands = vec![
+            Command::SubmitJob {
+                spec: spec("a"),
+                at_ms: AT,
+            },
+            Command::CancelJob {
+                job: JobId(1),
+                at_ms: AT,
+            },
+            Command::CancelJob {
+                job: JobId(1),
+                at_ms: AT,
+            },
+            Command::SubmitJob {
+                spec: spec("b"),
+                at_ms: AT,
+            },
+        ];
+        let outcome = batched.apply(Command::Batch(commands.clone()));
+        let expected: Vec<CommandOutcome> =
+            commands.into_iter().map(|c| one_by_one.apply(c)).collect();
+        assert_eq!(outcome, CommandOutcome::Batch(expected.clone()));
+        assert_eq!(expected[0], CommandOutcome::JobSubmitted { job: JobId(1) });
+        assert!(
+            matches!(expected[2], CommandOutcome::Rejected { .. }),
+            "second cancel sees the first"
+        );
+        assert_eq!(expected[3], CommandOutcome::JobSubmitted { job: JobId(2) });
+        assert_eq!(batched, one_by_one);
     }
 
     #[test]

@@ -967,6 +967,57 @@ async fn a_node_that_stops_heartbeating_is_lost_and_its_job_fails() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_share_log_entries_and_get_distinct_ids() {
+    const CLIENTS: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let mut agent = FakeAgent::connect(&c, 1).await;
+    agent.register(4, 0).await;
+    let before = c.get("/v1/health").await["last_applied_index"]
+        .as_u64()
+        .unwrap();
+    let mut submitters = tokio::task::JoinSet::new();
+    for i in 0..CLIENTS {
+        let (http, url) = (c.http.clone(), c.url("/v1/jobs"));
+        submitters.spawn(async move {
+            let response = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(spec(&format!("job-{i}"), 1, 1, 0).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 201);
+            response.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(id) = submitters.join_next().await {
+        ids.push(id.unwrap());
+    }
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        (1..=CLIENTS as u64).collect::<Vec<_>>(),
+        "every submission got its own id"
+    );
+    let after = c.get("/v1/health").await["last_applied_index"]
+        .as_u64()
+        .unwrap();
+    // Group commit: while one entry is being written, the next submissions gather into one entry.
+    assert!(
+        after - before < CLIENTS as u64,
+        "{CLIENTS} submissions took {} log entries",
+        after - before
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_survives_a_restart_after_a_raft_snapshot() {
     // The coordinator snapshots every 2000 log entries; write more than that, then restart.
     const SUBMISSIONS: usize = 2100;
@@ -977,8 +1028,8 @@ async fn the_state_survives_a_restart_after_a_raft_snapshot() {
     // A job holding every CPU keeps the rest pending.
     let first = c.submit(spec("hog", 1, 4, 0)).await;
     c.wait_for_job_state(&first, "starting").await;
-    // Submitted 32 at a time, as many clients would: Raft batches them.
-    const IN_FLIGHT: usize = 32;
+    // One at a time, so each submission is its own log entry (concurrent ones share entries).
+    const IN_FLIGHT: usize = 1;
     let mut submitters = tokio::task::JoinSet::new();
     for worker in 0..IN_FLIGHT {
         let (http, url) = (c.http.clone(), c.url("/v1/jobs"));
