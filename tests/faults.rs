@@ -3,12 +3,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    cli_at, eventually, free_port, job_file, lock_cluster_addresses, processes_with, signal,
-    trainctl, DevCluster,
+    cli_at, eventually, free_port, job_file, lock_cluster_addresses, processes_with, signal, start,
+    DevCluster,
 };
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
@@ -110,38 +109,6 @@ fn an_agent_cut_off_mid_job_stops_its_ranks_when_it_returns() {
     let spec = job_file(dir.path(), "ok", "name = \"ok\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 2\nprocs_per_node = 1\n");
     let ok = cluster.submit(&spec);
     cluster.wait_state(&ok, "succeeded", JOB_TIMEOUT);
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        signal(self.0.id(), libc::SIGTERM);
-        for _ in 0..200 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(args: &[&str], log: &Path) -> Proc {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Proc(
-        Command::new(trainctl())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap(),
-    )
 }
 
 #[test]

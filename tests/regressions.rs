@@ -2,13 +2,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    cli_at, eventually, free_port, job_file, lock_cluster_addresses, processes_with, signal,
-    trainctl, DevCluster,
+    cli_at, eventually, free_port, job_file, lock_cluster_addresses, processes_with, signal, start,
+    DevCluster,
 };
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
@@ -82,38 +80,6 @@ fn a_returning_cut_off_agent_gets_no_new_work_until_its_old_ranks_are_gone() {
         overlap,
         old_job["master_port"],
     );
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        signal(self.0.id(), libc::SIGTERM);
-        for _ in 0..200 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(args: &[&str], log: &Path) -> Proc {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Proc(
-        Command::new(trainctl())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap(),
-    )
 }
 
 /// The coordinator acknowledges log bytes once they are written, not fsynced. A coordinator host

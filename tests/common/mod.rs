@@ -234,3 +234,38 @@ pub fn processes_with(marker: &str) -> Vec<u32> {
     }
     found
 }
+
+/// A `trainctl` process started by a test, stopped (SIGTERM, then SIGKILL after 10 s) when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        signal(self.0.id(), libc::SIGTERM);
+        for _ in 0..200 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `trainctl ARGS`, appending its output to `log`.
+pub fn start(args: &[&str], log: &Path) -> Proc {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Proc(
+        Command::new(trainctl())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    )
+}
