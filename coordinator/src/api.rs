@@ -433,19 +433,12 @@ async fn list_jobs(
     State(c): Ctx,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<JobSummary>>, ApiError> {
-    const STATES: &[&str] = &[
-        "pending",
-        "starting",
-        "running",
-        "succeeded",
-        "failed",
-        "cancelled",
-    ];
     if let Some(st) = &q.state {
-        if !STATES.contains(&st.as_str()) {
+        if !JobState::ALL.iter().any(|s| s.as_str() == st) {
+            let accepted: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
             return Err(ApiError::BadRequest(format!(
                 "unknown state `{st}`; accepted: {}",
-                STATES.join(", ")
+                accepted.join(", ")
             )));
         }
     }

@@ -477,17 +477,10 @@ async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Recei
 /// Counts jobs by state, for health and metrics.
 pub fn job_counts(coordinator: &Coordinator) -> BTreeMap<&'static str, u64> {
     coordinator.state.read(|s| {
-        let mut counts: BTreeMap<&'static str, u64> = [
-            JobState::Pending,
-            JobState::Starting,
-            JobState::Running,
-            JobState::Succeeded,
-            JobState::Failed,
-            JobState::Cancelled,
-        ]
-        .into_iter()
-        .map(|st| (st.as_str(), 0))
-        .collect();
+        let mut counts: BTreeMap<&'static str, u64> = JobState::ALL
+            .into_iter()
+            .map(|st| (st.as_str(), 0))
+            .collect();
         for job in s.jobs.values() {
             *counts.entry(job.state.as_str()).or_default() += 1;
         }
