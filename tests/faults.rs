@@ -5,10 +5,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{
-    cli_at, eventually, free_port, job_file, lock_cluster_addresses, processes_with, signal, start,
-    DevCluster,
-};
+use common::{eventually, job_file, processes_with, signal, DevCluster, HandCluster};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -113,92 +110,40 @@ fn an_agent_cut_off_mid_job_stops_its_ranks_when_it_returns() {
 
 #[test]
 fn a_coordinator_restarted_mid_job_loses_no_job_and_no_log_line() {
-    let _lock = lock_cluster_addresses();
-    let dir = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let coordinator_dir = dir.path().join("coordinator");
-    let coordinator_args = [
-        "coordinator",
-        "--data-dir",
-        coordinator_dir.to_str().unwrap(),
-        "--listen",
-        &addr,
-        "--node-timeout-ms",
-        "15000",
-    ];
-    let log = dir.path().join("cluster.log");
-    let mut coordinator = start(&coordinator_args, &log);
-    let url = format!("http://{addr}");
-    let mut agents = Vec::new();
-    for i in 1..=2u32 {
-        let data = dir.path().join(format!("agent-{i}"));
-        let ip = format!("127.0.0.{}", i + 1);
-        let ports = format!("{}-{}", 29500 + i * 100, 29599 + i * 100);
-        agents.push(start(
-            &[
-                "agent",
-                "--coordinator",
-                &url,
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--name",
-                &format!("host-{i}"),
-                "--advertise-addr",
-                &ip,
-                "--port-range",
-                &ports,
-            ],
-            &log,
-        ));
-    }
-    let json = |args: &[&str]| -> serde_json::Value {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        let out = cli_at(&addr, &all);
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    };
-    eventually(Duration::from_secs(30), "two agents up", || {
-        let nodes = json(&["nodes"]);
-        (nodes
-            .as_array()?
-            .iter()
-            .filter(|n| n["status"] == "up")
-            .count()
-            == 2)
-            .then_some(())
-    });
-    let quick = job_file(dir.path(), "quick", "name = \"quick\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n");
-    let out = cli_at(&addr, &["submit", quick.to_str().unwrap(), "--wait"]);
+    let mut cluster = HandCluster::start(2);
+    let dir = cluster.dir.path().to_path_buf();
+    let quick = job_file(&dir, "quick", "name = \"quick\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n");
+    let out = cluster.cli(&["submit", quick.to_str().unwrap(), "--wait"]);
     assert!(out.status.success());
     let ticker = job_file(
-        dir.path(),
+        &dir,
         "ticker",
         "name = \"ticker\"\n[launch]\ncommand = [\"sh\", \"-c\", \"for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.5; done\"]\n[resources]\nnodes = 2\nprocs_per_node = 2\n",
     );
-    let id = json(&["submit", ticker.to_str().unwrap()])["id"]
+    let id = cluster.json(&["submit", ticker.to_str().unwrap()])["id"]
         .as_str()
         .unwrap()
         .to_string();
     eventually(JOB_TIMEOUT, "the ticker to run", || {
-        (json(&["status", &id])["state"] == "running").then_some(())
+        (cluster.json(&["status", &id])["state"] == "running").then_some(())
     });
 
     // Kill the coordinator hard, mid-job, and bring it back on the same data dir.
-    signal(coordinator.0.id(), libc::SIGKILL);
-    let _ = coordinator.0.wait();
+    cluster.kill_coordinator();
     std::thread::sleep(Duration::from_millis(1500));
-    coordinator = start(&coordinator_args, &log);
+    let data = cluster.coordinator_dir();
+    cluster.start_coordinator(&data);
 
     let job = eventually(
         JOB_TIMEOUT,
         "the ticker to finish after the restart",
         || {
-            let job = json(&["status", &id]);
+            let job = cluster.json(&["status", &id]);
             (job["state"] == "succeeded").then_some(job)
         },
     );
     assert_eq!(job["ranks"].as_array().unwrap().len(), 4);
-    let logs = String::from_utf8(cli_at(&addr, &["logs", &id]).stdout).unwrap();
+    let logs = String::from_utf8(cluster.cli(&["logs", &id]).stdout).unwrap();
     for rank in 0..4 {
         let host = if rank < 2 { "host-1" } else { "host-2" };
         for tick in 1..=8 {
@@ -206,7 +151,7 @@ fn a_coordinator_restarted_mid_job_loses_no_job_and_no_log_line() {
             assert!(logs.lines().any(|l| l == line), "lost {line:?}: {logs}");
         }
     }
-    let jobs = json(&["list"]);
+    let jobs = cluster.json(&["list"]);
     let names: Vec<&str> = jobs
         .as_array()
         .unwrap()
@@ -215,89 +160,34 @@ fn a_coordinator_restarted_mid_job_loses_no_job_and_no_log_line() {
         .collect();
     assert_eq!(names, ["quick", "ticker"], "every job survives the restart");
     assert_eq!(jobs[0]["state"], "succeeded");
-    drop(agents);
-    drop(coordinator);
 }
 
 #[test]
 fn a_coordinator_with_a_new_state_gets_agents_that_stop_the_old_ranks() {
-    let _lock = lock_cluster_addresses();
-    let dir = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let coordinator_args = |data: &Path| -> Vec<String> {
-        [
-            "coordinator",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            &addr,
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let log = dir.path().join("cluster.log");
-    let first = dir.path().join("first");
-    let args = coordinator_args(&first);
-    let mut coordinator = start(&args.iter().map(String::as_str).collect::<Vec<_>>(), &log);
-    let url = format!("http://{addr}");
-    let agent_dir = dir.path().join("agent");
-    let _agent = start(
-        &[
-            "agent",
-            "--coordinator",
-            &url,
-            "--data-dir",
-            agent_dir.to_str().unwrap(),
-            "--name",
-            "host-1",
-            "--advertise-addr",
-            "127.0.0.2",
-        ],
-        &log,
-    );
-    let json = |args: &[&str]| -> serde_json::Value {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        serde_json::from_slice(&cli_at(&addr, &all).stdout).unwrap_or(serde_json::Value::Null)
-    };
-    let up = || {
-        eventually(Duration::from_secs(30), "the agent up", || {
-            (json(&["nodes"])
-                .as_array()?
-                .iter()
-                .any(|n| n["status"] == "up"))
-            .then_some(())
-        })
-    };
-    up();
-    let id = json(&["submit", sleeper(dir.path(), "4723.3", 1).to_str().unwrap()])["id"]
+    let mut cluster = HandCluster::start(1);
+    let dir = cluster.dir.path().to_path_buf();
+    let id = cluster.json(&["submit", sleeper(&dir, "4723.3", 1).to_str().unwrap()])["id"]
         .as_str()
         .unwrap()
         .to_string();
     eventually(JOB_TIMEOUT, "the sleeper to run", || {
-        (json(&["status", &id])["state"] == "running").then_some(())
+        (cluster.json(&["status", &id])["state"] == "running").then_some(())
     });
 
     // The coordinator's data is gone (a new data dir): a new cluster state on the same address.
-    signal(coordinator.0.id(), libc::SIGKILL);
-    let _ = coordinator.0.wait();
-    let args = coordinator_args(&dir.path().join("second"));
-    coordinator = start(&args.iter().map(String::as_str).collect::<Vec<_>>(), &log);
-    up();
+    cluster.kill_coordinator();
+    cluster.start_coordinator(&dir.join("second"));
+    cluster.wait_agents_up(1);
     // The agent learns its ranks belong to a state that no longer exists, and stops them.
     eventually(Duration::from_secs(30), "the old ranks stopped", || {
         processes_with("4723.3").is_empty().then_some(())
     });
     // The new state's job 1 really runs (its id matches the old job's: it must not be mistaken for it).
-    let fresh = job_file(dir.path(), "fresh", "name = \"fresh\"\n[launch]\ncommand = [\"echo\", \"fresh job ran\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n");
-    let out = cli_at(
-        &addr,
-        &["submit", fresh.to_str().unwrap(), "--wait", "-o", "json"],
-    );
+    let fresh = job_file(&dir, "fresh", "name = \"fresh\"\n[launch]\ncommand = [\"echo\", \"fresh job ran\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n");
+    let out = cluster.cli(&["submit", fresh.to_str().unwrap(), "--wait", "-o", "json"]);
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["id"], id.as_str(), "the new state reuses the id");
     assert_eq!(job["state"], "succeeded", "{job}");
-    let logs = String::from_utf8(cli_at(&addr, &["logs", &id]).stdout).unwrap();
+    let logs = String::from_utf8(cluster.cli(&["logs", &id]).stdout).unwrap();
     assert_eq!(logs.trim(), "[host-1 rank 0] fresh job ran");
-    drop(coordinator);
 }

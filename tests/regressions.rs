@@ -4,10 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{
-    cli_at, eventually, free_port, job_file, lock_cluster_addresses, processes_with, signal, start,
-    DevCluster,
-};
+use common::{cli_at, eventually, job_file, processes_with, signal, DevCluster, HandCluster};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -85,72 +82,24 @@ fn a_returning_cut_off_agent_gets_no_new_work_until_its_old_ranks_are_gone() {
 /// The coordinator acknowledges log bytes once they are written, not fsynced. A coordinator host
 /// that crashes (power, kernel) comes back with its Raft state (fsynced) but with the tail of a
 /// rank's log file gone: shorter than what it acknowledged. Simulated here by truncating the file
-/// while the coordinator is down. The agent keeps `shipped = max(shipped, stored_until)`, so it
-/// never resends the gap; the coordinator refuses every later chunk as a gap; and the agent reports
-/// a rank's exit only once `len <= shipped`, which never happens: the job runs for ever, its
-/// allocation is never released, and `logs -f` never ends.
+/// while the coordinator is down. The bug: the agent kept `shipped = max(shipped, stored_until)`,
+/// never resent the gap, and reported the rank's exit only once everything was shipped, so the job
+/// ran for ever. Now the agent takes the coordinator's acknowledged offset as the truth and resends.
 #[test]
 fn a_coordinator_that_lost_the_tail_of_a_log_gets_it_again_and_sees_the_job_end() {
-    let _lock = lock_cluster_addresses();
-    let dir = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let coordinator_dir = dir.path().join("coordinator");
-    let coordinator_args = [
-        "coordinator",
-        "--data-dir",
-        coordinator_dir.to_str().unwrap(),
-        "--listen",
-        &addr,
-        "--node-timeout-ms",
-        "15000",
-    ];
-    let log = dir.path().join("cluster.log");
-    let mut coordinator = start(&coordinator_args, &log);
-    let url = format!("http://{addr}");
-    let data = dir.path().join("agent-1");
-    let agent = start(
-        &[
-            "agent",
-            "--coordinator",
-            &url,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--name",
-            "host-1",
-            "--advertise-addr",
-            "127.0.0.2",
-            "--port-range",
-            "29600-29699",
-        ],
-        &log,
-    );
-    let json = |args: &[&str]| -> serde_json::Value {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        let out = cli_at(&addr, &all);
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    };
-    eventually(Duration::from_secs(30), "the agent up", || {
-        let nodes = json(&["nodes"]);
-        (nodes
-            .as_array()?
-            .iter()
-            .filter(|n| n["status"] == "up")
-            .count()
-            == 1)
-            .then_some(())
-    });
+    let mut cluster = HandCluster::start(1);
+    let dir = cluster.dir.path().to_path_buf();
     let spec = job_file(
-        dir.path(),
+        &dir,
         "two-lines",
         "name = \"two-lines\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo first; sleep 4; echo second\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
     );
-    let id = json(&["submit", spec.to_str().unwrap()])["id"]
+    let id = cluster.json(&["submit", spec.to_str().unwrap()])["id"]
         .as_str()
         .unwrap()
         .to_string();
     eventually(JOB_TIMEOUT, "the first line stored", || {
-        let out = cli_at(&addr, &["logs", &id]);
+        let out = cluster.cli(&["logs", &id]);
         String::from_utf8_lossy(&out.stdout)
             .contains("first")
             .then_some(())
@@ -158,29 +107,30 @@ fn a_coordinator_that_lost_the_tail_of_a_log_gets_it_again_and_sees_the_job_end(
     // Let the agent receive the acknowledgement of the first line.
     std::thread::sleep(Duration::from_millis(1500));
 
-    signal(coordinator.0.id(), libc::SIGKILL);
-    let _ = coordinator.0.wait();
-    let rank_log = coordinator_dir.join(format!("logs/job-{id}/attempt-0/rank-0.log"));
+    cluster.kill_coordinator();
+    let rank_log = cluster
+        .coordinator_dir()
+        .join(format!("logs/job-{id}/attempt-0/rank-0.log"));
     std::fs::OpenOptions::new()
         .write(true)
         .open(&rank_log)
         .unwrap()
         .set_len(0)
         .unwrap();
-    coordinator = start(&coordinator_args, &log);
+    let data = cluster.coordinator_dir();
+    cluster.start_coordinator(&data);
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = serde_json::Value::Null;
     while Instant::now() < deadline {
-        last = json(&["status", &id]);
+        last = cluster.json(&["status", &id]);
         if last["state"] == "succeeded" {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let logs = String::from_utf8(cli_at(&addr, &["logs", &id]).stdout).unwrap();
-    drop(agent);
-    drop(coordinator);
+    let logs = String::from_utf8(cluster.cli(&["logs", &id]).stdout).unwrap();
+    drop(cluster);
     assert_eq!(
         last["state"], "succeeded",
         "the job did not end 16 s after its rank exited; logs now: {logs:?}"

@@ -269,3 +269,117 @@ pub fn start(args: &[&str], log: &Path) -> Proc {
             .unwrap(),
     )
 }
+
+/// A cluster started by hand, as an operator starts a real one: one `trainctl coordinator` and
+/// agents `host-1`, `host-2`, ... on 127.0.0.2, 127.0.0.3, ... with disjoint port ranges. Unlike
+/// [`DevCluster`], a test can kill and restart its coordinator.
+pub struct HandCluster {
+    pub addr: String,
+    // Agents are dropped (stopped) before the coordinator.
+    agents: Vec<Proc>,
+    coordinator: Option<Proc>,
+    pub dir: tempfile::TempDir,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl HandCluster {
+    /// Starts a coordinator with its data in `<dir>/coordinator` and `agents` agents, and waits
+    /// until every agent is up.
+    pub fn start(agents: u32) -> HandCluster {
+        let lock = lock_cluster_addresses();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = HandCluster {
+            addr: format!("127.0.0.1:{}", free_port()),
+            agents: Vec::new(),
+            coordinator: None,
+            dir,
+            _lock: lock,
+        };
+        cluster.start_coordinator(&cluster.coordinator_dir());
+        let url = format!("http://{}", cluster.addr);
+        for i in 1..=agents {
+            let data = cluster.dir.path().join(format!("agent-{i}"));
+            let ports = format!("{}-{}", 29500 + i * 100, 29599 + i * 100);
+            let agent = start(
+                &[
+                    "agent",
+                    "--coordinator",
+                    &url,
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "--name",
+                    &format!("host-{i}"),
+                    "--advertise-addr",
+                    &format!("127.0.0.{}", i + 1),
+                    "--port-range",
+                    &ports,
+                ],
+                &cluster.log(),
+            );
+            cluster.agents.push(agent);
+        }
+        cluster.wait_agents_up(agents as usize);
+        cluster
+    }
+
+    /// Where the first coordinator keeps its data.
+    pub fn coordinator_dir(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
+    }
+
+    /// The file every process of the cluster writes its output to.
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("cluster.log")
+    }
+
+    /// Starts a coordinator on the cluster's address with its data in `data_dir`.
+    pub fn start_coordinator(&mut self, data_dir: &Path) {
+        let args = [
+            "coordinator",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--listen",
+            &self.addr,
+            "--node-timeout-ms",
+            "15000",
+        ];
+        self.coordinator = Some(start(&args, &self.log()));
+    }
+
+    /// SIGKILLs the coordinator and waits for it to be gone.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            signal(c.0.id(), libc::SIGKILL);
+            let _ = c.0.wait();
+        }
+    }
+
+    /// Waits until `count` agents are up.
+    pub fn wait_agents_up(&self, count: usize) {
+        eventually(
+            Duration::from_secs(30),
+            &format!("{count} agents up"),
+            || {
+                let nodes = self.json(&["nodes"]);
+                let up = nodes
+                    .as_array()?
+                    .iter()
+                    .filter(|n| n["status"] == "up")
+                    .count();
+                (up == count).then_some(())
+            },
+        );
+    }
+
+    /// Runs `trainctl ARGS` against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli_at(&self.addr, args)
+    }
+
+    /// Runs `trainctl ARGS -o json`; `null` when it printed no JSON (e.g. the coordinator is down).
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_slice(&self.cli(&all).stdout).unwrap_or(Value::Null)
+    }
+}
