@@ -73,7 +73,6 @@ pub struct AgentConfig {
 /// What the agent knows of one rank it started.
 #[derive(Debug)]
 struct RankEntry {
-    local_rank: u32,
     pid: u32,
     pgid: Option<i32>,
     exit_code: Option<i32>,
@@ -554,7 +553,6 @@ impl Agent {
         };
         let stop_grace = Duration::from_millis(u64::from(assignment.stop_grace_ms));
         let mut entry = RankEntry {
-            local_rank: rank.local_rank,
             pid: 0,
             pgid: None,
             exit_code: None,
@@ -720,7 +718,6 @@ fn observe(ranks: &Ranks) -> (Vec<RankReport>, Vec<LogChunk>, Vec<RankKey>) {
             message,
             pid: e.pid,
         });
-        let _ = e.local_rank;
     }
     (reports, chunks, finals)
 }
