@@ -5,11 +5,13 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
+use crate::checkpoint::{self, DIR_ACCEPTED};
+use crate::duration;
 use crate::error::{SpecError, SpecErrorKind};
-use crate::limits::{self, Bound};
+use crate::limits::{self, Bound, DurationBound};
 use crate::node::{Entry, Node, Value};
 use crate::suggest::{did_you_mean, KNOWN_KEYS};
-use crate::{FailurePolicy, JobSpec, Launch, Resources};
+use crate::{CheckpointPolicy, FailurePolicy, JobSpec, Launch, Resources};
 
 /// Byte offset where each field (dotted path) was written, for locating validation errors.
 #[derive(Debug, Default)]
@@ -37,6 +39,9 @@ pub(crate) struct Walker<'s> {
 type Result<T> = std::result::Result<T, SpecError>;
 
 const COMMAND_EXAMPLE: &str = "command = [\"python3\", \"-u\", \"train.py\"]";
+
+/// Every accepted form of `resources.nodes`.
+const NODES_ACCEPTED: &str = "(accepted: an integer number of hosts from 1 to 100000, e.g. nodes = 4, or a \"MIN:MAX\" range for an elastic job, e.g. nodes = \"2:4\", with 1 <= MIN <= MAX <= 100000)";
 
 impl<'s> Walker<'s> {
     pub fn new(source: Option<&'s str>) -> Self {
@@ -85,7 +90,9 @@ impl<'s> Walker<'s> {
         // under [launch]) explains the "missing field" error that would otherwise come first.
         for entry in root_entries {
             let is_table = matches!(entry.node.value, Value::Table(_));
-            if is_table && ["launch", "resources", "failure"].contains(&entry.key.as_str()) {
+            if is_table
+                && ["launch", "resources", "failure", "checkpoint"].contains(&entry.key.as_str())
+            {
                 self.table(&entry.node, &entry.key)?;
             }
         }
@@ -103,11 +110,13 @@ impl<'s> Walker<'s> {
         let launch = self.launch(get(root_entries, "launch"))?;
         let resources = self.resources(get(root_entries, "resources"))?;
         let failure = self.failure(get(root_entries, "failure"))?;
+        let checkpoint = self.checkpoint(get(root_entries, "checkpoint"))?;
         Ok(JobSpec {
             name,
             launch,
             resources,
             failure,
+            checkpoint,
         })
     }
 
@@ -299,7 +308,8 @@ impl<'s> Walker<'s> {
         };
         let entries = table.map_or(&[][..], |(_, e)| e);
         let nodes = self.required(table, "resources", "nodes", "nodes = 2")?;
-        let nodes = self.node_count(nodes)?;
+        let (range_min, nodes) = self.node_count(nodes)?;
+        let min_nodes = self.min_nodes(entries, range_min, nodes)?;
         let procs = self.required(table, "resources", "procs_per_node", "procs_per_node = 8")?;
         let procs_per_node = self.u32(procs, limits::PROCS_PER_NODE)?;
         let gpus_per_node = self.optional_u32(entries, "gpus_per_node", limits::GPUS_PER_NODE)?;
@@ -310,6 +320,7 @@ impl<'s> Walker<'s> {
         };
         Ok(Resources {
             nodes,
+            min_nodes,
             procs_per_node,
             gpus_per_node: gpus_per_node.unwrap_or(0),
             cpus_per_node: cpus_per_node.unwrap_or(procs_per_node),
@@ -317,20 +328,59 @@ impl<'s> Walker<'s> {
         })
     }
 
-    /// `resources.nodes`. Elastic jobs will accept a `"MIN:MAX"` string here; today only an
-    /// integer is accepted, and the string case says so.
-    fn node_count(&mut self, node: &Node) -> Result<u32> {
+    /// `resources.nodes`: an integer, or a string `"N"` or `"MIN:MAX"`. Returns the MIN of a
+    /// range (`None` otherwise) and the maximum.
+    fn node_count(&mut self, node: &Node) -> Result<(Option<u32>, u32)> {
         let bound = limits::NODES;
-        if let Value::Str(_) = node.value {
+        let Value::Str(text) = &node.value else {
+            if let Value::Int(_) = node.value {
+                return Ok((None, self.u32(node, bound)?));
+            }
             self.record(bound.field, node.span.as_ref());
             return Err(self.wrong_type(
                 bound.field,
                 node,
-                "an integer number of hosts (elastic \"MIN:MAX\" ranges are not supported yet)",
-                &bound.accepted(),
+                "an integer number of hosts or a \"MIN:MAX\" string",
+                NODES_ACCEPTED,
             ));
-        }
-        self.u32(node, bound)
+        };
+        self.record(bound.field, node.span.as_ref());
+        parse_node_range(text).map_err(|problem| {
+            self.error(
+                SpecErrorKind::Invalid,
+                bound.field,
+                node.span.as_ref(),
+                format!("{problem} {NODES_ACCEPTED}"),
+            )
+        })
+    }
+
+    /// `resources.min_nodes`, reconciled with a `"MIN:MAX"` in `nodes` (`range_min`).
+    fn min_nodes(&mut self, entries: &[Entry], range_min: Option<u32>, max: u32) -> Result<u32> {
+        let bound = limits::MIN_NODES;
+        let Some(node) = get(entries, "min_nodes") else {
+            return Ok(range_min.unwrap_or(max));
+        };
+        // 0 means "the same as nodes": a fixed job.
+        let given = match self.u32(node, bound)? {
+            0 => max,
+            n => n,
+        };
+        let problem = match range_min {
+            Some(min) if min != given => format!(
+                "min_nodes = {given} disagrees with the minimum {min} in nodes = \"{min}:{max}\"; give the minimum once: nodes = \"{given}:{max}\", or nodes = {max} with min_nodes = {given}"
+            ),
+            _ if given > max => format!(
+                "must be at most nodes = {max}, got {given}; the minimum cannot exceed the maximum"
+            ),
+            _ => return Ok(given),
+        };
+        Err(self.error(
+            SpecErrorKind::Invalid,
+            bound.field,
+            node.span.as_ref(),
+            format!("{problem} (accepted: an integer number of hosts from 1 to nodes, or 0 for nodes itself)"),
+        ))
     }
 
     fn failure(&mut self, node: Option<&Node>) -> Result<FailurePolicy> {
@@ -339,9 +389,114 @@ impl<'s> Walker<'s> {
             None => &[],
         };
         let max_restarts = self.optional_u32(entries, "max_restarts", limits::MAX_RESTARTS)?;
+        let hang_timeout_ms = self.duration(entries, limits::HANG_TIMEOUT)?;
         Ok(FailurePolicy {
             max_restarts: max_restarts.unwrap_or(0),
+            hang_timeout_ms,
         })
+    }
+
+    fn checkpoint(&mut self, node: Option<&Node>) -> Result<Option<CheckpointPolicy>> {
+        let Some(node) = node else {
+            return Ok(None);
+        };
+        let entries = self.table(node, "checkpoint")?;
+        let dir = self.required(
+            Some((node, entries)),
+            "checkpoint",
+            "dir",
+            "dir = \"/shared/ckpt/{job}\"",
+        )?;
+        let dir = self.string(dir, "checkpoint.dir", DIR_ACCEPTED)?;
+        let signal = match get(entries, "signal") {
+            Some(node) => Some(self.signal(node)?),
+            None => None,
+        };
+        let grace_ms = self
+            .duration(entries, limits::GRACE)?
+            .unwrap_or(limits::GRACE_MS_DEFAULT);
+        let keep = self.optional_u32(entries, "keep", limits::CHECKPOINT_KEEP)?;
+        Ok(Some(CheckpointPolicy {
+            dir,
+            signal,
+            grace_ms,
+            keep,
+        }))
+    }
+
+    /// `checkpoint.signal`, in its canonical form.
+    fn signal(&mut self, node: &Node) -> Result<String> {
+        const FIELD: &str = "checkpoint.signal";
+        let text = self.string(node, FIELD, &checkpoint::signal_accepted())?;
+        checkpoint::parse_signal(&text)
+            .map(str::to_owned)
+            .map_err(|problem| {
+                self.error(
+                    SpecErrorKind::Invalid,
+                    FIELD,
+                    node.span.as_ref(),
+                    format!("{problem} {}", checkpoint::signal_accepted()),
+                )
+            })
+    }
+
+    /// A duration written either as a string under `bound.field`'s key (`grace = "2m"`) or
+    /// as milliseconds under `bound.ms.field`'s key (`grace_ms = 120000`), not both.
+    fn duration(&mut self, entries: &[Entry], bound: DurationBound) -> Result<Option<u64>> {
+        let key = last_key(bound.field);
+        let ms_key = last_key(bound.ms.field);
+        match (get(entries, key), get(entries, ms_key)) {
+            (Some(_), Some(ms_node)) => {
+                self.record(bound.ms.field, ms_node.span.as_ref());
+                Err(self.error(
+                    SpecErrorKind::Invalid,
+                    bound.ms.field,
+                    ms_node.span.as_ref(),
+                    format!(
+                        "{key} is set too; give either {key} (a duration string such as \"10m\") or {ms_key} (an integer number of milliseconds), not both"
+                    ),
+                ))
+            }
+            (None, Some(ms_node)) => self.integer(ms_node, bound.ms).map(Some),
+            (Some(node), None) => {
+                self.record(bound.field, node.span.as_ref());
+                let text = match &node.value {
+                    Value::Str(text) => text,
+                    Value::Int(i) => {
+                        return Err(self.error(
+                            SpecErrorKind::WrongType,
+                            bound.field,
+                            node.span.as_ref(),
+                            format!(
+                                "must be a duration string, got an integer {i}; write {key} = \"{i}s\" for seconds, or {ms_key} = {i} for milliseconds {}",
+                                bound.accepted()
+                            ),
+                        ))
+                    }
+                    _ => {
+                        return Err(self.wrong_type(
+                            bound.field,
+                            node,
+                            "a duration string",
+                            &bound.accepted(),
+                        ))
+                    }
+                };
+                duration::parse_ms(text)
+                    .map_err(|problem| format!("{problem} {}", bound.accepted()))
+                    .and_then(|ms| bound.check(ms))
+                    .map(Some)
+                    .map_err(|message| {
+                        self.error(
+                            SpecErrorKind::Invalid,
+                            bound.field,
+                            node.span.as_ref(),
+                            message,
+                        )
+                    })
+            }
+            (None, None) => Ok(None),
+        }
     }
 
     fn optional_u32(&mut self, entries: &[Entry], key: &str, bound: Bound) -> Result<Option<u32>> {
@@ -403,6 +558,64 @@ fn get<'n>(entries: &'n [Entry], key: &str) -> Option<&'n Node> {
         .find(|e| e.key == key)
         .map(|e| &e.node)
         .filter(|n| !matches!(n.value, Value::Null))
+}
+
+/// The last key of a dotted path: `hang_timeout` of `failure.hang_timeout`.
+fn last_key(field: &str) -> &str {
+    field.rsplit('.').next().unwrap_or(field)
+}
+
+/// `"4"` or `"2:4"` as (the MIN of a range, the maximum); the error says what is wrong,
+/// without the accepted forms.
+fn parse_node_range(text: &str) -> std::result::Result<(Option<u32>, u32), String> {
+    let bound = limits::NODES;
+    let count = |part: &str, what: &str| -> std::result::Result<u32, String> {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(format!("{text:?}: the {what} is missing"));
+        }
+        let digits = part.strip_prefix('-').unwrap_or(part);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(if what == "count" {
+                format!("{text:?} is not a number of hosts or a \"MIN:MAX\" range")
+            } else {
+                format!("{text:?}: the {what} {part:?} is not a number of hosts")
+            });
+        }
+        let problem = match part.parse::<i128>() {
+            Ok(value) => match bound.problem(value) {
+                None => return Ok(u32::try_from(value).expect("bound.max fits in u32")),
+                Some(problem) => problem,
+            },
+            // Only digits, so too long for any integer type.
+            Err(_) if part.starts_with('-') => {
+                format!("must be at least {}, got {part}", bound.min)
+            }
+            Err(_) => format!("must be at most {}, got {part}", bound.max),
+        };
+        Err(if what == "count" {
+            problem
+        } else {
+            format!("{text:?}: the {what} {problem}")
+        })
+    };
+    if text.trim().is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    let Some((min, max)) = text.split_once(':') else {
+        return count(text, "count").map(|n| (None, n));
+    };
+    if max.contains(':') {
+        return Err(format!("{text:?} has more than one ':'"));
+    }
+    let min = count(min, "minimum")?;
+    let max = count(max, "maximum")?;
+    if min > max {
+        return Err(format!(
+            "{text:?}: the minimum {min} is more than the maximum {max}; write \"{max}:{min}\""
+        ));
+    }
+    Ok((Some(min), max))
 }
 
 fn join(path: &str, key: &str) -> String {

@@ -26,31 +26,31 @@ fn toml_error(doc: &[&str]) -> SpecError {
 
 fn check(cases: &[Case]) {
     for case in cases {
-        let e = toml_error(case.doc);
-        let shown = e.to_string();
-        println!("{}: {shown}", case.what);
-        assert_eq!(e.origin, "job.toml", "{}: {shown}", case.what);
-        assert_eq!(e.line, case.line, "{}: line of {shown}", case.what);
-        assert_eq!(
-            e.line.is_some(),
-            e.column.is_some(),
-            "{}: {shown}",
-            case.what
+        check_one(
+            case.what, case.doc, case.line, case.field, case.kind, case.words,
         );
-        assert_eq!(
-            e.field.as_deref(),
-            case.field,
-            "{}: field of {shown}",
-            case.what
-        );
-        assert_eq!(e.kind, case.kind, "{}: kind of {shown}", case.what);
-        for word in case.words {
-            assert!(
-                shown.contains(word),
-                "{}: {shown:?} lacks {word:?}",
-                case.what
-            );
-        }
+    }
+}
+
+/// Parses `doc` (one string per line) as `job.toml` and checks its error.
+fn check_one(
+    what: &str,
+    doc: &[&str],
+    line: Option<usize>,
+    field: Option<&str>,
+    kind: SpecErrorKind,
+    words: &[&str],
+) {
+    let e = toml_error(doc);
+    let shown = e.to_string();
+    println!("{what}: {shown}");
+    assert_eq!(e.origin, "job.toml", "{what}: {shown}");
+    assert_eq!(e.line, line, "{what}: line of {shown}");
+    assert_eq!(e.line.is_some(), e.column.is_some(), "{what}: {shown}");
+    assert_eq!(e.field.as_deref(), field, "{what}: field of {shown}");
+    assert_eq!(e.kind, kind, "{what}: kind of {shown}");
+    for word in words {
+        assert!(shown.contains(word), "{what}: {shown:?} lacks {word:?}");
     }
 }
 
@@ -123,7 +123,7 @@ fn unknown_keys_at_every_level() {
             line: Some(1),
             field: Some("nmae"),
             kind: UnknownField,
-            words: &["did you mean `name`?", "accepted: name, launch, resources, failure"],
+            words: &["did you mean `name`?", "accepted: name, launch, resources, failure, checkpoint"],
         },
         Case {
             what: "typo in a table name",
@@ -149,7 +149,7 @@ fn unknown_keys_at_every_level() {
             words: &[
                 ":6:3:",
                 "did you mean `procs_per_node`?",
-                "accepted: nodes, procs_per_node, gpus_per_node, cpus_per_node, memory_per_node_mib",
+                "accepted: nodes, min_nodes, procs_per_node, gpus_per_node, cpus_per_node, memory_per_node_mib",
             ],
         },
         Case {
@@ -181,7 +181,10 @@ fn unknown_keys_at_every_level() {
             line: Some(8),
             field: Some("failure.max_restart"),
             kind: UnknownField,
-            words: &["did you mean `max_restarts`?", "(accepted: max_restarts)"],
+            words: &[
+                "did you mean `max_restarts`?",
+                "(accepted: max_restarts, hang_timeout, hang_timeout_ms)",
+            ],
         },
         Case {
             what: "top-level key written after a table header",
@@ -232,26 +235,28 @@ fn wrong_types() {
             ],
             line: Some(5),
             field: Some("resources.nodes"),
-            kind: WrongType,
+            kind: Invalid,
             words: &[
                 ":5:9:",
-                "an integer number of hosts (elastic \"MIN:MAX\" ranges are not supported yet)",
-                "got a string \"two\"",
+                "\"two\" is not a number of hosts or a \"MIN:MAX\" range",
+                "e.g. nodes = \"2:4\"",
             ],
         },
         Case {
-            what: "elastic range",
+            what: "nodes as a boolean",
             doc: &[
                 "name = \"a\"",
                 "[launch]",
                 "command = [\"x\"]",
                 "[resources]",
-                "nodes = \"1:4\"",
+                "nodes = true",
             ],
             line: Some(5),
             field: Some("resources.nodes"),
             kind: WrongType,
-            words: &["not supported yet"],
+            words: &[
+                "must be an integer number of hosts or a \"MIN:MAX\" string, got a boolean true",
+            ],
         },
         Case {
             what: "command as a shell string",
@@ -809,12 +814,17 @@ fn full_spec() -> JobSpec {
         },
         resources: Resources {
             nodes: 2,
+            min_nodes: 2,
             procs_per_node: 2,
             gpus_per_node: 0,
             cpus_per_node: 4,
             memory_per_node_mib: 0,
         },
-        failure: FailurePolicy { max_restarts: 0 },
+        failure: FailurePolicy {
+            max_restarts: 0,
+            hang_timeout_ms: None,
+        },
+        checkpoint: None,
     }
 }
 
@@ -834,13 +844,17 @@ fn fills_in_defaults() {
         spec.resources,
         Resources {
             nodes: 3,
+            min_nodes: 3,
             procs_per_node: 8,
             gpus_per_node: 8,
             cpus_per_node: 8,
             memory_per_node_mib: 0,
         }
     );
-    assert_eq!(spec.failure, FailurePolicy { max_restarts: 0 });
+    assert_eq!(spec.failure, FailurePolicy::default());
+    assert_eq!(spec.checkpoint, None);
+    assert_eq!(spec.resources.node_range(), (3, 3));
+    assert!(!spec.resources.is_elastic());
     assert_eq!(spec.world_size(), 24);
 }
 
@@ -1016,3 +1030,5 @@ fn world_size_saturates_on_unvalidated_specs() {
     spec.resources.nodes = u32::MAX;
     assert_eq!(spec.world_size(), u32::MAX);
 }
+
+mod policies;

@@ -1,18 +1,24 @@
 //! [`JobSpec::validate`]: the value rules, on a typed spec however it was built.
 
+use crate::checkpoint::{self, DIR_ACCEPTED};
 use crate::env::{is_reserved_env, is_valid_env_name, RESERVED_ENV, RESERVED_ENV_PREFIX};
 use crate::error::{SpecError, SpecErrorKind};
-use crate::limits::{self, NAME_LEN_MAX};
-use crate::{FailurePolicy, JobSpec, Launch, Resources};
+use crate::limits::{self, Bound, ARGV_LEN_MAX, NAME_LEN_MAX, SPEC_BYTES_MAX};
+use crate::{CheckpointPolicy, FailurePolicy, JobSpec, Launch, Resources};
 
 /// Origin used for errors about a spec that did not come from a file.
 pub(crate) const CODE_ORIGIN: &str = "job spec";
 
 pub(crate) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     validate_name(&spec.name)
+        .and_then(|()| validate_size(spec))
         .and_then(|()| validate_launch(&spec.launch))
         .and_then(|()| validate_resources(&spec.resources))
         .and_then(|()| validate_failure(&spec.failure))
+        .and_then(|()| match &spec.checkpoint {
+            Some(c) => validate_checkpoint(c),
+            None => Ok(()),
+        })
         .map_err(|mut e| {
             e.origin = CODE_ORIGIN.to_owned();
             e
@@ -51,6 +57,52 @@ fn validate_name(name: &str) -> Result<(), SpecError> {
         return Ok(());
     };
     Err(invalid("name", format!("{problem} {NAME_ACCEPTED}")))
+}
+
+/// The spec's total size: the number of arguments, and the bytes of all its strings.
+fn validate_size(spec: &JobSpec) -> Result<(), SpecError> {
+    let argc = spec.launch.command.len();
+    if argc > ARGV_LEN_MAX {
+        return Err(invalid(
+            "launch.command",
+            format!("has {argc} arguments, more than {ARGV_LEN_MAX} (accepted: at most {ARGV_LEN_MAX} arguments; pass long lists in a file)"),
+        ));
+    }
+    let launch = &spec.launch;
+    let parts = [
+        ("name", spec.name.len()),
+        (
+            "launch.command",
+            launch.command.iter().map(String::len).sum(),
+        ),
+        (
+            "launch.workdir",
+            launch.workdir.as_ref().map_or(0, String::len),
+        ),
+        (
+            "launch.env",
+            launch.env.iter().map(|(k, v)| k.len() + v.len()).sum(),
+        ),
+        (
+            "checkpoint",
+            spec.checkpoint.as_ref().map_or(0, |c| {
+                c.dir.len() + c.signal.as_ref().map_or(0, String::len)
+            }),
+        ),
+    ];
+    let total: usize = parts.iter().map(|&(_, n)| n).sum();
+    if total <= SPEC_BYTES_MAX {
+        return Ok(());
+    }
+    let (field, largest) = parts
+        .iter()
+        .copied()
+        .max_by_key(|&(_, n)| n)
+        .expect("parts is not empty");
+    Err(invalid(
+        field,
+        format!("the spec's strings total {total} bytes, more than {SPEC_BYTES_MAX} (1 MiB), and {field} holds {largest} of them (accepted: at most {SPEC_BYTES_MAX} bytes of name, arguments, environment and paths in all; put large data in files)"),
+    ))
 }
 
 fn validate_launch(launch: &Launch) -> Result<(), SpecError> {
@@ -145,6 +197,16 @@ fn validate_resources(r: &Resources) -> Result<(), SpecError> {
             .check(i128::from(value))
             .map_err(|message| invalid(bound.field, message))?;
     }
+    // 0 means "equal to nodes" (a fixed job, or a spec stored before elastic jobs).
+    if r.min_nodes > r.nodes {
+        return Err(invalid(
+            limits::MIN_NODES.field,
+            format!(
+                "must be at most nodes = {}, got {}; the minimum cannot exceed the maximum (accepted: an integer number of hosts from 1 to nodes, or 0 for nodes itself)",
+                r.nodes, r.min_nodes
+            ),
+        ));
+    }
     if r.gpus_per_node > 0 && r.gpus_per_node < r.procs_per_node {
         return Err(invalid(
             limits::GPUS_PER_NODE.field,
@@ -158,9 +220,45 @@ fn validate_resources(r: &Resources) -> Result<(), SpecError> {
 }
 
 fn validate_failure(f: &FailurePolicy) -> Result<(), SpecError> {
-    let bound = limits::MAX_RESTARTS;
+    check(limits::MAX_RESTARTS, u64::from(f.max_restarts))?;
+    match f.hang_timeout_ms {
+        Some(ms) => check(limits::HANG_TIMEOUT.ms, ms),
+        None => Ok(()),
+    }
+}
+
+fn validate_checkpoint(c: &CheckpointPolicy) -> Result<(), SpecError> {
+    if let Some(problem) = checkpoint::dir_problem(&c.dir) {
+        return Err(invalid(
+            "checkpoint.dir",
+            format!("{problem} {DIR_ACCEPTED}"),
+        ));
+    }
+    if let Some(signal) = &c.signal {
+        let problem = match checkpoint::parse_signal(signal) {
+            Ok(canonical) if canonical == signal => None,
+            Ok(canonical) => Some(format!(
+                "{signal:?} is not in the canonical form; write {canonical:?}"
+            )),
+            Err(problem) => Some(problem),
+        };
+        if let Some(problem) = problem {
+            return Err(invalid(
+                "checkpoint.signal",
+                format!("{problem} {}", checkpoint::signal_accepted()),
+            ));
+        }
+    }
+    check(limits::GRACE.ms, c.grace_ms)?;
+    match c.keep {
+        Some(keep) => check(limits::CHECKPOINT_KEEP, u64::from(keep)),
+        None => Ok(()),
+    }
+}
+
+fn check(bound: Bound, value: u64) -> Result<(), SpecError> {
     bound
-        .check(i128::from(f.max_restarts))
+        .check(i128::from(value))
         .map(|_| ())
         .map_err(|message| invalid(bound.field, message))
 }

@@ -61,3 +61,40 @@ fn the_builtin_example_is_a_2x2_gang_of_trainctl() {
     );
     assert_eq!(spec.launch.workdir, None);
 }
+
+#[test]
+fn the_elastic_example_is_a_2_to_4_host_gang_with_checkpoints() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/elastic-example.toml");
+    let source = fs::read_to_string(&path).expect("read elastic-example.toml");
+    let spec = JobSpec::from_toml(&source, "elastic-example.toml").expect("valid example");
+    assert_eq!(
+        spec.launch.command,
+        ["trainctl", "example-train", "--steps", "200", "--seed", "7"]
+    );
+    assert_eq!(spec.resources.node_range(), (2, 4));
+    assert!(spec.resources.is_elastic());
+    assert_eq!((spec.min_world_size(), spec.world_size()), (2, 4));
+    assert_eq!(spec.failure.max_restarts, 3);
+    assert_eq!(spec.failure.hang_timeout_ms, Some(30_000));
+    let checkpoint = spec.checkpoint.expect("a [checkpoint] table");
+    assert_eq!(
+        checkpoint.expand_dir(12, &spec.name),
+        "/tmp/trainctl-ckpt/12"
+    );
+    assert_eq!(checkpoint.keep, Some(3));
+    assert_eq!(checkpoint.signal_number(), Some(10));
+    assert_eq!(checkpoint.grace_ms, 20_000);
+}
+
+#[test]
+fn the_torch_example_keeps_two_checkpoints() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ddp-torch/ddp-torch.toml");
+    let source = fs::read_to_string(&path).expect("read ddp-torch.toml");
+    let spec = JobSpec::from_toml(&source, "ddp-torch.toml").expect("valid example");
+    assert_eq!(spec.resources.node_range(), (2, 2));
+    assert_eq!(spec.failure.max_restarts, 2);
+    let checkpoint = spec.checkpoint.expect("a [checkpoint] table");
+    assert_eq!(checkpoint.dir, "/tmp/trainctl-ckpt/{job}");
+    assert_eq!(checkpoint.keep, Some(2));
+    assert_eq!(checkpoint.signal, None);
+}
