@@ -14,28 +14,40 @@
 //!
 //! # Layout
 //!
-//! - `error`: [`CollectiveError`], the one error type.
+//! - `error`: [`CollectiveError`], the one error type of the collectives.
+//! - [`checkpoint`]: the blocking HTTP client of the rank side of trainctl's checkpoint contract
+//!   ([`commit_checkpoint`], [`report_progress`], [`commit_from_env`]).
 //! - `wire`: the byte format of every message, as pure encode/decode functions.
 //! - `schedule`: the ring algorithm's chunking and step arithmetic, pure.
 //! - `tcp`: rendezvous ([`RendezvousConfig`], [`MasterListener`]) and [`TcpRing`].
 //! - [`example`]: the example workload ([`example_train`], [`example_train_main`]).
+//! - `params_file`: the example workload's checkpoint file, written atomically.
+//! - `signal`: the `SIGUSR1` "checkpoint now" flag (the crate's only `unsafe`).
 //! - `prng`: SplitMix64 for synthetic data and session ids.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 mod error;
 pub mod example;
+mod params_file;
 mod prng;
 mod schedule;
+mod signal;
 mod tcp;
 mod wire;
 
+pub use checkpoint::{
+    commit_checkpoint, commit_from_env, report_progress, AgentEndpoint, CheckpointError,
+};
 pub use error::CollectiveError;
 pub use example::{
-    example_train, example_train_from_env, example_train_main, params_checksum, parse_args,
-    rendezvous_config_from_env, ExampleError, TrainConfig, TrainSummary,
+    example_train, example_train_from_env, example_train_main, example_train_with, params_checksum,
+    parse_args, rendezvous_config_from_env, run_options_from_env, CheckpointRecord, ExampleArgs,
+    ExampleError, Fault, FaultKind, ResumePoint, RunOptions, TrainConfig, TrainSummary,
 };
+pub use signal::install_checkpoint_signal;
 pub use tcp::{MasterListener, RendezvousConfig, TcpRing};
 
 /// Largest world size a rendezvous accepts.
@@ -60,6 +72,15 @@ pub trait Collective {
     /// the same bits on every run (the summation order depends only on the world size and the
     /// buffer length).
     fn all_reduce_sum_f32(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+
+    /// Replaces `buf` on every rank with the element-wise sum of every rank's `buf`, with
+    /// wrapping (two's complement) addition.
+    ///
+    /// Integer addition is associative and commutative, so unlike [`Self::all_reduce_sum_f32`]
+    /// the result is the same whatever the world size and whatever order the ranks add in: it
+    /// depends only on the multiset of values summed. The example workload reduces fixed-point
+    /// gradients this way so that its training does not depend on the world size.
+    fn all_reduce_sum_i64(&mut self, buf: &mut [i64]) -> Result<(), CollectiveError>;
 
     /// Copies `root`'s `buf` into every other rank's `buf`.
     fn broadcast_f32(&mut self, buf: &mut [f32], root: u32) -> Result<(), CollectiveError>;

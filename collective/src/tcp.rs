@@ -439,13 +439,17 @@ impl TcpRing {
     }
 
     fn send_f32(&mut self, values: &[f32]) -> Result<(), CollectiveError> {
+        self.send_elems(values)
+    }
+
+    fn send_elems<T: Elem>(&mut self, values: &[T]) -> Result<(), CollectiveError> {
         if values.is_empty() {
             return Ok(());
         }
         let mut buf = self.take_buf();
-        buf.resize(values.len() * 4, 0);
-        for (dst, v) in buf.chunks_exact_mut(4).zip(values) {
-            dst.copy_from_slice(&v.to_le_bytes());
+        buf.resize(values.len() * T::SIZE, 0);
+        for (dst, v) in buf.chunks_exact_mut(T::SIZE).zip(values) {
+            v.put_le(dst);
         }
         self.queue_send(buf)
     }
@@ -481,30 +485,33 @@ impl TcpRing {
         }
     }
 
-    fn all_reduce_body(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+    /// The ring all-reduce for any element type: reduce-scatter with `T::add`, then all-gather.
+    /// Each chunk is summed in the same order (starting at its first rank and travelling
+    /// forward) on every run.
+    fn all_reduce_body<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CollectiveError> {
         let n = self.world_size as usize;
         let rank = self.rank as usize;
         let len = buf.len();
         for step in 0..n - 1 {
             let (send, recv) = reduce_scatter_step(rank, n, step);
-            self.send_f32(&buf[chunk_range(len, n, send)])?;
+            self.send_elems(&buf[chunk_range(len, n, send)])?;
             let dst = &mut buf[chunk_range(len, n, recv)];
             if dst.is_empty() {
                 continue;
             }
-            self.recv_bytes(dst.len() * 4, "receiving all_reduce data")?;
-            for (d, src) in dst.iter_mut().zip(self.recv_buf.chunks_exact(4)) {
-                *d += f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+            self.recv_bytes(dst.len() * T::SIZE, "receiving all_reduce data")?;
+            for (d, src) in dst.iter_mut().zip(self.recv_buf.chunks_exact(T::SIZE)) {
+                *d = d.add(T::get_le(src));
             }
         }
         for step in 0..n - 1 {
             let (send, recv) = all_gather_step(rank, n, step);
-            self.send_f32(&buf[chunk_range(len, n, send)])?;
+            self.send_elems(&buf[chunk_range(len, n, send)])?;
             let dst = &mut buf[chunk_range(len, n, recv)];
             if dst.is_empty() {
                 continue;
             }
-            self.recv_bytes(dst.len() * 4, "receiving all_reduce results")?;
+            self.recv_bytes(dst.len() * T::SIZE, "receiving all_reduce results")?;
             decode_into(dst, &self.recv_buf);
         }
         Ok(())
@@ -568,6 +575,13 @@ impl Collective for TcpRing {
         )
     }
 
+    fn all_reduce_sum_i64(&mut self, buf: &mut [i64]) -> Result<(), CollectiveError> {
+        self.run_op(
+            (OpKind::AllReduceSumI64, buf.len() as u64, 0),
+            |ring: &mut TcpRing| ring.all_reduce_body(buf),
+        )
+    }
+
     fn broadcast_f32(&mut self, buf: &mut [f32], root: u32) -> Result<(), CollectiveError> {
         if root >= self.world_size {
             return Err(CollectiveError::InvalidRoot {
@@ -605,9 +619,50 @@ impl Drop for Link {
     }
 }
 
-fn decode_into(dst: &mut [f32], bytes: &[u8]) {
-    for (d, src) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-        *d = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+fn decode_into<T: Elem>(dst: &mut [T], bytes: &[u8]) {
+    for (d, src) in dst.iter_mut().zip(bytes.chunks_exact(T::SIZE)) {
+        *d = T::get_le(src);
+    }
+}
+
+/// An element type the ring reduces: its little-endian wire form and its sum.
+trait Elem: Copy {
+    /// Bytes on the wire.
+    const SIZE: usize;
+    /// Writes the little-endian bytes into `dst` (exactly `SIZE` long).
+    fn put_le(self, dst: &mut [u8]);
+    /// Reads the little-endian bytes of `src` (exactly `SIZE` long).
+    fn get_le(src: &[u8]) -> Self;
+    /// The reduction.
+    fn add(self, other: Self) -> Self;
+}
+
+impl Elem for f32 {
+    const SIZE: usize = 4;
+    fn put_le(self, dst: &mut [u8]) {
+        dst.copy_from_slice(&self.to_le_bytes());
+    }
+    fn get_le(src: &[u8]) -> Self {
+        f32::from_le_bytes([src[0], src[1], src[2], src[3]])
+    }
+    fn add(self, other: Self) -> Self {
+        self + other
+    }
+}
+
+impl Elem for i64 {
+    const SIZE: usize = 8;
+    fn put_le(self, dst: &mut [u8]) {
+        dst.copy_from_slice(&self.to_le_bytes());
+    }
+    fn get_le(src: &[u8]) -> Self {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(src);
+        i64::from_le_bytes(b)
+    }
+    /// Wrapping, so the sum is exact modulo 2^64 and independent of the order of addition.
+    fn add(self, other: Self) -> Self {
+        self.wrapping_add(other)
     }
 }
 

@@ -107,6 +107,7 @@ pub(crate) enum OpKind {
     AllReduceSumF32,
     BroadcastF32,
     Barrier,
+    AllReduceSumI64,
 }
 
 /// Sent to the next rank at the start of every collective so that ranks calling different
@@ -131,6 +132,9 @@ impl fmt::Display for OpHeader {
                 self.seq, self.len, self.root
             ),
             OpKind::Barrier => write!(f, "barrier #{}", self.seq),
+            OpKind::AllReduceSumI64 => {
+                write!(f, "all_reduce_sum_i64 #{} (len {})", self.seq, self.len)
+            }
         }
     }
 }
@@ -245,6 +249,7 @@ pub(crate) fn encode_op(m: &OpHeader) -> Vec<u8> {
         OpKind::AllReduceSumF32 => 1,
         OpKind::BroadcastF32 => 2,
         OpKind::Barrier => 3,
+        OpKind::AllReduceSumI64 => 4,
     });
     b.extend_from_slice(&m.len.to_le_bytes());
     b.extend_from_slice(&m.root.to_le_bytes());
@@ -416,6 +421,7 @@ pub(crate) fn read_op<R: Read>(r: &mut R) -> Result<OpHeader, WireError> {
         1 => OpKind::AllReduceSumF32,
         2 => OpKind::BroadcastF32,
         3 => OpKind::Barrier,
+        4 => OpKind::AllReduceSumI64,
         other => {
             return Err(WireError::Mismatch(format!(
                 "unknown collective code {other}"
@@ -487,6 +493,7 @@ mod tests {
             OpKind::AllReduceSumF32,
             OpKind::BroadcastF32,
             OpKind::Barrier,
+            OpKind::AllReduceSumI64,
         ] {
             let op = OpHeader {
                 seq: 9,
@@ -554,6 +561,7 @@ mod tests {
             (OpKind::AllReduceSumF32, "all_reduce_sum_f32 #3 (len 10)"),
             (OpKind::BroadcastF32, "broadcast_f32 #3 (len 10, root 1)"),
             (OpKind::Barrier, "barrier #3"),
+            (OpKind::AllReduceSumI64, "all_reduce_sum_i64 #3 (len 10)"),
         ];
         for (kind, want) in cases {
             let op = OpHeader {

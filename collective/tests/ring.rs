@@ -330,3 +330,58 @@ fn many_small_operations_in_a_row_stay_in_step() {
     let want: f32 = (0..300).map(|i| 6.0 + 4.0 * i as f32).sum();
     assert!(got.iter().all(|t| *t == want), "{got:?} vs {want}");
 }
+
+/// Values near the ends of the i64 range, so that partial sums wrap.
+fn i64_value(rank: u32, index: usize) -> i64 {
+    let x = (index as i64 * 7919 + i64::from(rank) * 104_729) % 1000 - 500;
+    if index.is_multiple_of(3) {
+        i64::MAX.wrapping_sub(x)
+    } else {
+        x * 1_000_000_007
+    }
+}
+
+#[test]
+fn all_reduce_i64_gives_the_exact_wrapping_sum_at_every_world_size() {
+    for world in 1..=5u32 {
+        let got = run_ranks(world, move |mut ring: TcpRing| {
+            let rank = ring.rank();
+            let mut out = Vec::new();
+            for len in lengths(world) {
+                let mut buf: Vec<i64> = (0..len).map(|i| i64_value(rank, i)).collect();
+                ring.all_reduce_sum_i64(&mut buf).unwrap();
+                // An i64 all-reduce interleaves with the f32 ones.
+                let mut f = [1.0f32];
+                ring.all_reduce_sum_f32(&mut f).unwrap();
+                assert_eq!(f[0], world as f32);
+                out.push(buf);
+            }
+            out
+        });
+        for (rank, bufs) in got.iter().enumerate() {
+            for (len, buf) in lengths(world).into_iter().zip(bufs) {
+                let want: Vec<i64> = (0..len)
+                    .map(|i| (0..world).fold(0i64, |s, r| s.wrapping_add(i64_value(r, i))))
+                    .collect();
+                assert_eq!(buf, &want, "world {world} rank {rank} len {len}");
+            }
+        }
+    }
+}
+
+#[test]
+fn an_i64_all_reduce_against_an_f32_one_is_a_mismatch() {
+    let errs = run_ranks(2, |mut ring: TcpRing| {
+        if ring.rank() == 0 {
+            ring.all_reduce_sum_i64(&mut [1, 2])
+                .unwrap_err()
+                .to_string()
+        } else {
+            ring.all_reduce_sum_f32(&mut [1.0, 2.0])
+                .unwrap_err()
+                .to_string()
+        }
+    });
+    assert!(errs[0].contains("all_reduce_sum_f32"), "{}", errs[0]);
+    assert!(errs[1].contains("all_reduce_sum_i64"), "{}", errs[1]);
+}
