@@ -170,6 +170,9 @@ enum Cmd {
         /// Ports the coordinator may lease to jobs' rendezvous (MASTER_PORT) on this host.
         #[arg(long, default_value = "29500-29999")]
         port_range: String,
+        /// Port of the endpoint this host's ranks commit checkpoints to (TRAINCTL_AGENT_URL); 0 picks a free one.
+        #[arg(long, default_value_t = 0)]
+        api_port: u16,
     },
     /// Internal: started by an agent; kills the agent's ranks when the agent dies.
     #[command(hide = true)]
@@ -357,6 +360,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             advertise_addr,
             gpus,
             port_range,
+            api_port,
         } => {
             init_logging("info");
             let port_range = parse_port_range(&port_range)?;
@@ -373,6 +377,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 declared_gpus: gpus,
                 port_range,
                 self_exe: std::env::current_exe().context("find this program's path")?,
+                api_port,
             };
             let shutdown = shutdown_on_signals()?;
             trainctl_agent::run(config, shutdown).await?;

@@ -11,9 +11,11 @@
 //! - [`process`]: a rank in its own process group with a parent-death signal; logs; group kill; the
 //!   journal that lets a restarted agent kill what a crashed one left.
 //! - [`reconcile`]: desired ranks + tracked ranks -> actions.
+//! - [`rank_api`]: the HTTP endpoint ranks commit checkpoints and report progress to.
 
 pub mod discovery;
 pub mod process;
+pub mod rank_api;
 pub mod reconcile;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,8 +31,8 @@ use tonic::transport::Channel;
 use tracing::{info, warn};
 use trainctl_proto::agent::agent_service_client::AgentServiceClient;
 use trainctl_proto::agent::{
-    Assignment, Gpu, HeartbeatRequest, HostResources, LogChunk, RankPhase, RankReport, RdmaDevice,
-    RdmaPort, RegisterRequest,
+    Assignment, Gpu, HeartbeatRequest, HostResources, LogChunk, Progress, RankPhase, RankReport,
+    RdmaDevice, RdmaPort, RegisterRequest,
 };
 
 use crate::process::{PgidJournal, RankSpec};
@@ -50,6 +52,12 @@ pub const FOLLOW_UP_HEARTBEAT_MS: u64 = 20;
 pub const FINAL_REPORT_DEADLINE_MS: u64 = 10_000;
 /// Grace for the rest of a rank's process group once its main process has exited.
 pub const LEFTOVER_GRACE_MS: u64 = 1_000;
+/// Largest heartbeat reply the agent accepts (assignments carry each job's environment once).
+pub const MAX_HEARTBEAT_REPLY_BYTES: usize = 64 << 20;
+/// Lines of a failed rank's output quoted in its failure message.
+pub const FAILURE_TAIL_LINES: usize = 10;
+/// Longest failure message (output tail and error file) sent for one rank.
+pub const FAILURE_NOTE_BYTES_MAX: usize = 8 << 10;
 
 /// How an agent runs.
 #[derive(Debug, Clone)]
@@ -68,6 +76,8 @@ pub struct AgentConfig {
     pub port_range: (u16, u16),
     /// The program run when a job's argv[0] is `trainctl` (this binary), for built-in workloads.
     pub self_exe: PathBuf,
+    /// Port of the endpoint ranks commit checkpoints to (`TRAINCTL_AGENT_URL`); 0 picks a free one.
+    pub api_port: u16,
 }
 
 /// What the agent knows of one rank it started.
@@ -83,6 +93,8 @@ struct RankEntry {
     /// The coordinator has received this rank's final state.
     acknowledged: bool,
     stop_grace: Duration,
+    /// For a failed rank: the end of its output and its error file, sent with its exit.
+    exit_note: Option<String>,
 }
 
 impl RankEntry {
@@ -111,6 +123,12 @@ struct Agent {
     wake: Arc<tokio::sync::Notify>,
     /// `job_id:attempt` of the assignments of the last reply acted on.
     known_assignments: BTreeSet<String>,
+    /// Tokens and progress shared with the ranks' HTTP endpoint.
+    rank_api: Arc<Mutex<rank_api::RankApiState>>,
+    /// `TRAINCTL_AGENT_URL` given to ranks.
+    agent_url: String,
+    /// Checkpoint requests already passed on, per (job, attempt).
+    signalled: BTreeMap<(String, u32), u32>,
 }
 
 /// How a heartbeat went.
@@ -182,6 +200,40 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         .timeout(Duration::from_secs(10))
         .connect_lazy();
     let instance_id = format!("{:016x}", rand::random::<u64>());
+    let client =
+        AgentServiceClient::new(channel).max_decoding_message_size(MAX_HEARTBEAT_REPLY_BYTES);
+    let rank_api_state = Arc::new(Mutex::new(rank_api::RankApiState::default()));
+    let listener = tokio::net::TcpListener::bind((address, config.api_port))
+        .await
+        .with_context(|| {
+            format!(
+                "listen for ranks on {address}:{} (the agent's rank endpoint)",
+                config.api_port
+            )
+        })?;
+    let agent_url = format!("http://{}", listener.local_addr()?);
+    let rank_router = rank_api::router(rank_api::RankApi {
+        state: rank_api_state.clone(),
+        client: client.clone(),
+        node_name: node_name.clone(),
+        instance_id: instance_id.clone(),
+    });
+    let mut api_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let stop = async move {
+            while !*api_shutdown.borrow() {
+                if api_shutdown.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        if let Err(e) = axum::serve(listener, rank_router)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            warn!(error = %e, "the rank endpoint stopped");
+        }
+    });
     info!(%node_name, %address, gpus = facts.gpus.len(), cpus = facts.cpus, rdma = facts.rdma_devices.len(), "agent starting");
     let mut agent = Agent {
         config,
@@ -189,7 +241,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         address,
         instance_id,
         facts,
-        client: AgentServiceClient::new(channel),
+        client,
         ranks: Arc::new(Mutex::new(BTreeMap::new())),
         journal,
         heartbeat_interval: Duration::from_millis(500),
@@ -197,6 +249,9 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         cluster_id: None,
         wake: Arc::new(tokio::sync::Notify::new()),
         known_assignments: BTreeSet::new(),
+        rank_api: rank_api_state,
+        agent_url,
+        signalled: BTreeMap::new(),
     };
 
     let mut registered = false;
@@ -400,6 +455,22 @@ impl Agent {
     async fn heartbeat(&mut self, wait_ms: u32) -> anyhow::Result<Beat> {
         let ranks = self.ranks.clone();
         let (reports, logs, finals) = tokio::task::spawn_blocking(move || observe(&ranks)).await?;
+        let progress = {
+            let mut api = self.rank_api.lock().unwrap_or_else(|e| e.into_inner());
+            // Output is progress too.
+            for chunk in &logs {
+                api.note_progress(&chunk.job_id, chunk.attempt, None);
+            }
+            api.take_progress()
+        };
+        let progress: Vec<Progress> = progress
+            .into_iter()
+            .map(|((job_id, attempt), step)| Progress {
+                job_id,
+                attempt,
+                step: step.unwrap_or(0),
+            })
+            .collect();
         let request = HeartbeatRequest {
             node_name: self.node_name.clone(),
             instance_id: self.instance_id.clone(),
@@ -407,6 +478,7 @@ impl Agent {
             logs,
             known_assignments: self.known_assignments.iter().cloned().collect(),
             wait_ms,
+            progress,
         };
         let mut client = self.client.clone();
         let wake = self.wake.clone();
@@ -455,6 +527,15 @@ impl Agent {
     }
 
     async fn apply_assignments(&mut self, assignments: &[Assignment]) {
+        self.rank_api
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_current(
+                assignments
+                    .iter()
+                    .map(|a| (a.token.clone(), a.job_id.clone(), a.attempt)),
+            );
+        self.pass_on_checkpoint_requests(assignments);
         let desired: BTreeSet<RankKey> = assignments
             .iter()
             .flat_map(|a| {
@@ -504,6 +585,34 @@ impl Agent {
         }
     }
 
+    /// Sends each assignment's checkpoint signal to its running ranks once per new request.
+    fn pass_on_checkpoint_requests(&mut self, assignments: &[Assignment]) {
+        let current: BTreeSet<(String, u32)> = assignments
+            .iter()
+            .map(|a| (a.job_id.clone(), a.attempt))
+            .collect();
+        self.signalled.retain(|k, _| current.contains(k));
+        for a in assignments {
+            let key = (a.job_id.clone(), a.attempt);
+            let seen = *self
+                .signalled
+                .entry(key.clone())
+                .or_insert(a.checkpoint_requests);
+            if a.checkpoint_requests == seen || a.checkpoint_signal == 0 {
+                self.signalled.insert(key, a.checkpoint_requests);
+                continue;
+            }
+            self.signalled.insert(key, a.checkpoint_requests);
+            let ranks = lock(&self.ranks);
+            for (k, e) in ranks.iter() {
+                if k.job_id == a.job_id && k.attempt == a.attempt && !e.ended() && e.pid > 0 {
+                    info!(job = %k.job_id, rank = k.rank, signal = a.checkpoint_signal, "asking a rank to checkpoint now");
+                    process::signal_process(e.pid as i32, a.checkpoint_signal);
+                }
+            }
+        }
+    }
+
     /// Where one attempt's logs and error files go: per cluster state, since a new state reuses job ids.
     fn run_dir(&self, job_id: &str, attempt: u32) -> PathBuf {
         self.config
@@ -529,11 +638,20 @@ impl Agent {
         } else {
             PathBuf::from(&assignment.workdir)
         };
-        let mut env: Vec<(String, String)> = rank
-            .env
+        // The job's environment, then the rank's own on top.
+        let mut env: Vec<(String, String)> = assignment
+            .job_env
             .iter()
+            .filter(|(k, _)| !rank.env.contains_key(*k))
+            .chain(rank.env.iter())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        env.push(("TRAINCTL_AGENT_URL".to_string(), self.agent_url.clone()));
+        if !assignment.checkpoint_dir.is_empty() {
+            if let Err(e) = std::fs::create_dir_all(&assignment.checkpoint_dir) {
+                warn!(dir = %assignment.checkpoint_dir, error = %e, "could not create the job's checkpoint dir");
+            }
+        }
         let error_file = run_dir.join(rank.local_rank.to_string()).join("error.json");
         env.push((
             "TORCHELASTIC_ERROR_FILE".to_string(),
@@ -562,6 +680,7 @@ impl Agent {
             stopping: false,
             acknowledged: false,
             stop_grace,
+            exit_note: None,
         };
         match process::spawn_rank(spec).await {
             Err(e) => {
@@ -581,6 +700,7 @@ impl Agent {
                 let ranks = self.ranks.clone();
                 let journal = self.journal.clone();
                 let wake = self.wake.clone();
+                let log_path = log_path_of(&self.ranks, &key);
                 tokio::spawn(async move {
                     let exit = child.wait().await;
                     // The main process is gone; whatever it left in its group goes too.
@@ -589,11 +709,21 @@ impl Agent {
                         warn!(error = %e, "could not update the process journal");
                     }
                     info!(job = %key.job_id, rank = key.rank, code = exit.code, "rank exited");
+                    let note = if exit.code != 0 {
+                        let (log, err) = (log_path.clone(), error_file.clone());
+                        tokio::task::spawn_blocking(move || failure_note(&log, &err))
+                            .await
+                            .ok()
+                            .flatten()
+                    } else {
+                        None
+                    };
                     // Only the entry of this very process: after a state change the same key may
                     // name a newer rank.
                     if let Some(entry) = lock(&ranks).get_mut(&key).filter(|e| e.pgid == Some(pgid))
                     {
                         entry.exit_code = Some(exit.code);
+                        entry.exit_note = note;
                     }
                     wake.notify_one();
                 });
@@ -656,6 +786,59 @@ impl Agent {
     }
 }
 
+fn log_path_of(ranks: &Ranks, key: &RankKey) -> PathBuf {
+    lock(ranks)
+        .get(key)
+        .map(|e| e.log_path.clone())
+        .unwrap_or_default()
+}
+
+/// What a failed rank left to explain itself: torch's error file (`@record`: message and traceback),
+/// then the last lines of its output.
+fn failure_note(log_path: &Path, error_file: &Path) -> Option<String> {
+    let mut note = String::new();
+    if let Ok(text) = std::fs::read_to_string(error_file) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            let m = &v["message"];
+            let message = m["message"].as_str().or_else(|| m.as_str()).unwrap_or("");
+            let trace = m["extraInfo"]["py_callstack"].as_str().unwrap_or("");
+            if !message.is_empty() {
+                note.push_str(&format!(
+                    "error file: {message}
+"
+                ));
+            }
+            if !trace.is_empty() {
+                note.push_str(trace.trim_end());
+                note.push('\n');
+            }
+        }
+    }
+    if let Ok(bytes) = std::fs::read(log_path) {
+        let start = bytes.len().saturating_sub(FAILURE_NOTE_BYTES_MAX);
+        let text = String::from_utf8_lossy(&bytes[start..]);
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(FAILURE_TAIL_LINES)..];
+        if !tail.is_empty() {
+            note.push_str("last output:\n");
+            for line in tail {
+                note.push_str("  ");
+                note.push_str(line);
+                note.push('\n');
+            }
+        }
+    }
+    if note.len() > FAILURE_NOTE_BYTES_MAX {
+        let mut cut = note.len() - FAILURE_NOTE_BYTES_MAX;
+        while !note.is_char_boundary(cut) {
+            cut += 1;
+        }
+        note = note[cut..].to_string();
+    }
+    let note = note.trim_end().to_string();
+    (!note.is_empty()).then_some(note)
+}
+
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
@@ -702,7 +885,11 @@ fn observe(ranks: &Ranks) -> (Vec<RankReport>, Vec<LogChunk>, Vec<RankKey>) {
         let (phase, exit_code, message) = if let Some(msg) = &e.failed_to_start {
             (RankPhase::FailedToStart, 0, msg.clone())
         } else if let (Some(code), true) = (e.exit_code, all_shipped) {
-            (RankPhase::Exited, code, String::new())
+            (
+                RankPhase::Exited,
+                code,
+                e.exit_note.clone().unwrap_or_default(),
+            )
         } else {
             (RankPhase::Running, 0, String::new())
         };

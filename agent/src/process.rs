@@ -715,6 +715,18 @@ pub async fn terminate_group(pgid: i32, grace: Duration) -> GroupEnd {
     }
 }
 
+/// Sends `signal` to one process (a rank's main process: "checkpoint now"). Refuses pids below 2.
+pub fn signal_process(pid: i32, signal: libc::c_int) {
+    if pid < 2 {
+        return;
+    }
+    // SAFETY: `kill` has no memory-safety preconditions; `pid >= 2` names one process, never a group
+    // or "all processes".
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        tracing::warn!(pid, signal, error = %io::Error::last_os_error(), "could not signal a rank");
+    }
+}
+
 fn signal_group(pgid: i32, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: `kill` has no memory-safety preconditions; `pgid >= 2` was checked by every caller,
     // so `-pgid` names exactly one process group, never "all processes".

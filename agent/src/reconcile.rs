@@ -43,13 +43,22 @@ pub enum Action {
 }
 
 /// Decides the actions that make this host run exactly `desired`.
+///
+/// A new attempt of a job starts on this host only once every rank of its earlier attempts here has
+/// ended: the old ranks are stopped first (they are no longer desired), so the new gang never shares
+/// GPUs, ports or files with the old one.
 pub fn reconcile(
     desired: &BTreeSet<RankKey>,
     tracked: &BTreeMap<RankKey, TrackedRank>,
 ) -> Vec<Action> {
     let mut actions = Vec::new();
     for key in desired {
-        if !tracked.contains_key(key) {
+        let older_running = tracked.iter().any(|(k, r)| {
+            k.job_id == key.job_id
+                && k.attempt < key.attempt
+                && r.condition == RankCondition::Running
+        });
+        if !tracked.contains_key(key) && !older_running {
             actions.push(Action::Launch(key.clone()));
         }
     }
@@ -73,9 +82,13 @@ mod tests {
     use super::*;
 
     fn key(job: &str, rank: u32) -> RankKey {
+        attempt_key(job, 0, rank)
+    }
+
+    fn attempt_key(job: &str, attempt: u32, rank: u32) -> RankKey {
         RankKey {
             job_id: job.to_string(),
-            attempt: 0,
+            attempt,
             rank,
         }
     }
@@ -141,6 +154,27 @@ mod tests {
                     (key("1", 1), Ended { acknowledged: true }, true),
                 ]),
                 vec![Action::Forget(key("1", 1))],
+            ),
+            (
+                "a new attempt waits until the old attempt's ranks here are stopped",
+                vec![attempt_key("1", 1, 0), attempt_key("1", 1, 1)],
+                tracked(&[
+                    (attempt_key("1", 0, 0), Running, false),
+                    (attempt_key("1", 0, 1), Ended { acknowledged: false }, false),
+                ]),
+                vec![Action::Stop(attempt_key("1", 0, 0))],
+            ),
+            (
+                "a new attempt starts once the old ranks have ended, even before they are acknowledged",
+                vec![attempt_key("1", 1, 0)],
+                tracked(&[(attempt_key("1", 0, 0), Ended { acknowledged: false }, true)]),
+                vec![Action::Launch(attempt_key("1", 1, 0))],
+            ),
+            (
+                "another job's old attempt does not hold a launch back",
+                vec![attempt_key("2", 0, 0)],
+                tracked(&[(attempt_key("1", 0, 0), Running, true)]),
+                vec![Action::Launch(attempt_key("2", 0, 0))],
             ),
         ];
         for (name, desired, tracked, expected) in cases {

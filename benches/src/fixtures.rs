@@ -79,6 +79,7 @@ impl SplitMix64 {
 pub fn gang_64x8() -> Resources {
     Resources {
         nodes: 64,
+        min_nodes: 64,
         procs_per_node: 8,
         gpus_per_node: 8,
         cpus_per_node: 16,

@@ -12,15 +12,17 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use trainctl_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
 use trainctl_proto::agent::{
-    Assignment, HeartbeatRequest, HeartbeatResponse, LogAck, RankAssignment,
-    RankPhase as WirePhase, RankReport, RegisterRequest, RegisterResponse,
+    Assignment, CommitCheckpointRequest, CommitCheckpointResponse, HeartbeatRequest,
+    HeartbeatResponse, LogAck, RankAssignment, RankPhase as WirePhase, RankReport, RegisterRequest,
+    RegisterResponse,
 };
 
 use crate::launch::rank_launches;
 use crate::server::{now_ms, Coordinator, WriteError};
 use crate::state::{
-    Command, CommandOutcome, GpuInfo, JobId, NodeId, NodeResources, NodeStatus, RankObservation,
-    RankPhase, RdmaDeviceInfo, RdmaPortInfo, State,
+    checkpoint_path_problem, Command, CommandOutcome, GpuInfo, JobId, NodeId, NodeResources,
+    NodeStatus, RankObservation, RankPhase, RdmaDeviceInfo, RdmaPortInfo, State,
+    CHECKPOINT_METRICS_BYTES_MAX,
 };
 
 /// Longest a heartbeat reply is held waiting for this node's assignments to change (long poll).
@@ -176,14 +178,22 @@ impl AgentService for AgentEndpoint {
         // Logs first: a rank's exit is applied only after the lines it printed are stored.
         let log_acks = store_logs(c, &node, hb.logs).await?;
 
+        for p in &hb.progress {
+            if let Ok(job) = p.job_id.parse::<u64>() {
+                c.made_progress(JobId(job), p.attempt, (p.step > 0).then_some(p.step));
+            }
+        }
+
         let (observations, idle_jobs) = c.state.read(|s| changed_observations(s, &node, &hb.ranks));
-        if !observations.is_empty() || !idle_jobs.is_empty() {
+        let gone_attempts = c.state.read(|s| gone_attempts(s, &node, &hb.ranks));
+        if !observations.is_empty() || !idle_jobs.is_empty() || !gone_attempts.is_empty() {
             c.write(Command::ReportRanks {
                 node: node.clone(),
                 instance_id: hb.instance_id,
                 observations,
                 idle_jobs,
                 at_ms: now_ms(),
+                gone_attempts,
             })
             .await
             .map_err(write_status)?;
@@ -217,6 +227,114 @@ impl AgentService for AgentEndpoint {
             register_again: false,
         }))
     }
+
+    async fn commit_checkpoint(
+        &self,
+        request: Request<CommitCheckpointRequest>,
+    ) -> Result<Response<CommitCheckpointResponse>, Status> {
+        let r = request.into_inner();
+        let c = &self.coordinator;
+        let node = NodeId(r.node_name.clone());
+        let job_id = r
+            .job_id
+            .parse::<u64>()
+            .map(JobId)
+            .map_err(|_| Status::invalid_argument(format!("`{}` is not a job id", r.job_id)))?;
+        let metrics = if r.metrics_json.is_empty() {
+            None
+        } else {
+            if r.metrics_json.len() > CHECKPOINT_METRICS_BYTES_MAX {
+                return Err(Status::invalid_argument(format!(
+                    "metrics are {} bytes of JSON; at most {CHECKPOINT_METRICS_BYTES_MAX} are accepted",
+                    r.metrics_json.len()
+                )));
+            }
+            match serde_json::from_str::<serde_json::Value>(&r.metrics_json) {
+                Ok(v @ serde_json::Value::Object(_)) => Some(v.to_string()),
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "metrics must be a JSON object, e.g. {\"loss\": 0.25}",
+                    ))
+                }
+            }
+        };
+        // Classify before writing, so the agent can answer the rank with the right status.
+        let checked = c.state.read(|s| {
+            let agent_ok = s
+                .nodes
+                .get(&node)
+                .is_some_and(|n| n.instance_id == r.instance_id && n.status == NodeStatus::Up);
+            if !agent_ok {
+                return Err(Status::permission_denied(
+                    "this agent is not registered as the node it names",
+                ));
+            }
+            let job = s
+                .jobs
+                .get(&job_id)
+                .ok_or_else(|| Status::not_found(format!("job {job_id} does not exist")))?;
+            if !job.ranks.iter().any(|rk| rk.node == node) {
+                return Err(Status::permission_denied(format!(
+                    "job {job_id} runs no rank on {node}"
+                )));
+            }
+            if job.attempt != r.attempt || job.state.is_terminal() {
+                return Err(Status::failed_precondition(format!(
+                    "attempt {} of job {job_id} is over (the job is {} on attempt {}); the checkpoint is not recorded",
+                    r.attempt,
+                    job.state.as_str(),
+                    job.attempt
+                )));
+            }
+            if let Some(problem) = checkpoint_path_problem(job, &r.path) {
+                return Err(Status::invalid_argument(problem));
+            }
+            Ok(job.checkpoint_dir().unwrap_or_default())
+        });
+        let checkpoint_dir = checked?;
+        let outcome = c
+            .write(Command::CommitCheckpoint {
+                job: job_id,
+                attempt: r.attempt,
+                path: r.path,
+                step: r.step,
+                metrics,
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(write_status)?;
+        match outcome {
+            CommandOutcome::CheckpointCommitted { pruned } => {
+                c.made_progress(job_id, r.attempt, Some(r.step));
+                c.metrics.checkpoints.inc();
+                Ok(Response::new(CommitCheckpointResponse {
+                    pruned,
+                    checkpoint_dir,
+                }))
+            }
+            CommandOutcome::Rejected { reason } => Err(Status::failed_precondition(reason)),
+            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+}
+
+/// Earlier attempts that held a share on `node` and of which the agent reports no running rank: their
+/// processes are gone, so their retired shares can be freed.
+pub fn gone_attempts(s: &State, node: &NodeId, reports: &[RankReport]) -> Vec<(JobId, u32)> {
+    let mut gone = Vec::new();
+    for job in s.jobs.values() {
+        for share in job.retired.iter().filter(|r| &r.node == node) {
+            let running = reports.iter().any(|r| {
+                r.job_id == job.id.to_string()
+                    && r.attempt == share.attempt
+                    && wire_phase(r) == Some(RankPhase::Running)
+            });
+            if !running && !gone.contains(&(job.id, share.attempt)) {
+                gone.push((job.id, share.attempt));
+            }
+        }
+    }
+    gone
 }
 
 async fn store_logs(
@@ -361,6 +479,22 @@ pub fn assignments_for(s: &State, node: &NodeId, stop_grace_ms: u32) -> Vec<Assi
             attempt: job.attempt,
             argv: job.spec.launch.command.clone(),
             workdir: job.spec.launch.workdir.clone().unwrap_or_default(),
+            job_env: job
+                .spec
+                .launch
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            token: job.token(),
+            checkpoint_dir: job.checkpoint_dir().unwrap_or_default(),
+            checkpoint_signal: job
+                .spec
+                .checkpoint
+                .as_ref()
+                .and_then(|c| c.signal_number())
+                .unwrap_or(0),
+            checkpoint_requests: job.checkpoint_signals,
             ranks: rank_launches(job, node, &address)
                 .into_iter()
                 .map(|l| RankAssignment {
@@ -421,8 +555,12 @@ mod tests {
             "test.toml",
         )
         .unwrap();
-        let CommandOutcome::JobSubmitted { job } = s.apply(Command::SubmitJob { spec, at_ms: 2 })
-        else {
+        let CommandOutcome::JobSubmitted { job } = s.apply(Command::SubmitJob {
+            spec,
+            at_ms: 2,
+            secret: String::new(),
+            resume_from_job: None,
+        }) else {
             panic!("not submitted")
         };
         let placement =
@@ -453,6 +591,7 @@ mod tests {
     fn apply_reports(s: &mut State, node: &str, reports: &[RankReport]) {
         let (observations, idle_jobs) = changed_observations(s, &id(node), reports);
         let outcome = s.apply(Command::ReportRanks {
+            gone_attempts: Vec::new(),
             node: id(node),
             instance_id: format!("{node}-a"),
             observations,

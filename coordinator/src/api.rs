@@ -41,6 +41,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("job {0} does not exist")]
     JobNotFound(JobId),
+    #[error("no node named `{0}` (see `trainctl nodes`)")]
+    NodeNotFound(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -64,7 +66,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::InvalidSpec(_) | ApiError::Infeasible(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::JobNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::JobNotFound(_) | ApiError::NodeNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Write(WriteError::NotLeader { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Write(WriteError::Raft(_)) | ApiError::Internal(_) => {
@@ -148,9 +150,64 @@ pub struct JobDetail {
     pub master_port: Option<u16>,
     pub allocation: Vec<AllocationView>,
     pub ranks: Vec<RankView>,
+    /// Restarts spent from the budget (failures and hangs; host losses and resizes are free).
+    pub restarts: u32,
+    /// The budget: `[failure] max_restarts`.
+    pub max_restarts: u32,
+    /// Hosts in the current (or last) attempt; an elastic job's size changes between attempts.
+    pub current_nodes: u32,
+    /// `[min_nodes, nodes]`: the gang's allowed host counts.
+    pub node_range: [u32; 2],
+    /// Every attempt so far, oldest first.
+    pub attempts: Vec<AttemptView>,
+    /// Committed checkpoints, oldest first; the next attempt resumes from the last.
+    pub checkpoints: Vec<CheckpointView>,
+    /// Another job's checkpoint this job started from (`submit --resume-from`).
+    pub resume_from: Option<CheckpointView>,
     /// The job spec as stored (defaults filled in).
     #[schema(value_type = Object)]
     pub spec: JobSpec,
+}
+
+/// One attempt (launch of the gang) of a job.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AttemptView {
+    pub attempt: u32,
+    pub nodes: Vec<String>,
+    pub world_size: u32,
+    pub started_at_ms: u64,
+    pub ended_at_ms: Option<u64>,
+    /// Why it ended: "succeeded", the failing rank, "hung: ...", "growing ...", ...
+    pub end: Option<String>,
+}
+
+/// A committed checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CheckpointView {
+    pub path: String,
+    pub step: u64,
+    pub committed_at_ms: u64,
+    pub attempt: u32,
+    /// The job that committed it.
+    pub job: Option<String>,
+    /// What the rank sent with it.
+    #[schema(value_type = Option<Object>)]
+    pub metrics: Option<serde_json::Value>,
+}
+
+/// Query of the submission.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct SubmitQuery {
+    /// Start from this job's newest committed checkpoint.
+    pub resume_from: Option<String>,
+}
+
+/// Query of a cancellation.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct CancelQuery {
+    /// Send the job's checkpoint signal first and wait up to its grace for a new commit.
+    #[serde(default)]
+    pub checkpoint: bool,
 }
 
 /// One node of the cluster.
@@ -173,6 +230,8 @@ pub struct NodeView {
     pub rdma: Vec<String>,
     /// Jobs holding resources here.
     pub jobs: Vec<String>,
+    /// Drained by an operator: nothing new is placed here.
+    pub drained: bool,
 }
 
 /// One line of a rank's output.
@@ -202,6 +261,8 @@ pub struct LogsQuery {
     pub cursor: Option<String>,
     /// `text` for plain `[node rank N] line` text instead of JSON.
     pub format: Option<String>,
+    /// Which attempt's output (default: the current one, or the last that ran).
+    pub attempt: Option<u32>,
 }
 
 /// Query of the job listing.
@@ -233,6 +294,8 @@ pub struct Metrics {
     pub submissions: Counter,
     pub placements: Counter,
     pub heartbeats: Counter,
+    pub checkpoints: Counter,
+    pub restarts: Counter,
     jobs: Family<Vec<(String, String)>, Gauge>,
     nodes: Family<Vec<(String, String)>, Gauge>,
     gpus_total: Gauge,
@@ -246,6 +309,8 @@ impl Default for Metrics {
         let submissions = Counter::default();
         let placements = Counter::default();
         let heartbeats = Counter::default();
+        let checkpoints = Counter::default();
+        let restarts = Counter::default();
         let jobs = Family::default();
         let nodes = Family::default();
         let gpus_total = Gauge::default();
@@ -261,6 +326,16 @@ impl Default for Metrics {
             "agent_heartbeats",
             "Heartbeats received from agents",
             heartbeats.clone(),
+        );
+        registry.register(
+            "checkpoint_commits",
+            "Checkpoints committed by ranks",
+            checkpoints.clone(),
+        );
+        registry.register(
+            "gang_restarts",
+            "Attempts ended by the leader (hangs, resizes, drains)",
+            restarts.clone(),
         );
         registry.register("jobs", "Jobs by state", jobs.clone());
         registry.register("nodes", "Nodes by status", nodes.clone());
@@ -280,6 +355,8 @@ impl Default for Metrics {
             submissions,
             placements,
             heartbeats,
+            checkpoints,
+            restarts,
             jobs,
             nodes,
             gpus_total,
@@ -298,7 +375,11 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/logs", get(job_logs))
+        .route("/v1/jobs/{id}/checkpoints", get(job_checkpoints))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
+        .route("/v1/nodes/{name}/drain", post(drain_node))
+        .route("/v1/nodes/{name}/undrain", post(undrain_node))
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
@@ -316,7 +397,18 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         description = "Gang-scheduled distributed training jobs"
     ),
     paths(
-        submit_job, list_jobs, get_job, cancel_job, job_logs, list_nodes, health, metrics
+        submit_job,
+        list_jobs,
+        get_job,
+        cancel_job,
+        job_logs,
+        job_checkpoints,
+        list_nodes,
+        drain_node,
+        undrain_node,
+        remove_node,
+        health,
+        metrics
     ),
     components(schemas(
         ErrorBody,
@@ -326,6 +418,8 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         RankView,
         AllocationView,
         NodeView,
+        AttemptView,
+        CheckpointView,
         LogLine,
         LogsPage,
         Health
@@ -390,10 +484,26 @@ pub fn spec_from_body(headers: &HeaderMap, body: &[u8]) -> Result<JobSpec, ApiEr
         (status = 503, body = ErrorBody, description = "Not the leader")))]
 async fn submit_job(
     State(c): Ctx,
+    Query(q): Query<SubmitQuery>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let spec = spec_from_body(&headers, &body)?;
+    let resume_from_job = q.resume_from.as_deref().map(parse_job_id).transpose()?;
+    if let Some(other) = resume_from_job {
+        let newest = c
+            .state
+            .read(|s| s.jobs.get(&other).map(|j| j.resume_point().is_some()));
+        match newest {
+            None => return Err(ApiError::JobNotFound(other)),
+            Some(false) => {
+                return Err(ApiError::Conflict(format!(
+                    "job {other} has committed no checkpoint to resume from"
+                )))
+            }
+            Some(true) => {}
+        }
+    }
     let fit = c
         .state
         .read(|s| scheduler::check_ever_fits(s.nodes.values().map(Node::size), &spec.resources));
@@ -407,6 +517,8 @@ async fn submit_job(
         .write(Command::SubmitJob {
             spec,
             at_ms: now_ms(),
+            secret: format!("{:032x}", rand::random::<u128>()),
+            resume_from_job,
         })
         .await?
     {
@@ -420,9 +532,7 @@ async fn submit_job(
             ))
         }
         CommandOutcome::Rejected { reason } => Err(ApiError::InvalidSpec(reason)),
-        CommandOutcome::Done | CommandOutcome::Batch(_) => {
-            Err(ApiError::Internal("submission produced no job id".into()))
-        }
+        _ => Err(ApiError::Internal("submission produced no job id".into())),
     }
 }
 
@@ -464,12 +574,21 @@ async fn get_job(State(c): Ctx, Path(id): Path<String>) -> Result<Json<JobDetail
 }
 
 /// Cancel a job: a pending job leaves the queue; a running gang is stopped (SIGTERM, grace, SIGKILL).
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "Job id")),
+/// With `checkpoint=true`, the ranks first get the job's checkpoint signal and the stop waits up to
+/// its `[checkpoint] grace` for a new commit.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "Job id"), CancelQuery),
     responses((status = 200, body = JobDetail), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Already ended")))]
-async fn cancel_job(State(c): Ctx, Path(id): Path<String>) -> Result<Json<JobDetail>, ApiError> {
+async fn cancel_job(
+    State(c): Ctx,
+    Path(id): Path<String>,
+    Query(q): Query<CancelQuery>,
+) -> Result<Json<JobDetail>, ApiError> {
     let id = parse_job_id(&id)?;
     if !c.state.read(|s| s.jobs.contains_key(&id)) {
         return Err(ApiError::JobNotFound(id));
+    }
+    if q.checkpoint {
+        checkpoint_now(&c, id).await?;
     }
     match c
         .write(Command::CancelJob {
@@ -495,11 +614,32 @@ async fn job_logs(
     let cursor = parse_cursor(q.cursor.as_deref().unwrap_or("")).map_err(ApiError::BadRequest)?;
     let found = c.state.read(|s| {
         s.jobs.get(&id).map(|j| {
-            let nodes: BTreeMap<u32, String> = j
-                .ranks
-                .iter()
-                .map(|r| (r.rank, r.node.to_string()))
-                .collect();
+            // The attempt asked for, else the current one if it has ranks, else the last that ran.
+            let record = match q.attempt {
+                Some(a) => j.attempts.iter().find(|r| r.attempt == a),
+                None if !j.ranks.is_empty() => None,
+                None => j.attempts.last(),
+            };
+            let procs = j.spec.resources.procs_per_node;
+            let (attempt, nodes): (u32, BTreeMap<u32, String>) = match record {
+                Some(r) if r.attempt != j.attempt || j.ranks.is_empty() => (
+                    r.attempt,
+                    r.nodes
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(g, n)| {
+                            (0..procs).map(move |l| (g as u32 * procs + l, n.to_string()))
+                        })
+                        .collect(),
+                ),
+                _ => (
+                    j.attempt,
+                    j.ranks
+                        .iter()
+                        .map(|r| (r.rank, r.node.to_string()))
+                        .collect(),
+                ),
+            };
             // Every host has shipped all it will: its share is released, or its node is down (a
             // lost node that returns ships what it still has, but nobody should wait for that).
             let node_down =
@@ -508,7 +648,9 @@ async fn job_logs(
                 && j.allocation
                     .as_ref()
                     .is_none_or(|a| a.nodes.iter().all(|n| n.released || node_down(&n.node)));
-            (j.attempt, nodes, complete, j.spec.world_size())
+            let complete = complete || attempt != j.attempt;
+            let world_size = nodes.len() as u32;
+            (attempt, nodes, complete, world_size)
         })
     });
     let Some((attempt, nodes, complete, world_size)) = found else {
@@ -517,8 +659,7 @@ async fn job_logs(
     let ranks: Vec<u32> = match q.rank {
         Some(r) if r >= world_size => {
             return Err(ApiError::BadRequest(format!(
-                "rank {r} does not exist: job {id} has ranks 0 to {}",
-                world_size - 1
+                "rank {r} does not exist in attempt {attempt} of job {id} (world size {world_size})"
             )))
         }
         Some(r) => vec![r],
@@ -553,6 +694,156 @@ async fn job_logs(
         complete,
     })
     .into_response())
+}
+
+/// Asks a running job's ranks to checkpoint now and waits up to the job's grace for a new commit.
+/// Returns whether one arrived. A job without a checkpoint signal is not waited for.
+pub async fn checkpoint_now(c: &Coordinator, job: JobId) -> Result<bool, ApiError> {
+    let before = c.state.read(|s| {
+        s.jobs.get(&job).map(|j| {
+            let policy = j.spec.checkpoint.as_ref();
+            (
+                j.checkpoints.last().map(|c| (c.path.clone(), c.at_ms)),
+                policy.and_then(|p| p.signal_number()).is_some(),
+                policy.map_or(0, |p| p.grace_ms),
+                matches!(j.state, JobState::Starting | JobState::Running),
+            )
+        })
+    });
+    let Some((newest, has_signal, grace_ms, live)) = before else {
+        return Err(ApiError::JobNotFound(job));
+    };
+    if !has_signal || !live {
+        return Ok(false);
+    }
+    let mut changes = c.state.subscribe();
+    if let CommandOutcome::Rejected { .. } = c.write(Command::RequestCheckpoint { job }).await? {
+        return Ok(false);
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(grace_ms);
+    loop {
+        let (committed, over) = c.state.read(|s| {
+            s.jobs.get(&job).map_or((false, true), |j| {
+                (
+                    j.checkpoints.last().map(|c| (c.path.clone(), c.at_ms)) != newest,
+                    !matches!(j.state, JobState::Starting | JobState::Running),
+                )
+            })
+        });
+        if committed {
+            return Ok(true);
+        }
+        if over {
+            return Ok(false);
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return Ok(false) },
+            _ = tokio::time::sleep_until(deadline) => return Ok(false),
+        }
+    }
+}
+
+/// List a job's committed checkpoints, oldest first.
+#[utoipa::path(get, path = "/v1/jobs/{id}/checkpoints", params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = [CheckpointView]), (status = 404, body = ErrorBody)))]
+async fn job_checkpoints(
+    State(c): Ctx,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<CheckpointView>>, ApiError> {
+    let id = parse_job_id(&id)?;
+    c.state
+        .read(|s| {
+            s.jobs
+                .get(&id)
+                .map(|j| j.checkpoints.iter().map(checkpoint_view).collect())
+        })
+        .map(Json)
+        .ok_or(ApiError::JobNotFound(id))
+}
+
+fn node_or_404(c: &Coordinator, name: &str) -> Result<NodeId, ApiError> {
+    let node = NodeId(name.to_string());
+    if c.state.read(|s| s.nodes.contains_key(&node)) {
+        Ok(node)
+    } else {
+        Err(ApiError::NodeNotFound(name.to_string()))
+    }
+}
+
+fn get_node_view(c: &Coordinator, node: &NodeId) -> Result<Json<NodeView>, ApiError> {
+    c.state
+        .read(|s| s.nodes.get(node).map(|n| node_view(s, n)))
+        .map(Json)
+        .ok_or_else(|| ApiError::NodeNotFound(node.to_string()))
+}
+
+/// Drain a node: nothing new is placed on it, and each job running there gets its checkpoint signal,
+/// waits up to its grace for a commit, and is placed again elsewhere (not counted as a restart).
+#[utoipa::path(post, path = "/v1/nodes/{name}/drain", params(("name" = String, Path, description = "Node name")),
+    responses((status = 200, body = NodeView), (status = 404, body = ErrorBody)))]
+async fn drain_node(State(c): Ctx, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+    let node = node_or_404(&c, &name)?;
+    c.write(Command::SetNodeDrained {
+        node: node.clone(),
+        drained: true,
+    })
+    .await?;
+    let jobs: Vec<(JobId, u32)> = c.state.read(|s| {
+        s.jobs_assigned_to(&node)
+            .map(|j| (j.id, j.attempt))
+            .collect()
+    });
+    for (job, attempt) in jobs {
+        let committed = checkpoint_now(&c, job).await?;
+        let reason = format!(
+            "node {node} was drained{}",
+            if committed {
+                " (after a checkpoint)"
+            } else {
+                ""
+            }
+        );
+        c.write(Command::RestartJob {
+            job,
+            attempt,
+            reason,
+            end: crate::state::AttemptEnd::Drained,
+            at_ms: now_ms(),
+        })
+        .await?;
+    }
+    get_node_view(&c, &node)
+}
+
+/// Undrain a node: it takes new work again.
+#[utoipa::path(post, path = "/v1/nodes/{name}/undrain", params(("name" = String, Path, description = "Node name")),
+    responses((status = 200, body = NodeView), (status = 404, body = ErrorBody)))]
+async fn undrain_node(State(c): Ctx, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+    let node = node_or_404(&c, &name)?;
+    c.write(Command::SetNodeDrained {
+        node: node.clone(),
+        drained: false,
+    })
+    .await?;
+    get_node_view(&c, &node)
+}
+
+/// Remove a node for good (a host that will not return). Refused while its agent is up and the node
+/// is not drained; whatever it held is given up and its jobs are placed again.
+#[utoipa::path(delete, path = "/v1/nodes/{name}", params(("name" = String, Path, description = "Node name")),
+    responses((status = 204, description = "Removed"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn remove_node(State(c): Ctx, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    let node = node_or_404(&c, &name)?;
+    match c
+        .write(Command::RemoveNode {
+            node,
+            at_ms: now_ms(),
+        })
+        .await?
+    {
+        CommandOutcome::Rejected { reason } => Err(ApiError::Conflict(reason)),
+        _ => Ok(StatusCode::NO_CONTENT),
+    }
 }
 
 /// List the cluster's nodes with what they have and what jobs hold.
@@ -767,7 +1058,47 @@ fn detail(v: &View, job: &Job) -> JobDetail {
                 pid: r.pid,
             })
             .collect(),
+        restarts: job.restarts,
+        max_restarts: job.spec.failure.max_restarts,
+        current_nodes: job
+            .allocation
+            .as_ref()
+            .map(|a| a.nodes.len() as u32)
+            .or_else(|| job.attempts.last().map(|a| a.nodes.len() as u32))
+            .unwrap_or(0),
+        node_range: {
+            let (lo, hi) = job.spec.resources.node_range();
+            [lo, hi]
+        },
+        attempts: job
+            .attempts
+            .iter()
+            .map(|a| AttemptView {
+                attempt: a.attempt,
+                nodes: a.nodes.iter().map(|n| n.to_string()).collect(),
+                world_size: a.world_size,
+                started_at_ms: a.started_at_ms,
+                ended_at_ms: a.ended_at_ms,
+                end: a.end.clone(),
+            })
+            .collect(),
+        checkpoints: job.checkpoints.iter().map(checkpoint_view).collect(),
+        resume_from: job.resume_from.as_ref().map(checkpoint_view),
         spec: job.spec.clone(),
+    }
+}
+
+fn checkpoint_view(c: &crate::state::CheckpointRecord) -> CheckpointView {
+    CheckpointView {
+        path: c.path.clone(),
+        step: c.step,
+        committed_at_ms: c.at_ms,
+        attempt: c.attempt,
+        job: c.job.map(|j| j.to_string()),
+        metrics: c
+            .metrics
+            .as_deref()
+            .and_then(|m| serde_json::from_str(m).ok()),
     }
 }
 
@@ -815,5 +1146,6 @@ fn node_view(s: &ClusterState, n: &Node) -> NodeView {
             })
             .collect(),
         jobs,
+        drained: n.drained,
     }
 }

@@ -53,9 +53,15 @@ fn rank_env(
     local_rank: u32,
 ) -> BTreeMap<String, String> {
     let res = &job.spec.resources;
-    let world_size = res.nodes * res.procs_per_node;
+    // An elastic gang's size is this attempt's, not the spec's maximum.
+    let group_world_size = job
+        .allocation
+        .as_ref()
+        .map_or(res.nodes, |a| a.nodes.len() as u32);
+    let world_size = group_world_size * res.procs_per_node;
     let rank = share.group_rank * res.procs_per_node + local_rank;
-    let mut env: BTreeMap<String, String> = job.spec.launch.env.clone();
+    // The job's own environment travels once per assignment (`job_env`), not once per rank.
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
     let mut set = |k: &str, v: String| {
         env.insert(k.to_string(), v);
     };
@@ -64,7 +70,7 @@ fn rank_env(
     set("WORLD_SIZE", world_size.to_string());
     set("LOCAL_WORLD_SIZE", res.procs_per_node.to_string());
     set("GROUP_RANK", share.group_rank.to_string());
-    set("GROUP_WORLD_SIZE", res.nodes.to_string());
+    set("GROUP_WORLD_SIZE", group_world_size.to_string());
     set("ROLE_NAME", "default".to_string());
     set("ROLE_RANK", rank.to_string());
     set("ROLE_WORLD_SIZE", world_size.to_string());
@@ -93,6 +99,14 @@ fn rank_env(
     set("TRAINCTL_ATTEMPT", job.attempt.to_string());
     set("TRAINCTL_NODE_NAME", node.to_string());
     set("TRAINCTL_NODE_ADDR", node_address.to_string());
+    set("TRAINCTL_JOB_TOKEN", job.token());
+    if let Some(dir) = job.checkpoint_dir() {
+        set("TRAINCTL_CHECKPOINT_DIR", dir);
+    }
+    if let Some(resume) = job.resume_point() {
+        set("TRAINCTL_RESUME_FROM", resume.path.clone());
+        set("TRAINCTL_RESUME_STEP", resume.step.to_string());
+    }
     env
 }
 

@@ -24,3 +24,4 @@ pub mod raft;
 pub mod scheduler;
 pub mod server;
 pub mod state;
+pub mod supervise;

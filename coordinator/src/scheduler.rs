@@ -115,12 +115,24 @@ fn fits_now(node: &NodeCapacity, res: &Resources) -> bool {
         && node.free_memory_mib >= res.memory_per_node_mib
 }
 
+/// `res` with an exact host count of `nodes`.
+fn sized(res: &Resources, nodes: u32) -> Resources {
+    Resources {
+        nodes,
+        min_nodes: nodes,
+        ..res.clone()
+    }
+}
+
 /// Checks that a gang could run on this cluster if it were empty (used to refuse a job at submission).
+/// An elastic gang needs its minimum.
 pub fn check_ever_fits(
     nodes: impl IntoIterator<Item = NodeSize>,
     res: &Resources,
 ) -> Result<(), Unschedulable> {
-    never_fits_reason(nodes, res).map_or(Ok(()), |why| Err(Unschedulable::NeverFits(why)))
+    let (min, _) = res.node_range();
+    never_fits_reason(nodes, &sized(res, min))
+        .map_or(Ok(()), |why| Err(Unschedulable::NeverFits(why)))
 }
 
 /// Why the gang could not run on `nodes` even if they were all empty; None when it could.
@@ -149,8 +161,31 @@ fn never_fits_reason(nodes: impl IntoIterator<Item = NodeSize>, res: &Resources)
     Some(why)
 }
 
-/// Places every rank of a gang at once, or explains why it cannot.
+/// Places every rank of a gang at once, or explains why it cannot. An elastic gang (`nodes = "MIN:MAX"`)
+/// gets as many hosts as fit now, at least MIN.
 pub fn plan(cluster: &ClusterSnapshot, res: &Resources) -> Result<Placement, Unschedulable> {
+    let (min, max) = res.node_range();
+    if min >= max {
+        return plan_exact(cluster, &sized(res, max));
+    }
+    match plan_exact(cluster, &sized(res, max)) {
+        Ok(p) => return Ok(p),
+        Err(Unschedulable::NeverFits(_)) => {}
+        Err(Unschedulable::NoRoomNow(_)) => {}
+    }
+    // Fewer: start from as many hosts as have room now.
+    let with_room = cluster.nodes.iter().filter(|n| fits_now(n, res)).count() as u32;
+    let mut last = None;
+    for n in (min..=with_room.min(max - 1).max(min)).rev() {
+        match plan_exact(cluster, &sized(res, n)) {
+            Ok(p) => return Ok(p),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("the range holds at least min"))
+}
+
+fn plan_exact(cluster: &ClusterSnapshot, res: &Resources) -> Result<Placement, Unschedulable> {
     if let Some(why) = never_fits_reason(cluster.nodes.iter().map(NodeCapacity::size), res) {
         return Err(Unschedulable::NeverFits(why));
     }
@@ -248,6 +283,7 @@ mod tests {
     fn res(nodes: u32, gpus: u32, cpus: u32) -> Resources {
         Resources {
             nodes,
+            min_nodes: nodes,
             procs_per_node: gpus.max(1),
             gpus_per_node: gpus,
             cpus_per_node: cpus,

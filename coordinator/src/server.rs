@@ -23,7 +23,8 @@ use crate::raft::network::HttpNetworkFactory;
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{Raft, ServerId};
 use crate::scheduler::{self, Unschedulable};
-use crate::state::{Command, CommandOutcome, JobState, NodeId, NodeStatus};
+use crate::state::{Command, CommandOutcome, JobId, JobState, NodeId, NodeStatus};
+use crate::supervise;
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -78,10 +79,21 @@ pub struct Coordinator {
     pub logs: LogStore,
     /// When each node's agent was last heard from (leader-local, not replicated).
     pub last_heard: Mutex<HashMap<NodeId, Instant>>,
+    /// When each running job last made progress, on which attempt, and its newest step (leader-local;
+    /// a new leader starts every clock afresh).
+    pub progress: Mutex<HashMap<JobId, JobProgress>>,
     pub metrics: crate::api::Metrics,
     pub started_at: Instant,
     /// Writes go through one queue so that concurrent ones share a log entry and an fsync.
     writes: mpsc::Sender<PendingWrite>,
+}
+
+/// The newest sign of life of a job's current attempt, as the leader saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct JobProgress {
+    pub attempt: u32,
+    pub at: Instant,
+    pub step: Option<u64>,
 }
 
 /// A command waiting for its turn in the log, and where its outcome goes.
@@ -116,6 +128,27 @@ impl Coordinator {
     /// Whether this coordinator leads the Raft group now.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.config.server_id)
+    }
+
+    /// Notes that a rank of `job`'s `attempt` made progress (output, a progress report, a checkpoint).
+    pub fn made_progress(&self, job: JobId, attempt: u32, step: Option<u64>) {
+        let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = progress.entry(job).or_insert(JobProgress {
+            attempt,
+            at: Instant::now(),
+            step: None,
+        });
+        if entry.attempt != attempt {
+            *entry = JobProgress {
+                attempt,
+                at: Instant::now(),
+                step: None,
+            };
+        }
+        entry.at = Instant::now();
+        if step.is_some() {
+            entry.step = step;
+        }
     }
 
     /// Notes that `node`'s agent was just heard from.
@@ -180,6 +213,7 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
         state,
         logs,
         last_heard: Mutex::new(HashMap::new()),
+        progress: Mutex::new(HashMap::new()),
         metrics: crate::api::Metrics::default(),
         started_at: Instant::now(),
     }))
@@ -361,6 +395,11 @@ async fn scheduling_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Rec
         for _ in 0..MAX_PLACEMENTS_PER_PASS {
             let decision = coordinator.state.read(|s| {
                 let head = s.queue.front().and_then(|id| s.jobs.get(id))?;
+                // A restarting gang is placed once its previous attempt's ranks are gone (a report
+                // away); hosts that were lost do not hold it up.
+                if head.retired.iter().any(|r| !r.awaiting_agent) {
+                    return None;
+                }
                 Some((
                     head.id,
                     scheduler::plan(&s.cluster_snapshot(), &head.spec.resources),
@@ -414,9 +453,11 @@ async fn scheduling_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Rec
 async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>) {
     let timeout = Duration::from_millis(coordinator.config.node_timeout_ms);
     let mut was_leader = false;
+    // When the leader first saw room for each elastic job to grow (wall clock, ms).
+    let mut grow_seen: HashMap<JobId, u64> = HashMap::new();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(LIVENESS_PERIOD_MS)) => {}
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
@@ -457,6 +498,7 @@ async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Recei
                     .collect()
             })
         };
+        supervise_jobs(&coordinator, &mut grow_seen).await;
         for (node, since) in silent {
             let reason = format!("no heartbeat for {:.1}s", since.as_secs_f64());
             warn!(%node, %reason, "node lost");
@@ -470,6 +512,84 @@ async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Recei
             {
                 warn!(error = %e, "could not record a lost node");
             }
+        }
+    }
+}
+
+/// How often the leader checks for silent nodes, hung gangs and room to grow.
+pub const LIVENESS_PERIOD_MS: u64 = 250;
+
+/// Restarts hung gangs and grows elastic ones (decisions in `supervise`).
+async fn supervise_jobs(coordinator: &Coordinator, grow_seen: &mut HashMap<JobId, u64>) {
+    let now = Instant::now();
+    let wall = now_ms();
+    let commands: Vec<Command> = {
+        let mut progress = coordinator
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        coordinator.state.read(|s| {
+            let snapshot = s.cluster_snapshot();
+            let mut commands = Vec::new();
+            progress.retain(|job, _| s.jobs.get(job).is_some_and(|j| !j.state.is_terminal()));
+            grow_seen.retain(|job, _| {
+                s.jobs
+                    .get(job)
+                    .is_some_and(|j| j.state == JobState::Running)
+            });
+            for job in s
+                .jobs
+                .values()
+                .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
+            {
+                // A new attempt (or a new leader) starts the job's clock afresh.
+                let p = progress.entry(job.id).or_insert(JobProgress {
+                    attempt: job.attempt,
+                    at: now,
+                    step: None,
+                });
+                if p.attempt != job.attempt {
+                    *p = JobProgress {
+                        attempt: job.attempt,
+                        at: now,
+                        step: None,
+                    };
+                }
+                if let Some(c) = supervise::hang_decision(job, now - p.at, p.step, wall) {
+                    commands.push(c);
+                    continue;
+                }
+                match supervise::grow_decision(
+                    s,
+                    &snapshot,
+                    job,
+                    grow_seen.get(&job.id).copied(),
+                    wall,
+                ) {
+                    supervise::Grow::No => {
+                        grow_seen.remove(&job.id);
+                    }
+                    supervise::Grow::Wait { .. } => {
+                        grow_seen.entry(job.id).or_insert(wall);
+                    }
+                    supervise::Grow::Now(c) => {
+                        grow_seen.remove(&job.id);
+                        commands.push(c);
+                    }
+                }
+            }
+            commands
+        })
+    };
+    for command in commands {
+        if let Command::RestartJob { job, reason, .. } = &command {
+            warn!(%job, %reason, "restarting a gang");
+        }
+        match coordinator.write(command).await {
+            Ok(_) => {
+                coordinator.metrics.restarts.inc();
+            }
+            Err(e) => warn!(error = %e, "could not restart a gang"),
         }
     }
 }

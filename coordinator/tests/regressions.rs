@@ -46,7 +46,12 @@ fn submit_and_place(s: &mut State, at_ms: u64) -> JobId {
         "t.toml",
     )
     .unwrap();
-    let CommandOutcome::JobSubmitted { job } = s.apply(Command::SubmitJob { spec, at_ms }) else {
+    let CommandOutcome::JobSubmitted { job } = s.apply(Command::SubmitJob {
+        spec,
+        at_ms,
+        secret: String::new(),
+        resume_from_job: None,
+    }) else {
         panic!("not submitted")
     };
     if let Ok(placement) = scheduler::plan(&s.cluster_snapshot(), &s.jobs[&job].spec.resources) {
@@ -76,6 +81,7 @@ fn a_cut_off_node_that_returns_keeps_its_gpus_and_port_held_while_old_ranks_may_
     let old = submit_and_place(&mut s, 2);
     for rank in 0..2 {
         let outcome = s.apply(Command::ReportRanks {
+            gone_attempts: Vec::new(),
             node: node(),
             instance_id: "agent-a".into(),
             observations: vec![RankObservation {

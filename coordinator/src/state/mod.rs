@@ -13,6 +13,13 @@ use trainctl_jobs::JobSpec;
 
 use crate::scheduler::{ClusterSnapshot, NodeCapacity, NodeSize, Placement};
 
+mod attempts;
+
+pub use attempts::{
+    attempt_token, checkpoint_path_problem, AttemptEnd, AttemptRecord, CheckpointRecord,
+    RetiredShare, ATTEMPT_HISTORY_MAX, CHECKPOINT_METRICS_BYTES_MAX, CHECKPOINT_RECORDS_MAX,
+};
+
 /// A job's id: a number the state machine hands out in submission order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -112,6 +119,9 @@ pub struct Node {
     pub status_reason: Option<String>,
     pub registered_at_ms: u64,
     pub usage: NodeUsage,
+    /// Drained by an operator: its jobs were moved off and nothing new is placed here until undrained.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 impl Node {
@@ -133,7 +143,7 @@ impl Node {
     pub fn capacity(&self) -> NodeCapacity {
         NodeCapacity {
             node: self.id.clone(),
-            up: self.status == NodeStatus::Up,
+            up: self.status == NodeStatus::Up && !self.drained,
             total_gpus: self.resources.gpus.len() as u32,
             total_cpus: self.resources.cpus,
             total_memory_mib: self.resources.memory_mib,
@@ -282,6 +292,28 @@ pub struct Job {
     pub attempt: u32,
     pub allocation: Option<Allocation>,
     pub ranks: Vec<RankStatus>,
+    /// Restarts that counted against `[failure] max_restarts` (failures and hangs; not host losses or
+    /// resizes).
+    #[serde(default)]
+    pub restarts: u32,
+    /// Every attempt so far, oldest first (at most [`ATTEMPT_HISTORY_MAX`]).
+    #[serde(default)]
+    pub attempts: Vec<AttemptRecord>,
+    /// Committed checkpoints, oldest first (at most `[checkpoint] keep`, or [`CHECKPOINT_RECORDS_MAX`]).
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointRecord>,
+    /// Another job's checkpoint this job starts from (`submit --resume-from`), until it commits its own.
+    #[serde(default)]
+    pub resume_from: Option<CheckpointRecord>,
+    /// Shares of earlier attempts whose processes are not yet confirmed gone; held like live shares.
+    #[serde(default)]
+    pub retired: Vec<RetiredShare>,
+    /// Chosen by the leader at submission; each attempt's job token derives from it. Never shown.
+    #[serde(default)]
+    pub secret: String,
+    /// Bumped for every "checkpoint now" request; agents signal the ranks once per value.
+    #[serde(default)]
+    pub checkpoint_signals: u32,
 }
 
 /// A rank's state as an agent observed it.
@@ -315,7 +347,16 @@ pub enum Command {
         at_ms: u64,
     },
     /// A user submitted a job; it gets the next id.
-    SubmitJob { spec: JobSpec, at_ms: u64 },
+    SubmitJob {
+        spec: JobSpec,
+        at_ms: u64,
+        /// Random, from the leader: the seed of the job's attempt tokens.
+        #[serde(default)]
+        secret: String,
+        /// Start from this job's newest checkpoint (`submit --resume-from`).
+        #[serde(default)]
+        resume_from_job: Option<JobId>,
+    },
     /// The scheduler placed every rank of a pending job.
     PlaceJob {
         job: JobId,
@@ -330,6 +371,9 @@ pub enum Command {
         /// Ended jobs of which the agent runs no process (any rank still pending there never started).
         idle_jobs: Vec<JobId>,
         at_ms: u64,
+        /// Earlier attempts of which the agent runs no process any more: their retired shares are free.
+        #[serde(default)]
+        gone_attempts: Vec<(JobId, u32)>,
     },
     /// A user cancelled a job.
     CancelJob { job: JobId, at_ms: u64 },
@@ -343,6 +387,30 @@ pub enum Command {
         reason: String,
         at_ms: u64,
     },
+    /// The leader ends `attempt` of a running job: it hung, it grows, or its host is drained.
+    RestartJob {
+        job: JobId,
+        attempt: u32,
+        reason: String,
+        end: AttemptEnd,
+        at_ms: u64,
+    },
+    /// A rank of `attempt` committed a checkpoint it finished writing.
+    CommitCheckpoint {
+        job: JobId,
+        attempt: u32,
+        path: String,
+        step: u64,
+        /// Compact JSON object, as the rank sent it.
+        metrics: Option<String>,
+        at_ms: u64,
+    },
+    /// Ask every rank of a running job to checkpoint now (its `[checkpoint] signal`).
+    RequestCheckpoint { job: JobId },
+    /// An operator drains (true) or undrains (false) a node.
+    SetNodeDrained { node: NodeId, drained: bool },
+    /// An operator removes a node for good; its held shares are given up.
+    RemoveNode { node: NodeId, at_ms: u64 },
 }
 
 /// What applying a command produced.
@@ -359,6 +427,10 @@ pub enum CommandOutcome {
     },
     /// The outcome of each command of a batch, in order.
     Batch(Vec<CommandOutcome>),
+    /// A checkpoint was recorded; these older ones fell out of `keep` and should be deleted.
+    CheckpointCommitted {
+        pruned: Vec<String>,
+    },
 }
 
 /// The whole replicated state.
@@ -397,7 +469,12 @@ impl State {
                 reason,
                 at_ms,
             } => self.node_lost(&node, reason, at_ms),
-            Command::SubmitJob { spec, at_ms } => self.submit_job(spec, at_ms),
+            Command::SubmitJob {
+                spec,
+                at_ms,
+                secret,
+                resume_from_job,
+            } => self.submit_job(spec, at_ms, secret, resume_from_job),
             Command::PlaceJob {
                 job,
                 placement,
@@ -409,7 +486,15 @@ impl State {
                 observations,
                 idle_jobs,
                 at_ms,
-            } => self.report_ranks(&node, &instance_id, observations, idle_jobs, at_ms),
+                gone_attempts,
+            } => self.report_ranks(
+                &node,
+                &instance_id,
+                observations,
+                idle_jobs,
+                gone_attempts,
+                at_ms,
+            ),
             Command::CancelJob { job, at_ms } => self.cancel_job(job, at_ms),
             Command::Batch(commands) => {
                 CommandOutcome::Batch(commands.into_iter().map(|c| self.apply(c)).collect())
@@ -424,6 +509,24 @@ impl State {
             Command::FailPendingJob { job, reason, at_ms } => {
                 self.fail_pending_job(job, reason, at_ms)
             }
+            Command::RestartJob {
+                job,
+                attempt,
+                reason,
+                end,
+                at_ms,
+            } => self.restart_job(job, attempt, reason, end, at_ms),
+            Command::CommitCheckpoint {
+                job,
+                attempt,
+                path,
+                step,
+                metrics,
+                at_ms,
+            } => self.commit_checkpoint(job, attempt, path, step, metrics, at_ms),
+            Command::RequestCheckpoint { job } => self.request_checkpoint(job),
+            Command::SetNodeDrained { node, drained } => self.set_node_drained(&node, drained),
+            Command::RemoveNode { node, at_ms } => self.remove_node(&node, at_ms),
         }
     }
 
@@ -454,8 +557,10 @@ impl State {
                     at_ms,
                     true,
                 );
+                self.release_retired_on(&node, |_| true);
             }
         }
+        let drained = self.nodes.get(&node).is_some_and(|n| n.drained);
         let usage = self
             .nodes
             .get(&node)
@@ -474,6 +579,7 @@ impl State {
                 status_reason: None,
                 registered_at_ms,
                 usage,
+                drained,
             },
         );
         CommandOutcome::Done
@@ -495,10 +601,16 @@ impl State {
             at_ms,
             false,
         );
+        for job in self.jobs.values_mut() {
+            for share in job.retired.iter_mut().filter(|r| &r.node == node) {
+                share.awaiting_agent = true;
+            }
+        }
         CommandOutcome::Done
     }
 
-    /// Marks every live rank on `node` lost and fails their jobs. The node's shares are returned when
+    /// Marks every live rank on `node` lost and ends their jobs' attempts (the gang is placed again,
+    /// without counting against the restart budget). The node's shares are returned when
     /// `processes_gone` (nothing of them can still run), else held until the agent confirms.
     fn lose_ranks_on(&mut self, node: &NodeId, why: &str, at_ms: u64, processes_gone: bool) {
         let affected: Vec<JobId> = self
@@ -521,11 +633,6 @@ impl State {
                     lost_any = true;
                 }
             }
-            if lost_any && !job.state.is_terminal() {
-                job.state = JobState::Failed;
-                job.reason = Some(why.to_string());
-                job.finished_at_ms = Some(at_ms);
-            }
             // Every rank there had already ended: nothing can still run, so nothing to hold.
             if processes_gone || !lost_any {
                 self.release_node_allocation(job_id, node);
@@ -536,14 +643,45 @@ impl State {
             }) {
                 share.awaiting_agent = true;
             }
+            let live = !self.jobs[&job_id].state.is_terminal();
+            if lost_any && live {
+                let rank = self.jobs[&job_id]
+                    .ranks
+                    .iter()
+                    .find(|r| &r.node == node)
+                    .map(|r| r.rank)
+                    .unwrap_or(0);
+                self.end_attempt(
+                    job_id,
+                    format!("rank {rank} on {node} was lost: {why}"),
+                    AttemptEnd::HostLost,
+                    at_ms,
+                );
+            }
             self.release_finished_allocations(job_id);
         }
     }
 
-    fn submit_job(&mut self, spec: JobSpec, at_ms: u64) -> CommandOutcome {
+    fn submit_job(
+        &mut self,
+        spec: JobSpec,
+        at_ms: u64,
+        secret: String,
+        resume_from_job: Option<JobId>,
+    ) -> CommandOutcome {
         if let Err(e) = spec.validate() {
             return rejected(e.to_string());
         }
+        let resume_from = match resume_from_job {
+            None => None,
+            Some(other) => match self.jobs.get(&other) {
+                None => return rejected(format!("job {other} does not exist")),
+                Some(j) => match j.checkpoints.last().or(j.resume_from.as_ref()) {
+                    Some(c) => Some(c.clone()),
+                    None => return rejected(format!("job {other} has committed no checkpoint")),
+                },
+            },
+        };
         self.last_job_id += 1;
         let id = JobId(self.last_job_id);
         self.jobs.insert(
@@ -559,6 +697,13 @@ impl State {
                 attempt: 0,
                 allocation: None,
                 ranks: Vec::new(),
+                restarts: 0,
+                attempts: Vec::new(),
+                checkpoints: Vec::new(),
+                resume_from,
+                retired: Vec::new(),
+                secret,
+                checkpoint_signals: 0,
             },
         );
         self.queue.push_back(id);
@@ -576,11 +721,22 @@ impl State {
             ));
         }
         let res = &job.spec.resources;
-        if placement.nodes.len() != res.nodes as usize {
+        let (min_nodes, max_nodes) = res.node_range();
+        if !(min_nodes as usize..=max_nodes as usize).contains(&placement.nodes.len()) {
             return rejected(format!(
                 "plan has {} nodes, job {job_id} needs {}",
                 placement.nodes.len(),
-                res.nodes
+                if min_nodes == max_nodes {
+                    min_nodes.to_string()
+                } else {
+                    format!("{min_nodes} to {max_nodes}")
+                }
+            ));
+        }
+        if let Some(waiting) = job.retired.iter().find(|r| !r.awaiting_agent) {
+            return rejected(format!(
+                "job {job_id} still has ranks of attempt {} stopping on {}",
+                waiting.attempt, waiting.node
             ));
         }
         // Re-check the plan against the state it meets: it was computed on an older snapshot.
@@ -667,6 +823,8 @@ impl State {
             nodes,
         });
         job.ranks = ranks;
+        job.reason = None;
+        job.record_attempt_start(at_ms);
         self.queue.retain(|j| *j != job_id);
         CommandOutcome::Done
     }
@@ -677,6 +835,7 @@ impl State {
         instance_id: &str,
         observations: Vec<RankObservation>,
         idle_jobs: Vec<JobId>,
+        gone_attempts: Vec<(JobId, u32)>,
         at_ms: u64,
     ) -> CommandOutcome {
         match self.nodes.get(node) {
@@ -686,7 +845,12 @@ impl State {
             }
             Some(_) => {}
         }
+        for (job, attempt) in &gone_attempts {
+            self.release_retired(*job, node, |r| r.attempt == *attempt);
+        }
         let mut touched = BTreeSet::new();
+        // The first failure reported for each job, in report order: the root cause.
+        let mut first_failure: BTreeMap<JobId, u32> = BTreeMap::new();
         for obs in observations {
             let Some(job) = self.jobs.get_mut(&obs.job) else {
                 continue;
@@ -704,10 +868,18 @@ impl State {
             rank.exit_code = obs.exit_code;
             rank.message = obs.message;
             rank.pid = obs.pid.or(rank.pid);
+            let failed = match obs.phase {
+                RankPhase::FailedToStart | RankPhase::Lost => true,
+                RankPhase::Exited => obs.exit_code != Some(0),
+                _ => false,
+            };
+            if failed {
+                first_failure.entry(obs.job).or_insert(obs.rank);
+            }
             touched.insert(obs.job);
         }
         for job_id in &touched {
-            self.update_job_from_ranks(*job_id, at_ms);
+            self.update_job_from_ranks(*job_id, first_failure.get(job_id).copied(), at_ms);
         }
         for job_id in &idle_jobs {
             let Some(job) = self.jobs.get_mut(job_id) else {
@@ -737,17 +909,14 @@ impl State {
         CommandOutcome::Done
     }
 
-    /// Derives a running job's state from its ranks: the first failure fails the gang.
-    fn update_job_from_ranks(&mut self, job_id: JobId, at_ms: u64) {
+    /// Derives a running job's state from its ranks: the first failure (`first_failed_rank`, in
+    /// report order) ends the attempt, and the gang restarts or the job fails.
+    fn update_job_from_ranks(&mut self, job_id: JobId, first_failed_rank: Option<u32>, at_ms: u64) {
         let job = self.jobs.get_mut(&job_id).expect("caller checked");
-        if job.state.is_terminal() {
+        if job.state.is_terminal() || job.state == JobState::Pending {
             return;
         }
-        let failure = job.ranks.iter().find(|r| match r.phase {
-            RankPhase::FailedToStart | RankPhase::Lost => true,
-            RankPhase::Exited => r.exit_code != Some(0),
-            _ => false,
-        });
+        let failure = first_failed_rank.and_then(|rank| job.ranks.iter().find(|r| r.rank == rank));
         if let Some(r) = failure {
             let what = match r.phase {
                 RankPhase::FailedToStart => format!(
@@ -764,12 +933,12 @@ impl State {
                 ),
                 _ => describe_exit(r),
             };
-            job.state = JobState::Failed;
-            job.reason = Some(what);
-            job.finished_at_ms = Some(at_ms);
+            self.end_attempt(job_id, what, AttemptEnd::Failed, at_ms);
         } else if job.ranks.iter().all(|r| r.phase == RankPhase::Exited) {
             job.state = JobState::Succeeded;
+            job.reason = None;
             job.finished_at_ms = Some(at_ms);
+            job.record_attempt_end(at_ms, "succeeded");
         } else if job.ranks.iter().all(|r| r.phase != RankPhase::Pending) {
             job.state = JobState::Running;
         }
@@ -785,6 +954,7 @@ impl State {
         job.state = JobState::Cancelled;
         job.reason = Some("cancelled by user".to_string());
         job.finished_at_ms = Some(at_ms);
+        job.record_attempt_end(at_ms, "cancelled by user");
         self.queue.retain(|j| *j != job_id);
         self.release_finished_allocations(job_id);
         CommandOutcome::Done
@@ -884,7 +1054,7 @@ impl State {
 }
 
 fn describe_exit(r: &RankStatus) -> String {
-    match r.exit_code {
+    let what = match r.exit_code {
         Some(code) if code < 0 => {
             format!(
                 "rank {} on {} was killed by signal {}",
@@ -893,6 +1063,10 @@ fn describe_exit(r: &RankStatus) -> String {
         }
         Some(code) => format!("rank {} on {} exited with code {code}", r.rank, r.node),
         None => format!("rank {} on {} exited", r.rank, r.node),
+    };
+    match r.message.as_deref().filter(|m| !m.is_empty()) {
+        Some(tail) => format!("{what}\n{tail}"),
+        None => what,
     }
 }
 
@@ -971,7 +1145,12 @@ mod tests {
     }
 
     fn submit_spec(state: &mut State, spec: JobSpec) -> JobId {
-        match state.apply(Command::SubmitJob { spec, at_ms: AT }) {
+        match state.apply(Command::SubmitJob {
+            spec,
+            at_ms: AT,
+            secret: String::new(),
+            resume_from_job: None,
+        }) {
             CommandOutcome::JobSubmitted { job } => job,
             other => panic!("submit: {other:?}"),
         }
@@ -1030,6 +1209,7 @@ mod tests {
         let obs = observation(state, job, rank, phase, exit);
         let instance_id = state.nodes[&id(node)].instance_id.clone();
         let outcome = state.apply(Command::ReportRanks {
+            gone_attempts: Vec::new(),
             node: id(node),
             instance_id,
             observations: vec![obs],
@@ -1058,6 +1238,7 @@ mod tests {
     fn report_idle(state: &mut State, node: &str, jobs: Vec<JobId>) -> CommandOutcome {
         let instance_id = state.nodes[&id(node)].instance_id.clone();
         let outcome = state.apply(Command::ReportRanks {
+            gone_attempts: Vec::new(),
             node: id(node),
             instance_id,
             observations: Vec::new(),
@@ -1267,6 +1448,8 @@ mod tests {
         let before = state.clone();
         assert_rejected(
             state.apply(Command::SubmitJob {
+                secret: String::new(),
+                resume_from_job: None,
                 spec: bad,
                 at_ms: AT,
             }),
@@ -1825,6 +2008,7 @@ mod tests {
             (
                 "a previous agent instance",
                 |_, _, o| Command::ReportRanks {
+                    gone_attempts: Vec::new(),
                     node: id("node-1"),
                     instance_id: "node-1-old".into(),
                     observations: vec![o],
@@ -1836,6 +2020,7 @@ mod tests {
             (
                 "an unknown node",
                 |_, _, o| Command::ReportRanks {
+                    gone_attempts: Vec::new(),
                     node: id("node-9"),
                     instance_id: "node-9-a".into(),
                     observations: vec![o],
@@ -1847,6 +2032,7 @@ mod tests {
             (
                 "another attempt",
                 |_, _, o| Command::ReportRanks {
+                    gone_attempts: Vec::new(),
                     node: id("node-1"),
                     instance_id: "node-1-a".into(),
                     observations: vec![RankObservation {
@@ -1861,6 +2047,7 @@ mod tests {
             (
                 "a rank of another node",
                 |_, _, o| Command::ReportRanks {
+                    gone_attempts: Vec::new(),
                     node: id("node-2"),
                     instance_id: "node-2-a".into(),
                     observations: vec![o],
@@ -1872,6 +2059,7 @@ mod tests {
             (
                 "a rank the job does not have",
                 |_, _, o| Command::ReportRanks {
+                    gone_attempts: Vec::new(),
                     node: id("node-1"),
                     instance_id: "node-1-a".into(),
                     observations: vec![RankObservation { rank: 40, ..o }],
@@ -1883,6 +2071,7 @@ mod tests {
             (
                 "a job that does not exist",
                 |_, _, o| Command::ReportRanks {
+                    gone_attempts: Vec::new(),
                     node: id("node-1"),
                     instance_id: "node-1-a".into(),
                     observations: vec![RankObservation {
@@ -1942,6 +2131,8 @@ mod tests {
                     gpus
                 };
                 Command::SubmitJob {
+                    secret: String::new(),
+                    resume_from_job: None,
                     spec: spec(1 + rng.below(2) as u32, procs, gpus),
                     at_ms,
                 }
@@ -2011,6 +2202,7 @@ mod tests {
                 }
                 let stale = rng.below(10) == 0;
                 Command::ReportRanks {
+                    gone_attempts: Vec::new(),
                     node: node.id.clone(),
                     instance_id: if stale {
                         "an-old-agent".into()
@@ -2110,6 +2302,8 @@ mod tests {
         };
         let commands = vec![
             Command::SubmitJob {
+                secret: String::new(),
+                resume_from_job: None,
                 spec: spec("a"),
                 at_ms: AT,
             },
@@ -2122,6 +2316,8 @@ mod tests {
                 at_ms: AT,
             },
             Command::SubmitJob {
+                secret: String::new(),
+                resume_from_job: None,
                 spec: spec("b"),
                 at_ms: AT,
             },
