@@ -1249,6 +1249,21 @@ mod tests {
         outcome
     }
 
+    /// `node`'s agent reports it runs nothing of `attempt` of `job` any more.
+    fn report_gone(state: &mut State, node: &str, job: JobId, attempt: u32) {
+        let instance_id = state.nodes[&id(node)].instance_id.clone();
+        let outcome = state.apply(Command::ReportRanks {
+            node: id(node),
+            instance_id,
+            observations: Vec::new(),
+            idle_jobs: Vec::new(),
+            at_ms: AT + 3,
+            gone_attempts: vec![(job, attempt)],
+        });
+        assert_eq!(outcome, CommandOutcome::Done);
+        check_invariants(state);
+    }
+
     fn cancel(state: &mut State, job: JobId) -> CommandOutcome {
         let outcome = state.apply(Command::CancelJob { job, at_ms: AT + 4 });
         check_invariants(state);
@@ -1302,6 +1317,23 @@ mod tests {
             .collect();
         let mut gpu_owner: BTreeMap<(NodeId, u32), JobId> = BTreeMap::new();
         for job in state.jobs.values() {
+            // Shares of earlier attempts stay held until their processes are confirmed gone.
+            for r in &job.retired {
+                let u = expected
+                    .get_mut(&r.node)
+                    .expect("retired share on a known node");
+                u.cpus += r.cpus;
+                u.memory_mib += r.memory_mib;
+                for g in &r.gpus {
+                    if let Some(other) = gpu_owner.insert((r.node.clone(), *g), job.id) {
+                        panic!("GPU {g} of {} given to jobs {other} and {}", r.node, job.id);
+                    }
+                    u.gpus.insert(*g);
+                }
+                if let Some(p) = r.port {
+                    assert!(u.ports.insert(p), "port {p} of {} leased twice", r.node);
+                }
+            }
             let Some(allocation) = &job.allocation else {
                 assert!(
                     job.ranks.is_empty(),
@@ -1867,7 +1899,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_node_fails_its_jobs_marks_their_ranks_lost_and_is_released() {
+    fn a_lost_node_places_its_jobs_again_and_holds_its_share_until_its_agent_answers() {
         let (mut state, job) = running_job();
         // A job on node-1 alone is not touched.
         let bystander = submit(&mut state, 1, 1, 1);
@@ -1883,28 +1915,37 @@ mod tests {
         assert_eq!(n.status, NodeStatus::Down);
         assert_eq!(n.status_reason.as_deref(), Some("no heartbeat for 10.0s"));
         let j = &state.jobs[&job];
-        assert_eq!(j.state, JobState::Failed);
-        let reason = j.reason.as_deref().unwrap();
-        assert!(reason.contains("node node-2 was lost"), "{reason}");
-        assert!(reason.contains("no heartbeat"), "{reason}");
-        let phases: Vec<RankPhase> = j.ranks.iter().map(|r| r.phase).collect();
-        assert_eq!(
-            phases,
-            [
-                RankPhase::Running,
-                RankPhase::Running,
-                RankPhase::Lost,
-                RankPhase::Lost
-            ]
-        );
-        // Its ranks may still run behind a partition: its GPUs and port stay held until its agent
-        // says otherwise.
-        assert!(!released(&state, job, "node-2") && !idle(&state, "node-2"));
-        assert!(
-            !released(&state, job, "node-1"),
-            "node-1's ranks may still run"
-        );
+        // Placed again as the next attempt, at the head of the queue; a host loss is free.
+        assert_eq!((j.state, j.attempt, j.restarts), (JobState::Pending, 1, 0));
+        assert_eq!(state.queue.front(), Some(&job));
+        let end = j.attempts[0].end.as_deref().unwrap();
+        assert!(end.contains("node node-2 was lost"), "{end}");
+        assert!(end.contains("no heartbeat"), "{end}");
+        // Its ranks may still run behind a partition: node-2's share is held until its agent
+        // answers; node-1's until its agent reports attempt 0 gone.
+        let retired: Vec<(&str, bool)> = j
+            .retired
+            .iter()
+            .map(|r| (r.node.0.as_str(), r.awaiting_agent))
+            .collect();
+        assert_eq!(retired, [("node-1", false), ("node-2", true)]);
+        assert!(!idle(&state, "node-2"));
         assert_eq!(job_state(&state, bystander), JobState::Running);
+        // Not placed while attempt 0 may still run on node-1.
+        assert_rejected(
+            apply_place(
+                &mut state,
+                job,
+                Placement {
+                    nodes: vec![],
+                    master_port: PORTS.0,
+                },
+            ),
+            "plan has 0 nodes",
+        );
+        report_gone(&mut state, "node-1", job, 0);
+        assert_eq!(state.jobs[&job].retired.len(), 1);
+        assert_eq!(usage(&state, "node-1").gpus, BTreeSet::from([5]));
         // A lost node takes no work and cannot be lost twice.
         assert!(
             !state
@@ -1920,21 +1961,18 @@ mod tests {
     }
 
     #[test]
-    fn a_new_agent_instance_fails_the_jobs_that_ran_there() {
+    fn a_new_agent_instance_places_the_jobs_that_ran_there_again() {
         let (mut state, job) = running_job();
         let outcome = register_instance(&mut state, "node-1", "node-1-b", 32, 8);
         assert_eq!(outcome, CommandOutcome::Done);
         check_invariants(&state);
         let j = &state.jobs[&job];
-        assert_eq!(j.state, JobState::Failed);
-        let reason = j.reason.as_deref().unwrap();
-        assert!(reason.contains("the agent on node-1 restarted"), "{reason}");
-        assert_eq!(
-            (j.ranks[0].phase, j.ranks[1].phase),
-            (RankPhase::Lost, RankPhase::Lost)
-        );
-        assert!(released(&state, job, "node-1") && idle(&state, "node-1"));
-        assert!(!released(&state, job, "node-2"));
+        assert_eq!((j.state, j.attempt), (JobState::Pending, 1));
+        let end = j.attempts[0].end.as_deref().unwrap();
+        assert!(end.contains("the agent on node-1 restarted"), "{end}");
+        // The new agent reaped the old ranks: node-1 is free at once; node-2 waits for its report.
+        assert!(idle(&state, "node-1"));
+        assert!(!idle(&state, "node-2"));
         let n = &state.nodes[&id("node-1")];
         assert_eq!(
             (n.instance_id.as_str(), n.status),
@@ -1971,18 +2009,17 @@ mod tests {
         // The same agent process registers again: its old ranks may still be running.
         register_instance(&mut state, "node-2", "node-2-a", 32, 8);
         assert_eq!(state.nodes[&id("node-2")].status, NodeStatus::Up);
-        assert!(
-            !released(&state, job, "node-2"),
-            "held while its ranks may run"
-        );
-        assert!(!idle(&state, "node-2"));
-        // Its reports of the old ranks (now stopped) change nothing: they are lost already.
-        report(&mut state, "node-2", job, 2, RankPhase::Exited, Some(-15));
-        assert!(!released(&state, job, "node-2"));
-        // Once it reports nothing of the job, the share comes back.
-        report_idle(&mut state, "node-2", vec![job]);
-        assert!(released(&state, job, "node-2"));
+        assert!(!idle(&state, "node-2"), "held while its ranks may run");
+        // Once it reports no running rank of attempt 0, the share comes back.
+        report_gone(&mut state, "node-2", job, 0);
         assert!(idle(&state, "node-2"));
+        report_gone(&mut state, "node-1", job, 0);
+        assert!(idle(&state, "node-1"));
+        assert!(state.jobs[&job].retired.is_empty());
+        // Now the next attempt can be placed on the same hosts.
+        place(&mut state, job);
+        assert_eq!(job_state(&state, job), JobState::Starting);
+        assert_eq!(state.jobs[&job].attempts.len(), 2);
     }
 
     #[test]
@@ -1993,7 +2030,7 @@ mod tests {
         check_invariants(&state);
         assert_eq!(state.nodes[&id("node-2")].status, NodeStatus::Up);
         assert_eq!(state.nodes[&id("node-2")].status_reason, None);
-        assert_eq!(job_state(&state, job), JobState::Failed);
+        assert_eq!(job_state(&state, job), JobState::Pending);
         assert!(idle(&state, "node-2"));
     }
 
@@ -2365,5 +2402,310 @@ mod tests {
         let (state, _) = running_job();
         let back: State = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
         assert_eq!(back, state);
+    }
+
+    fn spec_text(extra_resources: &str, tables: &str) -> JobSpec {
+        let text = format!(
+            "name = \"train\"\n[launch]\ncommand = [\"python3\", \"train.py\"]\nworkdir = \"/work\"\n\
+             [resources]\nprocs_per_node = 2\ngpus_per_node = 2\n{extra_resources}\n{tables}"
+        );
+        JobSpec::from_toml(&text, "test.toml").expect("test spec is valid")
+    }
+
+    /// Two nodes and a running job of 2 nodes x 2 ranks with this budget and checkpoint table.
+    fn running_job_with(tables: &str) -> (State, JobId) {
+        let mut state = two_nodes();
+        let job = submit_spec(&mut state, spec_text("nodes = 2", tables));
+        place(&mut state, job);
+        report_all(&mut state, job, RankPhase::Running, None);
+        (state, job)
+    }
+
+    fn commit(
+        state: &mut State,
+        job: JobId,
+        attempt: u32,
+        path: &str,
+        step: u64,
+    ) -> CommandOutcome {
+        let outcome = state.apply(Command::CommitCheckpoint {
+            job,
+            attempt,
+            path: path.to_string(),
+            step,
+            metrics: None,
+            at_ms: AT + step,
+        });
+        check_invariants(state);
+        outcome
+    }
+
+    #[test]
+    fn a_crash_within_the_budget_restarts_the_gang_in_place_with_a_new_port() {
+        let (mut state, job) = running_job_with("[failure]\nmax_restarts = 2\n");
+        let before = state.jobs[&job].allocation.clone().unwrap();
+        report(&mut state, "node-2", job, 3, RankPhase::Exited, Some(1));
+        let j = &state.jobs[&job];
+        assert_eq!((j.state, j.attempt, j.restarts), (JobState::Starting, 1, 1));
+        let after = j.allocation.clone().unwrap();
+        assert_eq!(after.nodes, before.nodes, "the same hosts and GPUs");
+        assert_ne!(
+            after.master_port, before.master_port,
+            "a fresh rendezvous port"
+        );
+        assert!(j.ranks.iter().all(|r| r.phase == RankPhase::Pending));
+        assert_eq!(
+            j.attempts[0].end.as_deref(),
+            Some("rank 3 on node-2 exited with code 1")
+        );
+        // The old port stays held until the old rank 0's host reports attempt 0 gone.
+        assert!(usage(&state, "node-1").ports.contains(&before.master_port));
+        // Reports of the old attempt change nothing.
+        let stale = state.clone();
+        let o = RankObservation {
+            attempt: 0,
+            ..observation(&state, job, 0, RankPhase::Exited, Some(1))
+        };
+        let instance_id = state.nodes[&id("node-1")].instance_id.clone();
+        state.apply(Command::ReportRanks {
+            node: id("node-1"),
+            instance_id,
+            observations: vec![o],
+            idle_jobs: vec![],
+            at_ms: AT,
+            gone_attempts: vec![],
+        });
+        assert_eq!(state, stale);
+        report_gone(&mut state, "node-1", job, 0);
+        assert!(!usage(&state, "node-1").ports.contains(&before.master_port));
+        // The new attempt runs to the end.
+        report_all(&mut state, job, RankPhase::Running, None);
+        report_all(&mut state, job, RankPhase::Exited, Some(0));
+        let j = &state.jobs[&job];
+        assert_eq!(j.state, JobState::Succeeded);
+        assert_eq!(j.attempts[1].end.as_deref(), Some("succeeded"));
+        assert!(idle(&state, "node-1") && idle(&state, "node-2"));
+    }
+
+    #[test]
+    fn a_spent_budget_fails_the_job_with_the_first_failure_in_report_order() {
+        let (mut state, job) = running_job_with("[failure]\nmax_restarts = 1\n");
+        report(&mut state, "node-1", job, 1, RankPhase::Exited, Some(-9));
+        assert_eq!(state.jobs[&job].attempt, 1);
+        report_all(&mut state, job, RankPhase::Running, None);
+        // Rank 3 fails first, then rank 0 (higher and lower numbers, in that order, one report).
+        let instance_id = state.nodes[&id("node-2")].instance_id.clone();
+        let first = RankObservation {
+            message: Some("last output:\n  boom".into()),
+            ..observation(&state, job, 3, RankPhase::Exited, Some(7))
+        };
+        state.apply(Command::ReportRanks {
+            node: id("node-2"),
+            instance_id,
+            observations: vec![
+                first,
+                observation(&state, job, 2, RankPhase::Exited, Some(1)),
+            ],
+            idle_jobs: vec![],
+            at_ms: AT,
+            gone_attempts: vec![],
+        });
+        check_invariants(&state);
+        let j = &state.jobs[&job];
+        assert_eq!((j.state, j.restarts), (JobState::Failed, 1));
+        let reason = j.reason.as_deref().unwrap();
+        assert!(
+            reason.starts_with("rank 3 on node-2 exited with code 7\nlast output:\n  boom"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("all 1 restart of the budget were used"),
+            "{reason}"
+        );
+        assert_eq!(
+            j.attempts[0].end.as_deref(),
+            Some("rank 1 on node-1 was killed by signal 9")
+        );
+    }
+
+    #[test]
+    fn the_leader_restarts_hung_and_growing_gangs_only_on_their_current_attempt() {
+        let (mut state, job) =
+            running_job_with("[failure]\nmax_restarts = 1\nhang_timeout = \"10m\"\n");
+        let restart = |attempt, end| Command::RestartJob {
+            job,
+            attempt,
+            reason: "hung: no progress for 10m since step 12".into(),
+            end,
+            at_ms: AT,
+        };
+        assert_rejected(state.apply(restart(3, AttemptEnd::Hung)), "not 3");
+        assert_eq!(
+            state.apply(restart(0, AttemptEnd::Hung)),
+            CommandOutcome::Done
+        );
+        check_invariants(&state);
+        let j = &state.jobs[&job];
+        assert_eq!((j.attempt, j.restarts, j.state), (1, 1, JobState::Starting));
+        // A resize does not spend the budget and places the gang again.
+        assert_eq!(
+            state.apply(restart(1, AttemptEnd::Resize)),
+            CommandOutcome::Done
+        );
+        let j = &state.jobs[&job];
+        assert_eq!((j.attempt, j.restarts, j.state), (2, 1, JobState::Pending));
+        // A second hang would exceed the budget: the job fails.
+        for attempt in [0, 1] {
+            report_gone(&mut state, "node-1", job, attempt);
+            report_gone(&mut state, "node-2", job, attempt);
+        }
+        place(&mut state, job);
+        assert_eq!(
+            state.apply(restart(2, AttemptEnd::Hung)),
+            CommandOutcome::Done
+        );
+        assert_eq!(job_state(&state, job), JobState::Failed);
+    }
+
+    #[test]
+    fn checkpoints_are_recorded_per_attempt_inside_the_dir_and_pruned_by_keep() {
+        let (mut state, job) = running_job_with(
+            "[failure]\nmax_restarts = 1\n[checkpoint]\ndir = \"ckpt/{name}-{job}\"\nkeep = 2\n",
+        );
+        let dir = format!("/work/ckpt/train-{job}");
+        assert_eq!(
+            state.jobs[&job].checkpoint_dir().as_deref(),
+            Some(dir.as_str())
+        );
+        let cases: &[(&str, u32, &str)] = &[
+            ("/etc/passwd", 0, "outside the job's checkpoint dir"),
+            ("/work/ckpt/train-1/../../x", 0, "outside"),
+            ("", 0, "1 to 4096 bytes"),
+            ("step-1", 5, "attempt 5 of job 1 is over"),
+        ];
+        for (path, attempt, words) in cases {
+            assert_rejected(commit(&mut state, job, *attempt, path, 1), words);
+        }
+        let committed = |pruned: &[&str]| CommandOutcome::CheckpointCommitted {
+            pruned: pruned.iter().map(|p| p.to_string()).collect(),
+        };
+        let p = |step: u64| format!("{dir}/step-{step}");
+        assert_eq!(commit(&mut state, job, 0, &p(10), 10), committed(&[]));
+        // A retried commit (lost reply) is recorded once.
+        assert_eq!(commit(&mut state, job, 0, &p(10), 10), committed(&[]));
+        assert_eq!(commit(&mut state, job, 0, "step-20", 20), committed(&[]));
+        assert_eq!(commit(&mut state, job, 0, &p(30), 30), committed(&[&p(10)]));
+        let steps: Vec<u64> = state.jobs[&job]
+            .checkpoints
+            .iter()
+            .map(|c| c.step)
+            .collect();
+        assert_eq!(steps, [20, 30]);
+        // The next attempt resumes from the newest; the old attempt can no longer commit.
+        report(&mut state, "node-1", job, 0, RankPhase::Exited, Some(1));
+        let j = &state.jobs[&job];
+        assert_eq!(j.resume_point().map(|c| c.step), Some(30));
+        assert_rejected(commit(&mut state, job, 0, &p(40), 40), "is over");
+        // Another job can start from it.
+        let other = state.apply(Command::SubmitJob {
+            spec: spec_text("nodes = 1", ""),
+            at_ms: AT,
+            secret: "s".into(),
+            resume_from_job: Some(job),
+        });
+        let CommandOutcome::JobSubmitted { job: other } = other else {
+            panic!("{other:?}")
+        };
+        assert_eq!(state.jobs[&other].resume_point().map(|c| c.step), Some(30));
+        assert_rejected(
+            state.apply(Command::SubmitJob {
+                spec: spec_text("nodes = 1", ""),
+                at_ms: AT,
+                secret: "s".into(),
+                resume_from_job: Some(JobId(77)),
+            }),
+            "does not exist",
+        );
+    }
+
+    #[test]
+    fn attempt_tokens_differ_per_job_and_attempt() {
+        let a = attempt_token("secret", JobId(1), 0);
+        assert_eq!(a.len(), 64);
+        assert_eq!(a, attempt_token("secret", JobId(1), 0));
+        assert_ne!(a, attempt_token("secret", JobId(1), 1));
+        assert_ne!(a, attempt_token("secret", JobId(2), 0));
+        assert_ne!(a, attempt_token("other", JobId(1), 0));
+    }
+
+    #[test]
+    fn an_elastic_gang_takes_what_fits_shrinks_when_a_host_is_lost_and_never_below_min() {
+        let mut state = State::default();
+        for n in 1..=3 {
+            register(&mut state, &format!("node-{n}"), 32, 2);
+        }
+        let job = submit_spec(&mut state, spec_text("nodes = \"2:4\"", ""));
+        place(&mut state, job);
+        assert_eq!(state.jobs[&job].ranks.len(), 6, "3 hosts fit, not 4");
+        report_all(&mut state, job, RankPhase::Running, None);
+        lose(&mut state, "node-3");
+        for n in ["node-1", "node-2"] {
+            report_gone(&mut state, n, job, 0);
+        }
+        place(&mut state, job);
+        let j = &state.jobs[&job];
+        assert_eq!((j.ranks.len(), j.attempt, j.restarts), (4, 1, 0));
+        let world: Vec<u32> = j.attempts.iter().map(|a| a.world_size).collect();
+        assert_eq!(world, [6, 4]);
+        report_all(&mut state, job, RankPhase::Running, None);
+        lose(&mut state, "node-2");
+        report_gone(&mut state, "node-1", job, 1);
+        let err = scheduler::plan(&state.cluster_snapshot(), &state.jobs[&job].spec.resources);
+        assert!(
+            matches!(err, Err(scheduler::Unschedulable::NoRoomNow(_))),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn drained_nodes_take_no_work_and_only_idle_or_down_nodes_are_removed() {
+        let (mut state, job) = running_job();
+        let drain = |node: &str, drained| Command::SetNodeDrained {
+            node: id(node),
+            drained,
+        };
+        let remove = |node: &str| Command::RemoveNode {
+            node: id(node),
+            at_ms: AT,
+        };
+        assert_rejected(state.apply(remove("node-2")), "drain it first");
+        assert_eq!(state.apply(drain("node-2", true)), CommandOutcome::Done);
+        let up = |state: &State, node: &str| {
+            state
+                .cluster_snapshot()
+                .nodes
+                .iter()
+                .any(|c| c.node == id(node) && c.up)
+        };
+        assert!(!up(&state, "node-2"));
+        assert_rejected(state.apply(remove("node-2")), "still runs job");
+        assert_eq!(state.apply(drain("node-2", false)), CommandOutcome::Done);
+        assert!(up(&state, "node-2"));
+        // A down node whose share is held (its ranks may run) is removed, and what it held freed.
+        lose(&mut state, "node-2");
+        assert_eq!(state.apply(remove("node-2")), CommandOutcome::Done);
+        check_invariants(&state);
+        assert!(!state.nodes.contains_key(&id("node-2")));
+        assert!(state.jobs[&job]
+            .retired
+            .iter()
+            .all(|r| r.node != id("node-2")));
+        // The job now needs 2 hosts of a 1-host cluster: the scheduler says never.
+        let err = scheduler::plan(&state.cluster_snapshot(), &state.jobs[&job].spec.resources);
+        assert!(
+            matches!(err, Err(scheduler::Unschedulable::NeverFits(_))),
+            "{err:?}"
+        );
+        assert_rejected(state.apply(remove("node-9")), "no node named node-9");
     }
 }
