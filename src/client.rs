@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use serde::de::DeserializeOwned;
 use trainctl_coordinator::api::{
-    ErrorBody, JobDetail, JobSummary, LogsPage, NodeView, SubmitResponse,
+    CheckpointView, ErrorBody, JobDetail, JobSummary, LogsPage, NodeView, SubmitResponse,
 };
 use trainctl_jobs::JobSpec;
 
@@ -38,6 +38,15 @@ impl Client {
         &self,
         response: Result<reqwest::Response, reqwest::Error>,
     ) -> anyhow::Result<T> {
+        let body = self.check_bytes(response).await?;
+        serde_json::from_slice(&body).context("unexpected reply from the coordinator")
+    }
+
+    /// The body of a successful reply; an error status becomes the coordinator's `{"error"}` message.
+    async fn check_bytes(
+        &self,
+        response: Result<reqwest::Response, reqwest::Error>,
+    ) -> anyhow::Result<Vec<u8>> {
         let response = response.map_err(|e| {
             if e.is_connect() || e.is_timeout() {
                 anyhow!(
@@ -54,26 +63,29 @@ impl Client {
             .bytes()
             .await
             .context("read the coordinator's reply")?;
+        let body = body.to_vec();
         if !status.is_success() {
             let message = serde_json::from_slice::<ErrorBody>(&body)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
             bail!("{message}");
         }
-        serde_json::from_slice(&body)
-            .with_context(|| format!("unexpected reply from the coordinator ({status})"))
+        Ok(body)
     }
 
-    /// Submits a job spec; returns its id.
-    pub async fn submit(&self, spec: &JobSpec) -> anyhow::Result<String> {
+    /// Submits a job spec; returns its id. With `resume_from`, the job starts from that job's
+    /// newest committed checkpoint.
+    pub async fn submit(
+        &self,
+        spec: &JobSpec,
+        resume_from: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let mut url = format!("{}/v1/jobs", self.base);
+        if let Some(other) = resume_from {
+            url.push_str(&format!("?resume_from={}", enc(other)));
+        }
         let r: SubmitResponse = self
-            .check(
-                self.http
-                    .post(format!("{}/v1/jobs", self.base))
-                    .json(spec)
-                    .send()
-                    .await,
-            )
+            .check(self.http.post(url).json(spec).send().await)
             .await?;
         Ok(r.id)
     }
@@ -95,15 +107,43 @@ impl Client {
         .await
     }
 
-    /// Cancels a job.
-    pub async fn cancel(&self, id: &str) -> anyhow::Result<JobDetail> {
+    /// One job in full, as the coordinator sent it (for `-o json`: nothing is dropped).
+    pub async fn job_json(&self, id: &str) -> anyhow::Result<serde_json::Value> {
         self.check(
             self.http
-                .post(format!("{}/v1/jobs/{}/cancel", self.base, enc(id)))
+                .get(format!("{}/v1/jobs/{}", self.base, enc(id)))
                 .send()
                 .await,
         )
         .await
+    }
+
+    /// A job's committed checkpoints, oldest first.
+    pub async fn checkpoints(&self, id: &str) -> anyhow::Result<Vec<CheckpointView>> {
+        self.check(
+            self.http
+                .get(format!("{}/v1/jobs/{}/checkpoints", self.base, enc(id)))
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// Cancels a job; with `checkpoint`, its ranks first get the checkpoint signal and the
+    /// coordinator waits up to the job's grace for a new commit.
+    pub async fn cancel(&self, id: &str, checkpoint: bool) -> anyhow::Result<JobDetail> {
+        let mut url = format!("{}/v1/jobs/{}/cancel", self.base, enc(id));
+        if checkpoint {
+            url.push_str("?checkpoint=true");
+        }
+        // Waiting for the checkpoint may take up to the job's grace (at most an hour).
+        let timeout = if checkpoint {
+            Duration::from_secs(3700)
+        } else {
+            Duration::from_secs(30)
+        };
+        self.check(self.http.post(url).timeout(timeout).send().await)
+            .await
     }
 
     /// A page of a job's output after `cursor`.
@@ -111,6 +151,7 @@ impl Client {
         &self,
         id: &str,
         rank: Option<u32>,
+        attempt: Option<u32>,
         cursor: &str,
     ) -> anyhow::Result<LogsPage> {
         let mut url = format!(
@@ -121,6 +162,9 @@ impl Client {
         );
         if let Some(r) = rank {
             url.push_str(&format!("&rank={r}"));
+        }
+        if let Some(a) = attempt {
+            url.push_str(&format!("&attempt={a}"));
         }
         self.check(self.http.get(url).send().await).await
     }
@@ -134,6 +178,32 @@ impl Client {
                 .await,
         )
         .await
+    }
+
+    /// Drains (`drained`) or undrains a node; returns it as it is now.
+    pub async fn set_drained(&self, name: &str, drained: bool) -> anyhow::Result<NodeView> {
+        let action = if drained { "drain" } else { "undrain" };
+        // Draining waits for each job there to checkpoint, up to its grace.
+        self.check(
+            self.http
+                .post(format!("{}/v1/nodes/{}/{action}", self.base, enc(name)))
+                .timeout(Duration::from_secs(3700))
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// Removes a node for good.
+    pub async fn remove_node(&self, name: &str) -> anyhow::Result<()> {
+        self.check_bytes(
+            self.http
+                .delete(format!("{}/v1/nodes/{}", self.base, enc(name)))
+                .send()
+                .await,
+        )
+        .await?;
+        Ok(())
     }
 }
 

@@ -39,7 +39,8 @@ pub struct LocalCluster {
     pub coordinator_url: String,
     pub agents: Vec<(String, Ipv4Addr)>,
     coordinator: Option<Child>,
-    agent_children: Vec<Child>,
+    /// Each running agent's process, by node name.
+    agent_children: Vec<(String, Child)>,
     pub data_dir: PathBuf,
 }
 
@@ -161,7 +162,7 @@ impl LocalCluster {
                 args.push(g.to_string());
             }
             let child = spawn_child(&exe, &args, &spec.data_dir.join(format!("{name}.log")))?;
-            cluster.agent_children.push(child);
+            cluster.agent_children.push((name.clone(), child));
             cluster.agents.push((name, ip));
         }
         cluster.wait_ready(spec.agents).await?;
@@ -196,16 +197,41 @@ impl LocalCluster {
         }
     }
 
+    /// SIGKILLs the agent of node `name`, as if its host vanished: no goodbye to the coordinator,
+    /// and its ranks die with it (the agent starts them with a parent-death signal). Returns the
+    /// agent's process id.
+    pub fn kill_agent(&mut self, name: &str) -> anyhow::Result<u32> {
+        let Some(i) = self.agent_children.iter().position(|(n, _)| n == name) else {
+            let running: Vec<&str> = self
+                .agent_children
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect();
+            bail!(
+                "no running agent named `{name}`; running: {}",
+                running.join(", ")
+            );
+        };
+        let (_, mut child) = self.agent_children.remove(i);
+        let pid = child.id();
+        // Child::kill sends SIGKILL.
+        child
+            .kill()
+            .with_context(|| format!("kill the agent of {name} (pid {pid})"))?;
+        let _ = child.wait();
+        Ok(pid)
+    }
+
     /// Stops the agents (which stop their ranks), then the coordinator.
     pub fn stop(&mut self) {
-        for child in &self.agent_children {
+        for (_, child) in &self.agent_children {
             // SAFETY: kill(2) with a pid we spawned and have not reaped; no memory is shared.
             unsafe {
                 libc::kill(child.id() as i32, libc::SIGTERM);
             }
         }
         let deadline = Instant::now() + Duration::from_secs(15);
-        for child in &mut self.agent_children {
+        for (_, child) in &mut self.agent_children {
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(20));
             }

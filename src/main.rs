@@ -58,6 +58,10 @@ enum Cmd {
         /// `json`: print only a JSON summary (the job, its checksum) at the end.
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human)]
         output: Output,
+        /// Kill one host's agent mid-run and show the job resume from its checkpoint on the others
+        /// (needs at least 3 agents).
+        #[arg(long)]
+        chaos: bool,
     },
     /// Keep a local cluster up: a coordinator and N agents acting as N hosts (127.0.0.2, ...).
     Dev {
@@ -92,6 +96,9 @@ enum Cmd {
         /// With --wait: print the job's output while it runs.
         #[arg(short = 'f', long)]
         follow: bool,
+        /// Start from the newest committed checkpoint of this job (its TRAINCTL_RESUME_FROM).
+        #[arg(long, value_name = "JOB")]
+        resume_from: Option<String>,
         #[command(flatten)]
         target: Target,
     },
@@ -100,11 +107,22 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
-    /// Show a job: state, placement, every rank's state and exit code.
+    /// Show a job: state, size, restarts, every rank, the attempt history and the newest checkpoints.
     Status {
         job: String,
         #[command(flatten)]
         target: Target,
+    },
+    /// List a job's committed checkpoints, newest first.
+    Checkpoints {
+        job: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Checkpoint commands run inside a job's rank.
+    Checkpoint {
+        #[command(subcommand)]
+        command: CheckpointCmd,
     },
     /// Print a job's output, each line tagged with host and global rank.
     Logs {
@@ -115,17 +133,38 @@ enum Cmd {
         /// Keep printing new lines until the job ends.
         #[arg(short = 'f', long)]
         follow: bool,
+        /// The output of this attempt (0 is the first launch; default: the current or last one).
+        #[arg(long)]
+        attempt: Option<u32>,
         #[command(flatten)]
         target: Target,
     },
     /// Cancel a job: stop its ranks (SIGTERM, a grace period, SIGKILL) or take it off the queue.
     Cancel {
         job: String,
+        /// First send the job's checkpoint signal and wait up to its `[checkpoint] grace` for a
+        /// new commit.
+        #[arg(long)]
+        checkpoint: bool,
         #[command(flatten)]
         target: Target,
     },
-    /// List the cluster's hosts and what they hold.
+    /// List the cluster's hosts and what they hold (`nodes rm NODE` removes one).
     Nodes {
+        #[command(subcommand)]
+        command: Option<NodesCmd>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Drain a host: nothing new is placed there, and its jobs checkpoint and move elsewhere.
+    Drain {
+        node: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Undrain a host: it takes new work again.
+    Undrain {
+        node: String,
         #[command(flatten)]
         target: Target,
     },
@@ -188,11 +227,53 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum NodesCmd {
+    /// Remove a host for good (refused while its agent is up and it is not drained).
+    Rm {
+        node: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckpointCmd {
+    /// Tell trainctl that the checkpoint at PATH is completely written (run inside a rank: uses
+    /// TRAINCTL_AGENT_URL and TRAINCTL_JOB_TOKEN). Exits 0 only once the commit is durable.
+    Commit {
+        /// The checkpoint, inside the job's TRAINCTL_CHECKPOINT_DIR.
+        path: String,
+        /// The training step it holds.
+        #[arg(long)]
+        step: u64,
+        /// A JSON object recorded with it, e.g. '{"loss": 0.25}'.
+        #[arg(long)]
+        metrics: Option<String>,
+        /// `json`: print the agent's reply as is.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Cmd::ExampleTrain { args } = &cli.command {
         // No runtime, no logging setup: this is a training process.
         return ExitCode::from(trainctl_collective::example_train_main(args).clamp(0, 255) as u8);
+    }
+    if let Cmd::Checkpoint {
+        command:
+            CheckpointCmd::Commit {
+                path,
+                step,
+                metrics,
+                output,
+            },
+    } = &cli.command
+    {
+        // Blocking std HTTP: no runtime needed.
+        return checkpoint_commit(path, *step, metrics.as_deref(), *output);
     }
     if matches!(
         cli.command,
@@ -202,6 +283,9 @@ fn main() -> ExitCode {
             | Cmd::Logs { .. }
             | Cmd::Cancel { .. }
             | Cmd::Nodes { .. }
+            | Cmd::Checkpoints { .. }
+            | Cmd::Drain { .. }
+            | Cmd::Undrain { .. }
     ) {
         // Like other Unix tools: `trainctl logs 3 | head` ends quietly when `head` has enough.
         // SAFETY: setting a signal disposition before any thread starts; no handler code runs.
@@ -256,7 +340,14 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             agents,
             data_dir,
             output,
-        } => demo(agents, data_dir, output).await,
+            chaos,
+        } => {
+            if chaos {
+                demo_chaos(agents, data_dir, output).await
+            } else {
+                demo(agents, data_dir, output).await
+            }
+        }
         Cmd::Dev {
             agents,
             listen,
@@ -280,8 +371,9 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             file,
             wait,
             follow,
+            resume_from,
             target,
-        } => submit(&file, wait, follow, &target).await,
+        } => submit(&file, wait, follow, resume_from.as_deref(), &target).await,
         Cmd::List { target } => {
             let jobs = Client::new(&target.addr)?.list().await?;
             match target.output {
@@ -291,33 +383,133 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { job, target } => {
-            let detail = Client::new(&target.addr)?.job(&job).await?;
+            let client = Client::new(&target.addr)?;
             match target.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&detail)?),
-                Output::Human => print!("{}", render::job_detail(&detail)),
+                // The coordinator's JSON as it is, so nothing it adds is dropped.
+                Output::Json => {
+                    let detail = client.job_json(&job).await?;
+                    println!("{}", serde_json::to_string_pretty(&detail)?)
+                }
+                Output::Human => print!("{}", render::job_detail(&client.job(&job).await?)),
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Checkpoints { job, target } => {
+            let checkpoints = Client::new(&target.addr)?.checkpoints(&job).await?;
+            match target.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&checkpoints)?),
+                Output::Human => print!("{}", render::checkpoint_table(&checkpoints)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Checkpoint { .. } => unreachable!("handled before the runtime starts"),
         Cmd::Logs {
             job,
             rank,
             follow,
+            attempt,
             target,
         } => {
             let client = Client::new(&target.addr)?;
-            client.job(&job).await?;
-            follow_logs(&client, &job, rank, follow, target.output, |_| true).await?;
+            let detail = client.job(&job).await?;
+            if let Some(a) = attempt {
+                if !detail.attempts.iter().any(|r| r.attempt == a) && a != detail.attempt {
+                    let known: Vec<String> = detail
+                        .attempts
+                        .iter()
+                        .map(|r| r.attempt.to_string())
+                        .collect();
+                    bail!(
+                        "job {job} has no attempt {a}; its attempts: {}",
+                        if known.is_empty() {
+                            "none yet".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    );
+                }
+            }
+            let logs = LogsQuery {
+                rank,
+                attempt,
+                follow,
+            };
+            follow_logs(&client, &job, &logs, target.output, |_| true).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Cancel { job, target } => {
-            let detail = Client::new(&target.addr)?.cancel(&job).await?;
+        Cmd::Cancel {
+            job,
+            checkpoint,
+            target,
+        } => {
+            let client = Client::new(&target.addr)?;
+            let before = if checkpoint {
+                Some(client.job(&job).await?)
+            } else {
+                None
+            };
+            if let Some(d) = &before {
+                if target.output == Output::Human {
+                    match d.spec.checkpoint.as_ref().and_then(|c| c.signal.as_deref()) {
+                        Some(signal) => eprintln!(
+                            "sending {signal} to job {job}'s ranks and waiting up to {:.0}s for a checkpoint commit",
+                            d.spec.checkpoint.as_ref().map_or(0, |c| c.grace_ms) as f64 / 1000.0
+                        ),
+                        None => eprintln!(
+                            "job {job} has no `[checkpoint] signal`: cancelling without waiting for a checkpoint"
+                        ),
+                    }
+                }
+            }
+            let detail = client.cancel(&job, checkpoint).await?;
             match target.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&detail)?),
-                Output::Human => println!("job {} cancelled", detail.summary.id),
+                Output::Human => {
+                    let newer = before.as_ref().and_then(|b| {
+                        let last = |d: &trainctl_coordinator::api::JobDetail| {
+                            d.checkpoints
+                                .last()
+                                .map(|c| (c.path.clone(), c.committed_at_ms))
+                        };
+                        detail
+                            .checkpoints
+                            .last()
+                            .filter(|_| last(&detail) != last(b))
+                    });
+                    match (checkpoint, newer) {
+                        (true, Some(c)) => println!(
+                            "job {} cancelled after committing checkpoint step {} ({})",
+                            detail.summary.id, c.step, c.path
+                        ),
+                        (true, None) => println!(
+                            "job {} cancelled (no new checkpoint was committed{})",
+                            detail.summary.id,
+                            match detail.checkpoints.last() {
+                                Some(c) => format!("; the newest is step {} ({})", c.step, c.path),
+                                None => String::new(),
+                            }
+                        ),
+                        (false, _) => println!("job {} cancelled", detail.summary.id),
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Nodes { target } => {
+        Cmd::Nodes {
+            command: Some(NodesCmd::Rm { node, target }),
+            ..
+        } => {
+            Client::new(&target.addr)?.remove_node(&node).await?;
+            match target.output {
+                Output::Json => println!("{}", serde_json::json!({ "removed": node })),
+                Output::Human => println!("node {node} removed"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Nodes {
+            command: None,
+            target,
+        } => {
             let nodes = Client::new(&target.addr)?.nodes().await?;
             match target.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&nodes)?),
@@ -325,6 +517,8 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Drain { node, target } => set_drained(&node, true, &target).await,
+        Cmd::Undrain { node, target } => set_drained(&node, false, &target).await,
         Cmd::Coordinator {
             data_dir,
             listen,
@@ -391,6 +585,75 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+async fn set_drained(node: &str, drained: bool, target: &Target) -> anyhow::Result<ExitCode> {
+    if drained && target.output == Output::Human {
+        eprintln!("draining {node}: its jobs checkpoint (up to their grace) and are placed again elsewhere");
+    }
+    let view = Client::new(&target.addr)?
+        .set_drained(node, drained)
+        .await?;
+    match target.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Output::Human if drained => println!(
+            "node {} drained: nothing new is placed there{}",
+            view.name,
+            if view.jobs.is_empty() {
+                String::new()
+            } else {
+                format!(" (still releasing: {})", view.jobs.join(", "))
+            }
+        ),
+        Output::Human => println!("node {} undrained: it takes new work again", view.name),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trainctl checkpoint commit`: the rank side of the checkpoint contract, from a shell.
+fn checkpoint_commit(path: &str, step: u64, metrics: Option<&str>, output: Output) -> ExitCode {
+    if let Some(m) = metrics {
+        match serde_json::from_str::<serde_json::Value>(m) {
+            Ok(serde_json::Value::Object(_)) => {}
+            _ => {
+                eprintln!(
+                    "error: --metrics `{m}` is not a JSON object: write one such as '{{\"loss\": 0.25}}'"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match trainctl_collective::commit_from_env(path, step, metrics) {
+        Ok(reply) => {
+            match output {
+                Output::Json => println!("{}", reply.trim()),
+                Output::Human => {
+                    let pruned: Vec<String> = serde_json::from_str::<serde_json::Value>(&reply)
+                        .ok()
+                        .and_then(|v| v.get("pruned").cloned())
+                        .and_then(|p| serde_json::from_value(p).ok())
+                        .unwrap_or_default();
+                    println!("committed checkpoint step {step}: {path}");
+                    if !pruned.is_empty() {
+                        println!("deleted older checkpoints (`keep`): {}", pruned.join(", "));
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(trainctl_collective::CheckpointError::Rejected { status, body }) => {
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                .unwrap_or(body);
+            eprintln!("error: the agent refused the commit of {path} (HTTP {status}): {message}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: commit {path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn parse_port_range(text: &str) -> anyhow::Result<(u16, u16)> {
     let parsed = text
         .split_once('-')
@@ -429,21 +692,34 @@ async fn submit(
     file: &Path,
     wait: bool,
     follow: bool,
+    resume_from: Option<&str>,
     target: &Target,
 ) -> anyhow::Result<ExitCode> {
     let spec = load_spec(file)?;
     let client = Client::new(&target.addr)?;
-    let id = client.submit(&spec).await?;
+    let id = client.submit(&spec, resume_from).await.with_context(|| {
+        if let Some(other) = resume_from {
+            format!("submit {} to resume from job {other}", file.display())
+        } else {
+            format!("submit {}", file.display())
+        }
+    })?;
     match target.output {
         Output::Json if !wait => println!("{}", serde_json::json!({ "id": id })),
         Output::Json => {}
-        Output::Human => eprintln!("submitted job {id} ({})", spec.name),
+        Output::Human => match resume_from {
+            Some(other) => eprintln!(
+                "submitted job {id} ({}), starting from job {other}'s newest checkpoint",
+                spec.name
+            ),
+            None => eprintln!("submitted job {id} ({})", spec.name),
+        },
     }
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
     let detail = if follow {
-        follow_logs(&client, &id, None, true, Output::Human, |_| true).await?;
+        follow_logs(&client, &id, &LogsQuery::follow(), Output::Human, |_| true).await?;
         client.job(&id).await?
     } else {
         wait_for_end(&client, &id, target.output == Output::Human).await?
@@ -483,19 +759,39 @@ async fn wait_for_end(
     }
 }
 
+/// Which output of a job to print.
+struct LogsQuery {
+    /// Only this global rank.
+    rank: Option<u32>,
+    /// This attempt (default: the current or last one).
+    attempt: Option<u32>,
+    /// Keep going until the job has ended and every line is out.
+    follow: bool,
+}
+
+impl LogsQuery {
+    fn follow() -> Self {
+        LogsQuery {
+            rank: None,
+            attempt: None,
+            follow: true,
+        }
+    }
+}
+
 /// Prints a job's output; with `follow`, keeps going until the job has ended and every line is out.
 async fn follow_logs(
     client: &Client,
     id: &str,
-    rank: Option<u32>,
-    follow: bool,
+    q: &LogsQuery,
     output: Output,
     show: impl Fn(&trainctl_coordinator::api::LogLine) -> bool,
 ) -> anyhow::Result<()> {
+    let (rank, follow) = (q.rank, q.follow);
     let mut cursor = String::new();
     let mut last_state = String::new();
     loop {
-        let page = client.logs(id, rank, &cursor).await?;
+        let page = client.logs(id, rank, q.attempt, &cursor).await?;
         for line in page.lines.iter().filter(|l| show(l)) {
             match output {
                 Output::Json => println!("{}", serde_json::to_string(line)?),
@@ -616,14 +912,14 @@ async fn demo(agents: u32, data_dir: Option<PathBuf>, output: Output) -> anyhow:
     }
 
     let spec = demo_spec(agents)?;
-    let id = client.submit(&spec).await?;
+    let id = client.submit(&spec, None).await?;
     say(format!(
         "[demo] submitted job {id} `{}`: {} hosts x {} ranks, command {:?}",
         spec.name, spec.resources.nodes, spec.resources.procs_per_node, spec.launch.command
     ));
     let detail = if human {
         // Rank 0's progress, and every rank's final line.
-        follow_logs(&client, &id, None, true, Output::Human, |l| {
+        follow_logs(&client, &id, &LogsQuery::follow(), Output::Human, |l| {
             l.rank == 0 || l.text.contains("checksum")
         })
         .await?;
@@ -634,7 +930,7 @@ async fn demo(agents: u32, data_dir: Option<PathBuf>, output: Output) -> anyhow:
     if human {
         print!("{}", render::job_detail(&detail));
     }
-    let page = client.logs(&id, None, "").await?;
+    let page = client.logs(&id, None, None, "").await?;
     let mut checksums: Vec<String> = page
         .lines
         .iter()
@@ -684,4 +980,322 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// The chaos demo's training run: long enough (about 5 s) to lose a host mid-run.
+const CHAOS_STEPS: u32 = 60;
+const CHAOS_SEED: u64 = 7;
+const CHAOS_STEP_DELAY_MS: u64 = 80;
+/// How long the chaos demo waits for its job before giving up.
+const CHAOS_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The chaos demo's job: the built-in workload, elastic over 2 to `agents` hosts, checkpointing
+/// every 10 steps under `checkpoint_dir`, with a budget of 2 restarts.
+fn chaos_spec(agents: u32, checkpoint_dir: &Path) -> anyhow::Result<JobSpec> {
+    let dir = serde_json::to_string(&format!("{}/{{job}}", checkpoint_dir.display()))?;
+    let toml = format!(
+        r#"name = "chaos-example"
+
+[launch]
+command = ["trainctl", "example-train", "--steps", "{CHAOS_STEPS}", "--seed", "{CHAOS_SEED}",
+           "--step-delay-ms", "{CHAOS_STEP_DELAY_MS}", "--checkpoint-every", "10"]
+
+[resources]
+nodes = "2:{agents}"
+procs_per_node = 1
+
+[failure]
+max_restarts = 2
+hang_timeout = "30s"
+
+[checkpoint]
+dir = {dir}
+signal = "SIGUSR1"
+grace = "10s"
+keep = 3
+"#
+    );
+    JobSpec::from_toml(&toml, "chaos demo job").map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// A world of one rank: the reference run of the chaos demo, in this process.
+struct SoloRank;
+
+impl trainctl_collective::Collective for SoloRank {
+    fn rank(&self) -> u32 {
+        0
+    }
+    fn world_size(&self) -> u32 {
+        1
+    }
+    fn all_reduce_sum_f32(
+        &mut self,
+        _: &mut [f32],
+    ) -> Result<(), trainctl_collective::CollectiveError> {
+        Ok(())
+    }
+    fn all_reduce_sum_i64(
+        &mut self,
+        _: &mut [i64],
+    ) -> Result<(), trainctl_collective::CollectiveError> {
+        Ok(())
+    }
+    fn broadcast_f32(
+        &mut self,
+        _: &mut [f32],
+        _: u32,
+    ) -> Result<(), trainctl_collective::CollectiveError> {
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<(), trainctl_collective::CollectiveError> {
+        Ok(())
+    }
+}
+
+/// The checksum an uninterrupted run of the chaos job ends with (any world size gives the same).
+fn chaos_reference_checksum() -> anyhow::Result<String> {
+    let cfg = trainctl_collective::TrainConfig {
+        steps: CHAOS_STEPS,
+        seed: CHAOS_SEED,
+        ..Default::default()
+    };
+    let summary = trainctl_collective::example_train(&cfg, &mut SoloRank, &mut std::io::sink())
+        .context("the uninterrupted reference run")?;
+    Ok(format!("{:#018x}", summary.checksum))
+}
+
+/// Every line of one attempt's output (of one rank, or all).
+async fn all_log_lines(
+    client: &Client,
+    id: &str,
+    rank: Option<u32>,
+    attempt: Option<u32>,
+) -> anyhow::Result<Vec<trainctl_coordinator::api::LogLine>> {
+    let mut lines = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = client.logs(id, rank, attempt, &cursor).await?;
+        if page.lines.is_empty() {
+            return Ok(lines);
+        }
+        lines.extend(page.lines);
+        cursor = page.cursor;
+    }
+}
+
+/// The step of the newest `step N/M ...` line.
+fn last_step(lines: &[trainctl_coordinator::api::LogLine]) -> Option<u32> {
+    lines.iter().rev().find_map(|l| {
+        l.text
+            .strip_prefix("step ")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|n| n.trim().parse().ok())
+    })
+}
+
+/// `trainctl demo --chaos`: a checkpointing elastic job loses a host mid-run and finishes on the
+/// others from its checkpoint, with the checksum of an uninterrupted run.
+async fn demo_chaos(
+    agents: u32,
+    data_dir: Option<PathBuf>,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    if agents < 3 {
+        bail!("--chaos needs at least 3 agents (the job runs on 2 to N hosts and one is killed), got --agents {agents}");
+    }
+    let human = output == Output::Human;
+    let say = |text: String| {
+        if human {
+            println!("{text}");
+        }
+    };
+    let temporary = data_dir.is_none();
+    let data_dir = match data_dir {
+        Some(d) => d,
+        None => tempfile_dir()?,
+    };
+    let started = Instant::now();
+    let listen = format!("127.0.0.1:{}", local::free_local_port()?);
+    let spec = LocalClusterSpec {
+        agents,
+        data_dir: data_dir.clone(),
+        listen: listen.clone(),
+        gpus_per_agent: None,
+        // A lost host is noticed within 2 s.
+        heartbeat_interval_ms: 250,
+        node_timeout_ms: 2_000,
+    };
+    say(format!(
+        "[demo] starting an embedded cluster: a coordinator on {listen} and {agents} agents on 127.0.0.2..127.0.0.{} (a host not heard from for {:.0}s is lost)",
+        agents + 1,
+        spec.node_timeout_ms as f64 / 1000.0
+    ));
+    let mut cluster = LocalCluster::start(&spec).await?;
+    let client = Client::new(&cluster.coordinator_url)?;
+    let checkpoint_dir = data_dir.join("checkpoints");
+    let job_spec = chaos_spec(agents, &checkpoint_dir)?;
+    let id = client.submit(&job_spec, None).await?;
+    say(format!(
+        "[demo] submitted job {id} `{}`: 2:{agents} hosts (elastic), max_restarts 2, a checkpoint every 10 steps into {}/{id}, command {:?}",
+        job_spec.name,
+        checkpoint_dir.display(),
+        job_spec.launch.command
+    ));
+
+    let mut last_state = String::new();
+    let mut announced_start = std::collections::BTreeSet::new();
+    let mut announced_end = std::collections::BTreeSet::new();
+    let mut newest_checkpoint: Option<(u64, u64)> = None;
+    let mut killed: Option<serde_json::Value> = None;
+    let deadline = Instant::now() + CHAOS_TIMEOUT;
+    let detail = loop {
+        let d = client.job(&id).await?;
+        if d.summary.state != last_state {
+            say(format!("[demo] job {id}: {}", render::state_line(&d)));
+            last_state = d.summary.state.clone();
+        }
+        for a in &d.attempts {
+            if let Some(end) = &a.end {
+                if announced_end.insert(a.attempt) {
+                    say(format!(
+                        "[demo] attempt {} ended: {}",
+                        a.attempt,
+                        render::indent_rest(end, "    ")
+                    ));
+                }
+            }
+            if a.ended_at_ms.is_none() && announced_start.insert(a.attempt) {
+                say(format!(
+                    "[demo] attempt {} runs on {} (world size {})",
+                    a.attempt,
+                    a.nodes.join(", "),
+                    a.world_size
+                ));
+            }
+        }
+        for c in &d.checkpoints {
+            let key = (c.committed_at_ms, c.step);
+            if newest_checkpoint.is_none_or(|n| key > n) {
+                say(format!(
+                    "[demo] checkpoint step {} committed by attempt {}: {}",
+                    c.step, c.attempt, c.path
+                ));
+                newest_checkpoint = Some(key);
+            }
+        }
+        if killed.is_none() && !d.checkpoints.is_empty() && d.summary.state == "running" {
+            // A host that runs ranks, but not rank 0's: the job has to carry on without it.
+            if let Some(victim) = d
+                .allocation
+                .iter()
+                .filter(|a| !a.released && a.group_rank > 0)
+                .min_by_key(|a| a.group_rank)
+            {
+                // Output arrives in batches: the newest checkpoint may be ahead of it.
+                let step = last_step(&all_log_lines(&client, &id, Some(0), None).await?)
+                    .map(u64::from)
+                    .max(d.checkpoints.last().map(|c| c.step));
+                let pid = cluster.kill_agent(&victim.node)?;
+                say(format!(
+                    "[demo] killed the agent of {} (host {}, pid {pid}) at step {}: SIGKILL, its ranks die with it",
+                    victim.node,
+                    victim.address,
+                    step.map_or("?".to_string(), |s| s.to_string())
+                ));
+                killed = Some(serde_json::json!({
+                    "node": victim.node, "address": victim.address, "pid": pid, "step": step,
+                }));
+            }
+        }
+        if matches!(
+            d.summary.state.as_str(),
+            "succeeded" | "failed" | "cancelled"
+        ) {
+            break d;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "job {id} did not end within {}s (state {}); cluster logs are in {}",
+                CHAOS_TIMEOUT.as_secs(),
+                d.summary.state,
+                data_dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    let last_attempt = detail.attempts.last().map(|a| a.attempt);
+    let lines = all_log_lines(&client, &id, None, last_attempt).await?;
+    let mut checksums: Vec<String> = lines
+        .iter()
+        .filter_map(|l| l.text.strip_prefix("final checksum "))
+        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
+        .collect();
+    checksums.sort_unstable();
+    checksums.dedup();
+    let reference = chaos_reference_checksum()?;
+    if human {
+        for l in lines.iter().filter(|l| l.text.starts_with("resumed from")) {
+            println!("[{} rank {}] {}", l.node, l.rank, l.text);
+        }
+        println!(
+            "[demo] attempt history (restarts {}/{}):",
+            detail.restarts, detail.max_restarts
+        );
+        print!("{}", render::attempt_table(&detail.attempts));
+    }
+    drop(cluster);
+    let resumed = detail.attempts.len() > 1;
+    let succeeded = detail.summary.state == "succeeded"
+        && killed.is_some()
+        && resumed
+        && checksums.len() == 1
+        && checksums[0] == reference;
+    if !human {
+        println!(
+            "{}",
+            serde_json::json!({
+                "succeeded": succeeded,
+                "killed": killed,
+                "checksums": checksums,
+                "reference_checksum": reference,
+                "job": detail,
+            })
+        );
+    } else if succeeded {
+        say(format!(
+            "[demo] job {id} succeeded after losing a host: final checksum {} on all {} ranks equals the uninterrupted run's {reference} ({:.1}s in all)",
+            checksums[0],
+            detail.attempts.last().map_or(0, |a| a.world_size),
+            started.elapsed().as_secs_f64()
+        ));
+    } else {
+        say(format!(
+            "[demo] chaos demo failed: job {id} ended {}{}; checksums seen {:?}, uninterrupted run {reference}{}; cluster logs are in {}",
+            detail.summary.state,
+            detail
+                .summary
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default(),
+            checksums,
+            if killed.is_none() {
+                "; no agent was killed (the job ended before its first checkpoint)"
+            } else if !resumed {
+                "; the job never restarted"
+            } else {
+                ""
+            },
+            data_dir.display()
+        ));
+    }
+    if succeeded && temporary {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    Ok(if succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

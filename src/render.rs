@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use trainctl_coordinator::api::{JobDetail, JobSummary, NodeView};
+use trainctl_coordinator::api::{AttemptView, CheckpointView, JobDetail, JobSummary, NodeView};
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -108,6 +108,92 @@ pub fn state_line(d: &JobDetail) -> String {
     }
 }
 
+/// Checkpoints shown by `status`: the newest few.
+const STATUS_CHECKPOINTS: usize = 3;
+
+/// The gang's size: `2 hosts x 1 ranks = world size 2`, or for an elastic job
+/// `2 of 2:4 hosts x 1 ranks = world size 2`.
+pub fn size_line(d: &JobDetail) -> String {
+    let s = &d.summary;
+    let [min, max] = d.node_range;
+    let hosts = if min != max {
+        format!("{} of {min}:{max} hosts", d.current_nodes)
+    } else {
+        format!("{} hosts", d.current_nodes.max(s.nodes))
+    };
+    let world = if min != max {
+        d.current_nodes * s.procs_per_node
+    } else {
+        s.world_size
+    };
+    format!(
+        "{hosts} x {} ranks = world size {world}{}",
+        s.procs_per_node,
+        if s.gpus_per_node > 0 {
+            format!(", {} GPUs per host", s.gpus_per_node)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// The attempt history: one row per launch of the gang.
+pub fn attempt_table(attempts: &[AttemptView]) -> String {
+    let mut rows = vec![["ATTEMPT", "HOSTS", "WORLD", "STARTED", "DURATION", "END"]
+        .map(String::from)
+        .to_vec()];
+    for a in attempts {
+        rows.push(vec![
+            a.attempt.to_string(),
+            a.nodes.join(","),
+            a.world_size.to_string(),
+            format!("{} ago", age(a.started_at_ms)),
+            match a.ended_at_ms {
+                Some(end) => duration(a.started_at_ms, end),
+                None => format!("{} (running)", duration(a.started_at_ms, now_ms())),
+            },
+            match a.end.as_deref() {
+                None => "-".to_string(),
+                Some(end) => match end.split_once('\n') {
+                    // The rest (last output, traceback) is in `status`'s reason and in `logs --attempt`.
+                    Some((first, _)) => format!("{first} (...)"),
+                    None => end.to_string(),
+                },
+            },
+        ]);
+    }
+    table(&rows)
+}
+
+/// A possibly multi-line text with every line after the first indented by `indent`.
+pub fn indent_rest(text: &str, indent: &str) -> String {
+    text.trim_end().replace('\n', &format!("\n{indent}"))
+}
+
+/// Committed checkpoints, newest first.
+pub fn checkpoint_table(checkpoints: &[CheckpointView]) -> String {
+    if checkpoints.is_empty() {
+        return "no checkpoints committed\n".to_string();
+    }
+    let mut rows = vec![["STEP", "ATTEMPT", "AGE", "PATH", "METRICS"]
+        .map(String::from)
+        .to_vec()];
+    for c in checkpoints.iter().rev() {
+        rows.push(vec![
+            c.step.to_string(),
+            c.attempt.to_string(),
+            age(c.committed_at_ms),
+            c.path.clone(),
+            c.metrics
+                .as_ref()
+                .filter(|m| !m.is_null())
+                .map(|m| m.to_string())
+                .unwrap_or_default(),
+        ]);
+    }
+    table(&rows)
+}
+
 /// Everything about one job.
 pub fn job_detail(d: &JobDetail) -> String {
     let s = &d.summary;
@@ -117,20 +203,23 @@ pub fn job_detail(d: &JobDetail) -> String {
         let _ = writeln!(out, "  waiting: {r}");
     }
     if let Some(r) = &s.reason {
-        let _ = writeln!(out, "  reason: {r}");
+        let _ = writeln!(out, "  reason: {}", indent_rest(r, "    "));
     }
+    let _ = writeln!(out, "  gang: {}", size_line(d));
     let _ = writeln!(
         out,
-        "  gang: {} hosts x {} ranks = world size {}{}",
-        s.nodes,
-        s.procs_per_node,
-        s.world_size,
-        if s.gpus_per_node > 0 {
-            format!(", {} GPUs per host", s.gpus_per_node)
-        } else {
-            String::new()
-        }
+        "  restarts: {}/{} (rank failures and hangs count; host losses, resizes and drains do not)",
+        d.restarts, d.max_restarts
     );
+    if let Some(r) = &d.resume_from {
+        let _ = writeln!(
+            out,
+            "  started from: step {} of job {} ({})",
+            r.step,
+            r.job.as_deref().unwrap_or("?"),
+            r.path
+        );
+    }
     let _ = writeln!(out, "  command: {:?}", d.spec.launch.command);
     match (s.started_at_ms, s.finished_at_ms) {
         (Some(a), Some(b)) => {
@@ -176,6 +265,48 @@ pub fn job_detail(d: &JobDetail) -> String {
             let _ = writeln!(out, "  {line}");
         }
     }
+    if !d.attempts.is_empty() {
+        let _ = writeln!(out, "  attempts:");
+        for line in attempt_table(&d.attempts).lines() {
+            let _ = writeln!(out, "    {line}");
+        }
+        // The newest attempt that failed with more to say than one line: say it in full.
+        let last_failure = d.attempts.iter().rev().find_map(|a| {
+            a.end
+                .as_deref()
+                .filter(|e| e.contains('\n') && s.reason.as_deref() != Some(*e))
+                .map(|e| (a.attempt, e))
+        });
+        if let Some((attempt, end)) = last_failure {
+            let _ = writeln!(
+                out,
+                "  attempt {attempt} ended: {}",
+                indent_rest(end, "    ")
+            );
+        }
+    }
+    if d.spec.checkpoint.is_some() || !d.checkpoints.is_empty() {
+        let shown = d.checkpoints.len().min(STATUS_CHECKPOINTS);
+        let _ = writeln!(
+            out,
+            "  checkpoints: {} committed{}",
+            d.checkpoints.len(),
+            if shown < d.checkpoints.len() {
+                format!(
+                    ", newest {shown} shown (all: `trainctl checkpoints {}`)",
+                    s.id
+                )
+            } else {
+                String::new()
+            }
+        );
+        if shown > 0 {
+            let newest = &d.checkpoints[d.checkpoints.len() - shown..];
+            for line in checkpoint_table(newest).lines() {
+                let _ = writeln!(out, "    {line}");
+            }
+        }
+    }
     out
 }
 
@@ -190,10 +321,13 @@ pub fn node_table(nodes: &[NodeView]) -> String {
     .map(String::from)
     .to_vec()];
     for n in nodes {
-        let status = match &n.status_reason {
+        let mut status = match &n.status_reason {
             Some(r) if n.status != "up" => format!("{} ({r})", n.status),
             _ => n.status.clone(),
         };
+        if n.drained {
+            status.push_str(",DRAINED");
+        }
         rows.push(vec![
             n.name.clone(),
             n.address.clone(),
