@@ -276,8 +276,10 @@ pub fn start(args: &[&str], log: &Path) -> Proc {
 pub struct HandCluster {
     pub addr: String,
     // Agents are dropped (stopped) before the coordinator.
-    agents: Vec<Proc>,
+    agents: Vec<(String, Proc)>,
     coordinator: Option<Proc>,
+    /// The coordinator's `--node-timeout-ms`.
+    node_timeout_ms: u64,
     pub dir: tempfile::TempDir,
     _lock: MutexGuard<'static, ()>,
 }
@@ -286,40 +288,67 @@ impl HandCluster {
     /// Starts a coordinator with its data in `<dir>/coordinator` and `agents` agents, and waits
     /// until every agent is up.
     pub fn start(agents: u32) -> HandCluster {
+        Self::start_with(agents, 15_000)
+    }
+
+    /// [`HandCluster::start`] with the coordinator's `--node-timeout-ms` (how soon a silent host
+    /// is lost).
+    pub fn start_with(agents: u32, node_timeout_ms: u64) -> HandCluster {
         let lock = lock_cluster_addresses();
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = HandCluster {
             addr: format!("127.0.0.1:{}", free_port()),
             agents: Vec::new(),
             coordinator: None,
+            node_timeout_ms,
             dir,
             _lock: lock,
         };
         cluster.start_coordinator(&cluster.coordinator_dir());
-        let url = format!("http://{}", cluster.addr);
         for i in 1..=agents {
-            let data = cluster.dir.path().join(format!("agent-{i}"));
-            let ports = format!("{}-{}", 29500 + i * 100, 29599 + i * 100);
-            let agent = start(
-                &[
-                    "agent",
-                    "--coordinator",
-                    &url,
-                    "--data-dir",
-                    data.to_str().unwrap(),
-                    "--name",
-                    &format!("host-{i}"),
-                    "--advertise-addr",
-                    &format!("127.0.0.{}", i + 1),
-                    "--port-range",
-                    &ports,
-                ],
-                &cluster.log(),
-            );
-            cluster.agents.push(agent);
+            cluster.start_agent(i);
         }
         cluster.wait_agents_up(agents as usize);
         cluster
+    }
+
+    /// Starts agent `host-I` on 127.0.0.(I+1) with its data in `<dir>/agent-I` (the same as before
+    /// when it ran already: a host that comes back).
+    pub fn start_agent(&mut self, i: u32) {
+        let name = format!("host-{i}");
+        let url = format!("http://{}", self.addr);
+        let data = self.dir.path().join(format!("agent-{i}"));
+        let ports = format!("{}-{}", 29500 + i * 100, 29599 + i * 100);
+        let agent = start(
+            &[
+                "agent",
+                "--coordinator",
+                &url,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--name",
+                &name,
+                "--advertise-addr",
+                &format!("127.0.0.{}", i + 1),
+                "--port-range",
+                &ports,
+            ],
+            &self.log(),
+        );
+        self.agents.push((name, agent));
+    }
+
+    /// SIGKILLs agent `name` (a host lost at once) and waits for it to be gone. Its reaper kills
+    /// its ranks.
+    pub fn kill_agent(&mut self, name: &str) {
+        let at = self
+            .agents
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no agent named {name} runs"));
+        let (_, mut agent) = self.agents.remove(at);
+        signal(agent.0.id(), libc::SIGKILL);
+        let _ = agent.0.wait();
     }
 
     /// Where the first coordinator keeps its data.
@@ -341,7 +370,7 @@ impl HandCluster {
             "--listen",
             &self.addr,
             "--node-timeout-ms",
-            "15000",
+            &self.node_timeout_ms.to_string(),
         ];
         self.coordinator = Some(start(&args, &self.log()));
     }

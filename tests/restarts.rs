@@ -1,0 +1,757 @@
+//! How jobs survive failures, with real processes: restarts within the budget, host loss, elastic
+//! shrink and growth, hangs, checkpoint-on-cancel, drains, node removal, the rank's checkpoint
+//! endpoint, and a coordinator restarted mid-restart. Every job runs the built-in workload
+//! (`trainctl example-train`) or a shell, never Python.
+//!
+//! Each test gives its ranks a unique marker (a `--seed`, or a script path) and checks at the end
+//! that no process carrying it is left.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::{eventually, free_port, job_file, processes_with, trainctl, HandCluster};
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Submits a job file to `cluster` and returns its id.
+fn submit(cluster: &HandCluster, file: &Path) -> String {
+    let out = cluster.cli(&["submit", file.to_str().unwrap(), "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "submit {} failed: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+fn job(cluster: &HandCluster, id: &str) -> Value {
+    cluster.json(&["status", id])
+}
+
+/// Waits for `state`; panics early (with the job) if it ends in another state.
+fn wait_state(cluster: &HandCluster, id: &str, state: &str, timeout: Duration) -> Value {
+    let mut last = Value::Null;
+    let start = Instant::now();
+    loop {
+        let j = job(cluster, id);
+        if j["state"] == state {
+            return j;
+        }
+        if !j.is_null() {
+            last = j;
+        }
+        let terminal = ["succeeded", "failed", "cancelled"];
+        if terminal.contains(&last["state"].as_str().unwrap_or("")) {
+            panic!(
+                "job {id} ended {} while waiting for {state}: {last:#}\nlogs:\n{}",
+                last["state"],
+                logs(cluster, id)
+            );
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for job {id} to be {state}: {last:#}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The current (or last) attempt's output, as `trainctl logs` prints it.
+fn logs(cluster: &HandCluster, id: &str) -> String {
+    String::from_utf8_lossy(&cluster.cli(&["logs", id]).stdout).into_owned()
+}
+
+/// `curl -s -X METHOD URL [args]`: the status code and the body.
+fn curl(method: &str, url: &str, args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl is required for this test");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
+}
+
+/// Every line of one attempt's output, as `[node rank N] text`, read through the REST API.
+fn attempt_logs(cluster: &HandCluster, id: &str, attempt: u32) -> String {
+    let mut out = String::new();
+    let mut cursor = String::new();
+    loop {
+        let url = format!(
+            "http://{}/v1/jobs/{id}/logs?attempt={attempt}&cursor={cursor}",
+            cluster.addr
+        );
+        let (code, body) = curl("GET", &url, &[]);
+        assert_eq!(code, 200, "{url}: {body}");
+        let page: Value = serde_json::from_str(&body).unwrap();
+        let lines = page["lines"].as_array().unwrap();
+        for l in lines {
+            out.push_str(&format!(
+                "[{} rank {}] {}\n",
+                l["node"].as_str().unwrap(),
+                l["rank"],
+                l["text"].as_str().unwrap()
+            ));
+        }
+        cursor = page["cursor"].as_str().unwrap().to_string();
+        if lines.is_empty() {
+            return out;
+        }
+    }
+}
+
+/// The checksum rank 0 printed (`final checksum 0x...`), if it did.
+fn rank0_checksum(logs: &str) -> Option<String> {
+    logs.lines()
+        .filter(|l| l.contains(" rank 0] final checksum "))
+        .map(|l| l.split("final checksum ").nth(1).unwrap().to_string())
+        .next_back()
+}
+
+/// The checksum of an uninterrupted single-rank run of `example-train ARGS` (checksums do not
+/// depend on the world size).
+fn reference_checksum(args: &[&str]) -> String {
+    let out = Command::new(trainctl())
+        .arg("example-train")
+        .args(args)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .env("TRAINCTL_NODE_ADDR", "127.0.0.1")
+        .env_remove("TRAINCTL_CHECKPOINT_DIR")
+        .env_remove("TRAINCTL_RESUME_FROM")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "reference run failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("final checksum "))
+        .unwrap_or_else(|| panic!("no checksum: {text}"))
+        .to_string()
+}
+
+/// Waits until no process carries `marker`.
+fn no_process_left(marker: &str) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("every process with {marker:?} gone"),
+        || processes_with(marker).is_empty().then_some(()),
+    );
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A job file running `trainctl example-train ARGS` with a `[checkpoint]` table in `dir/ckpt/{job}`.
+/// `extra` is appended (more tables, e.g. `[failure]`).
+fn example_job(
+    dir: &Path,
+    name: &str,
+    nodes: &str,
+    args: &[&str],
+    checkpoint: &str,
+    extra: &str,
+) -> PathBuf {
+    let argv: Vec<String> = ["trainctl", "example-train"]
+        .iter()
+        .chain(args)
+        .map(|a| format!("{a:?}"))
+        .collect();
+    job_file(
+        dir,
+        name,
+        &format!(
+            "name = \"{name}\"\n[launch]\ncommand = [{}]\n[resources]\nnodes = {nodes}\nprocs_per_node = 1\n[checkpoint]\ndir = \"{}/ckpt/{{job}}\"\n{checkpoint}\n{extra}\n",
+            argv.join(", "),
+            dir.display()
+        ),
+    )
+}
+
+#[test]
+fn crash_with_budget_restarts_in_place_and_succeeds() {
+    let cluster = HandCluster::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let train = ["--steps", "20", "--seed", "9101"];
+    let mut args = train.to_vec();
+    args.extend([
+        "--checkpoint-every",
+        "2",
+        "--fail-at-step",
+        "5",
+        "--fail-rank",
+        "1",
+        "--step-delay-ms",
+        "50",
+    ]);
+    let spec = example_job(
+        dir.path(),
+        "crash",
+        "2",
+        &args,
+        "",
+        "[failure]\nmax_restarts = 2\n",
+    );
+    let id = submit(&cluster, &spec);
+    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    assert_eq!(job["restarts"], 1, "{job:#}");
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job:#}");
+    assert_eq!(
+        attempts[0]["nodes"], attempts[1]["nodes"],
+        "a restart in place keeps the hosts"
+    );
+    let hosts = strs(&attempts[0]["nodes"]);
+    let end = attempts[0]["end"].as_str().unwrap();
+    assert!(
+        end.starts_with(&format!("rank 1 on {} exited with code 3", hosts[1])),
+        "{end}"
+    );
+    assert_eq!(attempts[1]["end"], "succeeded", "{job:#}");
+    // Attempt 0 failed where it was told to; attempt 1 resumed from its checkpoint.
+    assert!(attempt_logs(&cluster, &id, 0).contains("rank 1] injected failure at step 5"));
+    let last = attempt_logs(&cluster, &id, 1);
+    assert!(last.contains("rank 0] resumed from "), "{last}");
+    assert!(last.contains("(attempt 1)"), "{last}");
+    assert_eq!(
+        rank0_checksum(&last).as_deref(),
+        Some(reference_checksum(&train).as_str()),
+        "a restarted run ends where an uninterrupted one does: {last}"
+    );
+    no_process_left("--seed 9101");
+}
+
+#[test]
+fn budget_exhausted_fails_with_root_cause() {
+    let cluster = HandCluster::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = job_file(
+        dir.path(),
+        "boom",
+        "name = \"boom\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo boom-line; exit 7; : 9102\"]\n[resources]\nnodes = 2\nprocs_per_node = 1\n[failure]\nmax_restarts = 1\n",
+    );
+    let id = submit(&cluster, &spec);
+    let job = wait_state(&cluster, &id, "failed", JOB_TIMEOUT);
+    let reason = job["reason"].as_str().unwrap();
+    let named_rank = (0..2).any(|r| {
+        (1..=2).any(|h| reason.starts_with(&format!("rank {r} on host-{h} exited with code 7")))
+    });
+    assert!(named_rank, "the reason names the rank and host: {reason}");
+    assert!(reason.contains("boom-line"), "{reason}");
+    assert!(
+        reason.contains("1 restart") && reason.contains("budget"),
+        "the reason says the budget was used: {reason}"
+    );
+    assert_eq!(job["restarts"], 1, "{job:#}");
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 2, "{job:#}");
+    no_process_left("9102");
+}
+
+#[test]
+fn signal_death_is_a_failure() {
+    let cluster = HandCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = job_file(
+        dir.path(),
+        "sig",
+        "name = \"sig\"\n[launch]\ncommand = [\"sh\", \"-c\", \"kill -9 $$; : 9103\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
+    );
+    let id = submit(&cluster, &spec);
+    let job = wait_state(&cluster, &id, "failed", JOB_TIMEOUT);
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("rank 0 on host-1 was killed by signal 9"),
+        "{reason}"
+    );
+    assert_eq!(job["ranks"][0]["exit_code"], -9);
+    assert_eq!(job["restarts"], 0);
+    no_process_left("9103");
+}
+
+/// Waits until the job has a committed checkpoint, and returns the job.
+fn wait_checkpoint(cluster: &HandCluster, id: &str) -> Value {
+    eventually(JOB_TIMEOUT, "a committed checkpoint", || {
+        let j = job(cluster, id);
+        (!j["checkpoints"].as_array()?.is_empty()).then_some(j)
+    })
+}
+
+#[test]
+fn host_killed_resumes_on_a_spare() {
+    let mut cluster = HandCluster::start_with(3, 2000);
+    let dir = tempfile::tempdir().unwrap();
+    let train = ["--steps", "80", "--seed", "9104"];
+    let mut args = train.to_vec();
+    args.extend(["--checkpoint-every", "5", "--step-delay-ms", "100"]);
+    let spec = example_job(dir.path(), "spare", "2", &args, "", "");
+    let id = submit(&cluster, &spec);
+    wait_state(&cluster, &id, "running", JOB_TIMEOUT);
+    let before = wait_checkpoint(&cluster, &id);
+    let first = strs(&before["attempts"][0]["nodes"]);
+    assert_eq!(first.len(), 2);
+    let spare = ["host-1", "host-2", "host-3"]
+        .into_iter()
+        .find(|h| !first.iter().any(|f| f == h))
+        .unwrap();
+    // Lose the host of group rank 1.
+    cluster.kill_agent(&first[1]);
+
+    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    assert_eq!(
+        job["restarts"], 0,
+        "a lost host is not the job's fault: {job:#}"
+    );
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job:#}");
+    let end = attempts[0]["end"].as_str().unwrap();
+    assert!(end.contains(&first[1]) && end.contains("lost"), "{end}");
+    let second = strs(&attempts[1]["nodes"]);
+    assert!(
+        second.iter().any(|n| n == spare) && !second.contains(&first[1]),
+        "placed again on the spare: {second:?}"
+    );
+    let last = attempt_logs(&cluster, &id, 1);
+    assert!(last.contains("rank 0] resumed from "), "{last}");
+    assert_eq!(
+        rank0_checksum(&last).as_deref(),
+        Some(reference_checksum(&train).as_str()),
+        "{last}"
+    );
+    no_process_left("--seed 9104");
+}
+
+#[test]
+fn elastic_shrinks_and_grows() {
+    let mut cluster = HandCluster::start_with(3, 2000);
+    let dir = tempfile::tempdir().unwrap();
+    let train = ["--steps", "150", "--seed", "9105"];
+    let mut args = train.to_vec();
+    args.extend(["--checkpoint-every", "5", "--step-delay-ms", "100"]);
+    let spec = example_job(
+        dir.path(),
+        "elastic",
+        "\"2:3\"",
+        &args,
+        "grace = \"20s\"",
+        "",
+    );
+    let id = submit(&cluster, &spec);
+    wait_state(&cluster, &id, "running", JOB_TIMEOUT);
+    let before = wait_checkpoint(&cluster, &id);
+    assert_eq!(
+        before["attempts"][0]["world_size"], 3,
+        "starts at its maximum: {before:#}"
+    );
+    // Lose host-3 (no group rank 0 there unless placement put it first).
+    let victim = strs(&before["attempts"][0]["nodes"])[2].clone();
+    let victim_index: u32 = victim.strip_prefix("host-").unwrap().parse().unwrap();
+    cluster.kill_agent(&victim);
+    let shrunk = eventually(JOB_TIMEOUT, "an attempt of world size 2", || {
+        let j = job(&cluster, &id);
+        (j["attempts"]
+            .as_array()?
+            .iter()
+            .any(|a| a["world_size"] == 2)
+            && j["state"] == "running")
+            .then_some(j)
+    });
+    assert_eq!(shrunk["restarts"], 0, "{shrunk:#}");
+    // The host comes back: the job grows back to 3 at its next checkpoint.
+    cluster.start_agent(victim_index);
+    cluster.wait_agents_up(3);
+    let grown = eventually(
+        JOB_TIMEOUT,
+        "an attempt of world size 3 after the shrink",
+        || {
+            let j = job(&cluster, &id);
+            let attempts = j["attempts"].as_array()?;
+            let shrink_at = attempts.iter().position(|a| a["world_size"] == 2)?;
+            attempts[shrink_at + 1..]
+                .iter()
+                .any(|a| a["world_size"] == 3)
+                .then_some(j)
+        },
+    );
+    let attempts = grown["attempts"].as_array().unwrap();
+    let grow_end = attempts
+        .iter()
+        .filter_map(|a| a["end"].as_str())
+        .find(|e| e.starts_with("growing"))
+        .unwrap_or_else(|| panic!("no attempt ended growing: {grown:#}"));
+    assert!(grow_end.contains("from 2 to 3 hosts"), "{grow_end}");
+    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    assert_eq!(job["restarts"], 0, "membership changes are free: {job:#}");
+    let n = job["attempts"].as_array().unwrap().len() as u32;
+    let last = attempt_logs(&cluster, &id, n - 1);
+    assert!(last.contains("rank 0] resumed from "), "{last}");
+    assert!(last.contains("rank 2] final checksum"), "{last}");
+    assert_eq!(
+        rank0_checksum(&last).as_deref(),
+        Some(reference_checksum(&train).as_str()),
+        "{last}"
+    );
+    no_process_left("--seed 9105");
+}
+
+#[test]
+fn hang_is_detected_and_restarted() {
+    let cluster = HandCluster::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let train = ["--steps", "12", "--seed", "9106"];
+    let mut args = train.to_vec();
+    args.extend(["--checkpoint-every", "2", "--hang-at-step", "4"]);
+    let spec = example_job(
+        dir.path(),
+        "hang",
+        "2",
+        &args,
+        "",
+        "[failure]\nmax_restarts = 1\nhang_timeout = \"3s\"\n",
+    );
+    let id = submit(&cluster, &spec);
+    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job:#}");
+    let end = attempts[0]["end"].as_str().unwrap();
+    assert!(end.starts_with("hung: no progress for 3s"), "{end}");
+    assert_eq!(job["restarts"], 1, "a hang spends the budget: {job:#}");
+    let last = attempt_logs(&cluster, &id, 1);
+    assert!(last.contains("rank 0] resumed from "), "{last}");
+    assert_eq!(
+        rank0_checksum(&last).as_deref(),
+        Some(reference_checksum(&train).as_str()),
+        "{last}"
+    );
+    no_process_left("--seed 9106");
+}
+
+#[test]
+fn cancel_with_checkpoint_waits_for_a_commit() {
+    let cluster = HandCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--steps",
+        "100000",
+        "--seed",
+        "9107",
+        "--checkpoint-every",
+        "0",
+        "--step-delay-ms",
+        "100",
+    ];
+    let spec = example_job(
+        dir.path(),
+        "cancel",
+        "1",
+        &args,
+        "signal = \"SIGUSR1\"\ngrace = \"20s\"",
+        "",
+    );
+    let id = submit(&cluster, &spec);
+    // Past step 3 the rank has installed its SIGUSR1 handler.
+    eventually(JOB_TIMEOUT, "step 3", || {
+        logs(&cluster, &id).contains("step 3/").then_some(())
+    });
+    assert!(job(&cluster, &id)["checkpoints"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let (code, body) = curl(
+        "POST",
+        &format!(
+            "http://{}/v1/jobs/{id}/cancel?checkpoint=true",
+            cluster.addr
+        ),
+        &[],
+    );
+    assert_eq!(code, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["state"], "cancelled", "{reply:#}");
+    let checkpoints = reply["checkpoints"].as_array().unwrap();
+    assert_eq!(checkpoints.len(), 1, "committed before the stop: {reply:#}");
+    let path = checkpoints[0]["path"].as_str().unwrap();
+    assert!(
+        path.starts_with(&format!("{}/ckpt/{id}/", dir.path().display())),
+        "{path}"
+    );
+    assert!(Path::new(path).exists(), "{path}");
+    let step = checkpoints[0]["step"].as_u64().unwrap();
+    assert!(step >= 3, "{reply:#}");
+    assert!(
+        logs(&cluster, &id).contains(&format!("checkpoint now: committed step {step}")),
+        "{}",
+        logs(&cluster, &id)
+    );
+    no_process_left("--seed 9107");
+}
+
+#[test]
+fn drain_moves_the_job_and_undrain_brings_the_node_back() {
+    let cluster = HandCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let train = ["--steps", "60", "--seed", "9108"];
+    let mut args = train.to_vec();
+    args.extend(["--checkpoint-every", "0", "--step-delay-ms", "100"]);
+    let spec = example_job(
+        dir.path(),
+        "drain",
+        "2",
+        &args,
+        "signal = \"SIGUSR1\"\ngrace = \"20s\"",
+        "",
+    );
+    let id = submit(&cluster, &spec);
+    wait_state(&cluster, &id, "running", JOB_TIMEOUT);
+    eventually(JOB_TIMEOUT, "step 3", || {
+        logs(&cluster, &id).contains("step 3/").then_some(())
+    });
+    let first = strs(&job(&cluster, &id)["attempts"][0]["nodes"]);
+    let drained = first[1].clone();
+    let (code, body) = curl(
+        "POST",
+        &format!("http://{}/v1/nodes/{drained}/drain", cluster.addr),
+        &[],
+    );
+    assert_eq!(code, 200, "{body}");
+    let node: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(node["drained"], true);
+
+    let job1 = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    let attempts = job1["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job1:#}");
+    let end = attempts[0]["end"].as_str().unwrap();
+    assert_eq!(
+        end,
+        format!("node {drained} was drained (after a checkpoint)"),
+        "{job1:#}"
+    );
+    assert!(!strs(&attempts[1]["nodes"]).contains(&drained), "{job1:#}");
+    assert_eq!(job1["restarts"], 0, "a drain is free: {job1:#}");
+    let last = attempt_logs(&cluster, &id, 1);
+    assert!(last.contains("rank 0] resumed from "), "{last}");
+    assert_eq!(
+        rank0_checksum(&last).as_deref(),
+        Some(reference_checksum(&train).as_str()),
+        "{last}"
+    );
+
+    // Nothing new lands on a drained node: a job that needs every host waits for it.
+    let all = job_file(
+        dir.path(),
+        "all",
+        "name = \"all\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo on $TRAINCTL_NODE_ADDR; : 9108\"]\n[resources]\nnodes = 3\nprocs_per_node = 1\n",
+    );
+    let all_id = submit(&cluster, &all);
+    std::thread::sleep(Duration::from_secs(2));
+    let pending = job(&cluster, &all_id);
+    assert_eq!(pending["state"], "pending", "{pending:#}");
+    let (code, body) = curl(
+        "POST",
+        &format!("http://{}/v1/nodes/{drained}/undrain", cluster.addr),
+        &[],
+    );
+    assert_eq!(code, 200, "{body}");
+    let done = wait_state(&cluster, &all_id, "succeeded", JOB_TIMEOUT);
+    assert!(strs(&done["attempts"][0]["nodes"]).contains(&drained));
+    no_process_left("--seed 9108");
+    no_process_left("9108");
+}
+
+#[test]
+fn nodes_rm_unblocks_the_queue() {
+    let mut cluster = HandCluster::start_with(2, 2000);
+    let dir = tempfile::tempdir().unwrap();
+    // A node that is up and not drained cannot be removed.
+    let (code, body) = curl(
+        "DELETE",
+        &format!("http://{}/v1/nodes/host-2", cluster.addr),
+        &[],
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("drain it first"), "{body}");
+
+    cluster.kill_agent("host-2");
+    eventually(Duration::from_secs(20), "host-2 down", || {
+        let nodes = cluster.json(&["nodes"]);
+        nodes
+            .as_array()?
+            .iter()
+            .any(|n| n["name"] == "host-2" && n["status"] == "down")
+            .then_some(())
+    });
+    let both = job_file(
+        dir.path(),
+        "both",
+        "name = \"both\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo both; : 9109\"]\n[resources]\nnodes = 2\nprocs_per_node = 1\n",
+    );
+    let one = job_file(
+        dir.path(),
+        "one",
+        "name = \"one\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo one; : 9109\"]\n[resources]\nnodes = \"1:2\"\nprocs_per_node = 1\n",
+    );
+    let both_id = submit(&cluster, &both);
+    let one_id = submit(&cluster, &one);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(job(&cluster, &both_id)["state"], "pending");
+    assert_eq!(
+        job(&cluster, &one_id)["state"],
+        "pending",
+        "jobs queue in order behind the gang that waits"
+    );
+
+    let (code, body) = curl(
+        "DELETE",
+        &format!("http://{}/v1/nodes/host-2", cluster.addr),
+        &[],
+    );
+    assert_eq!(code, 204, "{body}");
+    let nodes = cluster.json(&["nodes"]);
+    assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes:#}");
+    // The job that needs 2 hosts can never run on 1: it fails, saying so; the queue moves on.
+    let failed = wait_state(&cluster, &both_id, "failed", JOB_TIMEOUT);
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(reason.contains("2 hosts"), "{reason}");
+    let ran = wait_state(&cluster, &one_id, "succeeded", JOB_TIMEOUT);
+    assert_eq!(strs(&ran["attempts"][0]["nodes"]), ["host-1"]);
+    no_process_left("9109");
+}
+
+/// The rank's checkpoint endpoint, driven by curl from inside a job as a training script would.
+const AUTH_SCRIPT: &str = r#"
+u="$TRAINCTL_AGENT_URL/v1/checkpoints"
+d="$TRAINCTL_CHECKPOINT_DIR"
+mkdir -p "$d"
+c() { curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' "$@" "$u"; }
+auth="Authorization: Bearer $TRAINCTL_JOB_TOKEN"
+if [ "$TORCHELASTIC_RESTART_COUNT" = 0 ]; then
+  echo "no-token $(c -d "{\"path\":\"$d/step-1\",\"step\":1}")"
+  echo "wrong-token $(c -H 'Authorization: Bearer nope' -d "{\"path\":\"$d/step-1\",\"step\":1}")"
+  echo "inside $(c -H "$auth" -d "{\"path\":\"$d/step-1\",\"step\":1}")"
+  echo "outside $(c -H "$auth" -d '{"path":"/etc/passwd","step":2}')"
+  echo "climbing $(c -H "$auth" -d "{\"path\":\"$d/../x\",\"step\":2}")"
+  echo "other-job $(c -H "$auth" -d "{\"path\":\"$d/step-2\",\"step\":2,\"job\":\"999\"}")"
+  echo "$TRAINCTL_JOB_TOKEN" > "$d/old-token"
+  exit 5
+fi
+echo "stale-token $(c -H "Authorization: Bearer $(cat "$d/old-token")" -d "{\"path\":\"$d/step-3\",\"step\":3}")"
+echo "new-token $(c -H "$auth" -d "{\"path\":\"$d/step-4\",\"step\":4}")"
+"#;
+
+#[test]
+fn checkpoint_commit_auth() {
+    let cluster = HandCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("auth-9110.sh");
+    std::fs::write(&script, AUTH_SCRIPT).unwrap();
+    let spec = job_file(
+        dir.path(),
+        "auth",
+        &format!(
+            "name = \"auth\"\n[launch]\ncommand = [\"sh\", \"{}\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n[failure]\nmax_restarts = 1\n[checkpoint]\ndir = \"{}/ckpt/{{job}}\"\n",
+            script.display(),
+            dir.path().display()
+        ),
+    );
+    let id = submit(&cluster, &spec);
+    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    let first = attempt_logs(&cluster, &id, 0);
+    for (what, code) in [
+        ("no-token", 401),
+        ("wrong-token", 401),
+        ("inside", 200),
+        ("outside", 422),
+        ("climbing", 422),
+        ("other-job", 403),
+    ] {
+        let line = format!("[host-1 rank 0] {what} {code}");
+        assert!(first.lines().any(|l| l == line), "want {line:?}: {first}");
+    }
+    let second = attempt_logs(&cluster, &id, 1);
+    for (what, code) in [("stale-token", 409), ("new-token", 200)] {
+        let line = format!("[host-1 rank 0] {what} {code}");
+        assert!(second.lines().any(|l| l == line), "want {line:?}: {second}");
+    }
+    let steps: Vec<u64> = job["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [1, 4],
+        "only the accepted commits are recorded: {job:#}"
+    );
+    no_process_left("auth-9110");
+}
+
+#[test]
+fn coordinator_restarted_in_the_middle_of_a_restart() {
+    let mut cluster = HandCluster::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let train = ["--steps", "30", "--seed", "9111"];
+    let mut args = train.to_vec();
+    args.extend([
+        "--checkpoint-every",
+        "2",
+        "--fail-at-step",
+        "5",
+        "--fail-rank",
+        "1",
+        "--step-delay-ms",
+        "100",
+    ]);
+    let spec = example_job(
+        dir.path(),
+        "coord",
+        "2",
+        &args,
+        "",
+        "[failure]\nmax_restarts = 1\n",
+    );
+    let id = submit(&cluster, &spec);
+    // Kill the coordinator as soon as it has seen the failure.
+    eventually(JOB_TIMEOUT, "the injected failure", || {
+        let j = job(&cluster, &id);
+        (j["restarts"] == 1).then_some(())
+    });
+    cluster.kill_coordinator();
+    std::thread::sleep(Duration::from_millis(1500));
+    let data = cluster.coordinator_dir();
+    cluster.start_coordinator(&data);
+
+    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    assert_eq!(job["restarts"], 1, "{job:#}");
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job:#}");
+    assert!(attempts[0]["end"]
+        .as_str()
+        .unwrap()
+        .starts_with("rank 1 on host-2 exited with code 3"));
+    let last = attempt_logs(&cluster, &id, 1);
+    assert!(last.contains("rank 0] resumed from "), "{last}");
+    assert_eq!(
+        rank0_checksum(&last).as_deref(),
+        Some(reference_checksum(&train).as_str()),
+        "{last}"
+    );
+    no_process_left("--seed 9111");
+}
