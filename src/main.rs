@@ -449,7 +449,8 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 None
             };
             if let Some(d) = &before {
-                if target.output == Output::Human {
+                let live = matches!(d.summary.state.as_str(), "starting" | "running");
+                if target.output == Output::Human && live {
                     match d.spec.checkpoint.as_ref().and_then(|c| c.signal.as_deref()) {
                         Some(signal) => eprintln!(
                             "sending {signal} to job {job}'s ranks and waiting up to {:.0}s for a checkpoint commit",

@@ -258,7 +258,14 @@ pub fn job_detail(d: &JobDetail) -> String {
                     .map(|c| c.to_string())
                     .unwrap_or_else(|| "-".into()),
                 r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                r.message.clone().unwrap_or_default(),
+                // A multi-line message (the last output) is in full in the reason above.
+                r.message
+                    .as_deref()
+                    .map(|m| match m.split_once('\n') {
+                        Some((first, _)) => format!("{first} (...)"),
+                        None => m.to_string(),
+                    })
+                    .unwrap_or_default(),
             ]);
         }
         for line in table(&rows).lines() {
