@@ -79,8 +79,9 @@ enum Cmd {
         /// Declare this many GPUs on every agent (development without GPUs).
         #[arg(long)]
         gpus_per_agent: Option<u32>,
-        /// A host not heard from for this long is lost and its jobs fail.
-        #[arg(long, default_value_t = 10_000)]
+        /// A host not heard from for this long is lost; its jobs are placed again elsewhere.
+        /// 4 heartbeats at the default interval of 500 ms.
+        #[arg(long, default_value_t = trainctl_coordinator::server::DEFAULT_NODE_TIMEOUT_MS)]
         node_timeout_ms: u64,
         /// `json`: print the cluster's addresses as one JSON line once it is ready.
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human)]
@@ -182,8 +183,9 @@ enum Cmd {
         /// How often agents heartbeat.
         #[arg(long, default_value_t = 500)]
         heartbeat_interval_ms: u32,
-        /// A host not heard from for this long is lost and its jobs fail.
-        #[arg(long, default_value_t = 10_000)]
+        /// A host not heard from for this long is lost; its jobs are placed again elsewhere.
+        /// 4 heartbeats at the default interval of 500 ms.
+        #[arg(long, default_value_t = trainctl_coordinator::server::DEFAULT_NODE_TIMEOUT_MS)]
         node_timeout_ms: u64,
         /// SIGTERM-to-SIGKILL grace when stopping ranks.
         #[arg(long, default_value_t = 10_000)]
@@ -1299,4 +1301,67 @@ async fn demo_chaos(
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chaos_job_is_elastic_and_checkpoints_inside_the_data_dir() {
+        let spec = chaos_spec(4, Path::new("/tmp/demo/checkpoints")).unwrap();
+        assert_eq!(spec.resources.node_range(), (2, 4));
+        assert_eq!(spec.failure.max_restarts, 2);
+        let checkpoint = spec.checkpoint.expect("a [checkpoint] table");
+        assert_eq!(checkpoint.dir, "/tmp/demo/checkpoints/{job}");
+        assert_eq!(checkpoint.signal.as_deref(), Some("SIGUSR1"));
+    }
+
+    #[test]
+    fn the_reference_run_is_deterministic() {
+        // The value a 4-host run that lost a host mid-run ended with (`demo --chaos`).
+        assert_eq!(chaos_reference_checksum().unwrap(), "0x27d179672376135b");
+    }
+
+    #[test]
+    fn last_step_reads_the_newest_step_line() {
+        let line = |text: &str| trainctl_coordinator::api::LogLine {
+            rank: 0,
+            node: "node-1".into(),
+            text: text.into(),
+        };
+        let lines = vec![
+            line("step 8/60 loss 0.1"),
+            line("step 9/60 loss 0.1"),
+            line("checkpoint step 10 committed: /x/step-10"),
+        ];
+        assert_eq!(last_step(&lines), Some(9));
+        assert_eq!(last_step(&[]), None);
+    }
+
+    #[test]
+    fn nodes_lists_without_a_subcommand_and_removes_with_rm() {
+        let cli = Cli::try_parse_from(["trainctl", "nodes", "-o", "json"]).unwrap();
+        assert!(matches!(cli.command, Cmd::Nodes { command: None, .. }));
+        let cli = Cli::try_parse_from(["trainctl", "nodes", "rm", "node-2"]).unwrap();
+        assert!(
+            matches!(cli.command, Cmd::Nodes { command: Some(NodesCmd::Rm { ref node, .. }), .. } if node == "node-2")
+        );
+        let cli = Cli::try_parse_from([
+            "trainctl",
+            "checkpoint",
+            "commit",
+            "/c/step-5",
+            "--step",
+            "5",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Cmd::Checkpoint {
+                command: CheckpointCmd::Commit { step: 5, .. }
+            }
+        ));
+        assert!(Cli::try_parse_from(["trainctl", "checkpoint", "commit", "/c"]).is_err());
+    }
 }

@@ -364,3 +364,89 @@ pub fn node_table(nodes: &[NodeView]) -> String {
     }
     table(&rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_table_shows_the_first_line_of_a_long_end() {
+        let attempts = vec![
+            AttemptView {
+                attempt: 0,
+                nodes: vec!["node-1".into(), "node-2".into()],
+                world_size: 2,
+                started_at_ms: 1_000,
+                ended_at_ms: Some(3_500),
+                end: Some("rank 1 on node-2 exited with code 1\nlast output:\n  boom".into()),
+            },
+            AttemptView {
+                attempt: 1,
+                nodes: vec!["node-1".into()],
+                world_size: 1,
+                started_at_ms: 4_000,
+                ended_at_ms: Some(5_000),
+                end: Some("succeeded".into()),
+            },
+        ];
+        let text = attempt_table(&attempts);
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(text.contains("node-1,node-2  2      "), "{text}");
+        assert!(
+            text.contains("2.5s      rank 1 on node-2 exited with code 1 (...)"),
+            "{text}"
+        );
+        assert!(!text.contains("boom"), "{text}");
+        assert!(
+            text.lines()
+                .last()
+                .unwrap()
+                .ends_with("1.0s      succeeded"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn drained_nodes_say_so() {
+        let node = |name: &str, drained: bool| NodeView {
+            name: name.into(),
+            address: "127.0.0.2".into(),
+            hostname: "h".into(),
+            status: "up".into(),
+            status_reason: None,
+            cpus: 2,
+            cpus_allocated: 0,
+            memory_mib: 1024,
+            memory_allocated_mib: 0,
+            gpus: 0,
+            gpus_allocated: 0,
+            gpu_models: vec![],
+            rdma: vec![],
+            jobs: vec![],
+            drained,
+        };
+        let text = node_table(&[node("node-1", false), node("node-2", true)]);
+        assert!(text.lines().nth(1).unwrap().contains(" up "), "{text}");
+        assert!(
+            text.lines().nth(2).unwrap().contains(" up,DRAINED "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn checkpoints_are_listed_newest_first() {
+        let ck = |step: u64| CheckpointView {
+            path: format!("/ckpt/step-{step}"),
+            step,
+            committed_at_ms: now_ms(),
+            attempt: 0,
+            job: Some("1".into()),
+            metrics: None,
+        };
+        let text = checkpoint_table(&[ck(10), ck(20)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].starts_with("20 "), "{text}");
+        assert!(lines[2].starts_with("10 "), "{text}");
+        assert_eq!(checkpoint_table(&[]), "no checkpoints committed\n");
+    }
+}
