@@ -874,6 +874,32 @@ pub struct PgidJournal {
     lock: Mutex<()>,
 }
 
+/// An exclusive `flock` on `<journal>.lock`, held for one read-modify-write of the journal. The
+/// in-process mutex orders this agent's threads; this orders processes: an old agent's reaper and
+/// a new agent may touch the same journal at once, and without it one's rewrite loses the other's.
+struct JournalLock {
+    _file: fs::File,
+}
+
+impl JournalLock {
+    fn acquire(journal: &Path) -> io::Result<JournalLock> {
+        use std::os::fd::AsRawFd as _;
+        let mut name = journal.as_os_str().to_owned();
+        name.push(".lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(PathBuf::from(name))?;
+        // SAFETY: `flock` on a descriptor we own for the call's duration; no memory is shared. The
+        // lock is released when `file` is closed (on drop).
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(JournalLock { _file: file })
+    }
+}
+
 impl PgidJournal {
     /// Opens (creating if needed) the journal `JOURNAL_FILE_NAME` in `data_dir`.
     pub fn open(data_dir: &Path) -> io::Result<Self> {
@@ -902,6 +928,7 @@ impl PgidJournal {
             ));
         }
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _file_lock = JournalLock::acquire(&self.path)?;
         let mut entries = self.load()?;
         entries.retain(|e| e.pgid != pgid);
         entries.push(JournalEntry {
@@ -915,6 +942,7 @@ impl PgidJournal {
     /// Forgets a group (it was terminated or exited on its own).
     pub fn remove(&self, pgid: i32) -> io::Result<()> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _file_lock = JournalLock::acquire(&self.path)?;
         let mut entries = self.load()?;
         entries.retain(|e| e.pgid != pgid);
         self.store(&entries)
@@ -923,6 +951,7 @@ impl PgidJournal {
     /// The recorded groups. Malformed lines are skipped with a warning.
     pub fn entries(&self) -> io::Result<Vec<JournalEntry>> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _file_lock = JournalLock::acquire(&self.path)?;
         self.load()
     }
 
@@ -935,6 +964,13 @@ impl PgidJournal {
     /// the id was recycled and nothing is killed. The signals are sent, not waited for.
     pub fn reap_leftovers(&self) -> Vec<Reaped> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _file_lock = match JournalLock::acquire(&self.path) {
+            Ok(lock) => lock,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot lock the pgid journal; leftovers not reaped");
+                return Vec::new();
+            }
+        };
         let entries = match self.load() {
             Ok(entries) => entries,
             Err(e) => {

@@ -626,3 +626,27 @@ fn unsafe_kill(pid: i32) {
         .args(["-KILL", &pid.to_string()])
         .status();
 }
+
+/// Regression: an old agent's reaper and a new agent rewrote the same journal without a common
+/// lock, so one's read-modify-write could drop the other's entry. Two journals on one directory
+/// (two processes in life) recording at once must keep every entry.
+#[test]
+fn two_journals_on_one_directory_lose_no_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let path = dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                let journal = PgidJournal::open(&path).unwrap();
+                for i in 0..150 {
+                    journal.record(10_000 + w * 1_000 + i, 1, "7").unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let entries = PgidJournal::open(dir.path()).unwrap().entries().unwrap();
+    assert_eq!(entries.len(), 300);
+}

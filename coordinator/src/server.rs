@@ -52,13 +52,20 @@ impl CoordinatorConfig {
             data_dir,
             server_id: 1,
             advertise_addr,
-            heartbeat_interval_ms: 500,
-            node_timeout_ms: 10_000,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             stop_grace_ms: 10_000,
             max_connections: 4096,
         }
     }
 }
+
+/// How often agents heartbeat by default. A heartbeat with nothing to report is held by the
+/// coordinator up to this long (a long poll), so a host is heard from about this often.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u32 = 500;
+/// A host silent this long is lost by default: four heartbeats, so one late or lost beat on a busy
+/// host is no loss, and a dead host's gang is placed again within about two seconds.
+pub const DEFAULT_NODE_TIMEOUT_MS: u64 = 2_000;
 
 /// Errors of a write through Raft, for the API and the agent service to map.
 #[derive(Debug, thiserror::Error)]
@@ -455,6 +462,7 @@ async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Recei
     let mut was_leader = false;
     // When the leader first saw room for each elastic job to grow (wall clock, ms).
     let mut grow_seen: HashMap<JobId, u64> = HashMap::new();
+    let mut last_pass = Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(LIVENESS_PERIOD_MS)) => {}
@@ -480,6 +488,26 @@ async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Recei
         }
         was_leader = leader;
         if !leader {
+            continue;
+        }
+        // If this loop itself was held up (an overloaded coordinator, a long fsync, a suspended
+        // process), silence is ours, not the agents': give every node a fresh timeout rather than
+        // declaring healthy hosts lost.
+        let late = last_pass.elapsed();
+        last_pass = Instant::now();
+        if late >= timeout / 2 {
+            warn!(
+                late_ms = late.as_millis() as u64,
+                "the liveness check ran late; not counting the gap against any node"
+            );
+            let now = Instant::now();
+            let mut heard = coordinator
+                .last_heard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for t in heard.values_mut() {
+                *t = now;
+            }
             continue;
         }
         let silent: Vec<(NodeId, Duration)> = {
