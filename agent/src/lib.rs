@@ -54,6 +54,19 @@ pub const FINAL_REPORT_DEADLINE_MS: u64 = 10_000;
 pub const LEFTOVER_GRACE_MS: u64 = 1_000;
 /// Largest heartbeat reply the agent accepts (assignments carry each job's environment once).
 pub const MAX_HEARTBEAT_REPLY_BYTES: usize = 64 << 20;
+/// Times in a row the coordinator may fail to store a rank's output before the agent gives those
+/// lines up (they stay in the agent's run dir) so the rank's end can still be reported.
+pub const LOG_STORE_FAILURES_MAX: u32 = 8;
+/// Longest wait before offering output again to a coordinator that could not store it.
+pub const LOG_RETRY_BACKOFF_MAX_MS: u64 = 5_000;
+
+/// Wait before the next offer of a rank's output after `failures` failed stores in a row: 100 ms,
+/// doubling, at most [`LOG_RETRY_BACKOFF_MAX_MS`].
+pub fn log_retry_backoff(failures: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << failures.min(16).saturating_sub(1));
+    Duration::from_millis(ms.min(LOG_RETRY_BACKOFF_MAX_MS))
+}
+
 /// Lines of a failed rank's output quoted in its failure message.
 pub const FAILURE_TAIL_LINES: usize = 10;
 /// Longest failure message (output tail and error file) sent for one rank.
@@ -95,6 +108,9 @@ struct RankEntry {
     stop_grace: Duration,
     /// For a failed rank: the end of its output and its error file, sent with its exit.
     exit_note: Option<String>,
+    /// Failed stores of this rank's output in a row, and when to offer it again.
+    log_failures: u32,
+    log_retry_at: Option<std::time::Instant>,
 }
 
 impl RankEntry {
@@ -500,6 +516,25 @@ impl Agent {
                     rank: ack.rank,
                 };
                 if let Some(entry) = ranks.get_mut(&key) {
+                    if !ack.error.is_empty() {
+                        entry.log_failures += 1;
+                        if entry.log_failures >= LOG_STORE_FAILURES_MAX {
+                            // Defined outcome of a broken log store: the lines are given up (they
+                            // stay in this agent's run dir) so the rank's end is still reported.
+                            warn!(job = %key.job_id, rank = key.rank, error = %ack.error, path = %entry.log_path.display(),
+                                "the coordinator cannot store this rank's output; giving it up (kept on this host)");
+                            entry.shipped = file_len(&entry.log_path);
+                            entry.log_failures = 0;
+                            entry.log_retry_at = None;
+                        } else {
+                            entry.log_retry_at = Some(
+                                std::time::Instant::now() + log_retry_backoff(entry.log_failures),
+                            );
+                        }
+                        continue;
+                    }
+                    entry.log_failures = 0;
+                    entry.log_retry_at = None;
                     // The coordinator's word is the truth, even backwards: if it lost the tail of a
                     // log (a crash before the bytes reached its disk), we resend from where it is.
                     entry.shipped = ack.stored_until;
@@ -681,6 +716,8 @@ impl Agent {
             acknowledged: false,
             stop_grace,
             exit_note: None,
+            log_failures: 0,
+            log_retry_at: None,
         };
         match process::spawn_rank(spec).await {
             Err(e) => {
@@ -773,9 +810,13 @@ impl Agent {
 
     /// Whether some output is not shipped yet, or some rank's end is not yet acknowledged.
     fn has_news(&self) -> bool {
-        lock(&self.ranks)
-            .values()
-            .any(|e| file_len(&e.log_path) > e.shipped || (e.ended() && !e.acknowledged))
+        let now = std::time::Instant::now();
+        lock(&self.ranks).values().any(|e| {
+            let backing_off = e.log_retry_at.is_some_and(|t| t > now);
+            let unshipped = file_len(&e.log_path) > e.shipped;
+            // An end waits for its output; while that waits out a backoff there is nothing to say.
+            (!backing_off && unshipped) || (e.ended() && !e.acknowledged && !unshipped)
+        })
     }
 
     /// Whether the coordinator has the final state of every rank this agent started.
@@ -860,9 +901,11 @@ fn observe(ranks: &Ranks) -> (Vec<RankReport>, Vec<LogChunk>, Vec<RankKey>) {
     let mut chunks = Vec::new();
     let mut finals = Vec::new();
     let mut budget = LOG_BYTES_PER_HEARTBEAT;
+    let now = std::time::Instant::now();
     for (key, e) in ranks.iter() {
         let len = file_len(&e.log_path);
-        if len > e.shipped && budget > 0 {
+        let backing_off = e.log_retry_at.is_some_and(|t| t > now);
+        if len > e.shipped && budget > 0 && !backing_off {
             let max = LOG_CHUNK_BYTES.min(budget);
             match read_chunk(&e.log_path, e.shipped, max) {
                 Ok(data) if !data.is_empty() => {
@@ -907,4 +950,20 @@ fn observe(ranks: &Ranks) -> (Vec<RankReport>, Vec<LogChunk>, Vec<RankKey>) {
         });
     }
     (reports, chunks, finals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_a_coordinator_cannot_store_is_offered_again_ever_more_slowly() {
+        let waits: Vec<u64> = (1..=8)
+            .map(|n| log_retry_backoff(n).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        // The give-up point comes after about 15 s of retries, not never.
+        let total: u64 = waits[..LOG_STORE_FAILURES_MAX as usize - 1].iter().sum();
+        assert!((5_000..=30_000).contains(&total), "{total}");
+    }
 }

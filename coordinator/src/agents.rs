@@ -376,11 +376,20 @@ async fn store_logs(
                     attempt: ch.attempt,
                     rank: ch.rank,
                     stored_until: stored,
+                    error: String::new(),
                 }),
-                // Unacknowledged, the chunk comes again next heartbeat; the rest of the heartbeat
-                // (reports, cancellations, launches) must not wait on a full or broken disk.
+                // The agent retries with a backoff, and gives the lines up after a bounded number of
+                // failures; the rest of the heartbeat (reports, cancellations, launches) must not
+                // wait on a full or broken disk.
                 Err(e) => {
-                    tracing::error!(job, rank = ch.rank, error = %e, "could not store a log chunk")
+                    tracing::error!(job, rank = ch.rank, error = %e, "could not store a log chunk");
+                    acks.push(LogAck {
+                        job_id: ch.job_id,
+                        attempt: ch.attempt,
+                        rank: ch.rank,
+                        stored_until: ch.offset,
+                        error: e.to_string(),
+                    });
                 }
             }
         }

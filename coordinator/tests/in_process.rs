@@ -1087,3 +1087,37 @@ async fn the_state_survives_a_restart_after_a_raft_snapshot() {
     assert_eq!(after.1, before.1, "nodes after the restart");
     c.stop().await;
 }
+
+/// Regression: a log store that cannot write (disk full, unwritable) said nothing, so agents re-sent
+/// the chunk every 20 ms forever and the rank's end was never reported. Now the failure is in the
+/// acknowledgement (the agent backs off, then gives the lines up), and the rest of the beat works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_store_that_cannot_write_says_so_in_the_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let mut agent = FakeAgent::connect(&c, 1).await;
+    agent.register(4, 0).await;
+    let id = c.submit(spec("ddp", 1, 1, 0)).await;
+    let a = agent.wait_for_assignment().await;
+    // Where the job's logs would go is now a file: no directory can be made there, even by root.
+    let logs = dir.path().join("logs");
+    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::write(&logs, b"not a directory").unwrap();
+    let chunk = LogChunk {
+        job_id: id.clone(),
+        attempt: 0,
+        rank: 0,
+        offset: 0,
+        data: b"hello\n".to_vec(),
+    };
+    let response = agent
+        .heartbeat(report_all(&a, RankPhase::Running, 0), vec![chunk])
+        .await;
+    assert_eq!(response.log_acks.len(), 1);
+    let ack = &response.log_acks[0];
+    assert_eq!(ack.stored_until, 0);
+    assert!(!ack.error.is_empty(), "{ack:?}");
+    // The report in the same beat was applied all the same.
+    c.wait_for_job_state(&id, "running").await;
+    c.stop().await;
+}
