@@ -67,6 +67,9 @@ pub fn log_retry_backoff(failures: u32) -> Duration {
     Duration::from_millis(ms.min(LOG_RETRY_BACKOFF_MAX_MS))
 }
 
+/// How soon a rank end the coordinator deferred is reported again.
+pub const DEFERRED_REPORT_RETRY_MS: u64 = 200;
+
 /// Lines of a failed rank's output quoted in its failure message.
 pub const FAILURE_TAIL_LINES: usize = 10;
 /// Longest failure message (output tail and error file) sent for one rank.
@@ -108,6 +111,8 @@ struct RankEntry {
     stop_grace: Duration,
     /// For a failed rank: the end of its output and its error file, sent with its exit.
     exit_note: Option<String>,
+    /// The coordinator deferred this rank's end (a peer host is silent): report it again after this.
+    report_retry_at: Option<std::time::Instant>,
     /// Failed stores of this rank's output in a row, and when to offer it again.
     log_failures: u32,
     log_retry_at: Option<std::time::Instant>,
@@ -540,9 +545,25 @@ impl Agent {
                     entry.shipped = ack.stored_until;
                 }
             }
+            let deferred: BTreeSet<RankKey> = response
+                .deferred
+                .iter()
+                .map(|d| RankKey {
+                    job_id: d.job_id.clone(),
+                    attempt: d.attempt,
+                    rank: d.rank,
+                })
+                .collect();
             for key in finals {
                 if let Some(entry) = ranks.get_mut(&key) {
-                    entry.acknowledged = true;
+                    if deferred.contains(&key) {
+                        entry.report_retry_at = Some(
+                            std::time::Instant::now()
+                                + Duration::from_millis(DEFERRED_REPORT_RETRY_MS),
+                        );
+                    } else {
+                        entry.acknowledged = true;
+                    }
                 }
             }
         }
@@ -716,6 +737,7 @@ impl Agent {
             acknowledged: false,
             stop_grace,
             exit_note: None,
+            report_retry_at: None,
             log_failures: 0,
             log_retry_at: None,
         };
@@ -814,8 +836,9 @@ impl Agent {
         lock(&self.ranks).values().any(|e| {
             let backing_off = e.log_retry_at.is_some_and(|t| t > now);
             let unshipped = file_len(&e.log_path) > e.shipped;
+            let deferred = e.report_retry_at.is_some_and(|t| t > now);
             // An end waits for its output; while that waits out a backoff there is nothing to say.
-            (!backing_off && unshipped) || (e.ended() && !e.acknowledged && !unshipped)
+            (!backing_off && unshipped) || (e.ended() && !e.acknowledged && !unshipped && !deferred)
         })
     }
 

@@ -13,8 +13,8 @@ use tonic::{Request, Response, Status};
 use trainctl_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
 use trainctl_proto::agent::{
     Assignment, CommitCheckpointRequest, CommitCheckpointResponse, HeartbeatRequest,
-    HeartbeatResponse, LogAck, RankAssignment, RankPhase as WirePhase, RankReport, RegisterRequest,
-    RegisterResponse,
+    HeartbeatResponse, LogAck, RankAssignment, RankPhase as WirePhase, RankRef, RankReport,
+    RegisterRequest, RegisterResponse,
 };
 
 use crate::launch::rank_launches;
@@ -185,6 +185,7 @@ impl AgentService for AgentEndpoint {
         }
 
         let (observations, idle_jobs) = c.state.read(|s| changed_observations(s, &node, &hb.ranks));
+        let (observations, deferred) = defer_failures_behind_silent_peers(c, &node, observations);
         let gone_attempts = c.state.read(|s| gone_attempts(s, &node, &hb.ranks));
         if !observations.is_empty() || !idle_jobs.is_empty() || !gone_attempts.is_empty() {
             c.write(Command::ReportRanks {
@@ -201,6 +202,8 @@ impl AgentService for AgentEndpoint {
 
         // Subscribe before reading, so no change between the two is missed.
         let mut changes = c.state.subscribe();
+        // While this beat is held, the node is alive (a dead agent's connection drops the guard).
+        let _holding = HoldGuard::new(c, &node);
         let read = || {
             c.state
                 .read(|s| assignments_for(s, &node, c.config.stop_grace_ms))
@@ -225,6 +228,7 @@ impl AgentService for AgentEndpoint {
             assignments,
             log_acks,
             register_again: false,
+            deferred,
         }))
     }
 
@@ -318,6 +322,105 @@ impl AgentService for AgentEndpoint {
     }
 }
 
+/// Counts a node's held heartbeat for as long as it lives.
+struct HoldGuard<'a> {
+    coordinator: &'a Coordinator,
+    node: NodeId,
+}
+
+impl<'a> HoldGuard<'a> {
+    fn new(coordinator: &'a Coordinator, node: &NodeId) -> Self {
+        *coordinator
+            .holding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(node.clone())
+            .or_default() += 1;
+        HoldGuard {
+            coordinator,
+            node: node.clone(),
+        }
+    }
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        let mut holding = self
+            .coordinator
+            .holding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = holding.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Splits off the rank failures that must wait for the gang's other hosts to show they are alive
+/// (see [`crate::supervise::failure_may_apply`]); returns the observations to apply now and the
+/// deferred ranks.
+fn defer_failures_behind_silent_peers(
+    c: &Coordinator,
+    node: &NodeId,
+    observations: Vec<RankObservation>,
+) -> (Vec<RankObservation>, Vec<RankRef>) {
+    let now = std::time::Instant::now();
+    let timeout = Duration::from_millis(c.config.node_timeout_ms);
+    let mut apply = Vec::new();
+    let mut deferred = Vec::new();
+    for obs in observations {
+        let failed = match obs.phase {
+            RankPhase::FailedToStart | RankPhase::Lost => true,
+            RankPhase::Exited => obs.exit_code != Some(0),
+            _ => false,
+        };
+        if !failed {
+            apply.push(obs);
+            continue;
+        }
+        let key = (obs.job, obs.attempt, obs.rank);
+        let first_seen = *c
+            .failures_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_insert(now);
+        let peers: Vec<NodeId> = c.state.read(|s| {
+            s.jobs
+                .get(&obs.job)
+                .and_then(|j| j.allocation.as_ref())
+                .map(|a| {
+                    a.nodes
+                        .iter()
+                        .filter(|na| &na.node != node && !na.released)
+                        .map(|na| na.node.clone())
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        let peers_alive = peers.iter().all(|p| c.alive_since(p, first_seen));
+        if crate::supervise::failure_may_apply(peers_alive, now - first_seen, timeout) {
+            c.failures_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+            apply.push(obs);
+        } else {
+            deferred.push(RankRef {
+                job_id: obs.job.to_string(),
+                attempt: obs.attempt,
+                rank: obs.rank,
+            });
+        }
+    }
+    // Forget failures that were never applied (their attempt was replaced meanwhile).
+    c.failures_seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|_, seen| now - *seen < timeout * 10);
+    (apply, deferred)
+}
+
 /// Earlier attempts that held a share on `node` and of which the agent reports no running rank: their
 /// processes are gone, so their retired shares can be freed.
 pub fn gone_attempts(s: &State, node: &NodeId, reports: &[RankReport]) -> Vec<(JobId, u32)> {
@@ -352,10 +455,7 @@ async fn store_logs(
             .filter(|ch| {
                 s.jobs
                     .get(&JobId(ch.job_id.parse().unwrap_or(0)))
-                    .is_some_and(|j| {
-                        j.attempt == ch.attempt
-                            && j.ranks.iter().any(|r| r.rank == ch.rank && &r.node == node)
-                    })
+                    .is_some_and(|j| j.rank_ran_on(ch.attempt, ch.rank, node))
             })
             .map(|ch| (ch.job_id.parse().unwrap_or(0), ch.attempt, ch.rank))
             .collect()
@@ -366,7 +466,22 @@ async fn store_logs(
         let mut budget = MAX_LOG_BYTES_PER_HEARTBEAT;
         for ch in chunks {
             let job: u64 = ch.job_id.parse().unwrap_or(0);
-            if !allowed.contains(&(job, ch.attempt, ch.rank)) || budget < ch.data.len() {
+            if !allowed.contains(&(job, ch.attempt, ch.rank)) {
+                // Not a rank this node ran: say so, so the agent stops offering it (after its
+                // bounded retries) instead of holding the rank's end back forever.
+                acks.push(LogAck {
+                    error: format!(
+                        "rank {} of attempt {} of job {} did not run on this node",
+                        ch.rank, ch.attempt, ch.job_id
+                    ),
+                    job_id: ch.job_id,
+                    attempt: ch.attempt,
+                    rank: ch.rank,
+                    stored_until: ch.offset,
+                });
+                continue;
+            }
+            if budget < ch.data.len() {
                 continue;
             }
             budget -= ch.data.len();

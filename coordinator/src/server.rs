@@ -89,6 +89,11 @@ pub struct Coordinator {
     /// When each running job last made progress, on which attempt, and its newest step (leader-local;
     /// a new leader starts every clock afresh).
     pub progress: Mutex<HashMap<JobId, JobProgress>>,
+    /// Held heartbeats (long polls) in progress per node: a node holding one is alive right now.
+    pub holding: Mutex<HashMap<NodeId, usize>>,
+    /// When each rank failure was first reported (leader-local), while it waits for its gang's
+    /// other hosts to show they are alive.
+    pub failures_seen: Mutex<HashMap<(JobId, u32, u32), Instant>>,
     pub metrics: crate::api::Metrics,
     pub started_at: Instant,
     /// Writes go through one queue so that concurrent ones share a log entry and an fsync.
@@ -158,6 +163,25 @@ impl Coordinator {
         }
     }
 
+    /// Whether `node` has shown it is alive since `t`: it holds a heartbeat open now, or one arrived
+    /// after `t`.
+    pub fn alive_since(&self, node: &NodeId, t: Instant) -> bool {
+        let holding = self
+            .holding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .copied()
+            .unwrap_or(0);
+        holding > 0
+            || self
+                .last_heard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(node)
+                .is_some_and(|heard| *heard > t)
+    }
+
     /// Notes that `node`'s agent was just heard from.
     pub fn heard_from(&self, node: &NodeId) {
         self.last_heard
@@ -221,6 +245,8 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
         logs,
         last_heard: Mutex::new(HashMap::new()),
         progress: Mutex::new(HashMap::new()),
+        holding: Mutex::new(HashMap::new()),
+        failures_seen: Mutex::new(HashMap::new()),
         metrics: crate::api::Metrics::default(),
         started_at: Instant::now(),
     }))
@@ -602,7 +628,7 @@ async fn supervise_jobs(coordinator: &Coordinator, grow_seen: &mut HashMap<JobId
                     }
                     supervise::Grow::Now(c) => {
                         grow_seen.remove(&job.id);
-                        commands.push(c);
+                        commands.push(*c);
                     }
                 }
             }

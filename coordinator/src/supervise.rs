@@ -13,6 +13,17 @@ use crate::state::{AttemptEnd, Command, Job, JobState, State};
 /// the larger size anyway (capped by its own `[checkpoint] grace`).
 pub const GROW_WAIT_MAX_MS: u64 = 60_000;
 
+/// Whether a rank failure may be applied now. A lost host makes its peers fail within milliseconds
+/// (their connections break), long before the host is declared lost; applied at once, that failure
+/// would spend a restart and restart the gang in place on the dead host. So a failure first seen
+/// `seen_for` ago waits until every other host of the gang has shown it is alive since
+/// (`peers_alive`): then the failure is the job's own. If a peer stays silent it is declared lost
+/// within the node timeout, the gang is placed again for free, and the failure no longer applies;
+/// past `node_timeout` plus a margin the failure applies regardless, so none waits forever.
+pub fn failure_may_apply(peers_alive: bool, seen_for: Duration, node_timeout: Duration) -> bool {
+    peers_alive || seen_for >= node_timeout + node_timeout / 2
+}
+
 /// "10m", "1m30s", "45s", "800ms".
 pub fn human_duration(d: Duration) -> String {
     let ms = d.as_millis() as u64;
@@ -68,7 +79,7 @@ pub enum Grow {
     /// Room for `extra_nodes` more hosts; waiting for the next checkpoint commit.
     Wait { extra_nodes: u32 },
     /// Restart now at the larger size.
-    Now(Command),
+    Now(Box<Command>),
 }
 
 /// How many more hosts of this job's shape fit on the nodes it does not use.
@@ -131,7 +142,7 @@ pub fn grow_decision(
     let committed_since = job.checkpoints.last().is_some_and(|c| c.at_ms >= since);
     let waited_enough = now_ms.saturating_sub(since) >= policy.grace_ms.min(GROW_WAIT_MAX_MS);
     if committed_since || waited_enough {
-        Grow::Now(Command::RestartJob {
+        Grow::Now(Box::new(Command::RestartJob {
             job: job.id,
             attempt: job.attempt,
             reason: format!(
@@ -146,7 +157,7 @@ pub fn grow_decision(
             ),
             end: AttemptEnd::Resize,
             at_ms: now_ms,
-        })
+        }))
     } else {
         Grow::Wait { extra_nodes: extra }
     }
@@ -155,6 +166,27 @@ pub fn grow_decision(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_waits_for_silent_peers_but_never_past_the_node_timeout() {
+        let timeout = Duration::from_millis(2_000);
+        let ms = Duration::from_millis;
+        // (peers alive since, seen for, applies)
+        let cases = [
+            (true, ms(0), true),
+            (false, ms(0), false),
+            (false, ms(1_900), false),
+            (false, ms(2_999), false),
+            (false, ms(3_000), true),
+        ];
+        for (alive, seen, applies) in cases {
+            assert_eq!(
+                failure_may_apply(alive, seen, timeout),
+                applies,
+                "{alive} {seen:?}"
+            );
+        }
+    }
 
     #[test]
     fn durations_read_as_people_write_them() {

@@ -172,6 +172,20 @@ impl Job {
         self.checkpoints.last().or(self.resume_from.as_ref())
     }
 
+    /// Whether `rank` of `attempt` ran on `node`: the current attempt's ranks, or an earlier attempt's
+    /// hosts in group-rank order. An earlier attempt's output is still shipped after a restart.
+    pub fn rank_ran_on(&self, attempt: u32, rank: u32, node: &NodeId) -> bool {
+        if attempt == self.attempt && !self.ranks.is_empty() {
+            return self.ranks.iter().any(|r| r.rank == rank && &r.node == node);
+        }
+        let procs = self.spec.resources.procs_per_node.max(1);
+        self.attempts
+            .iter()
+            .find(|a| a.attempt == attempt)
+            .and_then(|a| a.nodes.get((rank / procs) as usize))
+            .is_some_and(|n| n == node)
+    }
+
     /// `TRAINCTL_JOB_TOKEN` of the current attempt.
     pub fn token(&self) -> String {
         attempt_token(&self.secret, self.id, self.attempt)
