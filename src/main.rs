@@ -190,6 +190,9 @@ enum Cmd {
         /// SIGTERM-to-SIGKILL grace when stopping ranks.
         #[arg(long, default_value_t = 10_000)]
         stop_grace_ms: u32,
+        /// Rank logs of a job are deleted this many days after it ended.
+        #[arg(long, default_value_t = 30)]
+        log_retention_days: u64,
     },
     /// Run an agent on this host.
     Agent {
@@ -214,6 +217,9 @@ enum Cmd {
         /// Port of the endpoint this host's ranks commit checkpoints to (TRAINCTL_AGENT_URL); 0 picks a free one.
         #[arg(long, default_value_t = 0)]
         api_port: u16,
+        /// Local copies of rank logs (run directories) untouched this many days are deleted.
+        #[arg(long, default_value_t = 7)]
+        run_retention_days: u64,
     },
     /// Internal: started by an agent; kills the agent's ranks when the agent dies.
     #[command(hide = true)]
@@ -529,6 +535,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             heartbeat_interval_ms,
             node_timeout_ms,
             stop_grace_ms,
+            log_retention_days,
         } => {
             init_logging("info,openraft=warn");
             let listener = tokio::net::TcpListener::bind(&listen)
@@ -545,6 +552,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             config.heartbeat_interval_ms = heartbeat_interval_ms;
             config.node_timeout_ms = node_timeout_ms;
             config.stop_grace_ms = stop_grace_ms;
+            config.log_retention_ms = log_retention_days.saturating_mul(24 * 3600 * 1000);
             let shutdown = shutdown_on_signals()?;
             let coordinator = trainctl_coordinator::server::open(config).await?;
             trainctl_coordinator::server::run(coordinator, listener, shutdown).await?;
@@ -558,6 +566,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             gpus,
             port_range,
             api_port,
+            run_retention_days,
         } => {
             init_logging("info");
             let port_range = parse_port_range(&port_range)?;
@@ -575,6 +584,9 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 port_range,
                 self_exe: std::env::current_exe().context("find this program's path")?,
                 api_port,
+                run_retention: std::time::Duration::from_secs(
+                    run_retention_days.saturating_mul(24 * 3600),
+                ),
             };
             let shutdown = shutdown_on_signals()?;
             trainctl_agent::run(config, shutdown).await?;

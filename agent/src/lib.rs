@@ -12,11 +12,13 @@
 //!   journal that lets a restarted agent kill what a crashed one left.
 //! - [`reconcile`]: desired ranks + tracked ranks -> actions.
 //! - [`rank_api`]: the HTTP endpoint ranks commit checkpoints and report progress to.
+//! - [`retention`]: old run directories (local copies of rank logs) are deleted after 7 days.
 
 pub mod discovery;
 pub mod process;
 pub mod rank_api;
 pub mod reconcile;
+pub mod retention;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Seek, SeekFrom};
@@ -94,6 +96,8 @@ pub struct AgentConfig {
     pub self_exe: PathBuf,
     /// Port of the endpoint ranks commit checkpoints to (`TRAINCTL_AGENT_URL`); 0 picks a free one.
     pub api_port: u16,
+    /// Run directories (local rank logs) untouched this long are deleted.
+    pub run_retention: Duration,
 }
 
 /// What the agent knows of one rank it started.
@@ -277,6 +281,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
 
     let mut registered = false;
     let mut backoff = Duration::from_millis(100);
+    let mut next_sweep = tokio::time::Instant::now();
     while !*shutdown.borrow() {
         if !registered {
             match agent.register().await {
@@ -291,6 +296,24 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                     continue;
                 }
             }
+        }
+        if tokio::time::Instant::now() >= next_sweep {
+            next_sweep = tokio::time::Instant::now() + retention::RUN_RETENTION_SWEEP;
+            let cluster = agent
+                .cluster_id
+                .clone()
+                .unwrap_or_else(|| "unnamed".to_string());
+            let live: BTreeSet<(String, String, u32)> = lock(&agent.ranks)
+                .keys()
+                .map(|k| (cluster.clone(), k.job_id.clone(), k.attempt))
+                .collect();
+            let (data_dir, keep) = (agent.config.data_dir.clone(), agent.config.run_retention);
+            tokio::task::spawn_blocking(move || {
+                let gone = retention::sweep(&data_dir, &live, keep);
+                if gone > 0 {
+                    info!(gone, "deleted run directories past their retention");
+                }
+            });
         }
         // Nothing to report: let the coordinator hold the beat until there is work (long poll).
         let news = agent.has_news();

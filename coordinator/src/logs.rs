@@ -42,6 +42,34 @@ impl LogStore {
         }
     }
 
+    /// Deletes every stored line of `job` (all attempts). Missing logs are not an error.
+    pub fn remove_job(&self, job: JobId) -> io::Result<()> {
+        match fs::remove_dir_all(self.root.join(format!("job-{job}"))) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The jobs that have logs here.
+    pub fn jobs(&self) -> io::Result<Vec<JobId>> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        Ok(entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("job-")?
+                    .parse()
+                    .ok()
+                    .map(JobId)
+            })
+            .collect())
+    }
+
     fn path(&self, job: JobId, attempt: u32, rank: u32) -> PathBuf {
         self.root
             .join(format!("job-{job}"))

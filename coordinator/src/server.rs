@@ -43,6 +43,8 @@ pub struct CoordinatorConfig {
     pub stop_grace_ms: u32,
     /// Most requests (API and agent) served at once; more wait their turn.
     pub max_connections: usize,
+    /// Rank logs of a job are deleted this long after it ended (each coordinator prunes its own).
+    pub log_retention_ms: u64,
 }
 
 impl CoordinatorConfig {
@@ -56,6 +58,7 @@ impl CoordinatorConfig {
             node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             stop_grace_ms: 10_000,
             max_connections: 4096,
+            log_retention_ms: DEFAULT_LOG_RETENTION_MS,
         }
     }
 }
@@ -66,6 +69,11 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u32 = 500;
 /// A host silent this long is lost by default: four heartbeats, so one late or lost beat on a busy
 /// host is no loss, and a dead host's gang is placed again within about two seconds.
 pub const DEFAULT_NODE_TIMEOUT_MS: u64 = 2_000;
+
+/// Rank logs are kept this long after their job ended: 30 days.
+pub const DEFAULT_LOG_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
+/// How often the coordinator looks for logs past their retention.
+pub const LOG_RETENTION_SWEEP_MS: u64 = 10 * 60 * 1000;
 
 /// Errors of a write through Raft, for the API and the agent service to map.
 #[derive(Debug, thiserror::Error)]
@@ -342,6 +350,7 @@ pub async fn run(
 
     let scheduler = tokio::spawn(scheduling_loop(coordinator.clone(), shutdown.clone()));
     let liveness = tokio::spawn(liveness_loop(coordinator.clone(), shutdown.clone()));
+    let retention = tokio::spawn(log_retention_loop(coordinator.clone(), shutdown.clone()));
     info!(%local, "coordinator serving REST, gRPC and Raft");
 
     let graceful = async move {
@@ -357,6 +366,7 @@ pub async fn run(
         .context("serve")?;
     scheduler.await.ok();
     liveness.await.ok();
+    retention.await.ok();
     coordinator.raft.shutdown().await.ok();
     Ok(())
 }
@@ -570,6 +580,57 @@ async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Recei
     }
 }
 
+/// The jobs whose logs are past retention: ended more than `retention_ms` before `now_ms`, or no
+/// longer in the state at all.
+pub fn logs_past_retention(
+    state: &crate::state::State,
+    with_logs: &[JobId],
+    now_ms: u64,
+    retention_ms: u64,
+) -> Vec<JobId> {
+    with_logs
+        .iter()
+        .copied()
+        .filter(|id| match state.jobs.get(id) {
+            None => true,
+            Some(j) => j
+                .finished_at_ms
+                .is_some_and(|f| j.state.is_terminal() && now_ms.saturating_sub(f) >= retention_ms),
+        })
+        .collect()
+}
+
+/// Deletes rank logs of jobs that ended longer ago than the retention, every
+/// [`LOG_RETENTION_SWEEP_MS`] (and once at start).
+async fn log_retention_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let store = coordinator.logs.clone();
+        let with_logs = tokio::task::spawn_blocking(move || store.jobs())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let expired = coordinator.state.read(|s| {
+            logs_past_retention(s, &with_logs, now_ms(), coordinator.config.log_retention_ms)
+        });
+        for job in expired {
+            let store = coordinator.logs.clone();
+            match tokio::task::spawn_blocking(move || store.remove_job(job)).await {
+                Ok(Ok(())) => info!(%job, "deleted the logs of a job past the log retention"),
+                Ok(Err(e)) => warn!(%job, error = %e, "could not delete old logs"),
+                Err(_) => {}
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(LOG_RETENTION_SWEEP_MS)) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
 /// How often the leader checks for silent nodes, hung gangs and room to grow.
 pub const LIVENESS_PERIOD_MS: u64 = 250;
 
@@ -660,4 +721,43 @@ pub fn job_counts(coordinator: &Coordinator) -> BTreeMap<&'static str, u64> {
         }
         counts
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, CommandOutcome, State};
+
+    #[test]
+    fn logs_go_once_their_job_ended_longer_ago_than_the_retention() {
+        let mut s = State::default();
+        let spec = trainctl_jobs::JobSpec::from_toml(
+            "name = \"j\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
+            "t.toml",
+        )
+        .unwrap();
+        for at_ms in [1_000, 2_000] {
+            let outcome = s.apply(Command::SubmitJob {
+                spec: spec.clone(),
+                at_ms,
+                secret: String::new(),
+                resume_from_job: None,
+            });
+            assert!(matches!(outcome, CommandOutcome::JobSubmitted { .. }));
+        }
+        // Job 1 cancelled at 5 000; job 2 still queued; job 9 unknown (its state is gone).
+        s.apply(Command::CancelJob {
+            job: JobId(1),
+            at_ms: 5_000,
+        });
+        let with_logs = [JobId(1), JobId(2), JobId(9)];
+        assert_eq!(
+            logs_past_retention(&s, &with_logs, 5_500, 1_000),
+            [JobId(9)]
+        );
+        assert_eq!(
+            logs_past_retention(&s, &with_logs, 6_000, 1_000),
+            [JobId(1), JobId(9)]
+        );
+    }
 }

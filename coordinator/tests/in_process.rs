@@ -412,7 +412,9 @@ async fn a_gang_runs_to_success_through_rest_and_the_agent_protocol() {
     // Refused, and said so (the agent gives such output up after a few tries).
     assert_eq!(response.log_acks.len(), 1, "{:?}", response.log_acks);
     assert_eq!(response.log_acks[0].stored_until, 0);
-    assert!(response.log_acks[0].error.contains("did not run on this node"));
+    assert!(response.log_acks[0]
+        .error
+        .contains("did not run on this node"));
 
     // Every rank prints and exits 0; the lines ride on the heartbeat that reports the exit.
     for (agent, a) in agents.iter_mut().zip(&assignments) {
