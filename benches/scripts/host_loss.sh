@@ -44,7 +44,7 @@ import json, statistics, sys
 work, runs, profile, nt = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 rs = [json.load(open(f"{work}/run-{i}.json")) for i in range(1, runs + 1)]
 print(f"\nhost loss -> resumed gang, {runs} runs, trainctl {profile} build, --node-timeout-ms {nt}; seconds from the SIGKILL")
-print(f"{"phase":<48} {'p50':>7} {'min':>7} {'max':>7}")
+print(f"{'phase':<48} {'p50':>7} {'min':>7} {'max':>7}")
 rows = [("detected (attempt 0 ended: host declared lost)", "detected"),
         ("placed (attempt 1 started in Raft)", "placed"),
         ("started (both new rank processes exist)", "started"),
