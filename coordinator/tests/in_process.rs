@@ -1126,3 +1126,28 @@ async fn a_log_store_that_cannot_write_says_so_in_the_ack() {
     c.wait_for_job_state(&id, "running").await;
     c.stop().await;
 }
+
+/// Regression: every rank's assignment carried the job's whole environment, so a job with a large
+/// `[launch] env` and 8 ranks per host made a heartbeat reply bigger than an agent's 4 MiB decode
+/// limit, and the host was locked out of all its work while it still counted as up. The job's
+/// environment now travels once per assignment (and a spec is at most 1 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_with_a_large_environment_still_reaches_a_host_running_many_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let mut agent = FakeAgent::connect(&c, 1).await;
+    agent.register(16, 0).await;
+    let big: serde_json::Map<String, Value> = (0..15)
+        .map(|i| (format!("BIG_{i}"), json!("x".repeat(60_000))))
+        .collect();
+    let mut job = spec("big-env", 1, 8, 0);
+    job["launch"]["env"] = Value::Object(big);
+    let id = c.submit(job).await;
+    // A default tonic client (4 MiB decode limit) gets the assignment: 8 x 900 KB would not fit.
+    let a = agent.wait_for_assignment().await;
+    assert_eq!(a.job_id, id);
+    assert_eq!(a.ranks.len(), 8);
+    assert_eq!(a.job_env.len(), 15);
+    assert!(a.ranks.iter().all(|r| !r.env.contains_key("BIG_0")));
+    c.stop().await;
+}
