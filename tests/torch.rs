@@ -1,12 +1,16 @@
 //! A real client no one here wrote: PyTorch's `torch.distributed` (gloo, CPU), launched by trainctl on a
-//! local cluster of 2 hosts x 2 ranks, finding its peers through MASTER_ADDR/MASTER_PORT.
+//! local cluster of 2 hosts x 2 ranks, finding its peers through MASTER_ADDR/MASTER_PORT; and the same
+//! example checkpointing through the trainctl contract and resuming on a spare after its host is killed.
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use common::{repo, DevCluster};
+use serde_json::Value;
+
+use common::{eventually, job_file, processes_with, repo, DevCluster, HandCluster};
 
 /// The virtual environment's python, created (with torch) by scripts/python-env.sh if needed.
 fn python_with_torch() -> PathBuf {
@@ -61,4 +65,218 @@ fn pytorch_ddp_job_runs_across_two_hosts() {
         "{logs}"
     );
     assert!(!logs.contains("TORCH_DDP_FAIL"), "{logs}");
+}
+
+/// A job file running the ddp-torch example with `python` (an absolute path: agents of a hand-started
+/// cluster inherit this process's PATH) on `nodes` hosts x `procs` ranks, checkpointing under `dir/ckpt`.
+fn torch_job(
+    dir: &Path,
+    name: &str,
+    python: &Path,
+    nodes: u32,
+    procs: u32,
+    args: &[&str],
+) -> PathBuf {
+    let argv: Vec<String> = [python.to_str().unwrap(), "-u", "train.py"]
+        .iter()
+        .chain(args)
+        .map(|a| format!("{a:?}"))
+        .collect();
+    let workdir = repo().join("jobs/examples/ddp-torch");
+    job_file(
+        dir,
+        name,
+        &format!(
+            "name = \"{name}\"\n[launch]\ncommand = [{}]\nworkdir = {:?}\nenv = {{ PYTHONUNBUFFERED = \"1\", OMP_NUM_THREADS = \"1\" }}\n\
+             [resources]\nnodes = {nodes}\nprocs_per_node = {procs}\ngpus_per_node = 0\n\
+             [failure]\nmax_restarts = 2\n[checkpoint]\ndir = \"{}/ckpt/{{job}}\"\nkeep = 2\n",
+            argv.join(", "),
+            workdir.to_str().unwrap(),
+            dir.display()
+        ),
+    )
+}
+
+fn submit(cluster: &HandCluster, file: &Path) -> String {
+    let out = cluster.cli(&["submit", file.to_str().unwrap(), "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "submit {} failed: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// Waits for `state`; panics at once (with the job and its logs) if the job ends in another state.
+fn wait_state(cluster: &HandCluster, id: &str, state: &str, timeout: Duration) -> Value {
+    let start = Instant::now();
+    let mut last = Value::Null;
+    loop {
+        let j = cluster.json(&["status", id]);
+        if j["state"] == state {
+            return j;
+        }
+        if !j.is_null() {
+            last = j;
+        }
+        let ended =
+            ["succeeded", "failed", "cancelled"].contains(&last["state"].as_str().unwrap_or(""));
+        if ended || start.elapsed() > timeout {
+            panic!(
+                "job {id} is {} (waited {:?} for {state}): {last:#}\nlogs:\n{}",
+                last["state"],
+                start.elapsed(),
+                String::from_utf8_lossy(&cluster.cli(&["logs", id]).stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every line of one attempt's output, as `trainctl logs ID --attempt N` prints it.
+fn attempt_logs(cluster: &HandCluster, id: &str, attempt: u64) -> String {
+    let out = cluster.cli(&["logs", id, "--attempt", &attempt.to_string()]);
+    assert!(
+        out.status.success(),
+        "trainctl logs {id} --attempt {attempt} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The checksum of rank 0's `TORCH_DDP_OK` line.
+fn torch_checksum(logs: &str) -> Option<String> {
+    logs.lines()
+        .filter(|l| l.contains(" rank 0] TORCH_DDP_OK "))
+        .find_map(|l| l.split("checksum=").nth(1))
+        .map(|c| c.trim().to_string())
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn pytorch_job_resumes_on_a_spare_after_its_host_is_killed() {
+    let t0 = Instant::now();
+    let python = python_with_torch();
+    let mut cluster = HandCluster::start_with(3, 2000);
+    let dir = tempfile::tempdir().unwrap();
+    // The seed is this test's marker: every rank's command line carries it.
+    let args = [
+        "--steps",
+        "12",
+        "--seed",
+        "4729",
+        "--checkpoint-every",
+        "2",
+        "--step-delay-ms",
+        "700",
+    ];
+    let marker = "--seed 4729";
+    let timeout = Duration::from_secs(120);
+
+    // The reference: the same job, uninterrupted.
+    let reference = submit(
+        &cluster,
+        &torch_job(dir.path(), "reference", &python, 2, 1, &args),
+    );
+    let done = wait_state(&cluster, &reference, "succeeded", timeout);
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 1, "{done:#}");
+    let ref_logs = attempt_logs(&cluster, &reference, 0);
+    let expected = torch_checksum(&ref_logs).unwrap_or_else(|| panic!("no checksum: {ref_logs}"));
+    assert!(!ref_logs.contains("RESUMED"), "{ref_logs}");
+    eprintln!("reference run done after {:?}", t0.elapsed());
+
+    let id = submit(
+        &cluster,
+        &torch_job(dir.path(), "resumed", &python, 2, 1, &args),
+    );
+    wait_state(&cluster, &id, "running", timeout);
+    let before = eventually(timeout, "a committed checkpoint", || {
+        let j = cluster.json(&["status", &id]);
+        if j["state"] != "running" {
+            return None;
+        }
+        (!j["checkpoints"].as_array()?.is_empty()).then_some(j)
+    });
+    let first = strs(&before["attempts"][0]["nodes"]);
+    assert_eq!(first.len(), 2, "{before:#}");
+    let spare = ["host-1", "host-2", "host-3"]
+        .into_iter()
+        .find(|h| !first.iter().any(|f| f == h))
+        .unwrap();
+    // Lose the host of rank 0 (the process group's store), mid-run, after a commit.
+    let victim = before["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rank"] == 0)
+        .and_then(|r| r["node"].as_str())
+        .unwrap_or_else(|| panic!("no rank 0 in {before:#}"))
+        .to_string();
+    assert!(first.contains(&victim), "{before:#}");
+    let committed = before["checkpoints"][0]["step"].as_u64().unwrap();
+    eprintln!(
+        "killing {victim} (rank 0) after {:?}, checkpoint step {committed} committed",
+        t0.elapsed()
+    );
+    cluster.kill_agent(&victim);
+
+    let job = wait_state(&cluster, &id, "succeeded", timeout);
+    eprintln!("resumed job succeeded after {:?}", t0.elapsed());
+    assert_eq!(
+        job["restarts"], 0,
+        "a lost host is not the job's fault: {job:#}"
+    );
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job:#}");
+    let end = attempts[0]["end"].as_str().unwrap_or_default();
+    assert!(end.contains(&victim) && end.contains("lost"), "{end}");
+    let second = strs(&attempts[1]["nodes"]);
+    assert!(
+        second.iter().any(|n| n == spare) && !second.contains(&victim),
+        "placed again on the spare {spare}: {second:?}\n{job:#}"
+    );
+    let last_attempt = attempts[1]["attempt"].as_u64().unwrap_or(1);
+    let last = attempt_logs(&cluster, &id, last_attempt);
+    for rank in 0..2 {
+        assert!(
+            last.lines()
+                .any(|l| l.contains(&format!(" rank {rank}] RESUMED from="))
+                    && l.contains(&format!("attempt={last_attempt}"))),
+            "rank {rank} did not resume:\n{last}"
+        );
+    }
+    let resumed_step: u64 = last
+        .lines()
+        .filter(|l| l.contains("] RESUMED from="))
+        .find_map(|l| l.split(" step=").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no RESUMED step: {last}"));
+    assert!(resumed_step >= committed && resumed_step < 12, "{last}");
+    assert!(
+        !last.contains(&format!("step {}/12 ", resumed_step)),
+        "steps up to the checkpoint are not run again: {last}"
+    );
+    assert_eq!(
+        torch_checksum(&last).as_deref(),
+        Some(expected.as_str()),
+        "the resumed run ends where the uninterrupted one did:\n{last}"
+    );
+    assert!(!last.contains("TORCH_DDP_FAIL"), "{last}");
+
+    eventually(
+        Duration::from_secs(20),
+        "every python rank of this test gone",
+        || processes_with(marker).is_empty().then_some(()),
+    );
+    eprintln!("total {:?}", t0.elapsed());
 }

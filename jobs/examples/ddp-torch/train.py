@@ -10,19 +10,35 @@ Checks (all exact; any failure makes every rank exit 1 with a TORCH_DDP_FAIL lin
   * all_gather of the ranks equals [0, 1, ..., W-1]
   * after DDP training, the parameters are bit-identical on every rank
 
+Checkpoints (the trainctl contract, standard library + torch only): every --checkpoint-every N steps (default 2
+when TRAINCTL_CHECKPOINT_DIR is set, else off) rank 0 writes model + optimizer state and the step with torch.save
+to $TRAINCTL_CHECKPOINT_DIR/step-N/state.pt atomically (a temp dir renamed into place), every rank waits at a
+barrier, then rank 0 commits it: POST $TRAINCTL_AGENT_URL/v1/checkpoints with the job token. When
+TRAINCTL_RESUME_FROM is set every rank loads that state and continues with the next step. The data of step k
+depends only on (seed, k, rank), so an interrupted and resumed run ends with the same parameters (checksum) as
+an uninterrupted one of the same world size. The checkpoint dir must be visible to every host that may resume
+(shared storage; on one machine, any local dir).
+
 Machine-checkable output:
   every rank:  RANK_JOINED rank=R world_size=W
+  every rank:  RESUMED from=<path> step=<N> attempt=<A>          (only when resuming)
+  rank 0:      CHECKPOINT_COMMITTED step=<N> path=<path>
   rank 0:      TORCH_DDP_OK world_size=W allreduce=<value> ranks=<comma list> checksum=<hex>
 """
 
 import argparse
 import datetime
 import hashlib
+import json
 import os
+import shutil
 import socket
 import struct
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 
 T0 = time.monotonic()
 
@@ -93,16 +109,94 @@ def checksum_hex(flat):
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def step_generator(seed, step, rank):
+    """The data of step `step` on `rank` depends on nothing else (so a resumed run draws the same batches)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + rank + 1)
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt_dir, step, model, opt, loss):
+    """Rank 0: write step-N/state.pt atomically (temp dir, then rename) and return the final directory."""
+    final = os.path.join(ckpt_dir, f"step-{step}")
+    tmp = tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=ckpt_dir)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    try:
+        path = os.path.join(tmp, "state.pt")
+        with open(path, "wb") as f:
+            torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "loss": loss}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if os.path.exists(final):
+            # Left by an attempt that stopped before committing it (a committed one would have been resumed).
+            trash = tempfile.mkdtemp(prefix=f".old-step-{step}-", dir=ckpt_dir)
+            os.replace(final, os.path.join(trash, "old"))
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def commit_checkpoint(path, step, metrics, deadline_s=60.0):
+    """Rank 0: tell the agent the checkpoint is complete; returns once the commit is durable (2xx)."""
+    url = os.environ["TRAINCTL_AGENT_URL"].rstrip("/") + "/v1/checkpoints"
+    body = json.dumps({"path": path, "step": step, "metrics": metrics}).encode()
+    headers = {"Content-Type": "application/json",
+               "Authorization": f"Bearer {os.environ.get('TRAINCTL_JOB_TOKEN', '')}"}
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers, method="POST"), timeout=30):
+                return
+        except (urllib.error.URLError, OSError) as e:
+            code = getattr(e, "code", None)
+            retry = code is None or code == 503  # unreachable, or the coordinator is (503)
+            if not retry or time.monotonic() > end:
+                detail = e.read().decode(errors="replace") if hasattr(e, "read") else ""
+                raise CheckFailed(f"checkpoint commit of step {step} failed: {e} {detail}".strip())
+            time.sleep(0.5)
+
+
+def load_checkpoint(path):
+    file = os.path.join(path, "state.pt") if os.path.isdir(path) else path
+    with open(file, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=SEED, help=f"model and data seed (default {SEED})")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="checkpoint every N steps (default 2 when TRAINCTL_CHECKPOINT_DIR is set, else 0 = off)")
+    parser.add_argument("--step-delay-ms", type=int, default=0, help="sleep this long in every step (testing)")
     parser.add_argument("--inject-mismatch", type=int, default=None, metavar="RANK",
                         help="testing only: perturb one parameter on RANK after training, so the "
                              "cross-rank parameter check must fail (exit 1)")
     args = parser.parse_args()
     if args.steps < 0:
         parser.error("--steps must be >= 0")
+    ckpt_dir = os.environ.get("TRAINCTL_CHECKPOINT_DIR") or None
+    if args.checkpoint_every is None:
+        args.checkpoint_every = 2 if ckpt_dir else 0
+    if args.checkpoint_every < 0 or args.step_delay_ms < 0:
+        parser.error("--checkpoint-every and --step-delay-ms must be >= 0")
+    if args.checkpoint_every and not ckpt_dir:
+        parser.error("--checkpoint-every needs TRAINCTL_CHECKPOINT_DIR (a [checkpoint] dir in the job file)")
+    resume_from = os.environ.get("TRAINCTL_RESUME_FROM") or None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 
     rank = env_int("RANK")
     world = env_int("WORLD_SIZE")
@@ -120,7 +214,7 @@ def main():
         f"agent_store={agent_store or '<unset>'} restart={os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')} "
         f"import_s={time.monotonic() - T0:.2f}")
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
 
     timeout = datetime.timedelta(seconds=env_int("TRAINCTL_DDP_TIMEOUT_S", 120))
     t_init = time.monotonic()
@@ -151,18 +245,28 @@ def main():
 
         # 3. DDP training on synthetic regression data, sharded by rank.
         model = nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+        start = 0
+        if resume_from:
+            state = load_checkpoint(resume_from)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start = int(state["step"])
+            announced = os.environ.get("TRAINCTL_RESUME_STEP")
+            if announced not in (None, "") and int(announced) != start:
+                raise CheckFailed(f"TRAINCTL_RESUME_STEP={announced} but {resume_from} holds step {start}")
+            out(f"RESUMED from={resume_from} step={start} attempt={attempt}")
         ddp = DDP(model)
         log(rank, "model wrapped in DistributedDataParallel")
-        opt = torch.optim.SGD(ddp.parameters(), lr=args.lr)
         loss_fn = nn.MSELoss()
 
         # The target function is shared (same generator seed); each rank draws its own shard of inputs.
-        g_true = torch.Generator().manual_seed(SEED)
+        g_true = torch.Generator().manual_seed(args.seed)
         w_true = torch.randn(IN_FEATURES, 1, generator=g_true)
-        g_data = torch.Generator().manual_seed(SEED + 1 + rank)
 
         first_loss = last_loss = None
-        for step in range(args.steps):
+        for step in range(start, args.steps):
+            g_data = step_generator(args.seed, step + 1, rank)
             x = torch.randn(BATCH_PER_RANK, IN_FEATURES, generator=g_data)
             y = x @ w_true + 0.01 * torch.randn(BATCH_PER_RANK, 1, generator=g_data)
             opt.zero_grad(set_to_none=True)
@@ -176,6 +280,15 @@ def main():
             first_loss = gl if first_loss is None else first_loss
             last_loss = gl
             log(rank, f"step {step + 1}/{args.steps} local_loss {loss.item():.6f} global_loss {gl:.6f}")
+            if args.step_delay_ms:
+                time.sleep(args.step_delay_ms / 1000)
+            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                done = step + 1
+                path = save_checkpoint(ckpt_dir, done, model, opt, gl) if rank == 0 else None
+                dist.barrier()  # every rank finished this step; rank 0's files are complete
+                if rank == 0:
+                    commit_checkpoint(path, done, {"loss": gl})
+                    out(f"CHECKPOINT_COMMITTED step={done} path={path}")
 
         # 4. Parameters bit-identical across ranks: compare with rank 0's copy, and gather checksums.
         if args.inject_mismatch == rank:
@@ -193,7 +306,7 @@ def main():
               f"parameters differ across ranks after training: torch.equal(rank {rank}, rank 0)={same}, "
               f"checksums {sums}", rank)
         log(rank, f"params {flat.numel()} checksum {mine} identical on all {world} ranks"
-                  + (f"; global loss {first_loss:.6f} -> {last_loss:.6f}" if args.steps else ""))
+                  + (f"; global loss {first_loss:.6f} -> {last_loss:.6f}" if last_loss is not None else ""))
 
         dist.barrier()
         if rank == 0:
