@@ -346,7 +346,13 @@ mod tests {
             ("tok-a1".to_string(), "1".to_string(), 1),
             ("tok-b0".to_string(), "2".to_string(), 0),
         ]);
-        let cases: &[(Option<&str>, Option<&str>, Result<(&str, u32), StatusCode>)] = &[
+        /// (token, the body's job, the grant or the status answered)
+        type Case<'a> = (
+            Option<&'a str>,
+            Option<&'a str>,
+            Result<(&'a str, u32), StatusCode>,
+        );
+        let cases: &[Case] = &[
             (None, None, Err(StatusCode::UNAUTHORIZED)),
             (Some("nonsense"), None, Err(StatusCode::UNAUTHORIZED)),
             (Some("tok-a1"), None, Ok(("1", 1))),

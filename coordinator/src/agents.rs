@@ -399,7 +399,21 @@ fn defer_failures_behind_silent_peers(
                 .unwrap_or_default()
         });
         let peers_alive = peers.iter().all(|p| c.alive_since(p, first_seen));
-        if crate::supervise::failure_may_apply(peers_alive, now - first_seen, timeout) {
+        // A failure of the same attempt seen earlier and still waiting is the root cause: this one
+        // waits behind it, so the first failure is the one the attempt ends with.
+        let earlier_waiting = c
+            .failures_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|((job, attempt, rank), seen)| {
+                (*job, *attempt) == (obs.job, obs.attempt)
+                    && *rank != obs.rank
+                    && *seen < first_seen
+            });
+        if !earlier_waiting
+            && crate::supervise::failure_may_apply(peers_alive, now - first_seen, timeout)
+        {
             c.failures_seen
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
