@@ -42,7 +42,10 @@ fn an_agent_killed_mid_job_requeues_the_job_and_leaves_no_process() {
     // A host loss does not fail the job: it waits at the head of the queue for two hosts again,
     // as attempt 1, without spending a restart.
     let job = cluster.wait_state(&id, "pending", Duration::from_secs(30));
-    assert_eq!((job["attempt"].as_u64(), job["restarts"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(
+        (job["attempt"].as_u64(), job["restarts"].as_u64()),
+        (Some(1), Some(0))
+    );
     let end = job["attempts"][0]["end"].as_str().unwrap();
     assert!(
         end.contains("node node-2 was lost") && end.contains("no heartbeat"),
@@ -81,7 +84,10 @@ fn an_agent_cut_off_mid_job_stops_its_ranks_when_it_returns() {
     // A frozen agent is silent, as one behind a network partition is; its ranks keep running.
     signal(agent, libc::SIGSTOP);
     let job = cluster.wait_state(&id, "pending", Duration::from_secs(30));
-    assert!(job["attempts"][0]["end"].as_str().unwrap().contains("node-2"));
+    assert!(job["attempts"][0]["end"]
+        .as_str()
+        .unwrap()
+        .contains("node-2"));
     eventually(Duration::from_secs(20), "node-1's ranks stopped", || {
         (processes_with("sleep 4722.2").len() == 4).then_some(())
     });
