@@ -805,3 +805,35 @@ fn coordinator_restarted_in_the_middle_of_a_restart() {
     );
     no_process_left("--seed 9111");
 }
+
+/// Regression: torch's `TORCHELASTIC_ERROR_FILE` was set but never read. A rank that writes it (as
+/// torch's `@record` does, in the format of `shared/notes/torchrun.md`) and fails has the message and
+/// traceback in the job's reason, before its last output lines.
+#[test]
+fn the_error_file_of_a_failed_rank_is_in_the_reason() {
+    let cluster = HandCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let script = "echo last-words-9104; \
+        printf '%s' '{\"message\": {\"message\": \"ValueError: bad batch 9104\", \"extraInfo\": {\"py_callstack\": \"Traceback (most recent call last):\\n  File \\\"train.py\\\", line 7, in main\", \"timestamp\": \"1\"}}}' > \"$TORCHELASTIC_ERROR_FILE\"; \
+        exit 1";
+    let spec = job_file(
+        dir.path(),
+        "errfile",
+        &format!(
+            "name = \"errfile\"\n[launch]\ncommand = [\"sh\", \"-c\", {script:?}]\n[resources]\nnodes = 1\nprocs_per_node = 1\n"
+        ),
+    );
+    let id = submit(&cluster, &spec);
+    let job = wait_state(&cluster, &id, "failed", JOB_TIMEOUT);
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("rank 0 on host-1 exited with code 1\nerror file: ValueError: bad batch 9104\nTraceback (most recent call last):"),
+        "{reason}"
+    );
+    assert!(reason.contains("line 7, in main"), "{reason}");
+    assert!(
+        reason.contains("last output:\n  last-words-9104"),
+        "{reason}"
+    );
+    no_process_left("9104");
+}

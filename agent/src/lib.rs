@@ -732,6 +732,12 @@ impl Agent {
             }
         }
         let error_file = run_dir.join(rank.local_rank.to_string()).join("error.json");
+        // As torchrun does: the file's directory exists, so `@record` can write it.
+        if let Some(dir) = error_file.parent() {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                warn!(dir = %dir.display(), error = %e, "could not create a rank's error-file directory");
+            }
+        }
         env.push((
             "TORCHELASTIC_ERROR_FILE".to_string(),
             error_file.to_string_lossy().into_owned(),
