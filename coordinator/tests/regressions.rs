@@ -106,12 +106,13 @@ fn a_cut_off_node_that_returns_keeps_its_gpus_and_port_held_while_old_ranks_may_
         reason: "no heartbeat for 10.0s".into(),
         at_ms: 4,
     });
-    assert_eq!(s.jobs[&old].state, JobState::Failed);
+    // Its job waits to be placed again; the node's share is retired, held for the old ranks.
+    assert_eq!(s.jobs[&old].state, JobState::Pending);
     // The same agent process comes back (same instance id): nothing has confirmed its ranks ended.
     assert_eq!(register(&mut s, "agent-a"), CommandOutcome::Done);
     let new = submit_and_place(&mut s, 5);
 
-    let old_alloc = s.jobs[&old].allocation.clone().unwrap();
+    let old_share = s.jobs[&old].retired[0].clone();
     let new_job = &s.jobs[&new];
     assert_eq!(
         new_job.state,
@@ -120,8 +121,8 @@ fn a_cut_off_node_that_returns_keeps_its_gpus_and_port_held_while_old_ranks_may_
          (GPUs {:?}, port {}) were never reported ended by the agent that runs them",
         new_job.allocation.as_ref().map(|a| a.nodes[0].gpus.clone()),
         new_job.allocation.as_ref().map(|a| a.master_port),
-        old_alloc.nodes[0].gpus,
-        old_alloc.master_port,
+        old_share.gpus,
+        old_share.port.unwrap_or_default(),
     );
 }
 
