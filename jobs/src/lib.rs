@@ -247,7 +247,7 @@ impl JobSpec {
     /// field only, as JSON values carry no positions here.
     pub fn from_json(source: &str, origin: &str) -> Result<JobSpec, SpecError> {
         check_source_len(source, origin)?;
-        let result = serde_json::from_str::<serde_json::Value>(source)
+        let result = serde_json::from_str::<node::StrictJson>(source)
             .map_err(|e| {
                 let full = e.to_string();
                 let suffix = format!(" at line {} column {}", e.line(), e.column());
@@ -263,7 +263,7 @@ impl JobSpec {
                     ),
                 }
             })
-            .and_then(|value| {
+            .and_then(|node::StrictJson(value)| {
                 let spec = parse::Walker::new(None).job_spec(&node::Node::from_json(value))?;
                 spec.validate()?;
                 Ok(spec)

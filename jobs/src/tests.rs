@@ -1032,3 +1032,29 @@ fn world_size_saturates_on_unvalidated_specs() {
 }
 
 mod policies;
+
+#[test]
+fn json_refuses_duplicate_keys_as_toml_does() {
+    let base = r#""launch": {"command": ["python3", "t.py"]}, "resources": {"nodes": 1, "procs_per_node": 1}"#;
+    let top = format!(r#"{{"name": "a", "name": "b", {base}}}"#);
+    let err = JobSpec::from_json(&top, "job.json").unwrap_err();
+    assert_eq!(err.kind, SpecErrorKind::Syntax);
+    assert!(
+        err.to_string().starts_with("job.json:1:")
+            && err
+                .to_string()
+                .contains("invalid JSON: duplicate key `name`"),
+        "{err}"
+    );
+    let nested = r#"{"name": "a", "launch": {"command": ["x"]},
+        "resources": {"nodes": 1, "procs_per_node": 1, "nodes": 64}}"#;
+    let err = JobSpec::from_json(nested, "job.json").unwrap_err();
+    assert!(err.to_string().contains("duplicate key `nodes`"), "{err}");
+    let env = r#"{"name": "a", "launch": {"command": ["x"], "env": {"A": "1", "A": "2"}},
+        "resources": {"nodes": 1, "procs_per_node": 1}}"#;
+    let err = JobSpec::from_json(env, "job.json").unwrap_err();
+    assert!(err.to_string().contains("duplicate key `A`"), "{err}");
+    // The same keys once each are fine, and so is one key in two different objects.
+    let ok = format!(r#"{{"name": "a", {base}, "failure": {{"max_restarts": 1}}}}"#);
+    JobSpec::from_json(&ok, "job.json").unwrap();
+}
