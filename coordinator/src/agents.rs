@@ -13,8 +13,8 @@ use tonic::{Request, Response, Status};
 use trainctl_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
 use trainctl_proto::agent::{
     Assignment, CommitCheckpointRequest, CommitCheckpointResponse, HeartbeatRequest,
-    HeartbeatResponse, LogAck, RankAssignment, RankPhase as WirePhase, RankRef, RankReport,
-    RegisterRequest, RegisterResponse,
+    HeartbeatResponse, HostResources, LogAck, RankAssignment, RankPhase as WirePhase, RankRef,
+    RankReport, RegisterRequest, RegisterResponse,
 };
 
 use crate::launch::rank_launches;
@@ -57,26 +57,255 @@ fn write_status(e: WriteError) -> Status {
     }
 }
 
-fn validate_register(r: &RegisterRequest) -> Result<(), Status> {
-    if r.node_name.is_empty() || r.node_name.len() > 253 {
-        return Err(Status::invalid_argument(
-            "node_name must be 1 to 253 characters",
+/// Longest node name, in characters (a DNS label).
+pub const NODE_NAME_CHARS_MAX: usize = 63;
+/// Longest hostname an agent may report, in characters (a DNS name).
+pub const HOSTNAME_CHARS_MAX: usize = 253;
+/// Longest `instance_id` and `agent_version`, in characters.
+pub const AGENT_ID_CHARS_MAX: usize = 128;
+/// Longest GPU name or uuid, RDMA device name or port field, in characters.
+pub const DEVICE_STRING_CHARS_MAX: usize = 128;
+/// Most GPUs one host may report.
+pub const GPUS_PER_HOST_MAX: usize = 1024;
+/// Most CPUs one host may report.
+pub const CPUS_PER_HOST_MAX: u32 = 65_536;
+/// Most memory one host may report, in MiB: 64 TiB.
+pub const MEMORY_PER_HOST_MIB_MAX: u64 = 64 * 1024 * 1024;
+/// Most memory one GPU may report, in MiB: 16 TiB.
+pub const MEMORY_PER_GPU_MIB_MAX: u64 = 16 * 1024 * 1024;
+/// Most RDMA devices one host may report.
+pub const RDMA_DEVICES_PER_HOST_MAX: usize = 256;
+/// Most ports one RDMA device may report.
+pub const RDMA_PORTS_PER_DEVICE_MAX: usize = 256;
+/// Most GIDs one RDMA port may report.
+pub const RDMA_GIDS_PER_PORT_MAX: u32 = 65_536;
+
+/// What a node name may be, for refusals.
+const NODE_NAME_ACCEPTED: &str = "1 to 63 characters of a-z, 0-9, '.', '_' and '-', \
+     starting and ending with a letter or digit";
+
+/// Why `name` is not a node name: 1 to [`NODE_NAME_CHARS_MAX`] characters of `[a-z0-9._-]`,
+/// starting and ending with a letter or digit. Uppercase is refused, not folded: the name is the
+/// node's identity in every heartbeat, log line and allocation, so the coordinator does not
+/// rename it behind the agent's back; the message names the lowercase form to pass instead.
+pub fn node_name_problem(name: &str) -> Option<String> {
+    let shown = escape_for_message(name, NODE_NAME_CHARS_MAX + 1);
+    if name.is_empty() {
+        return Some(format!(
+            "node_name is empty (accepted: {NODE_NAME_ACCEPTED})"
         ));
     }
-    if r.address.parse::<IpAddr>().is_err() {
+    if name.chars().count() > NODE_NAME_CHARS_MAX {
+        return Some(format!(
+            "node_name `{shown}` is {} characters long (accepted: {NODE_NAME_ACCEPTED}); \
+             start the agent with --name <a shorter name>",
+            name.chars().count()
+        ));
+    }
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
+    if name.chars().all(|c| allowed(c.to_ascii_lowercase()))
+        && name.chars().any(|c| c.is_ascii_uppercase())
+    {
+        return Some(format!(
+            "node_name `{shown}` has uppercase letters; node names are not folded to lowercase \
+             (accepted: {NODE_NAME_ACCEPTED}); start the agent with --name {}",
+            name.to_ascii_lowercase()
+        ));
+    }
+    if let Some(bad) = name.chars().find(|&c| !allowed(c)) {
+        return Some(format!(
+            "node_name `{shown}` has the character {} (accepted: {NODE_NAME_ACCEPTED})",
+            escape_for_message(&format!("{bad:?}"), 16)
+        ));
+    }
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !edge_ok(name.chars().next()) || !edge_ok(name.chars().last()) {
+        return Some(format!(
+            "node_name `{shown}` starts or ends with '.', '_' or '-' (accepted: {NODE_NAME_ACCEPTED})"
+        ));
+    }
+    None
+}
+
+/// `s` with control and non-ASCII characters escaped (`\u{1b}`), cut to `max` characters: safe to
+/// quote in an error message that a terminal may print.
+fn escape_for_message(s: &str, max: usize) -> String {
+    let mut out: String = s.chars().take(max).flat_map(char::escape_default).collect();
+    if s.chars().count() > max {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Checks that a reported string is printable ASCII (space to `~`) and at most `max` characters.
+fn printable_field(field: &str, value: &str, max: usize, may_be_empty: bool) -> Result<(), Status> {
+    let accepted = if may_be_empty {
+        format!("0 to {max} printable ASCII characters")
+    } else {
+        format!("1 to {max} printable ASCII characters")
+    };
+    let problem = if value.is_empty() && !may_be_empty {
+        "is empty".to_string()
+    } else if value.chars().count() > max {
+        format!("is {} characters long", value.chars().count())
+    } else if let Some(bad) = value.chars().find(|c| !(' '..='~').contains(c)) {
+        format!(
+            "has the character {}",
+            escape_for_message(&format!("{bad:?}"), 16)
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Status::invalid_argument(format!(
+        "{field} `{}` {problem} (accepted: {accepted})",
+        escape_for_message(value, 64)
+    )))
+}
+
+fn validate_register(r: &RegisterRequest) -> Result<(), Status> {
+    if let Some(problem) = node_name_problem(&r.node_name) {
+        return Err(Status::invalid_argument(problem));
+    }
+    if r.address.len() > 64 || r.address.parse::<IpAddr>().is_err() {
         return Err(Status::invalid_argument(format!(
             "address `{}` is not an IP address; agents advertise an IP other hosts can reach",
-            r.address
+            escape_for_message(&r.address, 64)
         )));
     }
-    if r.instance_id.is_empty() {
-        return Err(Status::invalid_argument("instance_id must not be empty"));
-    }
+    printable_field("instance_id", &r.instance_id, AGENT_ID_CHARS_MAX, false)?;
+    printable_field("agent_version", &r.agent_version, AGENT_ID_CHARS_MAX, true)?;
     let (lo, hi) = (r.port_range_start, r.port_range_end);
     if lo == 0 || hi > u32::from(u16::MAX) || lo > hi {
         return Err(Status::invalid_argument(format!(
             "port range {lo}-{hi} is not a range of TCP ports (1-65535, start <= end)"
         )));
+    }
+    if let Some(res) = &r.resources {
+        validate_resources(res)?;
+    }
+    Ok(())
+}
+
+fn validate_resources(res: &HostResources) -> Result<(), Status> {
+    let invalid = |m: String| Err(Status::invalid_argument(m));
+    printable_field(
+        "resources.hostname",
+        &res.hostname,
+        HOSTNAME_CHARS_MAX,
+        true,
+    )?;
+    if res.cpus > CPUS_PER_HOST_MAX {
+        return invalid(format!(
+            "resources.cpus is {} (accepted: 0 to {CPUS_PER_HOST_MAX} CPUs)",
+            res.cpus
+        ));
+    }
+    if res.memory_mib > MEMORY_PER_HOST_MIB_MAX {
+        return invalid(format!(
+            "resources.memory_mib is {} (accepted: 0 to {MEMORY_PER_HOST_MIB_MAX} MiB, 64 TiB)",
+            res.memory_mib
+        ));
+    }
+    if res.gpus.len() > GPUS_PER_HOST_MAX {
+        return invalid(format!(
+            "resources.gpus lists {} GPUs (accepted: 0 to {GPUS_PER_HOST_MAX} GPUs per host)",
+            res.gpus.len()
+        ));
+    }
+    let mut indices = BTreeSet::new();
+    let mut uuids = BTreeSet::new();
+    for g in &res.gpus {
+        if g.index as usize >= GPUS_PER_HOST_MAX {
+            return invalid(format!(
+                "resources.gpus index {} is out of range (accepted: 0 to {})",
+                g.index,
+                GPUS_PER_HOST_MAX - 1
+            ));
+        }
+        if !indices.insert(g.index) {
+            return invalid(format!(
+                "resources.gpus index {} is listed twice (accepted: each GPU index once)",
+                g.index
+            ));
+        }
+        printable_field(
+            "resources.gpus.name",
+            &g.name,
+            DEVICE_STRING_CHARS_MAX,
+            true,
+        )?;
+        printable_field(
+            "resources.gpus.uuid",
+            &g.uuid,
+            DEVICE_STRING_CHARS_MAX,
+            true,
+        )?;
+        if !g.uuid.is_empty() && !uuids.insert(g.uuid.as_str()) {
+            return invalid(format!(
+                "resources.gpus uuid `{}` is listed twice (accepted: each GPU uuid once, or empty)",
+                g.uuid
+            ));
+        }
+        if g.memory_mib > MEMORY_PER_GPU_MIB_MAX {
+            return invalid(format!(
+                "resources.gpus.memory_mib of GPU {} is {} (accepted: 0 to {MEMORY_PER_GPU_MIB_MAX} MiB, 16 TiB)",
+                g.index, g.memory_mib
+            ));
+        }
+    }
+    if res.rdma_devices.len() > RDMA_DEVICES_PER_HOST_MAX {
+        return invalid(format!(
+            "resources.rdma_devices lists {} devices (accepted: 0 to {RDMA_DEVICES_PER_HOST_MAX})",
+            res.rdma_devices.len()
+        ));
+    }
+    let mut names = BTreeSet::new();
+    for d in &res.rdma_devices {
+        printable_field(
+            "resources.rdma_devices.name",
+            &d.name,
+            DEVICE_STRING_CHARS_MAX,
+            false,
+        )?;
+        if !names.insert(d.name.as_str()) {
+            return invalid(format!(
+                "resources.rdma_devices name `{}` is listed twice (accepted: each device once)",
+                d.name
+            ));
+        }
+        if d.ports.len() > RDMA_PORTS_PER_DEVICE_MAX {
+            return invalid(format!(
+                "resources.rdma_devices.ports of `{}` lists {} ports (accepted: 0 to {RDMA_PORTS_PER_DEVICE_MAX})",
+                d.name,
+                d.ports.len()
+            ));
+        }
+        for p in &d.ports {
+            printable_field(
+                "resources.rdma_devices.ports.state",
+                &p.state,
+                DEVICE_STRING_CHARS_MAX,
+                true,
+            )?;
+            printable_field(
+                "resources.rdma_devices.ports.link_layer",
+                &p.link_layer,
+                DEVICE_STRING_CHARS_MAX,
+                true,
+            )?;
+            printable_field(
+                "resources.rdma_devices.ports.rate",
+                &p.rate,
+                DEVICE_STRING_CHARS_MAX,
+                true,
+            )?;
+            if p.gid_count > RDMA_GIDS_PER_PORT_MAX {
+                return invalid(format!(
+                    "resources.rdma_devices.ports.gid_count of `{}` port {} is {} (accepted: 0 to {RDMA_GIDS_PER_PORT_MAX})",
+                    d.name, p.port, p.gid_count
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -872,24 +1101,134 @@ mod tests {
 
     #[test]
     fn registrations_with_bad_fields_are_refused() {
+        use trainctl_proto::agent::{Gpu, RdmaDevice, RdmaPort};
         let good = RegisterRequest {
             node_name: "node-1".into(),
             address: "10.0.0.1".into(),
             instance_id: "i-1".into(),
-            resources: None,
+            resources: Some(HostResources {
+                cpus: 64,
+                memory_mib: 1 << 20,
+                gpus: (0..2)
+                    .map(|index| Gpu {
+                        index,
+                        name: "NVIDIA H200".into(),
+                        memory_mib: 143_771,
+                        uuid: format!("GPU-{index}"),
+                    })
+                    .collect(),
+                rdma_devices: vec![RdmaDevice {
+                    name: "mlx5_0".into(),
+                    ports: vec![RdmaPort {
+                        port: 1,
+                        state: "ACTIVE".into(),
+                        link_layer: "InfiniBand".into(),
+                        rate: "400 Gb/sec".into(),
+                        gid_count: 128,
+                    }],
+                }],
+                hostname: "Node-1.Example".into(),
+                ..Default::default()
+            }),
             port_range_start: 29500,
             port_range_end: 29599,
             agent_version: "test".into(),
         };
         assert!(validate_register(&good).is_ok());
+        for name in ["a", "node_1.rack-2", &"x".repeat(NODE_NAME_CHARS_MAX)] {
+            assert_eq!(node_name_problem(name), None, "{name}");
+        }
+        // GPUs without uuids (declared with --gpus) are not duplicates of each other.
+        let mut no_uuids = good.clone();
+        for g in &mut no_uuids.resources.as_mut().unwrap().gpus {
+            g.uuid.clear();
+        }
+        assert!(validate_register(&no_uuids).is_ok());
         type Break = fn(&mut RegisterRequest);
+        fn res(r: &mut RegisterRequest) -> &mut HostResources {
+            r.resources.as_mut().unwrap()
+        }
         let cases: &[(Break, &str)] = &[
-            (|r| r.node_name.clear(), "node_name"),
+            (|r| r.node_name.clear(), "node_name is empty"),
+            (|r| r.node_name = "n".repeat(64), "64 characters"),
+            (|r| r.node_name = "Node-1".into(), "--name node-1"),
+            (|r| r.node_name = "node\x1b[31m".into(), "\\u{1b}"),
+            (|r| r.node_name = "node 1".into(), "node_name"),
+            (|r| r.node_name = "-node".into(), "starts or ends"),
+            (|r| r.node_name = "node.".into(), "starts or ends"),
+            (|r| r.node_name = "nöde".into(), "a-z, 0-9"),
             (|r| r.address = "node-1.example".into(), "not an IP address"),
             (|r| r.instance_id.clear(), "instance_id"),
+            (|r| r.instance_id = "i".repeat(129), "instance_id"),
+            (|r| r.agent_version = "v\x07".into(), "agent_version"),
             (|r| r.port_range_start = 0, "port range"),
             (|r| r.port_range_end = 70000, "port range"),
             (|r| r.port_range_end = 29000, "port range"),
+            (|r| res(r).cpus = u32::MAX, "resources.cpus"),
+            (|r| res(r).memory_mib = u64::MAX, "resources.memory_mib"),
+            (
+                |r| res(r).hostname = "h\x1b]0;pwned\x07".into(),
+                "resources.hostname",
+            ),
+            (|r| res(r).hostname = "h".repeat(254), "resources.hostname"),
+            (
+                |r| {
+                    let g = res(r).gpus[0].clone();
+                    res(r).gpus = vec![g; 100_000];
+                },
+                "resources.gpus lists 100000",
+            ),
+            (|r| res(r).gpus[1].index = 0, "index 0 is listed twice"),
+            (|r| res(r).gpus[1].index = 5000, "index 5000"),
+            (
+                |r| res(r).gpus[1].uuid = "GPU-0".into(),
+                "uuid `GPU-0` is listed twice",
+            ),
+            (
+                |r| res(r).gpus[0].name = "\x1b[2J".into(),
+                "resources.gpus.name",
+            ),
+            (
+                |r| res(r).gpus[0].uuid = "u".repeat(129),
+                "resources.gpus.uuid",
+            ),
+            (
+                |r| res(r).gpus[0].memory_mib = u64::MAX,
+                "resources.gpus.memory_mib",
+            ),
+            (
+                |r| {
+                    let d = res(r).rdma_devices[0].clone();
+                    res(r).rdma_devices = vec![d; 257];
+                },
+                "resources.rdma_devices lists 257",
+            ),
+            (
+                |r| {
+                    let d = res(r).rdma_devices[0].clone();
+                    res(r).rdma_devices.push(d);
+                },
+                "listed twice",
+            ),
+            (
+                |r| res(r).rdma_devices[0].name.clear(),
+                "resources.rdma_devices.name",
+            ),
+            (
+                |r| {
+                    let p = res(r).rdma_devices[0].ports[0].clone();
+                    res(r).rdma_devices[0].ports = vec![p; 257];
+                },
+                "resources.rdma_devices.ports",
+            ),
+            (
+                |r| res(r).rdma_devices[0].ports[0].rate = "\n".into(),
+                "ports.rate",
+            ),
+            (
+                |r| res(r).rdma_devices[0].ports[0].gid_count = u32::MAX,
+                "gid_count",
+            ),
         ];
         for (make_bad, words) in cases {
             let mut r = good.clone();
