@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use crate::logs::LogStore;
 use crate::raft::log_store::LogStore as RaftLogStore;
 use crate::raft::network::HttpNetworkFactory;
+use crate::raft::peer_auth::{append_problem, PeerSecret, PEER_HEADER};
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{Raft, ServerId};
 use crate::scheduler::{self, Unschedulable};
@@ -104,6 +105,8 @@ pub struct Coordinator {
     pub failures_seen: Mutex<HashMap<(JobId, u32, u32), Instant>>,
     pub metrics: crate::api::Metrics,
     pub started_at: Instant,
+    /// Signs and checks Raft messages between this cluster's coordinators.
+    pub peer_secret: PeerSecret,
     /// Writes go through one queue so that concurrent ones share a log entry and an fsync.
     writes: mpsc::Sender<PendingWrite>,
 }
@@ -220,10 +223,12 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
     }
     .validate()
     .context("raft configuration")?;
+    let peer_secret = PeerSecret::load_or_create(&config.data_dir)
+        .context("read or create the cluster's peer secret")?;
     let raft = Raft::new(
         config.server_id,
         Arc::new(raft_config),
-        HttpNetworkFactory::default(),
+        HttpNetworkFactory::new(peer_secret.clone(), config.server_id),
         log_store,
         state.clone(),
     )
@@ -257,6 +262,7 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
         failures_seen: Mutex::new(HashMap::new()),
         metrics: crate::api::Metrics::default(),
         started_at: Instant::now(),
+        peer_secret,
     }))
 }
 
@@ -342,7 +348,7 @@ pub async fn run(
     let grpc = crate::agents::router(coordinator.clone());
     let app = crate::api::router(coordinator.clone())
         .merge(raft_router(coordinator.clone()))
-        .fallback_service(grpc)
+        .fallback_service(crate::api::grpc_or_no_such_endpoint(grpc))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             coordinator.config.max_connections,
@@ -351,6 +357,7 @@ pub async fn run(
     let scheduler = tokio::spawn(scheduling_loop(coordinator.clone(), shutdown.clone()));
     let liveness = tokio::spawn(liveness_loop(coordinator.clone(), shutdown.clone()));
     let retention = tokio::spawn(log_retention_loop(coordinator.clone(), shutdown.clone()));
+    tokio::spawn(exit_if_raft_core_fails(coordinator.clone()));
     info!(%local, "coordinator serving REST, gRPC and Raft");
 
     let graceful = async move {
@@ -360,8 +367,7 @@ pub async fn run(
             }
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(graceful)
+    crate::http::serve(listener, app, graceful)
         .await
         .context("serve")?;
     scheduler.await.ok();
@@ -371,45 +377,117 @@ pub async fn run(
     Ok(())
 }
 
-/// Raft messages from other coordinators (see `raft::network`).
+/// A panic or storage failure in openraft's core stops it for good: every later write would fail
+/// while the API still answered. Treat it as fatal for the process, so a supervisor restarts it and
+/// Raft recovers from its log, instead of a "healthy" coordinator that answers 500 to every write.
+async fn exit_if_raft_core_fails(coordinator: Arc<Coordinator>) {
+    let mut metrics = coordinator.raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow().running_state {
+            if matches!(fatal, openraft::error::Fatal::Stopped) {
+                // A shutdown we asked for.
+                return;
+            }
+            tracing::error!(error = %fatal, "the Raft core stopped; exiting so this coordinator restarts from its log");
+            std::process::exit(RAFT_CORE_FAILED_EXIT_CODE);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Exit status of a coordinator whose Raft core failed (EX_SOFTWARE).
+pub const RAFT_CORE_FAILED_EXIT_CODE: i32 = 70;
+
+/// Raft messages from other coordinators (see `raft::network` and `raft::peer_auth`): signed by a
+/// member of the current membership other than this server, and well formed, or refused before
+/// openraft sees them.
 fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
-    use axum::extract::State;
+    use axum::extract::{Path, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
     use axum::routing::post;
     use axum::Json;
     use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 
     use crate::raft::TypeConfig;
-    type Ctx = State<Arc<Coordinator>>;
+
+    fn refuse(status: StatusCode, error: String) -> axum::response::Response {
+        (status, Json(serde_json::json!({ "error": error }))).into_response()
+    }
+
+    async fn rpc(
+        State(c): State<Arc<Coordinator>>,
+        Path(kind): Path<String>,
+        headers: HeaderMap,
+        body: bytes::Bytes,
+    ) -> axum::response::Response {
+        let route = format!("/internal/raft/{kind}");
+        let header = headers.get(PEER_HEADER).and_then(|v| v.to_str().ok());
+        let from = match c.peer_secret.verify(header, &route, &body, now_ms()) {
+            Ok(from) => from,
+            Err(e) => {
+                warn!(route, error = %e, "refused a Raft message");
+                return refuse(StatusCode::UNAUTHORIZED, e.to_string());
+            }
+        };
+        let is_member = c
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(id, _)| *id == from);
+        if from == c.config.server_id || !is_member {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!("server {from} is not another member of this cluster"),
+            );
+        }
+        fn parse<T: serde::de::DeserializeOwned>(
+            body: &[u8],
+        ) -> Result<T, axum::response::Response> {
+            serde_json::from_slice(body)
+                .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("not a Raft message: {e}")))
+        }
+        match kind.as_str() {
+            "append" => {
+                let rpc: AppendEntriesRequest<TypeConfig> = match parse(&body) {
+                    Ok(r) => r,
+                    Err(response) => return response,
+                };
+                if let Some(problem) = append_problem(&rpc) {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        format!("malformed append: {problem}"),
+                    );
+                }
+                Json(c.raft.append_entries(rpc).await).into_response()
+            }
+            "vote" => match parse::<VoteRequest<ServerId>>(&body) {
+                Ok(rpc) => Json(c.raft.vote(rpc).await).into_response(),
+                Err(response) => response,
+            },
+            "snapshot" => match parse::<InstallSnapshotRequest<TypeConfig>>(&body) {
+                Ok(rpc) => Json(c.raft.install_snapshot(rpc).await).into_response(),
+                Err(response) => response,
+            },
+            other => refuse(
+                StatusCode::NOT_FOUND,
+                format!("no Raft message `{other}` (append, vote, snapshot)"),
+            ),
+        }
+    }
+
     axum::Router::new()
-        .route(
-            "/internal/raft/append",
-            post(
-                |State(c): Ctx, Json(rpc): Json<AppendEntriesRequest<TypeConfig>>| async move {
-                    Json(c.raft.append_entries(rpc).await)
-                },
-            ),
-        )
-        .route(
-            "/internal/raft/vote",
-            post(
-                |State(c): Ctx, Json(rpc): Json<VoteRequest<ServerId>>| async move {
-                    Json(c.raft.vote(rpc).await)
-                },
-            ),
-        )
-        .route(
-            "/internal/raft/snapshot",
-            post(
-                |State(c): Ctx, Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>| async move {
-                    Json(c.raft.install_snapshot(rpc).await)
-                },
-            ),
-        )
+        .route("/internal/raft/{kind}", post(rpc))
         .with_state(coordinator)
 }
 
 /// Bodies are job specs and heartbeats with log chunks; 16 MiB is far above either.
-const MAX_BODY_BYTES: usize = 16 << 20;
+pub const MAX_BODY_BYTES: usize = 16 << 20;
 
 async fn wait_for_change_or(
     changes: &mut watch::Receiver<u64>,

@@ -12,6 +12,7 @@ use crate::state::{Command, CommandOutcome};
 
 pub mod log_store;
 pub mod network;
+pub mod peer_auth;
 pub mod state_machine;
 
 openraft::declare_raft_types!(

@@ -15,12 +15,26 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::peer_auth::{PeerSecret, PEER_HEADER};
 use super::{ServerId, TypeConfig};
 
-/// Makes HTTP clients to other coordinators.
-#[derive(Clone, Default)]
+/// Makes HTTP clients to other coordinators; every message is signed with the cluster's peer secret.
+#[derive(Clone)]
 pub struct HttpNetworkFactory {
     client: reqwest::Client,
+    secret: PeerSecret,
+    from: ServerId,
+}
+
+impl HttpNetworkFactory {
+    /// Clients that sign as server `from` with `secret`.
+    pub fn new(secret: PeerSecret, from: ServerId) -> Self {
+        HttpNetworkFactory {
+            client: reqwest::Client::new(),
+            secret,
+            from,
+        }
+    }
 }
 
 /// A client to one other coordinator.
@@ -28,6 +42,8 @@ pub struct HttpNetwork {
     client: reqwest::Client,
     target: ServerId,
     base_url: String,
+    secret: PeerSecret,
+    from: ServerId,
 }
 
 impl RaftNetworkFactory<TypeConfig> for HttpNetworkFactory {
@@ -44,6 +60,8 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetworkFactory {
             client: self.client.clone(),
             target,
             base_url,
+            secret: self.secret.clone(),
+            from: self.from,
         }
     }
 }
@@ -60,12 +78,21 @@ impl HttpNetwork {
         Resp: DeserializeOwned,
         Err: std::error::Error + DeserializeOwned,
     {
-        let url = format!("{}/internal/raft/{path}", self.base_url);
+        let route = format!("/internal/raft/{path}");
+        let url = format!("{}{route}", self.base_url);
+        let body =
+            serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let signature = self.secret.sign(self.from, now_ms, &route, &body);
         let response = self
             .client
             .post(&url)
             .timeout(option.hard_ttl())
-            .json(request)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(PEER_HEADER, signature)
+            .body(body)
             .send()
             .await
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
