@@ -323,7 +323,7 @@ pub fn node_table(nodes: &[NodeView]) -> String {
         return "no nodes: start an agent with `trainctl agent --coordinator ADDR --data-dir DIR`\n".to_string();
     }
     let mut rows = vec![[
-        "NAME", "ADDRESS", "STATUS", "CPUS", "MEMORY", "GPUS", "RDMA", "JOBS",
+        "NAME", "ADDRESS", "STATUS", "CPUS", "MEMORY", "GPUS", "RDMA", "CONTAIN", "JOBS",
     ]
     .map(String::from)
     .to_vec()];
@@ -355,6 +355,7 @@ pub fn node_table(nodes: &[NodeView]) -> String {
             } else {
                 n.rdma.len().to_string()
             },
+            contain_column(&n.containment),
             if n.jobs.is_empty() {
                 "-".to_string()
             } else {
@@ -363,6 +364,16 @@ pub fn node_table(nodes: &[NodeView]) -> String {
         ]);
     }
     table(&rows)
+}
+
+/// The CONTAIN column: `cgroup2 (cpu, memory)` as is; `process groups` without its reason (in
+/// `-o json`); `-` from an agent that does not report it.
+fn contain_column(containment: &str) -> String {
+    match containment {
+        "" => "-".to_string(),
+        c if c.starts_with("process groups") => "process groups".to_string(),
+        c => c.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -424,8 +435,15 @@ mod tests {
             rdma: vec![],
             jobs: vec![],
             drained,
+            containment: if drained {
+                "process groups (no cgroup2 mounted)".into()
+            } else {
+                "cgroup2 (cpu, memory)".into()
+            },
         };
         let text = node_table(&[node("node-1", false), node("node-2", true)]);
+        assert!(text.contains(" cgroup2 (cpu, memory) "), "{text}");
+        assert!(text.contains(" process groups "), "{text}");
         assert!(text.lines().nth(1).unwrap().contains(" up "), "{text}");
         assert!(
             text.lines().nth(2).unwrap().contains(" up,DRAINED "),

@@ -7,6 +7,8 @@
 //! decide placement or job state: the coordinator does.
 //!
 //! # Layout
+//! - [`cgroup`]: each rank in its own cgroup v2 leaf (job limits, `cgroup.kill`) where the host
+//!   delegates one; otherwise process groups, and `trainctl nodes` says which.
 //! - [`discovery`]: CPUs, memory, GPUs (CUDA driver, loaded at run time), RDMA devices (sysfs).
 //! - [`process`]: a rank in its own process group with a parent-death signal; logs; group kill; the
 //!   journal that lets a restarted agent kill what a crashed one left.
@@ -14,6 +16,7 @@
 //! - [`rank_api`]: the HTTP endpoint ranks commit checkpoints and report progress to.
 //! - [`retention`]: old run directories (local copies of rank logs) are deleted after 7 days.
 
+pub mod cgroup;
 pub mod discovery;
 pub mod process;
 pub mod rank_api;
@@ -105,6 +108,8 @@ pub struct AgentConfig {
 struct RankEntry {
     pid: u32,
     pgid: Option<i32>,
+    /// The rank's cgroup, when ranks run in cgroups.
+    cgroup: Option<PathBuf>,
     exit_code: Option<i32>,
     failed_to_start: Option<String>,
     log_path: PathBuf,
@@ -139,6 +144,8 @@ struct Agent {
     client: AgentServiceClient<Channel>,
     ranks: Ranks,
     journal: Arc<PgidJournal>,
+    /// How ranks are contained on this host.
+    containment: Arc<cgroup::Containment>,
     heartbeat_interval: Duration,
     /// Set once the agent is stopping: it reports and ships, but starts nothing new.
     shutting_down: bool,
@@ -208,7 +215,32 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     for reaped in journal.reap_leftovers() {
         warn!(?reaped, "killed a process group left by a previous agent");
     }
-    let _reaper = Reaper::spawn(&config).context("start the agent's reaper process")?;
+    let instance_id = format!("{:016x}", rand::random::<u64>());
+    let containment = {
+        let (data_dir, instance) = (config.data_dir.clone(), instance_id.clone());
+        tokio::task::spawn_blocking(move || {
+            // What a previous agent on this data dir left in its cgroups (setsid escapees too).
+            for tree in cgroup::recorded_trees(&data_dir) {
+                let killed = cgroup::reap_tree(&tree);
+                if killed > 0 {
+                    warn!(cgroup = %tree.display(), killed, "killed rank processes left by a previous agent in its cgroup");
+                }
+            }
+            let containment = cgroup::Containment::detect(&instance);
+            let base = containment.tree().map(|t| t.base.as_path());
+            if let Err(e) = cgroup::record_tree(&data_dir, base) {
+                warn!(error = %e, "could not record the agent's cgroup in its data dir");
+            }
+            containment
+        })
+        .await?
+    };
+    info!(containment = %containment.describe(), "rank containment");
+    let mut reaper = Reaper::spawn(&config).context("start the agent's reaper process")?;
+    if let Some(tree) = containment.tree() {
+        reaper.tell_cgroup(&tree.base);
+    }
+    let _reaper = reaper;
     let declared = config.declared_gpus;
     let facts = tokio::task::spawn_blocking(move || discovery::discover(declared)).await?;
     let node_name = config
@@ -224,7 +256,6 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10))
         .connect_lazy();
-    let instance_id = format!("{:016x}", rand::random::<u64>());
     let client =
         AgentServiceClient::new(channel).max_decoding_message_size(MAX_HEARTBEAT_REPLY_BYTES);
     let rank_api_state = Arc::new(Mutex::new(rank_api::RankApiState::default()));
@@ -269,6 +300,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         client,
         ranks: Arc::new(Mutex::new(BTreeMap::new())),
         journal,
+        containment: Arc::new(containment),
         heartbeat_interval: Duration::from_millis(500),
         shutting_down: false,
         cluster_id: None,
@@ -364,13 +396,24 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    if let Some(tree) = agent.containment.tree() {
+        let base = tree.base.clone();
+        let data_dir = agent.config.data_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            cgroup::reap_tree(&base);
+            let _ = cgroup::record_tree(&data_dir, None);
+        })
+        .await
+        .ok();
+    }
     Ok(())
 }
 
 /// A watchdog process (`trainctl agent-reaper`) that kills every rank process group in the journal
 /// when this agent dies, however it dies: it waits for its standard input, a pipe from the agent, to
 /// close. Ranks also get a parent-death signal, but that reaches only the rank's main process, not
-/// the processes it started; the reaper reaches the whole group.
+/// the processes it started; the reaper reaches the whole group, and where ranks run in cgroups,
+/// the agent's whole cgroup tree (named on that pipe: `cgroup <path>`), setsid escapees included.
 struct Reaper {
     child: std::process::Child,
 }
@@ -389,6 +432,16 @@ impl Reaper {
             .spawn()?;
         Ok(Reaper { child })
     }
+
+    /// Names the agent's cgroup tree to the reaper, which kills it (`cgroup.kill`) when the agent dies.
+    fn tell_cgroup(&mut self, base: &Path) {
+        use std::io::Write as _;
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            if let Err(e) = writeln!(stdin, "cgroup {}", base.display()) {
+                warn!(error = %e, "could not tell the reaper the agent's cgroup");
+            }
+        }
+    }
 }
 
 impl Drop for Reaper {
@@ -404,6 +457,16 @@ impl Drop for Reaper {
 pub fn reaper_main(data_dir: &Path) -> anyhow::Result<()> {
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
+    for line in String::from_utf8_lossy(&sink).lines() {
+        if let Some(base) = line.strip_prefix("cgroup ") {
+            let killed = cgroup::reap_tree(Path::new(base));
+            if killed > 0 {
+                eprintln!(
+                    "trainctl agent-reaper: the agent is gone; killed {killed} process(es) in its cgroup {base}"
+                );
+            }
+        }
+    }
     let journal = PgidJournal::open(data_dir).context("open the process journal")?;
     for reaped in journal.reap_leftovers() {
         eprintln!(
@@ -432,6 +495,7 @@ impl Agent {
                 cpus: f.cpus,
                 memory_mib: f.memory_mib,
                 hostname: f.hostname.clone(),
+                containment: self.containment.describe(),
                 gpus: f
                     .gpus
                     .iter()
@@ -753,11 +817,45 @@ impl Agent {
                 .collect(),
             log_path: log_path.clone(),
             line_prefix: format!("[{} rank {}] ", self.node_name, rank.rank),
+            cgroup: None,
         };
         let stop_grace = Duration::from_millis(u64::from(assignment.stop_grace_ms));
+        let rank_cgroup = match self.containment.tree() {
+            Some(tree) => {
+                let tree = tree.clone();
+                let limits = cgroup::limits_for(
+                    assignment.cpus_per_node,
+                    assignment.memory_per_node_mib,
+                    &tree.controllers,
+                );
+                let (job, attempt, r) = (key.job_id.clone(), key.attempt, key.rank);
+                let created = tokio::task::spawn_blocking(move || {
+                    tree.create_rank(&job, attempt, r, &limits)
+                        .map(|dir| (dir, limits))
+                })
+                .await;
+                match created {
+                    Ok(Ok((dir, limits))) => {
+                        info!(job = %key.job_id, rank = key.rank, cgroup = %dir.display(), limits = %limits.describe(), "rank cgroup");
+                        Some(dir)
+                    }
+                    Ok(Err(e)) => {
+                        warn!(job = %key.job_id, rank = key.rank, error = %e, "could not create the rank's cgroup; it runs in a process group only");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        let spec = RankSpec {
+            cgroup: rank_cgroup.clone(),
+            ..spec
+        };
         let mut entry = RankEntry {
             pid: 0,
             pgid: None,
+            cgroup: rank_cgroup.clone(),
             exit_code: None,
             failed_to_start: None,
             log_path,
@@ -774,6 +872,9 @@ impl Agent {
             Err(e) => {
                 warn!(job = %key.job_id, rank = key.rank, error = %e, "rank failed to start");
                 entry.failed_to_start = Some(e.to_string());
+                if let Some(dir) = &rank_cgroup {
+                    cgroup::remove(dir);
+                }
                 lock(&self.ranks).insert(key, entry);
             }
             Ok(mut child) => {
@@ -791,18 +892,43 @@ impl Agent {
                 let log_path = log_path_of(&self.ranks, &key);
                 tokio::spawn(async move {
                     let exit = child.wait().await;
-                    // The main process is gone; whatever it left in its group goes too.
-                    process::terminate_group(pgid, Duration::from_millis(LEFTOVER_GRACE_MS)).await;
+                    // The main process is gone; whatever it left in its group (cgroup) goes too.
+                    let cg = rank_cgroup.clone();
+                    process::terminate_rank(
+                        pgid,
+                        cg.as_deref(),
+                        Duration::from_millis(LEFTOVER_GRACE_MS),
+                    )
+                    .await;
+                    let oom_kills = match &rank_cgroup {
+                        Some(dir) => {
+                            let dir = dir.clone();
+                            tokio::task::spawn_blocking(move || {
+                                let kills = cgroup::oom_kills(&dir);
+                                cgroup::remove(&dir);
+                                // The attempt's cgroup goes with its last rank (it stays while others live).
+                                if let Some(job) = dir.parent() {
+                                    let _ = std::fs::remove_dir(job);
+                                }
+                                kills
+                            })
+                            .await
+                            .ok()
+                            .flatten()
+                        }
+                        None => None,
+                    };
                     if let Err(e) = journal.remove(pgid) {
                         warn!(error = %e, "could not update the process journal");
                     }
                     info!(job = %key.job_id, rank = key.rank, code = exit.code, "rank exited");
                     let note = if exit.code != 0 {
                         let (log, err) = (log_path.clone(), error_file.clone());
-                        tokio::task::spawn_blocking(move || failure_note(&log, &err))
+                        let note = tokio::task::spawn_blocking(move || failure_note(&log, &err))
                             .await
                             .ok()
-                            .flatten()
+                            .flatten();
+                        with_oom_note(note, oom_kills.unwrap_or(0))
                     } else {
                         None
                     };
@@ -827,25 +953,30 @@ impl Agent {
         entry.stopping = true;
         let Some(pgid) = entry.pgid else { return };
         let grace = entry.stop_grace;
+        let cg = entry.cgroup.clone();
         info!(job = %key.job_id, rank = key.rank, "stopping rank");
         tokio::spawn(async move {
-            process::terminate_group(pgid, grace).await;
+            process::terminate_rank(pgid, cg.as_deref(), grace).await;
         });
     }
 
     async fn stop_all(&mut self) {
-        let groups: Vec<i32> = lock(&self.ranks)
+        let groups: Vec<(i32, Option<PathBuf>)> = lock(&self.ranks)
             .values_mut()
             .filter(|e| !e.ended())
             .filter_map(|e| {
                 e.stopping = true;
-                e.pgid
+                Some((e.pgid?, e.cgroup.clone()))
             })
             .collect();
         let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
         let stops: Vec<_> = groups
             .into_iter()
-            .map(|pgid| tokio::spawn(process::terminate_group(pgid, grace)))
+            .map(|(pgid, cg)| {
+                tokio::spawn(
+                    async move { process::terminate_rank(pgid, cg.as_deref(), grace).await },
+                )
+            })
             .collect();
         for stop in stops {
             stop.await.ok();
@@ -930,6 +1061,21 @@ fn failure_note(log_path: &Path, error_file: &Path) -> Option<String> {
     }
     let note = note.trim_end().to_string();
     (!note.is_empty()).then_some(note)
+}
+
+/// A failed rank's note, headed by what the OOM killer did to it (`oom_kill` of its cgroup's
+/// `memory.events`), when it did anything.
+fn with_oom_note(note: Option<String>, oom_kills: u64) -> Option<String> {
+    if oom_kills == 0 {
+        return note;
+    }
+    let head = format!(
+        "killed by the OOM killer: {oom_kills} process(es) of this rank exceeded the job's memory limit on this host (memory_per_node_mib)"
+    );
+    Some(match note {
+        Some(n) => format!("{head}\n{n}"),
+        None => head,
+    })
 }
 
 fn file_len(path: &Path) -> u64 {

@@ -79,6 +79,10 @@ pub struct RankSpec {
     /// Prefix naming node and rank, e.g. `"[node-3 rank 17] "`. Not written to the file; kept for
     /// whoever ships or echoes the lines ([`RankProcess::line_prefix`]).
     pub line_prefix: String,
+    /// A cgroup2 directory (already created, empty, a leaf) the rank is moved into before it
+    /// executes, so that everything it starts stays there ([`crate::cgroup`]). `None`: the rank's
+    /// process group is all that contains it.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Why a rank could not be started. Each message says what was wrong on which host.
@@ -182,6 +186,7 @@ pub struct RankLine {
 #[derive(Debug)]
 pub struct RankProcess {
     pid: i32,
+    cgroup: Option<PathBuf>,
     start_time: u64,
     line_prefix: String,
     log_path: PathBuf,
@@ -250,9 +255,14 @@ impl RankProcess {
         }
     }
 
-    /// [`terminate_group`] on this rank's group.
+    /// The cgroup the rank runs in, if any ([`RankSpec::cgroup`]).
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_deref()
+    }
+
+    /// [`terminate_rank`] on this rank's cgroup, or its process group.
     pub async fn terminate(&self, grace: Duration) -> GroupEnd {
-        terminate_group(self.pgid(), grace).await
+        terminate_rank(self.pgid(), self.cgroup(), grace).await
     }
 }
 
@@ -268,6 +278,7 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
         env_defaults,
         log_path,
         line_prefix,
+        cgroup,
     } = spec;
     let program = argv.first().ok_or(LaunchError::EmptyArgv)?.clone();
 
@@ -305,9 +316,28 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
         .process_group(0)
         .kill_on_drop(false);
     let agent_pid = std::process::id() as libc::pid_t;
+    // Opened here (close-on-exec) so the child only has to write to it: writing "0" to
+    // `cgroup.procs` moves the writer.
+    let cgroup_procs = match &cgroup {
+        Some(dir) => Some(
+            fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))
+                .map_err(|e| {
+                    LaunchError::io(format!("open the rank's cgroup {}", dir.display()), e)
+                })?,
+        ),
+        None => None,
+    };
+    let cgroup_fd = {
+        use std::os::fd::AsRawFd as _;
+        cgroup_procs.as_ref().map(|f| f.as_raw_fd())
+    };
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // functions may be called. It calls `prctl` and `getppid` (plain system calls) and builds an
-    // `io::Error` from errno without allocating (`from_raw_os_error`/`last_os_error` store an int).
+    // functions may be called. It calls `prctl`, `getppid`, `write` and `_exit` (plain system
+    // calls) on static buffers and a descriptor the parent keeps open across the spawn, and builds
+    // an `io::Error` from errno without allocating (`from_raw_os_error`/`last_os_error` store an
+    // int).
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(
@@ -325,6 +355,17 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
             if libc::getppid() != agent_pid {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
+            // Into the rank's cgroup before exec, so nothing the rank starts is ever outside it.
+            // `fd` stays open in the parent until the spawn returns. A failure is reported on the
+            // rank's stderr (already its log pipe) and ends the rank: never run it uncontained.
+            if let Some(fd) = cgroup_fd {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    const MSG: &[u8] =
+                        b"trainctl: could not move the rank into its cgroup; not starting it\n";
+                    libc::write(2, MSG.as_ptr().cast(), MSG.len());
+                    libc::_exit(125);
+                }
+            }
             Ok(())
         });
     }
@@ -340,6 +381,7 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
         },
         _ => LaunchError::io(format!("start command `{program}`"), e),
     })?;
+    drop(cgroup_procs);
 
     let pid = child
         .id()
@@ -377,6 +419,7 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
 
     Ok(RankProcess {
         pid,
+        cgroup,
         start_time,
         line_prefix,
         log_path,
@@ -710,6 +753,38 @@ pub async fn terminate_group(pgid: i32, grace: Duration) -> GroupEnd {
         tracing::error!(
             pgid,
             "rank group still has members after SIGKILL (uninterruptible sleep?)"
+        );
+        GroupEnd::KilledButLingering
+    }
+}
+
+/// Stops a rank and everything it started: with a cgroup, SIGTERM to every process in it, up to
+/// `grace` for it to empty, then `cgroup.kill` (which no `setsid` or double fork escapes) and up
+/// to [`KILL_CONFIRM_MS`] to confirm; without one, [`terminate_group`]. The cgroup is not removed
+/// (the caller may still read its `memory.events`): see [`crate::cgroup::remove`].
+pub async fn terminate_rank(pgid: i32, cgroup: Option<&Path>, grace: Duration) -> GroupEnd {
+    let Some(dir) = cgroup else {
+        return terminate_group(pgid, grace).await;
+    };
+    if !crate::cgroup::populated(dir) {
+        return GroupEnd::AlreadyGone;
+    }
+    crate::cgroup::signal_all(dir, libc::SIGTERM);
+    if crate::cgroup::wait_empty_async(dir, grace).await {
+        return GroupEnd::ExitedAfterTerm;
+    }
+    tracing::warn!(
+        cgroup = %dir.display(),
+        grace_ms = grace.as_millis() as u64,
+        "rank cgroup outlived its grace period; killing it (cgroup.kill)"
+    );
+    crate::cgroup::kill(dir);
+    if crate::cgroup::wait_empty_async(dir, Duration::from_millis(KILL_CONFIRM_MS)).await {
+        GroupEnd::Killed
+    } else {
+        tracing::error!(
+            cgroup = %dir.display(),
+            "rank cgroup still has processes after cgroup.kill (uninterruptible sleep?)"
         );
         GroupEnd::KilledButLingering
     }

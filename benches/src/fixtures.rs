@@ -95,6 +95,7 @@ pub fn register_node(i: usize, at_ms: u64) -> Command {
         address: format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
         instance_id: format!("bench-{i}"),
         resources: NodeResources {
+            containment: String::new(),
             hostname,
             cpus: CPUS_PER_HOST,
             memory_mib: MEMORY_PER_HOST_MIB,

@@ -326,6 +326,7 @@ impl AgentService for AgentEndpoint {
             .unwrap_or_default();
         let res = r.resources.unwrap_or_default();
         let resources = NodeResources {
+            containment: res.containment,
             hostname: res.hostname,
             cpus: res.cpus,
             memory_mib: res.memory_mib,
@@ -862,6 +863,8 @@ pub fn assignments_for(s: &State, node: &NodeId, stop_grace_ms: u32) -> Vec<Assi
                 .and_then(|c| c.signal_number())
                 .unwrap_or(0),
             checkpoint_requests: job.checkpoint_signals,
+            cpus_per_node: job.spec.resources.cpus_per_node,
+            memory_per_node_mib: job.spec.resources.memory_per_node_mib,
             ranks: rank_launches(job, node, &address)
                 .into_iter()
                 .map(|l| RankAssignment {
@@ -898,6 +901,7 @@ mod tests {
                 address: format!("10.0.0.{n}"),
                 instance_id: format!("{name}-a"),
                 resources: NodeResources {
+                    containment: String::new(),
                     hostname: name.clone(),
                     cpus: 16,
                     memory_mib: 1 << 16,
@@ -1108,6 +1112,7 @@ mod tests {
             instance_id: "i-1".into(),
             resources: Some(HostResources {
                 cpus: 64,
+                containment: String::new(),
                 memory_mib: 1 << 20,
                 gpus: (0..2)
                     .map(|index| Gpu {

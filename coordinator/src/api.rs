@@ -232,6 +232,9 @@ pub struct NodeView {
     pub jobs: Vec<String>,
     /// Drained by an operator: nothing new is placed here.
     pub drained: bool,
+    /// How ranks are contained there: `cgroup2 (cpu, memory)`, `process groups (...)`.
+    #[serde(default)]
+    pub containment: String,
 }
 
 /// One line of a rank's output.
@@ -1147,5 +1150,6 @@ fn node_view(s: &ClusterState, n: &Node) -> NodeView {
             .collect(),
         jobs,
         drained: n.drained,
+        containment: n.resources.containment.clone(),
     }
 }

@@ -203,6 +203,7 @@ impl FakeAgent {
                 instance_id: self.instance_id.clone(),
                 resources: Some(HostResources {
                     cpus,
+                    containment: String::new(),
                     memory_mib: 1 << 16,
                     gpus: (0..gpus)
                         .map(|index| Gpu {

@@ -21,6 +21,7 @@ fn register(s: &mut State, instance: &str) -> CommandOutcome {
         address: "10.0.0.1".into(),
         instance_id: instance.into(),
         resources: NodeResources {
+            containment: String::new(),
             hostname: "node-1".into(),
             cpus: 8,
             memory_mib: 1 << 16,

@@ -86,6 +86,10 @@ pub struct NodeResources {
     pub memory_mib: u64,
     pub gpus: Vec<GpuInfo>,
     pub rdma_devices: Vec<RdmaDeviceInfo>,
+    /// How the agent contains ranks there, e.g. `cgroup2 (cpu, memory)` or `process groups (...)`;
+    /// empty from an agent that predates the report.
+    #[serde(default)]
+    pub containment: String,
 }
 
 /// Whether the coordinator hears from a node's agent.
@@ -1088,6 +1092,7 @@ mod tests {
 
     fn host(name: &str, cpus: u32, gpus: u32) -> NodeResources {
         NodeResources {
+            containment: String::new(),
             hostname: format!("{name}.example"),
             cpus,
             memory_mib: 64 << 10,
