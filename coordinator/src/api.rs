@@ -7,8 +7,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,8 +21,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use trainctl_jobs::JobSpec;
+use trainctl_jobs::{limits, JobSpec};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::logs::{format_cursor, parse_cursor};
@@ -51,6 +55,22 @@ pub enum ApiError {
     Write(#[from] WriteError),
     #[error("{0}")]
     Internal(String),
+    /// A body over the server's limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// No route has this path (and the request is not gRPC).
+    #[error("no such endpoint: {method} {path} (see /openapi.json)")]
+    NoSuchEndpoint { method: Method, path: String },
+    /// The path exists but not with this method; `allow` lists the methods it has.
+    #[error("method {method} is not allowed on {path}; allowed: {allow}")]
+    MethodNotAllowed {
+        method: Method,
+        path: String,
+        allow: String,
+    },
+    /// A request refused by the HTTP layer before any handler ran, with the status it chose.
+    #[error("{message}")]
+    Rejected { status: StatusCode, message: String },
 }
 
 /// The body of every error response.
@@ -72,18 +92,285 @@ impl IntoResponse for ApiError {
             ApiError::Write(WriteError::Raft(_)) | ApiError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NoSuchEndpoint { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Rejected { status, .. } => *status,
         };
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (
+        let allow = match &self {
+            ApiError::MethodNotAllowed { allow, .. } => HeaderValue::from_str(allow).ok(),
+            _ => None,
+        };
+        let mut response = (
             status,
             Json(ErrorBody {
                 error: self.to_string(),
             }),
         )
-            .into_response()
+            .into_response();
+        if let Some(allow) = allow {
+            response.headers_mut().insert(header::ALLOW, allow);
+        }
+        response
     }
+}
+
+/// `Query`, with a malformed query string answered by [`ApiError`] (a JSON 400) rather than
+/// axum's plain-text rejection.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(ApiQuery(q)),
+            Err(e) => Err(ApiError::BadRequest(format!(
+                "{}; see the parameters of {} in /openapi.json",
+                e.body_text(),
+                parts.uri.path()
+            ))),
+        }
+    }
+}
+
+/// A request body, or why it could not be read (413 past the server's body limit).
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!(
+                "the request body is over the size limit; a job spec may be at most {} bytes ({} MiB)",
+                limits::SPEC_SOURCE_BYTES_MAX,
+                limits::SPEC_SOURCE_BYTES_MAX >> 20
+            ))
+        } else {
+            ApiError::Rejected {
+                status: e.status(),
+                message: e.body_text(),
+            }
+        }
+    })
+}
+
+/// Whether a request is gRPC (an agent): only those reach the agent service.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The fallback of the whole server: gRPC requests go to `grpc` (the agent service, whose own
+/// fallback answers unknown gRPC methods with `UNIMPLEMENTED`); anything else that no route
+/// matched is a JSON 404, never an empty `200 application/grpc` that looks like success.
+pub fn grpc_or_no_such_endpoint(grpc: Router) -> Router {
+    Router::new().fallback(move |request: Request| {
+        let mut grpc = grpc.clone();
+        async move {
+            if is_grpc(request.headers()) {
+                match tower::Service::call(&mut grpc, request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            } else {
+                ApiError::NoSuchEndpoint {
+                    method: request.method().clone(),
+                    path: request.uri().path().to_string(),
+                }
+                .into_response()
+            }
+        }
+    })
+}
+
+/// `app` with [`json_errors`] around it as a whole. Around the whole router, not its routes
+/// (`Router::layer`): axum adds a 405's `Allow` header outside of any route layer.
+pub fn with_json_errors(app: Router) -> Router {
+    use tower::Layer;
+    Router::new().fallback_service(axum::middleware::from_fn(json_errors).layer(app))
+}
+
+/// Turns the error responses axum makes itself (405 with an empty body, plain-text rejections)
+/// into JSON `{"error": ...}` bodies through [`ApiError`], keeping their status (and a 405's
+/// `Allow` header). Responses that are not errors, or already JSON, pass untouched.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    // The agents' gRPC and the coordinators' Raft protocols are not the REST API: left as they are.
+    if is_grpc(request.headers()) || path.starts_with("/internal/") {
+        return next.run(request).await;
+    }
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        let allow = response
+            .headers()
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return ApiError::MethodNotAllowed {
+            method,
+            path,
+            allow,
+        }
+        .into_response();
+    }
+    const MESSAGE_BYTES_MAX: usize = 4096;
+    let text = axum::body::to_bytes(response.into_body(), MESSAGE_BYTES_MAX)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let message = if text.is_empty() {
+        format!(
+            "{method} {path}: {}",
+            status.canonical_reason().unwrap_or("error")
+        )
+    } else {
+        text
+    };
+    ApiError::Rejected { status, message }.into_response()
+}
+
+/// A job spec as JSON: the same document as the TOML `job.toml`, read by the same parser
+/// (`trainctl_jobs::JobSpec::from_json`). Only the OpenAPI description uses this type; it mirrors
+/// the spec's schema, defaults and bounds. Durations are strings such as `"500ms"`, `"30s"`, `"10m"`,
+/// `"1h30m"`, or whole milliseconds under the `_ms` key: one of the two, not both. A `null` value
+/// is the same as leaving the key out. In a job's detail, `spec` is the stored canonical form: every
+/// default filled in, `min_nodes` set, durations as `_ms`.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(example = json!({
+    "name": "ddp",
+    "launch": {"command": ["python3", "train.py"], "env": {"NCCL_DEBUG": "WARN"}},
+    "resources": {"nodes": "2:4", "procs_per_node": 8, "gpus_per_node": 8},
+    "failure": {"max_restarts": 3, "hang_timeout": "10m"},
+    "checkpoint": {"dir": "/shared/ckpt/{job}", "signal": "SIGUSR1", "grace": "2m", "keep": 3}
+}))]
+struct JobSpecBody {
+    /// 1 to 63 characters of `a-z`, `0-9`, `.`, `_` and `-`, starting with a letter or digit.
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9._-]*$")]
+    name: String,
+    launch: LaunchBody,
+    resources: ResourcesBody,
+    failure: Option<FailureBody>,
+    checkpoint: Option<CheckpointBody>,
+}
+
+/// What every rank runs.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+struct LaunchBody {
+    /// The argv, never a shell string: `command[0]` is the program, looked up in `PATH`.
+    #[schema(min_items = 1)]
+    command: Vec<String>,
+    /// Working directory: absolute, or relative to the spec file's directory (the CLI's).
+    workdir: Option<String>,
+    /// Extra environment for every rank; names trainctl sets itself (RANK, WORLD_SIZE,
+    /// MASTER_ADDR, TRAINCTL_*, ...) are refused.
+    env: Option<BTreeMap<String, String>>,
+}
+
+/// How many hosts (`resources.nodes`); its schema is written by hand: an integer or a string.
+struct NodeCount;
+
+impl utoipa::PartialSchema for NodeCount {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .description(Some(
+                "An integer (exactly that many hosts), or a string \"N\" or \"MIN:MAX\" (an elastic job, \
+                 like torchrun's --nnodes), from 1 to 100000",
+            ))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1))
+                    .maximum(Some(limits::NODES_MAX)),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some("^[0-9]+(:[0-9]+)?$"))
+                    .examples(["2:4"]),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for NodeCount {}
+
+/// The gang's shape and what each host must provide.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+struct ResourcesBody {
+    nodes: NodeCount,
+    /// The fewest hosts, 1 to `nodes` (default: `nodes`; 0 also means `nodes`). With
+    /// `nodes = "MIN:MAX"` it must equal MIN.
+    #[schema(minimum = 0, maximum = 100_000)]
+    min_nodes: Option<u32>,
+    /// Ranks per host.
+    #[schema(minimum = 1, maximum = 1024)]
+    procs_per_node: u32,
+    /// GPUs per host: 0 (CPU-only, the default) or at least `procs_per_node`.
+    #[schema(minimum = 0, maximum = 1024)]
+    gpus_per_node: Option<u32>,
+    /// CPUs per host (default: `procs_per_node`).
+    #[schema(minimum = 1, maximum = 65_536)]
+    cpus_per_node: Option<u32>,
+    /// Memory per host in MiB (default 0: no requirement).
+    #[schema(minimum = 0, maximum = 67_108_864)]
+    memory_per_node_mib: Option<u64>,
+}
+
+/// What to do when a rank fails or the gang hangs.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+struct FailureBody {
+    /// Job-wide restart budget (default 0).
+    #[schema(minimum = 0, maximum = 10_000)]
+    max_restarts: Option<u32>,
+    /// Restart a gang that makes no progress this long (a duration, 1s to 7 days); default: never.
+    #[schema(example = "10m")]
+    hang_timeout: Option<String>,
+    /// The same in milliseconds (not together with `hang_timeout`).
+    #[schema(minimum = 1_000, maximum = 604_800_000)]
+    hang_timeout_ms: Option<u64>,
+}
+
+/// How the job's ranks checkpoint, for planned stops (resizes, drains) and cleanup.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+struct CheckpointBody {
+    /// Where ranks write checkpoints; `{job}` and `{name}` are expanded. Relative to the workdir.
+    #[schema(min_length = 1, max_length = 4096, example = "/shared/ckpt/{job}")]
+    dir: String,
+    /// The "checkpoint now" signal, e.g. `SIGUSR1`, `USR1` or `usr1` (not KILL or STOP); default: none.
+    signal: Option<String>,
+    /// How long a planned stop waits for a new checkpoint (a duration, 0 to 1h; default "2m").
+    #[schema(example = "2m")]
+    grace: Option<String>,
+    /// The same in milliseconds (not together with `grace`).
+    #[schema(minimum = 0, maximum = 3_600_000)]
+    grace_ms: Option<u64>,
+    /// Committed checkpoints to keep on disk (default: all).
+    #[schema(minimum = 1, maximum = 10_000)]
+    keep: Option<u32>,
 }
 
 /// The reply to a submission.
@@ -165,7 +452,7 @@ pub struct JobDetail {
     /// Another job's checkpoint this job started from (`submit --resume-from`).
     pub resume_from: Option<CheckpointView>,
     /// The job spec as stored (defaults filled in).
-    #[schema(value_type = Object)]
+    #[schema(value_type = JobSpecBody)]
     pub spec: JobSpec,
 }
 
@@ -414,6 +701,12 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         metrics
     ),
     components(schemas(
+        JobSpecBody,
+        LaunchBody,
+        ResourcesBody,
+        NodeCount,
+        FailureBody,
+        CheckpointBody,
         ErrorBody,
         SubmitResponse,
         JobSummary,
@@ -476,21 +769,28 @@ pub fn spec_from_body(headers: &HeaderMap, body: &[u8]) -> Result<JobSpec, ApiEr
 }
 
 /// Submit a job (TOML or JSON job spec).
-#[utoipa::path(post, path = "/v1/jobs",
-    request_body(content = Object, description = "A job spec, as TOML (application/toml) or JSON (application/json)",
-        content_type = "application/toml"),
+#[utoipa::path(post, path = "/v1/jobs", params(SubmitQuery),
+    request_body(description = "A job spec: JSON (application/json) with the schema below, or the same \
+        document as TOML (application/toml, the `job.toml` a user writes). Without a Content-Type, a body \
+        starting with `{` is read as JSON, anything else as TOML. Unknown keys and repeated keys are errors.",
+        content((JobSpecBody = "application/json"), (String = "application/toml"))),
     responses(
         (status = 201, body = SubmitResponse, description = "Queued"),
-        (status = 400, body = ErrorBody, description = "Not a job spec"),
+        (status = 400, body = ErrorBody, description = "Not a job spec (empty, not UTF-8), or a bad query string or `resume_from` id"),
+        (status = 404, body = ErrorBody, description = "The `resume_from` job does not exist"),
+        (status = 409, body = ErrorBody, description = "The `resume_from` job has committed no checkpoint"),
+        (status = 413, body = ErrorBody, description = "The body is over the size limit"),
         (status = 415, body = ErrorBody, description = "Neither TOML nor JSON"),
         (status = 422, body = ErrorBody, description = "Invalid spec, or a job that can never fit the cluster"),
+        (status = 500, body = ErrorBody, description = "The cluster state could not be written"),
         (status = 503, body = ErrorBody, description = "Not the leader")))]
 async fn submit_job(
     State(c): Ctx,
-    Query(q): Query<SubmitQuery>,
+    ApiQuery(q): ApiQuery<SubmitQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let body = body_or_error(body)?;
     let spec = spec_from_body(&headers, &body)?;
     let resume_from_job = q.resume_from.as_deref().map(parse_job_id).transpose()?;
     if let Some(other) = resume_from_job {
@@ -544,7 +844,7 @@ async fn submit_job(
     responses((status = 200, body = [JobSummary]), (status = 400, body = ErrorBody)))]
 async fn list_jobs(
     State(c): Ctx,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Vec<JobSummary>>, ApiError> {
     if let Some(st) = &q.state {
         if !JobState::ALL.iter().any(|s| s.as_str() == st) {
@@ -580,11 +880,14 @@ async fn get_job(State(c): Ctx, Path(id): Path<String>) -> Result<Json<JobDetail
 /// With `checkpoint=true`, the ranks first get the job's checkpoint signal and the stop waits up to
 /// its `[checkpoint] grace` for a new commit.
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "Job id"), CancelQuery),
-    responses((status = 200, body = JobDetail), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Already ended")))]
+    responses((status = 200, body = JobDetail), (status = 400, body = ErrorBody, description = "Not a job id, or a bad query string"),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Already ended"),
+        (status = 500, body = ErrorBody, description = "The cluster state could not be written"),
+        (status = 503, body = ErrorBody, description = "Not the leader")))]
 async fn cancel_job(
     State(c): Ctx,
     Path(id): Path<String>,
-    Query(q): Query<CancelQuery>,
+    ApiQuery(q): ApiQuery<CancelQuery>,
 ) -> Result<Json<JobDetail>, ApiError> {
     let id = parse_job_id(&id)?;
     if !c.state.read(|s| s.jobs.contains_key(&id)) {
@@ -607,11 +910,13 @@ async fn cancel_job(
 
 /// Read a job's output, each line tagged with node and global rank. Follow by passing the cursor back.
 #[utoipa::path(get, path = "/v1/jobs/{id}/logs", params(("id" = String, Path, description = "Job id"), LogsQuery),
-    responses((status = 200, body = LogsPage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, content((LogsPage = "application/json"), (String = "text/plain")), description = "A page of lines; `format=text` gives plain text"),
+        (status = 400, body = ErrorBody, description = "Not a job id, no such rank, a bad cursor or query string"),
+        (status = 404, body = ErrorBody), (status = 500, body = ErrorBody, description = "The logs could not be read")))]
 async fn job_logs(
     State(c): Ctx,
     Path(id): Path<String>,
-    Query(q): Query<LogsQuery>,
+    ApiQuery(q): ApiQuery<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let id = parse_job_id(&id)?;
     let cursor = parse_cursor(q.cursor.as_deref().unwrap_or("")).map_err(ApiError::BadRequest)?;
@@ -748,7 +1053,7 @@ pub async fn checkpoint_now(c: &Coordinator, job: JobId) -> Result<bool, ApiErro
 
 /// List a job's committed checkpoints, oldest first.
 #[utoipa::path(get, path = "/v1/jobs/{id}/checkpoints", params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, body = [CheckpointView]), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = [CheckpointView]), (status = 400, body = ErrorBody, description = "Not a job id"), (status = 404, body = ErrorBody)))]
 async fn job_checkpoints(
     State(c): Ctx,
     Path(id): Path<String>,
@@ -783,7 +1088,7 @@ fn get_node_view(c: &Coordinator, node: &NodeId) -> Result<Json<NodeView>, ApiEr
 /// Drain a node: nothing new is placed on it, and each job running there gets its checkpoint signal,
 /// waits up to its grace for a commit, and is placed again elsewhere (not counted as a restart).
 #[utoipa::path(post, path = "/v1/nodes/{name}/drain", params(("name" = String, Path, description = "Node name")),
-    responses((status = 200, body = NodeView), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = NodeView), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody, description = "The cluster state could not be written"), (status = 503, body = ErrorBody, description = "Not the leader")))]
 async fn drain_node(State(c): Ctx, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
     let node = node_or_404(&c, &name)?;
     c.write(Command::SetNodeDrained {
@@ -820,7 +1125,7 @@ async fn drain_node(State(c): Ctx, Path(name): Path<String>) -> Result<Json<Node
 
 /// Undrain a node: it takes new work again.
 #[utoipa::path(post, path = "/v1/nodes/{name}/undrain", params(("name" = String, Path, description = "Node name")),
-    responses((status = 200, body = NodeView), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = NodeView), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody, description = "The cluster state could not be written"), (status = 503, body = ErrorBody, description = "Not the leader")))]
 async fn undrain_node(State(c): Ctx, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
     let node = node_or_404(&c, &name)?;
     c.write(Command::SetNodeDrained {
@@ -834,7 +1139,8 @@ async fn undrain_node(State(c): Ctx, Path(name): Path<String>) -> Result<Json<No
 /// Remove a node for good (a host that will not return). Refused while its agent is up and the node
 /// is not drained; whatever it held is given up and its jobs are placed again.
 #[utoipa::path(delete, path = "/v1/nodes/{name}", params(("name" = String, Path, description = "Node name")),
-    responses((status = 204, description = "Removed"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 204, description = "Removed"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "The node is up and not drained"),
+        (status = 500, body = ErrorBody, description = "The cluster state could not be written"), (status = 503, body = ErrorBody, description = "Not the leader")))]
 async fn remove_node(State(c): Ctx, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     let node = node_or_404(&c, &name)?;
     match c
@@ -859,7 +1165,7 @@ async fn list_nodes(State(c): Ctx) -> Json<Vec<NodeView>> {
 }
 
 /// Health of this coordinator and a summary of the cluster.
-#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health), (status = 503, body = Health)))]
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health, description = "A leader is known"), (status = 503, body = Health, description = "No leader is known")))]
 async fn health(State(c): Ctx) -> (StatusCode, Json<Health>) {
     let m = c.raft.metrics().borrow().clone();
     let (up, down) = c.state.read(|s| {
@@ -899,7 +1205,8 @@ async fn health(State(c): Ctx) -> (StatusCode, Json<Health>) {
 }
 
 /// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "OpenMetrics text format", content_type = "application/openmetrics-text"),
+    (status = 500, body = ErrorBody, description = "The metrics could not be encoded")))]
 async fn metrics(State(c): Ctx) -> Result<Response, ApiError> {
     let m = &c.metrics;
     for (state, count) in job_counts(&c) {

@@ -348,7 +348,8 @@ pub async fn run(
     let grpc = crate::agents::router(coordinator.clone());
     let app = crate::api::router(coordinator.clone())
         .merge(raft_router(coordinator.clone()))
-        .fallback_service(crate::api::grpc_or_no_such_endpoint(grpc))
+        .fallback_service(crate::api::grpc_or_no_such_endpoint(grpc));
+    let app = crate::api::with_json_errors(app)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             coordinator.config.max_connections,
@@ -487,7 +488,7 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
 }
 
 /// Bodies are job specs and heartbeats with log chunks; 16 MiB is far above either.
-pub const MAX_BODY_BYTES: usize = 16 << 20;
+const MAX_BODY_BYTES: usize = 16 << 20;
 
 async fn wait_for_change_or(
     changes: &mut watch::Receiver<u64>,

@@ -215,6 +215,7 @@ impl FakeAgent {
                         .collect(),
                     rdma_devices: vec![],
                     hostname: format!("{}.example", self.name),
+                    ..Default::default()
                 }),
                 port_range_start: self.ports.0,
                 port_range_end: self.ports.1,
@@ -1151,4 +1152,430 @@ async fn a_job_with_a_large_environment_still_reaches_a_host_running_many_ranks(
     assert_eq!(a.job_env.len(), 15);
     assert!(a.ranks.iter().all(|r| !r.env.contains_key("BIG_0")));
     c.stop().await;
+}
+
+/// Sends a request with extra headers; returns status, headers and the body (JSON, or a JSON
+/// string when not JSON).
+async fn call_with_headers(
+    c: &Running,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut request = c.http.request(method, c.url(path)).body(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, headers, body)
+}
+
+/// Asserts a JSON error response: the status, a JSON content type, and an `error` containing
+/// each of `words`; returns the error.
+fn assert_json_error(
+    what: &str,
+    (status, headers, body): &(u16, reqwest::header::HeaderMap, Value),
+    want: u16,
+    words: &[&str],
+) -> String {
+    assert_eq!(*status, want, "{what}: {body}");
+    let ct = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert!(
+        ct.starts_with("application/json"),
+        "{what}: content-type `{ct}`: {body}"
+    );
+    let error = body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no JSON `error` in {body}"))
+        .to_string();
+    for w in words {
+        assert!(error.contains(w), "{what}: `{error}` lacks `{w}`");
+    }
+    error
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_are_json_404s_and_only_grpc_requests_reach_the_agent_service() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    // Agents still get through (gRPC on the same port).
+    let mut agent = FakeAgent::connect(&c, 1).await;
+    agent.register(4, 0).await;
+    let id = c.submit(spec("typo", 1, 1, 0)).await;
+    for (method, path) in [
+        (Method::GET, "/".to_string()),
+        (Method::GET, "/v1/job".to_string()),
+        (Method::POST, format!("/v1/jobs/{id}/cancle")),
+        (Method::DELETE, "/v1/jobs".to_string() + "/x/y/z"),
+        (Method::PUT, "/nope".to_string()),
+        // The agent service's own path, but not a gRPC request.
+        (
+            Method::POST,
+            "/trainctl.agent.v1.AgentService/Register".to_string(),
+        ),
+    ] {
+        let reply = call_with_headers(&c, method.clone(), &path, &[], vec![]).await;
+        let error = assert_json_error(&format!("{method} {path}"), &reply, 404, &[]);
+        assert_eq!(
+            error,
+            format!("no such endpoint: {method} {path} (see /openapi.json)")
+        );
+    }
+    // The mistyped cancel did nothing.
+    let state = c.job(&id).await["state"].clone();
+    assert_ne!(state, json!("cancelled"));
+    // A query string is not part of the endpoint's name.
+    let reply = call_with_headers(&c, Method::GET, "/v1/job?state=running", &[], vec![]).await;
+    let error = assert_json_error("GET /v1/job?...", &reply, 404, &[]);
+    assert_eq!(error, "no such endpoint: GET /v1/job (see /openapi.json)");
+    // A gRPC request to a method the agent service lacks is gRPC's UNIMPLEMENTED, not a REST 404.
+    let (status, headers, _) = call_with_headers(
+        &c,
+        Method::POST,
+        "/trainctl.agent.v1.AgentService/NoSuchMethod",
+        &[("content-type", "application/grpc")],
+        vec![],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["grpc-status"], "12", "{headers:?}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_body_size_and_query_errors_are_json_with_their_status() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    FakeAgent::connect(&c, 1).await.register(4, 0).await;
+    let id = c.submit(spec("errs", 1, 1, 0)).await;
+
+    // 405: JSON, with Allow.
+    let reply = call_with_headers(&c, Method::PATCH, "/v1/jobs", &[], vec![]).await;
+    let error = assert_json_error("PATCH /v1/jobs", &reply, 405, &["PATCH", "/v1/jobs"]);
+    assert!(error.contains("GET") && error.contains("POST"), "{error}");
+    let allow = reply.1["allow"].to_str().unwrap();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let reply = call_with_headers(
+        &c,
+        Method::GET,
+        &format!("/v1/jobs/{id}/cancel"),
+        &[],
+        vec![],
+    )
+    .await;
+    assert_json_error("GET cancel", &reply, 405, &["allowed: POST"]);
+    assert_eq!(reply.1["allow"], "POST");
+
+    // 413: JSON, not plain text; no job made. Sent by hand: the coordinator answers as soon as it
+    // reads a Content-Length over its limit, before the body (a client still writing it would
+    // see a broken pipe instead of the answer). 16 MiB + 1 is over every limit.
+    let (status, content_type, body) = raw_http(
+        c.addr,
+        &format!(
+            "POST /v1/jobs HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{{\"name\": ",
+            (16 << 20) + 1
+        ),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("at most"),
+        "{body}"
+    );
+
+    // Query strings that do not deserialize: 400 JSON naming the parameter.
+    for (method, path, word) in [
+        (
+            Method::POST,
+            format!("/v1/jobs/{id}/cancel?checkpoint=maybe"),
+            "checkpoint",
+        ),
+        (Method::GET, format!("/v1/jobs/{id}/logs?rank=x"), "rank"),
+        (
+            Method::GET,
+            format!("/v1/jobs/{id}/logs?attempt=-1"),
+            "attempt",
+        ),
+    ] {
+        let reply = call_with_headers(&c, method.clone(), &path, &[], vec![]).await;
+        assert_json_error(
+            &format!("{method} {path}"),
+            &reply,
+            400,
+            &[word, "query string"],
+        );
+    }
+    assert_ne!(c.job(&id).await["state"], json!("cancelled"));
+
+    // Duplicate JSON keys are refused, naming the key, as TOML does.
+    let body = r#"{"name": "a", "name": "b", "launch": {"command": ["true"]},
+        "resources": {"nodes": 1, "procs_per_node": 1}}"#;
+    let reply = call_with_headers(
+        &c,
+        Method::POST,
+        "/v1/jobs",
+        &[("content-type", "application/json")],
+        body.as_bytes().to_vec(),
+    )
+    .await;
+    assert_json_error("duplicate key", &reply, 422, &["duplicate key `name`"]);
+    let toml = "name = \"a\"\nname = \"b\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n";
+    let reply = call_with_headers(
+        &c,
+        Method::POST,
+        "/v1/jobs",
+        &[("content-type", "application/toml")],
+        toml.as_bytes().to_vec(),
+    )
+    .await;
+    assert_json_error("duplicate TOML key", &reply, 422, &["duplicate key `name`"]);
+    assert_eq!(c.get("/v1/jobs").await.as_array().unwrap().len(), 1);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_ids_parse_strictly() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    FakeAgent::connect(&c, 1).await.register(4, 0).await;
+    let id = c.submit(spec("strict", 1, 1, 0)).await;
+    assert_eq!(id, "1");
+    for raw in [
+        "+1",
+        "1%0a",
+        "%201",
+        "1%20",
+        "01",
+        "1.0",
+        "0x1",
+        "%EF%BC%91", // a fullwidth digit one
+        "18446744073709551616",
+    ] {
+        for (method, path) in [
+            (Method::GET, format!("/v1/jobs/{raw}")),
+            (Method::POST, format!("/v1/jobs/{raw}/cancel")),
+            (Method::GET, format!("/v1/jobs/{raw}/logs")),
+            (Method::GET, format!("/v1/jobs/{raw}/checkpoints")),
+            (Method::POST, format!("/v1/jobs?resume_from={raw}")),
+        ] {
+            let body = spec("resumer", 1, 1, 0).to_string().into_bytes();
+            let reply = call_with_headers(
+                &c,
+                method.clone(),
+                &path,
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await;
+            assert_json_error(
+                &format!("{method} {path}"),
+                &reply,
+                400,
+                &[
+                    "is not a job id",
+                    "ASCII digits only, no sign, spaces or leading zeros",
+                ],
+            );
+        }
+    }
+    // "0" is a well-formed id that no job has (ids start at 1).
+    let reply = call_with_headers(&c, Method::GET, "/v1/jobs/0", &[], vec![]).await;
+    assert_json_error("GET /v1/jobs/0", &reply, 404, &["job 0 does not exist"]);
+    // Nothing above touched job 1 or made a job.
+    assert_ne!(c.job("1").await["state"], json!("cancelled"));
+    assert_eq!(c.get("/v1/jobs").await.as_array().unwrap().len(), 1);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_path_answers_an_unknown_method_with_405_json_and_allow() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let doc = c.get("/openapi.json").await;
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 11, "{paths:?}");
+    let all = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ];
+    for (path, item) in paths {
+        let concrete = path.replace("{id}", "1").replace("{name}", "node-1");
+        let documented: Vec<String> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| all.iter().any(|m| m.as_str().eq_ignore_ascii_case(k)))
+            .map(|k| k.to_ascii_uppercase())
+            .collect();
+        assert!(!documented.is_empty(), "{path}: no operations");
+        let mut expected_allow = documented.clone();
+        if documented.iter().any(|m| m == "GET") {
+            expected_allow.push("HEAD".into());
+        }
+        expected_allow.sort();
+        for method in all
+            .iter()
+            .filter(|m| !documented.iter().any(|d| d == m.as_str()))
+        {
+            let reply = call_with_headers(&c, method.clone(), &concrete, &[], vec![]).await;
+            let what = format!("{method} {concrete}");
+            assert_json_error(
+                &what,
+                &reply,
+                405,
+                &[method.as_str(), &concrete, "allowed:"],
+            );
+            let mut allow: Vec<String> = reply.1["allow"]
+                .to_str()
+                .unwrap()
+                .split(',')
+                .map(|m| m.trim().to_string())
+                .collect();
+            allow.sort();
+            assert_eq!(
+                allow, expected_allow,
+                "{what}: Allow differs from /openapi.json"
+            );
+        }
+        // Every operation documents its error statuses with the JSON error body.
+        for (method, op) in item.as_object().unwrap() {
+            let responses = op["responses"].as_object().expect("responses");
+            for (code, response) in responses {
+                if code.starts_with('4') || (code.starts_with('5') && path != "/v1/health") {
+                    assert_eq!(
+                        response["content"]["application/json"]["schema"]["$ref"],
+                        json!("#/components/schemas/ErrorBody"),
+                        "{method} {path} {code}"
+                    );
+                }
+            }
+        }
+    }
+    // The submission documents its JSON body with a real schema, and every status it returns.
+    let submit = &doc["paths"]["/v1/jobs"]["post"];
+    let content = &submit["requestBody"]["content"];
+    assert_eq!(
+        content["application/json"]["schema"]["$ref"],
+        json!("#/components/schemas/JobSpecBody"),
+        "{content}"
+    );
+    assert!(content["application/toml"].is_object(), "{content}");
+    let codes: Vec<&str> = submit["responses"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for code in [
+        "201", "400", "404", "409", "413", "415", "422", "500", "503",
+    ] {
+        assert!(
+            codes.contains(&code),
+            "POST /v1/jobs lacks {code}: {codes:?}"
+        );
+    }
+    let schemas = &doc["components"]["schemas"];
+    let spec = &schemas["JobSpecBody"];
+    let required: Vec<&str> = spec["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(required, ["name", "launch", "resources"], "{spec}");
+    let resources = &schemas["ResourcesBody"]["properties"];
+    for key in [
+        "nodes",
+        "min_nodes",
+        "procs_per_node",
+        "gpus_per_node",
+        "cpus_per_node",
+        "memory_per_node_mib",
+    ] {
+        assert!(
+            resources[key].is_object(),
+            "resources.{key} missing: {resources}"
+        );
+    }
+    let nodes = schemas["NodeCount"]["oneOf"]
+        .as_array()
+        .expect("nodes: oneOf");
+    assert_eq!(nodes[0]["type"], json!("integer"));
+    assert_eq!(nodes[1]["type"], json!("string"));
+    for (schema, keys) in [
+        ("LaunchBody", &["command", "workdir", "env"][..]),
+        (
+            "FailureBody",
+            &["max_restarts", "hang_timeout", "hang_timeout_ms"],
+        ),
+        (
+            "CheckpointBody",
+            &["dir", "signal", "grace", "grace_ms", "keep"],
+        ),
+    ] {
+        for key in keys {
+            assert!(
+                schemas[schema]["properties"][key].is_object(),
+                "{schema}.{key} missing"
+            );
+        }
+    }
+    // A job's detail refers to the same schema for its stored spec.
+    let stored = &schemas["JobDetail"];
+    assert!(
+        stored
+            .to_string()
+            .contains("\"#/components/schemas/JobSpecBody\""),
+        "{stored}"
+    );
+    // No authentication exists yet, so none is declared.
+    assert!(doc["components"]["securitySchemes"].is_null(), "{doc}");
+    assert!(doc["security"].is_null());
+    c.stop().await;
+}
+
+/// Sends `request` as it is on a new connection and reads the response to its end: status,
+/// content type and body (the server closes: the request says `Connection: close`).
+async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT_LIMIT, stream.read_to_end(&mut response))
+        .await
+        .expect("the response within the limit")
+        .ok();
+    let response = String::from_utf8_lossy(&response).to_string();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a response head");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, content_type, body.to_string())
 }

@@ -34,10 +34,19 @@ impl fmt::Display for JobId {
 impl std::str::FromStr for JobId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.trim()
-            .parse::<u64>()
-            .map(JobId)
-            .map_err(|_| format!("`{s}` is not a job id (job ids are positive numbers, e.g. `3`)"))
+        // Strict: one spelling per job, so `+1`, ` 1`, `1\n` and `01` are not job 1.
+        let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let canonical = s == "0" || !s.starts_with('0');
+        match s.parse::<u64>() {
+            Ok(id) if digits && canonical => Ok(JobId(id)),
+            _ => {
+                let shown: String = s.escape_debug().take(40).collect();
+                Err(format!(
+                    "`{shown}` is not a job id (job ids are decimal numbers such as `3`: ASCII digits only, \
+                     no sign, spaces or leading zeros)"
+                ))
+            }
+        }
     }
 }
 
