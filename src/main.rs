@@ -1,6 +1,18 @@
 //! `trainctl`: the one binary. It runs the coordinator, the agent, a local cluster (`dev`, `demo`), the
 //! built-in example workload, and the command line that talks to the coordinator's REST API.
 
+/// `println!` for text that may hold strings from the network: control characters are escaped
+/// ([`render::terminal_safe`]) so that nothing a server or agent sent can drive the terminal.
+macro_rules! outln {
+    () => { println!() };
+    ($($arg:tt)*) => { println!("{}", crate::render::terminal_safe(&format!($($arg)*))) };
+}
+
+/// `eprintln!` with the same escaping as [`outln!`].
+macro_rules! errln {
+    ($($arg:tt)*) => { eprintln!("{}", crate::render::terminal_safe(&format!($($arg)*))) };
+}
+
 mod client;
 mod local;
 mod render;
@@ -45,6 +57,11 @@ enum Output {
     Json,
 }
 
+/// `trainctl dev`'s data directory when `--data-dir` is left out: `$TMPDIR/trainctl-dev`.
+fn default_dev_data_dir() -> PathBuf {
+    std::env::temp_dir().join("trainctl-dev")
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the built-in example job end to end on an embedded local cluster.
@@ -65,14 +82,16 @@ enum Cmd {
     },
     /// Keep a local cluster up: a coordinator and N agents acting as N hosts (127.0.0.2, ...).
     Dev {
+        /// Hosts (agents) to start: node-1 on 127.0.0.2, node-2 on 127.0.0.3, ...
         #[arg(long, default_value_t = 4)]
         agents: u32,
         /// Where the coordinator listens (REST, gRPC and Raft on one port).
         #[arg(long, default_value = "127.0.0.1:7470")]
         listen: String,
-        /// Data directory; wiped at start unless --keep-state.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
+        /// Data directory (the coordinator's state, agents' logs); wiped at start unless
+        /// --keep-state. The default is `trainctl-dev` in the temporary directory ($TMPDIR).
+        #[arg(long, default_value_os_t = default_dev_data_dir())]
+        data_dir: PathBuf,
         /// Keep the jobs and logs of a previous run in --data-dir.
         #[arg(long)]
         keep_state: bool,
@@ -304,14 +323,14 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: start the async runtime: {e}");
+            errln!("error: start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -367,7 +386,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         } => {
             let spec = LocalClusterSpec {
                 agents,
-                data_dir: data_dir.unwrap_or_else(|| std::env::temp_dir().join("trainctl-dev")),
+                data_dir,
                 listen,
                 gpus_per_agent,
                 heartbeat_interval_ms: 500,
@@ -385,7 +404,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::List { target } => {
             let jobs = Client::new(&target.addr)?.list().await?;
             match target.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&jobs)?),
+                Output::Json => outln!("{}", serde_json::to_string_pretty(&jobs)?),
                 Output::Human => print!("{}", render::job_table(&jobs)),
             }
             Ok(ExitCode::SUCCESS)
@@ -396,7 +415,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 // The coordinator's JSON as it is, so nothing it adds is dropped.
                 Output::Json => {
                     let detail = client.job_json(&job).await?;
-                    println!("{}", serde_json::to_string_pretty(&detail)?)
+                    outln!("{}", serde_json::to_string_pretty(&detail)?)
                 }
                 Output::Human => print!("{}", render::job_detail(&client.job(&job).await?)),
             }
@@ -405,7 +424,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Checkpoints { job, target } => {
             let checkpoints = Client::new(&target.addr)?.checkpoints(&job).await?;
             match target.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&checkpoints)?),
+                Output::Json => outln!("{}", serde_json::to_string_pretty(&checkpoints)?),
                 Output::Human => print!("{}", render::checkpoint_table(&checkpoints)),
             }
             Ok(ExitCode::SUCCESS)
@@ -460,11 +479,11 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 let live = matches!(d.summary.state.as_str(), "starting" | "running");
                 if target.output == Output::Human && live {
                     match d.spec.checkpoint.as_ref().and_then(|c| c.signal.as_deref()) {
-                        Some(signal) => eprintln!(
+                        Some(signal) => errln!(
                             "sending {signal} to job {job}'s ranks and waiting up to {:.0}s for a checkpoint commit",
                             d.spec.checkpoint.as_ref().map_or(0, |c| c.grace_ms) as f64 / 1000.0
                         ),
-                        None => eprintln!(
+                        None => errln!(
                             "job {job} has no `[checkpoint] signal`: cancelling without waiting for a checkpoint"
                         ),
                     }
@@ -472,7 +491,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             }
             let detail = client.cancel(&job, checkpoint).await?;
             match target.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&detail)?),
+                Output::Json => outln!("{}", serde_json::to_string_pretty(&detail)?),
                 Output::Human => {
                     let newer = before.as_ref().and_then(|b| {
                         let last = |d: &trainctl_coordinator::api::JobDetail| {
@@ -486,11 +505,13 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                             .filter(|_| last(&detail) != last(b))
                     });
                     match (checkpoint, newer) {
-                        (true, Some(c)) => println!(
+                        (true, Some(c)) => outln!(
                             "job {} cancelled after committing checkpoint step {} ({})",
-                            detail.summary.id, c.step, c.path
+                            detail.summary.id,
+                            c.step,
+                            c.path
                         ),
-                        (true, None) => println!(
+                        (true, None) => outln!(
                             "job {} cancelled (no new checkpoint was committed{})",
                             detail.summary.id,
                             match detail.checkpoints.last() {
@@ -498,7 +519,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                                 None => String::new(),
                             }
                         ),
-                        (false, _) => println!("job {} cancelled", detail.summary.id),
+                        (false, _) => outln!("job {} cancelled", detail.summary.id),
                     }
                 }
             }
@@ -510,8 +531,8 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         } => {
             Client::new(&target.addr)?.remove_node(&node).await?;
             match target.output {
-                Output::Json => println!("{}", serde_json::json!({ "removed": node })),
-                Output::Human => println!("node {node} removed"),
+                Output::Json => outln!("{}", serde_json::json!({ "removed": node })),
+                Output::Human => outln!("node {node} removed"),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -521,7 +542,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         } => {
             let nodes = Client::new(&target.addr)?.nodes().await?;
             match target.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&nodes)?),
+                Output::Json => outln!("{}", serde_json::to_string_pretty(&nodes)?),
                 Output::Human => print!("{}", render::node_table(&nodes)),
             }
             Ok(ExitCode::SUCCESS)
@@ -602,14 +623,14 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
 
 async fn set_drained(node: &str, drained: bool, target: &Target) -> anyhow::Result<ExitCode> {
     if drained && target.output == Output::Human {
-        eprintln!("draining {node}: its jobs checkpoint (up to their grace) and are placed again elsewhere");
+        errln!("draining {node}: its jobs checkpoint (up to their grace) and are placed again elsewhere");
     }
     let view = Client::new(&target.addr)?
         .set_drained(node, drained)
         .await?;
     match target.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
-        Output::Human if drained => println!(
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&view)?),
+        Output::Human if drained => outln!(
             "node {} drained: nothing new is placed there{}",
             view.name,
             if view.jobs.is_empty() {
@@ -618,7 +639,7 @@ async fn set_drained(node: &str, drained: bool, target: &Target) -> anyhow::Resu
                 format!(" (still releasing: {})", view.jobs.join(", "))
             }
         ),
-        Output::Human => println!("node {} undrained: it takes new work again", view.name),
+        Output::Human => outln!("node {} undrained: it takes new work again", view.name),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -629,7 +650,7 @@ fn checkpoint_commit(path: &str, step: u64, metrics: Option<&str>, output: Outpu
         match serde_json::from_str::<serde_json::Value>(m) {
             Ok(serde_json::Value::Object(_)) => {}
             _ => {
-                eprintln!(
+                errln!(
                     "error: --metrics `{m}` is not a JSON object: write one such as '{{\"loss\": 0.25}}'"
                 );
                 return ExitCode::from(2);
@@ -639,16 +660,16 @@ fn checkpoint_commit(path: &str, step: u64, metrics: Option<&str>, output: Outpu
     match trainctl_collective::commit_from_env(path, step, metrics) {
         Ok(reply) => {
             match output {
-                Output::Json => println!("{}", reply.trim()),
+                Output::Json => outln!("{}", reply.trim()),
                 Output::Human => {
                     let pruned: Vec<String> = serde_json::from_str::<serde_json::Value>(&reply)
                         .ok()
                         .and_then(|v| v.get("pruned").cloned())
                         .and_then(|p| serde_json::from_value(p).ok())
                         .unwrap_or_default();
-                    println!("committed checkpoint step {step}: {path}");
+                    outln!("committed checkpoint step {step}: {path}");
                     if !pruned.is_empty() {
-                        println!("deleted older checkpoints (`keep`): {}", pruned.join(", "));
+                        outln!("deleted older checkpoints (`keep`): {}", pruned.join(", "));
                     }
                 }
             }
@@ -659,11 +680,11 @@ fn checkpoint_commit(path: &str, step: u64, metrics: Option<&str>, output: Outpu
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
                 .unwrap_or(body);
-            eprintln!("error: the agent refused the commit of {path} (HTTP {status}): {message}");
+            errln!("error: the agent refused the commit of {path} (HTTP {status}): {message}");
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("error: commit {path}: {e}");
+            errln!("error: commit {path}: {e}");
             ExitCode::FAILURE
         }
     }
@@ -720,14 +741,15 @@ async fn submit(
         }
     })?;
     match target.output {
-        Output::Json if !wait => println!("{}", serde_json::json!({ "id": id })),
+        Output::Json if !wait => outln!("{}", serde_json::json!({ "id": id })),
         Output::Json => {}
+        // The result on stdout (scripts capture it), progress on stderr, as kubectl does.
         Output::Human => match resume_from {
-            Some(other) => eprintln!(
+            Some(other) => outln!(
                 "submitted job {id} ({}), starting from job {other}'s newest checkpoint",
                 spec.name
             ),
-            None => eprintln!("submitted job {id} ({})", spec.name),
+            None => outln!("submitted job {id} ({})", spec.name),
         },
     }
     if !wait {
@@ -740,7 +762,7 @@ async fn submit(
         wait_for_end(&client, &id, target.output == Output::Human).await?
     };
     match target.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&detail)?),
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&detail)?),
         Output::Human => print!("{}", render::job_detail(&detail)),
     }
     Ok(if detail.summary.state == "succeeded" {
@@ -761,7 +783,7 @@ async fn wait_for_end(
     loop {
         let detail = client.job(id).await?;
         if narrate && detail.summary.state != last_state {
-            eprintln!("job {id}: {}", render::state_line(&detail));
+            errln!("job {id}: {}", render::state_line(&detail));
             last_state = detail.summary.state.clone();
         }
         if matches!(
@@ -809,8 +831,13 @@ async fn follow_logs(
         let page = client.logs(id, rank, q.attempt, &cursor).await?;
         for line in page.lines.iter().filter(|l| show(l)) {
             match output {
-                Output::Json => println!("{}", serde_json::to_string(line)?),
-                Output::Human => println!("[{} rank {}] {}", line.node, line.rank, line.text),
+                Output::Json => outln!("{}", serde_json::to_string(line)?),
+                Output::Human => println!(
+                    "[{} rank {}] {}",
+                    render::terminal_safe(&line.node),
+                    line.rank,
+                    line.text
+                ),
             }
         }
         cursor = page.cursor;
@@ -821,7 +848,7 @@ async fn follow_logs(
             if output == Output::Human {
                 let detail = client.job(id).await?;
                 if detail.summary.state != last_state {
-                    eprintln!("job {id}: {}", render::state_line(&detail));
+                    errln!("job {id}: {}", render::state_line(&detail));
                     last_state = detail.summary.state.clone();
                 }
             }
@@ -845,7 +872,7 @@ async fn dev(spec: LocalClusterSpec, keep_state: bool, output: Output) -> anyhow
             .iter()
             .map(|(name, ip)| serde_json::json!({ "name": name, "address": ip.to_string() }))
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "coordinator": cluster.coordinator_url, "data_dir": data_dir, "agents": agents })
         );
@@ -857,25 +884,26 @@ async fn dev(spec: LocalClusterSpec, keep_state: bool, output: Output) -> anyhow
             break;
         }
     }
-    eprintln!("stopping the local cluster");
+    errln!("stopping the local cluster");
     cluster.stop();
     Ok(ExitCode::SUCCESS)
 }
 
 fn print_dev_banner(cluster: &LocalCluster, data_dir: &Path) {
-    println!(
+    outln!(
         "trainctl dev: coordinator at {} (REST API, docs at {}/docs)",
-        cluster.coordinator_url, cluster.coordinator_url
+        cluster.coordinator_url,
+        cluster.coordinator_url
     );
     for (name, ip) in &cluster.agents {
-        println!("  agent {name} on {ip}");
+        outln!("  agent {name} on {ip}");
     }
-    println!("  data and process logs in {}", data_dir.display());
-    println!(
+    outln!("  data and process logs in {}", data_dir.display());
+    outln!(
         "Try:  trainctl submit jobs/examples/ddp-example.toml --wait    (TRAINCTL_ADDR={})",
         cluster.coordinator_url
     );
-    println!("Press Ctrl-C to stop.");
+    outln!("Press Ctrl-C to stop.");
 }
 
 /// The demo's job: the built-in workload on every host of the embedded cluster.
@@ -892,7 +920,7 @@ async fn demo(agents: u32, data_dir: Option<PathBuf>, output: Output) -> anyhow:
     let human = output == Output::Human;
     let say = |text: String| {
         if human {
-            println!("{text}");
+            outln!("{text}");
         }
     };
     let temporary = data_dir.is_none();
@@ -929,8 +957,11 @@ async fn demo(agents: u32, data_dir: Option<PathBuf>, output: Output) -> anyhow:
     let spec = demo_spec(agents)?;
     let id = client.submit(&spec, None).await?;
     say(format!(
-        "[demo] submitted job {id} `{}`: {} hosts x {} ranks, command {:?}",
-        spec.name, spec.resources.nodes, spec.resources.procs_per_node, spec.launch.command
+        "[demo] submitted job {id} `{}`: {} x {}, command {:?}",
+        spec.name,
+        render::count(spec.resources.nodes, "host"),
+        render::count(spec.resources.procs_per_node, "rank"),
+        spec.launch.command
     ));
     let detail = if human {
         // Rank 0's progress, and every rank's final line.
@@ -957,7 +988,7 @@ async fn demo(agents: u32, data_dir: Option<PathBuf>, output: Output) -> anyhow:
     drop(cluster);
     let succeeded = detail.summary.state == "succeeded" && checksums.len() == 1;
     if !human {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "succeeded": succeeded, "checksums": checksums, "job": detail })
         );
@@ -1121,7 +1152,7 @@ async fn demo_chaos(
     let human = output == Output::Human;
     let say = |text: String| {
         if human {
-            println!("{text}");
+            outln!("{text}");
         }
     };
     let temporary = data_dir.is_none();
@@ -1251,11 +1282,17 @@ async fn demo_chaos(
     let reference = chaos_reference_checksum()?;
     if human {
         for l in lines.iter().filter(|l| l.text.starts_with("resumed from")) {
-            println!("[{} rank {}] {}", l.node, l.rank, l.text);
+            println!(
+                "[{} rank {}] {}",
+                render::terminal_safe(&l.node),
+                l.rank,
+                l.text
+            );
         }
-        println!(
+        outln!(
             "[demo] attempt history (restarts {}/{}):",
-            detail.restarts, detail.max_restarts
+            detail.restarts,
+            detail.max_restarts
         );
         print!("{}", render::attempt_table(&detail.attempts));
     }
@@ -1267,7 +1304,7 @@ async fn demo_chaos(
         && checksums.len() == 1
         && checksums[0] == reference;
     if !human {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "succeeded": succeeded,

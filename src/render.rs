@@ -1,5 +1,6 @@
 //! Human-readable output of the CLI: tables and job details, in kubectl/Nomad style.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -27,8 +28,44 @@ fn duration(from_ms: u64, to_ms: u64) -> String {
     format!("{:.1}s", to_ms.saturating_sub(from_ms) as f64 / 1000.0)
 }
 
-/// Lays out rows in columns separated by two spaces.
+/// Whether printing `c` raw could drive the terminal: C0 and C1 controls and DEL (a line break or
+/// tab only where `in_cell`), and the bidirectional overrides that reorder what is shown.
+fn unsafe_char(c: char, in_cell: bool) -> bool {
+    (c.is_control() && (in_cell || !matches!(c, '\n' | '\t')))
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+fn escape(s: &str, in_cell: bool) -> Cow<'_, str> {
+    if !s.chars().any(|c| unsafe_char(c, in_cell)) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c, in_cell) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `s` with every character that could drive a terminal (ESC and the other C0/C1 controls, DEL,
+/// bidi overrides) written as a Rust escape (`\u{1b}`); line breaks and tabs stay. Every string the
+/// CLI prints that came from the network (names, reasons, messages, errors) goes through this, so a
+/// node name or failure reason can never move the cursor, retitle the window or clear the screen.
+/// Rank output (`logs`) is the user's own program's and is printed as it is, like `kubectl logs`.
+pub fn terminal_safe(s: &str) -> Cow<'_, str> {
+    escape(s, false)
+}
+
+/// Lays out rows in columns separated by two spaces. Cells are escaped ([`terminal_safe`], and
+/// line breaks too) so that a cell is one line and the columns stay aligned.
 fn table(rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<Cow<'_, str>>> = rows
+        .iter()
+        .map(|r| r.iter().map(|cell| escape(cell, true)).collect())
+        .collect();
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -46,7 +83,7 @@ fn table(rows: &[Vec<String>]) -> String {
             if c + 1 == row.len() {
                 line.push_str(cell);
             } else {
-                let _ = write!(line, "{cell:<width$}  ", width = widths[c]);
+                let _ = write!(line, "{:<width$}  ", cell.as_ref(), width = widths[c]);
             }
         }
         out.push_str(line.trim_end());
@@ -82,7 +119,7 @@ pub fn job_table(jobs: &[JobSummary]) -> String {
 /// One line on where a job is: its state and why.
 pub fn state_line(d: &JobDetail) -> String {
     let s = &d.summary;
-    match s.state.as_str() {
+    let line = match s.state.as_str() {
         "pending" => format!(
             "pending: {}",
             s.pending_reason.as_deref().unwrap_or("queued")
@@ -105,21 +142,36 @@ pub fn state_line(d: &JobDetail) -> String {
             Some(r) => format!("{other}: {r}"),
             None => other.to_string(),
         },
-    }
+    };
+    terminal_safe(&line).into_owned()
 }
 
 /// Checkpoints shown by `status`: the newest few.
 const STATUS_CHECKPOINTS: usize = 3;
 
-/// The gang's size: `2 hosts x 1 ranks = world size 2`, or for an elastic job
-/// `2 of 2:4 hosts x 1 ranks = world size 2`.
+/// `word`, or `word` + "s" unless `n` is 1.
+fn plural(n: u32, word: &str) -> String {
+    if n == 1 {
+        word.to_string()
+    } else {
+        format!("{word}s")
+    }
+}
+
+/// `1 host`, `2 hosts`.
+pub fn count(n: u32, word: &str) -> String {
+    format!("{n} {}", plural(n, word))
+}
+
+/// The gang's size: `2 hosts x 1 rank = world size 2`, or for an elastic job
+/// `2 of 2:4 hosts x 1 rank = world size 2`.
 pub fn size_line(d: &JobDetail) -> String {
     let s = &d.summary;
     let [min, max] = d.node_range;
     let hosts = if min != max {
-        format!("{} of {min}:{max} hosts", d.current_nodes)
+        format!("{} of {min}:{max} {}", d.current_nodes, plural(max, "host"))
     } else {
-        format!("{} hosts", d.current_nodes.max(s.nodes))
+        count(d.current_nodes.max(s.nodes), "host")
     };
     let world = if min != max {
         d.current_nodes * s.procs_per_node
@@ -127,10 +179,10 @@ pub fn size_line(d: &JobDetail) -> String {
         s.world_size
     };
     format!(
-        "{hosts} x {} ranks = world size {world}{}",
-        s.procs_per_node,
+        "{hosts} x {} = world size {world}{}",
+        count(s.procs_per_node, "rank"),
         if s.gpus_per_node > 0 {
-            format!(", {} GPUs per host", s.gpus_per_node)
+            format!(", {} per host", count(s.gpus_per_node, "GPU"))
         } else {
             String::new()
         }
@@ -258,10 +310,16 @@ pub fn job_detail(d: &JobDetail) -> String {
                     .map(|c| c.to_string())
                     .unwrap_or_else(|| "-".into()),
                 r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                // A multi-line message (the last output) is in full in the reason above.
+                // A multi-line message (the last output) is in full in the reason above, and a
+                // message the reason already quotes is not repeated.
                 r.message
                     .as_deref()
                     .map(|m| match m.split_once('\n') {
+                        _ if !m.is_empty()
+                            && s.reason.as_deref().is_some_and(|x| x.contains(m)) =>
+                        {
+                            "(in the reason above)".to_string()
+                        }
                         Some((first, _)) => format!("{first} (...)"),
                         None => m.to_string(),
                     })
@@ -314,7 +372,7 @@ pub fn job_detail(d: &JobDetail) -> String {
             }
         }
     }
-    out
+    terminal_safe(&out).into_owned()
 }
 
 /// The node listing.
@@ -379,6 +437,41 @@ fn contain_column(containment: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_from_the_network_cannot_drive_the_terminal() {
+        let hostile = "node\x1b]0;owned\x07\x1b[2J\u{9b}31m\u{202e}x\x7f";
+        let safe = terminal_safe(hostile);
+        assert!(!safe.chars().any(|c| c.is_control()), "{safe}");
+        assert!(safe.contains("\\u{1b}]0;owned"), "{safe}");
+        // Line breaks stay in texts (a traceback), and are escaped in table cells.
+        assert_eq!(terminal_safe("a\nb\tc"), "a\nb\tc");
+        let text = table(&[
+            vec!["NAME".into(), "REASON".into()],
+            vec![hostile.into(), "lost\nsecond line\x1b[0m".into()],
+        ]);
+        assert!(!text.contains('\x1b'), "{text}");
+        assert_eq!(text.lines().count(), 2, "{text}");
+        let widths: Vec<usize> = text
+            .lines()
+            .map(|l| l.find("REASON").unwrap_or(0))
+            .collect();
+        assert!(
+            text.lines()
+                .nth(1)
+                .unwrap()
+                .contains("  lost\\nsecond line\\u{1b}[0m"),
+            "{text}"
+        );
+        assert!(widths[0] > 0);
+    }
+
+    #[test]
+    fn counts_are_plural_aware() {
+        assert_eq!(count(1, "host"), "1 host");
+        assert_eq!(count(2, "rank"), "2 ranks");
+        assert_eq!(count(0, "GPU"), "0 GPUs");
+    }
 
     #[test]
     fn attempt_table_shows_the_first_line_of_a_long_end() {

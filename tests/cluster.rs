@@ -326,7 +326,8 @@ fn a_command_that_does_not_exist_fails_the_job_with_a_clear_reason() {
     assert_eq!(job["state"], "failed");
     let reason = job["reason"].as_str().unwrap();
     assert!(
-        reason.contains("failed to start") && reason.contains("`pyhton3` not found in PATH="),
+        reason.contains("failed to start")
+            && reason.contains("`pyhton3` not found in the rank's PATH ("),
         "{reason}"
     );
     assert_eq!(job["ranks"][0]["state"], "failed_to_start");
@@ -515,4 +516,146 @@ fn demo_runs_the_example_job_end_to_end() {
         .map(|r| r["node"].as_str().unwrap())
         .collect();
     assert_eq!(hosts.len(), 3, "the gang spans every host");
+}
+
+/// The REST contract as curl sees it: a mistyped path is a JSON 404 (never an empty `200
+/// application/grpc`), a wrong method a JSON 405 with `Allow`, an oversized body or a bad query
+/// string a JSON error with its status, job ids strict, duplicate JSON keys refused.
+#[test]
+fn the_rest_api_answers_every_mistake_with_a_json_error() {
+    let cluster = DevCluster::start(1);
+    let base = format!("http://{}", cluster.addr);
+    // (status, content type, Allow header, body as JSON)
+    let curl = |args: &[&str]| -> (u16, String, String, serde_json::Value) {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{content_type}\n%header{allow}\n%{http_code}",
+            ])
+            .args(args)
+            .output()
+            .expect("curl is required for this test (the test command installs it)");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut parts = text.rsplitn(4, '\n');
+        let code = parts.next().unwrap().parse().unwrap();
+        let allow = parts.next().unwrap().to_string();
+        let content_type = parts.next().unwrap().to_string();
+        let body = parts.next().unwrap_or("");
+        let body = serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.into()));
+        (code, content_type, allow, body)
+    };
+    let error = |what: &str, reply: &(u16, String, String, serde_json::Value), want: u16| {
+        let (code, content_type, _, body) = reply;
+        assert_eq!(*code, want, "{what}: {body}");
+        assert!(
+            content_type.starts_with("application/json"),
+            "{what}: content type `{content_type}`: {body}"
+        );
+        body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no `error` in {body}"))
+            .to_string()
+    };
+    let spec = r#"{"name": "contract", "launch": {"command": ["sleep", "60"]},
+        "resources": {"nodes": 1, "procs_per_node": 1}}"#;
+    let json = "Content-Type: application/json";
+    let reply = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        json,
+        "-d",
+        spec,
+        &format!("{base}/v1/jobs"),
+    ]);
+    assert_eq!(reply.0, 201, "{reply:?}");
+    let id = reply.3["id"].as_str().unwrap().to_string();
+    cluster.wait_state(&id, "running", JOB_TIMEOUT);
+
+    // A mistyped cancel: 404 naming the endpoint, and the job runs on.
+    let cancle = format!("{base}/v1/jobs/{id}/cancle");
+    let e = error("cancle", &curl(&["-X", "POST", &cancle]), 404);
+    assert_eq!(
+        e,
+        format!("no such endpoint: POST /v1/jobs/{id}/cancle (see /openapi.json)")
+    );
+    for path in ["/", "/v1/job"] {
+        let e = error(path, &curl(&[&format!("{base}{path}")]), 404);
+        assert_eq!(
+            e,
+            format!("no such endpoint: GET {path} (see /openapi.json)")
+        );
+    }
+
+    // A wrong method: 405 with Allow.
+    let reply = curl(&["-X", "PATCH", &format!("{base}/v1/jobs")]);
+    let e = error("PATCH /v1/jobs", &reply, 405);
+    assert!(
+        e.contains("PATCH") && e.contains("GET") && e.contains("POST"),
+        "{e}"
+    );
+    assert!(
+        reply.2.contains("GET") && reply.2.contains("POST"),
+        "Allow: {}",
+        reply.2
+    );
+
+    // Strict ids.
+    for raw in ["+1", "1%0a", "%201", "01"] {
+        let e = error(raw, &curl(&[&format!("{base}/v1/jobs/{raw}")]), 400);
+        assert!(e.contains("is not a job id"), "{e}");
+        let cancel = format!("{base}/v1/jobs/{raw}/cancel");
+        error(raw, &curl(&["-X", "POST", &cancel]), 400);
+    }
+
+    // A bad query string: 400 JSON naming the parameter.
+    let bad_query = format!("{base}/v1/jobs/{id}/cancel?checkpoint=maybe");
+    let e = error("checkpoint=maybe", &curl(&["-X", "POST", &bad_query]), 400);
+    assert!(e.contains("checkpoint"), "{e}");
+
+    // A body over the limit: 413 JSON.
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.json");
+    std::fs::write(&big, vec![b' '; 5 << 20]).unwrap();
+    let reply = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        json,
+        "--data-binary",
+        &format!("@{}", big.display()),
+        &format!("{base}/v1/jobs"),
+    ]);
+    let e = error("big body", &reply, 413);
+    assert!(e.contains("at most"), "{e}");
+
+    // Duplicate keys: refused, naming the key.
+    let dup = spec.replacen(
+        "\"name\": \"contract\",",
+        "\"name\": \"a\", \"name\": \"b\",",
+        1,
+    );
+    let reply = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        json,
+        "-d",
+        &dup,
+        &format!("{base}/v1/jobs"),
+    ]);
+    let e = error("duplicate key", &reply, 422);
+    assert!(e.contains("duplicate key `name`"), "{e}");
+
+    // None of it touched the job; the real cancel works.
+    assert_eq!(cluster.job(&id)["state"], "running");
+    let jobs = curl(&[&format!("{base}/v1/jobs")]);
+    assert_eq!(jobs.3.as_array().unwrap().len(), 1, "{jobs:?}");
+    let cancel = format!("{base}/v1/jobs/{id}/cancel");
+    let reply = curl(&["-X", "POST", &cancel]);
+    assert_eq!(reply.0, 200, "{reply:?}");
+    assert_eq!(reply.3["state"], "cancelled");
 }

@@ -96,7 +96,7 @@ pub enum LaunchError {
     CommandNotFound {
         /// `argv[0]` as given.
         program: String,
-        /// Where it was looked for: `in PATH=...` or `at /abs/path`.
+        /// Where it was looked for: `in the rank's PATH (N directories)` or `at /abs/path`.
         searched: String,
     },
     /// The program exists but may not be executed (no execute bit, a directory, a `noexec`
@@ -572,7 +572,11 @@ fn resolve_program(
         }),
         None => Err(LaunchError::CommandNotFound {
             program: program.to_owned(),
-            searched: format!("in PATH={path_var}"),
+            // Not the whole PATH: the agent's is long, and the reason is shown in several places.
+            searched: format!(
+                "in the rank's PATH ({} directories)",
+                path_var.split(':').count()
+            ),
         }),
     }
 }
@@ -1251,7 +1255,7 @@ mod tests {
         let err = resolve_program("pyhton3", Some("/usr/bin:/bin"), dir.path()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "command `pyhton3` not found in PATH=/usr/bin:/bin on this host"
+            "command `pyhton3` not found in the rank's PATH (2 directories) on this host"
         );
         let err = resolve_program("./train.sh", None, dir.path()).unwrap_err();
         assert!(matches!(err, LaunchError::CommandNotFound { .. }), "{err}");

@@ -65,6 +65,8 @@ pub const HOSTNAME_CHARS_MAX: usize = 253;
 pub const AGENT_ID_CHARS_MAX: usize = 128;
 /// Longest GPU name or uuid, RDMA device name or port field, in characters.
 pub const DEVICE_STRING_CHARS_MAX: usize = 128;
+/// Longest description of how a host contains ranks (`resources.containment`), in characters.
+pub const CONTAINMENT_CHARS_MAX: usize = 512;
 /// Most GPUs one host may report.
 pub const GPUS_PER_HOST_MAX: usize = 1024;
 /// Most CPUs one host may report.
@@ -192,6 +194,12 @@ fn validate_resources(res: &HostResources) -> Result<(), Status> {
         "resources.hostname",
         &res.hostname,
         HOSTNAME_CHARS_MAX,
+        true,
+    )?;
+    printable_field(
+        "resources.containment",
+        &res.containment,
+        CONTAINMENT_CHARS_MAX,
         true,
     )?;
     if res.cpus > CPUS_PER_HOST_MAX {
@@ -1133,7 +1141,6 @@ mod tests {
                     }],
                 }],
                 hostname: "Node-1.Example".into(),
-                ..Default::default()
             }),
             port_range_start: 29500,
             port_range_end: 29599,
@@ -1176,6 +1183,14 @@ mod tests {
                 "resources.hostname",
             ),
             (|r| res(r).hostname = "h".repeat(254), "resources.hostname"),
+            (
+                |r| res(r).containment = "cgroup2\x1b[2J".into(),
+                "resources.containment",
+            ),
+            (
+                |r| res(r).containment = "c".repeat(513),
+                "resources.containment",
+            ),
             (
                 |r| {
                     let g = res(r).gpus[0].clone();

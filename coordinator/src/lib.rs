@@ -14,10 +14,12 @@
 //! - [`logs`]: rank logs shipped by agents, stored per job, attempt and rank.
 //! - [`api`]: REST handlers, their OpenAPI document, and the one error type they return.
 //! - [`agents`]: the gRPC service agents register and heartbeat with.
+//! - [`http`]: the HTTP server under all three: header, idle and body timeouts, body size limits.
 //! - [`server`]: `run(config, shutdown)`: one listener for REST, gRPC and Raft, plus the leader's loops.
 
 pub mod agents;
 pub mod api;
+pub mod http;
 pub mod launch;
 pub mod logs;
 pub mod raft;
