@@ -11,6 +11,11 @@
 #   TRAINCTL_VENV   venv directory (default: <repo>/.venv)
 #   PYTHON3         interpreter used to create the venv (default: python3)
 #   TRAINCTL_TORCH_SPEC  pip requirement for torch (default: torch)
+#   TRAINCTL_PYTHON an existing interpreter that already imports torch: it is checked and printed,
+#                   and no venv is made and nothing installed
+#   TORCH_INDEX_URL pip index torch is installed from, e.g. https://download.pytorch.org/whl/cpu
+#                   for the CPU-only wheel (about 200 MB instead of torch's CUDA wheels, about 5 GB
+#                   with the venv); numpy still comes from PyPI
 set -euo pipefail
 
 log() { printf 'python-env: %s\n' "$*" >&2; }
@@ -28,6 +33,16 @@ torch_version=
 has_torch() {  # sets torch_version; one interpreter start, since importing torch takes seconds
     [ -x "$py" ] && torch_version=$("$py" -c 'import torch; print(torch.__version__)' 2>/dev/null)
 }
+
+if [ -n "${TRAINCTL_PYTHON:-}" ]; then
+    py=$(command -v "$TRAINCTL_PYTHON" || true)
+    [ -n "$py" ] || die "TRAINCTL_PYTHON=$TRAINCTL_PYTHON: no such interpreter"
+    case $py in /*) ;; *) py=$PWD/$py ;; esac
+    has_torch || die "TRAINCTL_PYTHON=$TRAINCTL_PYTHON cannot 'import torch'; install torch into it, or unset TRAINCTL_PYTHON to make a venv"
+    log "using TRAINCTL_PYTHON=$py (torch $torch_version); no venv made"
+    printf '%s\n' "$py"
+    exit 0
+fi
 
 if has_torch; then
     log "torch $torch_version already importable in $venv"
@@ -84,9 +99,18 @@ fi
 [ -x "$py" ] || die "venv at $venv has no bin/python after creation"
 "$py" -m pip --version >/dev/null 2>&1 || die "venv at $venv has no working pip (try: rm -rf $venv and re-run)"
 
-log "installing $torch_spec and numpy from PyPI into $venv (large download, cached by pip)"
-"$py" -m pip install --disable-pip-version-check "$torch_spec" numpy >&2 \
-    || die "pip install $torch_spec numpy failed (is PyPI reachable?)"
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    log "installing $torch_spec from $TORCH_INDEX_URL and numpy from PyPI into $venv"
+    "$py" -m pip install --disable-pip-version-check --index-url "$TORCH_INDEX_URL" "$torch_spec" >&2 \
+        || die "pip install --index-url $TORCH_INDEX_URL $torch_spec failed (is the index reachable?)"
+    "$py" -m pip install --disable-pip-version-check numpy >&2 \
+        || die "pip install numpy failed (is PyPI reachable?)"
+else
+    log "installing $torch_spec and numpy from PyPI into $venv (torch with its CUDA wheels: about 5 GB" \
+        "with the venv, cached by pip; TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU-only wheel)"
+    "$py" -m pip install --disable-pip-version-check "$torch_spec" numpy >&2 \
+        || die "pip install $torch_spec numpy failed (is PyPI reachable?)"
+fi
 
 has_torch || die "torch installed but 'import torch' still fails in $venv"
 log "torch $torch_version ready in $venv"
