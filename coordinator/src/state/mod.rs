@@ -2722,4 +2722,40 @@ mod tests {
         );
         assert_rejected(state.apply(remove("node-9")), "no node named node-9");
     }
+
+    #[test]
+    fn job_ids_have_one_spelling() {
+        for (text, id) in [
+            ("0", 0),
+            ("1", 1),
+            ("42", 42),
+            ("18446744073709551615", u64::MAX),
+        ] {
+            assert_eq!(text.parse::<JobId>(), Ok(JobId(id)), "{text}");
+        }
+        for text in [
+            "",
+            "+1",
+            "-1",
+            " 1",
+            "1 ",
+            "1\n",
+            "\t1",
+            "01",
+            "00",
+            "1.0",
+            "1e3",
+            "0x1",
+            "1_000",
+            "\u{ff11}",
+            "18446744073709551616",
+        ] {
+            let err = text.parse::<JobId>().unwrap_err();
+            assert!(err.contains("is not a job id"), "{text:?}: {err}");
+            assert!(
+                !err.contains('\n'),
+                "{text:?}: the message escapes control characters: {err}"
+            );
+        }
+    }
 }
