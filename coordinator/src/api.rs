@@ -254,7 +254,8 @@ async fn json_errors(request: Request, next: Next) -> Response {
 /// is the same as leaving the key out. In a job's detail, `spec` is the stored canonical form: every
 /// default filled in, `min_nodes` set, durations as `_ms`.
 #[allow(dead_code)]
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({
     "name": "ddp",
     "launch": {"command": ["python3", "train.py"], "env": {"NCCL_DEBUG": "WARN"}},
@@ -275,6 +276,7 @@ struct JobSpecBody {
 /// What every rank runs.
 #[allow(dead_code)]
 #[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 struct LaunchBody {
     /// The argv, never a shell string: `command[0]` is the program, looked up in `PATH`.
     #[schema(min_items = 1)]
@@ -287,6 +289,7 @@ struct LaunchBody {
 }
 
 /// How many hosts (`resources.nodes`); its schema is written by hand: an integer or a string.
+#[derive(Serialize)]
 struct NodeCount;
 
 impl utoipa::PartialSchema for NodeCount {
@@ -317,7 +320,8 @@ impl ToSchema for NodeCount {}
 
 /// The gang's shape and what each host must provide.
 #[allow(dead_code)]
-#[derive(ToSchema)]
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 struct ResourcesBody {
     nodes: NodeCount,
     /// The fewest hosts, 1 to `nodes` (default: `nodes`; 0 also means `nodes`). With
@@ -341,6 +345,7 @@ struct ResourcesBody {
 /// What to do when a rank fails or the gang hangs.
 #[allow(dead_code)]
 #[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 struct FailureBody {
     /// Job-wide restart budget (default 0).
     #[schema(minimum = 0, maximum = 10_000)]
@@ -356,6 +361,7 @@ struct FailureBody {
 /// How the job's ranks checkpoint, for planned stops (resizes, drains) and cleanup.
 #[allow(dead_code)]
 #[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 struct CheckpointBody {
     /// Where ranks write checkpoints; `{job}` and `{name}` are expanded. Relative to the workdir.
     #[schema(min_length = 1, max_length = 4096, example = "/shared/ckpt/{job}")]
@@ -1458,5 +1464,32 @@ fn node_view(s: &ClusterState, n: &Node) -> NodeView {
         jobs,
         drained: n.drained,
         containment: n.resources.containment.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_job_spec_example_is_a_valid_spec_and_unknown_keys_are_declared_errors() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let example = &schemas["JobSpecBody"]["example"];
+        let spec = JobSpec::from_json(&example.to_string(), "example").unwrap();
+        assert_eq!(spec.resources.node_range(), (2, 4));
+        for name in [
+            "JobSpecBody",
+            "LaunchBody",
+            "ResourcesBody",
+            "FailureBody",
+            "CheckpointBody",
+        ] {
+            assert_eq!(
+                schemas[name]["additionalProperties"],
+                serde_json::json!(false),
+                "{name}"
+            );
+        }
     }
 }
