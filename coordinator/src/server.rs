@@ -418,6 +418,8 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
         (status, Json(serde_json::json!({ "error": error }))).into_response()
     }
 
+    // The refusal is built once per bad message; boxing it would only move the allocation.
+    #[allow(clippy::result_large_err)]
     async fn rpc(
         State(c): State<Arc<Coordinator>>,
         Path(kind): Path<String>,

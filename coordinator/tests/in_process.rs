@@ -215,7 +215,6 @@ impl FakeAgent {
                         .collect(),
                     rdma_devices: vec![],
                     hostname: format!("{}.example", self.name),
-                    ..Default::default()
                 }),
                 port_range_start: self.ports.0,
                 port_range_end: self.ports.1,

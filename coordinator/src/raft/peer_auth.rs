@@ -142,7 +142,7 @@ fn encode_hex(bytes: &[u8]) -> String {
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || !text.is_ascii() {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
         return None;
     }
     (0..text.len())
@@ -156,14 +156,14 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
 /// vote. openraft trusts its peers on this; a malformed append once panicked it.
 pub fn append_problem(rpc: &AppendEntriesRequest<TypeConfig>) -> Option<String> {
     let vote_term = rpc.vote.leader_id().term;
-    let mut expected_index = rpc.prev_log_id.map_or(0, |p| p.index + 1);
+    let first_index = rpc.prev_log_id.map_or(0, |p| p.index + 1);
     let mut last_term = rpc.prev_log_id.map_or(0, |p| p.leader_id.term);
     if last_term > vote_term {
         return Some(format!(
             "prev_log_id term {last_term} is above the sender's term {vote_term}"
         ));
     }
-    for entry in &rpc.entries {
+    for (expected_index, entry) in (first_index..).zip(&rpc.entries) {
         let id = entry.log_id;
         if id.index != expected_index {
             return Some(format!(
@@ -178,7 +178,6 @@ pub fn append_problem(rpc: &AppendEntriesRequest<TypeConfig>) -> Option<String> 
             ));
         }
         last_term = id.leader_id.term;
-        expected_index += 1;
     }
     if let Some(committed) = rpc.leader_commit {
         if committed.leader_id.term > vote_term {
@@ -203,7 +202,16 @@ mod tests {
         assert_eq!(ok, Ok(2));
         let other = PeerSecret::from_bytes(vec![8; 32]);
         let forged_from = header.replacen("v1 2 ", "v1 3 ", 1);
-        let cases: Vec<(&str, Option<&str>, &str, &[u8], u64, PeerAuthError)> = vec![
+        /// (what, header, path, body, now, the refusal)
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
+            &'a str,
+            &'a [u8],
+            u64,
+            PeerAuthError,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "no header",
                 None,
