@@ -85,7 +85,7 @@ pub const FAILURE_NOTE_BYTES_MAX: usize = 8 << 10;
 pub struct AgentConfig {
     /// The coordinator's URL, e.g. `http://10.0.0.1:7470`.
     pub coordinator_url: String,
-    /// This node's name in the cluster; the hostname when absent.
+    /// This node's name in the cluster; the hostname, lowercased, when absent.
     pub node_name: Option<String>,
     /// The IP other hosts reach this one at; found from the route to the coordinator when absent.
     pub advertise_addr: Option<IpAddr>,
@@ -246,7 +246,8 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     let node_name = config
         .node_name
         .clone()
-        .unwrap_or_else(|| facts.hostname.clone());
+        // Node names are lowercase; a hostname is not case-sensitive, so the default folds it.
+        .unwrap_or_else(|| facts.hostname.to_ascii_lowercase());
     let address = match config.advertise_addr {
         Some(a) => a,
         None => route_address_to(&config.coordinator_url)?,
