@@ -1259,3 +1259,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod register_fuzz;

@@ -1031,6 +1031,7 @@ fn world_size_saturates_on_unvalidated_specs() {
     assert_eq!(spec.world_size(), u32::MAX);
 }
 
+mod fuzz;
 mod policies;
 
 #[test]

@@ -1091,6 +1091,8 @@ mod tests {
     use super::*;
     use crate::scheduler::{self, NodePlacement};
 
+    mod fuzz;
+
     /// Every node's lease range in these tests: ten ports.
     const PORTS: (u16, u16) = (29500, 29509);
     const AT: u64 = 1_000;
