@@ -21,6 +21,10 @@ fi
 echo "test.sh: preparing the Python environment with torch (for the PyTorch test)" >&2
 scripts/python-env.sh >/dev/null
 
+# Property tests (proptest) explore the same inputs on every run of this command, so a run's result
+# does not depend on luck; set PROPTEST_RNG_SEED to explore others.
+export PROPTEST_RNG_SEED="${PROPTEST_RNG_SEED:-20261130}"
+
 echo "test.sh: cargo test --workspace" >&2
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
