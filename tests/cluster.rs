@@ -518,6 +518,48 @@ fn demo_runs_the_example_job_end_to_end() {
     assert_eq!(hosts.len(), 3, "the gang spans every host");
 }
 
+/// `demo --chaos` as the README shows it: a host's agent is killed after the first checkpoint, the
+/// job resumes on the other hosts without spending a restart (a host loss is free), and every rank
+/// ends with the checksum of an uninterrupted run.
+#[test]
+fn chaos_demo_loses_a_host_and_resumes_with_the_uninterrupted_checksum() {
+    let _lock = common::lock_cluster_addresses();
+    let out = std::process::Command::new(common::trainctl())
+        .args(["demo", "--chaos", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "demo --chaos failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["succeeded"], true, "{summary:#}");
+    let killed = summary["killed"]["node"].as_str().unwrap();
+    let job = &summary["job"];
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["restarts"], 0, "a host loss spends no restart: {job:#}");
+    let attempts = job["attempts"].as_array().unwrap();
+    assert!(attempts.len() >= 2, "{job:#}");
+    let first_end = attempts[0]["end"].as_str().unwrap();
+    assert!(
+        first_end.contains(&format!("node {killed} was lost")),
+        "{first_end}"
+    );
+    let last = attempts.last().unwrap();
+    assert_eq!(last["end"], "succeeded");
+    assert!(
+        !last["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == killed),
+        "the last attempt avoids the dead host: {last:#}"
+    );
+    assert_eq!(summary["checksums"].as_array().unwrap().len(), 1);
+    assert_eq!(summary["checksums"][0], summary["reference_checksum"]);
+}
+
 /// The REST contract as curl sees it: a mistyped path is a JSON 404 (never an empty `200
 /// application/grpc`), a wrong method a JSON 405 with `Allow`, an oversized body or a bad query
 /// string a JSON error with its status, job ids strict, duplicate JSON keys refused.
