@@ -911,7 +911,10 @@ fn demo_spec(agents: u32) -> anyhow::Result<JobSpec> {
     const EXAMPLE: &str = include_str!("../jobs/examples/ddp-example.toml");
     let mut spec = JobSpec::from_toml(EXAMPLE, "jobs/examples/ddp-example.toml")
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Exactly one host per agent: the example's `nodes = 2` parsed to min_nodes 2 as well, and
+    // changing only the maximum would make the demo an elastic 2:N job.
     spec.resources.nodes = agents;
+    spec.resources.min_nodes = agents;
     spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(spec)
 }

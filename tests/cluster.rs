@@ -509,6 +509,8 @@ fn demo_runs_the_example_job_end_to_end() {
     );
     assert_eq!(summary["job"]["state"], "succeeded");
     assert_eq!(summary["job"]["world_size"], 6, "3 hosts x 2 ranks");
+    // A fixed gang of exactly the agents, not an elastic 2:3 one.
+    assert_eq!(summary["job"]["node_range"], serde_json::json!([3, 3]));
     let hosts: BTreeSet<&str> = summary["job"]["ranks"]
         .as_array()
         .unwrap()
