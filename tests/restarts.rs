@@ -14,69 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{eventually, free_port, job_file, processes_with, trainctl, HandCluster};
+use common::{eventually, free_port, job_file, processes_with, strs, trainctl, HandCluster};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Submits a job file to `cluster` and returns its id.
-fn submit(cluster: &HandCluster, file: &Path) -> String {
-    let out = cluster.cli(&["submit", file.to_str().unwrap(), "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "submit {} failed: {}",
-        file.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["id"].as_str().unwrap().to_string()
-}
-
-fn job(cluster: &HandCluster, id: &str) -> Value {
-    cluster.json(&["status", id])
-}
-
-/// Waits for `state`; panics early (with the job) if it ends in another state.
-fn wait_state(cluster: &HandCluster, id: &str, state: &str, timeout: Duration) -> Value {
-    let mut last = Value::Null;
-    let start = Instant::now();
-    loop {
-        let j = job(cluster, id);
-        if j["state"] == state {
-            return j;
-        }
-        if !j.is_null() {
-            last = j;
-        }
-        let terminal = ["succeeded", "failed", "cancelled"];
-        if terminal.contains(&last["state"].as_str().unwrap_or("")) {
-            panic!(
-                "job {id} ended {} while waiting for {state}: {last:#}\nlogs:\n{}",
-                last["state"],
-                logs(cluster, id)
-            );
-        }
-        if start.elapsed() > timeout {
-            panic!(
-                "timed out after {timeout:?} waiting for job {id} to be {state}: {last:#}\nnodes: {:#}\ncluster log (tail):\n{}",
-                cluster.json(&["nodes"]),
-                log_tail(cluster, 60)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The last `n` lines the cluster's processes wrote.
-fn log_tail(cluster: &HandCluster, n: usize) -> String {
-    let text = std::fs::read_to_string(cluster.log()).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// The current (or last) attempt's output, as `trainctl logs` prints it.
-fn logs(cluster: &HandCluster, id: &str) -> String {
-    String::from_utf8_lossy(&cluster.cli(&["logs", id]).stdout).into_owned()
-}
 
 /// `curl -s -X METHOD URL [args]`: the status code and the body.
 fn curl(method: &str, url: &str, args: &[&str]) -> (u16, String) {
@@ -89,34 +29,6 @@ fn curl(method: &str, url: &str, args: &[&str]) -> (u16, String) {
     let text = String::from_utf8(out.stdout).unwrap();
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.parse().unwrap(), body.to_string())
-}
-
-/// Every line of one attempt's output, as `[node rank N] text`, read through the REST API.
-fn attempt_logs(cluster: &HandCluster, id: &str, attempt: u32) -> String {
-    let mut out = String::new();
-    let mut cursor = String::new();
-    loop {
-        let url = format!(
-            "http://{}/v1/jobs/{id}/logs?attempt={attempt}&cursor={cursor}",
-            cluster.addr
-        );
-        let (code, body) = curl("GET", &url, &[]);
-        assert_eq!(code, 200, "{url}: {body}");
-        let page: Value = serde_json::from_str(&body).unwrap();
-        let lines = page["lines"].as_array().unwrap();
-        for l in lines {
-            out.push_str(&format!(
-                "[{} rank {}] {}\n",
-                l["node"].as_str().unwrap(),
-                l["rank"],
-                l["text"].as_str().unwrap()
-            ));
-        }
-        cursor = page["cursor"].as_str().unwrap().to_string();
-        if lines.is_empty() {
-            return out;
-        }
-    }
 }
 
 /// The checksum rank 0 printed (`final checksum 0x...`), if it did.
@@ -161,14 +73,6 @@ fn no_process_left(marker: &str) {
         &format!("every process with {marker:?} gone"),
         || processes_with(marker).is_empty().then_some(()),
     );
-}
-
-fn strs(v: &Value) -> Vec<String> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect()
 }
 
 /// A job file running `trainctl example-train ARGS` with a `[checkpoint]` table in `dir/ckpt/{job}`.
@@ -221,8 +125,8 @@ fn crash_with_budget_restarts_in_place_and_succeeds() {
         "",
         "[failure]\nmax_restarts = 2\n",
     );
-    let id = submit(&cluster, &spec);
-    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_state(&id, "succeeded", JOB_TIMEOUT);
     assert_eq!(job["restarts"], 1, "{job:#}");
     let attempts = job["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{job:#}");
@@ -238,8 +142,10 @@ fn crash_with_budget_restarts_in_place_and_succeeds() {
     );
     assert_eq!(attempts[1]["end"], "succeeded", "{job:#}");
     // Attempt 0 failed where it was told to; attempt 1 resumed from its checkpoint.
-    assert!(attempt_logs(&cluster, &id, 0).contains("rank 1] injected failure at step 5"));
-    let last = attempt_logs(&cluster, &id, 1);
+    assert!(cluster
+        .attempt_logs(&id, 0)
+        .contains("rank 1] injected failure at step 5"));
+    let last = cluster.attempt_logs(&id, 1);
     assert!(last.contains("rank 0] resumed from "), "{last}");
     assert!(last.contains("(attempt 1)"), "{last}");
     assert_eq!(
@@ -259,8 +165,8 @@ fn budget_exhausted_fails_with_root_cause() {
         "boom",
         "name = \"boom\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo boom-line; exit 7; : 9102\"]\n[resources]\nnodes = 2\nprocs_per_node = 1\n[failure]\nmax_restarts = 1\n",
     );
-    let id = submit(&cluster, &spec);
-    let job = wait_state(&cluster, &id, "failed", JOB_TIMEOUT);
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_state(&id, "failed", JOB_TIMEOUT);
     let reason = job["reason"].as_str().unwrap();
     let named_rank = (0..2).any(|r| {
         (1..=2).any(|h| reason.starts_with(&format!("rank {r} on host-{h} exited with code 7")))
@@ -285,8 +191,8 @@ fn signal_death_is_a_failure() {
         "sig",
         "name = \"sig\"\n[launch]\ncommand = [\"sh\", \"-c\", \"kill -9 $$; : 9103\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
     );
-    let id = submit(&cluster, &spec);
-    let job = wait_state(&cluster, &id, "failed", JOB_TIMEOUT);
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_state(&id, "failed", JOB_TIMEOUT);
     let reason = job["reason"].as_str().unwrap();
     assert!(
         reason.starts_with("rank 0 on host-1 was killed by signal 9"),
@@ -300,7 +206,7 @@ fn signal_death_is_a_failure() {
 /// Waits until the job has a committed checkpoint, and returns the job.
 fn wait_checkpoint(cluster: &HandCluster, id: &str) -> Value {
     eventually(JOB_TIMEOUT, "a committed checkpoint", || {
-        let j = job(cluster, id);
+        let j = cluster.job(id);
         (!j["checkpoints"].as_array()?.is_empty()).then_some(j)
     })
 }
@@ -321,8 +227,8 @@ fn kill_a_host_of_a_running_job(max_restarts: u32, seed: &str) -> (Value, String
         "",
         &format!("[failure]\nmax_restarts = {max_restarts}\n"),
     );
-    let id = submit(&cluster, &spec);
-    wait_state(&cluster, &id, "running", JOB_TIMEOUT);
+    let id = cluster.submit(&spec);
+    cluster.wait_state(&id, "running", JOB_TIMEOUT);
     let before = wait_checkpoint(&cluster, &id);
     let first = strs(&before["attempts"][0]["nodes"]);
     assert_eq!(first.len(), 2);
@@ -335,7 +241,7 @@ fn kill_a_host_of_a_running_job(max_restarts: u32, seed: &str) -> (Value, String
     let lost = first[1].clone();
     cluster.kill_agent(&lost);
 
-    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    let job = cluster.wait_state(&id, "succeeded", JOB_TIMEOUT);
     let attempts = job["attempts"].as_array().unwrap();
     let last_nodes = strs(&attempts.last().unwrap()["nodes"]);
     assert!(
@@ -348,7 +254,7 @@ fn kill_a_host_of_a_running_job(max_restarts: u32, seed: &str) -> (Value, String
             .is_some_and(|e| e.contains(&lost) && e.contains("lost"))),
         "an attempt ended because {lost} was lost: {job:#}"
     );
-    let last = attempt_logs(&cluster, &id, attempts.len() as u32 - 1);
+    let last = cluster.attempt_logs(&id, attempts.len() as u32 - 1);
     assert!(last.contains("rank 0] resumed from "), "{last}");
     assert_eq!(
         rank0_checksum(&last).as_deref(),
@@ -394,8 +300,8 @@ fn elastic_shrinks_and_grows() {
         "grace = \"20s\"",
         "[failure]\nmax_restarts = 2\n",
     );
-    let id = submit(&cluster, &spec);
-    wait_state(&cluster, &id, "running", JOB_TIMEOUT);
+    let id = cluster.submit(&spec);
+    cluster.wait_state(&id, "running", JOB_TIMEOUT);
     let before = wait_checkpoint(&cluster, &id);
     assert_eq!(
         before["attempts"][0]["world_size"], 3,
@@ -406,7 +312,7 @@ fn elastic_shrinks_and_grows() {
     let victim_index: u32 = victim.strip_prefix("host-").unwrap().parse().unwrap();
     cluster.kill_agent(&victim);
     let shrunk = eventually(JOB_TIMEOUT, "an attempt of world size 2", || {
-        let j = job(&cluster, &id);
+        let j = cluster.job(&id);
         (j["attempts"]
             .as_array()?
             .iter()
@@ -420,7 +326,7 @@ fn elastic_shrinks_and_grows() {
     cluster.wait_agents_up(3);
     let start = Instant::now();
     let grown = loop {
-        let j = job(&cluster, &id);
+        let j = cluster.job(&id);
         let attempts = j["attempts"].as_array().unwrap();
         let shrink_at = attempts.iter().position(|a| a["world_size"] == 2).unwrap();
         if attempts[shrink_at + 1..]
@@ -434,7 +340,7 @@ fn elastic_shrinks_and_grows() {
                 && ["pending", "starting", "running"].contains(&j["state"].as_str().unwrap()),
             "no attempt of world size 3 after the shrink: {j:#}\nnodes: {:#}\nlog:\n{}",
             cluster.json(&["nodes"]),
-            log_tail(&cluster, 30)
+            cluster.log_tail(30)
         );
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -445,13 +351,13 @@ fn elastic_shrinks_and_grows() {
         .find(|e| e.starts_with("growing"))
         .unwrap_or_else(|| panic!("no attempt ended growing: {grown:#}"));
     assert!(grow_end.contains("from 2 to 3 hosts"), "{grow_end}");
-    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    let job = cluster.wait_state(&id, "succeeded", JOB_TIMEOUT);
     assert_eq!(
         job["restarts"], shrunk["restarts"],
         "growing is free: {job:#}"
     );
     let n = job["attempts"].as_array().unwrap().len() as u32;
-    let last = attempt_logs(&cluster, &id, n - 1);
+    let last = cluster.attempt_logs(&id, n - 1);
     assert!(last.contains("rank 0] resumed from "), "{last}");
     assert!(last.contains("rank 2] final checksum"), "{last}");
     assert_eq!(
@@ -477,14 +383,14 @@ fn hang_is_detected_and_restarted() {
         "",
         "[failure]\nmax_restarts = 1\nhang_timeout = \"3s\"\n",
     );
-    let id = submit(&cluster, &spec);
-    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_state(&id, "succeeded", JOB_TIMEOUT);
     let attempts = job["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{job:#}");
     let end = attempts[0]["end"].as_str().unwrap();
     assert!(end.starts_with("hung: no progress for 3s"), "{end}");
     assert_eq!(job["restarts"], 1, "a hang spends the budget: {job:#}");
-    let last = attempt_logs(&cluster, &id, 1);
+    let last = cluster.attempt_logs(&id, 1);
     assert!(last.contains("rank 0] resumed from "), "{last}");
     assert_eq!(
         rank0_checksum(&last).as_deref(),
@@ -516,12 +422,12 @@ fn cancel_with_checkpoint_waits_for_a_commit() {
         "signal = \"SIGUSR1\"\ngrace = \"20s\"",
         "",
     );
-    let id = submit(&cluster, &spec);
+    let id = cluster.submit(&spec);
     // Past step 3 the rank has installed its SIGUSR1 handler.
     eventually(JOB_TIMEOUT, "step 3", || {
-        logs(&cluster, &id).contains("step 3/").then_some(())
+        cluster.logs(&id).contains("step 3/").then_some(())
     });
-    assert!(job(&cluster, &id)["checkpoints"]
+    assert!(cluster.job(&id)["checkpoints"]
         .as_array()
         .unwrap()
         .is_empty());
@@ -548,7 +454,7 @@ fn cancel_with_checkpoint_waits_for_a_commit() {
     assert!(step >= 3, "{reply:#}");
     let line = format!("checkpoint now: committed step {step}");
     eventually(Duration::from_secs(10), &line, || {
-        logs(&cluster, &id).contains(&line).then_some(())
+        cluster.logs(&id).contains(&line).then_some(())
     });
     no_process_left("--seed 9107");
 }
@@ -568,12 +474,12 @@ fn drain_moves_the_job_and_undrain_brings_the_node_back() {
         "signal = \"SIGUSR1\"\ngrace = \"20s\"",
         "",
     );
-    let id = submit(&cluster, &spec);
-    wait_state(&cluster, &id, "running", JOB_TIMEOUT);
+    let id = cluster.submit(&spec);
+    cluster.wait_state(&id, "running", JOB_TIMEOUT);
     eventually(JOB_TIMEOUT, "step 3", || {
-        logs(&cluster, &id).contains("step 3/").then_some(())
+        cluster.logs(&id).contains("step 3/").then_some(())
     });
-    let first = strs(&job(&cluster, &id)["attempts"][0]["nodes"]);
+    let first = strs(&cluster.job(&id)["attempts"][0]["nodes"]);
     let drained = first[1].clone();
     let (code, body) = curl(
         "POST",
@@ -584,7 +490,7 @@ fn drain_moves_the_job_and_undrain_brings_the_node_back() {
     let node: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(node["drained"], true);
 
-    let job1 = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    let job1 = cluster.wait_state(&id, "succeeded", JOB_TIMEOUT);
     let attempts = job1["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{job1:#}");
     let end = attempts[0]["end"].as_str().unwrap();
@@ -595,7 +501,7 @@ fn drain_moves_the_job_and_undrain_brings_the_node_back() {
     );
     assert!(!strs(&attempts[1]["nodes"]).contains(&drained), "{job1:#}");
     assert_eq!(job1["restarts"], 0, "a drain is free: {job1:#}");
-    let last = attempt_logs(&cluster, &id, 1);
+    let last = cluster.attempt_logs(&id, 1);
     assert!(last.contains("rank 0] resumed from "), "{last}");
     assert_eq!(
         rank0_checksum(&last).as_deref(),
@@ -609,9 +515,9 @@ fn drain_moves_the_job_and_undrain_brings_the_node_back() {
         "all",
         "name = \"all\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo on $TRAINCTL_NODE_ADDR; : 9108\"]\n[resources]\nnodes = 3\nprocs_per_node = 1\n",
     );
-    let all_id = submit(&cluster, &all);
+    let all_id = cluster.submit(&all);
     std::thread::sleep(Duration::from_secs(2));
-    let pending = job(&cluster, &all_id);
+    let pending = cluster.job(&all_id);
     assert_eq!(pending["state"], "pending", "{pending:#}");
     let (code, body) = curl(
         "POST",
@@ -619,7 +525,7 @@ fn drain_moves_the_job_and_undrain_brings_the_node_back() {
         &[],
     );
     assert_eq!(code, 200, "{body}");
-    let done = wait_state(&cluster, &all_id, "succeeded", JOB_TIMEOUT);
+    let done = cluster.wait_state(&all_id, "succeeded", JOB_TIMEOUT);
     assert!(strs(&done["attempts"][0]["nodes"]).contains(&drained));
     no_process_left("--seed 9108");
     no_process_left("9108");
@@ -657,12 +563,12 @@ fn nodes_rm_unblocks_the_queue() {
         "one",
         "name = \"one\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo one; : 9109\"]\n[resources]\nnodes = \"1:2\"\nprocs_per_node = 1\n",
     );
-    let both_id = submit(&cluster, &both);
-    let one_id = submit(&cluster, &one);
+    let both_id = cluster.submit(&both);
+    let one_id = cluster.submit(&one);
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(job(&cluster, &both_id)["state"], "pending");
+    assert_eq!(cluster.job(&both_id)["state"], "pending");
     assert_eq!(
-        job(&cluster, &one_id)["state"],
+        cluster.job(&one_id)["state"],
         "pending",
         "jobs queue in order behind the gang that waits"
     );
@@ -676,10 +582,10 @@ fn nodes_rm_unblocks_the_queue() {
     let nodes = cluster.json(&["nodes"]);
     assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes:#}");
     // The job that needs 2 hosts can never run on 1: it fails, saying so; the queue moves on.
-    let failed = wait_state(&cluster, &both_id, "failed", JOB_TIMEOUT);
+    let failed = cluster.wait_state(&both_id, "failed", JOB_TIMEOUT);
     let reason = failed["reason"].as_str().unwrap();
     assert!(reason.contains("2 hosts"), "{reason}");
-    let ran = wait_state(&cluster, &one_id, "succeeded", JOB_TIMEOUT);
+    let ran = cluster.wait_state(&one_id, "succeeded", JOB_TIMEOUT);
     assert_eq!(strs(&ran["attempts"][0]["nodes"]), ["host-1"]);
     no_process_left("9109");
 }
@@ -720,9 +626,9 @@ fn checkpoint_commit_auth() {
             dir.path().display()
         ),
     );
-    let id = submit(&cluster, &spec);
-    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
-    let first = attempt_logs(&cluster, &id, 0);
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_state(&id, "succeeded", JOB_TIMEOUT);
+    let first = cluster.attempt_logs(&id, 0);
     for (what, code) in [
         ("no-token", 401),
         ("wrong-token", 401),
@@ -734,7 +640,7 @@ fn checkpoint_commit_auth() {
         let line = format!("[host-1 rank 0] {what} {code}");
         assert!(first.lines().any(|l| l == line), "want {line:?}: {first}");
     }
-    let second = attempt_logs(&cluster, &id, 1);
+    let second = cluster.attempt_logs(&id, 1);
     for (what, code) in [("stale-token", 409), ("new-token", 200)] {
         let line = format!("[host-1 rank 0] {what} {code}");
         assert!(second.lines().any(|l| l == line), "want {line:?}: {second}");
@@ -777,10 +683,10 @@ fn coordinator_restarted_in_the_middle_of_a_restart() {
         "",
         "[failure]\nmax_restarts = 1\n",
     );
-    let id = submit(&cluster, &spec);
+    let id = cluster.submit(&spec);
     // Kill the coordinator as soon as it has seen the failure.
     eventually(JOB_TIMEOUT, "the injected failure", || {
-        let j = job(&cluster, &id);
+        let j = cluster.job(&id);
         (j["restarts"] == 1).then_some(())
     });
     cluster.kill_coordinator();
@@ -788,7 +694,7 @@ fn coordinator_restarted_in_the_middle_of_a_restart() {
     let data = cluster.coordinator_dir();
     cluster.start_coordinator(&data);
 
-    let job = wait_state(&cluster, &id, "succeeded", JOB_TIMEOUT);
+    let job = cluster.wait_state(&id, "succeeded", JOB_TIMEOUT);
     assert_eq!(job["restarts"], 1, "{job:#}");
     let attempts = job["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{job:#}");
@@ -796,7 +702,7 @@ fn coordinator_restarted_in_the_middle_of_a_restart() {
         .as_str()
         .unwrap()
         .starts_with("rank 1 on host-2 exited with code 3"));
-    let last = attempt_logs(&cluster, &id, 1);
+    let last = cluster.attempt_logs(&id, 1);
     assert!(last.contains("rank 0] resumed from "), "{last}");
     assert_eq!(
         rank0_checksum(&last).as_deref(),
@@ -823,8 +729,8 @@ fn the_error_file_of_a_failed_rank_is_in_the_reason() {
             "name = \"errfile\"\n[launch]\ncommand = [\"sh\", \"-c\", {script:?}]\n[resources]\nnodes = 1\nprocs_per_node = 1\n"
         ),
     );
-    let id = submit(&cluster, &spec);
-    let job = wait_state(&cluster, &id, "failed", JOB_TIMEOUT);
+    let id = cluster.submit(&spec);
+    let job = cluster.wait_state(&id, "failed", JOB_TIMEOUT);
     let reason = job["reason"].as_str().unwrap();
     assert!(
         reason.starts_with("rank 0 on host-1 exited with code 1\nerror file: ValueError: bad batch 9104\nTraceback (most recent call last):"),

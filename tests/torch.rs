@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use common::{eventually, job_file, processes_with, repo, DevCluster, HandCluster};
+use common::{eventually, job_file, processes_with, repo, strs, DevCluster, HandCluster};
 
 /// The virtual environment's python, created (with torch) by scripts/python-env.sh if needed.
 fn python_with_torch() -> PathBuf {
@@ -97,69 +95,12 @@ fn torch_job(
     )
 }
 
-fn submit(cluster: &HandCluster, file: &Path) -> String {
-    let out = cluster.cli(&["submit", file.to_str().unwrap(), "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "submit {} failed: {}",
-        file.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["id"].as_str().unwrap().to_string()
-}
-
-/// Waits for `state`; panics at once (with the job and its logs) if the job ends in another state.
-fn wait_state(cluster: &HandCluster, id: &str, state: &str, timeout: Duration) -> Value {
-    let start = Instant::now();
-    let mut last = Value::Null;
-    loop {
-        let j = cluster.json(&["status", id]);
-        if j["state"] == state {
-            return j;
-        }
-        if !j.is_null() {
-            last = j;
-        }
-        let ended =
-            ["succeeded", "failed", "cancelled"].contains(&last["state"].as_str().unwrap_or(""));
-        if ended || start.elapsed() > timeout {
-            panic!(
-                "job {id} is {} (waited {:?} for {state}): {last:#}\nlogs:\n{}",
-                last["state"],
-                start.elapsed(),
-                String::from_utf8_lossy(&cluster.cli(&["logs", id]).stdout)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Every line of one attempt's output, as `trainctl logs ID --attempt N` prints it.
-fn attempt_logs(cluster: &HandCluster, id: &str, attempt: u64) -> String {
-    let out = cluster.cli(&["logs", id, "--attempt", &attempt.to_string()]);
-    assert!(
-        out.status.success(),
-        "trainctl logs {id} --attempt {attempt} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The checksum of rank 0's `TORCH_DDP_OK` line.
 fn torch_checksum(logs: &str) -> Option<String> {
     logs.lines()
         .filter(|l| l.contains(" rank 0] TORCH_DDP_OK "))
         .find_map(|l| l.split("checksum=").nth(1))
         .map(|c| c.trim().to_string())
-}
-
-fn strs(v: &Value) -> Vec<String> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("not an array: {v}"))
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect()
 }
 
 #[test]
@@ -183,22 +124,16 @@ fn pytorch_job_resumes_on_a_spare_after_its_host_is_killed() {
     let timeout = Duration::from_secs(120);
 
     // The reference: the same job, uninterrupted.
-    let reference = submit(
-        &cluster,
-        &torch_job(dir.path(), "reference", &python, 2, 1, &args),
-    );
-    let done = wait_state(&cluster, &reference, "succeeded", timeout);
+    let reference = cluster.submit(&torch_job(dir.path(), "reference", &python, 2, 1, &args));
+    let done = cluster.wait_state(&reference, "succeeded", timeout);
     assert_eq!(done["attempts"].as_array().unwrap().len(), 1, "{done:#}");
-    let ref_logs = attempt_logs(&cluster, &reference, 0);
+    let ref_logs = cluster.attempt_logs(&reference, 0);
     let expected = torch_checksum(&ref_logs).unwrap_or_else(|| panic!("no checksum: {ref_logs}"));
     assert!(!ref_logs.contains("RESUMED"), "{ref_logs}");
     eprintln!("reference run done after {:?}", t0.elapsed());
 
-    let id = submit(
-        &cluster,
-        &torch_job(dir.path(), "resumed", &python, 2, 1, &args),
-    );
-    wait_state(&cluster, &id, "running", timeout);
+    let id = cluster.submit(&torch_job(dir.path(), "resumed", &python, 2, 1, &args));
+    cluster.wait_state(&id, "running", timeout);
     let before = eventually(timeout, "a committed checkpoint", || {
         let j = cluster.json(&["status", &id]);
         if j["state"] != "running" {
@@ -229,7 +164,7 @@ fn pytorch_job_resumes_on_a_spare_after_its_host_is_killed() {
     );
     cluster.kill_agent(&victim);
 
-    let job = wait_state(&cluster, &id, "succeeded", timeout);
+    let job = cluster.wait_state(&id, "succeeded", timeout);
     eprintln!("resumed job succeeded after {:?}", t0.elapsed());
     assert_eq!(
         job["restarts"], 0,
@@ -244,8 +179,8 @@ fn pytorch_job_resumes_on_a_spare_after_its_host_is_killed() {
         second.iter().any(|n| n == spare) && !second.contains(&victim),
         "placed again on the spare {spare}: {second:?}\n{job:#}"
     );
-    let last_attempt = attempts[1]["attempt"].as_u64().unwrap_or(1);
-    let last = attempt_logs(&cluster, &id, last_attempt);
+    let last_attempt = attempts[1]["attempt"].as_u64().unwrap_or(1) as u32;
+    let last = cluster.attempt_logs(&id, last_attempt);
     for rank in 0..2 {
         assert!(
             last.lines()

@@ -411,4 +411,86 @@ impl HandCluster {
         all.extend(["-o", "json"]);
         serde_json::from_slice(&self.cli(&all).stdout).unwrap_or(Value::Null)
     }
+
+    /// Submits a job file and returns its id.
+    pub fn submit(&self, file: &Path) -> String {
+        let out = self.cli(&["submit", file.to_str().unwrap(), "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "submit {} failed: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// `trainctl status ID -o json`.
+    pub fn job(&self, id: &str) -> Value {
+        self.json(&["status", id])
+    }
+
+    /// Waits for `state`; panics early (with the job and its output) if the job ends in another
+    /// state, or after `timeout` (with the nodes and the cluster's log tail).
+    pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        let start = Instant::now();
+        loop {
+            let j = self.job(id);
+            if j["state"] == state {
+                return j;
+            }
+            if !j.is_null() {
+                last = j;
+            }
+            let terminal = ["succeeded", "failed", "cancelled"];
+            if terminal.contains(&last["state"].as_str().unwrap_or("")) {
+                panic!(
+                    "job {id} ended {} while waiting for {state}: {last:#}\nlogs:\n{}",
+                    last["state"],
+                    self.logs(id)
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for job {id} to be {state}: {last:#}\nnodes: {:#}\ncluster log (tail):\n{}",
+                    self.json(&["nodes"]),
+                    self.log_tail(60)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last `n` lines the cluster's processes wrote.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The current (or last) attempt's output, as `trainctl logs` prints it.
+    pub fn logs(&self, id: &str) -> String {
+        String::from_utf8_lossy(&self.cli(&["logs", id]).stdout).into_owned()
+    }
+
+    /// Every line of one attempt's output, as `trainctl logs ID --attempt N` prints it.
+    pub fn attempt_logs(&self, id: &str, attempt: u32) -> String {
+        let out = self.cli(&["logs", id, "--attempt", &attempt.to_string()]);
+        assert!(
+            out.status.success(),
+            "trainctl logs {id} --attempt {attempt} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// The strings of a JSON array.
+pub fn strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
 }
