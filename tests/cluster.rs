@@ -490,17 +490,7 @@ fn the_rest_api_answers_curl_with_4xx_for_bad_requests() {
 
 #[test]
 fn demo_runs_the_example_job_end_to_end() {
-    let _lock = common::lock_cluster_addresses();
-    let out = std::process::Command::new(common::trainctl())
-        .args(["demo", "--agents", "3", "-o", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "demo failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = demo_summary(&["--agents", "3"]);
     assert_eq!(summary["succeeded"], true);
     assert_eq!(
         summary["checksums"].as_array().unwrap().len(),
@@ -520,22 +510,29 @@ fn demo_runs_the_example_job_end_to_end() {
     assert_eq!(hosts.len(), 3, "the gang spans every host");
 }
 
+/// Runs `trainctl demo ARGS -o json` (holding the local cluster addresses) and parses its summary.
+fn demo_summary(args: &[&str]) -> serde_json::Value {
+    let _lock = common::lock_cluster_addresses();
+    let out = std::process::Command::new(common::trainctl())
+        .arg("demo")
+        .args(args)
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "demo {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// `demo --chaos` as the README shows it: a host's agent is killed after the first checkpoint, the
 /// job resumes on the other hosts without spending a restart (a host loss is free), and every rank
 /// ends with the checksum of an uninterrupted run.
 #[test]
 fn chaos_demo_loses_a_host_and_resumes_with_the_uninterrupted_checksum() {
-    let _lock = common::lock_cluster_addresses();
-    let out = std::process::Command::new(common::trainctl())
-        .args(["demo", "--chaos", "-o", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "demo --chaos failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = demo_summary(&["--chaos"]);
     assert_eq!(summary["succeeded"], true, "{summary:#}");
     let killed = summary["killed"]["node"].as_str().unwrap();
     let job = &summary["job"];

@@ -351,11 +351,7 @@ fn rank_0_commits_each_checkpoint_and_a_requested_one_at_once() {
         ..checkpointing(&d, 4)
     });
     let (summary, log) = runs[0].as_ref().unwrap();
-    let steps: Vec<(u32, bool)> = summary
-        .checkpoints
-        .iter()
-        .map(|c| (c.step, c.committed))
-        .collect();
+    let steps = checkpoint_steps(summary);
     assert_eq!(steps, [(1, true), (4, true), (8, true)]);
     assert!(
         log.contains("\ncheckpoint now: committed step 1\n"),
@@ -392,11 +388,7 @@ fn rank_0_commits_each_checkpoint_and_a_requested_one_at_once() {
         ..checkpointing(&d, 5)
     });
     let (summary, log) = runs[0].as_ref().unwrap();
-    let steps: Vec<(u32, bool)> = summary
-        .checkpoints
-        .iter()
-        .map(|c| (c.step, c.committed))
-        .collect();
+    let steps = checkpoint_steps(summary);
     assert_eq!(steps, [(5, false), (10, false)]);
     assert!(!log.contains("committed"), "{log}");
     assert!(dir2.join("step-10").join("params.bin").is_file());
@@ -453,4 +445,13 @@ fn main_returns_usage_exit_codes_without_reading_the_environment() {
     assert_eq!(example_train_main(&["--epochs".into(), "3".into()]), 2);
     assert_eq!(example_train_main(&["--help".into()]), 0);
     assert_eq!(example_train_main(&["--fail-rank".into(), "1".into()]), 2);
+}
+
+/// (step, committed) of every checkpoint a run wrote.
+fn checkpoint_steps(summary: &TrainSummary) -> Vec<(u32, bool)> {
+    summary
+        .checkpoints
+        .iter()
+        .map(|c| (c.step, c.committed))
+        .collect()
 }

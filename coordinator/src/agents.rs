@@ -607,12 +607,7 @@ fn defer_failures_behind_silent_peers(
     let mut apply = Vec::new();
     let mut deferred = Vec::new();
     for obs in observations {
-        let failed = match obs.phase {
-            RankPhase::FailedToStart | RankPhase::Lost => true,
-            RankPhase::Exited => obs.exit_code != Some(0),
-            _ => false,
-        };
-        if !failed {
+        if !obs.phase.is_failure(obs.exit_code) {
             apply.push(obs);
             continue;
         }

@@ -119,6 +119,26 @@ pub struct JobProgress {
     pub step: Option<u64>,
 }
 
+impl JobProgress {
+    /// `job`'s entry for `attempt`; a new attempt (or a job not seen yet) starts its clock now.
+    fn of(
+        progress: &mut HashMap<JobId, JobProgress>,
+        job: JobId,
+        attempt: u32,
+    ) -> &mut JobProgress {
+        let fresh = || JobProgress {
+            attempt,
+            at: Instant::now(),
+            step: None,
+        };
+        let entry = progress.entry(job).or_insert_with(fresh);
+        if entry.attempt != attempt {
+            *entry = fresh();
+        }
+        entry
+    }
+}
+
 /// A command waiting for its turn in the log, and where its outcome goes.
 type PendingWrite = (Command, oneshot::Sender<Result<CommandOutcome, WriteError>>);
 
@@ -156,18 +176,7 @@ impl Coordinator {
     /// Notes that a rank of `job`'s `attempt` made progress (output, a progress report, a checkpoint).
     pub fn made_progress(&self, job: JobId, attempt: u32, step: Option<u64>) {
         let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = progress.entry(job).or_insert(JobProgress {
-            attempt,
-            at: Instant::now(),
-            step: None,
-        });
-        if entry.attempt != attempt {
-            *entry = JobProgress {
-                attempt,
-                at: Instant::now(),
-                step: None,
-            };
-        }
+        let entry = JobProgress::of(&mut progress, job, attempt);
         entry.at = Instant::now();
         if step.is_some() {
             entry.step = step;
@@ -739,19 +748,10 @@ async fn supervise_jobs(coordinator: &Coordinator, grow_seen: &mut HashMap<JobId
                 .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
             {
                 // A new attempt (or a new leader) starts the job's clock afresh.
-                let p = progress.entry(job.id).or_insert(JobProgress {
-                    attempt: job.attempt,
-                    at: now,
-                    step: None,
-                });
-                if p.attempt != job.attempt {
-                    *p = JobProgress {
-                        attempt: job.attempt,
-                        at: now,
-                        step: None,
-                    };
-                }
-                if let Some(c) = supervise::hang_decision(job, now - p.at, p.step, wall) {
+                let p = JobProgress::of(&mut progress, job.id, job.attempt);
+                if let Some(c) =
+                    supervise::hang_decision(job, now.saturating_duration_since(p.at), p.step, wall)
+                {
                     commands.push(c);
                     continue;
                 }

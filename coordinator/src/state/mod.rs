@@ -240,6 +240,15 @@ pub enum RankPhase {
 }
 
 impl RankPhase {
+    /// Whether a rank that reached this phase (with this exit code) failed the attempt.
+    pub fn is_failure(self, exit_code: Option<i32>) -> bool {
+        match self {
+            RankPhase::FailedToStart | RankPhase::Lost => true,
+            RankPhase::Exited => exit_code != Some(0),
+            RankPhase::Pending | RankPhase::Running => false,
+        }
+    }
+
     /// Whether no more reports can change it.
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -881,12 +890,7 @@ impl State {
             rank.exit_code = obs.exit_code;
             rank.message = obs.message;
             rank.pid = obs.pid.or(rank.pid);
-            let failed = match obs.phase {
-                RankPhase::FailedToStart | RankPhase::Lost => true,
-                RankPhase::Exited => obs.exit_code != Some(0),
-                _ => false,
-            };
-            if failed {
+            if obs.phase.is_failure(obs.exit_code) {
                 first_failure.entry(obs.job).or_insert(obs.rank);
             }
             touched.insert(obs.job);
@@ -1036,16 +1040,8 @@ impl State {
         na.released = true;
         let (cpus, memory_mib, gpus, group_rank) =
             (na.cpus, na.memory_mib, na.gpus.clone(), na.group_rank);
-        if let Some(node) = self.nodes.get_mut(node_id) {
-            node.usage.cpus = node.usage.cpus.saturating_sub(cpus);
-            node.usage.memory_mib = node.usage.memory_mib.saturating_sub(memory_mib);
-            for g in gpus {
-                node.usage.gpus.remove(&g);
-            }
-            if group_rank == 0 {
-                node.usage.ports.remove(&master_port);
-            }
-        }
+        let port = (group_rank == 0).then_some(master_port);
+        self.free_on_node(node_id, &gpus, cpus, memory_mib, port);
     }
 
     /// The cluster as the scheduler sees it.
