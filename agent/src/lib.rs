@@ -18,6 +18,7 @@
 
 pub mod cgroup;
 pub mod discovery;
+pub mod identity;
 pub mod process;
 pub mod rank_api;
 pub mod reconcile;
@@ -83,8 +84,12 @@ pub const FAILURE_NOTE_BYTES_MAX: usize = 8 << 10;
 /// How an agent runs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The coordinator's URL, e.g. `http://10.0.0.1:7470`.
+    /// The coordinator's URL, e.g. `http://10.0.0.1:7470`; `https://` when [`tls`](Self::tls)
+    /// is set.
     pub coordinator_url: String,
+    /// TLS to the coordinator: the cluster CA to trust and the join token for a first start.
+    /// `None`: plain HTTP (the URL must be `http://`).
+    pub tls: Option<identity::AgentTlsConfig>,
     /// This node's name in the cluster; the hostname, lowercased, when absent.
     pub node_name: Option<String>,
     /// The IP other hosts reach this one at; found from the route to the coordinator when absent.
@@ -208,6 +213,8 @@ pub fn route_address_to(url: &str) -> anyhow::Result<IpAddr> {
 
 /// Runs the agent until `shutdown` turns true, then stops every rank it runs and reports their end.
 pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    trainctl_tls::install_crypto_provider();
+    identity::check_url_scheme(&config.coordinator_url, config.tls.is_some())?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     let journal =
@@ -252,11 +259,29 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         Some(a) => a,
         None => route_address_to(&config.coordinator_url)?,
     };
-    let channel = Channel::from_shared(config.coordinator_url.clone())
-        .with_context(|| format!("coordinator URL `{}`", config.coordinator_url))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10))
-        .connect_lazy();
+    let identity = match &config.tls {
+        Some(tls) => {
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                match identity::ensure(&config.data_dir, &node_name, &config.coordinator_url, tls)
+                    .await
+                {
+                    Ok(identity) => break Some(identity),
+                    Err(e) if e.is_retryable() => {
+                        warn!(error = %e, "could not join the cluster; retrying");
+                        sleep_or_shutdown(backoff, &mut shutdown).await;
+                        if *shutdown.borrow() {
+                            return Ok(());
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        None => None,
+    };
+    let channel = identity::coordinator_channel(&config.coordinator_url, identity.as_ref())?;
     let client =
         AgentServiceClient::new(channel).max_decoding_message_size(MAX_HEARTBEAT_REPLY_BYTES);
     let rank_api_state = Arc::new(Mutex::new(rank_api::RankApiState::default()));
