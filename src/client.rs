@@ -4,13 +4,13 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use serde::de::DeserializeOwned;
+use trainctl_coordinator::api::access::{AuditView, CreatedToken, TokenView, WhoAmI};
 use trainctl_coordinator::api::{
     CheckpointView, ErrorBody, JobDetail, JobSummary, LogsPage, NodeView, SubmitResponse,
 };
 use trainctl_jobs::JobSpec;
 
-/// Where the CLI finds the coordinator when neither `--addr` nor `TRAINCTL_ADDR` says.
-pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7470";
+use crate::context::Connection;
 
 /// A REST client of one coordinator.
 pub struct Client {
@@ -19,18 +19,28 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client of the coordinator at `addr` (`host:port` or a URL).
-    pub fn new(addr: &str) -> anyhow::Result<Self> {
-        let base = if addr.contains("://") {
-            addr.trim_end_matches('/').to_string()
-        } else {
-            format!("http://{}", addr.trim_end_matches('/'))
-        };
-        let http = reqwest::Client::builder()
+    /// A client of the coordinator `connection` names, with its token and CA.
+    pub fn new(connection: &Connection) -> anyhow::Result<Self> {
+        let base = connection.server.trim_end_matches('/').to_string();
+        let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .context("build HTTP client")?;
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(token) = &connection.token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .context("the token has characters a header can not carry")?;
+            value.set_sensitive(true);
+            let headers =
+                reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, value)]);
+            builder = builder.default_headers(headers);
+        }
+        if let Some(ca) = &connection.ca_pem {
+            trainctl_tls::install_crypto_provider();
+            let tls = trainctl_tls::client_config(ca, None).context(
+                "the CA certificate (--ca-cert, TRAINCTL_CA_CERT or the context's ca_cert)",
+            )?;
+            builder = builder.tls_backend_preconfigured(tls);
+        }
+        let http = builder.build().context("build HTTP client")?;
         Ok(Client { base, http })
     }
 
@@ -48,9 +58,21 @@ impl Client {
         response: Result<reqwest::Response, reqwest::Error>,
     ) -> anyhow::Result<Vec<u8>> {
         let response = response.map_err(|e| {
-            if e.is_connect() || e.is_timeout() {
+            let chain = error_chain(&e);
+            if chain.contains("certificate") || chain.contains("InvalidCertificate") {
                 anyhow!(
-                    "cannot reach the coordinator at {}: is it running? Start a local one with `trainctl dev`, \
+                    "the TLS certificate of {} is not trusted ({chain}): give the cluster's CA with \
+                     --ca-cert or TRAINCTL_CA_CERT (the coordinator's <data-dir>/tls/ca.pem)",
+                    self.base
+                )
+            } else if chain.contains("wrong version number") || chain.contains("InvalidContentType") || chain.contains("corrupt message") {
+                anyhow!(
+                    "{} does not speak TLS (a coordinator started with --insecure?): use an http:// address",
+                    self.base
+                )
+            } else if e.is_connect() || e.is_timeout() {
+                anyhow!(
+                    "cannot reach the coordinator at {} ({chain}): is it running? Start a local one with `trainctl dev`, \
                      or point the CLI at yours with --addr or TRAINCTL_ADDR",
                     self.base
                 )
@@ -204,6 +226,86 @@ impl Client {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// An error with its causes, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl Client {
+    /// Creates a token; its secret is in the answer, once.
+    pub async fn create_token(&self, body: &serde_json::Value) -> anyhow::Result<CreatedToken> {
+        self.check(
+            self.http
+                .post(format!("{}/v1/tokens", self.base))
+                .json(body)
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// Every token this caller may see (no secrets).
+    pub async fn tokens(&self) -> anyhow::Result<Vec<TokenView>> {
+        self.check(
+            self.http
+                .get(format!("{}/v1/tokens", self.base))
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// Revokes a token.
+    pub async fn revoke_token(&self, id: &str) -> anyhow::Result<TokenView> {
+        self.check(
+            self.http
+                .post(format!("{}/v1/tokens/{}/revoke", self.base, enc(id)))
+                .timeout(Duration::from_secs(3700))
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// The audit trail, oldest first.
+    pub async fn audit(&self) -> anyhow::Result<Vec<AuditView>> {
+        self.check(
+            self.http
+                .get(format!("{}/v1/audit", self.base))
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// Who this client's token is.
+    pub async fn whoami(&self) -> anyhow::Result<WhoAmI> {
+        self.check(
+            self.http
+                .get(format!("{}/v1/whoami", self.base))
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// Whether the coordinator answers its health check (no token needed).
+    pub async fn healthy(&self) -> bool {
+        self.http
+            .get(format!("{}/v1/health", self.base))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
     }
 }
 

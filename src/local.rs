@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::client::Client;
+use crate::context::{ClusterContext, Connection};
 
 /// Most agents a local cluster may have: each takes an address in 127.0.0.2..=127.0.0.255.
 pub const MAX_LOCAL_AGENTS: u32 = 254;
@@ -32,6 +33,17 @@ pub struct LocalClusterSpec {
     /// Extra environment for every process (e.g. PATH with a Python virtual environment first).
     pub heartbeat_interval_ms: u32,
     pub node_timeout_ms: u64,
+    /// Plain HTTP and no tokens (`dev --insecure`).
+    pub insecure: bool,
+}
+
+/// Where a secure local cluster's credentials are.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The cluster CA (the coordinator's `tls/ca.pem`).
+    pub ca_cert: PathBuf,
+    /// The admin token the coordinator wrote (`admin.token`).
+    pub token_file: PathBuf,
 }
 
 /// A running local cluster; dropping it stops every process (agents first, so they stop their ranks).
@@ -42,6 +54,8 @@ pub struct LocalCluster {
     /// Each running agent's process, by node name.
     agent_children: Vec<(String, Child)>,
     pub data_dir: PathBuf,
+    /// `None` for an insecure cluster.
+    pub credentials: Option<Credentials>,
 }
 
 /// A file that marks a directory as a local cluster's, so `dev` only ever clears its own.
@@ -81,10 +95,25 @@ pub fn free_local_port() -> anyhow::Result<u16> {
 }
 
 fn spawn_child(exe: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    spawn_child_with(exe, args, &[], log)
+}
+
+/// Starts `exe args` with extra environment `env` (secrets go there, not into argv, which every
+/// user of the host can read).
+fn spawn_child_with(
+    exe: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> anyhow::Result<Child> {
     let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(exe);
-    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it asks the kernel to
     // kill this child when the process that started it dies, so a killed `trainctl dev` leaves nothing.
     unsafe {
@@ -111,34 +140,48 @@ impl LocalCluster {
         let exe = std::env::current_exe().context("find this program's path")?;
         std::fs::create_dir_all(&spec.data_dir)
             .with_context(|| format!("create {}", spec.data_dir.display()))?;
-        let coordinator_url = format!("http://{}", spec.listen);
+        let scheme = if spec.insecure { "http" } else { "https" };
+        let coordinator_url = format!("{scheme}://{}", spec.listen);
         ensure_address_free(&spec.listen)?;
         std::fs::write(
             spec.data_dir.join(DATA_DIR_MARKER),
             "made by trainctl dev\n",
         )
         .with_context(|| format!("write into {}", spec.data_dir.display()))?;
-        let coordinator = spawn_child(
-            &exe,
-            &[
-                "coordinator".into(),
-                "--data-dir".into(),
-                spec.data_dir.join("coordinator").display().to_string(),
-                "--listen".into(),
-                spec.listen.clone(),
-                "--heartbeat-interval-ms".into(),
-                spec.heartbeat_interval_ms.to_string(),
-                "--node-timeout-ms".into(),
-                spec.node_timeout_ms.to_string(),
-            ],
-            &spec.data_dir.join("coordinator.log"),
-        )?;
+        let coordinator_dir = spec.data_dir.join("coordinator");
+        let mut args = vec![
+            "coordinator".to_string(),
+            "--data-dir".into(),
+            coordinator_dir.display().to_string(),
+            "--listen".into(),
+            spec.listen.clone(),
+            "--heartbeat-interval-ms".into(),
+            spec.heartbeat_interval_ms.to_string(),
+            "--node-timeout-ms".into(),
+            spec.node_timeout_ms.to_string(),
+        ];
+        if spec.insecure {
+            args.push("--insecure".into());
+        }
+        let coordinator = spawn_child(&exe, &args, &spec.data_dir.join("coordinator.log"))?;
+        let credentials = (!spec.insecure).then(|| Credentials {
+            ca_cert: coordinator_dir
+                .join(trainctl_coordinator::server::TLS_DIR)
+                .join("ca.pem"),
+            token_file: coordinator_dir.join(trainctl_coordinator::server::ADMIN_TOKEN_FILE),
+        });
         let mut cluster = LocalCluster {
             coordinator_url: coordinator_url.clone(),
             agents: Vec::new(),
             coordinator: Some(coordinator),
             agent_children: Vec::new(),
             data_dir: spec.data_dir.clone(),
+            credentials,
+        };
+        // Agents of a secure cluster join with a token made for them, valid for an hour.
+        let join_token = match &cluster.credentials {
+            Some(creds) => Some(cluster.make_join_token(creds.clone()).await?),
+            None => None,
         };
         for i in 1..=spec.agents {
             let name = format!("node-{i}");
@@ -157,11 +200,25 @@ impl LocalCluster {
                 "--port-range".into(),
                 format!("{lo}-{}", lo + LOCAL_PORTS_PER_AGENT - 1),
             ];
+            if let Some(creds) = &cluster.credentials {
+                args.push("--ca-cert".into());
+                args.push(creds.ca_cert.display().to_string());
+            }
             if let Some(g) = spec.gpus_per_agent {
                 args.push("--gpus".into());
                 args.push(g.to_string());
             }
-            let child = spawn_child(&exe, &args, &spec.data_dir.join(format!("{name}.log")))?;
+            let env: Vec<(&str, &str)> = join_token
+                .as_deref()
+                .map(|t| ("TRAINCTL_JOIN_TOKEN", t))
+                .into_iter()
+                .collect();
+            let child = spawn_child_with(
+                &exe,
+                &args,
+                &env,
+                &spec.data_dir.join(format!("{name}.log")),
+            )?;
             cluster.agent_children.push((name.clone(), child));
             cluster.agents.push((name, ip));
         }
@@ -169,18 +226,80 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    async fn wait_ready(&mut self, agents: u32) -> anyhow::Result<()> {
-        let client = Client::new(&self.coordinator_url)?;
+    /// How the CLI reaches this cluster (for the config file).
+    pub fn context(&self) -> ClusterContext {
+        ClusterContext {
+            server: self.coordinator_url.clone(),
+            ca_cert: self.credentials.as_ref().map(|c| c.ca_cert.clone()),
+            token: None,
+            token_file: self.credentials.as_ref().map(|c| c.token_file.clone()),
+        }
+    }
+
+    /// A REST client of this cluster's coordinator, with the admin token.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let mut connection = Connection {
+            server: self.coordinator_url.clone(),
+            ..Default::default()
+        };
+        if let Some(creds) = &self.credentials {
+            let read = |p: &Path| {
+                std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))
+            };
+            connection.ca_pem = Some(read(&creds.ca_cert)?);
+            connection.token = Some(read(&creds.token_file)?.trim().to_string());
+        }
+        Client::new(&connection)
+    }
+
+    /// Waits for the coordinator to write its CA and admin token and to answer, then creates a
+    /// join token for the local agents.
+    async fn make_join_token(&mut self, creds: Credentials) -> anyhow::Result<String> {
         let started = Instant::now();
         loop {
-            if let Some(c) = self.coordinator.as_mut() {
-                if let Some(status) = c.try_wait()? {
-                    bail!(
-                        "the coordinator exited ({status}) while starting; see {}",
-                        self.data_dir.join("coordinator.log").display()
-                    );
+            self.check_coordinator_alive()?;
+            if creds.ca_cert.exists() && creds.token_file.exists() {
+                let client = self.client()?;
+                if client.healthy().await {
+                    let created = client
+                        .create_token(&serde_json::json!({
+                            "name": "dev-agents",
+                            "role": "agent",
+                            "ttl": "1h",
+                        }))
+                        .await
+                        .context("create a join token for the local agents")?;
+                    return Ok(created.token);
                 }
             }
+            if started.elapsed() > STARTUP_TIMEOUT {
+                bail!(
+                    "the coordinator did not come up within {}s; see {}",
+                    STARTUP_TIMEOUT.as_secs(),
+                    self.data_dir.join("coordinator.log").display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn check_coordinator_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(c) = self.coordinator.as_mut() {
+            if let Some(status) = c.try_wait()? {
+                bail!(
+                    "the coordinator exited ({status}) while starting; see {}",
+                    self.data_dir.join("coordinator.log").display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, agents: u32) -> anyhow::Result<()> {
+        let client = self.client()?;
+        let started = Instant::now();
+        loop {
+            self.check_coordinator_alive()?;
             if let Ok(nodes) = client.nodes().await {
                 if nodes.iter().filter(|n| n.status == "up").count() as u32 >= agents {
                     return Ok(());

@@ -13,7 +13,9 @@ macro_rules! errln {
     ($($arg:tt)*) => { eprintln!("{}", crate::render::terminal_safe(&format!($($arg)*))) };
 }
 
+mod access;
 mod client;
+mod context;
 mod local;
 mod render;
 
@@ -27,7 +29,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 use trainctl_jobs::JobSpec;
 
-use crate::client::{Client, DEFAULT_ADDR};
+use crate::client::Client;
 use crate::local::{LocalCluster, LocalClusterSpec};
 
 #[derive(Parser)]
@@ -43,12 +45,48 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Target {
-    /// The coordinator's address (host:port or URL).
-    #[arg(long, env = "TRAINCTL_ADDR", default_value = DEFAULT_ADDR, global = true)]
-    addr: String,
+    /// The coordinator's address (host:port, https://host:port, or http://host:port for an
+    /// --insecure one). Default: the current context's server (`trainctl dev` writes one), else
+    /// https://127.0.0.1:7470.
+    #[arg(long, env = "TRAINCTL_ADDR", global = true)]
+    addr: Option<String>,
+    /// The API token (`tctl_...`). Default: the context's.
+    #[arg(long, env = "TRAINCTL_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// The cluster CA certificate (PEM) to trust (the coordinator's <data-dir>/tls/ca.pem).
+    /// Default: the context's.
+    #[arg(long, env = "TRAINCTL_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
+    /// Which context of the config file ($TRAINCTL_CONFIG, else ~/.config/trainctl/config.toml)
+    /// to use. Default: its current one.
+    #[arg(long, env = "TRAINCTL_CONTEXT", global = true)]
+    context: Option<String>,
     /// Output format: human-readable text or JSON for scripts.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human, global = true)]
     output: Output,
+}
+
+impl Target {
+    /// The connection flags, environment and context file name.
+    fn connection(&self) -> anyhow::Result<context::Connection> {
+        let path = context::config_path();
+        let file = context::load(&path)?;
+        context::resolve(
+            &context::Overrides {
+                addr: self.addr.clone(),
+                token: self.token.clone(),
+                ca_cert: self.ca_cert.clone(),
+                context: self.context.clone(),
+            },
+            &file,
+            &path,
+        )
+    }
+
+    /// A REST client of the coordinator this target names.
+    fn client(&self) -> anyhow::Result<Client> {
+        Client::new(&self.connection()?)
+    }
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
@@ -105,6 +143,34 @@ enum Cmd {
         /// `json`: print the cluster's addresses as one JSON line once it is ready.
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human)]
         output: Output,
+        /// Plain HTTP and no tokens: anyone who reaches the port controls the cluster.
+        #[arg(long)]
+        insecure: bool,
+        /// The name of the context written to the config file ($TRAINCTL_CONFIG, else
+        /// ~/.config/trainctl/config.toml) and made current, so the CLI finds this cluster.
+        #[arg(long, default_value = "dev")]
+        context_name: String,
+    },
+    /// Create, list and revoke API and join tokens (admin).
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+    /// The audit trail: the newest changes people made, who made them, and how they ended (admin).
+    Audit {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Who the CLI's token is: its name, role and namespace.
+    Whoami {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Make a cluster CA, or a certificate signed by one (for operators bringing their own PKI
+    /// layout; a coordinator makes its own CA on first start).
+    Ca {
+        #[command(subcommand)]
+        command: CaCmd,
     },
     /// Submit a job file (TOML).
     Submit {
@@ -212,12 +278,44 @@ enum Cmd {
         /// Rank logs of a job are deleted this many days after it ended.
         #[arg(long, default_value_t = 30)]
         log_retention_days: u64,
+        /// Serve plain HTTP with no authentication: anyone who reaches the port can read and
+        /// change everything and join as an agent. Only for a trusted machine.
+        #[arg(long)]
+        insecure: bool,
+        /// The cluster CA certificate (PEM) to use instead of the one made in <data-dir>/tls;
+        /// with --tls-ca-key. Every coordinator of a cluster uses the same CA.
+        #[arg(long, requires = "tls_ca_key")]
+        tls_ca_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-ca-cert; it signs agents' certificates.
+        #[arg(long, requires = "tls_ca_cert")]
+        tls_ca_key: Option<PathBuf>,
+        /// This coordinator's certificate chain (PEM) instead of one the CA signs at start;
+        /// with --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Another name (DNS name or IP address) clients reach this coordinator by, for its
+        /// certificate (repeatable). The advertise and listen addresses, localhost, 127.0.0.1
+        /// and the host name are always in it.
+        #[arg(long = "tls-san", value_name = "NAME")]
+        tls_sans: Vec<String>,
     },
     /// Run an agent on this host.
     Agent {
-        /// The coordinator's address.
+        /// The coordinator's address: https://host:port (host:port means https), or
+        /// http://host:port for an --insecure coordinator.
         #[arg(long, env = "TRAINCTL_COORDINATOR")]
         coordinator: String,
+        /// The cluster CA certificate (PEM): a copy of the coordinator's <data-dir>/tls/ca.pem.
+        /// Needed for an https:// coordinator.
+        #[arg(long, env = "TRAINCTL_CA_CERT")]
+        ca_cert: Option<PathBuf>,
+        /// A join token (`trainctl token create --role agent`), needed on the first start only:
+        /// the agent trades it for its own certificate, kept in --data-dir.
+        #[arg(long, env = "TRAINCTL_JOIN_TOKEN", hide_env_values = true)]
+        join_token: Option<String>,
         /// Where rank logs and the process journal are kept.
         #[arg(long, env = "TRAINCTL_DATA_DIR")]
         data_dir: PathBuf,
@@ -239,6 +337,13 @@ enum Cmd {
         /// Local copies of rank logs (run directories) untouched this many days are deleted.
         #[arg(long, default_value_t = 7)]
         run_retention_days: u64,
+        /// Run every rank as this user (its uid, primary gid and supplementary groups; HOME, USER
+        /// and LOGNAME follow it unless the job sets them) while the agent itself stays root.
+        /// The agent refuses to start if the user does not exist, or if it is not root and USER
+        /// is another user. Directories the agent creates for ranks to write (checkpoint dir,
+        /// error-file dir) are given to USER; the workdir must be enterable by USER.
+        #[arg(long, env = "TRAINCTL_RUN_AS", value_name = "USER")]
+        run_as: Option<String>,
     },
     /// Internal: started by an agent; kills the agent's ranks when the agent dies.
     #[command(hide = true)]
@@ -251,6 +356,64 @@ enum Cmd {
     ExampleTrain {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token and print it (shown this once).
+    Create {
+        /// A name people recognise (`ci`, `alice`); the audit trail shows it.
+        #[arg(long)]
+        name: Option<String>,
+        /// admin (everything), submit (submit, see and cancel jobs), read (see jobs and nodes;
+        /// env values hidden), agent (join the cluster as an agent).
+        #[arg(long)]
+        role: String,
+        /// Confine the token to this namespace's jobs.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// How long it works (`1h`, `7d`); forever by default.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Revoke a token: it stops working; agents that joined with it lose their identity and
+    /// their nodes are drained.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Make a new cluster CA: DIR/ca.pem and DIR/ca.key (0600). Give them to every coordinator
+    /// with --tls-ca-cert and --tls-ca-key.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a coordinator (server) certificate signed by the CA in --ca-dir:
+    /// OUT/NAME.pem and OUT/NAME.key.
+    Issue {
+        /// The directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The names (DNS names or IP addresses) the certificate is valid for; the first also
+        /// names the files.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Where to write the certificate and key (default: --ca-dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -313,6 +476,9 @@ fn main() -> ExitCode {
             | Cmd::Checkpoints { .. }
             | Cmd::Drain { .. }
             | Cmd::Undrain { .. }
+            | Cmd::Token { .. }
+            | Cmd::Audit { .. }
+            | Cmd::Whoami { .. }
     ) {
         // Like other Unix tools: `trainctl logs 3 | head` ends quietly when `head` has enough.
         // SAFETY: setting a signal disposition before any thread starts; no handler code runs.
@@ -383,6 +549,8 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             gpus_per_agent,
             node_timeout_ms,
             output,
+            insecure,
+            context_name,
         } => {
             let spec = LocalClusterSpec {
                 agents,
@@ -391,9 +559,14 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 gpus_per_agent,
                 heartbeat_interval_ms: 500,
                 node_timeout_ms,
+                insecure,
             };
-            dev(spec, keep_state, output).await
+            dev(spec, keep_state, output, &context_name).await
         }
+        Cmd::Token { command } => access::token(command).await,
+        Cmd::Audit { target } => access::audit(&target).await,
+        Cmd::Whoami { target } => access::whoami(&target).await,
+        Cmd::Ca { command } => access::ca(command),
         Cmd::Submit {
             file,
             wait,
@@ -402,7 +575,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             target,
         } => submit(&file, wait, follow, resume_from.as_deref(), &target).await,
         Cmd::List { target } => {
-            let jobs = Client::new(&target.addr)?.list().await?;
+            let jobs = target.client()?.list().await?;
             match target.output {
                 Output::Json => outln!("{}", serde_json::to_string_pretty(&jobs)?),
                 Output::Human => print!("{}", render::job_table(&jobs)),
@@ -410,7 +583,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { job, target } => {
-            let client = Client::new(&target.addr)?;
+            let client = target.client()?;
             match target.output {
                 // The coordinator's JSON as it is, so nothing it adds is dropped.
                 Output::Json => {
@@ -422,7 +595,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Checkpoints { job, target } => {
-            let checkpoints = Client::new(&target.addr)?.checkpoints(&job).await?;
+            let checkpoints = target.client()?.checkpoints(&job).await?;
             match target.output {
                 Output::Json => outln!("{}", serde_json::to_string_pretty(&checkpoints)?),
                 Output::Human => print!("{}", render::checkpoint_table(&checkpoints)),
@@ -437,7 +610,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             attempt,
             target,
         } => {
-            let client = Client::new(&target.addr)?;
+            let client = target.client()?;
             let detail = client.job(&job).await?;
             if let Some(a) = attempt {
                 if !detail.attempts.iter().any(|r| r.attempt == a) && a != detail.attempt {
@@ -469,7 +642,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             checkpoint,
             target,
         } => {
-            let client = Client::new(&target.addr)?;
+            let client = target.client()?;
             let before = if checkpoint {
                 Some(client.job(&job).await?)
             } else {
@@ -529,7 +702,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             command: Some(NodesCmd::Rm { node, target }),
             ..
         } => {
-            Client::new(&target.addr)?.remove_node(&node).await?;
+            target.client()?.remove_node(&node).await?;
             match target.output {
                 Output::Json => outln!("{}", serde_json::json!({ "removed": node })),
                 Output::Human => outln!("node {node} removed"),
@@ -540,7 +713,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             command: None,
             target,
         } => {
-            let nodes = Client::new(&target.addr)?.nodes().await?;
+            let nodes = target.client()?.nodes().await?;
             match target.output {
                 Output::Json => outln!("{}", serde_json::to_string_pretty(&nodes)?),
                 Output::Human => print!("{}", render::node_table(&nodes)),
@@ -557,6 +730,12 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             node_timeout_ms,
             stop_grace_ms,
             log_retention_days,
+            insecure,
+            tls_ca_cert,
+            tls_ca_key,
+            tls_cert,
+            tls_key,
+            tls_sans,
         } => {
             init_logging("info,openraft=warn");
             let listener = tokio::net::TcpListener::bind(&listen)
@@ -566,7 +745,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 listener
                     .local_addr()
                     .map(|a| a.to_string())
-                    .unwrap_or(listen)
+                    .unwrap_or_else(|_| listen.clone())
             });
             let mut config =
                 trainctl_coordinator::server::CoordinatorConfig::new(data_dir, advertise);
@@ -574,6 +753,18 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             config.node_timeout_ms = node_timeout_ms;
             config.stop_grace_ms = stop_grace_ms;
             config.log_retention_ms = log_retention_days.saturating_mul(24 * 3600 * 1000);
+            config.secure = !insecure;
+            config.tls = trainctl_coordinator::server::TlsSources {
+                ca: tls_ca_cert.zip(tls_ca_key),
+                server: tls_cert.zip(tls_key),
+                names: tls_sans,
+            };
+            if insecure {
+                errln!(
+                    "WARNING: --insecure: plain HTTP and no authentication. Anyone who can reach {listen} \
+                     can read and change every job, join as an agent and receive jobs' secrets."
+                );
+            }
             let shutdown = shutdown_on_signals()?;
             let coordinator = trainctl_coordinator::server::open(config).await?;
             trainctl_coordinator::server::run(coordinator, listener, shutdown).await?;
@@ -581,6 +772,8 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Agent {
             coordinator,
+            ca_cert,
+            join_token,
             data_dir,
             name,
             advertise_addr,
@@ -588,16 +781,29 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             port_range,
             api_port,
             run_retention_days,
+            run_as,
         } => {
             init_logging("info");
             let port_range = parse_port_range(&port_range)?;
-            let coordinator_url = if coordinator.contains("://") {
-                coordinator
-            } else {
-                format!("http://{coordinator}")
+            let coordinator_url = context::server_url(&coordinator);
+            let tls = match (coordinator_url.starts_with("https://"), ca_cert) {
+                (true, Some(ca_cert)) => Some(trainctl_agent::identity::AgentTlsConfig {
+                    ca_cert,
+                    join_token,
+                }),
+                (true, None) => bail!(
+                    "--coordinator {coordinator_url} speaks TLS: give the cluster CA with --ca-cert \
+                     (a copy of the coordinator's <data-dir>/tls/ca.pem), or use http://... for an \
+                     --insecure coordinator"
+                ),
+                (false, _) => {
+                    errln!("WARNING: {coordinator_url} is plain HTTP: this agent's traffic (jobs, their env and logs) is neither encrypted nor authenticated");
+                    None
+                }
             };
             let config = trainctl_agent::AgentConfig {
                 coordinator_url,
+                tls,
                 node_name: name,
                 advertise_addr,
                 data_dir,
@@ -608,6 +814,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 run_retention: std::time::Duration::from_secs(
                     run_retention_days.saturating_mul(24 * 3600),
                 ),
+                run_as,
             };
             let shutdown = shutdown_on_signals()?;
             trainctl_agent::run(config, shutdown).await?;
@@ -625,9 +832,7 @@ async fn set_drained(node: &str, drained: bool, target: &Target) -> anyhow::Resu
     if drained && target.output == Output::Human {
         errln!("draining {node}: its jobs checkpoint (up to their grace) and are placed again elsewhere");
     }
-    let view = Client::new(&target.addr)?
-        .set_drained(node, drained)
-        .await?;
+    let view = target.client()?.set_drained(node, drained).await?;
     match target.output {
         Output::Json => outln!("{}", serde_json::to_string_pretty(&view)?),
         Output::Human if drained => outln!(
@@ -732,7 +937,7 @@ async fn submit(
     target: &Target,
 ) -> anyhow::Result<ExitCode> {
     let spec = load_spec(file)?;
-    let client = Client::new(&target.addr)?;
+    let client = target.client()?;
     let id = client.submit(&spec, resume_from).await.with_context(|| {
         if let Some(other) = resume_from {
             format!("submit {} to resume from job {other}", file.display())
@@ -857,7 +1062,12 @@ async fn follow_logs(
     }
 }
 
-async fn dev(spec: LocalClusterSpec, keep_state: bool, output: Output) -> anyhow::Result<ExitCode> {
+async fn dev(
+    spec: LocalClusterSpec,
+    keep_state: bool,
+    output: Output,
+    context_name: &str,
+) -> anyhow::Result<ExitCode> {
     let data_dir = spec.data_dir.clone();
     // Check the address before touching the data: it may be another running cluster's.
     local::ensure_address_free(&spec.listen)?;
@@ -866,6 +1076,10 @@ async fn dev(spec: LocalClusterSpec, keep_state: bool, output: Output) -> anyhow
     }
     let mut shutdown = shutdown_on_signals()?;
     let mut cluster = LocalCluster::start(&spec).await?;
+    let config_path = context::config_path();
+    if !spec.insecure {
+        context::save(&config_path, context_name, cluster.context())?;
+    }
     if output == Output::Json {
         let agents: Vec<_> = cluster
             .agents
@@ -874,10 +1088,22 @@ async fn dev(spec: LocalClusterSpec, keep_state: bool, output: Output) -> anyhow
             .collect();
         outln!(
             "{}",
-            serde_json::json!({ "coordinator": cluster.coordinator_url, "data_dir": data_dir, "agents": agents })
+            serde_json::json!({
+                "coordinator": cluster.coordinator_url,
+                "data_dir": data_dir,
+                "agents": agents,
+                "context": (!spec.insecure).then_some(context_name),
+                "config": (!spec.insecure).then_some(&config_path),
+                "ca_cert": cluster.credentials.as_ref().map(|c| &c.ca_cert),
+                "admin_token_file": cluster.credentials.as_ref().map(|c| &c.token_file),
+            })
         );
     } else {
-        print_dev_banner(&cluster, &data_dir);
+        print_dev_banner(
+            &cluster,
+            &data_dir,
+            (!spec.insecure).then_some((context_name, config_path.as_path())),
+        );
     }
     while !*shutdown.borrow() {
         if shutdown.changed().await.is_err() {
@@ -889,7 +1115,7 @@ async fn dev(spec: LocalClusterSpec, keep_state: bool, output: Output) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_dev_banner(cluster: &LocalCluster, data_dir: &Path) {
+fn print_dev_banner(cluster: &LocalCluster, data_dir: &Path, context: Option<(&str, &Path)>) {
     outln!(
         "trainctl dev: coordinator at {} (REST API, docs at {}/docs)",
         cluster.coordinator_url,
@@ -899,10 +1125,24 @@ fn print_dev_banner(cluster: &LocalCluster, data_dir: &Path) {
         outln!("  agent {name} on {ip}");
     }
     outln!("  data and process logs in {}", data_dir.display());
-    outln!(
-        "Try:  trainctl submit jobs/examples/ddp-example.toml --wait    (TRAINCTL_ADDR={})",
-        cluster.coordinator_url
-    );
+    match (context, &cluster.credentials) {
+        (Some((name, path)), Some(creds)) => {
+            outln!(
+                "  TLS and tokens on: the CLI uses context `{name}` in {} (CA {}, admin token in {})",
+                path.display(),
+                creds.ca_cert.display(),
+                creds.token_file.display()
+            );
+            outln!("Try:  trainctl submit jobs/examples/ddp-example.toml --wait");
+        }
+        _ => {
+            outln!("  INSECURE: plain HTTP, no tokens: anyone who reaches the port controls the cluster");
+            outln!(
+                "Try:  trainctl submit jobs/examples/ddp-example.toml --wait --addr {}",
+                cluster.coordinator_url
+            );
+        }
+    }
     outln!("Press Ctrl-C to stop.");
 }
 
@@ -944,9 +1184,10 @@ async fn demo(agents: u32, data_dir: Option<PathBuf>, output: Output) -> anyhow:
         gpus_per_agent: None,
         heartbeat_interval_ms: 200,
         node_timeout_ms: 10_000,
+        insecure: false,
     };
     let cluster = LocalCluster::start(&spec).await?;
-    let client = Client::new(&cluster.coordinator_url)?;
+    let client = cluster.client()?;
     let nodes = client.nodes().await?;
     say(format!(
         "[demo] {} hosts up in {:.1}s:",
@@ -1173,6 +1414,7 @@ async fn demo_chaos(
         // A lost host is noticed within 2 s.
         heartbeat_interval_ms: 250,
         node_timeout_ms: 2_000,
+        insecure: false,
     };
     say(format!(
         "[demo] starting an embedded cluster: a coordinator on {listen} and {agents} agents on 127.0.0.2..127.0.0.{} (a host not heard from for {:.0}s is lost)",
@@ -1180,7 +1422,7 @@ async fn demo_chaos(
         spec.node_timeout_ms as f64 / 1000.0
     ));
     let mut cluster = LocalCluster::start(&spec).await?;
-    let client = Client::new(&cluster.coordinator_url)?;
+    let client = cluster.client()?;
     let checkpoint_dir = data_dir.join("checkpoints");
     let job_spec = chaos_spec(agents, &checkpoint_dir)?;
     let id = client.submit(&job_spec, None).await?;

@@ -17,6 +17,7 @@ use trainctl_proto::agent::{
     RankReport, RegisterRequest, RegisterResponse,
 };
 
+use crate::auth::{node_of_peer, PeerCertificate};
 use crate::launch::rank_launches;
 use crate::server::{now_ms, Coordinator, WriteError};
 use crate::state::{
@@ -324,8 +325,14 @@ impl AgentService for AgentEndpoint {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let peer = request.extensions().get::<PeerCertificate>().cloned();
         let r = request.into_inner();
         validate_register(&r)?;
+        node_of_peer(
+            &self.coordinator,
+            peer.as_ref(),
+            &NodeId(r.node_name.clone()),
+        )?;
         // Empty for the moment between a new cluster's first start and its naming.
         let cluster_id = self
             .coordinator
@@ -395,8 +402,10 @@ impl AgentService for AgentEndpoint {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let peer = request.extensions().get::<PeerCertificate>().cloned();
         let hb = request.into_inner();
         let c = &self.coordinator;
+        node_of_peer(c, peer.as_ref(), &NodeId(hb.node_name.clone()))?;
         c.metrics.heartbeats.inc();
         let node = NodeId(hb.node_name.clone());
         let known = c.state.read(|s| {
@@ -474,9 +483,11 @@ impl AgentService for AgentEndpoint {
         &self,
         request: Request<CommitCheckpointRequest>,
     ) -> Result<Response<CommitCheckpointResponse>, Status> {
+        let peer = request.extensions().get::<PeerCertificate>().cloned();
         let r = request.into_inner();
         let c = &self.coordinator;
         let node = NodeId(r.node_name.clone());
+        node_of_peer(c, peer.as_ref(), &node)?;
         let job_id = r
             .job_id
             .parse::<u64>()

@@ -33,6 +33,8 @@ use tokio::time::{Instant, Sleep};
 use tower::Service;
 use tracing::debug;
 
+use crate::auth::PeerCertificate;
+
 /// Most bytes of a REST request body (a job spec is the largest): the job spec document limit,
 /// [`trainctl_jobs::limits::SPEC_SOURCE_BYTES_MAX`] (4 MiB).
 pub const REST_BODY_BYTES_MAX: usize = trainctl_jobs::limits::SPEC_SOURCE_BYTES_MAX;
@@ -52,16 +54,24 @@ pub const CONNECTION_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const BODY_IDLE_TIMEOUT_MS: u64 = 15_000;
 /// How often an HTTP/2 connection is pinged; a ping unanswered for as long again drops it: 20 s.
 pub const HTTP2_KEEPALIVE_INTERVAL_MS: u64 = 20_000;
+/// A TLS handshake must complete within this long of the connection opening: 10 s.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// After shutdown is asked, how long open connections get to finish their requests: 10 s.
 pub const SHUTDOWN_DRAIN_TIMEOUT_MS: u64 = 10_000;
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets open connections finish their
 /// requests (up to [`SHUTDOWN_DRAIN_TIMEOUT_MS`]).
+///
+/// With `tls`, every connection first completes a TLS handshake (within
+/// [`TLS_HANDSHAKE_TIMEOUT_MS`]); the client certificate it presented, if any, reaches every
+/// request of the connection as a [`PeerCertificate`] extension.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -94,38 +104,30 @@ pub async fn serve(
         while connections.try_join_next().is_some() {}
         let builder = builder.clone();
         let app = app.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let acceptor = acceptor.clone();
         connections.spawn(async move {
-            let in_flight = Arc::new(InFlight::new());
-            let service = ConnService {
-                app,
-                in_flight: in_flight.clone(),
+            let Some(acceptor) = acceptor else {
+                return serve_connection(&builder, stream, app, None, stop, peer).await;
             };
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let idle = Duration::from_millis(CONNECTION_IDLE_TIMEOUT_MS);
-            let mut draining = false;
-            loop {
-                let check_at = in_flight.idle_deadline(idle);
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            debug!(%peer, error = %e, "connection ended");
-                        }
-                        break;
-                    }
-                    _ = stop.changed(), if !draining => {
-                        conn.as_mut().graceful_shutdown();
-                        draining = true;
-                    }
-                    _ = tokio::time::sleep_until(check_at) => {
-                        if in_flight.idle_for() >= Some(idle) {
-                            debug!(%peer, "closing an idle connection");
-                            break;
-                        }
-                    }
+            let handshake = tokio::time::timeout(
+                Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS),
+                acceptor.accept(stream),
+            );
+            let stream = match handshake.await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
                 }
-            }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let certificate =
+                trainctl_tls::peer_fingerprint(stream.get_ref().1).map(PeerCertificate);
+            serve_connection(&builder, stream, app, certificate, stop, peer).await;
         });
     }
     drop(listener);
@@ -139,6 +141,50 @@ pub async fn serve(
         connections.abort_all();
     }
     Ok(())
+}
+
+/// Serves one connection (plain or TLS) until it ends, is idle too long, or the server drains.
+async fn serve_connection<S>(
+    builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    stream: S,
+    app: axum::Router,
+    certificate: Option<PeerCertificate>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let in_flight = Arc::new(InFlight::new());
+    let service = ConnService {
+        app,
+        in_flight: in_flight.clone(),
+        certificate,
+    };
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let idle = Duration::from_millis(CONNECTION_IDLE_TIMEOUT_MS);
+    let mut draining = false;
+    loop {
+        let check_at = in_flight.idle_deadline(idle);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "connection ended");
+                }
+                break;
+            }
+            _ = stop.changed(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = tokio::time::sleep_until(check_at) => {
+                if in_flight.idle_for() >= Some(idle) {
+                    debug!(%peer, "closing an idle connection");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Requests in flight on one connection, and since when it has had none.
@@ -231,6 +277,8 @@ fn too_large(declared: u64, limit: usize, kind: &str) -> Response<axum::body::Bo
 struct ConnService {
     app: axum::Router,
     in_flight: Arc<InFlight>,
+    /// The connection's TLS client certificate, given to every request on it.
+    certificate: Option<PeerCertificate>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
@@ -248,6 +296,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             .and_then(|v| v.parse::<u64>().ok());
         if let Some(declared) = declared.filter(|&n| n > limit as u64) {
             return Box::pin(std::future::ready(Ok(too_large(declared, limit, kind))));
+        }
+        let mut req = req;
+        if let Some(certificate) = &self.certificate {
+            req.extensions_mut().insert(certificate.clone());
         }
         let req = req.map(|body| {
             axum::body::Body::new(http_body_util::Limited::new(

@@ -19,6 +19,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod auth;
 pub mod http;
 pub mod launch;
 pub mod logs;

@@ -46,7 +46,31 @@ pub struct CoordinatorConfig {
     pub max_connections: usize,
     /// Rank logs of a job are deleted this long after it ended (each coordinator prunes its own).
     pub log_retention_ms: u64,
+    /// TLS on the port and tokens on every request (the default). `false` is `--insecure`: plain
+    /// HTTP, and anyone who reaches the port is an admin.
+    pub secure: bool,
+    /// Where TLS material comes from when `secure`.
+    pub tls: TlsSources,
 }
+
+/// The coordinator's TLS material. Unset files are created under `<data-dir>/tls/`: a cluster CA
+/// (`ca.pem`, `ca.key`) on first start, and a server certificate signed by it on every start.
+#[derive(Debug, Clone, Default)]
+pub struct TlsSources {
+    /// The operator's own CA (certificate and key, PEM), used to verify and sign agents and
+    /// coordinators. Other coordinators of the cluster must use the same one.
+    pub ca: Option<(PathBuf, PathBuf)>,
+    /// The operator's own server certificate chain and key (PEM), instead of one the CA signs.
+    pub server: Option<(PathBuf, PathBuf)>,
+    /// Extra names (DNS names or IP addresses) for the server certificate, besides the advertise
+    /// address, the listen address, `localhost`, 127.0.0.1 and the host name.
+    pub names: Vec<String>,
+}
+
+/// The name of the file in the data dir holding the bootstrap admin token (0600).
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The directory in the data dir holding the cluster CA and the server certificate.
+pub const TLS_DIR: &str = "tls";
 
 impl CoordinatorConfig {
     /// Defaults for a coordinator storing its data in `data_dir` and reachable at `advertise_addr`.
@@ -60,6 +84,8 @@ impl CoordinatorConfig {
             stop_grace_ms: 10_000,
             max_connections: 4096,
             log_retention_ms: DEFAULT_LOG_RETENTION_MS,
+            secure: true,
+            tls: TlsSources::default(),
         }
     }
 }
@@ -107,6 +133,10 @@ pub struct Coordinator {
     pub started_at: Instant,
     /// Signs and checks Raft messages between this cluster's coordinators.
     pub peer_secret: PeerSecret,
+    /// The cluster CA, which signs agents' certificates when they join (`None` with `--insecure`).
+    pub cluster_ca: Option<Arc<trainctl_tls::ClusterCa>>,
+    /// The TLS configuration of the port (`None` with `--insecure`).
+    pub server_tls: Option<Arc<rustls::ServerConfig>>,
     /// Writes go through one queue so that concurrent ones share a log entry and an fsync.
     writes: mpsc::Sender<PendingWrite>,
 }
@@ -166,6 +196,21 @@ impl Coordinator {
             .await
             .map_err(|_| stopped())?;
         outcome.await.map_err(|_| stopped())?
+    }
+
+    /// Writes `command` on behalf of `who`: applied like [`Coordinator::write`], and recorded in
+    /// the audit trail with its outcome.
+    pub async fn write_as(
+        &self,
+        who: &crate::auth::Principal,
+        command: Command,
+    ) -> Result<CommandOutcome, WriteError> {
+        self.write(Command::Audited {
+            actor: who.actor(),
+            at_ms: now_ms(),
+            command: Box::new(command),
+        })
+        .await
     }
 
     /// Whether this coordinator leads the Raft group now.
@@ -234,10 +279,19 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
     .context("raft configuration")?;
     let peer_secret = PeerSecret::load_or_create(&config.data_dir)
         .context("read or create the cluster's peer secret")?;
+    let tls = if config.secure {
+        Some(load_tls(&config)?)
+    } else {
+        None
+    };
     let raft = Raft::new(
         config.server_id,
         Arc::new(raft_config),
-        HttpNetworkFactory::new(peer_secret.clone(), config.server_id),
+        HttpNetworkFactory::new(
+            peer_secret.clone(),
+            config.server_id,
+            tls.as_ref().map(|t| t.peer_client.clone()),
+        )?,
         log_store,
         state.clone(),
     )
@@ -256,6 +310,9 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
     if state.read(|s| s.cluster_id.is_none()) {
         name_cluster(&raft, config.server_id).await?;
     }
+    if config.secure {
+        ensure_admin_token(&raft, &state, &config.data_dir).await?;
+    }
     let logs = LogStore::new(config.data_dir.join("logs"));
     let (writes, queue) = mpsc::channel(WRITE_QUEUE_LEN);
     tokio::spawn(group_commit(raft.clone(), queue));
@@ -272,7 +329,132 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
         metrics: crate::api::Metrics::default(),
         started_at: Instant::now(),
         peer_secret,
+        cluster_ca: tls.as_ref().map(|t| t.ca.clone()),
+        server_tls: tls.map(|t| t.server),
     }))
+}
+
+/// The TLS material of a secure coordinator.
+struct LoadedTls {
+    ca: Arc<trainctl_tls::ClusterCa>,
+    server: Arc<rustls::ServerConfig>,
+    /// For Raft messages to other coordinators: trusts the cluster CA, presents this server's
+    /// certificate.
+    peer_client: rustls::ClientConfig,
+}
+
+/// Loads (or creates) the cluster CA and this coordinator's certificate.
+fn load_tls(config: &CoordinatorConfig) -> anyhow::Result<LoadedTls> {
+    use trainctl_tls::ClusterCa;
+    trainctl_tls::install_crypto_provider();
+    let dir = config.data_dir.join(TLS_DIR);
+    let read =
+        |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()));
+    let ca = match &config.tls.ca {
+        Some((cert, key)) => ClusterCa::from_pem(&read(cert)?, &read(key)?)
+            .with_context(|| format!("the CA in {} and {}", cert.display(), key.display()))?,
+        None => ClusterCa::load_or_create(&dir)
+            .with_context(|| format!("the cluster CA in {}", dir.display()))?,
+    };
+    let (cert_pem, key_pem) = match &config.tls.server {
+        Some((cert, key)) => (read(cert)?, read(key)?),
+        None => {
+            let issued = ca
+                .issue_server(&server_names(config))
+                .context("issue the coordinator's certificate")?;
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("server.pem"), &issued.cert_pem)?;
+            trainctl_tls::write_private_file(&dir.join("server.key"), issued.key_pem.as_bytes())?;
+            (issued.cert_pem, issued.key_pem)
+        }
+    };
+    let server = trainctl_tls::server_config(&cert_pem, &key_pem, ca.cert_pem())
+        .context("the coordinator's TLS configuration")?;
+    let peer_client = trainctl_tls::client_config(ca.cert_pem(), Some((&cert_pem, &key_pem)))
+        .context("the TLS configuration for other coordinators")?;
+    Ok(LoadedTls {
+        ca: Arc::new(ca),
+        server,
+        peer_client,
+    })
+}
+
+/// The names the coordinator's own certificate is valid for: the advertise host, `localhost`,
+/// 127.0.0.1, the host name, and the operator's extra names.
+fn server_names(config: &CoordinatorConfig) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let advertise = config.advertise_addr.trim_start_matches("https://");
+    let advertise = advertise.trim_start_matches("http://");
+    let host = match advertise.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => advertise,
+    };
+    names.push(host.trim_matches(['[', ']']).to_string());
+    if let Ok(hostname) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        names.push(hostname.trim().to_ascii_lowercase());
+    }
+    names.extend(config.tls.names.iter().cloned());
+    names.retain(|n| !n.is_empty() && n != "0.0.0.0" && n != "::");
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Makes sure the admin token in `<data-dir>/admin.token` exists and works: created (and
+/// written 0600) on a new cluster, and its record written to the state if the state lacks it.
+async fn ensure_admin_token(
+    raft: &Raft,
+    state: &StateMachineStore,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    let existing = std::fs::read_to_string(&path).ok();
+    let usable = existing
+        .as_deref()
+        .is_some_and(|t| state.read(|s| crate::auth::check_token(s, t.trim(), now_ms()).is_ok()));
+    if usable {
+        return Ok(());
+    }
+    // After a restart the state catches up with the log once this coordinator leads again.
+    let leads = raft
+        .wait(Some(Duration::from_secs(30)))
+        .metrics(|m| m.current_leader == Some(m.id), "this coordinator leads")
+        .await
+        .is_ok();
+    let usable = existing
+        .as_deref()
+        .is_some_and(|t| state.read(|s| crate::auth::check_token(s, t.trim(), now_ms()).is_ok()));
+    if usable {
+        return Ok(());
+    }
+    if !leads {
+        anyhow::bail!(
+            "{} holds no usable admin token and this coordinator does not lead, so it can not make one",
+            path.display()
+        );
+    }
+    let (record, token) = crate::auth::mint_token(
+        "admin".into(),
+        crate::state::Role::Admin,
+        None,
+        None,
+        "coordinator".into(),
+        now_ms(),
+    );
+    raft.client_write(Command::Audited {
+        actor: crate::state::Actor {
+            name: "coordinator".into(),
+            namespace: None,
+        },
+        at_ms: now_ms(),
+        command: Box::new(Command::CreateToken { record }),
+    })
+    .await
+    .context("create the admin token")?;
+    trainctl_tls::write_private_file(&path, format!("{token}\n").as_bytes())
+        .with_context(|| format!("write {}", path.display()))?;
+    info!(path = %path.display(), "wrote a new admin token");
+    Ok(())
 }
 
 /// Writes queued commands to the Raft log, as many as are waiting in one entry, one entry at a time:
@@ -377,7 +559,10 @@ pub async fn run(
             }
         }
     };
-    crate::http::serve(listener, app, graceful)
+    if coordinator.server_tls.is_none() {
+        warn!("INSECURE: this coordinator serves plain HTTP without authentication; anyone who can reach {local} can read and change the cluster, join as an agent and receive jobs' secrets. Use it only on a trusted machine.");
+    }
+    crate::http::serve(listener, app, graceful, coordinator.server_tls.clone())
         .await
         .context("serve")?;
     scheduler.await.ok();

@@ -15,7 +15,7 @@ const UNITS: &[(&str, u64)] = &[
 
 /// Parses a duration string to milliseconds. The error says what is wrong with the text,
 /// without the field or the accepted forms (callers add both).
-pub(crate) fn parse_ms(text: &str) -> Result<u64, String> {
+pub fn parse_ms(text: &str) -> Result<u64, String> {
     let s = text.trim();
     if s.is_empty() {
         return Err("must not be empty".to_owned());

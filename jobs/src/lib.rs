@@ -73,6 +73,8 @@ use serde::{Deserialize, Serialize};
 
 mod checkpoint;
 mod duration;
+/// Parses a duration as users write it (`"30s"`, `"10m"`, `"1h30m"`) into milliseconds.
+pub use duration::parse_ms as parse_duration_ms;
 mod env;
 mod error;
 pub mod limits;

@@ -24,16 +24,33 @@ pub struct HttpNetworkFactory {
     client: reqwest::Client,
     secret: PeerSecret,
     from: ServerId,
+    scheme: &'static str,
 }
 
 impl HttpNetworkFactory {
-    /// Clients that sign as server `from` with `secret`.
-    pub fn new(secret: PeerSecret, from: ServerId) -> Self {
-        HttpNetworkFactory {
-            client: reqwest::Client::new(),
+    /// Clients that sign as server `from` with `secret`. With `tls` (the cluster CA and this
+    /// coordinator's own certificate as client identity), they speak HTTPS and trust only the
+    /// cluster CA; without it, plain HTTP (`--insecure`).
+    pub fn new(
+        secret: PeerSecret,
+        from: ServerId,
+        tls: Option<rustls::ClientConfig>,
+    ) -> anyhow::Result<Self> {
+        let (client, scheme) = match tls {
+            Some(config) => (
+                reqwest::Client::builder()
+                    .tls_backend_preconfigured(config)
+                    .build()?,
+                "https",
+            ),
+            None => (reqwest::Client::new(), "http"),
+        };
+        Ok(HttpNetworkFactory {
+            client,
             secret,
             from,
-        }
+            scheme,
+        })
     }
 }
 
@@ -54,7 +71,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetworkFactory {
         let base_url = if addr.starts_with("http://") || addr.starts_with("https://") {
             addr.to_string()
         } else {
-            format!("http://{addr}")
+            format!("{}://{addr}", self.scheme)
         };
         HttpNetwork {
             client: self.client.clone(),

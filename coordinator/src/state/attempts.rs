@@ -519,6 +519,10 @@ impl State {
     /// host is gone), and its live jobs are placed again.
     pub(super) fn remove_node(&mut self, node: &NodeId, at_ms: u64) -> CommandOutcome {
         let Some(n) = self.nodes.get(node) else {
+            // A name admitted but never registered: removing it frees the name.
+            if self.forget_identities_of(node) {
+                return CommandOutcome::Done;
+            }
             return rejected(format!("no node named {node}"));
         };
         if n.status == NodeStatus::Up {
@@ -542,6 +546,7 @@ impl State {
         );
         self.release_retired_on(node, |_| true);
         self.nodes.remove(node);
+        self.forget_identities_of(node);
         CommandOutcome::Done
     }
 }

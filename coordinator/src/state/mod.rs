@@ -13,7 +13,14 @@ use trainctl_jobs::JobSpec;
 
 use crate::scheduler::{ClusterSnapshot, NodeCapacity, NodeSize, Placement};
 
+mod access;
 mod attempts;
+
+pub use access::{
+    access_name_problem, secret_digest, split_token, Actor, AgentIdentity, AuditEntry, Role,
+    TokenRecord, TokenRefusal, ACCESS_NAME_BYTES_MAX, AUDIT_ENTRIES_MAX, IDENTITIES_MAX,
+    TOKENS_MAX,
+};
 
 pub use attempts::{
     attempt_token, checkpoint_path_problem, AttemptEnd, AttemptRecord, CheckpointRecord,
@@ -336,6 +343,9 @@ pub struct Job {
     /// Bumped for every "checkpoint now" request; agents signal the ranks once per value.
     #[serde(default)]
     pub checkpoint_signals: u32,
+    /// Who submitted it, and the namespace it belongs to (`None` for jobs from before tokens).
+    #[serde(default)]
+    pub owner: Option<Actor>,
 }
 
 /// A rank's state as an agent observed it.
@@ -433,6 +443,23 @@ pub enum Command {
     SetNodeDrained { node: NodeId, drained: bool },
     /// An operator removes a node for good; its held shares are given up.
     RemoveNode { node: NodeId, at_ms: u64 },
+    /// A person (through the API) asked for `command`: applied, and recorded in the audit trail.
+    Audited {
+        actor: Actor,
+        at_ms: u64,
+        command: Box<Command>,
+    },
+    /// A new API or join token (only its digest is stored).
+    CreateToken { record: TokenRecord },
+    /// A token stops working; agents admitted with it lose their identity and are drained.
+    RevokeToken { id: String, at_ms: u64 },
+    /// An agent traded a join token for a certificate bound to `node`.
+    AdmitAgent {
+        node: NodeId,
+        fingerprint: String,
+        token_id: String,
+        at_ms: u64,
+    },
 }
 
 /// What applying a command produced.
@@ -466,9 +493,18 @@ pub struct State {
     /// Chosen once, when the cluster's state is created; agents use it to notice a replaced state.
     #[serde(default)]
     pub cluster_id: Option<String>,
+    /// API and join tokens by id (digests only).
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TokenRecord>,
+    /// Admitted agent identities by certificate fingerprint.
+    #[serde(default)]
+    pub identities: BTreeMap<String, AgentIdentity>,
+    /// The newest changes people made, oldest first (at most [`AUDIT_ENTRIES_MAX`]).
+    #[serde(default)]
+    pub audit: VecDeque<AuditEntry>,
 }
 
-fn rejected(reason: impl Into<String>) -> CommandOutcome {
+pub(crate) fn rejected(reason: impl Into<String>) -> CommandOutcome {
     CommandOutcome::Rejected {
         reason: reason.into(),
     }
@@ -549,6 +585,19 @@ impl State {
             Command::RequestCheckpoint { job } => self.request_checkpoint(job),
             Command::SetNodeDrained { node, drained } => self.set_node_drained(&node, drained),
             Command::RemoveNode { node, at_ms } => self.remove_node(&node, at_ms),
+            Command::Audited {
+                actor,
+                at_ms,
+                command,
+            } => self.apply_audited(actor, at_ms, *command),
+            Command::CreateToken { record } => self.create_token(record),
+            Command::RevokeToken { id, at_ms } => self.revoke_token(&id, at_ms),
+            Command::AdmitAgent {
+                node,
+                fingerprint,
+                token_id,
+                at_ms,
+            } => self.admit_agent(node, fingerprint, token_id, at_ms),
         }
     }
 
@@ -726,6 +775,7 @@ impl State {
                 retired: Vec::new(),
                 secret,
                 checkpoint_signals: 0,
+                owner: None,
             },
         );
         self.queue.push_back(id);

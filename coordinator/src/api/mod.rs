@@ -14,7 +14,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -26,6 +26,9 @@ use serde::{Deserialize, Serialize};
 use trainctl_jobs::{limits, JobSpec};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+pub mod access;
+
+use crate::auth::Principal;
 use crate::logs::{format_cursor, parse_cursor};
 use crate::scheduler::{self, Unschedulable};
 use crate::server::{job_counts, now_ms, Coordinator, WriteError};
@@ -71,6 +74,15 @@ pub enum ApiError {
     /// A request refused by the HTTP layer before any handler ran, with the status it chose.
     #[error("{message}")]
     Rejected { status: StatusCode, message: String },
+    /// Something other than a job or node that does not exist (a token).
+    #[error("{0}")]
+    NotFound(String),
+    /// No token, or one that is malformed, unknown, expired or revoked.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A good token whose role may not do this.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// The body of every error response.
@@ -86,7 +98,9 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::InvalidSpec(_) | ApiError::Infeasible(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::JobNotFound(_) | ApiError::NodeNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::JobNotFound(_) | ApiError::NodeNotFound(_) | ApiError::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Write(WriteError::NotLeader { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Write(WriteError::Raft(_)) | ApiError::Internal(_) => {
@@ -96,6 +110,8 @@ impl IntoResponse for ApiError {
             ApiError::NoSuchEndpoint { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Rejected { status, .. } => *status,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         };
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
@@ -113,6 +129,12 @@ impl IntoResponse for ApiError {
             .into_response();
         if let Some(allow) = allow {
             response.headers_mut().insert(header::ALLOW, allow);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"trainctl\""),
+            );
         }
         response
     }
@@ -676,12 +698,24 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/drain", post(drain_node))
         .route("/v1/nodes/{name}/undrain", post(undrain_node))
+        .route(
+            "/v1/tokens",
+            post(access::create_token).get(access::list_tokens),
+        )
+        .route("/v1/tokens/{id}/revoke", post(access::revoke_token))
+        .route("/v1/audit", get(access::audit))
+        .route("/v1/whoami", get(access::whoami))
+        .route("/v1/join", post(access::join))
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .merge(
             utoipa_swagger_ui::SwaggerUi::new("/docs").url("/docs/openapi.json", ApiDoc::openapi()),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            coordinator.clone(),
+            crate::auth::layer,
+        ))
         .with_state(coordinator)
 }
 
@@ -703,9 +737,17 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         drain_node,
         undrain_node,
         remove_node,
+        access::create_token,
+        access::list_tokens,
+        access::revoke_token,
+        access::audit,
+        access::whoami,
+        access::join,
         health,
         metrics
     ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
     components(schemas(
         JobSpecBody,
         LaunchBody,
@@ -724,10 +766,48 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         CheckpointView,
         LogLine,
         LogsPage,
-        Health
+        Health,
+        access::CreateTokenBody,
+        access::TokenView,
+        access::CreatedToken,
+        access::AuditView,
+        access::WhoAmI,
+        access::JoinBody,
+        access::JoinResponse
     ))
 )]
 pub struct ApiDoc;
+
+/// Declares the `bearer` security scheme (`Authorization: Bearer tctl_...`) every operation but
+/// health, the document itself and joining requires.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A trainctl token (`tctl_<id>_<secret>`, from `trainctl token create`); \
+                         coordinators started with --insecure need none",
+                    ))
+                    .build(),
+            ),
+        );
+        // Public operations: no token.
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if matches!(path.as_str(), "/v1/health" | "/v1/join") {
+                for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+                    op.security = Some(Vec::new());
+                }
+            }
+        }
+    }
+}
 
 fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
     raw.parse().map_err(ApiError::BadRequest)
@@ -792,6 +872,7 @@ pub fn spec_from_body(headers: &HeaderMap, body: &[u8]) -> Result<JobSpec, ApiEr
         (status = 503, body = ErrorBody, description = "Not the leader")))]
 async fn submit_job(
     State(c): Ctx,
+    Extension(who): Extension<Principal>,
     ApiQuery(q): ApiQuery<SubmitQuery>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -800,9 +881,12 @@ async fn submit_job(
     let spec = spec_from_body(&headers, &body)?;
     let resume_from_job = q.resume_from.as_deref().map(parse_job_id).transpose()?;
     if let Some(other) = resume_from_job {
-        let newest = c
-            .state
-            .read(|s| s.jobs.get(&other).map(|j| j.resume_point().is_some()));
+        let newest = c.state.read(|s| {
+            s.jobs
+                .get(&other)
+                .filter(|j| who.sees(j))
+                .map(|j| j.resume_point().is_some())
+        });
         match newest {
             None => return Err(ApiError::JobNotFound(other)),
             Some(false) => {
@@ -823,12 +907,15 @@ async fn submit_job(
         )));
     }
     match c
-        .write(Command::SubmitJob {
-            spec,
-            at_ms: now_ms(),
-            secret: format!("{:032x}", rand::random::<u128>()),
-            resume_from_job,
-        })
+        .write_as(
+            &who,
+            Command::SubmitJob {
+                spec,
+                at_ms: now_ms(),
+                secret: format!("{:032x}", rand::random::<u128>()),
+                resume_from_job,
+            },
+        )
         .await?
     {
         CommandOutcome::JobSubmitted { job } => {
@@ -850,6 +937,7 @@ async fn submit_job(
     responses((status = 200, body = [JobSummary]), (status = 400, body = ErrorBody)))]
 async fn list_jobs(
     State(c): Ctx,
+    Extension(who): Extension<Principal>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Vec<JobSummary>>, ApiError> {
     if let Some(st) = &q.state {
@@ -865,6 +953,7 @@ async fn list_jobs(
         let view = View::new(s);
         s.jobs
             .values()
+            .filter(|j| who.sees(j))
             .filter(|j| q.state.as_deref().is_none_or(|st| j.state.as_str() == st))
             .map(|j| summary(&view, j))
             .collect()
@@ -874,12 +963,44 @@ async fn list_jobs(
 /// Get one job: state, placement, and every rank's state and exit code.
 #[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path, description = "Job id")),
     responses((status = 200, body = JobDetail), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn get_job(State(c): Ctx, Path(id): Path<String>) -> Result<Json<JobDetail>, ApiError> {
+async fn get_job(
+    State(c): Ctx,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<JobDetail>, ApiError> {
     let id = parse_job_id(&id)?;
+    job_detail_for(&c, &who, id).map(Json)
+}
+
+/// A job as `who` may see it (404 for a job of another namespace; env values hidden from readers).
+fn job_detail_for(c: &Coordinator, who: &Principal, id: JobId) -> Result<JobDetail, ApiError> {
     c.state
-        .read(|s| s.jobs.get(&id).map(|j| detail(&View::new(s), j)))
-        .map(Json)
+        .read(|s| {
+            s.jobs.get(&id).filter(|j| who.sees(j)).map(|j| {
+                let mut d = detail(&View::new(s), j);
+                if !who.sees_env_of(j) {
+                    for value in d.spec.launch.env.values_mut() {
+                        *value = HIDDEN_ENV_VALUE.to_string();
+                    }
+                }
+                d
+            })
+        })
         .ok_or(ApiError::JobNotFound(id))
+}
+
+/// What a reader sees instead of an env value (only admins and submitters see the values).
+pub const HIDDEN_ENV_VALUE: &str = "(hidden)";
+
+/// 404 unless `who` may see job `id`.
+fn visible_job(c: &Coordinator, who: &Principal, id: JobId) -> Result<(), ApiError> {
+    if c.state
+        .read(|s| s.jobs.get(&id).is_some_and(|j| who.sees(j)))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::JobNotFound(id))
+    }
 }
 
 /// Cancel a job: a pending job leaves the queue; a running gang is stopped (SIGTERM, grace, SIGKILL).
@@ -892,25 +1013,27 @@ async fn get_job(State(c): Ctx, Path(id): Path<String>) -> Result<Json<JobDetail
         (status = 503, body = ErrorBody, description = "Not the leader")))]
 async fn cancel_job(
     State(c): Ctx,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<CancelQuery>,
 ) -> Result<Json<JobDetail>, ApiError> {
     let id = parse_job_id(&id)?;
-    if !c.state.read(|s| s.jobs.contains_key(&id)) {
-        return Err(ApiError::JobNotFound(id));
-    }
+    visible_job(&c, &who, id)?;
     if q.checkpoint {
         checkpoint_now(&c, id).await?;
     }
     match c
-        .write(Command::CancelJob {
-            job: id,
-            at_ms: now_ms(),
-        })
+        .write_as(
+            &who,
+            Command::CancelJob {
+                job: id,
+                at_ms: now_ms(),
+            },
+        )
         .await?
     {
         CommandOutcome::Rejected { reason } => Err(ApiError::Conflict(reason)),
-        _ => get_job(State(c), Path(id.to_string())).await,
+        _ => job_detail_for(&c, &who, id).map(Json),
     }
 }
 
@@ -921,10 +1044,12 @@ async fn cancel_job(
         (status = 404, body = ErrorBody), (status = 500, body = ErrorBody, description = "The logs could not be read")))]
 async fn job_logs(
     State(c): Ctx,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let id = parse_job_id(&id)?;
+    visible_job(&c, &who, id)?;
     let cursor = parse_cursor(q.cursor.as_deref().unwrap_or("")).map_err(ApiError::BadRequest)?;
     let found = c.state.read(|s| {
         s.jobs.get(&id).map(|j| {
@@ -1062,9 +1187,11 @@ pub async fn checkpoint_now(c: &Coordinator, job: JobId) -> Result<bool, ApiErro
     responses((status = 200, body = [CheckpointView]), (status = 400, body = ErrorBody, description = "Not a job id"), (status = 404, body = ErrorBody)))]
 async fn job_checkpoints(
     State(c): Ctx,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<CheckpointView>>, ApiError> {
     let id = parse_job_id(&id)?;
+    visible_job(&c, &who, id)?;
     c.state
         .read(|s| {
             s.jobs
@@ -1095,22 +1222,36 @@ fn get_node_view(c: &Coordinator, node: &NodeId) -> Result<Json<NodeView>, ApiEr
 /// waits up to its grace for a commit, and is placed again elsewhere (not counted as a restart).
 #[utoipa::path(post, path = "/v1/nodes/{name}/drain", params(("name" = String, Path, description = "Node name")),
     responses((status = 200, body = NodeView), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody, description = "The cluster state could not be written"), (status = 503, body = ErrorBody, description = "Not the leader")))]
-async fn drain_node(State(c): Ctx, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+async fn drain_node(
+    State(c): Ctx,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
     let node = node_or_404(&c, &name)?;
-    c.write(Command::SetNodeDrained {
-        node: node.clone(),
-        drained: true,
-    })
+    c.write_as(
+        &who,
+        Command::SetNodeDrained {
+            node: node.clone(),
+            drained: true,
+        },
+    )
     .await?;
+    move_jobs_off(&c, &node, "was drained").await?;
+    get_node_view(&c, &node)
+}
+
+/// Moves every job running on `node` elsewhere: each gets its checkpoint signal and up to its
+/// grace for a commit, then is placed again (not counted as a restart). `why` completes "node X ...".
+async fn move_jobs_off(c: &Coordinator, node: &NodeId, why: &str) -> Result<(), ApiError> {
     let jobs: Vec<(JobId, u32)> = c.state.read(|s| {
-        s.jobs_assigned_to(&node)
+        s.jobs_assigned_to(node)
             .map(|j| (j.id, j.attempt))
             .collect()
     });
     for (job, attempt) in jobs {
-        let committed = checkpoint_now(&c, job).await?;
+        let committed = checkpoint_now(c, job).await?;
         let reason = format!(
-            "node {node} was drained{}",
+            "node {node} {why}{}",
             if committed {
                 " (after a checkpoint)"
             } else {
@@ -1126,18 +1267,25 @@ async fn drain_node(State(c): Ctx, Path(name): Path<String>) -> Result<Json<Node
         })
         .await?;
     }
-    get_node_view(&c, &node)
+    Ok(())
 }
 
 /// Undrain a node: it takes new work again.
 #[utoipa::path(post, path = "/v1/nodes/{name}/undrain", params(("name" = String, Path, description = "Node name")),
     responses((status = 200, body = NodeView), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody, description = "The cluster state could not be written"), (status = 503, body = ErrorBody, description = "Not the leader")))]
-async fn undrain_node(State(c): Ctx, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+async fn undrain_node(
+    State(c): Ctx,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
     let node = node_or_404(&c, &name)?;
-    c.write(Command::SetNodeDrained {
-        node: node.clone(),
-        drained: false,
-    })
+    c.write_as(
+        &who,
+        Command::SetNodeDrained {
+            node: node.clone(),
+            drained: false,
+        },
+    )
     .await?;
     get_node_view(&c, &node)
 }
@@ -1147,13 +1295,26 @@ async fn undrain_node(State(c): Ctx, Path(name): Path<String>) -> Result<Json<No
 #[utoipa::path(delete, path = "/v1/nodes/{name}", params(("name" = String, Path, description = "Node name")),
     responses((status = 204, description = "Removed"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "The node is up and not drained"),
         (status = 500, body = ErrorBody, description = "The cluster state could not be written"), (status = 503, body = ErrorBody, description = "Not the leader")))]
-async fn remove_node(State(c): Ctx, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    let node = node_or_404(&c, &name)?;
+async fn remove_node(
+    State(c): Ctx,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let node = NodeId(name.clone());
+    let known = c
+        .state
+        .read(|s| s.nodes.contains_key(&node) || s.identities.values().any(|i| i.node == node));
+    if !known {
+        return Err(ApiError::NodeNotFound(name));
+    }
     match c
-        .write(Command::RemoveNode {
-            node,
-            at_ms: now_ms(),
-        })
+        .write_as(
+            &who,
+            Command::RemoveNode {
+                node,
+                at_ms: now_ms(),
+            },
+        )
         .await?
     {
         CommandOutcome::Rejected { reason } => Err(ApiError::Conflict(reason)),
