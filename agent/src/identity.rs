@@ -288,7 +288,8 @@ struct JoinRequest<'a> {
 #[derive(Debug, Deserialize)]
 struct JoinAnswer {
     cert_pem: String,
-    #[allow(dead_code)] // the agent trusts the CA its operator gave it, not the one sent back
+    /// The coordinator's CA. The agent keeps trusting the CA file its operator gave it; a
+    /// different one here is only worth a warning.
     ca_pem: String,
 }
 
@@ -364,6 +365,11 @@ async fn join(
     let answer: JoinAnswer = serde_json::from_str(&body)
         .map_err(|e| IdentityError::BadAnswer(format!("{e}: {}", truncate(&body, 200))))?;
     let cert_pem = answer.cert_pem;
+    if trainctl_tls::fingerprint_pem(&answer.ca_pem).ok()
+        != trainctl_tls::fingerprint_pem(ca_pem).ok()
+    {
+        tracing::warn!("the coordinator sent a cluster CA that differs from the agent's CA file; the agent keeps trusting its file");
+    }
     match trainctl_tls::common_name_pem(&cert_pem)? {
         Some(cn) if cn == node_name => {}
         cn => {
