@@ -106,6 +106,9 @@ pub struct AgentConfig {
     pub api_port: u16,
     /// Run directories (local rank logs) untouched this long are deleted.
     pub run_retention: Duration,
+    /// Run every rank as this user (its uid, primary gid and groups) instead of the agent's own;
+    /// the agent stays root. See [`process::RunAs`]. `None`: ranks run as the agent's user.
+    pub run_as: Option<String>,
 }
 
 /// What the agent knows of one rank it started.
@@ -166,6 +169,8 @@ struct Agent {
     agent_url: String,
     /// Checkpoint requests already passed on, per (job, attempt).
     signalled: BTreeMap<(String, u32), u32>,
+    /// The user ranks run as ([`AgentConfig::run_as`], resolved at start).
+    run_as: Option<process::RunAs>,
 }
 
 /// How a heartbeat went.
@@ -215,6 +220,14 @@ pub fn route_address_to(url: &str) -> anyhow::Result<IpAddr> {
 pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     trainctl_tls::install_crypto_provider();
     identity::check_url_scheme(&config.coordinator_url, config.tls.is_some())?;
+    let run_as = match &config.run_as {
+        Some(name) => {
+            let user = process::RunAs::for_agent(name, process::effective_uid())?;
+            info!(user = %user.name, uid = user.uid, gid = user.gid, "ranks run as this user");
+            Some(user)
+        }
+        None => None,
+    };
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     let journal =
@@ -335,6 +348,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         rank_api: rank_api_state,
         agent_url,
         signalled: BTreeMap::new(),
+        run_as,
     };
 
     let mut registered = false;
@@ -817,14 +831,15 @@ impl Agent {
             .collect();
         env.push(("TRAINCTL_AGENT_URL".to_string(), self.agent_url.clone()));
         if !assignment.checkpoint_dir.is_empty() {
-            if let Err(e) = std::fs::create_dir_all(&assignment.checkpoint_dir) {
+            let dir = Path::new(&assignment.checkpoint_dir);
+            if let Err(e) = process::create_dir_for_rank(dir, self.run_as.as_ref()) {
                 warn!(dir = %assignment.checkpoint_dir, error = %e, "could not create the job's checkpoint dir");
             }
         }
         let error_file = run_dir.join(rank.local_rank.to_string()).join("error.json");
         // As torchrun does: the file's directory exists, so `@record` can write it.
         if let Some(dir) = error_file.parent() {
-            if let Err(e) = std::fs::create_dir_all(dir) {
+            if let Err(e) = process::create_dir_for_rank(dir, self.run_as.as_ref()) {
                 warn!(dir = %dir.display(), error = %e, "could not create a rank's error-file directory");
             }
         }
@@ -844,6 +859,7 @@ impl Agent {
             log_path: log_path.clone(),
             line_prefix: format!("[{} rank {}] ", self.node_name, rank.rank),
             cgroup: None,
+            run_as: self.run_as.clone(),
         };
         let stop_grace = Duration::from_millis(u64::from(assignment.stop_grace_ms));
         let rank_cgroup = match self.containment.tree() {

@@ -17,6 +17,27 @@
 //! dedicated launcher thread that lives as long as the agent process, whatever task or thread
 //! calls it.
 //!
+//! # Running ranks as another user
+//! With `trainctl agent --run-as USER` (or `TRAINCTL_RUN_AS`), every rank runs with USER's uid,
+//! primary gid and supplementary groups while the agent stays root (it must manage cgroups and
+//! signal any rank). [`RunAs::for_agent`] resolves the user once, when the agent starts
+//! (`getpwnam_r`, `getgrouplist`): an unknown user, or an agent that is not root and names another
+//! user, refuses to start. Between `fork` and `exec` the child then does, in this order:
+//!
+//! 1. the write to its cgroup's `cgroup.procs` (still root, through a descriptor the agent opened),
+//!    so the cgroup stays root's and the rank cannot move itself out of it or raise its limits;
+//! 2. `setgroups`, `setgid`, `setuid` (plain system calls on values computed before the fork);
+//! 3. `chdir` to the workdir, as the user: a workdir the user cannot enter ends the rank (exit 126)
+//!    with the reason on its output;
+//! 4. `PR_SET_PDEATHSIG` and the parent check: the kernel clears the parent-death signal whenever a
+//!    process's credentials change, so it is set after the switch.
+//!
+//! `HOME`, `USER` and `LOGNAME` follow the user unless the job sets them. The rank's output file is
+//! written by the agent (from pipes), so it stays the agent's; the directories a rank writes
+//! itself (its `TORCHELASTIC_ERROR_FILE` directory, the checkpoint dir when the agent creates it)
+//! are made with [`create_dir_for_rank`], which gives a directory it creates to the user. The path
+//! to them (the agent's data dir, the shared checkpoint storage) must be searchable by the user.
+//!
 //! # Logs
 //! A rank's stdout and stderr are read line by line (lossy UTF-8, lines longer than
 //! [`MAX_LINE_BYTES`] split) and appended as whole lines to one file per rank by a single writer,
@@ -83,6 +104,184 @@ pub struct RankSpec {
     /// executes, so that everything it starts stays there ([`crate::cgroup`]). `None`: the rank's
     /// process group is all that contains it.
     pub cgroup: Option<PathBuf>,
+    /// The user the rank runs as ([`RunAs`]); `None`: the agent's own user.
+    pub run_as: Option<RunAs>,
+}
+
+/// The user ranks run as (`trainctl agent --run-as USER`), resolved before any fork (see the
+/// module docs). The supplementary groups are read once, when the agent resolves the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// The user name, as given.
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary gid.
+    pub gid: u32,
+    /// Every group it belongs to (`getgrouplist`: the primary gid included).
+    pub groups: Vec<u32>,
+    /// Its home directory (`HOME` of its ranks unless the job sets one).
+    pub home: PathBuf,
+}
+
+/// Why `--run-as USER` cannot be used. Each message names the user.
+#[derive(Debug, thiserror::Error)]
+pub enum RunAsError {
+    /// No such user in the host's user database.
+    #[error("--run-as {name}: there is no user `{name}` on this host")]
+    UnknownUser {
+        /// The name given.
+        name: String,
+    },
+    /// The name cannot be a user name (empty, or holding a NUL).
+    #[error("--run-as {name:?}: not a valid user name")]
+    InvalidName {
+        /// The name given.
+        name: String,
+    },
+    /// The user database could not be read.
+    #[error("--run-as {name}: cannot look the user up: {source}")]
+    Lookup {
+        /// The name given.
+        name: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The agent is not root, so it cannot start processes as another user.
+    #[error("--run-as {name}: the agent runs as uid {agent_uid}, not root, so it cannot run ranks as `{name}` (uid {uid}); start the agent as root, or without --run-as")]
+    NotRoot {
+        /// The name given.
+        name: String,
+        /// The user's uid.
+        uid: u32,
+        /// The agent's effective uid.
+        agent_uid: u32,
+    },
+}
+
+impl RunAs {
+    /// Looks `name` up in the host's user database (`getpwnam_r`) with its groups
+    /// (`getgrouplist`). Blocking (NSS may ask a directory service); call it before forking.
+    pub fn resolve(name: &str) -> Result<RunAs, RunAsError> {
+        let c_name = std::ffi::CString::new(name)
+            .ok()
+            .filter(|_| !name.is_empty())
+            .ok_or_else(|| RunAsError::InvalidName {
+                name: name.to_owned(),
+            })?;
+        let lookup = |source: io::Error| RunAsError::Lookup {
+            name: name.to_owned(),
+            source,
+        };
+        let mut buf: Vec<libc::c_char> = vec![0; 1024];
+        let (uid, gid, home) = loop {
+            // SAFETY: `passwd` is plain old data, so all zeroes is a valid value.
+            let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+            let mut result: *mut libc::passwd = std::ptr::null_mut();
+            // SAFETY: every pointer is valid for the call: `c_name` is NUL-terminated, `buf` has
+            // `buf.len()` bytes, `pwd` and `result` are locals. The strings `pwd` points to live
+            // in `buf`, read below before `buf` changes.
+            let rc = unsafe {
+                libc::getpwnam_r(
+                    c_name.as_ptr(),
+                    &mut pwd,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    &mut result,
+                )
+            };
+            if rc == libc::ERANGE && buf.len() < (1 << 20) {
+                buf.resize(buf.len() * 4, 0);
+                continue;
+            }
+            if rc != 0 {
+                return Err(lookup(io::Error::from_raw_os_error(rc)));
+            }
+            if result.is_null() {
+                return Err(RunAsError::UnknownUser {
+                    name: name.to_owned(),
+                });
+            }
+            let home = if pwd.pw_dir.is_null() {
+                PathBuf::from("/")
+            } else {
+                use std::os::unix::ffi::OsStrExt as _;
+                // SAFETY: a non-null `pw_dir` is a NUL-terminated string inside `buf`.
+                let bytes = unsafe { std::ffi::CStr::from_ptr(pwd.pw_dir) }.to_bytes();
+                PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
+            };
+            break (pwd.pw_uid, pwd.pw_gid, home);
+        };
+        let mut groups: Vec<libc::gid_t> = vec![0; 64];
+        loop {
+            let mut count = groups.len() as libc::c_int;
+            // SAFETY: `groups` has room for `count` gids; glibc writes at most that many and sets
+            // `count` to the number the user has (returning -1 when they did not fit).
+            let rc = unsafe {
+                libc::getgrouplist(c_name.as_ptr(), gid, groups.as_mut_ptr(), &mut count)
+            };
+            let count = usize::try_from(count).unwrap_or(0);
+            if rc >= 0 {
+                groups.truncate(count);
+                break;
+            }
+            if count <= groups.len() || count > 1 << 20 {
+                return Err(lookup(io::Error::other("getgrouplist failed")));
+            }
+            groups.resize(count, 0);
+        }
+        Ok(RunAs {
+            name: name.to_owned(),
+            uid,
+            gid,
+            groups,
+            home,
+        })
+    }
+
+    /// [`resolve`](Self::resolve), then checks that an agent with effective uid `agent_uid` may
+    /// run ranks as this user: root may run them as anyone, any other user only as itself.
+    pub fn for_agent(name: &str, agent_uid: u32) -> Result<RunAs, RunAsError> {
+        let user = RunAs::resolve(name)?;
+        if agent_uid != 0 && agent_uid != user.uid {
+            return Err(RunAsError::NotRoot {
+                name: user.name,
+                uid: user.uid,
+                agent_uid,
+            });
+        }
+        Ok(user)
+    }
+
+    /// The variables that follow the user (`HOME`, `USER`, `LOGNAME`) unless the job sets them.
+    fn env(&self) -> [(OsString, OsString); 3] {
+        [
+            ("HOME".into(), self.home.clone().into_os_string()),
+            ("USER".into(), self.name.clone().into()),
+            ("LOGNAME".into(), self.name.clone().into()),
+        ]
+    }
+}
+
+/// The agent's effective uid (0: root).
+pub fn effective_uid() -> u32 {
+    // SAFETY: `geteuid` has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Creates `dir` (and missing parents) for a rank to write in. With `run_as`, a `dir` this call
+/// creates is given to that user (owner and group; its parents stay the agent's); a `dir` that
+/// already exists is left as it is (its owner chose who may write there).
+pub fn create_dir_for_rank(dir: &Path, run_as: Option<&RunAs>) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    if let Some(user) = run_as {
+        std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))?;
+    }
+    Ok(())
 }
 
 /// Why a rank could not be started. Each message says what was wrong on which host.
@@ -279,6 +478,7 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
         log_path,
         line_prefix,
         cgroup,
+        run_as,
     } = spec;
     let program = argv.first().ok_or(LaunchError::EmptyArgv)?.clone();
 
@@ -296,7 +496,8 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
         }
     }
 
-    let merged_env = merge_env(std::env::vars_os(), &env, &env_defaults);
+    let user_env = run_as.as_ref().map(RunAs::env).unwrap_or_default();
+    let merged_env = merge_env(std::env::vars_os().chain(user_env), &env, &env_defaults);
     let path_var = merged_env
         .get(&OsString::from("PATH"))
         .map(|p| p.to_string_lossy().into_owned());
@@ -304,10 +505,19 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
 
     let log_file = open_log(&log_path).await?;
 
+    // Switching credentials happens in the child below; as root even to root, so that the rank gets
+    // exactly the user's groups. The workdir is then entered as the user, not by root for it.
+    let switch = run_as
+        .as_ref()
+        .filter(|user| effective_uid() == 0 || user.uid != effective_uid())
+        .map(|user| CredentialSwitch::new(user, &workdir))
+        .transpose()?;
     let mut cmd = Command::new(&resolved);
+    if switch.is_none() {
+        cmd.current_dir(&workdir);
+    }
     cmd.arg0(&program)
         .args(&argv[1..])
-        .current_dir(&workdir)
         .env_clear()
         .envs(&merged_env)
         .stdin(Stdio::null())
@@ -334,12 +544,29 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
         cgroup_procs.as_ref().map(|f| f.as_raw_fd())
     };
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // functions may be called. It calls `prctl`, `getppid`, `write` and `_exit` (plain system
-    // calls) on static buffers and a descriptor the parent keeps open across the spawn, and builds
-    // an `io::Error` from errno without allocating (`from_raw_os_error`/`last_os_error` store an
-    // int).
+    // functions may be called. It calls `write`, `setgroups`, `setgid`, `setuid`, `chdir`, `prctl`,
+    // `getppid` and `_exit` (plain system calls) on static buffers, on buffers moved into the
+    // closure before the fork (`switch`) and on a descriptor the parent keeps open across the spawn,
+    // and builds an `io::Error` from errno without allocating (`from_raw_os_error`/`last_os_error`
+    // store an int).
     unsafe {
         cmd.pre_exec(move || {
+            // Into the rank's cgroup before exec, so nothing the rank starts is ever outside it,
+            // and before the credentials change, so the write is root's. `fd` stays open in the
+            // parent until the spawn returns. A failure is reported on the rank's stderr (already
+            // its log pipe) and ends the rank: never run it uncontained.
+            if let Some(fd) = cgroup_fd {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    child_fail(
+                        b"trainctl: could not move the rank into its cgroup; not starting it\n",
+                        125,
+                    );
+                }
+            }
+            if let Some(switch) = &switch {
+                switch.apply();
+            }
+            // After any credential change: the kernel clears the parent-death signal on one.
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
@@ -350,21 +577,10 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
             {
                 return Err(io::Error::last_os_error());
             }
-            // If the agent died between fork and prctl, no death signal will ever come: the
-            // child has already been reparented. Do not start an unsupervised rank.
+            // If the agent died before prctl, no death signal will ever come: the child has
+            // already been reparented. Do not start an unsupervised rank.
             if libc::getppid() != agent_pid {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            // Into the rank's cgroup before exec, so nothing the rank starts is ever outside it.
-            // `fd` stays open in the parent until the spawn returns. A failure is reported on the
-            // rank's stderr (already its log pipe) and ends the rank: never run it uncontained.
-            if let Some(fd) = cgroup_fd {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    const MSG: &[u8] =
-                        b"trainctl: could not move the rank into its cgroup; not starting it\n";
-                    libc::write(2, MSG.as_ptr().cast(), MSG.len());
-                    libc::_exit(125);
-                }
             }
             Ok(())
         });
@@ -427,6 +643,93 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
         lines: broadcast_tx,
         first_lines: Some(first_lines),
     })
+}
+
+/// Writes `msg` to the child's stderr (the rank's log pipe) and exits with `code`, without
+/// running any exit handler. Only for the forked child, before exec.
+fn child_fail(msg: &[u8], code: libc::c_int) -> ! {
+    // SAFETY: `write` and `_exit` are async-signal-safe system calls; `msg` is a valid buffer.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(code)
+    }
+}
+
+/// What the forked child needs to become a [`RunAs`] user, all allocated before the fork.
+struct CredentialSwitch {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+    workdir: std::ffi::CString,
+    /// `trainctl: user NAME (uid U) cannot enter the workdir DIR: `, completed by the reason.
+    workdir_failure: Vec<u8>,
+}
+
+impl CredentialSwitch {
+    fn new(user: &RunAs, workdir: &Path) -> Result<Self, LaunchError> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let c_workdir = std::ffi::CString::new(workdir.as_os_str().as_bytes()).map_err(|_| {
+            LaunchError::io(
+                format!("workdir {}", workdir.display()),
+                io::Error::new(io::ErrorKind::InvalidInput, "the path holds a NUL byte"),
+            )
+        })?;
+        Ok(CredentialSwitch {
+            uid: user.uid,
+            gid: user.gid,
+            groups: user.groups.clone(),
+            workdir: c_workdir,
+            workdir_failure: format!(
+                "trainctl: user {} (uid {}) cannot enter the workdir {}: ",
+                user.name,
+                user.uid,
+                workdir.display()
+            )
+            .into_bytes(),
+        })
+    }
+
+    /// In the forked child: groups, gid, uid (in this order: each later call needs the privilege
+    /// the earlier ones keep), then the workdir as the user. A failure ends the child with the
+    /// reason on its stderr (exit 125; 126 when the workdir cannot be entered).
+    fn apply(&self) {
+        // SAFETY: plain system calls on values owned by `self`, which the closure holds; `groups`
+        // has `groups.len()` gids and `workdir` is NUL-terminated.
+        unsafe {
+            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0 {
+                child_fail(
+                    b"trainctl: could not set the rank's supplementary groups (setgroups); not starting it\n",
+                    125,
+                );
+            }
+            if libc::setgid(self.gid) != 0 {
+                child_fail(
+                    b"trainctl: could not set the rank's group (setgid); not starting it\n",
+                    125,
+                );
+            }
+            if libc::setuid(self.uid) != 0 {
+                child_fail(
+                    b"trainctl: could not set the rank's user (setuid); not starting it\n",
+                    125,
+                );
+            }
+            if libc::chdir(self.workdir.as_ptr()) != 0 {
+                let reason: &[u8] = match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EACCES) => b"permission denied\n",
+                    Some(libc::ENOENT) => b"it does not exist\n",
+                    Some(libc::ENOTDIR) => b"not a directory\n",
+                    _ => b"chdir failed\n",
+                };
+                libc::write(
+                    2,
+                    self.workdir_failure.as_ptr().cast(),
+                    self.workdir_failure.len(),
+                );
+                child_fail(reason, 126);
+            }
+        }
+    }
 }
 
 /// Reaps the rank's main process as soon as it exits (so a zombie leader never keeps its group
@@ -1200,6 +1503,195 @@ mod tests {
         assert_eq!(m[&OsString::from("PATH")], "/usr/bin");
         assert_eq!(m[&OsString::from("HOME")], "/home/r");
         assert_eq!(m[&OsString::from("NCCL_DEBUG")], "WARN");
+    }
+
+    #[test]
+    fn the_run_as_user_sets_home_user_and_logname_unless_the_job_does() {
+        let user = RunAs {
+            name: "alice".into(),
+            uid: 1000,
+            gid: 1000,
+            groups: vec![1000],
+            home: PathBuf::from("/home/alice"),
+        };
+        let inherited = vec![
+            (OsString::from("HOME"), OsString::from("/root")),
+            (OsString::from("USER"), OsString::from("root")),
+            (OsString::from("PATH"), OsString::from("/usr/bin")),
+        ];
+        let env = vec![("LOGNAME".to_owned(), "job-says".to_owned())];
+        let m = merge_env(inherited.into_iter().chain(user.env()), &env, &[]);
+        assert_eq!(m[&OsString::from("HOME")], "/home/alice");
+        assert_eq!(m[&OsString::from("USER")], "alice");
+        assert_eq!(m[&OsString::from("LOGNAME")], "job-says");
+        assert_eq!(m[&OsString::from("PATH")], "/usr/bin");
+    }
+
+    #[test]
+    fn run_as_resolves_root_and_nobody_and_refuses_unknown_names() {
+        let root = RunAs::resolve("root").unwrap();
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert!(root.groups.contains(&0), "{root:?}");
+        assert_eq!(root.home, PathBuf::from("/root"));
+
+        match RunAs::resolve("nobody") {
+            Ok(nobody) => {
+                assert_eq!(nobody.uid, 65534, "{nobody:?}");
+                assert!(nobody.groups.contains(&nobody.gid), "{nobody:?}");
+            }
+            Err(RunAsError::UnknownUser { .. }) => {
+                eprintln!("SKIPPED the nobody check: this host has no user `nobody`")
+            }
+            Err(e) => panic!("{e}"),
+        }
+
+        let err = RunAs::resolve("no-such-user-trainctl").unwrap_err();
+        assert!(matches!(err, RunAsError::UnknownUser { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "--run-as no-such-user-trainctl: there is no user `no-such-user-trainctl` on this host"
+        );
+        assert!(matches!(
+            RunAs::resolve("").unwrap_err(),
+            RunAsError::InvalidName { .. }
+        ));
+        assert!(matches!(
+            RunAs::resolve("a\0b").unwrap_err(),
+            RunAsError::InvalidName { .. }
+        ));
+    }
+
+    #[test]
+    fn only_root_may_run_ranks_as_another_user() {
+        assert!(RunAs::for_agent("root", 0).is_ok());
+        let err = RunAs::for_agent("root", 1000).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RunAsError::NotRoot {
+                    uid: 0,
+                    agent_uid: 1000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--run-as root"), "{err}");
+        // An agent that is not root may still name its own user.
+        let nobody_uid = RunAs::resolve("nobody").map(|u| u.uid).unwrap_or(65534);
+        if nobody_uid == 65534 {
+            assert!(RunAs::for_agent("nobody", 65534).is_ok());
+        }
+        assert!(matches!(
+            RunAs::for_agent("no-such-user-trainctl", 0).unwrap_err(),
+            RunAsError::UnknownUser { .. }
+        ));
+    }
+
+    #[test]
+    fn a_rank_dir_the_agent_creates_belongs_to_the_run_as_user() {
+        if effective_uid() != 0 {
+            eprintln!("SKIPPED: chown needs root");
+            return;
+        }
+        let Ok(nobody) = RunAs::resolve("nobody") else {
+            eprintln!("SKIPPED: no user `nobody`");
+            return;
+        };
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("a/b");
+        create_dir_for_rank(&fresh, Some(&nobody)).unwrap();
+        let meta = fs::metadata(&fresh).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (nobody.uid, nobody.gid));
+        // Its parents stay the agent's, and an existing directory is left alone.
+        assert_eq!(fs::metadata(dir.path().join("a")).unwrap().uid(), 0);
+        create_dir_for_rank(dir.path(), Some(&nobody)).unwrap();
+        assert_eq!(fs::metadata(dir.path()).unwrap().uid(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_rank_runs_as_the_run_as_user_with_its_groups_and_home() {
+        if effective_uid() != 0 {
+            eprintln!("SKIPPED: running a rank as another user needs root");
+            return;
+        }
+        let Ok(nobody) = RunAs::resolve("nobody") else {
+            eprintln!("SKIPPED: no user `nobody`");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("logs/rank-0.log");
+        let spec = |workdir: &Path| RankSpec {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo uid=$(id -u) gid=$(id -g) groups=$(id -G) home=$HOME user=$USER".into(),
+            ],
+            workdir: workdir.to_path_buf(),
+            log_path: log.clone(),
+            run_as: Some(nobody.clone()),
+            ..RankSpec::default()
+        };
+        let mut rank = spawn_rank(spec(Path::new("/"))).await.unwrap();
+        assert_eq!(
+            rank.wait().await.code,
+            0,
+            "{}",
+            fs::read_to_string(&log).unwrap()
+        );
+        let groups: Vec<String> = nobody.groups.iter().map(u32::to_string).collect();
+        let text = fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            text.trim(),
+            format!(
+                "uid=65534 gid={} groups={} home={} user=nobody",
+                nobody.gid,
+                groups.join(" "),
+                nobody.home.display()
+            )
+        );
+        // The log file stays the agent's.
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(fs::metadata(&log).unwrap().uid(), 0);
+
+        // The parent-death signal survives the switch (the kernel clears it on a credential
+        // change, so it must be set after): PR_GET_PDEATHSIG (2) through perl's syscall
+        // (prctl is 157 on x86_64).
+        if cfg!(target_arch = "x86_64") && Path::new("/usr/bin/perl").exists() {
+            let _ = fs::remove_file(&log);
+            let mut spec = spec(Path::new("/"));
+            spec.argv = vec![
+                "/usr/bin/perl".into(),
+                "-e".into(),
+                r#"$x = pack("i", 0); syscall(157, 2, $x) == 0 or die "prctl: $!"; print "pdeathsig=", unpack("i", $x), " uid=$<\n""#.into(),
+            ];
+            let mut rank = spawn_rank(spec).await.unwrap();
+            assert_eq!(
+                rank.wait().await.code,
+                0,
+                "{}",
+                fs::read_to_string(&log).unwrap()
+            );
+            assert_eq!(
+                fs::read_to_string(&log).unwrap().trim(),
+                format!("pdeathsig={} uid=65534", libc::SIGKILL)
+            );
+        }
+
+        // A workdir the user cannot enter ends the rank with the reason.
+        let _ = fs::remove_file(&log);
+        let private = dir.path().join("private");
+        fs::create_dir(&private).unwrap();
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+        let mut rank = spawn_rank(spec(&private)).await.unwrap();
+        assert_eq!(rank.wait().await.code, 126);
+        let text = fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains("user nobody (uid 65534) cannot enter the workdir")
+                && text.contains("permission denied"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ fn spec(dir: &Path, argv: &[&str]) -> RankSpec {
         log_path: dir.join("logs/rank-0.log"),
         line_prefix: "[test-node rank 0] ".into(),
         cgroup: None,
+        run_as: None,
     }
 }
 
