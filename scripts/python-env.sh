@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Provide a Python virtual environment with torch (CPU-usable) for trainctl's tests and examples.
+# Provide a Python virtual environment with torch (CPU-usable) and schemathesis for trainctl's tests
+# and examples.
 #
 # Usage:  PY=$(scripts/python-env.sh)
 #
 # - Creates the venv at ${TRAINCTL_VENV:-<repo>/.venv} with `python3 -m venv` (idempotent).
 # - Installs torch (and numpy) from PyPI unless `<venv>/bin/python -c 'import torch'` already works.
+# - Installs schemathesis (the OpenAPI fuzzer of tests/openapi_fuzz.rs, run as `python -m
+#   schemathesis.cli`) from PyPI unless the pinned version is already there.
 # - Prints the venv's python path as the last line of stdout; all progress goes to stderr.
+# - When everything is present it installs nothing: one interpreter start (importing torch, seconds).
 #
 # Environment:
 #   TRAINCTL_VENV   venv directory (default: <repo>/.venv)
 #   PYTHON3         interpreter used to create the venv (default: python3)
 #   TRAINCTL_TORCH_SPEC  pip requirement for torch (default: torch)
+#   TRAINCTL_SCHEMATHESIS_SPEC  pip requirement for schemathesis (default: schemathesis==4.32.5;
+#                   with `schemathesis==X` that exact version is required, else any installed one does)
 #   TRAINCTL_PYTHON an existing interpreter that already imports torch: it is checked and printed,
-#                   and no venv is made and nothing installed
+#                   and no venv is made and nothing installed (without schemathesis there, a warning:
+#                   the OpenAPI fuzz test fails until it is installed)
 #   TORCH_INDEX_URL pip index torch is installed from, e.g. https://download.pytorch.org/whl/cpu
 #                   for the CPU-only wheel (about 200 MB instead of torch's CUDA wheels, about 5 GB
 #                   with the venv); numpy still comes from PyPI
@@ -27,25 +34,62 @@ venv=${TRAINCTL_VENV:-$repo_root/.venv}
 case $venv in /*) ;; *) venv=$PWD/$venv ;; esac   # callers get an absolute python path
 python3_bin=${PYTHON3:-python3}
 torch_spec=${TRAINCTL_TORCH_SPEC:-torch}
+schemathesis_spec=${TRAINCTL_SCHEMATHESIS_SPEC:-schemathesis==4.32.5}
+case $schemathesis_spec in
+    schemathesis==*) schemathesis_wanted=${schemathesis_spec#schemathesis==} ;;
+    *) schemathesis_wanted= ;;
+esac
 py=$venv/bin/python
 
+# What $py has, in one interpreter start (importing torch takes seconds): torch's version and
+# schemathesis' installed version (read from its metadata, without importing it), each empty if absent.
 torch_version=
-has_torch() {  # sets torch_version; one interpreter start, since importing torch takes seconds
-    [ -x "$py" ] && torch_version=$("$py" -c 'import torch; print(torch.__version__)' 2>/dev/null)
+schemathesis_version=
+probe() {
+    torch_version=
+    schemathesis_version=
+    [ -x "$py" ] || return 0
+    local out
+    out=$("$py" - 2>/dev/null <<'PY'
+import importlib.metadata
+try:
+    import torch
+    print(torch.__version__)
+except Exception:
+    print("")
+try:
+    print(importlib.metadata.version("schemathesis"))
+except Exception:
+    print("")
+PY
+) || return 0
+    torch_version=$(printf '%s\n' "$out" | sed -n 1p)
+    schemathesis_version=$(printf '%s\n' "$out" | sed -n 2p)
 }
+has_torch() { [ -n "$torch_version" ]; }
+has_schemathesis() {
+    [ -n "$schemathesis_version" ] \
+        && { [ -z "$schemathesis_wanted" ] || [ "$schemathesis_version" = "$schemathesis_wanted" ]; }
+}
+ready() { has_torch && has_schemathesis; }
 
 if [ -n "${TRAINCTL_PYTHON:-}" ]; then
     py=$(command -v "$TRAINCTL_PYTHON" || true)
     [ -n "$py" ] || die "TRAINCTL_PYTHON=$TRAINCTL_PYTHON: no such interpreter"
     case $py in /*) ;; *) py=$PWD/$py ;; esac
+    probe
     has_torch || die "TRAINCTL_PYTHON=$TRAINCTL_PYTHON cannot 'import torch'; install torch into it, or unset TRAINCTL_PYTHON to make a venv"
-    log "using TRAINCTL_PYTHON=$py (torch $torch_version); no venv made"
+    has_schemathesis || log "warning: TRAINCTL_PYTHON=$py lacks $schemathesis_spec" \
+        "(has: ${schemathesis_version:-none}); the OpenAPI fuzz test fails until you run:" \
+        "$py -m pip install '$schemathesis_spec'"
+    log "using TRAINCTL_PYTHON=$py (torch $torch_version, schemathesis ${schemathesis_version:-none}); no venv made"
     printf '%s\n' "$py"
     exit 0
 fi
 
-if has_torch; then
-    log "torch $torch_version already importable in $venv"
+probe
+if ready; then
+    log "torch $torch_version and schemathesis $schemathesis_version already in $venv"
     printf '%s\n' "$py"
     exit 0
 fi
@@ -59,8 +103,9 @@ if command -v flock >/dev/null 2>&1; then
         log "another python-env.sh is preparing $venv; waiting for it"
         flock 9
     fi
-    if has_torch; then
-        log "torch $torch_version importable in $venv (prepared by a concurrent caller)"
+    probe
+    if ready; then
+        log "torch $torch_version and schemathesis $schemathesis_version in $venv (prepared by a concurrent caller)"
         printf '%s\n' "$py"
         exit 0
     fi
@@ -99,7 +144,9 @@ fi
 [ -x "$py" ] || die "venv at $venv has no bin/python after creation"
 "$py" -m pip --version >/dev/null 2>&1 || die "venv at $venv has no working pip (try: rm -rf $venv and re-run)"
 
-if [ -n "${TORCH_INDEX_URL:-}" ]; then
+if has_torch; then
+    log "torch $torch_version already importable in $venv"
+elif [ -n "${TORCH_INDEX_URL:-}" ]; then
     log "installing $torch_spec from $TORCH_INDEX_URL and numpy from PyPI into $venv"
     "$py" -m pip install --disable-pip-version-check --index-url "$TORCH_INDEX_URL" "$torch_spec" >&2 \
         || die "pip install --index-url $TORCH_INDEX_URL $torch_spec failed (is the index reachable?)"
@@ -112,6 +159,14 @@ else
         || die "pip install $torch_spec numpy failed (is PyPI reachable?)"
 fi
 
+if ! has_schemathesis; then
+    log "installing $schemathesis_spec from PyPI into $venv (has: ${schemathesis_version:-none})"
+    "$py" -m pip install --disable-pip-version-check "$schemathesis_spec" >&2 \
+        || die "pip install $schemathesis_spec failed (is PyPI reachable?)"
+fi
+
+probe
 has_torch || die "torch installed but 'import torch' still fails in $venv"
-log "torch $torch_version ready in $venv"
+has_schemathesis || die "$schemathesis_spec installed but $venv has schemathesis ${schemathesis_version:-none}"
+log "torch $torch_version and schemathesis $schemathesis_version ready in $venv"
 printf '%s\n' "$py"

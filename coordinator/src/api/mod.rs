@@ -225,6 +225,7 @@ async fn json_errors(request: Request, next: Next) -> Response {
     if is_grpc(request.headers()) || path.starts_with("/internal/") {
         return next.run(request).await;
     }
+    let request = request.map(|body| axum::body::Body::new(DrainOnDrop(Some(body))));
     let response = next.run(request).await;
     let status = response.status();
     let is_json = response
@@ -267,6 +268,52 @@ async fn json_errors(request: Request, next: Next) -> Response {
         text
     };
     ApiError::Rejected { status, message }.into_response()
+}
+
+/// A request body that, dropped before its end (a request answered without reading its body: a
+/// 401 from the auth layer, a 404 or 405), is read to its end in the background and discarded.
+/// Without it, hyper closes the connection while the client still sends the body, and the client
+/// gets a reset or a TLS EOF instead of the answer. The body keeps its bounds (`crate::http`: the
+/// size limit and the idle timeout), so draining one costs no more than reading it would.
+struct DrainOnDrop(Option<axum::body::Body>);
+
+impl hyper::body::Body for DrainOnDrop {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        match &mut self.get_mut().0 {
+            Some(body) => std::pin::Pin::new(body).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(|body| body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.as_ref().map_or_else(
+            || hyper::body::SizeHint::with_exact(0),
+            |body| body.size_hint(),
+        )
+    }
+}
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        use http_body_util::BodyExt;
+        use hyper::body::Body as _;
+        let Some(mut body) = self.0.take().filter(|body| !body.is_end_stream()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+        }
+    }
 }
 
 /// A job spec as JSON: the same document as the TOML `job.toml`, read by the same parser
@@ -512,6 +559,7 @@ pub struct CheckpointView {
 
 /// Query of the submission.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SubmitQuery {
     /// Start from this job's newest committed checkpoint.
     pub resume_from: Option<String>,
@@ -519,6 +567,7 @@ pub struct SubmitQuery {
 
 /// Query of a cancellation.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CancelQuery {
     /// Send the job's checkpoint signal first and wait up to its grace for a new commit.
     #[serde(default)]
@@ -572,6 +621,7 @@ pub struct LogsPage {
 
 /// Query of the logs endpoint.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// Only this global rank.
     pub rank: Option<u32>,
@@ -585,6 +635,7 @@ pub struct LogsQuery {
 
 /// Query of the job listing.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only jobs in this state.
     pub state: Option<String>,
