@@ -435,6 +435,84 @@ fn contain_column(containment: &str) -> String {
     }
 }
 
+/// A moment as "in 3h" or "5m ago".
+pub fn time_ms(at_ms: u64) -> String {
+    let now = now_ms();
+    if at_ms > now {
+        let s = (at_ms - now) / 1000;
+        match s {
+            0..=119 => format!("in {s}s"),
+            120..=7199 => format!("in {}m", s / 60),
+            7200..=172_799 => format!("in {}h", s / 3600),
+            _ => format!("in {}d", s / 86_400),
+        }
+    } else {
+        format!("{} ago", age(at_ms))
+    }
+}
+
+/// `trainctl token list`.
+pub fn token_table(tokens: &[TokenView]) -> String {
+    if tokens.is_empty() {
+        return "no tokens\n".to_string();
+    }
+    let mut rows = vec![[
+        "ID",
+        "NAME",
+        "ROLE",
+        "NAMESPACE",
+        "CREATED",
+        "BY",
+        "EXPIRES",
+        "STATE",
+        "NODES",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for t in tokens {
+        let state = match (t.revoked_at_ms, t.expires_at_ms) {
+            (Some(at), _) => format!("revoked {}", time_ms(at)),
+            (None, Some(at)) if at <= now_ms() => "expired".to_string(),
+            _ => "active".to_string(),
+        };
+        rows.push(vec![
+            t.id.clone(),
+            t.name.clone(),
+            t.role.clone(),
+            t.namespace.clone().unwrap_or_else(|| "-".into()),
+            age(t.created_at_ms),
+            t.created_by.clone(),
+            t.expires_at_ms.map_or_else(|| "never".into(), time_ms),
+            state,
+            if t.nodes.is_empty() {
+                "-".into()
+            } else {
+                t.nodes.join(",")
+            },
+        ]);
+    }
+    table(&rows)
+}
+
+/// `trainctl audit`.
+pub fn audit_table(entries: &[AuditView]) -> String {
+    if entries.is_empty() {
+        return "no changes recorded\n".to_string();
+    }
+    let mut rows = vec![["AGE", "BY", "ACTION", "OUTCOME"]
+        .map(String::from)
+        .to_vec()];
+    for e in entries {
+        rows.push(vec![
+            age(e.at_ms),
+            e.by.clone(),
+            e.action.clone(),
+            e.outcome.clone(),
+        ]);
+    }
+    table(&rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,82 +639,4 @@ mod tests {
         assert!(lines[2].starts_with("10 "), "{text}");
         assert_eq!(checkpoint_table(&[]), "no checkpoints committed\n");
     }
-}
-
-/// A moment as "in 3h" or "5m ago".
-pub fn time_ms(at_ms: u64) -> String {
-    let now = now_ms();
-    if at_ms > now {
-        let s = (at_ms - now) / 1000;
-        match s {
-            0..=119 => format!("in {s}s"),
-            120..=7199 => format!("in {}m", s / 60),
-            7200..=172_799 => format!("in {}h", s / 3600),
-            _ => format!("in {}d", s / 86_400),
-        }
-    } else {
-        format!("{} ago", age(at_ms))
-    }
-}
-
-/// `trainctl token list`.
-pub fn token_table(tokens: &[TokenView]) -> String {
-    if tokens.is_empty() {
-        return "no tokens\n".to_string();
-    }
-    let mut rows = vec![[
-        "ID",
-        "NAME",
-        "ROLE",
-        "NAMESPACE",
-        "CREATED",
-        "BY",
-        "EXPIRES",
-        "STATE",
-        "NODES",
-    ]
-    .map(String::from)
-    .to_vec()];
-    for t in tokens {
-        let state = match (t.revoked_at_ms, t.expires_at_ms) {
-            (Some(at), _) => format!("revoked {}", time_ms(at)),
-            (None, Some(at)) if at <= now_ms() => "expired".to_string(),
-            _ => "active".to_string(),
-        };
-        rows.push(vec![
-            t.id.clone(),
-            t.name.clone(),
-            t.role.clone(),
-            t.namespace.clone().unwrap_or_else(|| "-".into()),
-            age(t.created_at_ms),
-            t.created_by.clone(),
-            t.expires_at_ms.map_or_else(|| "never".into(), time_ms),
-            state,
-            if t.nodes.is_empty() {
-                "-".into()
-            } else {
-                t.nodes.join(",")
-            },
-        ]);
-    }
-    table(&rows)
-}
-
-/// `trainctl audit`.
-pub fn audit_table(entries: &[AuditView]) -> String {
-    if entries.is_empty() {
-        return "no changes recorded\n".to_string();
-    }
-    let mut rows = vec![["AGE", "BY", "ACTION", "OUTCOME"]
-        .map(String::from)
-        .to_vec()];
-    for e in entries {
-        rows.push(vec![
-            age(e.at_ms),
-            e.by.clone(),
-            e.action.clone(),
-            e.outcome.clone(),
-        ]);
-    }
-    table(&rows)
 }

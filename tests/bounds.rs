@@ -39,7 +39,9 @@ fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, Optio
 
 #[test]
 fn the_coordinator_bounds_connections_bodies_and_registrations() {
-    let cluster = DevCluster::start(1);
+    // Plain HTTP, to speak raw HTTP/1.1 on a socket: the same bounds apply beneath TLS (the TLS
+    // handshake has its own timeout, tested in tests/security.rs).
+    let cluster = DevCluster::start_with(1, &["--insecure"], &[]);
 
     // Half a request head, then silence: the server closes the connection within the header
     // read timeout (slowloris holds nothing).
@@ -156,6 +158,7 @@ fn the_cli_never_prints_a_terminal_escape_it_was_sent() {
             ("404 Not Found", error.to_string())
         }
     });
+    let addr = format!("http://{addr}");
     let nodes = cli_at(&addr, &["nodes"]);
     assert!(nodes.status.success(), "{nodes:?}");
     let stdout = String::from_utf8_lossy(&nodes.stdout);

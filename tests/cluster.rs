@@ -415,10 +415,11 @@ fn the_rest_api_answers_curl_with_4xx_for_bad_requests() {
         panic!("curl is required for this test (the test command installs it)");
     }
     let cluster = DevCluster::start(1);
-    let base = format!("http://{}", cluster.addr);
+    let base = cluster.url();
     let curl = |args: &[&str]| -> (u16, String) {
-        let out = std::process::Command::new("curl")
-            .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+        let out = cluster
+            .curl()
+            .args(["-o", "-", "-w", "\n%{http_code}"])
             .args(args)
             .output()
             .unwrap();
@@ -565,12 +566,12 @@ fn chaos_demo_loses_a_host_and_resumes_with_the_uninterrupted_checksum() {
 #[test]
 fn the_rest_api_answers_every_mistake_with_a_json_error() {
     let cluster = DevCluster::start(1);
-    let base = format!("http://{}", cluster.addr);
+    let base = cluster.url();
     // (status, content type, Allow header, body as JSON)
     let curl = |args: &[&str]| -> (u16, String, String, serde_json::Value) {
-        let out = std::process::Command::new("curl")
+        let out = cluster
+            .curl()
             .args([
-                "-s",
                 "-o",
                 "-",
                 "-w",

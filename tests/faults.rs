@@ -188,14 +188,31 @@ fn a_coordinator_with_a_new_state_gets_agents_that_stop_the_old_ranks() {
         (cluster.json(&["status", &id])["state"] == "running").then_some(())
     });
 
-    // The coordinator's data is gone (a new data dir): a new cluster state on the same address.
+    // The coordinator's data is gone (a new data dir): a new cluster state on the same address,
+    // with the same CA (the operator's own).
     cluster.kill_coordinator();
     cluster.start_coordinator(&dir.join("second"));
-    cluster.wait_agents_up(1);
-    // The agent learns its ranks belong to a state that no longer exists, and stops them.
+    // The new state never admitted the agent: it is refused, stops the ranks of the state that no
+    // longer exists, forgets its identity and exits, saying to join again.
     eventually(Duration::from_secs(30), "the old ranks stopped", || {
         processes_with("4723.3").is_empty().then_some(())
     });
+    eventually(
+        Duration::from_secs(30),
+        "the refused agent to say why",
+        || {
+            cluster
+                .log_tail(200)
+                .contains("start the agent again with a new join token")
+                .then_some(())
+        },
+    );
+    // The operator joins it again with a token of the new state.
+    cluster.wait_coordinator_credentials(&dir.join("second"));
+    cluster.new_join_token();
+    cluster.kill_agent("host-1");
+    cluster.start_agent(1);
+    cluster.wait_agents_up(1);
     // The new state's job 1 really runs (its id matches the old job's: it must not be mistaken for it).
     let fresh = job_file(&dir, "fresh", "name = \"fresh\"\n[launch]\ncommand = [\"echo\", \"fresh job ran\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n");
     let out = cluster.cli(&["submit", fresh.to_str().unwrap(), "--wait", "-o", "json"]);

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cli_at, eventually, job_file, processes_with, signal, DevCluster, HandCluster};
+use common::{eventually, job_file, processes_with, signal, DevCluster, HandCluster};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -12,8 +12,8 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 fn agent_pid(cluster: &DevCluster, name: &str) -> u32 {
     let dir = cluster.data_dir.path().join("cluster").join(name);
     let pids = processes_with(&format!(
-        "agent --coordinator http://{} --data-dir {} ",
-        cluster.addr,
+        "agent --coordinator {} --data-dir {} ",
+        cluster.url(),
         dir.display()
     ));
     assert_eq!(pids.len(), 1, "expected one agent named {name}: {pids:?}");
@@ -42,7 +42,7 @@ fn a_returning_cut_off_agent_gets_no_new_work_until_its_old_ranks_are_gone() {
     // The lost host's job waits to be placed again; cancelled, it leaves its share held for the
     // silent agent's ranks, which may still run.
     cluster.wait_state(&old, "pending", Duration::from_secs(30));
-    assert!(cli_at(&cluster.addr, &["cancel", &old]).status.success());
+    assert!(cluster.cli(&["cancel", &old]).status.success());
     cluster.wait_state(&old, "cancelled", Duration::from_secs(10));
 
     let new = job_file(
@@ -72,7 +72,7 @@ fn a_returning_cut_off_agent_gets_no_new_work_until_its_old_ranks_are_gone() {
     let new_job = cluster.job(&new);
     let old_job = cluster.job(&old);
     signal(agent, libc::SIGCONT);
-    let _ = cli_at(&cluster.addr, &["cancel", &new]);
+    let _ = cluster.cli(&["cancel", &new]);
     assert!(
         overlap.is_none(),
         "job {new} ({} on port {}) ran beside {:?} processes of job {old} (port {}) on the same host",

@@ -18,10 +18,11 @@ use common::{eventually, free_port, job_file, processes_with, strs, trainctl, Ha
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `curl -s -X METHOD URL [args]`: the status code and the body.
-fn curl(method: &str, url: &str, args: &[&str]) -> (u16, String) {
+/// `curl -s -X METHOD URL [args]` as the cluster's admin: the status code and the body.
+fn curl(cluster: &HandCluster, method: &str, url: &str, args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
         .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+        .args(cluster.curl_auth_args())
         .args(args)
         .arg(url)
         .output()
@@ -432,11 +433,9 @@ fn cancel_with_checkpoint_waits_for_a_commit() {
         .unwrap()
         .is_empty());
     let (code, body) = curl(
+        &cluster,
         "POST",
-        &format!(
-            "http://{}/v1/jobs/{id}/cancel?checkpoint=true",
-            cluster.addr
-        ),
+        &format!("{}/v1/jobs/{id}/cancel?checkpoint=true", cluster.url()),
         &[],
     );
     assert_eq!(code, 200, "{body}");
@@ -482,8 +481,9 @@ fn drain_moves_the_job_and_undrain_brings_the_node_back() {
     let first = strs(&cluster.job(&id)["attempts"][0]["nodes"]);
     let drained = first[1].clone();
     let (code, body) = curl(
+        &cluster,
         "POST",
-        &format!("http://{}/v1/nodes/{drained}/drain", cluster.addr),
+        &format!("{}/v1/nodes/{drained}/drain", cluster.url()),
         &[],
     );
     assert_eq!(code, 200, "{body}");
@@ -520,8 +520,9 @@ fn drain_moves_the_job_and_undrain_brings_the_node_back() {
     let pending = cluster.job(&all_id);
     assert_eq!(pending["state"], "pending", "{pending:#}");
     let (code, body) = curl(
+        &cluster,
         "POST",
-        &format!("http://{}/v1/nodes/{drained}/undrain", cluster.addr),
+        &format!("{}/v1/nodes/{drained}/undrain", cluster.url()),
         &[],
     );
     assert_eq!(code, 200, "{body}");
@@ -537,8 +538,9 @@ fn nodes_rm_unblocks_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     // A node that is up and not drained cannot be removed.
     let (code, body) = curl(
+        &cluster,
         "DELETE",
-        &format!("http://{}/v1/nodes/host-2", cluster.addr),
+        &format!("{}/v1/nodes/host-2", cluster.url()),
         &[],
     );
     assert_eq!(code, 409, "{body}");
@@ -574,8 +576,9 @@ fn nodes_rm_unblocks_the_queue() {
     );
 
     let (code, body) = curl(
+        &cluster,
         "DELETE",
-        &format!("http://{}/v1/nodes/host-2", cluster.addr),
+        &format!("{}/v1/nodes/host-2", cluster.url()),
         &[],
     );
     assert_eq!(code, 204, "{body}");

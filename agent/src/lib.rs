@@ -361,6 +361,10 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                     registered = true;
                     backoff = Duration::from_millis(100);
                 }
+                Err(e) if e.is::<IdentityRefused>() => {
+                    let refused = e.downcast::<IdentityRefused>().expect("checked");
+                    return Err(agent.give_up_identity(&refused).await);
+                }
                 Err(e) => {
                     warn!(error = %e, "could not register with the coordinator; retrying");
                     sleep_or_shutdown(backoff, &mut shutdown).await;
@@ -408,6 +412,10 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             }
             // A held beat already waited; one answered at once waits out the interval.
             Ok(Beat::Unchanged) => agent.heartbeat_interval.saturating_sub(started.elapsed()),
+            Err(e) if e.is::<IdentityRefused>() => {
+                let refused = e.downcast::<IdentityRefused>().expect("checked");
+                return Err(agent.give_up_identity(&refused).await);
+            }
             Err(e) => {
                 warn!(error = %e, "heartbeat failed; ranks keep running, retrying");
                 agent.heartbeat_interval
@@ -524,7 +532,44 @@ async fn sleep_or_shutdown(period: Duration, shutdown: &mut watch::Receiver<bool
     }
 }
 
+/// The coordinator refused this agent's identity: its certificate is unknown (revoked, its node
+/// removed, or the coordinator's state replaced) or was issued for another node.
+#[derive(Debug, thiserror::Error)]
+#[error("the coordinator refuses this agent's identity: {0}")]
+pub struct IdentityRefused(pub String);
+
+/// A gRPC status as an error; a refused identity becomes [`IdentityRefused`].
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            IdentityRefused(status.message().to_string()).into()
+        }
+        _ => anyhow!("{}", status.message()),
+    }
+}
+
 impl Agent {
+    /// The coordinator no longer admits this agent: no rank it runs may go on (their jobs are
+    /// being moved elsewhere, or belong to a state that is gone), and its stored identity is
+    /// worthless. Stop every rank, forget the identity (so a start with a new join token joins
+    /// again), and end with an error that says what to do.
+    async fn give_up_identity(&mut self, refused: &IdentityRefused) -> anyhow::Error {
+        tracing::error!(error = %refused, "stopping every rank: this agent is no longer part of the cluster");
+        self.stop_all().await;
+        lock(&self.ranks).clear();
+        let dir = self.config.data_dir.join(identity::IDENTITY_DIR);
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                warn!(error = %e, dir = %dir.display(), "could not delete the refused identity");
+            }
+        }
+        anyhow!(
+            "{refused}. Every rank was stopped and the identity in {} deleted; start the agent \
+             again with a new join token (`trainctl token create --role agent`, then --join-token)",
+            dir.display()
+        )
+    }
+
     async fn register(&mut self) -> anyhow::Result<()> {
         let f = &self.facts;
         let request = RegisterRequest {
@@ -573,7 +618,7 @@ impl Agent {
             .client
             .register(request)
             .await
-            .map_err(|s| anyhow!("{}", s.message()))?
+            .map_err(status_error)?
             .into_inner();
         // (An empty id is a new cluster not yet named: the same state, not a replaced one.)
         let named = !response.cluster_id.is_empty();
@@ -633,7 +678,7 @@ impl Agent {
         // Only the exchange is abandoned, never the reconciling below: what the coordinator applied
         // of an abandoned beat is resent and applied again idempotently.
         let response = tokio::select! {
-            r = client.heartbeat(request) => r.map_err(|s| anyhow!("{}", s.message()))?.into_inner(),
+            r = client.heartbeat(request) => r.map_err(status_error)?.into_inner(),
             _ = wake.notified(), if wait_ms > 0 => return Ok(Beat::Abandoned),
         };
         if response.register_again {

@@ -106,8 +106,8 @@ impl Access {
     }
 }
 
-/// Which tokens may call `method path`. Unknown paths need a token too, so they tell nothing to
-/// those without one.
+/// Which tokens may call `method path` (a path no route serves is a 404 for everyone, before
+/// this is asked; the API's surface is public in `/openapi.json`).
 pub fn required_access(method: &Method, path: &str) -> Access {
     let public = matches!(path, "/v1/health" | "/openapi.json" | "/v1/join")
         || path == "/docs"

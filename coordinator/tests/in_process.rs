@@ -36,6 +36,9 @@ async fn start(data_dir: &Path, node_timeout_ms: Option<u64>) -> Running {
     // about node loss, no node may be declared lost while it runs (on a loaded machine a test can
     // take longer than the default timeout).
     config.node_timeout_ms = node_timeout_ms.unwrap_or(3_600_000);
+    // The API's behaviour over plain HTTP; TLS, tokens and agent identities are tested with real
+    // processes in tests/security.rs.
+    config.secure = false;
     let coordinator = open_when_free(config).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1548,9 +1551,33 @@ async fn every_documented_path_answers_an_unknown_method_with_405_json_and_allow
             .contains("\"#/components/schemas/JobSpecBody\""),
         "{stored}"
     );
-    // No authentication exists yet, so none is declared.
-    assert!(doc["components"]["securitySchemes"].is_null(), "{doc}");
-    assert!(doc["security"].is_null());
+    // Bearer tokens everywhere but on the public routes; every other route documents 401/403.
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer",
+        "{doc}"
+    );
+    assert_eq!(doc["security"][0]["bearer"], serde_json::json!([]));
+    assert_eq!(
+        doc["paths"]["/v1/health"]["get"]["security"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        doc["paths"]["/v1/join"]["post"]["security"],
+        serde_json::json!([])
+    );
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        if path == "/v1/health" || path == "/v1/join" {
+            continue;
+        }
+        for (method, op) in ops.as_object().unwrap() {
+            for code in ["401", "403"] {
+                assert!(
+                    op["responses"][code].is_object(),
+                    "{method} {path} does not document {code}"
+                );
+            }
+        }
+    }
     c.stop().await;
 }
 

@@ -21,6 +21,8 @@ async fn raft_routes_refuse_strangers_forgers_and_non_members() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = CoordinatorConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".into());
     config.node_timeout_ms = 3_600_000;
+    // Peer authentication of Raft messages, over plain HTTP (TLS is a layer beneath it).
+    config.secure = false;
     let coordinator = server::open(config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

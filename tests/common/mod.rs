@@ -58,10 +58,14 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
     }
 }
 
-/// A `trainctl dev` cluster started as a child process.
+/// A `trainctl dev` cluster started as a child process. It runs with TLS and tokens (unless
+/// started with `--insecure`); its CLI calls find the credentials through the context file
+/// `dev` writes (`TRAINCTL_CONFIG` points into the cluster's own directory).
 pub struct DevCluster {
     pub addr: String,
     pub data_dir: tempfile::TempDir,
+    /// Started with `--insecure`: plain HTTP, no tokens.
+    pub insecure: bool,
     child: Child,
     _lock: MutexGuard<'static, ()>,
 }
@@ -78,7 +82,9 @@ impl DevCluster {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let log = std::fs::File::create(data_dir.path().join("dev.out")).unwrap();
+        let insecure = flags.contains(&"--insecure");
         let mut cmd = Command::new(trainctl());
+        cmd.env("TRAINCTL_CONFIG", data_dir.path().join("config.toml"));
         cmd.args([
             "dev",
             "--agents",
@@ -99,6 +105,7 @@ impl DevCluster {
         let cluster = DevCluster {
             addr,
             data_dir,
+            insecure,
             child,
             _lock: lock,
         };
@@ -115,9 +122,71 @@ impl DevCluster {
         cluster
     }
 
-    /// Runs `trainctl ARGS` against this cluster.
+    /// Runs `trainctl ARGS` against this cluster (credentials from the context `dev` wrote).
     pub fn cli(&self, args: &[&str]) -> Output {
-        cli_at(&self.addr, args)
+        Command::new(trainctl())
+            .args(args)
+            .env("TRAINCTL_CONFIG", self.config_file())
+            .env("TRAINCTL_ADDR", self.url())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run trainctl")
+    }
+
+    /// The context file `trainctl dev` wrote.
+    pub fn config_file(&self) -> PathBuf {
+        self.data_dir.path().join("config.toml")
+    }
+
+    /// The coordinator's URL.
+    pub fn url(&self) -> String {
+        let scheme = if self.insecure { "http" } else { "https" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The coordinator's data directory.
+    pub fn coordinator_dir(&self) -> PathBuf {
+        self.data_dir.path().join("cluster").join("coordinator")
+    }
+
+    /// The cluster CA certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.coordinator_dir().join("tls").join("ca.pem")
+    }
+
+    /// The admin token.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.coordinator_dir().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// `curl` with this cluster's CA and admin token, `-s`: ARGS must name the URL (see
+    /// [`DevCluster::url`]).
+    pub fn curl(&self) -> Command {
+        let mut cmd = Command::new("curl");
+        cmd.arg("-s");
+        if !self.insecure {
+            cmd.arg("--cacert")
+                .arg(self.ca_cert())
+                .arg("-H")
+                .arg(format!("Authorization: Bearer {}", self.token()));
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// A CLI run with another token (`TRAINCTL_TOKEN`), e.g. one of a lesser role.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(trainctl())
+            .args(args)
+            .env("TRAINCTL_CONFIG", self.config_file())
+            .env("TRAINCTL_ADDR", self.url())
+            .env("TRAINCTL_TOKEN", token)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run trainctl")
     }
 
     /// Runs `trainctl ARGS -o json` and parses its standard output.
@@ -140,6 +209,23 @@ impl DevCluster {
 
     pub fn job(&self, id: &str) -> Value {
         self.json(&["status", id])
+    }
+
+    /// Waits until `count` nodes are up.
+    pub fn wait_nodes_up(&self, count: usize) {
+        eventually(
+            Duration::from_secs(60),
+            &format!("{count} nodes up"),
+            || {
+                let nodes = self.json(&["nodes"]);
+                let up = nodes
+                    .as_array()?
+                    .iter()
+                    .filter(|n| n["status"] == "up")
+                    .count();
+                (up == count).then_some(())
+            },
+        );
     }
 
     /// Submits a job file and returns its id.
@@ -186,10 +272,12 @@ impl Drop for DevCluster {
     }
 }
 
+/// Runs `trainctl ARGS` against `addr` with no credentials (no context file either).
 pub fn cli_at(addr: &str, args: &[&str]) -> Output {
     Command::new(trainctl())
         .args(args)
         .env("TRAINCTL_ADDR", addr)
+        .env("TRAINCTL_CONFIG", "/nonexistent/trainctl-config.toml")
         .stdin(Stdio::null())
         .output()
         .expect("run trainctl")
@@ -254,6 +342,11 @@ impl Drop for Proc {
 
 /// Starts `trainctl ARGS`, appending its output to `log`.
 pub fn start(args: &[&str], log: &Path) -> Proc {
+    start_with_env(args, &[], log)
+}
+
+/// [`start`] with extra environment.
+pub fn start_with_env(args: &[&str], env: &[(&str, &str)], log: &Path) -> Proc {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -262,6 +355,7 @@ pub fn start(args: &[&str], log: &Path) -> Proc {
     Proc(
         Command::new(trainctl())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -275,11 +369,17 @@ pub fn start(args: &[&str], log: &Path) -> Proc {
 /// [`DevCluster`], a test can kill and restart its coordinator.
 pub struct HandCluster {
     pub addr: String,
+    /// Started with `--insecure` (plain HTTP, no tokens).
+    pub insecure: bool,
+    /// The token agents join with.
+    join_token: Option<String>,
     // Agents are dropped (stopped) before the coordinator.
     agents: Vec<(String, Proc)>,
     coordinator: Option<Proc>,
     /// The coordinator's `--node-timeout-ms`.
     node_timeout_ms: u64,
+    /// The data dir of the coordinator started last (its admin token).
+    admin_token_dir: PathBuf,
     pub dir: tempfile::TempDir,
     _lock: MutexGuard<'static, ()>,
 }
@@ -294,17 +394,39 @@ impl HandCluster {
     /// [`HandCluster::start`] with the coordinator's `--node-timeout-ms` (how soon a silent host
     /// is lost).
     pub fn start_with(agents: u32, node_timeout_ms: u64) -> HandCluster {
+        Self::start_full(agents, node_timeout_ms, false)
+    }
+
+    /// [`HandCluster::start_with`], plain HTTP and no tokens when `insecure`. A secure one uses
+    /// a CA made with `trainctl ca init` in `<dir>/ca` (the operator's own PKI), so a
+    /// coordinator started on a fresh data dir is still trusted by the agents.
+    pub fn start_full(agents: u32, node_timeout_ms: u64, insecure: bool) -> HandCluster {
         let lock = lock_cluster_addresses();
         let dir = tempfile::tempdir().unwrap();
+        if !insecure {
+            let out = Command::new(trainctl())
+                .args(["ca", "init", "--dir"])
+                .arg(dir.path().join("ca"))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ca init: {out:?}");
+        }
         let mut cluster = HandCluster {
             addr: format!("127.0.0.1:{}", free_port()),
+            insecure,
+            join_token: None,
             agents: Vec::new(),
             coordinator: None,
             node_timeout_ms,
+            admin_token_dir: PathBuf::new(),
             dir,
             _lock: lock,
         };
         cluster.start_coordinator(&cluster.coordinator_dir());
+        if !insecure {
+            cluster.wait_coordinator_credentials(&cluster.coordinator_dir());
+            cluster.new_join_token();
+        }
         for i in 1..=agents {
             cluster.start_agent(i);
         }
@@ -316,25 +438,31 @@ impl HandCluster {
     /// when it ran already: a host that comes back).
     pub fn start_agent(&mut self, i: u32) {
         let name = format!("host-{i}");
-        let url = format!("http://{}", self.addr);
+        let url = self.url();
         let data = self.dir.path().join(format!("agent-{i}"));
         let ports = format!("{}-{}", 29500 + i * 100, 29599 + i * 100);
-        let agent = start(
-            &[
-                "agent",
-                "--coordinator",
-                &url,
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--name",
-                &name,
-                "--advertise-addr",
-                &format!("127.0.0.{}", i + 1),
-                "--port-range",
-                &ports,
-            ],
-            &self.log(),
-        );
+        let ca = self.ca_cert();
+        let mut args = vec![
+            "agent",
+            "--coordinator",
+            &url,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--name",
+            &name,
+        ];
+        let advertise = format!("127.0.0.{}", i + 1);
+        args.extend(["--advertise-addr", &advertise, "--port-range", &ports]);
+        if !self.insecure {
+            args.extend(["--ca-cert", ca.to_str().unwrap()]);
+        }
+        let env: Vec<(&str, &str)> = self
+            .join_token
+            .as_deref()
+            .map(|t| ("TRAINCTL_JOIN_TOKEN", t))
+            .into_iter()
+            .collect();
+        let agent = start_with_env(&args, &env, &self.log());
         self.agents.push((name, agent));
     }
 
@@ -363,16 +491,84 @@ impl HandCluster {
 
     /// Starts a coordinator on the cluster's address with its data in `data_dir`.
     pub fn start_coordinator(&mut self, data_dir: &Path) {
-        let args = [
+        let timeout = self.node_timeout_ms.to_string();
+        let ca_cert = self.ca_cert();
+        let ca_key = self.dir.path().join("ca").join("ca.key");
+        let mut args = vec![
             "coordinator",
             "--data-dir",
             data_dir.to_str().unwrap(),
             "--listen",
             &self.addr,
             "--node-timeout-ms",
-            &self.node_timeout_ms.to_string(),
+            &timeout,
         ];
+        if self.insecure {
+            args.push("--insecure");
+        } else {
+            args.extend([
+                "--tls-ca-cert",
+                ca_cert.to_str().unwrap(),
+                "--tls-ca-key",
+                ca_key.to_str().unwrap(),
+            ]);
+        }
         self.coordinator = Some(start(&args, &self.log()));
+        self.admin_token_dir = data_dir.to_path_buf();
+    }
+
+    /// Waits until the coordinator in `data_dir` has written its admin token.
+    pub fn wait_coordinator_credentials(&self, data_dir: &Path) {
+        let token = data_dir.join("admin.token");
+        eventually(Duration::from_secs(30), "the admin token", || {
+            token.exists().then_some(())
+        });
+    }
+
+    /// The coordinator's URL.
+    pub fn url(&self) -> String {
+        let scheme = if self.insecure { "http" } else { "https" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The cluster CA certificate (made by `trainctl ca init`).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.path().join("ca").join("ca.pem")
+    }
+
+    /// Makes a new agent join token (from the coordinator started last) for agents started
+    /// from now on.
+    pub fn new_join_token(&mut self) {
+        let out = self.cli(&["token", "create", "--role", "agent"]);
+        assert!(
+            out.status.success(),
+            "token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.join_token = Some(String::from_utf8(out.stdout).unwrap().trim().to_string());
+    }
+
+    /// curl's arguments for the CA and the admin token (none when insecure).
+    pub fn curl_auth_args(&self) -> Vec<String> {
+        match self.token() {
+            Some(token) => vec![
+                "--cacert".into(),
+                self.ca_cert().display().to_string(),
+                "-H".into(),
+                format!("Authorization: Bearer {token}"),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    /// The admin token of the coordinator started last.
+    pub fn token(&self) -> Option<String> {
+        if self.insecure {
+            return None;
+        }
+        std::fs::read_to_string(self.admin_token_dir.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
     }
 
     /// SIGKILLs the coordinator and waits for it to be gone.
@@ -400,9 +596,18 @@ impl HandCluster {
         );
     }
 
-    /// Runs `trainctl ARGS` against this cluster.
+    /// Runs `trainctl ARGS` against this cluster, as its admin.
     pub fn cli(&self, args: &[&str]) -> Output {
-        cli_at(&self.addr, args)
+        let mut cmd = Command::new(trainctl());
+        cmd.args(args)
+            .env("TRAINCTL_ADDR", self.url())
+            .env("TRAINCTL_CONFIG", self.dir.path().join("no-config.toml"))
+            .stdin(Stdio::null());
+        if let Some(token) = self.token() {
+            cmd.env("TRAINCTL_TOKEN", token)
+                .env("TRAINCTL_CA_CERT", self.ca_cert());
+        }
+        cmd.output().expect("run trainctl")
     }
 
     /// Runs `trainctl ARGS -o json`; `null` when it printed no JSON (e.g. the coordinator is down).

@@ -249,7 +249,7 @@ pub(super) async fn revoke_token(
             .map(|i| i.node.clone())
             .collect()
     });
-    match c
+    if let CommandOutcome::Rejected { reason } = c
         .write_as(
             &who,
             Command::RevokeToken {
@@ -259,8 +259,7 @@ pub(super) async fn revoke_token(
         )
         .await?
     {
-        CommandOutcome::Rejected { reason } => return Err(ApiError::Conflict(reason)),
-        _ => {}
+        return Err(ApiError::Conflict(reason));
     }
     // The revoked agents' jobs move elsewhere, as a drain moves them.
     for node in drained {

@@ -849,11 +849,43 @@ impl utoipa::Modify for BearerAuth {
                     .build(),
             ),
         );
-        // Public operations: no token.
+        // Public operations need no token; every other one may answer 401 and 403.
+        let error = |description: &str| {
+            utoipa::openapi::ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    utoipa::openapi::ContentBuilder::new()
+                        .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
         for (path, item) in openapi.paths.paths.iter_mut() {
-            if matches!(path.as_str(), "/v1/health" | "/v1/join") {
-                for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+            let public = matches!(path.as_str(), "/v1/health" | "/v1/join");
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.put,
+                &mut item.patch,
+            ];
+            for op in operations.into_iter().flatten() {
+                if public {
                     op.security = Some(Vec::new());
+                    continue;
+                }
+                for (code, description) in [
+                    (
+                        "401",
+                        "No token, or one that is malformed, unknown, expired or revoked",
+                    ),
+                    ("403", "The token's role may not do this"),
+                ] {
+                    op.responses
+                        .responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| error(description).into());
                 }
             }
         }
