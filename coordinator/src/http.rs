@@ -54,6 +54,9 @@ pub const CONNECTION_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const BODY_IDLE_TIMEOUT_MS: u64 = 15_000;
 /// How often an HTTP/2 connection is pinged; a ping unanswered for as long again drops it: 20 s.
 pub const HTTP2_KEEPALIVE_INTERVAL_MS: u64 = 20_000;
+/// A body declared over its limit but at most this big is read and discarded after the 413, so
+/// the client (still sending) reads the answer: 32 MiB.
+pub const TOO_LARGE_DRAIN_BYTES_MAX: usize = 32 << 20;
 /// A TLS handshake must complete within this long of the connection opening: 10 s.
 pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// After shutdown is asked, how long open connections get to finish their requests: 10 s.
@@ -251,7 +254,7 @@ fn body_limit(req: &Request<Incoming>) -> (usize, &'static str) {
     }
 }
 
-fn too_large(declared: u64, limit: usize, kind: &str) -> Response<axum::body::Body> {
+fn too_large(declared: u64, limit: usize, kind: &str, close: bool) -> Response<axum::body::Body> {
     let body = serde_json::json!({
         "error": format!(
             "the request body is {declared} bytes; {kind} body may be at most {limit} bytes ({} MiB)",
@@ -264,11 +267,13 @@ fn too_large(declared: u64, limit: usize, kind: &str) -> Response<axum::body::Bo
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
     );
-    // The rest of the body is not read: the client must not reuse this connection.
-    response.headers_mut().insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("close"),
-    );
+    if close {
+        // The rest of the body is not read: the client must not reuse this connection.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
     response
 }
 
@@ -295,7 +300,27 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if let Some(declared) = declared.filter(|&n| n > limit as u64) {
-            return Box::pin(std::future::ready(Ok(too_large(declared, limit, kind))));
+            // A client still sending its body must be able to read the 413: a connection closed
+            // on unread bytes is reset (under TLS the client then sees an EOF, not the answer). So
+            // a body up to TOO_LARGE_DRAIN_BYTES_MAX is read and thrown away in the background and
+            // the connection lives on; a larger one is not read at all, and the connection closes.
+            let drain = declared <= TOO_LARGE_DRAIN_BYTES_MAX as u64;
+            if drain {
+                let body = http_body_util::Limited::new(
+                    IdleTimeoutBody::new(
+                        req.into_body(),
+                        Duration::from_millis(BODY_IDLE_TIMEOUT_MS),
+                    ),
+                    TOO_LARGE_DRAIN_BYTES_MAX,
+                );
+                tokio::spawn(async move {
+                    let mut body = std::pin::pin!(body);
+                    while let Some(Ok(_)) = body.frame().await {}
+                });
+            }
+            return Box::pin(std::future::ready(Ok(too_large(
+                declared, limit, kind, !drain,
+            ))));
         }
         let mut req = req;
         if let Some(certificate) = &self.certificate {

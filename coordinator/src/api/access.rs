@@ -221,7 +221,7 @@ pub(super) async fn list_tokens(
 }
 
 /// Revoke a token: it stops working at once; agents that joined with it lose their identity and
-/// their nodes are drained.
+/// their nodes are drained. The answer's `nodes` are the nodes drained.
 #[utoipa::path(post, path = "/v1/tokens/{id}/revoke", params(("id" = String, Path, description = "Token id")), security(("bearer" = [])),
     responses((status = 200, body = TokenView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Already revoked"),
@@ -262,13 +262,16 @@ pub(super) async fn revoke_token(
         return Err(ApiError::Conflict(reason));
     }
     // The revoked agents' jobs move elsewhere, as a drain moves them.
-    for node in drained {
-        super::move_jobs_off(&c, &node, "its agent's token was revoked").await?;
+    for node in &drained {
+        super::move_jobs_off(&c, node, "its agent's token was revoked").await?;
     }
-    c.state
+    let mut view = c
+        .state
         .read(|s| s.tokens.get(&id).map(|r| token_view(s, r)))
-        .map(Json)
-        .ok_or_else(|| ApiError::Internal("the revoked token vanished".into()))
+        .ok_or_else(|| ApiError::Internal("the revoked token vanished".into()))?;
+    // The nodes that had joined with it (their identities are gone now) and were drained.
+    view.nodes = drained.iter().map(|n| n.to_string()).collect();
+    Ok(Json(view))
 }
 
 /// The audit trail: the newest changes people made (at most 1000), oldest first.
