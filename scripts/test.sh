@@ -18,7 +18,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     fi
 fi
 
-echo "test.sh: preparing the Python environment with torch (for the PyTorch test)" >&2
+echo "test.sh: preparing the Python environment with torch and schemathesis (for the PyTorch and OpenAPI fuzz tests)" >&2
 scripts/python-env.sh >/dev/null
 
 # Property tests (proptest) explore the same inputs on every run of this command, so a run's result

@@ -298,11 +298,12 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     let client =
         AgentServiceClient::new(channel).max_decoding_message_size(MAX_HEARTBEAT_REPLY_BYTES);
     let rank_api_state = Arc::new(Mutex::new(rank_api::RankApiState::default()));
-    let listener = tokio::net::TcpListener::bind((address, config.api_port))
+    // Loopback only: ranks run on this host, and their job tokens never cross the network.
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, config.api_port))
         .await
         .with_context(|| {
             format!(
-                "listen for ranks on {address}:{} (the agent's rank endpoint)",
+                "listen for ranks on 127.0.0.1:{} (the agent's rank endpoint)",
                 config.api_port
             )
         })?;
