@@ -1664,3 +1664,211 @@ fn job_ids_have_one_spelling() {
         );
     }
 }
+
+fn token_record(id: &str, name: &str, role: Role) -> TokenRecord {
+    TokenRecord {
+        id: id.to_string(),
+        name: name.to_string(),
+        role,
+        namespace: None,
+        secret_sha256: secret_digest("secret"),
+        created_at_ms: AT,
+        created_by: "admin".into(),
+        expires_at_ms: None,
+        revoked_at_ms: None,
+    }
+}
+
+fn admit(state: &mut State, node: &str, fingerprint: &str, token: &str) -> CommandOutcome {
+    state.apply(Command::AdmitAgent {
+        node: id(node),
+        fingerprint: fingerprint.to_string(),
+        token_id: token.to_string(),
+        at_ms: AT,
+    })
+}
+
+#[test]
+fn a_node_name_belongs_to_one_identity_until_the_node_is_removed() {
+    let mut state = State::default();
+    state.apply(Command::CreateToken {
+        record: token_record("a1", "rack-1", Role::Agent),
+    });
+    state.apply(Command::CreateToken {
+        record: token_record("s1", "ci", Role::Submit),
+    });
+    assert_eq!(
+        admit(&mut state, "node-1", "fp-1", "a1"),
+        CommandOutcome::Done
+    );
+    // Again with the same certificate: idempotent.
+    assert_eq!(
+        admit(&mut state, "node-1", "fp-1", "a1"),
+        CommandOutcome::Done
+    );
+    // Another certificate for the same name: refused, whatever the token.
+    let CommandOutcome::Rejected { reason } = admit(&mut state, "node-1", "fp-2", "a1") else {
+        panic!("a second identity took node-1");
+    };
+    assert!(
+        reason.contains("belongs to another agent identity"),
+        "{reason}"
+    );
+    // Only agent tokens admit agents; unknown tokens admit nothing.
+    assert!(matches!(
+        admit(&mut state, "node-2", "fp-3", "s1"),
+        CommandOutcome::Rejected { .. }
+    ));
+    assert!(matches!(
+        admit(&mut state, "node-2", "fp-3", "zz"),
+        CommandOutcome::Rejected { .. }
+    ));
+    assert_eq!(state.node_of_identity("fp-1"), Some(&id("node-1")));
+    // Removing the node (here never registered) frees the name for a new identity.
+    register(&mut state, "node-1", 8, 0);
+    state.apply(Command::NodeLost {
+        node: id("node-1"),
+        reason: "gone".into(),
+        at_ms: AT,
+    });
+    assert_eq!(
+        state.apply(Command::RemoveNode {
+            node: id("node-1"),
+            at_ms: AT
+        }),
+        CommandOutcome::Done
+    );
+    assert_eq!(state.node_of_identity("fp-1"), None);
+    assert_eq!(
+        admit(&mut state, "node-1", "fp-2", "a1"),
+        CommandOutcome::Done
+    );
+}
+
+#[test]
+fn revoking_a_join_token_forgets_its_agents_and_drains_their_nodes() {
+    let mut state = State::default();
+    for (token, name) in [("a1", "rack-1"), ("a2", "rack-2")] {
+        state.apply(Command::CreateToken {
+            record: token_record(token, name, Role::Agent),
+        });
+    }
+    for (node, fp, token) in [("node-1", "fp-1", "a1"), ("node-2", "fp-2", "a2")] {
+        assert_eq!(admit(&mut state, node, fp, token), CommandOutcome::Done);
+        register(&mut state, node, 8, 0);
+    }
+    assert_eq!(
+        state.apply(Command::RevokeToken {
+            id: "a1".into(),
+            at_ms: AT + 1
+        }),
+        CommandOutcome::Done
+    );
+    assert_eq!(state.node_of_identity("fp-1"), None);
+    assert!(state.nodes[&id("node-1")].drained);
+    assert_eq!(state.node_of_identity("fp-2"), Some(&id("node-2")));
+    assert!(!state.nodes[&id("node-2")].drained);
+    assert_eq!(state.tokens["a1"].revoked_at_ms, Some(AT + 1));
+    // A revoked token admits no one, and is not revoked twice.
+    assert!(matches!(
+        admit(&mut state, "node-3", "fp-3", "a1"),
+        CommandOutcome::Rejected { .. }
+    ));
+    assert!(matches!(
+        state.apply(Command::RevokeToken {
+            id: "a1".into(),
+            at_ms: AT
+        }),
+        CommandOutcome::Rejected { .. }
+    ));
+}
+
+#[test]
+fn tokens_are_validated_and_bounded() {
+    let mut state = State::default();
+    let table: &[(&str, Option<&str>, bool)] = &[
+        ("ci", None, true),
+        ("team.a_1-x", Some("team-a"), true),
+        ("", None, false),
+        ("Has-Upper", None, false),
+        ("evil\u{1b}[2J", None, false),
+        ("ok", Some("bad namespace"), false),
+        (&"x".repeat(64), None, false),
+    ];
+    for (i, (name, namespace, ok)) in table.iter().enumerate() {
+        let mut record = token_record(&format!("t{i}"), name, Role::Read);
+        record.namespace = namespace.map(str::to_string);
+        let outcome = state.apply(Command::CreateToken { record });
+        assert_eq!(
+            outcome == CommandOutcome::Done,
+            *ok,
+            "{name:?} {namespace:?}: {outcome:?}"
+        );
+    }
+    // Ids are unique.
+    assert!(matches!(
+        state.apply(Command::CreateToken {
+            record: token_record("t0", "again", Role::Read)
+        }),
+        CommandOutcome::Rejected { .. }
+    ));
+}
+
+#[test]
+fn audited_commands_record_who_and_how_and_the_trail_is_bounded() {
+    let mut state = State::default();
+    register(&mut state, "node-1", 8, 0);
+    let actor = Actor {
+        name: "alice".into(),
+        namespace: Some("team-a".into()),
+    };
+    let outcome = state.apply(Command::Audited {
+        actor: actor.clone(),
+        at_ms: AT,
+        command: Box::new(Command::SubmitJob {
+            spec: spec(1, 1, 0),
+            at_ms: AT,
+            secret: String::new(),
+            resume_from_job: None,
+        }),
+    });
+    let CommandOutcome::JobSubmitted { job } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(state.jobs[&job].owner, Some(actor.clone()));
+    state.apply(Command::Audited {
+        actor: actor.clone(),
+        at_ms: AT,
+        command: Box::new(Command::CancelJob {
+            job: JobId(99),
+            at_ms: AT,
+        }),
+    });
+    let trail: Vec<(&str, &str, &str)> = state
+        .audit
+        .iter()
+        .map(|a| (a.by.as_str(), a.action.as_str(), a.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            ("alice", "submit job `train` as job 1", "done"),
+            ("alice", "cancel job 99", "refused: job 99 does not exist"),
+        ]
+    );
+    for i in 0..(AUDIT_ENTRIES_MAX + 5) {
+        state.apply(Command::Audited {
+            actor: actor.clone(),
+            at_ms: AT + i as u64,
+            command: Box::new(Command::SetNodeDrained {
+                node: id("node-1"),
+                drained: i % 2 == 0,
+            }),
+        });
+    }
+    assert_eq!(state.audit.len(), AUDIT_ENTRIES_MAX);
+    assert_eq!(
+        state.audit.back().unwrap().at_ms,
+        AT + AUDIT_ENTRIES_MAX as u64 + 4
+    );
+}
