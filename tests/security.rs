@@ -488,3 +488,97 @@ fn an_insecure_coordinator_says_so_loudly() {
     });
     assert!(!data.join("admin.token").exists());
 }
+
+#[test]
+fn a_coordinator_runs_on_the_operators_own_ca_and_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("pki");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(trainctl())
+            .args(args)
+            .env("TRAINCTL_CONFIG", dir.path().join("none.toml"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["ca", "init", "--dir", ca_dir.to_str().unwrap()]);
+    // A second init into the same dir is refused: a CA is never overwritten.
+    let again = std::process::Command::new(trainctl())
+        .args(["ca", "init", "--dir", ca_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    run(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        ca_dir.to_str().unwrap(),
+        "--name",
+        "127.0.0.1",
+        "--name",
+        "coord.test",
+    ]);
+    let pem = |f: &str| ca_dir.join(f).display().to_string();
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let log = dir.path().join("coordinator.log");
+    let _coordinator = common::start(
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tls-ca-cert",
+            &pem("ca.pem"),
+            "--tls-ca-key",
+            &pem("ca.key"),
+            "--tls-cert",
+            &pem("127.0.0.1.pem"),
+            "--tls-key",
+            &pem("127.0.0.1.key"),
+        ],
+        &log,
+    );
+    let token_file = data.join("admin.token");
+    eventually(Duration::from_secs(30), "the admin token", || {
+        token_file.exists().then_some(())
+    });
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let who = std::process::Command::new(trainctl())
+        .args(["whoami", "-o", "json"])
+        .env("TRAINCTL_CONFIG", dir.path().join("none.toml"))
+        .env("TRAINCTL_ADDR", format!("https://{listen}"))
+        .env("TRAINCTL_CA_CERT", pem("ca.pem"))
+        .env("TRAINCTL_TOKEN", token.trim())
+        .output()
+        .unwrap();
+    assert!(
+        who.status.success(),
+        "{}",
+        String::from_utf8_lossy(&who.stderr)
+    );
+    let who: Value = serde_json::from_slice(&who.stdout).unwrap();
+    assert_eq!(
+        (who["name"].as_str(), who["role"].as_str()),
+        (Some("admin"), Some("admin"))
+    );
+    // It serves the operator's certificate: it made no CA or certificate of its own.
+    assert!(!data.join("tls").join("ca.pem").exists());
+    assert!(!data.join("tls").join("server.pem").exists());
+    // A client trusting another CA is refused.
+    let other = dir.path().join("other");
+    run(&["ca", "init", "--dir", other.to_str().unwrap()]);
+    let (code, _, _) = curl(&[
+        "--cacert",
+        other.join("ca.pem").to_str().unwrap(),
+        &format!("https://{listen}/v1/health"),
+    ]);
+    assert_eq!(code, 0);
+}

@@ -42,8 +42,12 @@ pub struct CoordinatorConfig {
     pub node_timeout_ms: u64,
     /// SIGTERM-to-SIGKILL grace when agents stop ranks.
     pub stop_grace_ms: u32,
-    /// Most requests (API and agent) served at once; more wait their turn.
-    pub max_connections: usize,
+    /// Most REST requests served at once; more wait their turn. Agents' gRPC and Raft have
+    /// their own allowances, so a flood of API clients never starves heartbeats or replication.
+    pub max_rest_requests: usize,
+    /// Most agent gRPC requests served at once (a heartbeat may be held up to 2 s as a long poll,
+    /// so this is about one per host).
+    pub max_agent_requests: usize,
     /// Rank logs of a job are deleted this long after it ended (each coordinator prunes its own).
     pub log_retention_ms: u64,
     /// TLS on the port and tokens on every request (the default). `false` is `--insecure`: plain
@@ -82,7 +86,8 @@ impl CoordinatorConfig {
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             node_timeout_ms: DEFAULT_NODE_TIMEOUT_MS,
             stop_grace_ms: 10_000,
-            max_connections: 4096,
+            max_rest_requests: 1024,
+            max_agent_requests: 16_384,
             log_retention_ms: DEFAULT_LOG_RETENTION_MS,
             secure: true,
             tls: TlsSources::default(),
@@ -536,15 +541,16 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let local: SocketAddr = listener.local_addr()?;
-    let grpc = crate::agents::router(coordinator.clone());
+    // Each kind of traffic waits only for its own kind.
+    let limit = tower::limit::GlobalConcurrencyLimitLayer::new;
+    let grpc = crate::agents::router(coordinator.clone())
+        .layer(limit(coordinator.config.max_agent_requests));
     let app = crate::api::router(coordinator.clone())
-        .merge(raft_router(coordinator.clone()))
+        .layer(limit(coordinator.config.max_rest_requests))
+        .merge(raft_router(coordinator.clone()).layer(limit(MAX_RAFT_REQUESTS)))
         .fallback_service(crate::api::grpc_or_no_such_endpoint(grpc));
     let app = crate::api::with_json_errors(app)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            coordinator.config.max_connections,
-        ));
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
 
     let scheduler = tokio::spawn(scheduling_loop(coordinator.clone(), shutdown.clone()));
     let liveness = tokio::spawn(liveness_loop(coordinator.clone(), shutdown.clone()));
@@ -591,6 +597,9 @@ async fn exit_if_raft_core_fails(coordinator: Arc<Coordinator>) {
         }
     }
 }
+
+/// Most Raft requests from other coordinators served at once.
+pub const MAX_RAFT_REQUESTS: usize = 256;
 
 /// Exit status of a coordinator whose Raft core failed (EX_SOFTWARE).
 pub const RAFT_CORE_FAILED_EXIT_CODE: i32 = 70;

@@ -31,6 +31,15 @@ struct Running {
 }
 
 async fn start(data_dir: &Path, node_timeout_ms: Option<u64>) -> Running {
+    start_tuned(data_dir, node_timeout_ms, |_| {}).await
+}
+
+/// [`start`] with `tune` applied to the configuration.
+async fn start_tuned(
+    data_dir: &Path,
+    node_timeout_ms: Option<u64>,
+    tune: impl FnOnce(&mut CoordinatorConfig),
+) -> Running {
     let mut config = CoordinatorConfig::new(data_dir.to_path_buf(), "127.0.0.1:0".into());
     // These tests play the agents by hand and heartbeat only when they mean to: unless a test is
     // about node loss, no node may be declared lost while it runs (on a loaded machine a test can
@@ -39,6 +48,7 @@ async fn start(data_dir: &Path, node_timeout_ms: Option<u64>) -> Running {
     // The API's behaviour over plain HTTP; TLS, tokens and agent identities are tested with real
     // processes in tests/security.rs.
     config.secure = false;
+    tune(&mut config);
     let coordinator = open_when_free(config).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1604,4 +1614,49 @@ async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) {
         })
         .unwrap_or_default();
     (status, content_type, body.to_string())
+}
+
+/// REST clients that hold every REST slot (here a body that never finishes) make other REST
+/// requests wait, but never the agents: heartbeats and registrations have their own allowance.
+#[tokio::test]
+async fn a_flood_of_rest_requests_does_not_starve_the_agents() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start_tuned(dir.path(), None, |config| config.max_rest_requests = 1).await;
+    // The one REST slot: a submission whose chunked body stops half-way.
+    let mut hog = tokio::net::TcpStream::connect(c.addr).await.unwrap();
+    hog.write_all(
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"nam\r\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = c
+        .http
+        .get(format!("http://{}/v1/nodes", c.addr))
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await;
+    assert!(
+        waiting.as_ref().is_err_and(|e| e.is_timeout()),
+        "a second REST request was served while the only slot was held: {waiting:?}"
+    );
+    // The agents are served at once.
+    let mut agent = FakeAgent::connect(&c, 1).await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), agent.register(4, 0))
+        .await
+        .expect("registration waited behind REST clients");
+    tokio::time::timeout(Duration::from_secs(5), agent.heartbeat(vec![], vec![]))
+        .await
+        .expect("a heartbeat waited behind REST clients");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Once the hog goes, REST is served again.
+    drop(hog);
+    let (status, nodes) = c
+        .call(reqwest::Method::GET, "/v1/nodes", None, vec![])
+        .await;
+    assert_eq!(status, 200, "{nodes}");
+    assert_eq!(nodes[0]["name"], "node-1");
+    c.stop().await;
 }
