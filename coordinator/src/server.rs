@@ -777,6 +777,38 @@ async fn scheduling_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Rec
 }
 
 /// The leader declares lost every node it has not heard from within the node timeout.
+/// A coordinator that becomes leader starts its leader-local clocks afresh: what it remembers
+/// from an earlier term (when it last heard from each node, each job's last progress, failures
+/// waiting for silent peers) is stale, and would declare healthy nodes lost or busy jobs hung the
+/// moment it leads. Every node gets a full timeout from now, every running job a full hang
+/// timeout.
+pub fn start_leader_clocks(coordinator: &Coordinator) {
+    let now = Instant::now();
+    let nodes: Vec<NodeId> = coordinator
+        .state
+        .read(|s| s.nodes.keys().cloned().collect());
+    {
+        let mut heard = coordinator
+            .last_heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        heard.clear();
+        for node in nodes {
+            heard.insert(node, now);
+        }
+    }
+    coordinator
+        .progress
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    coordinator
+        .failures_seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+}
+
 async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>) {
     let timeout = Duration::from_millis(coordinator.config.node_timeout_ms);
     let mut was_leader = false;
@@ -793,18 +825,7 @@ async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Recei
         }
         let leader = coordinator.is_leader();
         if leader && !was_leader {
-            // A new leader has heard from nobody yet: give every node a full timeout from now.
-            let now = Instant::now();
-            let nodes: Vec<NodeId> = coordinator
-                .state
-                .read(|s| s.nodes.keys().cloned().collect());
-            let mut heard = coordinator
-                .last_heard
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            for node in nodes {
-                heard.entry(node).or_insert(now);
-            }
+            start_leader_clocks(&coordinator);
         }
         was_leader = leader;
         if !leader {
