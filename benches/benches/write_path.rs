@@ -9,6 +9,9 @@
 //! `TRAINCTL_BENCH_CONCURRENCY` client counts (default `1,8,64`), `TRAINCTL_BENCH_ETCD` the etcd
 //! binary (default `etcd` from PATH; `off` skips it).
 //!
+//! The coordinator serves plain HTTP (`--insecure`), as etcd does here; `tls_overhead` measures
+//! what TLS and tokens add.
+//!
 //! Everything listens on 127.0.0.1 and lives in a temporary directory removed at the end; etcd runs
 //! as a child process that is killed when the benchmark ends, fails or panics.
 
@@ -16,15 +19,12 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command as Process, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
-use tokio::sync::watch;
-use trainctl_benches::{base64, fixtures, job_spec_json, millis, Summary};
-use trainctl_coordinator::server::{self, CoordinatorConfig};
-use trainctl_coordinator::state::CommandOutcome;
+use anyhow::{bail, Context};
+use trainctl_benches::load::{self, print_levels, run_level, send, Connections, Level, Target};
+use trainctl_benches::served::Served;
+use trainctl_benches::{job_spec_json, millis, Summary};
+use trainctl_coordinator::server;
 
 /// Submissions per concurrency level, unless `TRAINCTL_BENCH_JOBS` says otherwise.
 const DEFAULT_JOBS: usize = 2_000;
@@ -36,55 +36,10 @@ const WARMUP_COUNT: usize = 50;
 const NODE_COUNT: usize = 4;
 /// Appends timed for the bare-disk reference.
 const FSYNC_SAMPLE_COUNT: usize = 200;
-/// How long a server gets to come up (leader elected, port open).
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long one request may take before the run counts it as failed.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the coordinator gets to stop.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One load level's result.
-struct Level {
-    concurrency: usize,
-    elapsed: Duration,
-    latency: Summary,
-}
-
-impl Level {
-    fn per_second(&self) -> f64 {
-        self.latency.count as f64 / self.elapsed.as_secs_f64()
-    }
-}
-
-/// What the load generator sends.
-#[derive(Clone)]
-enum Target {
-    /// `POST {base}/v1/jobs` with a JSON job spec.
-    Trainctl { base: String },
-    /// `POST {base}{path}` (`/v3/kv/put`) with a base64 key and the same job spec as the value.
-    Etcd { base: String, path: &'static str },
-}
 
 fn main() -> anyhow::Result<()> {
-    let jobs = match std::env::var("TRAINCTL_BENCH_JOBS") {
-        Ok(n) => n.parse().context("TRAINCTL_BENCH_JOBS is not a number")?,
-        Err(_) => DEFAULT_JOBS,
-    };
-    let levels = match std::env::var("TRAINCTL_BENCH_CONCURRENCY") {
-        Ok(list) => list
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse::<usize>()
-                    .with_context(|| format!("TRAINCTL_BENCH_CONCURRENCY: `{s}`"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?,
-        Err(_) => DEFAULT_CONCURRENCY.to_vec(),
-    };
-    ensure!(
-        jobs > 0 && levels.iter().all(|&c| c > 0),
-        "jobs and concurrency must be positive"
-    );
+    let jobs = load::env_count("TRAINCTL_BENCH_JOBS", DEFAULT_JOBS)?;
+    let levels = load::env_counts("TRAINCTL_BENCH_CONCURRENCY", &DEFAULT_CONCURRENCY)?;
     let etcd_binary = std::env::var("TRAINCTL_BENCH_ETCD").unwrap_or_else(|_| "etcd".to_string());
 
     let tmp = tempfile::tempdir().context("create a temporary directory")?;
@@ -112,7 +67,7 @@ fn main() -> anyhow::Result<()> {
         &levels,
     ))?;
     print_levels(
-        "trainctl: POST /v1/jobs (REST + one-voter Raft, fsync per append)",
+        "trainctl: POST /v1/jobs (plain HTTP, --insecure; REST + one-voter Raft, fsync per append)",
         &trainctl,
     );
 
@@ -155,25 +110,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_levels(title: &str, levels: &[Level]) {
-    println!("\n{title}");
-    println!(
-        "{:>8}  {:>7}  {:>8}  {:>10}  {:>11}  {:>11}",
-        "clients", "writes", "secs", "writes/s", "median ms", "p99 ms"
-    );
-    for l in levels {
-        println!(
-            "{:>8}  {:>7}  {:>8.2}  {:>10.0}  {:>11}  {:>11}",
-            l.concurrency,
-            l.latency.count,
-            l.elapsed.as_secs_f64(),
-            l.per_second(),
-            millis(l.latency.median),
-            millis(l.latency.p99)
-        );
-    }
-}
-
 /// What one fsync'd 300-byte append costs on the disk under the temporary directory: the floor
 /// for one client's durable write, whoever makes it.
 fn fsync_reference(path: &Path) -> anyhow::Result<Summary> {
@@ -181,7 +117,7 @@ fn fsync_reference(path: &Path) -> anyhow::Result<Summary> {
     let record = [b'x'; 300];
     let mut samples = Vec::with_capacity(FSYNC_SAMPLE_COUNT);
     for _ in 0..FSYNC_SAMPLE_COUNT {
-        let t = Instant::now();
+        let t = std::time::Instant::now();
         file.write_all(&record)
             .context("append to the probe file")?;
         file.sync_data().context("fdatasync the probe file")?;
@@ -190,165 +126,41 @@ fn fsync_reference(path: &Path) -> anyhow::Result<Summary> {
     Ok(Summary::of(&mut samples).expect("FSYNC_SAMPLE_COUNT > 0"))
 }
 
-fn http_client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .pool_max_idle_per_host(1024)
-        .no_proxy()
-        .build()
-        .context("build the HTTP client")
-}
-
+/// trainctl with plain HTTP (`--insecure`), like the etcd it is compared with; `tls_overhead`
+/// measures what TLS and tokens add.
 async fn bench_trainctl(
     data_dir: &Path,
     jobs: usize,
     levels: &[usize],
 ) -> anyhow::Result<Vec<Level>> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("bind 127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let mut config = CoordinatorConfig::new(data_dir.to_path_buf(), addr.to_string());
-    // No agent heartbeats here: keep the liveness loop from declaring the fake nodes lost mid-run.
-    config.node_timeout_ms = 3_600_000;
-    let coordinator = server::open(config).await.context("open the coordinator")?;
-    let (stop, stopped) = watch::channel(false);
-    let serving = tokio::spawn(server::run(coordinator.clone(), listener, stopped));
-    let base = format!("http://{addr}");
-    let client = http_client()?;
-
+    let served = Served::start(data_dir, false).await?;
     let result = async {
-        wait_until_ready(&client, &format!("{base}/v1/health"), || {
-            coordinator.is_leader()
-        })
-        .await?;
-        for i in 0..NODE_COUNT {
-            let outcome = coordinator
-                .write(fixtures::register_node(i, server::now_ms()))
-                .await
-                .context("register a fake node")?;
-            ensure!(
-                outcome == CommandOutcome::Done,
-                "registering node {i}: {outcome:?}"
-            );
-        }
-        let target = Target::Trainctl { base: base.clone() };
-        run_level(&client, &target, 1, WARMUP_COUNT, 0)
+        served.register_fake_nodes(NODE_COUNT).await?;
+        let client = served.http_client(Connections::KeepAlive)?;
+        let target = served.target();
+        run_level(std::slice::from_ref(&client), &target, 1, WARMUP_COUNT, 0)
             .await
             .context("warm-up")?;
         let mut out = Vec::new();
         for (k, &c) in levels.iter().enumerate() {
-            out.push(run_level(&client, &target, c, jobs, (k + 1) * jobs).await?);
+            out.push(
+                run_level(
+                    std::slice::from_ref(&client),
+                    &target,
+                    c,
+                    jobs,
+                    (k + 1) * jobs,
+                )
+                .await?,
+            );
         }
-        let queued = server::job_counts(&coordinator);
+        let queued = server::job_counts(&served.coordinator);
         println!("\ntrainctl after the run: jobs by state {queued:?}");
         Ok(out)
     }
     .await;
-
-    stop.send(true).ok();
-    match tokio::time::timeout(SHUTDOWN_TIMEOUT, serving).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => eprintln!("coordinator stopped with an error: {e:#}"),
-        Ok(Err(e)) => eprintln!("coordinator task failed: {e}"),
-        Err(_) => eprintln!("coordinator did not stop within {SHUTDOWN_TIMEOUT:?}"),
-    }
+    served.shutdown().await;
     result
-}
-
-/// Polls `url` until it answers 200 and `ready()` holds, for at most `STARTUP_TIMEOUT`.
-async fn wait_until_ready(
-    client: &reqwest::Client,
-    url: &str,
-    ready: impl Fn() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        let ok = matches!(client.get(url).send().await, Ok(r) if r.status().is_success());
-        if ok && ready() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("{url} not ready within {STARTUP_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Sends `count` writes from `concurrency` clients; write `i` carries sequence number `first + i`.
-async fn run_level(
-    client: &reqwest::Client,
-    target: &Target,
-    concurrency: usize,
-    count: usize,
-    first: usize,
-) -> anyhow::Result<Level> {
-    // Bodies are made before the clock starts, so the load generator spends its CPU on sending.
-    let bodies: Arc<Vec<String>> = Arc::new(
-        (first..first + count)
-            .map(|seq| body(target, seq))
-            .collect(),
-    );
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        let (client, target, bodies, next) =
-            (client.clone(), target.clone(), bodies.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(body) = bodies.get(i) else { break };
-                let t = Instant::now();
-                send(&client, &target, body.clone()).await?;
-                latencies.push(t.elapsed());
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    let mut latencies = Vec::with_capacity(count);
-    for task in tasks {
-        latencies.extend(task.await.context("client task")??);
-    }
-    let elapsed = started.elapsed();
-    Ok(Level {
-        concurrency,
-        elapsed,
-        latency: Summary::of(&mut latencies).context("no writes were sent")?,
-    })
-}
-
-fn body(target: &Target, seq: usize) -> String {
-    match target {
-        Target::Trainctl { .. } => job_spec_json(seq),
-        Target::Etcd { .. } => serde_json::json!({
-            "key": base64(format!("/trainctl/jobs/{seq:08}").as_bytes()),
-            "value": base64(job_spec_json(seq).as_bytes()),
-        })
-        .to_string(),
-    }
-}
-
-async fn send(client: &reqwest::Client, target: &Target, body: String) -> anyhow::Result<()> {
-    let (url, expected) = match target {
-        Target::Trainctl { base } => (format!("{base}/v1/jobs"), reqwest::StatusCode::CREATED),
-        Target::Etcd { base, path } => (format!("{base}{path}"), reqwest::StatusCode::OK),
-    };
-    let response = client
-        .post(&url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body)
-        .send()
-        .await
-        .with_context(|| format!("POST {url}"))?;
-    let status = response.status();
-    let text = response
-        .text()
-        .await
-        .with_context(|| format!("read the answer of POST {url}"))?;
-    ensure!(status == expected, "POST {url}: {status}: {text}");
-    Ok(())
 }
 
 /// An etcd child process; killed and reaped when dropped.
@@ -427,9 +239,9 @@ async fn bench_etcd(
     levels: &[usize],
 ) -> anyhow::Result<Vec<Level>> {
     let mut etcd = start_etcd(binary, data_dir)?;
-    let client = http_client()?;
+    let client = load::http_client(Connections::KeepAlive)?;
     let health = format!("{}/health", etcd.base);
-    let ready = wait_until_ready(&client, &health, || true).await;
+    let ready = load::wait_until_ready(&client, &health, || true).await;
     if let Ok(Some(status)) = etcd.child.try_wait() {
         bail!(
             "etcd exited ({status}); see {}",
@@ -450,7 +262,7 @@ async fn bench_etcd(
             base: etcd.base.clone(),
             path: candidate,
         };
-        if send(&client, &target, body(&target, 0)).await.is_ok() {
+        if send(&client, &target, load::body(&target, 0)).await.is_ok() {
             path = Some(candidate);
             break;
         }
@@ -461,12 +273,21 @@ async fn bench_etcd(
         base: etcd.base.clone(),
         path,
     };
-    run_level(&client, &target, 1, WARMUP_COUNT, 0)
+    run_level(std::slice::from_ref(&client), &target, 1, WARMUP_COUNT, 0)
         .await
         .context("etcd warm-up")?;
     let mut out = Vec::new();
     for (k, &c) in levels.iter().enumerate() {
-        out.push(run_level(&client, &target, c, jobs, (k + 1) * jobs).await?);
+        out.push(
+            run_level(
+                std::slice::from_ref(&client),
+                &target,
+                c,
+                jobs,
+                (k + 1) * jobs,
+            )
+            .await?,
+        );
     }
     drop(etcd);
     Ok(out)

@@ -1,20 +1,28 @@
-//! Shared pieces of the trainctl benchmarks: latency summaries, cluster fixtures and the job spec
-//! the write-path benchmark submits.
+//! Shared pieces of the trainctl benchmarks: latency summaries, cluster fixtures, the job spec the
+//! write-path benchmarks submit, an in-process coordinator and the REST load that drives it.
 //!
 //! The benchmarks themselves are `[[bench]]` targets with `harness = false` (plain `main`s timed
 //! with [`std::time::Instant`]), so they need no benchmarking framework:
 //! - `benches/scheduler.rs`: `scheduler::plan` for a 64-host gang on 1 000 to 50 000 hosts.
 //! - `benches/write_path.rs`: job submissions through REST and the fsync'd Raft log, next to etcd.
+//! - `benches/tls_overhead.rs`: the same submissions, and agents' gRPC heartbeats, over plain
+//!   HTTP next to TLS (with tokens, and mutual TLS for agents).
 //!
 //! # Layout
 //! - [`Summary`]: median and p99 of a set of timings.
 //! - [`fixtures`]: cluster snapshots and coordinator states of a given size and fill.
+//! - [`served`]: a real coordinator served in-process, secure or plain, and its REST clients.
+//! - [`load`]: REST write load from N concurrent clients ([`load::run_level`]).
+//! - [`cpu`]: CPU time of a named group of threads (a runtime serving a coordinator).
 //! - [`job_spec_json`]: a realistic ~300-byte job spec.
 //! - [`base64`]: the few bytes of base64 that etcd's JSON gateway needs.
 
 use std::time::Duration;
 
+pub mod cpu;
 pub mod fixtures;
+pub mod load;
+pub mod served;
 
 /// Median and p99 of a set of timings.
 #[derive(Debug, Clone, Copy, PartialEq)]
