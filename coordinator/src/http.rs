@@ -103,6 +103,11 @@ pub async fn serve(
                 }
             },
         };
+        // Small writes (TLS handshake records, HTTP/2 frames, gRPC replies) go out at once, not
+        // after the peer's delayed ACK (40 ms per new TLS connection without this).
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(%peer, error = %e, "could not set TCP_NODELAY");
+        }
         // Reap finished connection tasks so the set does not grow.
         while connections.try_join_next().is_some() {}
         let builder = builder.clone();
