@@ -1,4 +1,7 @@
 //! The Raft log, vote and commit index in redb. Every append is a durable (fsync'd) transaction.
+//!
+//! Each entry is stored in the versioned format of [`super::format`] (`encode_entry`), and read
+//! back in any released format (`decode_entry`).
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -8,6 +11,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageIOError, Vote};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::format::{decode_entry, encode_entry};
 use super::{blocking, ServerId, StorageError, TypeConfig};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -99,8 +103,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 .range::<u64>(range)
                 .map_err(|e| StorageIOError::read_logs(&e))?
             {
-                let (_, raw) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-                let entry = serde_json::from_slice(raw.value())
+                let (index, raw) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+                let entry = decode_entry(index.value(), raw.value())
                     .map_err(|e| StorageIOError::read_logs(&e))?;
                 entries.push(entry);
             }
@@ -122,8 +126,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .open_table(LOG)
                 .map_err(|e| StorageIOError::read_logs(&e))?;
             let last = match table.last().map_err(|e| StorageIOError::read_logs(&e))? {
-                Some((_, raw)) => {
-                    let entry: Entry<TypeConfig> = serde_json::from_slice(raw.value())
+                Some((index, raw)) => {
+                    let entry = decode_entry(index.value(), raw.value())
                         .map_err(|e| StorageIOError::read_logs(&e))?;
                     Some(entry.log_id)
                 }
@@ -182,7 +186,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         let mut encoded = Vec::new();
         for entry in entries {
-            let bytes = serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
+            let bytes = encode_entry(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
             encoded.push((entry.log_id.index, bytes));
         }
         let result = blocking(move || {

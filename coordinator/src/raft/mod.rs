@@ -1,7 +1,7 @@
 //! Raft glue: openraft's type configuration, the redb-backed log and state machine, and the network.
 //!
 //! The adapters here are thin: the state machine's `apply` hands each committed [`Command`] to the pure
-//! [`State::apply`](crate::state::State::apply).
+//! [`State::apply`](crate::state::State::apply). What they store is versioned: see [`format`].
 
 // openraft's storage traits fix the error type (`StorageError`, over 200 bytes); our helpers return it.
 #![allow(clippy::result_large_err)]
@@ -10,6 +10,7 @@ use std::io::Cursor;
 
 use crate::state::{Command, CommandOutcome};
 
+pub mod format;
 pub mod log_store;
 pub mod network;
 pub mod peer_auth;

@@ -3,6 +3,10 @@
 //! `apply` keeps the state in memory; durability comes from the log (fsync'd on append) plus the last
 //! snapshot: on start the state is loaded from the snapshot and openraft re-applies the committed log
 //! entries after it.
+//!
+//! Snapshots are stored and sent in the versioned formats of [`super::format`]; the stored snapshot
+//! keeps its data apart from its header, so the serialized state is held once, not copied into a
+//! second encoding.
 
 use std::io::Cursor;
 use std::sync::{Arc, RwLock};
@@ -13,24 +17,30 @@ use openraft::{
     StorageIOError, StoredMembership,
 };
 use redb::{Database, ReadableDatabase, TableDefinition};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::format::{
+    decode_snapshot_data, decode_snapshot_header, encode_snapshot_data, encode_snapshot_header,
+};
 use super::{blocking, ServerId, StorageError, TypeConfig};
 use crate::state::{CommandOutcome, State};
 
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+/// The stored snapshot's header (and, in format 0, its data too).
 const KEY_SNAPSHOT: &str = "current";
+/// The stored snapshot's data (format 1 on), as built or received.
+const KEY_SNAPSHOT_DATA: &str = "current.data";
 
-/// What the state machine holds: the state plus Raft's bookkeeping of it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// What the state machine holds: the state plus Raft's bookkeeping of it. Its stored form is
+/// [`super::format::encode_snapshot_data`]'s.
+#[derive(Debug, Clone, Default)]
 pub struct Applied {
     pub last_applied: Option<LogId<ServerId>>,
     pub last_membership: StoredMembership<ServerId, BasicNode>,
     pub state: State,
 }
 
-#[derive(Serialize, Deserialize)]
+/// A snapshot as stored: its meta and its data (snapshot data of any released format).
 struct StoredSnapshot {
     meta: SnapshotMeta<ServerId, BasicNode>,
     data: Vec<u8>,
@@ -46,13 +56,15 @@ pub struct StateMachineStore {
 }
 
 impl StateMachineStore {
-    /// Opens the state machine, loading the last snapshot from `db` if there is one.
+    /// Opens the state machine, loading the last snapshot from `db` if there is one (of any released
+    /// format; one of a newer format is an error).
     pub fn open(db: Arc<Database>) -> Result<Self, anyhow::Error> {
         let txn = db.begin_write()?;
         txn.open_table(SNAPSHOT)?;
         txn.commit()?;
         let applied = match read_snapshot(&db)? {
-            Some(stored) => serde_json::from_slice(&stored.data)?,
+            Some(stored) => decode_snapshot_data(&stored.data)
+                .map_err(|e| anyhow::anyhow!("load the stored snapshot: {e}"))?,
             None => Applied::default(),
         };
         Ok(StateMachineStore {
@@ -75,40 +87,60 @@ impl StateMachineStore {
 }
 
 fn read_snapshot(db: &Database) -> Result<Option<StoredSnapshot>, StorageError> {
-    let txn = db
-        .begin_read()
-        .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-    let table = txn
-        .open_table(SNAPSHOT)
-        .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-    let Some(raw) = table
-        .get(KEY_SNAPSHOT)
-        .map_err(|e| StorageIOError::read_snapshot(None, &e))?
-    else {
+    fn err<E: std::error::Error + 'static>(e: &E) -> StorageIOError<ServerId> {
+        StorageIOError::read_snapshot(None, e)
+    }
+    let txn = db.begin_read().map_err(|e| err(&e))?;
+    let table = txn.open_table(SNAPSHOT).map_err(|e| err(&e))?;
+    let Some(raw) = table.get(KEY_SNAPSHOT).map_err(|e| err(&e))? else {
         return Ok(None);
     };
-    let stored =
-        serde_json::from_slice(raw.value()).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-    Ok(Some(stored))
+    let header = decode_snapshot_header(raw.value()).map_err(|e| err(&e))?;
+    let data = match header.inline_data {
+        // Format 0: the data is inline.
+        Some(data) => data,
+        None => match table.get(KEY_SNAPSHOT_DATA).map_err(|e| err(&e))? {
+            Some(raw) => raw.value().to_vec(),
+            None => {
+                let missing = std::io::Error::other(format!(
+                    "the stored snapshot (format {}) has no `{KEY_SNAPSHOT_DATA}`",
+                    header.version
+                ));
+                return Err(err(&missing).into());
+            }
+        },
+    };
+    Ok(Some(StoredSnapshot {
+        meta: header.meta,
+        data,
+    }))
 }
 
-fn write_snapshot(db: &Database, stored: &StoredSnapshot) -> Result<(), StorageError> {
-    let sig = Some(stored.meta.signature());
-    let bytes =
-        serde_json::to_vec(stored).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-    let txn = db
-        .begin_write()
-        .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-    {
-        let mut table = txn
-            .open_table(SNAPSHOT)
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        table
-            .insert(KEY_SNAPSHOT, bytes.as_slice())
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+/// Stores `meta` and `data` (format [`super::format::SNAPSHOT_FORMAT_VERSION`]) in one transaction,
+/// replacing the snapshot of any format stored before.
+fn write_snapshot(
+    db: &Database,
+    meta: &SnapshotMeta<ServerId, BasicNode>,
+    data: &[u8],
+) -> Result<(), StorageError> {
+    fn err<E: std::error::Error + 'static>(
+        meta: &SnapshotMeta<ServerId, BasicNode>,
+        e: &E,
+    ) -> StorageIOError<ServerId> {
+        StorageIOError::write_snapshot(Some(meta.signature()), e)
     }
-    txn.commit()
-        .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+    let header = encode_snapshot_header(meta).map_err(|e| err(meta, &e))?;
+    let txn = db.begin_write().map_err(|e| err(meta, &e))?;
+    {
+        let mut table = txn.open_table(SNAPSHOT).map_err(|e| err(meta, &e))?;
+        table
+            .insert(KEY_SNAPSHOT, header.as_slice())
+            .map_err(|e| err(meta, &e))?;
+        table
+            .insert(KEY_SNAPSHOT_DATA, data)
+            .map_err(|e| err(meta, &e))?;
+    }
+    txn.commit().map_err(|e| err(meta, &e))?;
     Ok(())
 }
 
@@ -117,7 +149,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let (data, last_applied, last_membership) = {
             let guard = self.applied.read().unwrap_or_else(|e| e.into_inner());
             let data =
-                serde_json::to_vec(&*guard).map_err(|e| StorageIOError::read_state_machine(&e))?;
+                encode_snapshot_data(&guard).map_err(|e| StorageIOError::read_state_machine(&e))?;
             (data, guard.last_applied, guard.last_membership.clone())
         };
         let snapshot_id = match last_applied {
@@ -129,18 +161,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             last_membership,
             snapshot_id,
         };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
         let db = self.db.clone();
+        let stored = StoredSnapshot { meta, data };
         let stored = blocking(move || {
-            write_snapshot(&db, &stored)?;
+            write_snapshot(&db, &stored.meta, &stored.data)?;
             Ok(stored)
         })
         .await?;
         Ok(Snapshot {
-            meta,
+            meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         })
     }
@@ -202,14 +231,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let applied: Applied = serde_json::from_slice(&data)
+        let applied = decode_snapshot_data(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
+        // Stored as received (its format is in it), so the data is never held in a second encoding.
         let db = self.db.clone();
-        blocking(move || write_snapshot(&db, &stored)).await?;
+        let meta = meta.clone();
+        blocking(move || write_snapshot(&db, &meta, &data)).await?;
         *self.applied.write().unwrap_or_else(|e| e.into_inner()) = applied;
         self.changes.send_modify(|n| *n += 1);
         Ok(())
