@@ -731,6 +731,15 @@ async fn rest_errors_are_4xx_with_a_json_error_that_says_what_was_wrong() {
             &[422],
             "name",
         ),
+        (
+            // Validated here, before the write: the state machine's apply does not validate.
+            Method::POST,
+            "/v1/jobs".into(),
+            json_ct,
+            spec("no-ranks", 1, 0, 0).to_string().into_bytes(),
+            &[422],
+            "procs_per_node",
+        ),
     ];
     for (method, path, ct, body, statuses, words) in cases {
         let (status, reply) = c.call(method.clone(), &path, ct, body).await;
