@@ -95,21 +95,51 @@ impl Client {
         Ok(body)
     }
 
-    /// Submits a job spec; returns its id. With `resume_from`, the job starts from that job's
-    /// newest committed checkpoint.
+    /// Submits a job spec with the idempotency key `key`; returns its id. With `resume_from`, the
+    /// job starts from that job's newest committed checkpoint.
+    ///
+    /// A connection error, a timeout, or a 502/503/504 (no leader yet, a leader change) is retried
+    /// with the same key, with backoff, for up to [`SUBMIT_RETRY_WINDOW`]: the coordinator makes
+    /// one job however many of the attempts reached it. `on_retry` hears why each retry happens.
     pub async fn submit(
         &self,
         spec: &JobSpec,
         resume_from: Option<&str>,
+        key: &str,
+        mut on_retry: impl FnMut(&str, Duration),
     ) -> anyhow::Result<String> {
         let mut url = format!("{}/v1/jobs", self.base);
         if let Some(other) = resume_from {
             url.push_str(&format!("?resume_from={}", enc(other)));
         }
-        let r: SubmitResponse = self
-            .check(self.http.post(url).json(spec).send().await)
-            .await?;
-        Ok(r.id)
+        let deadline = tokio::time::Instant::now() + SUBMIT_RETRY_WINDOW;
+        let mut delay = SUBMIT_RETRY_FIRST_DELAY;
+        loop {
+            let response = self
+                .http
+                .post(&url)
+                .header("Idempotency-Key", key)
+                .timeout(SUBMIT_ATTEMPT_TIMEOUT)
+                .json(spec)
+                .send()
+                .await;
+            let transient = match &response {
+                Err(e) => retryable(e).then(|| error_chain(e)),
+                Ok(r) => matches!(r.status().as_u16(), 502..=504).then(|| r.status().to_string()),
+            };
+            let now = tokio::time::Instant::now();
+            match transient {
+                Some(why) if now + delay < deadline => {
+                    on_retry(&why, delay);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(SUBMIT_RETRY_MAX_DELAY);
+                }
+                _ => {
+                    let r: SubmitResponse = self.check(response).await?;
+                    return Ok(r.id);
+                }
+            }
+        }
     }
 
     /// Lists jobs.
@@ -227,6 +257,30 @@ impl Client {
         .await?;
         Ok(())
     }
+}
+
+/// How long `submit` keeps retrying a submission that did not get an answer.
+pub const SUBMIT_RETRY_WINDOW: Duration = Duration::from_secs(30);
+/// How long one attempt of a submission may take.
+const SUBMIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+const SUBMIT_RETRY_FIRST_DELAY: Duration = Duration::from_millis(250);
+const SUBMIT_RETRY_MAX_DELAY: Duration = Duration::from_secs(4);
+
+/// Whether a request that failed without an answer may be sent again: the coordinator was
+/// unreachable, the request timed out, or the connection broke. Not a TLS trust or protocol
+/// mismatch, which a retry cannot fix.
+fn retryable(e: &reqwest::Error) -> bool {
+    let chain = error_chain(e);
+    let tls_problem = [
+        "certificate",
+        "InvalidCertificate",
+        "wrong version number",
+        "InvalidContentType",
+        "corrupt message",
+    ]
+    .iter()
+    .any(|w| chain.contains(w));
+    !tls_problem && (e.is_connect() || e.is_timeout() || e.is_request())
 }
 
 /// An error with its causes, one line.

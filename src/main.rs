@@ -185,6 +185,11 @@ enum Cmd {
         /// Start from the newest committed checkpoint of this job (its TRAINCTL_RESUME_FROM).
         #[arg(long, value_name = "JOB")]
         resume_from: Option<String>,
+        /// The submission's Idempotency-Key (default: a random one). Submitting again with the same
+        /// key and spec within a day returns the first job instead of making another; lost answers
+        /// are retried with it either way.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         target: Target,
     },
@@ -572,8 +577,19 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             wait,
             follow,
             resume_from,
+            idempotency_key,
             target,
-        } => submit(&file, wait, follow, resume_from.as_deref(), &target).await,
+        } => {
+            submit(
+                &file,
+                wait,
+                follow,
+                resume_from.as_deref(),
+                idempotency_key,
+                &target,
+            )
+            .await
+        }
         Cmd::List { target } => {
             let jobs = target.client()?.list().await?;
             match target.output {
@@ -934,11 +950,20 @@ async fn submit(
     wait: bool,
     follow: bool,
     resume_from: Option<&str>,
+    idempotency_key: Option<String>,
     target: &Target,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(problem) = idempotency_key
+        .as_deref()
+        .and_then(trainctl_coordinator::state::idempotency_key_problem)
+    {
+        bail!("--idempotency-key: {problem}");
+    }
+    let key = idempotency_key.unwrap_or_else(trainctl_coordinator::api::new_idempotency_key);
     let spec = load_spec(file)?;
     let client = target.client()?;
-    let id = client.submit(&spec, resume_from).await.with_context(|| {
+    let submitted = client.submit(&spec, resume_from, &key, say_retry).await;
+    let id = submitted.with_context(|| {
         if let Some(other) = resume_from {
             format!("submit {} to resume from job {other}", file.display())
         } else {
@@ -975,6 +1000,14 @@ async fn submit(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Says on stderr that a submission is sent again, and why.
+fn say_retry(why: &str, delay: Duration) {
+    errln!(
+        "submit: no answer yet ({why}); trying again in {:.1}s with the same idempotency key",
+        delay.as_secs_f64()
+    );
 }
 
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -1199,7 +1232,14 @@ async fn demo(agents: u32, data_dir: Option<PathBuf>, output: Output) -> anyhow:
     }
 
     let spec = demo_spec(agents)?;
-    let id = client.submit(&spec, None).await?;
+    let id = client
+        .submit(
+            &spec,
+            None,
+            &trainctl_coordinator::api::new_idempotency_key(),
+            say_retry,
+        )
+        .await?;
     say(format!(
         "[demo] submitted job {id} `{}`: {} x {}, command {:?}",
         spec.name,
@@ -1425,7 +1465,14 @@ async fn demo_chaos(
     let client = cluster.client()?;
     let checkpoint_dir = data_dir.join("checkpoints");
     let job_spec = chaos_spec(agents, &checkpoint_dir)?;
-    let id = client.submit(&job_spec, None).await?;
+    let id = client
+        .submit(
+            &job_spec,
+            None,
+            &trainctl_coordinator::api::new_idempotency_key(),
+            say_retry,
+        )
+        .await?;
     say(format!(
         "[demo] submitted job {id} `{}`: 2:{agents} hosts (elastic), max_restarts 2, a checkpoint every 10 steps into {}/{id}, command {:?}",
         job_spec.name,

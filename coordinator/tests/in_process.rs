@@ -1669,3 +1669,162 @@ async fn a_flood_of_rest_requests_does_not_starve_the_agents() {
     assert_eq!(nodes[0]["name"], "node-1");
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_retried_with_its_idempotency_key_makes_one_job() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let mut agent = FakeAgent::connect(&c, 1).await;
+    agent.register(8, 0).await;
+    let body = |name: &str| spec(name, 1, 1, 0).to_string().into_bytes();
+    let submit = |key: &'static str, name: &'static str| submit_on(&c, key, body(name));
+    let replayed = |headers: &reqwest::header::HeaderMap| {
+        headers
+            .get("idempotent-replayed")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+
+    let (status, headers, first) = submit("key-1", "train").await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(replayed(&headers), None);
+    for _ in 0..3 {
+        let (status, headers, again) = submit("key-1", "train").await;
+        assert_eq!(status, 201, "{again}");
+        assert_eq!(again, first, "a retry answers the first job");
+        assert_eq!(replayed(&headers).as_deref(), Some("true"));
+    }
+    assert_eq!(c.get("/v1/jobs").await.as_array().unwrap().len(), 1);
+
+    // Retries racing each other still make one job.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (http, url) = (c.http.clone(), c.url("/v1/jobs"));
+        tasks.spawn(async move {
+            let response = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("idempotency-key", "key-2")
+                .body(spec("eval", 1, 1, 0).to_string())
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            (status, headers, response.json::<Value>().await.unwrap())
+        });
+    }
+    let racing = tasks.join_all().await;
+    let ids: std::collections::BTreeSet<String> = racing
+        .iter()
+        .map(|(status, _, body)| {
+            assert_eq!(*status, 201, "{body}");
+            body["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "{racing:?}");
+    assert_eq!(
+        racing
+            .iter()
+            .filter(|(_, h, _)| replayed(h).is_none())
+            .count(),
+        1,
+        "one of them made the job"
+    );
+    assert_eq!(c.get("/v1/jobs").await.as_array().unwrap().len(), 2);
+
+    // The same key with another spec is refused.
+    assert_json_error(
+        "a reused key",
+        &submit("key-1", "other").await,
+        409,
+        &[
+            "Idempotency-Key",
+            "key-1",
+            "different request",
+            &format!("job {}", first["id"].as_str().unwrap()),
+        ],
+    );
+    // Malformed keys.
+    let long = "k".repeat(129);
+    for bad in ["", " ", "a\tb", long.as_str()] {
+        assert_json_error(
+            &format!("key {bad:?}"),
+            &call_with_headers(
+                &c,
+                Method::POST,
+                "/v1/jobs",
+                &[
+                    ("content-type", "application/json"),
+                    ("idempotency-key", bad),
+                ],
+                body("train"),
+            )
+            .await,
+            400,
+            &["Idempotency-Key", "printable ASCII"],
+        );
+    }
+    assert_json_error(
+        "two keys",
+        &call_with_headers(
+            &c,
+            Method::POST,
+            "/v1/jobs",
+            &[
+                ("content-type", "application/json"),
+                ("idempotency-key", "key-3"),
+                ("idempotency-key", "key-4"),
+            ],
+            body("train"),
+        )
+        .await,
+        400,
+        &["one Idempotency-Key"],
+    );
+    // Without a key every submission is a new job.
+    c.submit(spec("train", 1, 1, 0)).await;
+    c.submit(spec("train", 1, 1, 0)).await;
+    assert_eq!(c.get("/v1/jobs").await.as_array().unwrap().len(), 4);
+    // The OpenAPI document describes the header.
+    let openapi = c.get("/openapi.json").await;
+    let post = &openapi["paths"]["/v1/jobs"]["post"];
+    assert!(
+        post["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "Idempotency-Key" && p["in"] == "header"),
+        "{post}"
+    );
+    assert!(post["responses"]["201"]["headers"]["Idempotent-Replayed"].is_object());
+    drop(agent);
+    c.stop().await;
+
+    // The keys are in the replicated state: a retry after a restart still answers the first job.
+    let c = start(dir.path(), None).await;
+    let (status, headers, again) = submit_on(&c, "key-1", body("train")).await;
+    assert_eq!(status, 201, "{again}");
+    assert_eq!(again, first);
+    assert_eq!(replayed(&headers).as_deref(), Some("true"));
+    assert_eq!(c.get("/v1/jobs").await.as_array().unwrap().len(), 4);
+    c.stop().await;
+}
+
+async fn submit_on(
+    c: &Running,
+    key: &str,
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    call_with_headers(
+        c,
+        reqwest::Method::POST,
+        "/v1/jobs",
+        &[
+            ("content-type", "application/json"),
+            ("idempotency-key", key),
+        ],
+        body,
+    )
+    .await
+}

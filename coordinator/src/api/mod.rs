@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -938,16 +938,30 @@ pub fn spec_from_body(headers: &HeaderMap, body: &[u8]) -> Result<JobSpec, ApiEr
 }
 
 /// Submit a job (TOML or JSON job spec).
-#[utoipa::path(post, path = "/v1/jobs", params(SubmitQuery),
+///
+/// With an `Idempotency-Key` header the submission is made once: a retry with the same key (after a
+/// timeout, a 503, a leader change) returns the first job's id, with the same 201 and body plus
+/// `Idempotent-Replayed: true`, and creates nothing. Keys are the submitter's own (scoped by token),
+/// remembered for 24 hours (at most 100 000, the oldest forgotten first). The same key with another
+/// spec or `resume_from` is refused with 409.
+#[utoipa::path(post, path = "/v1/jobs",
+    params(SubmitQuery,
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the submission idempotent: \
+            1 to 128 printable ASCII characters, unique per submission (a random UUID). A retry with the \
+            same key and request returns the first job; see the description.")),
     request_body(description = "A job spec: JSON (application/json) with the schema below, or the same \
         document as TOML (application/toml, the `job.toml` a user writes). Without a Content-Type, a body \
         starting with `{` is read as JSON, anything else as TOML. Unknown keys and repeated keys are errors.",
         content((JobSpecBody = "application/json"), (String = "application/toml"))),
     responses(
-        (status = 201, body = SubmitResponse, description = "Queued"),
-        (status = 400, body = ErrorBody, description = "Not a job spec (empty, not UTF-8), or a bad query string or `resume_from` id"),
+        (status = 201, body = SubmitResponse, description = "Queued; or, for a retry with the same \
+            `Idempotency-Key`, the job the first request queued (then with `Idempotent-Replayed: true`)",
+            headers(("Idempotent-Replayed" = String, description = "`true` when this answers a retry: \
+                the job was made by an earlier request with the same `Idempotency-Key`"))),
+        (status = 400, body = ErrorBody, description = "Not a job spec (empty, not UTF-8), a bad query string or `resume_from` id, or a malformed `Idempotency-Key`"),
         (status = 404, body = ErrorBody, description = "The `resume_from` job does not exist"),
-        (status = 409, body = ErrorBody, description = "The `resume_from` job has committed no checkpoint"),
+        (status = 409, body = ErrorBody, description = "The `resume_from` job has committed no checkpoint, or the \
+            `Idempotency-Key` was already used for a different request"),
         (status = 413, body = ErrorBody, description = "The body is over the size limit"),
         (status = 415, body = ErrorBody, description = "Neither TOML nor JSON"),
         (status = 422, body = ErrorBody, description = "Invalid spec, or a job that can never fit the cluster"),
@@ -959,11 +973,18 @@ async fn submit_job(
     ApiQuery(q): ApiQuery<SubmitQuery>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
     let body = body_or_error(body)?;
     let spec = spec_from_body(&headers, &body)?;
     let resume_from_job = q.resume_from.as_deref().map(parse_job_id).transpose()?;
-    if let Some(other) = resume_from_job {
+    // A key already recorded: the write answers (a replay or a conflict), whatever the checks
+    // below would say now (the cluster may have shrunk since the first request).
+    let known = key.as_deref().is_some_and(|key| {
+        c.state
+            .read(|s| s.idempotency.get(&who.actor(), key, now_ms()).is_some())
+    });
+    if let Some(other) = resume_from_job.filter(|_| !known) {
         let newest = c.state.read(|s| {
             s.jobs
                 .get(&other)
@@ -983,36 +1004,89 @@ async fn submit_job(
     let fit = c
         .state
         .read(|s| scheduler::check_ever_fits(s.nodes.values().map(Node::size), &spec.resources));
-    if let Err(Unschedulable::NeverFits(why)) | Err(Unschedulable::NoRoomNow(why)) = fit {
+    if let (false, Err(Unschedulable::NeverFits(why)) | Err(Unschedulable::NoRoomNow(why))) =
+        (known, fit)
+    {
         return Err(ApiError::Infeasible(format!(
             "job `{}` can never run here: {why}",
             spec.name
         )));
     }
-    match c
-        .write_as(
-            &who,
-            Command::SubmitJob {
-                spec,
-                at_ms: now_ms(),
-                secret: format!("{:032x}", rand::random::<u128>()),
-                resume_from_job,
-            },
+    let digest = key
+        .as_ref()
+        .map(|_| crate::state::request_digest(&spec, resume_from_job));
+    let submit = Command::SubmitJob {
+        spec,
+        at_ms: now_ms(),
+        secret: format!("{:032x}", rand::random::<u128>()),
+        resume_from_job,
+    };
+    let command = match (key.clone(), digest) {
+        (Some(key), Some(digest)) => Command::Idempotent {
+            key,
+            digest,
+            submit: Box::new(submit),
+        },
+        _ => submit,
+    };
+    let created = |job: JobId| {
+        (
+            StatusCode::CREATED,
+            Json(SubmitResponse {
+                id: job.to_string(),
+            }),
         )
-        .await?
-    {
+            .into_response()
+    };
+    match c.write_as(&who, command).await? {
         CommandOutcome::JobSubmitted { job } => {
             c.metrics.submissions.inc();
-            Ok((
-                StatusCode::CREATED,
-                Json(SubmitResponse {
-                    id: job.to_string(),
-                }),
-            ))
+            Ok(created(job))
         }
+        CommandOutcome::JobReplayed { job } => {
+            let mut response = created(job);
+            response.headers_mut().insert(
+                HeaderName::from_static(IDEMPOTENT_REPLAYED),
+                HeaderValue::from_static("true"),
+            );
+            Ok(response)
+        }
+        CommandOutcome::IdempotencyKeyReused { job } => Err(ApiError::Conflict(format!(
+            "the Idempotency-Key `{}` was already used for a different request (job {job}); \
+             send a new key with a different job spec or resume_from",
+            key.as_deref().unwrap_or_default().escape_debug()
+        ))),
         CommandOutcome::Rejected { reason } => Err(ApiError::InvalidSpec(reason)),
         _ => Err(ApiError::Internal("submission produced no job id".into())),
     }
+}
+
+/// The request header that makes a submission idempotent.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The response header of a submission answered from an earlier one with the same key.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// The request's `Idempotency-Key`, if it has one; 400 for a malformed one or several.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest(
+            "send one Idempotency-Key header, not several".into(),
+        ));
+    }
+    let key = String::from_utf8_lossy(value.as_bytes()).into_owned();
+    match crate::state::idempotency_key_problem(&key) {
+        Some(problem) => Err(ApiError::BadRequest(problem)),
+        None => Ok(Some(key)),
+    }
+}
+
+/// A fresh idempotency key for one submission: 32 random hex digits (what the CLI sends).
+pub fn new_idempotency_key() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// List jobs, oldest first.

@@ -195,6 +195,7 @@ pub fn access_name_problem(what: &str, name: &str) -> Option<String> {
 fn describe(command: &Command) -> String {
     match command {
         Command::SubmitJob { spec, .. } => format!("submit job `{}`", spec.name),
+        Command::Idempotent { submit, .. } => describe(submit),
         Command::CancelJob { job, .. } => format!("cancel job {job}"),
         Command::RequestCheckpoint { job } => format!("checkpoint job {job} now"),
         Command::RestartJob { job, reason, .. } => format!("restart job {job} ({reason})"),
@@ -230,7 +231,15 @@ impl State {
         command: Command,
     ) -> CommandOutcome {
         let action = describe(&command);
-        let outcome = self.apply(command);
+        let outcome = match command {
+            // Idempotency keys are the submitter's own: scoped by the actor.
+            Command::Idempotent {
+                key,
+                digest,
+                submit,
+            } => self.apply_idempotent(&actor, key, digest, *submit),
+            command => self.apply(command),
+        };
         let (action, result) = match &outcome {
             CommandOutcome::JobSubmitted { job } => {
                 if let Some(j) = self.jobs.get_mut(job) {
@@ -238,6 +247,14 @@ impl State {
                 }
                 (format!("{action} as job {job}"), "done".to_string())
             }
+            CommandOutcome::JobReplayed { job } => (
+                format!("{action}, a retry (same idempotency key) of job {job}"),
+                "nothing new".to_string(),
+            ),
+            CommandOutcome::IdempotencyKeyReused { job } => (
+                action,
+                format!("refused: its idempotency key was used for job {job}, another request"),
+            ),
             CommandOutcome::Rejected { reason } => (action, format!("refused: {reason}")),
             _ => (action, "done".to_string()),
         };

@@ -15,6 +15,7 @@ use crate::scheduler::{ClusterSnapshot, NodeCapacity, NodeSize, Placement};
 
 mod access;
 mod attempts;
+mod idempotency;
 
 pub use access::{
     access_name_problem, secret_digest, split_token, Actor, AgentIdentity, AuditEntry, Role,
@@ -25,6 +26,11 @@ pub use access::{
 pub use attempts::{
     attempt_token, checkpoint_path_problem, AttemptEnd, AttemptRecord, CheckpointRecord,
     RetiredShare, ATTEMPT_HISTORY_MAX, CHECKPOINT_METRICS_BYTES_MAX, CHECKPOINT_RECORDS_MAX,
+};
+
+pub use idempotency::{
+    idempotency_key_problem, request_digest, IdempotencyKeys, KeyRecord, KeyUse,
+    IDEMPOTENCY_KEYS_MAX, IDEMPOTENCY_KEY_CHARS_MAX, IDEMPOTENCY_KEY_TTL_MS,
 };
 
 /// A job's id: a number the state machine hands out in submission order.
@@ -460,6 +466,15 @@ pub enum Command {
         token_id: String,
         at_ms: u64,
     },
+    /// A submission with an `Idempotency-Key` (`submit` is a `SubmitJob`): applied once per key and
+    /// submitter (the actor of the `Audited` around it); a repeat returns the first job. See
+    /// `state/idempotency.rs`.
+    Idempotent {
+        key: String,
+        /// `request_digest` of the submission, computed by the leader.
+        digest: String,
+        submit: Box<Command>,
+    },
 }
 
 /// What applying a command produced.
@@ -479,6 +494,14 @@ pub enum CommandOutcome {
     /// A checkpoint was recorded; these older ones fell out of `keep` and should be deleted.
     CheckpointCommitted {
         pruned: Vec<String>,
+    },
+    /// A submission repeated with its idempotency key: nothing changed; `job` is the first one's.
+    JobReplayed {
+        job: JobId,
+    },
+    /// The idempotency key was recorded for a different request (`job`): nothing changed.
+    IdempotencyKeyReused {
+        job: JobId,
     },
 }
 
@@ -502,6 +525,9 @@ pub struct State {
     /// The newest changes people made, oldest first (at most [`AUDIT_ENTRIES_MAX`]).
     #[serde(default)]
     pub audit: VecDeque<AuditEntry>,
+    /// Idempotency keys of recent submissions (at most [`IDEMPOTENCY_KEYS_MAX`], for a day each).
+    #[serde(default)]
+    pub idempotency: IdempotencyKeys,
 }
 
 pub(crate) fn rejected(reason: impl Into<String>) -> CommandOutcome {
@@ -598,6 +624,11 @@ impl State {
                 token_id,
                 at_ms,
             } => self.admit_agent(node, fingerprint, token_id, at_ms),
+            Command::Idempotent {
+                key,
+                digest,
+                submit,
+            } => self.apply_idempotent(&Actor::default(), key, digest, *submit),
         }
     }
 

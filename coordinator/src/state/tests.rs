@@ -5,6 +5,7 @@ use super::*;
 use crate::scheduler::{self, NodePlacement};
 
 mod fuzz;
+mod idempotency;
 
 /// Every node's lease range in these tests: ten ports.
 const PORTS: (u16, u16) = (29500, 29509);
