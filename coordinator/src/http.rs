@@ -57,6 +57,10 @@ pub const HTTP2_KEEPALIVE_INTERVAL_MS: u64 = 20_000;
 /// A body declared over its limit but at most this big is read and discarded after the 413, so
 /// the client (still sending) reads the answer: 32 MiB.
 pub const TOO_LARGE_DRAIN_BYTES_MAX: usize = 32 << 20;
+/// The drain after a 413 stops when the client sends nothing for this long: 1 s.
+pub const TOO_LARGE_DRAIN_IDLE_MS: u64 = 1_000;
+/// The drain after a 413 stops after this long in all: 5 s.
+pub const TOO_LARGE_DRAIN_MS: u64 = 5_000;
 /// A TLS handshake must complete within this long of the connection opening: 10 s.
 pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// After shutdown is asked, how long open connections get to finish their requests: 10 s.
@@ -314,13 +318,18 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 let body = http_body_util::Limited::new(
                     IdleTimeoutBody::new(
                         req.into_body(),
-                        Duration::from_millis(BODY_IDLE_TIMEOUT_MS),
+                        Duration::from_millis(TOO_LARGE_DRAIN_IDLE_MS),
                     ),
                     TOO_LARGE_DRAIN_BYTES_MAX,
                 );
+                // It lingers briefly, as nginx's lingering close does: it stops after
+                // TOO_LARGE_DRAIN_IDLE_MS without a byte, or TOO_LARGE_DRAIN_MS in all.
                 tokio::spawn(async move {
                     let mut body = std::pin::pin!(body);
-                    while let Some(Ok(_)) = body.frame().await {}
+                    let drained = async { while let Some(Ok(_)) = body.frame().await {} };
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(TOO_LARGE_DRAIN_MS), drained)
+                            .await;
                 });
             }
             return Box::pin(std::future::ready(Ok(too_large(
