@@ -240,6 +240,27 @@ fn assert_rejected(outcome: CommandOutcome, words: &str) {
 /// Node usage is exactly the sum of the unreleased allocations on it, no GPU or port is held by
 /// two jobs, every held GPU exists, and a node never gives more than it has.
 fn check_invariants(state: &State) {
+    // Access: each identity was admitted by a known agent token, one identity per node name, the
+    // audit trail within its bound.
+    let mut named: BTreeSet<&NodeId> = BTreeSet::new();
+    for identity in state.identities.values() {
+        let token = state
+            .tokens
+            .get(&identity.token_id)
+            .expect("identity of a known token");
+        assert_eq!(
+            token.role,
+            Role::Agent,
+            "identity admitted by a {} token",
+            token.role
+        );
+        assert!(
+            named.insert(&identity.node),
+            "two identities for {}",
+            identity.node
+        );
+    }
+    assert!(state.audit.len() <= AUDIT_ENTRIES_MAX);
     let mut expected: BTreeMap<NodeId, NodeUsage> = state
         .nodes
         .keys()

@@ -175,11 +175,51 @@ fn fuzz_command(state: &State, choice: u8, seed: u64, step: u64) -> Command {
                 at_ms,
             }
         }
-        30 => Command::FailPendingJob {
+        30 if rng.below(2) == 0 => Command::FailPendingJob {
             job: some_job(state, &mut rng),
             reason: "fuzz".into(),
             at_ms,
         },
+        30 => {
+            // Access: tokens come and go, agents are admitted under names (some taken), and
+            // people's changes are audited.
+            let token = format!("t{}", rng.below(4));
+            let node = some_node(&mut rng);
+            let command = match rng.below(4) {
+                0 => Command::CreateToken {
+                    record: TokenRecord {
+                        id: token,
+                        name: "fuzz".into(),
+                        role: [Role::Agent, Role::Read, Role::Admin][rng.below(3) as usize],
+                        namespace: None,
+                        secret_sha256: secret_digest("s"),
+                        created_at_ms: at_ms,
+                        created_by: "fuzz".into(),
+                        expires_at_ms: (rng.below(2) == 0).then_some(at_ms + 5_000),
+                        revoked_at_ms: None,
+                    },
+                },
+                1 => Command::RevokeToken { id: token, at_ms },
+                2 => Command::AdmitAgent {
+                    node,
+                    fingerprint: format!("fp{}", rng.below(6)),
+                    token_id: token,
+                    at_ms,
+                },
+                _ => Command::SetNodeDrained {
+                    node,
+                    drained: rng.below(2) == 0,
+                },
+            };
+            Command::Audited {
+                actor: Actor {
+                    name: "fuzz".into(),
+                    namespace: None,
+                },
+                at_ms,
+                command: Box::new(command),
+            }
+        }
         _ => {
             // A group commit of a few commands, each built against the state before the batch.
             let n = 1 + rng.below(3);
