@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use serde::de::DeserializeOwned;
 use trainctl_coordinator::api::access::{AuditView, CreatedToken, TokenView, WhoAmI};
+use trainctl_coordinator::api::cluster::ClusterView;
 use trainctl_coordinator::api::{
     CheckpointView, ErrorBody, JobDetail, JobSummary, LogsPage, NodeView, SubmitResponse,
 };
@@ -347,6 +348,17 @@ impl Client {
         self.check(
             self.http
                 .get(format!("{}/v1/whoami", self.base))
+                .send()
+                .await,
+        )
+        .await
+    }
+
+    /// The coordinators of the Raft group as the one asked sees them.
+    pub async fn cluster(&self) -> anyhow::Result<ClusterView> {
+        self.check(
+            self.http
+                .get(format!("{}/v1/cluster", self.base))
                 .send()
                 .await,
         )

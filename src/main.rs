@@ -166,6 +166,12 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// The coordinators of the Raft group: members, roles, the leader, the term, log indices and
+    /// each member's lag (known to the leader only).
+    Cluster {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Make a cluster CA, or a certificate signed by one (for operators bringing their own PKI
     /// layout; a coordinator makes its own CA on first start).
     Ca {
@@ -484,6 +490,7 @@ fn main() -> ExitCode {
             | Cmd::Token { .. }
             | Cmd::Audit { .. }
             | Cmd::Whoami { .. }
+            | Cmd::Cluster { .. }
     ) {
         // Like other Unix tools: `trainctl logs 3 | head` ends quietly when `head` has enough.
         // SAFETY: setting a signal disposition before any thread starts; no handler code runs.
@@ -571,6 +578,14 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Token { command } => access::token(command).await,
         Cmd::Audit { target } => access::audit(&target).await,
         Cmd::Whoami { target } => access::whoami(&target).await,
+        Cmd::Cluster { target } => {
+            let view = target.client()?.cluster().await?;
+            match target.output {
+                Output::Json => outln!("{}", serde_json::to_string_pretty(&view)?),
+                Output::Human => print!("{}", render::cluster(&view)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Ca { command } => access::ca(command),
         Cmd::Submit {
             file,

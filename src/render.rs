@@ -5,6 +5,7 @@ use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use trainctl_coordinator::api::access::{AuditView, TokenView};
+use trainctl_coordinator::api::cluster::ClusterView;
 use trainctl_coordinator::api::{AttemptView, CheckpointView, JobDetail, JobSummary, NodeView};
 
 fn now_ms() -> u64 {
@@ -435,6 +436,40 @@ fn contain_column(containment: &str) -> String {
     }
 }
 
+/// `trainctl cluster`: a line on the leader, term and cluster id, then one row per member.
+pub fn cluster(view: &ClusterView) -> String {
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+    let leader = match &view.leader {
+        Some(l) => format!("{} ({})", l.id, l.address),
+        None => "none (an election is under way)".to_string(),
+    };
+    let mut out = terminal_safe(&format!(
+        "leader {leader}, term {}, cluster {}\n",
+        view.term,
+        view.cluster_id.as_deref().unwrap_or("-")
+    ))
+    .into_owned();
+    let mut rows = vec![["ID", "ADDRESS", "ROLE", "VOTER", "LAST INDEX", "LAG"]
+        .map(String::from)
+        .to_vec()];
+    for m in &view.members {
+        rows.push(vec![
+            if m.this_server {
+                format!("{} (this)", m.id)
+            } else {
+                m.id.to_string()
+            },
+            m.address.clone(),
+            m.role.clone(),
+            m.voter.to_string(),
+            opt(m.last_log_index),
+            opt(m.lag),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
 /// A moment as "in 3h" or "5m ago".
 pub fn time_ms(at_ms: u64) -> String {
     let now = now_ms();
@@ -543,6 +578,55 @@ mod tests {
             "{text}"
         );
         assert!(widths[0] > 0);
+    }
+
+    #[test]
+    fn cluster_shows_the_leader_line_and_one_row_per_member() {
+        use trainctl_coordinator::api::cluster::{MemberView, ServerRef};
+        let member = |id: u64, role: &str, last: Option<u64>, lag: Option<u64>| MemberView {
+            id,
+            address: format!("10.0.0.{id}:7470"),
+            role: role.into(),
+            voter: role != "learner",
+            this_server: id == 1,
+            last_log_index: last,
+            matched_index: None,
+            lag,
+        };
+        let view = ClusterView {
+            cluster_id: Some("abc".into()),
+            this_server: 1,
+            leader: Some(ServerRef {
+                id: 1,
+                address: "10.0.0.1:7470".into(),
+            }),
+            term: 3,
+            last_log_index: Some(42),
+            last_applied_index: Some(42),
+            snapshot_index: None,
+            membership_index: Some(1),
+            millis_since_quorum_ack: Some(5),
+            members: vec![
+                member(1, "leader", Some(42), Some(0)),
+                member(2, "learner", None, None),
+            ],
+        };
+        let text = cluster(&view);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "leader 1 (10.0.0.1:7470), term 3, cluster abc");
+        let words = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            words(lines[1]),
+            ["ID", "ADDRESS", "ROLE", "VOTER", "LAST", "INDEX", "LAG"]
+        );
+        assert_eq!(
+            words(lines[2]),
+            ["1", "(this)", "10.0.0.1:7470", "leader", "true", "42", "0"]
+        );
+        assert_eq!(
+            words(lines[3]),
+            ["2", "10.0.0.2:7470", "learner", "false", "-", "-"]
+        );
     }
 
     #[test]

@@ -701,3 +701,59 @@ fn the_rest_api_answers_every_mistake_with_a_json_error() {
     assert_eq!(reply.0, 200, "{reply:?}");
     assert_eq!(reply.3["state"], "cancelled");
 }
+
+#[test]
+fn cluster_shows_the_single_coordinator_leading_through_the_cli_with_tls_and_a_token() {
+    let cluster = DevCluster::start(1);
+    let before = cluster.json(&["cluster"]);
+    let leader = before["leader"]["id"].as_u64().expect("a leader");
+    assert_eq!(before["this_server"], leader, "{before}");
+    assert!(before["cluster_id"].is_string(), "{before}");
+    let term = before["term"].as_u64().expect("a term");
+    assert!(term >= 1, "{before}");
+    let last = before["last_log_index"].as_u64().expect("a last log index");
+    assert!(before["last_applied_index"].as_u64().unwrap() <= last);
+    let members = before["members"].as_array().expect("members");
+    assert_eq!(members.len(), 1, "{before}");
+    assert_eq!(members[0]["id"], leader);
+    assert_eq!(members[0]["role"], "leader");
+    assert_eq!(members[0]["voter"], true);
+    assert_eq!(members[0]["lag"], 0, "{before}");
+    assert_eq!(members[0]["address"], before["leader"]["address"]);
+
+    // GET /v1/cluster answers what `trainctl cluster -o json` prints.
+    let out = cluster
+        .curl()
+        .arg(format!("{}/v1/cluster", cluster.url()))
+        .output()
+        .unwrap();
+    let api: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON from curl");
+    for field in ["cluster_id", "this_server", "leader", "term"] {
+        assert_eq!(api[field], before[field], "{field}: {api}");
+    }
+    assert_eq!(api["members"][0]["id"], before["members"][0]["id"]);
+    assert_eq!(api["members"][0]["role"], "leader");
+
+    // A write moves the log on; the term stays and the leader is still not behind itself.
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(
+        dir.path(),
+        "noop",
+        "name = \"noop\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
+    );
+    cluster.submit(&job);
+    let after = cluster.json(&["cluster"]);
+    assert_eq!(after["term"], term, "{after}");
+    assert!(after["last_log_index"].as_u64().unwrap() > last, "{after}");
+    assert_eq!(after["members"][0]["lag"], 0, "{after}");
+
+    // The table: a header line on the leader, then one row per member.
+    let out = cluster.cli(&["cluster"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with(&format!("leader {leader} (")), "{text}");
+    assert!(text.contains(&format!("term {term}")), "{text}");
+    assert!(text.contains("ID"), "{text}");
+    assert!(text.contains("LAST INDEX"), "{text}");
+    assert!(text.lines().nth(2).unwrap().contains("leader"), "{text}");
+}

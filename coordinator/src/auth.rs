@@ -123,6 +123,7 @@ pub fn required_access(method: &Method, path: &str) -> Access {
         ["v1", "nodes"] if read_method => Access::Read,
         ["metrics"] => Access::Read,
         ["v1", "whoami"] => Access::Read,
+        ["v1", "cluster"] if read_method => Access::Read,
         _ => Access::Admin,
     }
 }
@@ -301,6 +302,10 @@ mod tests {
             ("POST", "/v1/tokens", Access::Admin),
             ("GET", "/v1/audit", Access::Admin),
             ("GET", "/v1/whoami", Access::Read),
+            ("GET", "/v1/cluster", Access::Read),
+            ("HEAD", "/v1/cluster", Access::Read),
+            ("POST", "/v1/cluster", Access::Admin),
+            ("GET", "/v1/cluster/members", Access::Admin),
             ("GET", "/nope", Access::Admin),
             ("GET", "/v1/healthz", Access::Admin),
         ];

@@ -1828,3 +1828,57 @@ async fn submit_on(
     )
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_view_shows_the_single_voter_leading_with_no_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), None).await;
+    let (status, before) = c
+        .call(reqwest::Method::GET, "/v1/cluster", None, vec![])
+        .await;
+    assert_eq!(status, 200, "{before}");
+    let health = c.get("/v1/health").await;
+    let me = health["server_id"].as_u64().expect("a server id");
+    assert_eq!(before["this_server"], json!(me), "{before}");
+    assert_eq!(before["leader"]["id"], json!(me), "{before}");
+    assert!(before["leader"]["address"].is_string(), "{before}");
+    assert!(before["cluster_id"].is_string(), "{before}");
+    let term = before["term"].as_u64().expect("a term");
+    assert!(term >= 1, "{before}");
+    let last = before["last_log_index"].as_u64().expect("a last log index");
+    let applied = before["last_applied_index"]
+        .as_u64()
+        .expect("an applied index");
+    assert!(applied <= last, "{before}");
+    let members = before["members"].as_array().expect("members");
+    assert_eq!(members.len(), 1, "{before}");
+    let m = &members[0];
+    assert_eq!(m["id"], json!(me));
+    assert_eq!(m["address"], before["leader"]["address"]);
+    assert_eq!(m["role"], json!("leader"));
+    assert_eq!(m["voter"], json!(true));
+    assert_eq!(m["this_server"], json!(true));
+    assert_eq!(m["lag"], json!(0), "{before}");
+    assert_eq!(m["last_log_index"], json!(last));
+
+    // A write (a node registers) moves the indices on; the term stays.
+    FakeAgent::connect(&c, 1).await.register(4, 0).await;
+    let after = c.get("/v1/cluster").await;
+    assert_eq!(after["term"], json!(term), "{after}");
+    assert!(after["last_log_index"].as_u64().unwrap() > last, "{after}");
+    assert!(
+        after["last_applied_index"].as_u64().unwrap() > applied,
+        "{after}"
+    );
+    assert_eq!(after["members"][0]["lag"], json!(0), "{after}");
+
+    // It is in the OpenAPI document, with its schema and the token's 401/403.
+    let doc = c.get("/openapi.json").await;
+    let op = &doc["paths"]["/v1/cluster"]["get"];
+    assert!(op["responses"]["200"].is_object(), "{op}");
+    assert!(op["responses"]["401"].is_object() && op["responses"]["403"].is_object());
+    for schema in ["ClusterView", "MemberView", "ServerRef"] {
+        assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+    }
+    c.stop().await;
+}

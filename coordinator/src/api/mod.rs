@@ -27,6 +27,7 @@ use trainctl_jobs::{limits, JobSpec};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 pub mod access;
+pub mod cluster;
 
 use crate::auth::Principal;
 use crate::logs::{format_cursor, parse_cursor};
@@ -756,6 +757,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/tokens/{id}/revoke", post(access::revoke_token))
         .route("/v1/audit", get(access::audit))
         .route("/v1/whoami", get(access::whoami))
+        .route("/v1/cluster", get(cluster::cluster))
         .route("/v1/join", post(access::join))
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
@@ -794,6 +796,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         access::audit,
         access::whoami,
         access::join,
+        cluster::cluster,
         health,
         metrics
     ),
@@ -824,7 +827,10 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         access::AuditView,
         access::WhoAmI,
         access::JoinBody,
-        access::JoinResponse
+        access::JoinResponse,
+        cluster::ClusterView,
+        cluster::MemberView,
+        cluster::ServerRef
     ))
 )]
 pub struct ApiDoc;
