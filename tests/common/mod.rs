@@ -112,25 +112,24 @@ impl DevCluster {
         eventually(Duration::from_secs(60), "every agent to register", || {
             let out = cluster.cli(&["nodes", "-o", "json"]);
             let nodes: Value = serde_json::from_slice(&out.stdout).ok()?;
-            let up = nodes
-                .as_array()?
-                .iter()
-                .filter(|n| n["status"] == "up")
-                .count();
-            (up == agents as usize).then_some(())
+            (nodes_up(&nodes)? == agents as usize).then_some(())
         });
         cluster
     }
 
     /// Runs `trainctl ARGS` against this cluster (credentials from the context `dev` wrote).
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(trainctl())
-            .args(args)
+        self.command(args).output().expect("run trainctl")
+    }
+
+    /// `trainctl ARGS` aimed at this cluster, credentials from its context.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(trainctl());
+        cmd.args(args)
             .env("TRAINCTL_CONFIG", self.config_file())
             .env("TRAINCTL_ADDR", self.url())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run trainctl")
+            .stdin(Stdio::null());
+        cmd
     }
 
     /// The context file `trainctl dev` wrote.
@@ -179,12 +178,8 @@ impl DevCluster {
 
     /// A CLI run with another token (`TRAINCTL_TOKEN`), e.g. one of a lesser role.
     pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(trainctl())
-            .args(args)
-            .env("TRAINCTL_CONFIG", self.config_file())
-            .env("TRAINCTL_ADDR", self.url())
+        self.command(args)
             .env("TRAINCTL_TOKEN", token)
-            .stdin(Stdio::null())
             .output()
             .expect("run trainctl")
     }
@@ -216,15 +211,7 @@ impl DevCluster {
         eventually(
             Duration::from_secs(60),
             &format!("{count} nodes up"),
-            || {
-                let nodes = self.json(&["nodes"]);
-                let up = nodes
-                    .as_array()?
-                    .iter()
-                    .filter(|n| n["status"] == "up")
-                    .count();
-                (up == count).then_some(())
-            },
+            || (nodes_up(&self.json(&["nodes"]))? == count).then_some(()),
         );
     }
 
@@ -270,6 +257,17 @@ impl Drop for DevCluster {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// How many nodes of a `trainctl nodes -o json` listing are up (`None` if it is not a list).
+pub fn nodes_up(nodes: &Value) -> Option<usize> {
+    Some(
+        nodes
+            .as_array()?
+            .iter()
+            .filter(|n| n["status"] == "up")
+            .count(),
+    )
 }
 
 /// Runs `trainctl ARGS` against `addr` with no credentials (no context file either).
@@ -584,15 +582,7 @@ impl HandCluster {
         eventually(
             Duration::from_secs(30),
             &format!("{count} agents up"),
-            || {
-                let nodes = self.json(&["nodes"]);
-                let up = nodes
-                    .as_array()?
-                    .iter()
-                    .filter(|n| n["status"] == "up")
-                    .count();
-                (up == count).then_some(())
-            },
+            || (nodes_up(&self.json(&["nodes"]))? == count).then_some(()),
         );
     }
 
