@@ -15,7 +15,11 @@ pub async fn token(command: TokenCmd) -> anyhow::Result<ExitCode> {
             ttl,
             target,
         } => {
-            let name = name.unwrap_or_else(|| format!("{role}-{:04x}", rand_suffix()));
+            let name = name.unwrap_or_else(|| {
+                // A short random suffix, from the same generator as submission keys.
+                let random = trainctl_coordinator::api::new_idempotency_key();
+                format!("{role}-{}", &random[..4])
+            });
             let created = target
                 .client()?
                 .create_token(&serde_json::json!({
@@ -79,12 +83,6 @@ pub async fn token(command: TokenCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn rand_suffix() -> u16 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as u16)
 }
 
 pub async fn audit(target: &Target) -> anyhow::Result<ExitCode> {
