@@ -13,16 +13,28 @@ use trainctl_jobs::JobSpec;
 
 use crate::context::Connection;
 
-/// A REST client of one coordinator.
+/// A REST client of a cluster's coordinators: any of them answers (a follower forwards to the
+/// leader), so a request goes to the one that answered last, and to the next when it can not
+/// be reached.
 pub struct Client {
-    base: String,
+    bases: Vec<String>,
+    /// Index into `bases` of the coordinator to ask first.
+    current: std::sync::atomic::AtomicUsize,
     http: reqwest::Client,
 }
 
 impl Client {
     /// A client of the coordinator `connection` names, with its token and CA.
     pub fn new(connection: &Connection) -> anyhow::Result<Self> {
-        let base = connection.server.trim_end_matches('/').to_string();
+        let bases: Vec<String> = connection
+            .server
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if bases.is_empty() {
+            bail!("no coordinator address given (--addr, TRAINCTL_ADDR or a context)");
+        }
         let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(5));
@@ -42,7 +54,38 @@ impl Client {
             builder = builder.tls_backend_preconfigured(tls);
         }
         let http = builder.build().context("build HTTP client")?;
-        Ok(Client { base, http })
+        Ok(Client {
+            bases,
+            current: Default::default(),
+            http,
+        })
+    }
+
+    /// The coordinator asked first now.
+    fn base(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.bases[i % self.bases.len()]
+    }
+
+    /// Sends the request `build` makes for a coordinator's base URL: to the current coordinator,
+    /// then, while a coordinator can not be reached, to the next ones (each once).
+    async fn send(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let first = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let mut last = None;
+        for step in 0..self.bases.len() {
+            let i = (first + step) % self.bases.len();
+            match build(&self.bases[i]).send().await {
+                Err(e) if e.is_connect() && step + 1 < self.bases.len() => last = Some(e),
+                result => {
+                    self.current.store(i, std::sync::atomic::Ordering::Relaxed);
+                    return result;
+                }
+            }
+        }
+        Err(last.expect("at least one coordinator was tried"))
     }
 
     async fn check<T: DeserializeOwned>(
@@ -64,21 +107,21 @@ impl Client {
                 anyhow!(
                     "the TLS certificate of {} is not trusted ({chain}): give the cluster's CA with \
                      --ca-cert or TRAINCTL_CA_CERT (the coordinator's <data-dir>/tls/ca.pem)",
-                    self.base
+                    self.base()
                 )
             } else if chain.contains("wrong version number") || chain.contains("InvalidContentType") || chain.contains("corrupt message") {
                 anyhow!(
                     "{} does not speak TLS (a coordinator started with --insecure?): use an http:// address",
-                    self.base
+                    self.base()
                 )
             } else if e.is_connect() || e.is_timeout() {
                 anyhow!(
                     "cannot reach the coordinator at {} ({chain}): is it running? Start a local one with `trainctl dev`, \
                      or point the CLI at yours with --addr or TRAINCTL_ADDR",
-                    self.base
+                    self.base()
                 )
             } else {
-                anyhow!("request to {} failed: {e}", self.base)
+                anyhow!("request to {} failed: {e}", self.base())
             }
         })?;
         let status = response.status();
@@ -109,20 +152,21 @@ impl Client {
         key: &str,
         mut on_retry: impl FnMut(&str, Duration),
     ) -> anyhow::Result<String> {
-        let mut url = format!("{}/v1/jobs", self.base);
+        let mut path = "/v1/jobs".to_string();
         if let Some(other) = resume_from {
-            url.push_str(&format!("?resume_from={}", enc(other)));
+            path.push_str(&format!("?resume_from={}", enc(other)));
         }
         let deadline = tokio::time::Instant::now() + SUBMIT_RETRY_WINDOW;
         let mut delay = SUBMIT_RETRY_FIRST_DELAY;
         loop {
             let response = self
-                .http
-                .post(&url)
-                .header("Idempotency-Key", key)
-                .timeout(SUBMIT_ATTEMPT_TIMEOUT)
-                .json(spec)
-                .send()
+                .send(|base| {
+                    self.http
+                        .post(format!("{base}{path}"))
+                        .header("Idempotency-Key", key)
+                        .timeout(SUBMIT_ATTEMPT_TIMEOUT)
+                        .json(spec)
+                })
                 .await;
             let transient = match &response {
                 Err(e) => retryable(e).then(|| error_chain(e)),
@@ -145,16 +189,17 @@ impl Client {
 
     /// Lists jobs.
     pub async fn list(&self) -> anyhow::Result<Vec<JobSummary>> {
-        self.check(self.http.get(format!("{}/v1/jobs", self.base)).send().await)
-            .await
+        self.check(
+            self.send(|base| self.http.get(format!("{}/v1/jobs", base)))
+                .await,
+        )
+        .await
     }
 
     /// One job in full.
     pub async fn job(&self, id: &str) -> anyhow::Result<JobDetail> {
         self.check(
-            self.http
-                .get(format!("{}/v1/jobs/{}", self.base, enc(id)))
-                .send()
+            self.send(|base| self.http.get(format!("{}/v1/jobs/{}", base, enc(id))))
                 .await,
         )
         .await
@@ -163,9 +208,7 @@ impl Client {
     /// One job in full, as the coordinator sent it (for `-o json`: nothing is dropped).
     pub async fn job_json(&self, id: &str) -> anyhow::Result<serde_json::Value> {
         self.check(
-            self.http
-                .get(format!("{}/v1/jobs/{}", self.base, enc(id)))
-                .send()
+            self.send(|base| self.http.get(format!("{}/v1/jobs/{}", base, enc(id))))
                 .await,
         )
         .await
@@ -174,10 +217,11 @@ impl Client {
     /// A job's committed checkpoints, oldest first.
     pub async fn checkpoints(&self, id: &str) -> anyhow::Result<Vec<CheckpointView>> {
         self.check(
-            self.http
-                .get(format!("{}/v1/jobs/{}/checkpoints", self.base, enc(id)))
-                .send()
-                .await,
+            self.send(|base| {
+                self.http
+                    .get(format!("{}/v1/jobs/{}/checkpoints", base, enc(id)))
+            })
+            .await,
         )
         .await
     }
@@ -185,9 +229,9 @@ impl Client {
     /// Cancels a job; with `checkpoint`, its ranks first get the checkpoint signal and the
     /// coordinator waits up to the job's grace for a new commit.
     pub async fn cancel(&self, id: &str, checkpoint: bool) -> anyhow::Result<JobDetail> {
-        let mut url = format!("{}/v1/jobs/{}/cancel", self.base, enc(id));
+        let mut path = format!("/v1/jobs/{}/cancel", enc(id));
         if checkpoint {
-            url.push_str("?checkpoint=true");
+            path.push_str("?checkpoint=true");
         }
         // Waiting for the checkpoint may take up to the job's grace (at most an hour).
         let timeout = if checkpoint {
@@ -195,8 +239,11 @@ impl Client {
         } else {
             Duration::from_secs(30)
         };
-        self.check(self.http.post(url).timeout(timeout).send().await)
-            .await
+        self.check(
+            self.send(|base| self.http.post(format!("{base}{path}")).timeout(timeout))
+                .await,
+        )
+        .await
     }
 
     /// A page of a job's output after `cursor`.
@@ -207,27 +254,24 @@ impl Client {
         attempt: Option<u32>,
         cursor: &str,
     ) -> anyhow::Result<LogsPage> {
-        let mut url = format!(
-            "{}/v1/jobs/{}/logs?cursor={}",
-            self.base,
-            enc(id),
-            enc(cursor)
-        );
+        let mut path = format!("/v1/jobs/{}/logs?cursor={}", enc(id), enc(cursor));
         if let Some(r) = rank {
-            url.push_str(&format!("&rank={r}"));
+            path.push_str(&format!("&rank={r}"));
         }
         if let Some(a) = attempt {
-            url.push_str(&format!("&attempt={a}"));
+            path.push_str(&format!("&attempt={a}"));
         }
-        self.check(self.http.get(url).send().await).await
+        self.check(
+            self.send(|base| self.http.get(format!("{base}{path}")))
+                .await,
+        )
+        .await
     }
 
     /// The cluster's nodes.
     pub async fn nodes(&self) -> anyhow::Result<Vec<NodeView>> {
         self.check(
-            self.http
-                .get(format!("{}/v1/nodes", self.base))
-                .send()
+            self.send(|base| self.http.get(format!("{}/v1/nodes", base)))
                 .await,
         )
         .await
@@ -238,11 +282,12 @@ impl Client {
         let action = if drained { "drain" } else { "undrain" };
         // Draining waits for each job there to checkpoint, up to its grace.
         self.check(
-            self.http
-                .post(format!("{}/v1/nodes/{}/{action}", self.base, enc(name)))
-                .timeout(Duration::from_secs(3700))
-                .send()
-                .await,
+            self.send(|base| {
+                self.http
+                    .post(format!("{}/v1/nodes/{}/{action}", base, enc(name)))
+                    .timeout(Duration::from_secs(3700))
+            })
+            .await,
         )
         .await
     }
@@ -250,9 +295,7 @@ impl Client {
     /// Removes a node for good.
     pub async fn remove_node(&self, name: &str) -> anyhow::Result<()> {
         self.check_bytes(
-            self.http
-                .delete(format!("{}/v1/nodes/{}", self.base, enc(name)))
-                .send()
+            self.send(|base| self.http.delete(format!("{}/v1/nodes/{}", base, enc(name))))
                 .await,
         )
         .await?;
@@ -300,10 +343,7 @@ impl Client {
     /// Creates a token; its secret is in the answer, once.
     pub async fn create_token(&self, body: &serde_json::Value) -> anyhow::Result<CreatedToken> {
         self.check(
-            self.http
-                .post(format!("{}/v1/tokens", self.base))
-                .json(body)
-                .send()
+            self.send(|base| self.http.post(format!("{}/v1/tokens", base)).json(body))
                 .await,
         )
         .await
@@ -312,9 +352,7 @@ impl Client {
     /// Every token this caller may see (no secrets).
     pub async fn tokens(&self) -> anyhow::Result<Vec<TokenView>> {
         self.check(
-            self.http
-                .get(format!("{}/v1/tokens", self.base))
-                .send()
+            self.send(|base| self.http.get(format!("{}/v1/tokens", base)))
                 .await,
         )
         .await
@@ -323,11 +361,12 @@ impl Client {
     /// Revokes a token.
     pub async fn revoke_token(&self, id: &str) -> anyhow::Result<TokenView> {
         self.check(
-            self.http
-                .post(format!("{}/v1/tokens/{}/revoke", self.base, enc(id)))
-                .timeout(Duration::from_secs(3700))
-                .send()
-                .await,
+            self.send(|base| {
+                self.http
+                    .post(format!("{}/v1/tokens/{}/revoke", base, enc(id)))
+                    .timeout(Duration::from_secs(3700))
+            })
+            .await,
         )
         .await
     }
@@ -335,9 +374,7 @@ impl Client {
     /// The audit trail, oldest first.
     pub async fn audit(&self) -> anyhow::Result<Vec<AuditView>> {
         self.check(
-            self.http
-                .get(format!("{}/v1/audit", self.base))
-                .send()
+            self.send(|base| self.http.get(format!("{}/v1/audit", base)))
                 .await,
         )
         .await
@@ -346,9 +383,7 @@ impl Client {
     /// Who this client's token is.
     pub async fn whoami(&self) -> anyhow::Result<WhoAmI> {
         self.check(
-            self.http
-                .get(format!("{}/v1/whoami", self.base))
-                .send()
+            self.send(|base| self.http.get(format!("{}/v1/whoami", base)))
                 .await,
         )
         .await
@@ -357,19 +392,53 @@ impl Client {
     /// The coordinators of the Raft group as the one asked sees them.
     pub async fn cluster(&self) -> anyhow::Result<ClusterView> {
         self.check(
-            self.http
-                .get(format!("{}/v1/cluster", self.base))
-                .send()
+            self.send(|base| self.http.get(format!("{}/v1/cluster", base)))
                 .await,
+        )
+        .await
+    }
+
+    /// Adds the coordinator at `address` as a voter; answers the new membership.
+    pub async fn add_member(&self, address: &str) -> anyhow::Result<ClusterView> {
+        let body = serde_json::json!({ "address": address });
+        self.check(
+            self.send(|base| {
+                self.http
+                    .post(format!("{base}/v1/cluster/members"))
+                    .json(&body)
+                    .timeout(Duration::from_secs(660))
+            })
+            .await,
+        )
+        .await
+    }
+
+    /// Removes member `id`; answers the new membership.
+    pub async fn remove_member(&self, id: u64) -> anyhow::Result<ClusterView> {
+        self.check(
+            self.send(|base| self.http.delete(format!("{base}/v1/cluster/members/{id}")))
+                .await,
+        )
+        .await
+    }
+
+    /// Hands leadership to member `id`; answers the membership after.
+    pub async fn transfer_leader(&self, id: u64) -> anyhow::Result<ClusterView> {
+        let body = serde_json::json!({ "id": id });
+        self.check(
+            self.send(|base| {
+                self.http
+                    .post(format!("{base}/v1/cluster/leader"))
+                    .json(&body)
+            })
+            .await,
         )
         .await
     }
 
     /// Whether the coordinator answers its health check (no token needed).
     pub async fn healthy(&self) -> bool {
-        self.http
-            .get(format!("{}/v1/health", self.base))
-            .send()
+        self.send(|base| self.http.get(format!("{}/v1/health", base)))
             .await
             .is_ok_and(|r| r.status().is_success())
     }

@@ -97,20 +97,31 @@ pub fn save(path: &Path, name: &str, context: ClusterContext) -> anyhow::Result<
         .with_context(|| format!("write {}", path.display()))
 }
 
-/// `host:port` → a URL: HTTPS unless it names `http://`.
+/// `host:port` → a URL: HTTPS unless it names `http://`. A comma-separated list (the
+/// coordinators of one cluster) becomes a list of URLs.
 pub fn server_url(addr: &str) -> String {
-    let addr = addr.trim().trim_end_matches('/');
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("https://{addr}")
-    }
+    addr.split(',')
+        .map(|a| a.trim().trim_end_matches('/'))
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            if a.contains("://") {
+                a.to_string()
+            } else {
+                format!("https://{a}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-/// The host and port of a server URL, for comparing addresses written different ways.
-fn authority(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    rest.split('/').next().unwrap_or(rest)
+/// The hosts and ports of a server URL list, for comparing addresses written different ways.
+fn authorities(urls: &str) -> std::collections::BTreeSet<&str> {
+    urls.split(',')
+        .map(|url| {
+            let rest = url.split_once("://").map_or(url, |(_, r)| r);
+            rest.split('/').next().unwrap_or(rest)
+        })
+        .collect()
 }
 
 /// What flags and environment said (each `None` when not given).
@@ -147,7 +158,9 @@ pub fn resolve(
     };
     // The context's credentials, if they belong to this server (or the context was named).
     let context = context.filter(|c| {
-        overrides.context.is_some() || authority(&server_url(&c.server)) == authority(&server)
+        // Any of the context's coordinators (a cluster's members share its credentials).
+        overrides.context.is_some()
+            || authorities(&server).is_subset(&authorities(&server_url(&c.server)))
     });
     let token = match (&overrides.token, context) {
         (Some(t), _) => Some(t.trim().to_string()),
@@ -180,7 +193,10 @@ pub fn resolve(
         ),
         None => None,
     };
-    if server.starts_with("http://") && token.is_some() && overrides.token.is_none() {
+    if server.split(',').any(|s| s.starts_with("http://"))
+        && token.is_some()
+        && overrides.token.is_none()
+    {
         bail!("refusing to send the token of context to {server} over plain HTTP; use https://");
     }
     Ok(Connection {

@@ -1,4 +1,5 @@
-//! `trainctl dev` and `trainctl demo`: a coordinator and N agents started on this machine as separate
+//! `trainctl dev` and `trainctl demo`: one coordinator (or a Raft group of 3 or 5, `dev
+//! --coordinators N`, on consecutive ports) and N agents started on this machine as separate
 //! processes of this same binary, each agent on its own loopback address (127.0.0.2, 127.0.0.3, ...) so
 //! every "host" has its own IP. They talk over the same gRPC and REST paths as a real cluster.
 
@@ -26,8 +27,11 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct LocalClusterSpec {
     pub agents: u32,
+    /// Coordinators: the first on `listen` starts the cluster, the others join it, on the next
+    /// ports.
+    pub coordinators: u32,
     pub data_dir: PathBuf,
-    /// host:port of the coordinator.
+    /// host:port of the first coordinator.
     pub listen: String,
     pub gpus_per_agent: Option<u32>,
     /// Extra environment for every process (e.g. PATH with a Python virtual environment first).
@@ -48,9 +52,13 @@ pub struct Credentials {
 
 /// A running local cluster; dropping it stops every process (agents first, so they stop their ranks).
 pub struct LocalCluster {
+    /// Every coordinator's URL, comma-separated (what the CLI and agents take).
     pub coordinator_url: String,
+    /// Each coordinator's URL.
+    pub coordinator_urls: Vec<String>,
     pub agents: Vec<(String, Ipv4Addr)>,
-    coordinator: Option<Child>,
+    /// The coordinators' processes, in the order of `coordinator_urls`.
+    coordinators: Vec<Child>,
     /// Each running agent's process, by node name.
     agent_children: Vec<(String, Child)>,
     pub data_dir: PathBuf,
@@ -60,6 +68,23 @@ pub struct LocalCluster {
 
 /// A file that marks a directory as a local cluster's, so `dev` only ever clears its own.
 pub const DATA_DIR_MARKER: &str = ".trainctl-dev";
+
+/// Most coordinators of a local cluster.
+pub const MAX_LOCAL_COORDINATORS: u32 = 7;
+
+/// `n` addresses on consecutive ports from `listen`.
+pub fn coordinator_addresses(listen: &str, n: u32) -> anyhow::Result<Vec<String>> {
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("`{listen}` is not host:port"))?;
+    (0..n)
+        .map(|i| {
+            let port = addr.port().checked_add(i as u16).filter(|p| *p > 0);
+            port.map(|p| std::net::SocketAddr::new(addr.ip(), p).to_string())
+                .with_context(|| format!("no {n} consecutive ports from {listen}"))
+        })
+        .collect()
+}
 
 /// Fails if something already listens on `listen` (another `trainctl dev`?).
 pub fn ensure_address_free(listen: &str) -> anyhow::Result<()> {
@@ -141,8 +166,19 @@ impl LocalCluster {
         std::fs::create_dir_all(&spec.data_dir)
             .with_context(|| format!("create {}", spec.data_dir.display()))?;
         let scheme = if spec.insecure { "http" } else { "https" };
-        let coordinator_url = format!("{scheme}://{}", spec.listen);
-        ensure_address_free(&spec.listen)?;
+        if !(1..=MAX_LOCAL_COORDINATORS).contains(&spec.coordinators) {
+            bail!(
+                "--coordinators must be between 1 and {MAX_LOCAL_COORDINATORS} (3 or 5 survive the loss of 1 or 2), got {}",
+                spec.coordinators
+            );
+        }
+        let listens = coordinator_addresses(&spec.listen, spec.coordinators)?;
+        for listen in &listens {
+            ensure_address_free(listen)?;
+        }
+        let coordinator_urls: Vec<String> =
+            listens.iter().map(|l| format!("{scheme}://{l}")).collect();
+        let coordinator_url = coordinator_urls.join(",");
         std::fs::write(
             spec.data_dir.join(DATA_DIR_MARKER),
             "made by trainctl dev\n",
@@ -164,6 +200,7 @@ impl LocalCluster {
             args.push("--insecure".into());
         }
         let coordinator = spawn_child(&exe, &args, &spec.data_dir.join("coordinator.log"))?;
+        let first_args = args;
         let credentials = (!spec.insecure).then(|| Credentials {
             ca_cert: coordinator_dir
                 .join(trainctl_coordinator::server::TLS_DIR)
@@ -172,8 +209,9 @@ impl LocalCluster {
         });
         let mut cluster = LocalCluster {
             coordinator_url: coordinator_url.clone(),
+            coordinator_urls: coordinator_urls.clone(),
             agents: Vec::new(),
-            coordinator: Some(coordinator),
+            coordinators: vec![coordinator],
             agent_children: Vec::new(),
             data_dir: spec.data_dir.clone(),
             credentials,
@@ -183,6 +221,47 @@ impl LocalCluster {
             Some(creds) => Some(cluster.make_join_token(creds.clone()).await?),
             None => None,
         };
+        // The other coordinators join the first (with its admin token and CA).
+        for (i, listen) in listens.iter().enumerate().skip(1) {
+            let n = i + 1;
+            let mut args = first_args.clone();
+            args[2] = spec
+                .data_dir
+                .join(format!("coordinator-{n}"))
+                .display()
+                .to_string();
+            args[4] = listen.clone();
+            args.push("--join".into());
+            args.push(coordinator_urls[0].clone());
+            let token = match &cluster.credentials {
+                Some(creds) => {
+                    args.push("--ca-cert".into());
+                    args.push(creds.ca_cert.display().to_string());
+                    Some(
+                        std::fs::read_to_string(&creds.token_file)
+                            .with_context(|| format!("read {}", creds.token_file.display()))?
+                            .trim()
+                            .to_string(),
+                    )
+                }
+                None => None,
+            };
+            let env: Vec<(&str, &str)> = token
+                .as_deref()
+                .map(|t| ("TRAINCTL_TOKEN", t))
+                .into_iter()
+                .collect();
+            let child = spawn_child_with(
+                &exe,
+                &args,
+                &env,
+                &spec.data_dir.join(format!("coordinator-{n}.log")),
+            )?;
+            cluster.coordinators.push(child);
+        }
+        if spec.coordinators > 1 {
+            cluster.wait_members(spec.coordinators as usize).await?;
+        }
         for i in 1..=spec.agents {
             let name = format!("node-{i}");
             let ip = Ipv4Addr::new(127, 0, 0, (i + 1) as u8);
@@ -284,15 +363,42 @@ impl LocalCluster {
     }
 
     fn check_coordinator_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(c) = self.coordinator.as_mut() {
+        for (i, c) in self.coordinators.iter_mut().enumerate() {
             if let Some(status) = c.try_wait()? {
+                let log = if i == 0 {
+                    "coordinator.log".to_string()
+                } else {
+                    format!("coordinator-{}.log", i + 1)
+                };
                 bail!(
-                    "the coordinator exited ({status}) while starting; see {}",
-                    self.data_dir.join("coordinator.log").display()
+                    "a coordinator exited ({status}) while starting; see {}",
+                    self.data_dir.join(log).display()
                 );
             }
         }
         Ok(())
+    }
+
+    /// Waits until the Raft group has `n` voters.
+    async fn wait_members(&mut self, n: usize) -> anyhow::Result<()> {
+        let client = self.client()?;
+        let started = Instant::now();
+        loop {
+            self.check_coordinator_alive()?;
+            if let Ok(view) = client.cluster().await {
+                if view.members.iter().filter(|m| m.voter).count() >= n {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > STARTUP_TIMEOUT {
+                bail!(
+                    "the coordinators did not form a group of {n} within {}s; see the coordinator logs in {}",
+                    STARTUP_TIMEOUT.as_secs(),
+                    self.data_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn wait_ready(&mut self, agents: u32) -> anyhow::Result<()> {
@@ -358,7 +464,7 @@ impl LocalCluster {
             let _ = child.wait();
         }
         self.agent_children.clear();
-        if let Some(mut c) = self.coordinator.take() {
+        for mut c in self.coordinators.drain(..).rev() {
             // SAFETY: as above.
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGTERM);

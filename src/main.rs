@@ -123,6 +123,10 @@ enum Cmd {
         /// Hosts (agents) to start: node-1 on 127.0.0.2, node-2 on 127.0.0.3, ...
         #[arg(long, default_value_t = 4)]
         agents: u32,
+        /// Coordinators in the Raft group, on consecutive ports from --listen (3 or 5 survive
+        /// the loss of 1 or 2).
+        #[arg(long, default_value_t = 1)]
+        coordinators: u32,
         /// Where the coordinator listens (REST, gRPC and Raft on one port).
         #[arg(long, default_value = "127.0.0.1:7470")]
         listen: String,
@@ -167,8 +171,10 @@ enum Cmd {
         target: Target,
     },
     /// The coordinators of the Raft group: members, roles, the leader, the term, log indices and
-    /// each member's lag (known to the leader only).
+    /// each member's lag (`cluster add | remove | transfer-leader` change it; admin).
     Cluster {
+        #[command(subcommand)]
+        command: Option<ClusterCmd>,
         #[command(flatten)]
         target: Target,
     },
@@ -265,8 +271,25 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
-    /// Run a coordinator (one per cluster today; Raft replication to several comes later).
+    /// Run a coordinator. The first of a cluster starts it (`--bootstrap`, the default for a new
+    /// data dir); the others `--join` it. 3 or 5 coordinators survive the loss of 1 or 2.
     Coordinator {
+        /// Start a new cluster with this coordinator as its only voter (the default when the
+        /// data dir is new and --join is not given).
+        #[arg(long, conflicts_with = "join")]
+        bootstrap: bool,
+        /// Join the cluster of these coordinators (host:port, comma-separated; any one will do).
+        /// Needs an admin token of that cluster (--token) and its CA (--ca-cert) on the first
+        /// start; later starts find the cluster in --data-dir.
+        #[arg(long, value_delimiter = ',', value_name = "ADDR,...")]
+        join: Vec<String>,
+        /// An admin token of the cluster to join (`<data-dir>/admin.token` of its first
+        /// coordinator).
+        #[arg(long, env = "TRAINCTL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The CA certificate (PEM) of the cluster to join (its coordinators' <data-dir>/tls/ca.pem).
+        #[arg(long, env = "TRAINCTL_CA_CERT")]
+        ca_cert: Option<PathBuf>,
         /// Where the Raft log, snapshots and job logs are stored.
         #[arg(long, env = "TRAINCTL_DATA_DIR")]
         data_dir: PathBuf,
@@ -315,10 +338,18 @@ enum Cmd {
     },
     /// Run an agent on this host.
     Agent {
-        /// The coordinator's address: https://host:port (host:port means https), or
-        /// http://host:port for an --insecure coordinator.
-        #[arg(long, env = "TRAINCTL_COORDINATOR")]
-        coordinator: String,
+        /// The coordinators' addresses, comma-separated: https://host:port (host:port means
+        /// https), or http://host:port for --insecure coordinators. Any members of the cluster
+        /// will do: the agent finds the leader, learns every member from it (kept in
+        /// --data-dir), follows leader changes, and still tries these when none of those answers.
+        #[arg(
+            long,
+            env = "TRAINCTL_COORDINATOR",
+            value_delimiter = ',',
+            required = true,
+            value_name = "ADDR,..."
+        )]
+        coordinator: Vec<String>,
         /// The cluster CA certificate (PEM): a copy of the coordinator's <data-dir>/tls/ca.pem.
         /// Needed for an https:// coordinator.
         #[arg(long, env = "TRAINCTL_CA_CERT")]
@@ -433,6 +464,79 @@ enum NodesCmd {
     /// Remove a host for good (refused while its agent is up and it is not drained).
     Rm {
         node: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// `--join`'s addresses and credentials: host:port is https (http with --insecure).
+fn join_target(
+    addresses: &[String],
+    token: Option<String>,
+    ca_cert: Option<&std::path::Path>,
+    insecure: bool,
+    joined: bool,
+) -> anyhow::Result<trainctl_coordinator::membership::ClusterStart> {
+    let addresses: Vec<String> = addresses
+        .iter()
+        .map(|a| a.trim())
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            if a.contains("://") {
+                a.trim_end_matches('/').to_string()
+            } else if insecure {
+                format!("http://{a}")
+            } else {
+                format!("https://{a}")
+            }
+        })
+        .collect();
+    if addresses.is_empty() {
+        anyhow::bail!(
+            "--join needs the address of at least one coordinator of the cluster (host:port)"
+        );
+    }
+    let ca_pem = match ca_cert {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("read the cluster CA certificate {}", path.display()))?,
+        ),
+        None => None,
+    };
+    if !insecure && !joined && (ca_pem.is_none() || token.is_none()) {
+        anyhow::bail!(
+            "--join needs the cluster's CA certificate (--ca-cert: a copy of <data-dir>/tls/ca.pem of a \
+             coordinator there) and an admin token (--token or TRAINCTL_TOKEN: its <data-dir>/admin.token)"
+        );
+    }
+    Ok(trainctl_coordinator::membership::ClusterStart::Join(
+        trainctl_coordinator::membership::JoinTarget {
+            addresses,
+            token,
+            ca_pem,
+        },
+    ))
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Add the coordinator serving at ADDR (started with `coordinator --join`, which adds itself;
+    /// this re-adds one that was removed) as a learner, then as a voter once it caught up.
+    Add {
+        /// Its address, host:port.
+        address: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove member ID (a dead server, or one leaving); see `trainctl cluster` for ids.
+    Remove {
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Hand leadership to voter ID (before maintenance of the leader's host).
+    TransferLeader {
+        id: u64,
         #[command(flatten)]
         target: Target,
     },
@@ -555,6 +659,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Dev {
             agents,
+            coordinators,
             listen,
             data_dir,
             keep_state,
@@ -566,6 +671,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         } => {
             let spec = LocalClusterSpec {
                 agents,
+                coordinators,
                 data_dir,
                 listen,
                 gpus_per_agent,
@@ -578,7 +684,34 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Token { command } => access::token(command).await,
         Cmd::Audit { target } => access::audit(&target).await,
         Cmd::Whoami { target } => access::whoami(&target).await,
-        Cmd::Cluster { target } => {
+        Cmd::Cluster {
+            command: Some(command),
+            ..
+        } => {
+            let (target, view) = match command {
+                ClusterCmd::Add { address, target } => {
+                    let view = target.client()?.add_member(&address).await?;
+                    (target, view)
+                }
+                ClusterCmd::Remove { id, target } => {
+                    let view = target.client()?.remove_member(id).await?;
+                    (target, view)
+                }
+                ClusterCmd::TransferLeader { id, target } => {
+                    let view = target.client()?.transfer_leader(id).await?;
+                    (target, view)
+                }
+            };
+            match target.output {
+                Output::Json => outln!("{}", serde_json::to_string_pretty(&view)?),
+                Output::Human => print!("{}", render::cluster(&view)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cluster {
+            command: None,
+            target,
+        } => {
             let view = target.client()?.cluster().await?;
             match target.output {
                 Output::Json => outln!("{}", serde_json::to_string_pretty(&view)?),
@@ -754,6 +887,10 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Drain { node, target } => set_drained(&node, true, &target).await,
         Cmd::Undrain { node, target } => set_drained(&node, false, &target).await,
         Cmd::Coordinator {
+            bootstrap: _,
+            join,
+            token,
+            ca_cert,
             data_dir,
             listen,
             advertise,
@@ -790,6 +927,14 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 server: tls_cert.zip(tls_key),
                 names: tls_sans,
             };
+            // Once the data dir holds a cluster, --join is only a check of the cluster's id.
+            let joined = config
+                .data_dir
+                .join(trainctl_coordinator::membership::SERVER_FILE)
+                .exists();
+            if !join.is_empty() {
+                config.start = join_target(&join, token, ca_cert.as_deref(), insecure, joined)?;
+            }
             if insecure {
                 errln!(
                     "WARNING: --insecure: plain HTTP and no authentication. Anyone who can reach {listen} \
@@ -816,7 +961,13 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
         } => {
             init_logging("info");
             let port_range = parse_port_range(&port_range)?;
-            let coordinator_url = context::server_url(&coordinator);
+            let coordinator_urls: Vec<String> = coordinator
+                .iter()
+                .map(|c| c.trim())
+                .filter(|c| !c.is_empty())
+                .map(context::server_url)
+                .collect();
+            let coordinator_url = coordinator_urls.join(",");
             let tls = match (coordinator_url.starts_with("https://"), ca_cert) {
                 (true, Some(ca_cert)) => Some(trainctl_agent::identity::AgentTlsConfig {
                     ca_cert,
@@ -833,7 +984,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 }
             };
             let config = trainctl_agent::AgentConfig {
-                coordinator_url,
+                coordinator_urls,
                 tls,
                 node_name: name,
                 advertise_addr,
@@ -1137,7 +1288,8 @@ async fn dev(
         outln!(
             "{}",
             serde_json::json!({
-                "coordinator": cluster.coordinator_url,
+                "coordinator": cluster.coordinator_urls[0],
+                "coordinators": cluster.coordinator_urls,
                 "data_dir": data_dir,
                 "agents": agents,
                 "context": (!spec.insecure).then_some(context_name),
@@ -1166,9 +1318,12 @@ async fn dev(
 fn print_dev_banner(cluster: &LocalCluster, data_dir: &Path, context: Option<(&str, &Path)>) {
     outln!(
         "trainctl dev: coordinator at {} (REST API, docs at {}/docs)",
-        cluster.coordinator_url,
-        cluster.coordinator_url
+        cluster.coordinator_urls[0],
+        cluster.coordinator_urls[0]
     );
+    for (i, url) in cluster.coordinator_urls.iter().enumerate().skip(1) {
+        outln!("  coordinator {} at {url}", i + 1);
+    }
     for (name, ip) in &cluster.agents {
         outln!("  agent {name} on {ip}");
     }
@@ -1227,6 +1382,7 @@ async fn demo(agents: u32, data_dir: Option<PathBuf>, output: Output) -> anyhow:
     ));
     let spec = LocalClusterSpec {
         agents,
+        coordinators: 1,
         data_dir: data_dir.clone(),
         listen,
         gpus_per_agent: None,
@@ -1463,6 +1619,7 @@ async fn demo_chaos(
     let listen = format!("127.0.0.1:{}", local::free_local_port()?);
     let spec = LocalClusterSpec {
         agents,
+        coordinators: 1,
         data_dir: data_dir.clone(),
         listen: listen.clone(),
         gpus_per_agent: None,

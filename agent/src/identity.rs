@@ -307,7 +307,28 @@ pub async fn ensure(
     coordinator_url: &str,
     tls: &AgentTlsConfig,
 ) -> Result<AgentIdentity, IdentityError> {
-    check_url_scheme(coordinator_url, true)?;
+    ensure_any(data_dir, node_name, &[coordinator_url.to_string()], tls).await
+}
+
+/// [`ensure`] for a cluster of several coordinators: the stored identity when usable, otherwise a
+/// join sent to each of `coordinator_urls` in turn until one answers it (any coordinator passes a
+/// join on to the leader). One that cannot be reached, fails internally or fails the TLS handshake
+/// gives way to the next; a refusal (a bad token, a bad name) ends the join. When every one failed,
+/// the error is retryable if any failure was.
+pub async fn ensure_any(
+    data_dir: &Path,
+    node_name: &str,
+    coordinator_urls: &[String],
+    tls: &AgentTlsConfig,
+) -> Result<AgentIdentity, IdentityError> {
+    if coordinator_urls.is_empty() {
+        return Err(IdentityError::Config(
+            "no coordinator to join: give at least one with --coordinator".into(),
+        ));
+    }
+    for url in coordinator_urls {
+        check_url_scheme(url, true)?;
+    }
     let ca_pem = read_ca(tls)?;
     let dir = data_dir.join(IDENTITY_DIR);
     let reason = match load_stored(&dir, node_name, &ca_pem) {
@@ -321,10 +342,30 @@ pub async fn ensure(
         return Err(IdentityError::NeedsJoinToken { reason });
     };
     tracing::info!(node = node_name, %reason, "joining the cluster");
-    let identity = join(coordinator_url, node_name, token.trim(), &ca_pem).await?;
-    store(&dir, &identity)?;
-    tracing::info!(node = node_name, fingerprint = %identity.fingerprint, "joined the cluster; identity stored");
-    Ok(identity)
+    let mut retryable: Option<IdentityError> = None;
+    let mut last: Option<IdentityError> = None;
+    for url in coordinator_urls {
+        match join(url, node_name, token.trim(), &ca_pem).await {
+            Ok(identity) => {
+                store(&dir, &identity)?;
+                tracing::info!(node = node_name, coordinator = %url, fingerprint = %identity.fingerprint, "joined the cluster; identity stored");
+                return Ok(identity);
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(coordinator = %url, error = %e, "could not join through this coordinator; trying the next");
+                retryable = Some(e);
+            }
+            // One member's certificate may be at fault; the others may still answer.
+            Err(e @ IdentityError::Handshake { .. }) if coordinator_urls.len() > 1 => {
+                tracing::warn!(coordinator = %url, error = %e, "could not join through this coordinator; trying the next");
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(retryable
+        .or(last)
+        .expect("at least one coordinator was tried"))
 }
 
 /// `POST {coordinator_url}/v1/join` with a fresh key's CSR; checks and returns the identity.

@@ -10,6 +10,8 @@
 //! - [`cgroup`]: each rank in its own cgroup v2 leaf (job limits, `cgroup.kill`) where the host
 //!   delegates one; otherwise process groups, and `trainctl nodes` says which.
 //! - [`discovery`]: CPUs, memory, GPUs (CUDA driver, loaded at run time), RDMA devices (sysfs).
+//! - [`members`]: the coordinators the agent knows, and the pure choice of the next one to talk to
+//!   when the current one does not lead or does not answer.
 //! - [`process`]: a rank in its own process group with a parent-death signal; logs; group kill; the
 //!   journal that lets a restarted agent kill what a crashed one left.
 //! - [`reconcile`]: desired ranks + tracked ranks -> actions.
@@ -19,6 +21,7 @@
 pub mod cgroup;
 pub mod discovery;
 pub mod identity;
+pub mod members;
 pub mod process;
 pub mod rank_api;
 pub mod reconcile;
@@ -84,9 +87,10 @@ pub const FAILURE_NOTE_BYTES_MAX: usize = 8 << 10;
 /// How an agent runs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The coordinator's URL, e.g. `http://10.0.0.1:7470`; `https://` when [`tls`](Self::tls)
-    /// is set.
-    pub coordinator_url: String,
+    /// The coordinators' URLs, e.g. `http://10.0.0.1:7470`; `https://` when [`tls`](Self::tls)
+    /// is set. At least one; the agent also learns the cluster's members from the leader (see
+    /// [`members`]), and tries these again when none of those answers.
+    pub coordinator_urls: Vec<String>,
     /// TLS to the coordinator: the cluster CA to trust and the join token for a first start.
     /// `None`: plain HTTP (the URL must be `http://`).
     pub tls: Option<identity::AgentTlsConfig>,
@@ -149,7 +153,18 @@ struct Agent {
     address: IpAddr,
     instance_id: String,
     facts: discovery::HostFacts,
+    /// The client of the coordinator talked to now ([`target`](Self::target)).
     client: AgentServiceClient<Channel>,
+    /// The same client, for the rank endpoint, which forwards checkpoint commits.
+    client_for_ranks: watch::Sender<AgentServiceClient<Channel>>,
+    /// The URL of the coordinator talked to now.
+    target: String,
+    /// The cluster's coordinators (host:port) as the last heartbeat reply listed them.
+    members: Vec<String>,
+    /// Requests failed in a row for want of a leader or an answer (0 after a success).
+    coordinator_failures: u32,
+    /// The agent's TLS identity, for the channel to each coordinator (`None`: plain HTTP).
+    identity: Option<identity::AgentIdentity>,
     ranks: Ranks,
     journal: Arc<PgidJournal>,
     /// How ranks are contained on this host.
@@ -219,7 +234,14 @@ pub fn route_address_to(url: &str) -> anyhow::Result<IpAddr> {
 /// Runs the agent until `shutdown` turns true, then stops every rank it runs and reports their end.
 pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     trainctl_tls::install_crypto_provider();
-    identity::check_url_scheme(&config.coordinator_url, config.tls.is_some())?;
+    if config.coordinator_urls.is_empty() {
+        return Err(anyhow!(
+            "no coordinator: give at least one with --coordinator"
+        ));
+    }
+    for url in &config.coordinator_urls {
+        identity::check_url_scheme(url, config.tls.is_some())?;
+    }
     let run_as = match &config.run_as {
         Some(name) => {
             let user = process::RunAs::for_agent(name, process::effective_uid())?;
@@ -270,14 +292,27 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         .unwrap_or_else(|| facts.hostname.to_ascii_lowercase());
     let address = match config.advertise_addr {
         Some(a) => a,
-        None => route_address_to(&config.coordinator_url)?,
+        // The first coordinator with a route decides (all are on the control network).
+        None => {
+            let mut routes = config.coordinator_urls.iter().map(|u| route_address_to(u));
+            let first = routes.next().expect("at least one coordinator");
+            match first {
+                Ok(a) => a,
+                Err(e) => routes.find_map(Result::ok).ok_or(e)?,
+            }
+        }
     };
     let identity = match &config.tls {
         Some(tls) => {
             let mut backoff = Duration::from_millis(500);
             loop {
-                match identity::ensure(&config.data_dir, &node_name, &config.coordinator_url, tls)
-                    .await
+                match identity::ensure_any(
+                    &config.data_dir,
+                    &node_name,
+                    &config.coordinator_urls,
+                    tls,
+                )
+                .await
                 {
                     Ok(identity) => break Some(identity),
                     Err(e) if e.is_retryable() => {
@@ -294,9 +329,20 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         }
         None => None,
     };
-    let channel = identity::coordinator_channel(&config.coordinator_url, identity.as_ref())?;
-    let client =
-        AgentServiceClient::new(channel).max_decoding_message_size(MAX_HEARTBEAT_REPLY_BYTES);
+    // The members learnt before (this agent's last run) first, then the operator's list.
+    let members = {
+        let data_dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || members::load(&data_dir)).await?
+    };
+    let target = members::candidates(
+        &member_urls(&members, config.tls.is_some()),
+        &config.coordinator_urls,
+    )
+    .into_iter()
+    .next()
+    .expect("at least one coordinator");
+    let client = coordinator_client(&target, identity.as_ref())?;
+    let (client_for_ranks, rank_client) = watch::channel(client.clone());
     let rank_api_state = Arc::new(Mutex::new(rank_api::RankApiState::default()));
     // Loopback only: ranks run on this host, and their job tokens never cross the network.
     let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, config.api_port))
@@ -310,7 +356,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     let agent_url = format!("http://{}", listener.local_addr()?);
     let rank_router = rank_api::router(rank_api::RankApi {
         state: rank_api_state.clone(),
-        client: client.clone(),
+        client: rank_client,
         node_name: node_name.clone(),
         instance_id: instance_id.clone(),
     });
@@ -338,6 +384,11 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         instance_id,
         facts,
         client,
+        client_for_ranks,
+        target,
+        members,
+        coordinator_failures: 0,
+        identity,
         ranks: Arc::new(Mutex::new(BTreeMap::new())),
         journal,
         containment: Arc::new(containment),
@@ -360,11 +411,17 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             match agent.register().await {
                 Ok(()) => {
                     registered = true;
+                    agent.coordinator_failures = 0;
                     backoff = Duration::from_millis(100);
                 }
                 Err(e) if e.is::<IdentityRefused>() => {
                     let refused = e.downcast::<IdentityRefused>().expect("checked");
                     return Err(agent.give_up_identity(&refused).await);
+                }
+                Err(e) if e.is::<CoordinatorUnavailable>() => {
+                    let wait = agent.fail_over(&e);
+                    sleep_or_shutdown(wait, &mut shutdown).await;
+                    continue;
                 }
                 Err(e) => {
                     warn!(error = %e, "could not register with the coordinator; retrying");
@@ -401,6 +458,9 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         };
         let started = tokio::time::Instant::now();
         let beat = agent.heartbeat(wait_ms).await;
+        if beat.is_ok() {
+            agent.coordinator_failures = 0;
+        }
         let pause = match beat {
             Ok(Beat::RegisterAgain) => {
                 registered = false;
@@ -417,6 +477,8 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                 let refused = e.downcast::<IdentityRefused>().expect("checked");
                 return Err(agent.give_up_identity(&refused).await);
             }
+            // Not the leader, or no answer: another coordinator, at once or after a short backoff.
+            Err(e) if e.is::<CoordinatorUnavailable>() => agent.fail_over(&e),
             Err(e) => {
                 warn!(error = %e, "heartbeat failed; ranks keep running, retrying");
                 agent.heartbeat_interval
@@ -439,10 +501,13 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(FINAL_REPORT_DEADLINE_MS);
         while tokio::time::Instant::now() < deadline {
-            if agent.heartbeat(0).await.is_ok() && agent.all_reported() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let pause = match agent.heartbeat(0).await {
+                Ok(_) if agent.all_reported() => break,
+                Ok(_) => Duration::from_millis(50),
+                Err(e) if e.is::<CoordinatorUnavailable>() => agent.fail_over(&e),
+                Err(_) => Duration::from_millis(50),
+            };
+            tokio::time::sleep(pause).await;
         }
     }
     if let Some(tree) = agent.containment.tree() {
@@ -539,8 +604,56 @@ async fn sleep_or_shutdown(period: Duration, shutdown: &mut watch::Receiver<bool
 #[error("the coordinator refuses this agent's identity: {0}")]
 pub struct IdentityRefused(pub String);
 
-/// A gRPC status as an error; a refused identity becomes [`IdentityRefused`].
+/// The coordinator talked to cannot serve the agent now: it does not lead, or did not answer.
+/// Another coordinator may ([`members::next_target`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CoordinatorUnavailable {
+    /// How it failed, for the choice of the next coordinator.
+    pub failure: members::Failure,
+    /// The coordinator's or the transport's words.
+    pub message: String,
+}
+
+/// How a gRPC status bears on the choice of coordinator: `None` when the coordinator answered
+/// (the request itself failed); otherwise it does not lead (naming the leader in
+/// [`trainctl_proto::LEADER_METADATA_KEY`] when it knows it) or could not be reached (a refused or
+/// reset connection, a timeout, a TLS or HTTP/2 failure).
+pub fn coordinator_failure(status: &tonic::Status) -> Option<members::Failure> {
+    match status.code() {
+        tonic::Code::Unavailable => {
+            let leader = status
+                .metadata()
+                .get(trainctl_proto::LEADER_METADATA_KEY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            if leader.is_some()
+                || status
+                    .message()
+                    .starts_with("this coordinator is not the leader")
+            {
+                Some(members::Failure::NotLeader { leader })
+            } else {
+                Some(members::Failure::Unreachable)
+            }
+        }
+        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+            Some(members::Failure::Unreachable)
+        }
+        _ => None,
+    }
+}
+
+/// A gRPC status as an error; a refused identity becomes [`IdentityRefused`], a coordinator that
+/// cannot serve [`CoordinatorUnavailable`].
 fn status_error(status: tonic::Status) -> anyhow::Error {
+    if let Some(failure) = coordinator_failure(&status) {
+        return CoordinatorUnavailable {
+            failure,
+            message: status.message().to_string(),
+        }
+        .into();
+    }
     match status.code() {
         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
             IdentityRefused(status.message().to_string()).into()
@@ -549,7 +662,80 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
     }
 }
 
+/// The URLs of member addresses (host:port) under the agent's TLS setting.
+fn member_urls(members: &[String], tls: bool) -> Vec<String> {
+    members
+        .iter()
+        .map(|m| members::member_url(m, tls))
+        .collect()
+}
+
+/// A client of the coordinator at `url` (the channel connects lazily).
+fn coordinator_client(
+    url: &str,
+    identity: Option<&identity::AgentIdentity>,
+) -> anyhow::Result<AgentServiceClient<Channel>> {
+    let channel = identity::coordinator_channel(url, identity)?;
+    Ok(AgentServiceClient::new(channel).max_decoding_message_size(MAX_HEARTBEAT_REPLY_BYTES))
+}
+
 impl Agent {
+    /// The candidates for the next coordinator: the members learnt, then the operator's list.
+    fn candidates(&self) -> Vec<String> {
+        members::candidates(
+            &member_urls(&self.members, self.config.tls.is_some()),
+            &self.config.coordinator_urls,
+        )
+    }
+
+    /// Moves to another coordinator after `error` (a [`CoordinatorUnavailable`]) from the current
+    /// one; returns how long to wait before the next request. Ranks are not touched.
+    fn fail_over(&mut self, error: &anyhow::Error) -> Duration {
+        let Some(unavailable) = error.downcast_ref::<CoordinatorUnavailable>() else {
+            return Duration::from_millis(members::RETRY_BACKOFF_MAX_MS);
+        };
+        self.coordinator_failures = self.coordinator_failures.saturating_add(1);
+        let retry = members::next_target(
+            &self.candidates(),
+            &self.target,
+            &unavailable.failure,
+            self.coordinator_failures,
+            self.config.tls.is_some(),
+        );
+        if retry.target != self.target {
+            match coordinator_client(&retry.target, self.identity.as_ref()) {
+                Ok(client) => {
+                    warn!(from = %self.target, to = %retry.target, reason = %unavailable.message,
+                        "switching coordinators; ranks keep running");
+                    self.client = client.clone();
+                    self.client_for_ranks.send_replace(client);
+                    self.target = retry.target;
+                }
+                Err(e) => {
+                    warn!(coordinator = %retry.target, error = %e, "cannot talk to this coordinator; staying");
+                }
+            }
+        } else {
+            warn!(coordinator = %self.target, reason = %unavailable.message,
+                "the coordinator cannot serve this agent; ranks keep running, retrying");
+        }
+        retry.wait
+    }
+
+    /// Takes the member list of a heartbeat reply and keeps it on disk when it changed. An empty
+    /// or unusable list changes nothing.
+    fn learn_members(&mut self, reply: &[String]) {
+        let members = members::accepted_members(reply);
+        if members.is_empty() || members == self.members {
+            return;
+        }
+        info!(coordinators = %members.join(","), "the cluster's coordinators");
+        if let Err(e) = members::store(&self.config.data_dir, &members) {
+            warn!(error = %e, "could not keep the coordinators' list in the data dir");
+        }
+        self.members = members;
+    }
+
     /// The coordinator no longer admits this agent: no rank it runs may go on (their jobs are
     /// being moved elsewhere, or belong to a state that is gone), and its stored identity is
     /// worthless. Stop every rank, forget the identity (so a start with a new join token joins
@@ -682,6 +868,7 @@ impl Agent {
             r = client.heartbeat(request) => r.map_err(status_error)?.into_inner(),
             _ = wake.notified(), if wait_ms > 0 => return Ok(Beat::Abandoned),
         };
+        self.learn_members(&response.coordinators);
         if response.register_again {
             return Ok(Beat::RegisterAgain);
         }
@@ -1241,6 +1428,58 @@ fn observe(ranks: &Ranks) -> (Vec<RankReport>, Vec<LogChunk>, Vec<RankKey>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_coordinator_that_does_not_lead_or_answer_sends_the_agent_elsewhere() {
+        use members::Failure;
+        let named = {
+            let mut s = tonic::Status::unavailable(
+                "this coordinator is not the leader; the leader is at 10.0.0.2:7470",
+            );
+            s.metadata_mut().insert(
+                trainctl_proto::LEADER_METADATA_KEY,
+                "10.0.0.2:7470".parse().unwrap(),
+            );
+            s
+        };
+        let cases = [
+            (
+                named,
+                Some(Failure::NotLeader {
+                    leader: Some("10.0.0.2:7470".into()),
+                }),
+            ),
+            (
+                tonic::Status::unavailable(
+                    "this coordinator is not the leader, and knows no leader now",
+                ),
+                Some(Failure::NotLeader { leader: None }),
+            ),
+            // What tonic makes of a refused connection.
+            (
+                tonic::Status::unavailable("tcp connect error"),
+                Some(Failure::Unreachable),
+            ),
+            (
+                tonic::Status::cancelled("Timeout expired"),
+                Some(Failure::Unreachable),
+            ),
+            (
+                tonic::Status::unknown("h2 protocol error"),
+                Some(Failure::Unreachable),
+            ),
+            // The coordinator answered: the request failed, not the coordinator.
+            (tonic::Status::invalid_argument("bad node name"), None),
+            (tonic::Status::permission_denied("revoked"), None),
+            (tonic::Status::internal("raft"), None),
+        ];
+        for (status, expected) in cases {
+            assert_eq!(coordinator_failure(&status), expected, "{status:?}");
+        }
+        // ... and a refused identity still stops the agent, an unavailable one never does.
+        assert!(status_error(tonic::Status::permission_denied("revoked")).is::<IdentityRefused>());
+        assert!(status_error(tonic::Status::unavailable("x")).is::<CoordinatorUnavailable>());
+    }
 
     #[test]
     fn output_a_coordinator_cannot_store_is_offered_again_ever_more_slowly() {

@@ -100,7 +100,8 @@ impl RankApiState {
 #[derive(Clone)]
 pub struct RankApi {
     pub state: Arc<Mutex<RankApiState>>,
-    pub client: AgentServiceClient<Channel>,
+    /// The client of the coordinator the agent talks to now (it follows the leader).
+    pub client: tokio::sync::watch::Receiver<AgentServiceClient<Channel>>,
     pub node_name: String,
     pub instance_id: String,
 }
@@ -246,7 +247,7 @@ async fn commit_checkpoint(
         step: body.step,
         metrics_json,
     };
-    let mut client = api.client.clone();
+    let mut client = api.client.borrow().clone();
     let reply = client
         .commit_checkpoint(request)
         .await

@@ -3,12 +3,18 @@
 //! Intent versus observed: a heartbeat carries what the agent sees (rank states, log bytes); the reply
 //! carries what the state says should run on that node. Observations that change the state become one
 //! `ReportRanks` command; unchanged ones cost no Raft write.
+//!
+//! Only the Raft leader serves agents: another coordinator answers every RPC `Unavailable`, naming
+//! the leader's address in the [`LEADER_METADATA_KEY`] metadata when it knows it, and a heartbeat
+//! held on a leader that loses its leadership ends the same way at once. Every heartbeat reply lists
+//! all the coordinators of the cluster, so agents follow membership changes.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::{BasicNode, RaftMetrics};
 use tonic::{Request, Response, Status};
 use trainctl_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
 use trainctl_proto::agent::{
@@ -16,9 +22,11 @@ use trainctl_proto::agent::{
     HeartbeatResponse, HostResources, LogAck, RankAssignment, RankPhase as WirePhase, RankRef,
     RankReport, RegisterRequest, RegisterResponse,
 };
+use trainctl_proto::LEADER_METADATA_KEY;
 
 use crate::auth::{node_of_peer, PeerCertificate};
 use crate::launch::rank_launches;
+use crate::raft::ServerId;
 use crate::server::{now_ms, Coordinator, WriteError};
 use crate::state::{
     checkpoint_path_problem, Command, CommandOutcome, GpuInfo, JobId, NodeId, NodeResources,
@@ -53,9 +61,68 @@ struct AgentEndpoint {
 
 fn write_status(e: WriteError) -> Status {
     match e {
-        WriteError::NotLeader { .. } => Status::unavailable(e.to_string()),
+        WriteError::NotLeader { leader } => not_leader_status(leader.as_deref()),
         WriteError::Raft(_) => Status::internal(e.to_string()),
+        WriteError::Unconfirmed => Status::unavailable(e.to_string()),
     }
+}
+
+/// The answer of a coordinator that does not lead: `Unavailable`, with the leader's address
+/// (host:port) in the [`LEADER_METADATA_KEY`] metadata when it is known, so the agent goes there
+/// at once; without it the agent tries the next coordinator it knows. Pure.
+pub fn not_leader_status(leader: Option<&str>) -> Status {
+    let value = leader.and_then(|l| tonic::metadata::MetadataValue::try_from(l).ok());
+    let mut status = match (leader, &value) {
+        (Some(l), Some(_)) => Status::unavailable(format!(
+            "this coordinator is not the leader; the leader is at {l}"
+        )),
+        _ => Status::unavailable(
+            "this coordinator is not the leader, and knows no leader now (an election may be \
+             under way); try another coordinator",
+        ),
+    };
+    if let Some(value) = value {
+        status.metadata_mut().insert(LEADER_METADATA_KEY, value);
+    }
+    status
+}
+
+/// Whether the coordinator whose Raft metrics these are may serve agents: only the leader does;
+/// another answers [`not_leader_status`] naming the leader it knows of. Pure.
+pub fn serving_check(metrics: &RaftMetrics<ServerId, BasicNode>) -> Result<(), Status> {
+    match metrics.current_leader {
+        Some(leader) if leader == metrics.id => Ok(()),
+        Some(leader) => {
+            let address = metrics
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|n| n.addr.as_str());
+            Err(not_leader_status(address))
+        }
+        None => Err(not_leader_status(None)),
+    }
+}
+
+/// Every coordinator of the cluster (voters and learners), host:port each, as the membership in
+/// `metrics` lists them: what a heartbeat reply tells agents. Pure.
+pub fn member_addresses(metrics: &RaftMetrics<ServerId, BasicNode>) -> Vec<String> {
+    metrics
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(_, node)| node.addr.clone())
+        .collect()
+}
+
+/// [`serving_check`] of this coordinator now.
+fn check_leader(c: &Coordinator) -> Result<(), Status> {
+    serving_check(&c.raft.metrics().borrow())
+}
+
+/// [`member_addresses`] of this coordinator now.
+fn coordinators(c: &Coordinator) -> Vec<String> {
+    member_addresses(&c.raft.metrics().borrow())
 }
 
 /// Longest node name, in characters (a DNS label).
@@ -325,6 +392,9 @@ impl AgentService for AgentEndpoint {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        // Before anything else: only the leader's state is current enough to judge an agent (a
+        // lagging follower might not know its identity yet, and a refused identity stops its ranks).
+        check_leader(&self.coordinator)?;
         let peer = request.extensions().get::<PeerCertificate>().cloned();
         let r = request.into_inner();
         validate_register(&r)?;
@@ -402,9 +472,10 @@ impl AgentService for AgentEndpoint {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let c = &self.coordinator;
+        check_leader(c)?;
         let peer = request.extensions().get::<PeerCertificate>().cloned();
         let hb = request.into_inner();
-        let c = &self.coordinator;
         node_of_peer(c, peer.as_ref(), &NodeId(hb.node_name.clone()))?;
         c.metrics.heartbeats.inc();
         let node = NodeId(hb.node_name.clone());
@@ -417,6 +488,7 @@ impl AgentService for AgentEndpoint {
             // Unknown node, a previous agent process, or a node declared lost: it must register anew.
             return Ok(Response::new(HeartbeatResponse {
                 register_again: true,
+                coordinators: coordinators(c),
                 ..Default::default()
             }));
         }
@@ -449,6 +521,7 @@ impl AgentService for AgentEndpoint {
 
         // Subscribe before reading, so no change between the two is missed.
         let mut changes = c.state.subscribe();
+        let mut raft_metrics = c.raft.metrics();
         // While this beat is held, the node is alive (a dead agent's connection drops the guard).
         let _holding = HoldGuard::new(c, &node);
         let read = || {
@@ -460,10 +533,17 @@ impl AgentService for AgentEndpoint {
         if hb.wait_ms > 0 && log_acks.is_empty() && assignment_keys(&assignments) == known {
             let wait = Duration::from_millis(u64::from(hb.wait_ms).min(MAX_HEARTBEAT_HOLD_MS));
             let deadline = tokio::time::Instant::now() + wait;
+            let me = c.config.server_id;
             loop {
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { break },
                     _ = tokio::time::sleep_until(deadline) => break,
+                    // Deposed while holding the beat: send the agent to the new leader now, not
+                    // after the hold (its assignments here may already be stale).
+                    deposed = raft_metrics.wait_for(|m| m.current_leader != Some(me)) => {
+                        let status = deposed.ok().and_then(|m| serving_check(&m).err());
+                        return Err(status.unwrap_or_else(|| not_leader_status(None)));
+                    }
                 }
                 assignments = read();
                 if assignment_keys(&assignments) != known {
@@ -476,6 +556,7 @@ impl AgentService for AgentEndpoint {
             log_acks,
             register_again: false,
             deferred,
+            coordinators: coordinators(c),
         }))
     }
 
@@ -483,9 +564,10 @@ impl AgentService for AgentEndpoint {
         &self,
         request: Request<CommitCheckpointRequest>,
     ) -> Result<Response<CommitCheckpointResponse>, Status> {
+        let c = &self.coordinator;
+        check_leader(c)?;
         let peer = request.extensions().get::<PeerCertificate>().cloned();
         let r = request.into_inner();
-        let c = &self.coordinator;
         let node = NodeId(r.node_name.clone());
         node_of_peer(c, peer.as_ref(), &node)?;
         let job_id = r
@@ -698,6 +780,10 @@ pub fn gone_attempts(s: &State, node: &NodeId, reports: &[RankReport]) -> Vec<(J
     gone
 }
 
+/// Stores the log chunks of a heartbeat from `node` through Raft (one `AppendLogs` command) and
+/// acks each: stored up to its end, or not stored with the error. Chunks of ranks that did not run
+/// on the node are refused; chunks beyond [`MAX_LOG_BYTES_PER_HEARTBEAT`] wait for the next beat.
+/// Not the leader: `Unavailable`, and the agent sends them to the leader.
 async fn store_logs(
     c: &Coordinator,
     node: &NodeId,
@@ -718,58 +804,75 @@ async fn store_logs(
             .map(|ch| (ch.job_id.parse().unwrap_or(0), ch.attempt, ch.rank))
             .collect()
     });
-    let store = c.logs.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut acks = Vec::new();
-        let mut budget = MAX_LOG_BYTES_PER_HEARTBEAT;
-        for ch in chunks {
-            let job: u64 = ch.job_id.parse().unwrap_or(0);
-            if !allowed.contains(&(job, ch.attempt, ch.rank)) {
-                // Not a rank this node ran: say so, so the agent stops offering it (after its
-                // bounded retries) instead of holding the rank's end back forever.
-                acks.push(LogAck {
-                    error: format!(
-                        "rank {} of attempt {} of job {} did not run on this node",
-                        ch.rank, ch.attempt, ch.job_id
-                    ),
-                    job_id: ch.job_id,
-                    attempt: ch.attempt,
-                    rank: ch.rank,
-                    stored_until: ch.offset,
-                });
-                continue;
-            }
-            if budget < ch.data.len() {
-                continue;
-            }
-            budget -= ch.data.len();
-            match store.append(JobId(job), ch.attempt, ch.rank, ch.offset, &ch.data) {
-                Ok(stored) => acks.push(LogAck {
-                    job_id: ch.job_id,
-                    attempt: ch.attempt,
-                    rank: ch.rank,
-                    stored_until: stored,
-                    error: String::new(),
-                }),
-                // The agent retries with a backoff, and gives the lines up after a bounded number of
-                // failures; the rest of the heartbeat (reports, cancellations, launches) must not
-                // wait on a full or broken disk.
-                Err(e) => {
-                    tracing::error!(job, rank = ch.rank, error = %e, "could not store a log chunk");
-                    acks.push(LogAck {
-                        job_id: ch.job_id,
-                        attempt: ch.attempt,
-                        rank: ch.rank,
-                        stored_until: ch.offset,
-                        error: e.to_string(),
-                    });
-                }
-            }
+    let mut acks = Vec::new();
+    let mut accepted = Vec::new();
+    let mut offsets = Vec::new();
+    let mut records = Vec::new();
+    let mut budget = MAX_LOG_BYTES_PER_HEARTBEAT;
+    for ch in chunks {
+        let job: u64 = ch.job_id.parse().unwrap_or(0);
+        if !allowed.contains(&(job, ch.attempt, ch.rank)) {
+            // Not a rank this node ran: say so, so the agent stops offering it (after its
+            // bounded retries) instead of holding the rank's end back forever.
+            acks.push(LogAck {
+                error: format!(
+                    "rank {} of attempt {} of job {} did not run on this node",
+                    ch.rank, ch.attempt, ch.job_id
+                ),
+                job_id: ch.job_id,
+                attempt: ch.attempt,
+                rank: ch.rank,
+                stored_until: ch.offset,
+            });
+            continue;
         }
-        acks
-    })
-    .await
-    .map_err(|e| Status::internal(e.to_string()))
+        if budget < ch.data.len() {
+            continue;
+        }
+        budget -= ch.data.len();
+        let stored_until = ch.offset + ch.data.len() as u64;
+        records.push(crate::state::LogRecord {
+            job: JobId(job),
+            attempt: ch.attempt,
+            rank: ch.rank,
+            offset: ch.offset,
+            data: ch.data,
+        });
+        accepted.push(LogAck {
+            job_id: ch.job_id,
+            attempt: ch.attempt,
+            rank: ch.rank,
+            stored_until,
+            error: String::new(),
+        });
+        offsets.push(ch.offset);
+    }
+    if records.is_empty() {
+        return Ok(acks);
+    }
+    // Through Raft, so every coordinator stores the same logs (the state machine writes the files,
+    // idempotent by offset): one command for the whole heartbeat.
+    let error = match c.write(Command::AppendLogs { chunks: records }).await {
+        Ok(CommandOutcome::Rejected { reason }) => Some(reason),
+        Ok(_) => None,
+        // The agent goes to the leader and sends the chunks there.
+        Err(e @ WriteError::NotLeader { .. }) => return Err(write_status(e)),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(error) = &error {
+        // The agent retries with a backoff, and gives the lines up after a bounded number of
+        // failures; the rest of the heartbeat (reports, cancellations, launches) must not wait on
+        // a full or broken disk, or a write Raft could not commit.
+        tracing::error!(%node, chunks = accepted.len(), %error, "could not store log chunks");
+    }
+    for (mut ack, offset) in accepted.into_iter().zip(offsets) {
+        if let Some(error) = &error {
+            ack.stored_until = offset;
+            ack.error = error.clone();
+        }
+        acks.push(ack);
+    }
+    Ok(acks)
 }
 
 fn wire_phase(report: &RankReport) -> Option<RankPhase> {
@@ -1268,3 +1371,92 @@ mod tests {
 
 #[cfg(test)]
 mod register_fuzz;
+
+#[cfg(test)]
+mod leader_tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+
+    use openraft::{CommittedLeaderId, LogId, Membership, ServerState, StoredMembership};
+
+    use super::*;
+
+    /// Raft metrics of coordinator `me` in a group of voters 1 and 2 and learner 3
+    /// (`10.0.0.<id>:7470`), with `leader` as the leader it knows.
+    fn metrics(me: ServerId, leader: Option<ServerId>) -> RaftMetrics<ServerId, BasicNode> {
+        let nodes: BTreeMap<ServerId, BasicNode> = (1..=3)
+            .map(|i| (i, BasicNode::new(format!("10.0.0.{i}:7470"))))
+            .collect();
+        let membership = Membership::new(vec![BTreeSet::from([1, 2])], nodes);
+        let mut m = RaftMetrics::new_initial(me);
+        m.state = if leader == Some(me) {
+            ServerState::Leader
+        } else {
+            ServerState::Follower
+        };
+        m.current_leader = leader;
+        let log_id = LogId::new(CommittedLeaderId::new(2, 1), 1);
+        m.membership_config = Arc::new(StoredMembership::new(Some(log_id), membership));
+        m
+    }
+
+    fn leader_hint(status: &Status) -> Option<String> {
+        status
+            .metadata()
+            .get(LEADER_METADATA_KEY)
+            .map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn only_the_leader_serves_agents_and_the_others_name_it() {
+        // (this coordinator, the leader it knows, served?, the hint in the answer)
+        let cases: [(ServerId, Option<ServerId>, bool, Option<&str>); 5] = [
+            (1, Some(1), true, None),
+            (2, Some(1), false, Some("10.0.0.1:7470")),
+            (3, Some(2), false, Some("10.0.0.2:7470")),
+            (2, None, false, None),
+            // A leader id outside the membership this coordinator has seen: no address to give.
+            (2, Some(9), false, None),
+        ];
+        for (me, leader, served, hint) in cases {
+            let answer = serving_check(&metrics(me, leader));
+            assert_eq!(answer.is_ok(), served, "me {me}, leader {leader:?}");
+            if let Err(status) = answer {
+                assert_eq!(status.code(), tonic::Code::Unavailable);
+                assert!(
+                    status
+                        .message()
+                        .starts_with("this coordinator is not the leader"),
+                    "{}",
+                    status.message()
+                );
+                assert_eq!(leader_hint(&status).as_deref(), hint, "me {me}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_refused_for_want_of_leadership_names_the_leader_too() {
+        let status = write_status(WriteError::NotLeader {
+            leader: Some("10.0.0.2:7470".into()),
+        });
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(leader_hint(&status).as_deref(), Some("10.0.0.2:7470"));
+        assert!(status.message().contains("10.0.0.2:7470"));
+        let status = write_status(WriteError::NotLeader { leader: None });
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(leader_hint(&status), None);
+        // An address that cannot be metadata is left out rather than sent broken.
+        let status = not_leader_status(Some("bad\naddress"));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(leader_hint(&status), None);
+    }
+
+    #[test]
+    fn heartbeats_list_every_member_voters_and_learners() {
+        assert_eq!(
+            member_addresses(&metrics(2, Some(1))),
+            ["10.0.0.1:7470", "10.0.0.2:7470", "10.0.0.3:7470"]
+        );
+    }
+}

@@ -43,8 +43,10 @@ pub const REST_BODY_BYTES_MAX: usize = trainctl_jobs::limits::SPEC_SOURCE_BYTES_
 ///
 /// [`MAX_LOG_BYTES_PER_HEARTBEAT`]: crate::agents::MAX_LOG_BYTES_PER_HEARTBEAT
 pub const GRPC_BODY_BYTES_MAX: usize = crate::agents::MAX_LOG_BYTES_PER_HEARTBEAT * 2 + 64 * 1024;
-/// Most bytes of a Raft request body from another coordinator (log entries, a snapshot): 16 MiB.
-pub const RAFT_BODY_BYTES_MAX: usize = 16 << 20;
+/// Most bytes of a Raft request body from another coordinator (log entries, a snapshot chunk):
+/// [`crate::server::MAX_RAFT_BODY_BYTES`], far above a REST body, so a batch of large job specs is
+/// never refused between coordinators.
+pub const RAFT_BODY_BYTES_MAX: usize = crate::server::MAX_RAFT_BODY_BYTES;
 /// An HTTP/1 request head must arrive within this long of the connection opening or of the
 /// previous response: 10 s.
 pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
@@ -120,7 +122,16 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         connections.spawn(async move {
             let Some(acceptor) = acceptor else {
-                return serve_connection(&builder, stream, app, None, stop, peer).await;
+                return serve_connection(
+                    &builder,
+                    stream,
+                    app,
+                    None,
+                    RAFT_BODY_BYTES_MAX,
+                    stop,
+                    peer,
+                )
+                .await;
             };
             let handshake = tokio::time::timeout(
                 Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS),
@@ -139,7 +150,23 @@ pub async fn serve(
             };
             let certificate =
                 trainctl_tls::peer_fingerprint(stream.get_ref().1).map(PeerCertificate);
-            serve_connection(&builder, stream, app, certificate, stop, peer).await;
+            // Only a client with a certificate of the cluster CA (a coordinator, or an agent) may
+            // send a Raft-sized body; anyone else gets the REST limit before any signature check.
+            let raft_body_max = if certificate.is_some() {
+                RAFT_BODY_BYTES_MAX
+            } else {
+                REST_BODY_BYTES_MAX
+            };
+            serve_connection(
+                &builder,
+                stream,
+                app,
+                certificate,
+                raft_body_max,
+                stop,
+                peer,
+            )
+            .await;
         });
     }
     drop(listener);
@@ -161,6 +188,7 @@ async fn serve_connection<S>(
     stream: S,
     app: axum::Router,
     certificate: Option<PeerCertificate>,
+    raft_body_max: usize,
     mut stop: tokio::sync::watch::Receiver<bool>,
     peer: std::net::SocketAddr,
 ) where
@@ -171,6 +199,7 @@ async fn serve_connection<S>(
         app,
         in_flight: in_flight.clone(),
         certificate,
+        raft_body_max,
     };
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
@@ -248,7 +277,7 @@ impl Drop for InFlightGuard {
 }
 
 /// What kind of request this is, for its body limit.
-fn body_limit(req: &Request<Incoming>) -> (usize, &'static str) {
+fn body_limit(req: &Request<Incoming>, raft_body_max: usize) -> (usize, &'static str) {
     let grpc = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -257,7 +286,7 @@ fn body_limit(req: &Request<Incoming>) -> (usize, &'static str) {
     if grpc {
         (GRPC_BODY_BYTES_MAX, "an agent gRPC request")
     } else if req.uri().path().starts_with("/internal/raft/") {
-        (RAFT_BODY_BYTES_MAX, "a Raft request")
+        (raft_body_max, "a Raft request")
     } else {
         (REST_BODY_BYTES_MAX, "a REST request")
     }
@@ -293,6 +322,8 @@ struct ConnService {
     in_flight: Arc<InFlight>,
     /// The connection's TLS client certificate, given to every request on it.
     certificate: Option<PeerCertificate>,
+    /// The body limit of Raft requests on this connection.
+    raft_body_max: usize,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
@@ -302,7 +333,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let guard = self.in_flight.enter();
-        let (limit, kind) = body_limit(&req);
+        let (limit, kind) = body_limit(&req, self.raft_body_max);
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)

@@ -15,14 +15,18 @@
 //! - [`api`]: REST handlers, their OpenAPI document, and the one error type they return.
 //! - [`agents`]: the gRPC service agents register and heartbeat with.
 //! - [`http`]: the HTTP server under all three: header, idle and body timeouts, body size limits.
+//! - [`membership`]: bootstrap, join, add, remove, leadership transfer; [`forward`]: REST requests
+//!   answered by the leader (forwarded from followers; reads linearizable).
 //! - [`server`]: `run(config, shutdown)`: one listener for REST, gRPC and Raft, plus the leader's loops.
 
 pub mod agents;
 pub mod api;
 pub mod auth;
+pub mod forward;
 pub mod http;
 pub mod launch;
 pub mod logs;
+pub mod membership;
 pub mod raft;
 pub mod scheduler;
 pub mod server;

@@ -55,6 +55,8 @@ pub struct CoordinatorConfig {
     pub secure: bool,
     /// Where TLS material comes from when `secure`.
     pub tls: TlsSources,
+    /// Whether a new data dir starts a cluster or joins one (ignored once the data dir holds one).
+    pub start: crate::membership::ClusterStart,
 }
 
 /// The coordinator's TLS material. Unset files are created under `<data-dir>/tls/`: a cluster CA
@@ -91,6 +93,7 @@ impl CoordinatorConfig {
             log_retention_ms: DEFAULT_LOG_RETENTION_MS,
             secure: true,
             tls: TlsSources::default(),
+            start: crate::membership::ClusterStart::Bootstrap,
         }
     }
 }
@@ -116,7 +119,14 @@ pub enum WriteError {
     /// Raft could not commit the command.
     #[error("the cluster state could not be written: {0}")]
     Raft(String),
+    /// A quorum did not confirm the write in time (this coordinator may be cut off from the
+    /// majority). It may still take effect: retry it with the same Idempotency-Key.
+    #[error("the write was not confirmed by a majority of coordinators within {}s (is this coordinator cut off from them?); it may still take effect: retry it (with the same Idempotency-Key for a submission)", WRITE_COMMIT_TIMEOUT.as_secs())]
+    Unconfirmed,
 }
+
+/// How long a write may wait for a quorum before its caller is told to retry.
+pub const WRITE_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything the request handlers and loops share.
 pub struct Coordinator {
@@ -142,6 +152,15 @@ pub struct Coordinator {
     pub cluster_ca: Option<Arc<trainctl_tls::ClusterCa>>,
     /// The TLS configuration of the port (`None` with `--insecure`).
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Signed calls to other coordinators (membership) and the client that forwards REST
+    /// requests to the leader.
+    pub peers: crate::membership::PeerClient,
+    /// Server ids granted to joining coordinators that are not members yet (leader-local).
+    pub granted_ids: Mutex<std::collections::BTreeSet<ServerId>>,
+    /// One membership change (add, remove, leadership transfer) at a time.
+    pub membership_change: tokio::sync::Mutex<()>,
+    /// Held for writing while leadership moves: the write queue waits.
+    pub write_pause: Arc<tokio::sync::RwLock<()>>,
     /// Writes go through one queue so that concurrent ones share a log entry and an fsync.
     writes: mpsc::Sender<PendingWrite>,
 }
@@ -261,23 +280,69 @@ impl Coordinator {
     }
 }
 
-/// Opens the coordinator's storage and Raft, initialising a one-voter cluster on first start.
-pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>> {
+/// Opens the coordinator's storage and Raft. A new data dir either starts a one-voter cluster
+/// (`ClusterStart::Bootstrap`) or joins one (`ClusterStart::Join`: the grant is fetched and stored
+/// here; `run` asks to be added once it serves).
+pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>> {
+    use crate::membership::{store_grant, ClusterStart, Joiner, ServerIdentity};
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     let db_path = config.data_dir.join("state.redb");
+    let mut identity = ServerIdentity::load(&config.data_dir)?;
+    // A data dir from before server.json: a bootstrapped server with the configured id.
+    let legacy = identity.is_none() && db_path.exists();
+    if let ClusterStart::Join(target) = &config.start {
+        let joiner = Joiner::new(target.clone())?;
+        match &identity {
+            None if !legacy => {
+                let grant = joiner
+                    .grant(&config.advertise_addr)
+                    .await
+                    .with_context(|| {
+                        format!("join the cluster at {}", target.addresses.join(","))
+                    })?;
+                identity = Some(store_grant(&config.data_dir, &grant)?);
+                info!(server_id = grant.server_id, cluster_id = %grant.cluster_id, "granted a place in the cluster");
+            }
+            _ => {
+                let mine = identity.as_ref().and_then(|i| i.cluster_id.clone());
+                if let (Some(mine), Some(theirs)) = (&mine, joiner.cluster_id().await) {
+                    if *mine != theirs {
+                        anyhow::bail!(
+                            "{} holds cluster {mine}, but {} is cluster {theirs}: a data dir belongs to one cluster; \
+                             to join {theirs}, start from an empty data dir",
+                            config.data_dir.display(),
+                            target.addresses.join(",")
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if let Some(identity) = &identity {
+        config.server_id = identity.server_id;
+    }
     let db = tokio::task::spawn_blocking(move || redb::Database::create(&db_path))
         .await?
         .context("open the state database (is another coordinator using this data dir?)")?;
     let db = Arc::new(db);
     let log_store = RaftLogStore::open(db.clone()).context("open the raft log")?;
-    let state = StateMachineStore::open(db).context("open the state machine")?;
+    let state = StateMachineStore::open(
+        db,
+        config.data_dir.join("snapshots"),
+        LogStore::new(config.data_dir.join("logs")),
+    )
+    .context("open the state machine")?;
     let raft_config = openraft::Config {
         cluster_name: "trainctl".to_string(),
         heartbeat_interval: 100,
         election_timeout_min: 300,
         election_timeout_max: 600,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2000),
+        snapshot_max_chunk_size: crate::raft::state_machine::SNAPSHOT_CHUNK_BYTES,
+        // An append carries at most this many entries (each up to MAX_COMMANDS_PER_ENTRY
+        // commands), so a Raft message stays within MAX_RAFT_BODY_BYTES.
+        max_payload_entries: RAFT_MAX_PAYLOAD_ENTRIES,
         ..Default::default()
     }
     .validate()
@@ -289,20 +354,18 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
     } else {
         None
     };
+    let peer_tls = tls.as_ref().map(|t| t.peer_client.clone());
     let raft = Raft::new(
         config.server_id,
         Arc::new(raft_config),
-        HttpNetworkFactory::new(
-            peer_secret.clone(),
-            config.server_id,
-            tls.as_ref().map(|t| t.peer_client.clone()),
-        )?,
+        HttpNetworkFactory::new(peer_secret.clone(), config.server_id, peer_tls.clone())?,
         log_store,
         state.clone(),
     )
     .await
     .context("start raft")?;
-    if !raft.is_initialized().await.context("read raft state")? {
+    let joining = matches!(config.start, ClusterStart::Join(_)) && !legacy;
+    if !raft.is_initialized().await.context("read raft state")? && !joining {
         let members = BTreeMap::from([(config.server_id, BasicNode::new(&config.advertise_addr))]);
         raft.initialize(members)
             .await
@@ -312,15 +375,33 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
             "initialised a new one-voter cluster"
         );
     }
-    if state.read(|s| s.cluster_id.is_none()) {
+    if !joining && state.read(|s| s.cluster_id.is_none()) {
         name_cluster(&raft, config.server_id).await?;
     }
-    if config.secure {
+    if !joining {
+        let cluster_id = state.read(|s| s.cluster_id.clone());
+        let current = ServerIdentity {
+            server_id: config.server_id,
+            cluster_id,
+        };
+        if identity.as_ref() != Some(&current) && current.cluster_id.is_some() {
+            current.save(&config.data_dir)?;
+        }
+    }
+    let sole_voter = {
+        let m = raft.metrics().borrow().clone();
+        let voters: Vec<ServerId> = m.membership_config.membership().voter_ids().collect();
+        voters == [config.server_id]
+    };
+    if config.secure && sole_voter {
         ensure_admin_token(&raft, &state, &config.data_dir).await?;
     }
     let logs = LogStore::new(config.data_dir.join("logs"));
     let (writes, queue) = mpsc::channel(WRITE_QUEUE_LEN);
-    tokio::spawn(group_commit(raft.clone(), queue));
+    let write_pause = Arc::new(tokio::sync::RwLock::new(()));
+    tokio::spawn(group_commit(raft.clone(), queue, write_pause.clone()));
+    let peers =
+        crate::membership::PeerClient::new(peer_secret.clone(), config.server_id, peer_tls)?;
     Ok(Arc::new(Coordinator {
         writes,
         config,
@@ -336,8 +417,15 @@ pub async fn open(config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinator>>
         peer_secret,
         cluster_ca: tls.as_ref().map(|t| t.ca.clone()),
         server_tls: tls.map(|t| t.server),
+        peers,
+        granted_ids: Mutex::new(Default::default()),
+        membership_change: tokio::sync::Mutex::new(()),
+        write_pause,
     }))
 }
+
+/// Most log entries in one Raft append.
+pub const RAFT_MAX_PAYLOAD_ENTRIES: u64 = 64;
 
 /// The TLS material of a secure coordinator.
 struct LoadedTls {
@@ -464,7 +552,11 @@ async fn ensure_admin_token(
 
 /// Writes queued commands to the Raft log, as many as are waiting in one entry, one entry at a time:
 /// while an entry's fsync runs, the next ones gather. So N concurrent writes cost about one fsync.
-async fn group_commit(raft: Raft, mut queue: mpsc::Receiver<PendingWrite>) {
+async fn group_commit(
+    raft: Raft,
+    mut queue: mpsc::Receiver<PendingWrite>,
+    pause: Arc<tokio::sync::RwLock<()>>,
+) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_COMMANDS_PER_ENTRY {
@@ -480,14 +572,20 @@ async fn group_commit(raft: Raft, mut queue: mpsc::Receiver<PendingWrite>) {
         } else {
             Command::Batch(commands)
         };
-        let result = match raft.client_write(command).await {
-            Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(WriteError::NotLeader {
-                    leader: f.leader_node.map(|n| n.addr),
-                })
-            }
-            Err(e) => Err(WriteError::Raft(e.to_string())),
+        let paused = pause.read().await;
+        let written = tokio::time::timeout(WRITE_COMMIT_TIMEOUT, raft.client_write(command)).await;
+        drop(paused);
+        let result = match written {
+            Err(_) => Err(WriteError::Unconfirmed),
+            Ok(written) => match written {
+                Ok(response) => Ok(response.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(WriteError::NotLeader {
+                        leader: f.leader_node.map(|n| n.addr),
+                    })
+                }
+                Err(e) => Err(WriteError::Raft(e.to_string())),
+            },
         };
         match result {
             Ok(CommandOutcome::Batch(outcomes)) if !single => {
@@ -507,6 +605,7 @@ async fn group_commit(raft: Raft, mut queue: mpsc::Receiver<PendingWrite>) {
                             leader: leader.clone(),
                         },
                         WriteError::Raft(m) => WriteError::Raft(m.clone()),
+                        WriteError::Unconfirmed => WriteError::Unconfirmed,
                     }));
                 }
             }
@@ -545,12 +644,25 @@ pub async fn run(
     let limit = tower::limit::GlobalConcurrencyLimitLayer::new;
     let grpc = crate::agents::router(coordinator.clone())
         .layer(limit(coordinator.config.max_agent_requests));
-    let app = crate::api::router(coordinator.clone())
+    // REST requests go to the leader first (`forward`), then wait their turn; Raft has its
+    // own allowance and its own, larger, body limit.
+    let rest = crate::api::router(coordinator.clone())
         .layer(limit(coordinator.config.max_rest_requests))
-        .merge(raft_router(coordinator.clone()).layer(limit(MAX_RAFT_REQUESTS)))
-        .fallback_service(crate::api::grpc_or_no_such_endpoint(grpc));
-    let app = crate::api::with_json_errors(app)
+        .layer(axum::middleware::from_fn_with_state(
+            coordinator.clone(),
+            crate::forward::layer,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
+    let raft = raft_router(coordinator.clone())
+        .layer(limit(MAX_RAFT_REQUESTS))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_RAFT_BODY_BYTES));
+    let app = rest
+        .merge(raft)
+        .fallback_service(crate::api::grpc_or_no_such_endpoint(grpc));
+    let app = crate::api::with_json_errors(app);
+    if let crate::membership::ClusterStart::Join(target) = &coordinator.config.start {
+        tokio::spawn(become_member(coordinator.clone(), target.clone()));
+    }
 
     let scheduler = tokio::spawn(scheduling_loop(coordinator.clone(), shutdown.clone()));
     let liveness = tokio::spawn(liveness_loop(coordinator.clone(), shutdown.clone()));
@@ -638,15 +750,29 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
                 return refuse(StatusCode::UNAUTHORIZED, e.to_string());
             }
         };
-        let is_member = c
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
+        // A coordinator being added answers who it is before it is a member of anything: holding
+        // the peer secret is enough to ask.
+        if kind == "identity" {
+            let identity = crate::membership::PeerIdentity {
+                server_id: c.config.server_id,
+                cluster_id: c.state.read(|s| s.cluster_id.clone()).or_else(|| {
+                    crate::membership::ServerIdentity::load(&c.config.data_dir)
+                        .ok()
+                        .flatten()
+                        .and_then(|i| i.cluster_id)
+                }),
+            };
+            return Json(identity).into_response();
+        }
+        let membership_config = c.raft.metrics().borrow().membership_config.clone();
+        let is_member = membership_config
             .membership()
             .nodes()
             .any(|(id, _)| *id == from);
-        if from == c.config.server_id || !is_member {
+        let knows_no_membership = membership_config.membership().nodes().next().is_none();
+        // A joining coordinator knows no membership until the leader's first append brings it:
+        // until then, the signature (the cluster's peer secret) is what admits the leader.
+        if from == c.config.server_id || !(is_member || knows_no_membership) {
             return refuse(
                 StatusCode::FORBIDDEN,
                 format!("server {from} is not another member of this cluster"),
@@ -680,9 +806,28 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
                 Ok(rpc) => Json(c.raft.install_snapshot(rpc).await).into_response(),
                 Err(response) => response,
             },
+            // Leadership transfer (see `membership`): the leader asks the new one to campaign,
+            // and the others to hold their elections meanwhile.
+            "elect" => match c.raft.trigger().elect().await {
+                Ok(()) => Json(serde_json::json!({})).into_response(),
+                Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            },
+            "hold-elections" => match parse::<crate::membership::HoldElections>(&body) {
+                Ok(hold) => {
+                    let ms = hold.ms.min(crate::membership::TRANSFER_HOLD.as_millis() as u64);
+                    c.raft.runtime_config().elect(false);
+                    let raft = c.raft.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        raft.runtime_config().elect(true);
+                    });
+                    Json(serde_json::json!({})).into_response()
+                }
+                Err(response) => response,
+            },
             other => refuse(
                 StatusCode::NOT_FOUND,
-                format!("no Raft message `{other}` (append, vote, snapshot)"),
+                format!("no Raft message `{other}` (append, vote, snapshot, identity, elect, hold-elections)"),
             ),
         }
     }
@@ -694,6 +839,56 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
 
 /// Bodies are job specs and heartbeats with log chunks; 16 MiB is far above either.
 const MAX_BODY_BYTES: usize = 16 << 20;
+/// A Raft append carries up to [`RAFT_MAX_PAYLOAD_ENTRIES`] entries of up to
+/// [`MAX_COMMANDS_PER_ENTRY`] commands each, as JSON: far more than one REST body.
+pub const MAX_RAFT_BODY_BYTES: usize = 1 << 30;
+
+/// A joining coordinator (`--join`), once it serves: asks the leader to add it as a voter,
+/// unless it is one already. A refusal is fatal: the server can not serve this cluster.
+async fn become_member(coordinator: Arc<Coordinator>, target: crate::membership::JoinTarget) {
+    let me = coordinator.config.server_id;
+    let is_voter = |c: &Coordinator| {
+        c.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == me)
+    };
+    if is_voter(&coordinator) {
+        return;
+    }
+    let joiner = match crate::membership::Joiner::new(target) {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "can not join");
+            std::process::exit(1);
+        }
+    };
+    let mut delay = Duration::from_millis(200);
+    for attempt in 1.. {
+        match joiner
+            .become_member(&coordinator.config.advertise_addr)
+            .await
+        {
+            Ok(()) => {
+                info!(server_id = me, "joined the cluster as a voter");
+                return;
+            }
+            Err(e) if attempt < 10 && !is_voter(&coordinator) => {
+                warn!(error = %format!("{e:#}"), "could not join yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(_) if is_voter(&coordinator) => return,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "could not join the cluster");
+                std::process::exit(1);
+            }
+        }
+    }
+}
 
 async fn wait_for_change_or(
     changes: &mut watch::Receiver<u64>,

@@ -12,8 +12,10 @@
 //! - `log-v1.jsonl`: the same log in format 1.
 //! - `state-after-log.json`: the state that log reached when it was written. Fields added to
 //!   `State` since (with `#[serde(default)]`) read as their defaults.
-//! - `snapshot-v0.json` (`{"meta":…,"data":[…]}` under key `current`), and `snapshot-v1.json` plus
-//!   `snapshot-v1.data.json` (keys `current` and `current.data`): the stored snapshot of that state.
+//! - `snapshot-v0.json` (`{"meta":…,"data":[…]}` under key `current`), `snapshot-v1.json` plus
+//!   `snapshot-v1.data.json` (keys `current` and `current.data`), and `snapshot-v2.json` (key
+//!   `current`) plus `snapshot-v2.data.json` (the file under `<data-dir>/snapshots/` that the header
+//!   names): the stored snapshot of that state.
 //!
 //! # When a format changes
 //!
@@ -21,7 +23,8 @@
 //!    (`raft/format.rs`).
 //! 2. Run `cargo test -p trainctl-coordinator --test format -- --ignored write_fixtures_of_this_format`:
 //!    it writes the format-0 log and snapshot again in the current formats, as `log-v<N>.jsonl` and
-//!    `snapshot-v<N>.json` / `snapshot-v<N>.data.json`, and never overwrites a file. If the change
+//!    `snapshot-v<N>.json` / `snapshot-v<N>.data.json` (the header and the data, wherever the format
+//!    keeps it), and never overwrites a file. If the change
 //!    comes with new commands, add a log of them of its own (with its expected state) as well.
 //! 3. Add the new files to [`LOGS`] / [`SNAPSHOTS`] and commit them.
 //!
@@ -29,14 +32,17 @@
 //! expected state has changed what an existing cluster's log means.
 
 use std::ops::RangeFull;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::{RaftLogReader, RaftSnapshotBuilder};
 use redb::{Database, ReadableDatabase, TableDefinition};
+use tokio::io::AsyncReadExt;
+use trainctl_coordinator::logs::LogStore as RankLogs;
 use trainctl_coordinator::raft::format::{
-    decode_entry, decode_snapshot_data, encode_entry, LOG_FORMAT_VERSION, SNAPSHOT_FORMAT_VERSION,
+    decode_entry, decode_snapshot_data, encode_entry, LOG_FORMAT_VERSION,
+    SNAPSHOT_DATA_FORMAT_VERSION, SNAPSHOT_FORMAT_VERSION,
 };
 use trainctl_coordinator::raft::log_store::LogStore;
 use trainctl_coordinator::raft::state_machine::StateMachineStore;
@@ -48,11 +54,13 @@ const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 /// Every released log format's fixture and the format it is in.
 const LOGS: &[(&str, u32)] = &[("log-v0.jsonl", 0), ("log-v1.jsonl", 1)];
-/// Every released stored-snapshot format's fixture: the value under `current`, the one under
-/// `current.data` (none in format 0: the data is inline), and the format.
+/// Every released stored-snapshot format's fixture: the value under `current`, the data (none in
+/// format 0: it is inline; under `current.data` in format 1, the named file from format 2), and the
+/// format.
 const SNAPSHOTS: &[(&str, Option<&str>, u32)] = &[
     ("snapshot-v0.json", None, 0),
     ("snapshot-v1.json", Some("snapshot-v1.data.json"), 1),
+    ("snapshot-v2.json", Some("snapshot-v2.data.json"), 2),
 ];
 /// The index of the last entry of the fixture logs (and the snapshots' `last_applied`).
 const LAST_INDEX: u64 = 42;
@@ -95,6 +103,25 @@ fn empty_db() -> (tempfile::TempDir, Arc<Database>) {
     (dir, db)
 }
 
+/// The state machine of the data dir `dir` (snapshots and rank logs where a coordinator keeps them).
+fn open_sm(dir: &Path, db: &Arc<Database>) -> anyhow::Result<StateMachineStore> {
+    StateMachineStore::open(
+        db.clone(),
+        dir.join("snapshots"),
+        RankLogs::new(dir.join("logs")),
+    )
+}
+
+/// The snapshot files in the data dir `dir`.
+fn snapshot_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Puts `entries` into the log table as they are, entry n at index n.
 fn put_log(db: &Database, entries: &[Vec<u8>]) {
     let txn = db.begin_write().unwrap();
@@ -107,16 +134,31 @@ fn put_log(db: &Database, entries: &[Vec<u8>]) {
     txn.commit().unwrap();
 }
 
-fn put_snapshot(db: &Database, values: &[(&str, Vec<u8>)]) {
+/// Stores a snapshot as `values` say: redb keys and values, and from format 2 on the data as the file
+/// the header (`current`) names, in the data dir `dir`.
+fn put_snapshot(dir: &Path, db: &Database, values: &[(&str, Vec<u8>)]) {
     let txn = db.begin_write().unwrap();
     {
         let mut table = txn.open_table(SNAPSHOT).unwrap();
         for (key, bytes) in values {
-            table.insert(*key, bytes.as_slice()).unwrap();
+            if *key != FILE_KEY {
+                table.insert(*key, bytes.as_slice()).unwrap();
+            }
         }
     }
     txn.commit().unwrap();
+    if let Some((_, data)) = values.iter().find(|(k, _)| *k == FILE_KEY) {
+        let header: serde_json::Value = serde_json::from_slice(&values[0].1).unwrap();
+        let name = header["file"]
+            .as_str()
+            .expect("a format-2 header names its file");
+        std::fs::create_dir_all(dir.join("snapshots")).unwrap();
+        std::fs::write(dir.join("snapshots").join(name), data).unwrap();
+    }
 }
+
+/// Stands for the snapshot file in [`snapshot_values`] (format 2 on).
+const FILE_KEY: &str = "(file)";
 
 fn stored_snapshot(db: &Database) -> Vec<(String, Vec<u8>)> {
     let txn = db.begin_read().unwrap();
@@ -131,12 +173,14 @@ fn stored_snapshot(db: &Database) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// The fixture snapshot `current` (and `current.data`) values as a store holds them.
+/// The fixture snapshot `current` (and `current.data`, or the file) values as a store holds them.
 fn snapshot_values(header: &str, data: Option<&str>) -> Vec<(&'static str, Vec<u8>)> {
     let one = |name: &str| records(name).pop().expect("one record");
-    let mut values = vec![("current", one(header))];
+    let header = one(header);
+    let file = version_of(&header) >= 2;
+    let mut values = vec![("current", header)];
     if let Some(data) = data {
-        values.push(("current.data", one(data)));
+        values.push((if file { FILE_KEY } else { "current.data" }, one(data)));
     }
     values
 }
@@ -155,9 +199,9 @@ async fn every_released_log_replays_to_the_same_state() {
                 index + 1
             );
         }
-        let (_dir, db) = empty_db();
+        let (dir, db) = empty_db();
         let mut log = LogStore::open(db.clone()).unwrap();
-        let mut sm = StateMachineStore::open(db.clone()).unwrap();
+        let mut sm = open_sm(dir.path(), &db).unwrap();
         put_log(&db, &entries);
 
         let state = log.get_log_state().await.unwrap();
@@ -205,41 +249,58 @@ async fn every_released_snapshot_loads_and_is_rewritten_in_the_current_format() 
         for (key, bytes) in &values {
             assert_eq!(version_of(bytes), u64::from(version), "{header} {key}");
         }
-        let (_dir, db) = empty_db();
-        StateMachineStore::open(db.clone()).unwrap();
-        put_snapshot(&db, &values);
+        let (dir, db) = empty_db();
+        open_sm(dir.path(), &db).unwrap();
+        put_snapshot(dir.path(), &db, &values);
 
-        let mut sm = StateMachineStore::open(db.clone()).unwrap();
+        // Opening moves an older stored snapshot to a file (format 2), the data as it was.
+        let mut sm = open_sm(dir.path(), &db).unwrap();
         assert!(sm.read(State::clone) == expected, "{header}: another state");
+        assert_current_format(dir.path(), &db, header);
         let (last_applied, _) = sm.applied_state().await.unwrap();
         assert_eq!(last_applied.map(|id| id.index), Some(LAST_INDEX));
-        let current = sm
+        let mut current = sm
             .get_current_snapshot()
             .await
             .unwrap()
             .expect("a snapshot");
         assert_eq!(current.meta.last_log_id, last_applied, "{header}");
-        let sent = decode_snapshot_data(current.snapshot.get_ref()).unwrap();
+        let mut sent = Vec::new();
+        current.snapshot.read_to_end(&mut sent).await.unwrap();
+        let sent = decode_snapshot_data(&sent).unwrap();
         assert!(sent.state == expected, "{header}: the data sent differs");
 
         // The next snapshot replaces it in the current format, and loads again.
         sm.build_snapshot().await.unwrap();
-        let stored = stored_snapshot(&db);
-        let keys: Vec<&str> = stored.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["current", "current.data"], "{header}");
-        for (key, bytes) in &stored {
-            assert_eq!(
-                version_of(bytes),
-                u64::from(SNAPSHOT_FORMAT_VERSION),
-                "{key}"
-            );
-        }
-        let reopened = StateMachineStore::open(db).unwrap();
+        assert_current_format(dir.path(), &db, header);
+        let reopened = open_sm(dir.path(), &db).unwrap();
         assert!(
             reopened.read(State::clone) == expected,
             "{header}: rewritten"
         );
     }
+}
+
+/// The stored snapshot is of the current format: one header naming the one snapshot file, whose data
+/// is of the current data format.
+fn assert_current_format(dir: &Path, db: &Database, what: &str) {
+    let stored = stored_snapshot(db);
+    let keys: Vec<&str> = stored.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["current"], "{what}");
+    assert_eq!(
+        version_of(&stored[0].1),
+        u64::from(SNAPSHOT_FORMAT_VERSION),
+        "{what}"
+    );
+    let header: serde_json::Value = serde_json::from_slice(&stored[0].1).unwrap();
+    let file = header["file"].as_str().expect("a file").to_string();
+    assert_eq!(snapshot_files(dir), [file.clone()], "{what}");
+    let data = std::fs::read(dir.join("snapshots").join(file)).unwrap();
+    assert_eq!(
+        version_of(&data),
+        u64::from(SNAPSHOT_DATA_FORMAT_VERSION),
+        "{what}"
+    );
 }
 
 #[tokio::test]
@@ -270,32 +331,41 @@ async fn a_log_of_a_newer_format_is_refused_with_a_clear_error() {
 
 #[tokio::test]
 async fn a_snapshot_of_a_newer_format_stops_the_coordinator_from_opening() {
-    let newer = SNAPSHOT_FORMAT_VERSION + 1;
-    let bump = |bytes: Vec<u8>| {
+    let bump = |bytes: Vec<u8>, newer: u32| {
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let v = value["v"].as_u64().unwrap();
         String::from_utf8(bytes)
             .unwrap()
-            .replacen("{\"v\":1,", &format!("{{\"v\":{newer},"), 1)
+            .replacen(&format!("{{\"v\":{v},"), &format!("{{\"v\":{newer},"), 1)
             .into_bytes()
     };
-    let values = snapshot_values("snapshot-v1.json", Some("snapshot-v1.data.json"));
-    for i in 0..values.len() {
-        // The header newer, then (with a current header) the data newer.
-        let mut one = values.clone();
-        one[i].1 = bump(one[i].1.clone());
-        let (_dir, db) = empty_db();
-        StateMachineStore::open(db.clone()).unwrap();
-        put_snapshot(&db, &one);
-        let error = StateMachineStore::open(db)
-            .err()
-            .expect("refused")
-            .to_string();
-        assert!(
-            error.contains(&format!(
-                "was written by a newer trainctl (format {newer}); this binary reads up to {SNAPSHOT_FORMAT_VERSION}"
-            )),
-            "{}: {error}",
-            one[i].0
-        );
+    for (header, data) in [
+        ("snapshot-v1.json", "snapshot-v1.data.json"),
+        ("snapshot-v2.json", "snapshot-v2.data.json"),
+    ] {
+        let values = snapshot_values(header, Some(data));
+        for i in 0..values.len() {
+            // The header newer, then (with a current header) the data newer.
+            let supported = if i == 0 {
+                SNAPSHOT_FORMAT_VERSION
+            } else {
+                SNAPSHOT_DATA_FORMAT_VERSION
+            };
+            let newer = supported + 1;
+            let mut one = values.clone();
+            one[i].1 = bump(one[i].1.clone(), newer);
+            let (dir, db) = empty_db();
+            open_sm(dir.path(), &db).unwrap();
+            put_snapshot(dir.path(), &db, &one);
+            let error = open_sm(dir.path(), &db).err().expect("refused").to_string();
+            assert!(
+                error.contains(&format!(
+                    "was written by a newer trainctl (format {newer}); this binary reads up to {supported}"
+                )),
+                "{header} {}: {error}",
+                one[i].0
+            );
+        }
     }
 }
 
@@ -321,10 +391,10 @@ async fn write_fixtures_of_this_format() {
     }
     write_new(format!("log-v{LOG_FORMAT_VERSION}.jsonl"), log);
 
-    let (_dir, db) = empty_db();
-    StateMachineStore::open(db.clone()).unwrap();
-    put_snapshot(&db, &snapshot_values("snapshot-v0.json", None));
-    StateMachineStore::open(db.clone())
+    let (dir, db) = empty_db();
+    open_sm(dir.path(), &db).unwrap();
+    put_snapshot(dir.path(), &db, &snapshot_values("snapshot-v0.json", None));
+    open_sm(dir.path(), &db)
         .unwrap()
         .build_snapshot()
         .await
@@ -337,5 +407,14 @@ async fn write_fixtures_of_this_format() {
             other => panic!("unexpected key {other}"),
         };
         write_new(name, bytes);
+    }
+    // From format 2 the data is a file of its own.
+    for file in snapshot_files(dir.path()) {
+        let mut bytes = std::fs::read(dir.path().join("snapshots").join(file)).unwrap();
+        bytes.push(b'\n');
+        write_new(
+            format!("snapshot-v{SNAPSHOT_FORMAT_VERSION}.data.json"),
+            bytes,
+        );
     }
 }

@@ -17,7 +17,12 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
         let db =
             Arc::new(redb::Database::create(dir.path().join("state.redb")).expect("create db"));
         let log = LogStore::open(db.clone()).expect("open log");
-        let sm = StateMachineStore::open(db).expect("open state machine");
+        let sm = StateMachineStore::open(
+            db,
+            dir.path().join("snapshots"),
+            trainctl_coordinator::logs::LogStore::new(dir.path().join("logs")),
+        )
+        .expect("open state machine");
         Ok((dir, log, sm))
     }
 }

@@ -8,3 +8,7 @@
 pub mod agent {
     tonic::include_proto!("trainctl.agent.v1");
 }
+
+/// gRPC metadata of an `UNAVAILABLE` answer from a coordinator that is not the Raft leader: the
+/// leader's address (host:port), when that coordinator knows it. The agent goes there at once.
+pub const LEADER_METADATA_KEY: &str = "x-trainctl-leader";

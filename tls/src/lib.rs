@@ -554,6 +554,12 @@ impl ClusterCa {
         }
     }
 
+    /// The CA's private key (PEM). Only for handing the CA to a coordinator joining the
+    /// cluster (over TLS, to an admin): every coordinator signs agents' certificates.
+    pub fn key_pem(&self) -> String {
+        self.key_pem.clone()
+    }
+
     /// The CA certificate (PEM): what clients and servers trust.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem

@@ -385,3 +385,37 @@ async fn the_grpc_channel_presents_the_identity_and_checks_the_url_host() {
     assert!(result.is_err());
     assert!(!server.await.unwrap(), "the handshake must fail");
 }
+
+#[tokio::test]
+async fn a_join_goes_to_the_next_coordinator_when_one_does_not_answer() {
+    trainctl_tls::install_crypto_provider();
+    let ca = Arc::new(ClusterCa::generate("test CA").unwrap());
+    let (url, fake) = fake_coordinator(ca.clone(), &ca).await;
+    let (tmp, tls) = setup(&ca, Some(GOOD_TOKEN));
+    // The first is dead (nothing listens on port 1).
+    let urls = ["https://127.0.0.1:1".to_string(), url.clone()];
+    let identity = ensure_any(tmp.path(), "gpu-01", &urls, &tls).await.unwrap();
+    assert_eq!(identity.node_name, "gpu-01");
+    assert_eq!(*fake.joins.lock().unwrap(), ["gpu-01"]);
+
+    // Every one dead: a retryable error (the agent tries again later).
+    let (tmp, tls) = setup(&ca, Some(GOOD_TOKEN));
+    let dead = [
+        "https://127.0.0.1:1".to_string(),
+        "https://127.0.0.1:2".to_string(),
+    ];
+    let e = ensure_any(tmp.path(), "gpu-01", &dead, &tls)
+        .await
+        .unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+
+    // A refusal (a bad token) is the answer: no other coordinator would say otherwise.
+    let (tmp, tls) = setup(&ca, Some("tok-bad"));
+    let e = ensure_any(tmp.path(), "gpu-02", &[url], &tls)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, IdentityError::Refused { status: 401, .. }),
+        "{e}"
+    );
+}

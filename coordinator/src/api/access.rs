@@ -19,7 +19,7 @@ pub const AGENT_CERT_VALIDITY_DAYS: u32 = 365;
 pub const CSR_BYTES_MAX: usize = 16 * 1024;
 
 /// A JSON body, with axum's plain-text rejections turned into [`ApiError`]s.
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(v)| v)
         .map_err(|e| ApiError::BadRequest(e.body_text()))
 }

@@ -1,7 +1,8 @@
 //! `GET /v1/cluster`: the coordinators of the Raft group as the answering one sees them: members,
 //! roles, the leader, the term, log indices and each member's replication lag (in the manner of
-//! Nomad's `operator raft list-peers` and etcd's `member list`). Read only: membership changes come
-//! later.
+//! Nomad's `operator raft list-peers` and etcd's `member list`), and the membership changes
+//! (join, add, remove, leadership transfer) of [`crate::membership`], admin only, on the leader
+//! (a follower forwards them).
 
 use axum::extract::State;
 use axum::Json;
@@ -9,7 +10,7 @@ use openraft::{BasicNode, RaftMetrics, ServerState};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{Ctx, ErrorBody};
+use super::{ApiError, Ctx, ErrorBody};
 use crate::raft::ServerId;
 
 /// A coordinator named by its Raft id and address.
@@ -170,6 +171,81 @@ pub(super) async fn cluster(State(c): Ctx) -> Json<ClusterView> {
     let metrics = c.raft.metrics().borrow().clone();
     let cluster_id = c.state.read(|s| s.cluster_id.clone());
     Json(cluster_view(&metrics, cluster_id))
+}
+
+fn view_of(c: &crate::server::Coordinator) -> ClusterView {
+    let metrics = c.raft.metrics().borrow().clone();
+    cluster_view(&metrics, c.state.read(|s| s.cluster_id.clone()))
+}
+
+/// A new coordinator's grant (step 1 of `trainctl coordinator --join`): its server id, the cluster
+/// id, the cluster CA and the peer secret. The coordinator then serves, and asks to be added.
+#[utoipa::path(post, path = "/v1/cluster/join", security(("bearer" = [])),
+    request_body = crate::membership::JoinRequest,
+    responses((status = 200, body = crate::membership::JoinGrant), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub(super) async fn join(
+    State(c): Ctx,
+    body: Result<Json<crate::membership::JoinRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<crate::membership::JoinGrant>, ApiError> {
+    let request = super::access::json_body(body)?;
+    Ok(Json(c.grant_join(&request.address).await?))
+}
+
+/// Adds the coordinator serving at `address` (started with this cluster's grant) as a learner,
+/// waits until it caught up with the log, and makes it a voter. Answers the new membership.
+#[utoipa::path(post, path = "/v1/cluster/members", security(("bearer" = [])),
+    request_body = crate::membership::AddMemberRequest,
+    responses((status = 200, body = ClusterView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub(super) async fn add_member(
+    State(c): Ctx,
+    body: Result<
+        Json<crate::membership::AddMemberRequest>,
+        axum::extract::rejection::JsonRejection,
+    >,
+) -> Result<Json<ClusterView>, ApiError> {
+    let request = super::access::json_body(body)?;
+    c.add_member(&request.address).await?;
+    Ok(Json(view_of(&c)))
+}
+
+/// Removes member `id` (a dead server, or one going away). Its messages are refused from then on.
+#[utoipa::path(delete, path = "/v1/cluster/members/{id}", security(("bearer" = [])),
+    params(("id" = u64, Path, description = "the member's server id")),
+    responses((status = 200, body = ClusterView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(super) async fn remove_member(
+    State(c): Ctx,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<ClusterView>, ApiError> {
+    let id: ServerId = id.parse().map_err(|_| {
+        ApiError::BadRequest(format!(
+            "`{id}` is not a server id (a number; see `trainctl cluster`)"
+        ))
+    })?;
+    c.remove_member(id).await?;
+    Ok(Json(view_of(&c)))
+}
+
+/// Hands leadership to voter `id` (before maintenance of the leader's host).
+#[utoipa::path(post, path = "/v1/cluster/leader", security(("bearer" = [])),
+    request_body = crate::membership::TransferLeaderRequest,
+    responses((status = 200, body = ClusterView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 500, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub(super) async fn transfer_leader(
+    State(c): Ctx,
+    body: Result<
+        Json<crate::membership::TransferLeaderRequest>,
+        axum::extract::rejection::JsonRejection,
+    >,
+) -> Result<Json<ClusterView>, ApiError> {
+    let request = super::access::json_body(body)?;
+    c.transfer_leadership(request.id).await?;
+    Ok(Json(view_of(&c)))
 }
 
 #[cfg(test)]

@@ -84,6 +84,10 @@ pub enum ApiError {
     /// A good token whose role may not do this.
     #[error("{0}")]
     Forbidden(String),
+    /// No leader can answer now (an election, a coordinator cut off from the majority): 503
+    /// with `Retry-After`.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The body of every error response.
@@ -103,7 +107,8 @@ impl IntoResponse for ApiError {
                 StatusCode::NOT_FOUND
             }
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Write(WriteError::NotLeader { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Write(WriteError::NotLeader { .. } | WriteError::Unconfirmed)
+            | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Write(WriteError::Raft(_)) | ApiError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -130,6 +135,11 @@ impl IntoResponse for ApiError {
             .into_response();
         if let Some(allow) = allow {
             response.headers_mut().insert(header::ALLOW, allow);
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
@@ -651,6 +661,8 @@ pub struct Health {
     pub is_leader: bool,
     pub leader: Option<u64>,
     pub raft_term: u64,
+    /// The cluster's id (a coordinator joining with `--join` checks it).
+    pub cluster_id: Option<String>,
     pub last_applied_index: Option<u64>,
     pub nodes_up: u64,
     pub nodes_down: u64,
@@ -758,6 +770,13 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/audit", get(access::audit))
         .route("/v1/whoami", get(access::whoami))
         .route("/v1/cluster", get(cluster::cluster))
+        .route("/v1/cluster/join", post(cluster::join))
+        .route("/v1/cluster/members", post(cluster::add_member))
+        .route(
+            "/v1/cluster/members/{id}",
+            axum::routing::delete(cluster::remove_member),
+        )
+        .route("/v1/cluster/leader", post(cluster::transfer_leader))
         .route("/v1/join", post(access::join))
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
@@ -797,6 +816,10 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         access::whoami,
         access::join,
         cluster::cluster,
+        cluster::join,
+        cluster::add_member,
+        cluster::remove_member,
+        cluster::transfer_leader,
         health,
         metrics
     ),
@@ -830,7 +853,11 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         access::JoinResponse,
         cluster::ClusterView,
         cluster::MemberView,
-        cluster::ServerRef
+        cluster::ServerRef,
+        crate::membership::JoinRequest,
+        crate::membership::JoinGrant,
+        crate::membership::AddMemberRequest,
+        crate::membership::TransferLeaderRequest
     ))
 )]
 pub struct ApiDoc;
@@ -1517,6 +1544,7 @@ async fn health(State(c): Ctx) -> (StatusCode, Json<Health>) {
         is_leader: m.current_leader == Some(c.config.server_id),
         leader: m.current_leader,
         raft_term: m.current_term,
+        cluster_id: c.state.read(|s| s.cluster_id.clone()),
         last_applied_index: m.last_applied.map(|l| l.index),
         nodes_up: up,
         nodes_down: down,

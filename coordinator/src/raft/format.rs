@@ -13,24 +13,31 @@
 //!   `{"v":1,"log_id":{"leader_id":{"term":2,"node_id":1},"index":7},"payload":{"Normal":{"CancelJob":{"job":3,"at_ms":1700000000000}}}}`.
 //!   The payload is a [`Command`](crate::state::Command) as serde writes it (externally tagged).
 //! - **Snapshot data** (what [`StateMachineStore`](super::state_machine::StateMachineStore) builds and
-//!   Raft sends to a follower that lags): `{"v":1,"last_applied":…,"last_membership":…,"state":…}`,
-//!   the whole [`State`] with Raft's bookkeeping of it.
-//! - **The stored snapshot** (table `snapshot`): key `current` holds `{"v":1,"meta":…}` (openraft's
-//!   `SnapshotMeta`), key `current.data` the snapshot data as it is, bytes for bytes. Both are written in
-//!   one transaction.
+//!   Raft sends to a follower that lags, in chunks): `{"v":1,"last_applied":…,"last_membership":…,"state":…}`
+//!   ([`SNAPSHOT_DATA_FORMAT_VERSION`]), the whole [`State`] with Raft's bookkeeping of it. It is
+//!   written and read as a stream ([`write_snapshot_data`], [`read_snapshot_data`]), never held whole
+//!   in memory.
+//! - **The stored snapshot** ([`SNAPSHOT_FORMAT_VERSION`], format 2): the data in a file of its own
+//!   under `<data-dir>/snapshots/`, bytes for bytes as built or received, and in table `snapshot`, key
+//!   `current`, the header `{"v":2,"meta":…,"file":"snapshot-42-….json"}` (openraft's `SnapshotMeta`
+//!   and the file's name). The file is written to a temporary name, fsync'd and renamed before the
+//!   header naming it is committed, so the header never names a partial file.
 //!
-//! Format 0 is what releases before versioning wrote, and it still decodes: a log entry and snapshot
-//! data without `v` (format 1 only added `v`), and a stored snapshot `{"meta":…,"data":[123,34,…]}`
-//! with the data inline as an array of byte values under key `current` (which held the state twice in
-//! memory and took up to four characters a byte).
+//! Older stored snapshots still decode (and are rewritten as format 2 when a coordinator opens them):
+//! format 1 kept the data in redb under key `current.data` beside the header `{"v":1,"meta":…}` (the
+//! data format is unchanged since); format 0, what releases before versioning wrote, is a log entry
+//! and snapshot data without `v` (format 1 only added `v`), and a stored snapshot
+//! `{"meta":…,"data":[123,34,…]}` with the data inline as an array of byte values under key `current`
+//! (which held the state twice in memory and took up to four characters a byte).
 //!
 //! # Policy
 //!
 //! - **Add a field** to a command or to the state with `#[serde(default)]` (and a default that means
 //!   what the old behaviour meant): old records then decode unchanged, and the format version stays.
 //!   Add a command as a new variant; no old log holds it.
-//! - **Bump the version** (`LOG_FORMAT_VERSION` for commands and entries, `SNAPSHOT_FORMAT_VERSION` for
-//!   the state and the stored snapshot) when a change is not just an added defaulted field: a renamed
+//! - **Bump the version** (`LOG_FORMAT_VERSION` for commands and entries,
+//!   `SNAPSHOT_DATA_FORMAT_VERSION` for the state, `SNAPSHOT_FORMAT_VERSION` for the stored snapshot)
+//!   when a change is not just an added defaulted field: a renamed
 //!   or removed field or variant, a changed type or meaning, another encoding. Keep the old shape as a
 //!   type of its own here (`EntryV1`, ...), decode by `v`, convert it to today's type, and give the old
 //!   meaning to the new code (`State::apply` of a command from an old log must reach the state it
@@ -46,6 +53,8 @@
 //! the JSON of openraft 0.9's types, like `log_id` and `meta` above. An openraft upgrade that changes
 //! them is a format change too; the fixtures catch it.
 
+use std::io::{Read, Seek, SeekFrom, Write};
+
 use openraft::{BasicNode, Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -56,8 +65,13 @@ use crate::state::State;
 
 /// The format this binary writes Raft log entries in, and the newest it reads.
 pub const LOG_FORMAT_VERSION: u32 = 1;
-/// The format this binary writes snapshots in (data and stored record), and the newest it reads.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// The format this binary stores snapshots in (the header in redb, the data in a file), and the
+/// newest it reads.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+/// The format this binary writes snapshot data in (stored, and sent to followers), and the newest it
+/// reads. Format 1 since versioning began: format 2 of the stored snapshot moved the data, it did
+/// not change it, so a follower of the release before can still install what this one sends.
+pub const SNAPSHOT_DATA_FORMAT_VERSION: u32 = 1;
 
 /// A stored record that cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +97,13 @@ pub enum FormatError {
     /// A stored snapshot whose data is missing.
     #[error("{what} (format {version}) has no data")]
     NoData { what: String, version: u32 },
+    /// The data could not be read or written at all.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Only the version of a record, whatever else it holds (absent: format 0).
@@ -183,38 +204,92 @@ struct AppliedIn {
     state: State,
 }
 
-/// Snapshot data ([`SNAPSHOT_FORMAT_VERSION`]): what is stored and sent to followers.
+/// Snapshot data ([`SNAPSHOT_DATA_FORMAT_VERSION`]) in memory: for tests and small states; the
+/// state machine streams it with [`write_snapshot_data`].
 pub fn encode_snapshot_data(applied: &Applied) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(&AppliedOut {
-        v: SNAPSHOT_FORMAT_VERSION,
-        last_applied: &applied.last_applied,
-        last_membership: &applied.last_membership,
-        state: &applied.state,
-    })
+    let mut bytes = Vec::new();
+    write_snapshot_data(applied, &mut bytes)?;
+    Ok(bytes)
 }
 
-/// Snapshot data of any released format.
-pub fn decode_snapshot_data(bytes: &[u8]) -> Result<Applied, FormatError> {
-    let stored: AppliedIn = decode(
-        || "the snapshot data".to_string(),
-        bytes,
-        SNAPSHOT_FORMAT_VERSION,
-        |a: &AppliedIn| a.v,
-    )?;
-    Ok(Applied {
+/// Writes snapshot data ([`SNAPSHOT_DATA_FORMAT_VERSION`]) to `writer` as it is serialized (give it a
+/// buffered writer): no copy of the encoding is held in memory.
+pub fn write_snapshot_data(applied: &Applied, writer: impl Write) -> Result<(), serde_json::Error> {
+    serde_json::to_writer(
+        writer,
+        &AppliedOut {
+            v: SNAPSHOT_DATA_FORMAT_VERSION,
+            last_applied: &applied.last_applied,
+            last_membership: &applied.last_membership,
+            state: &applied.state,
+        },
+    )
+}
+
+fn applied(stored: AppliedIn) -> Applied {
+    Applied {
         last_applied: stored.last_applied,
         last_membership: stored.last_membership,
         state: stored.state,
-    })
+    }
+}
+
+/// Snapshot data of any released format, in memory.
+pub fn decode_snapshot_data(bytes: &[u8]) -> Result<Applied, FormatError> {
+    decode(
+        || "the snapshot data".to_string(),
+        bytes,
+        SNAPSHOT_DATA_FORMAT_VERSION,
+        |a: &AppliedIn| a.v,
+    )
+    .map(applied)
+}
+
+/// Snapshot data of any released format, decoded as it is read from `reader` (give it a buffered
+/// reader). A record that does not decode is read again from the start for its version only, so a
+/// newer one is still [`FormatError::Newer`].
+pub fn read_snapshot_data<R: Read + Seek>(mut reader: R) -> Result<Applied, FormatError> {
+    let what = || "the snapshot data".to_string();
+    let supported = SNAPSHOT_DATA_FORMAT_VERSION;
+    let newer = |found| FormatError::Newer {
+        what: what(),
+        found,
+        supported,
+    };
+    match serde_json::from_reader::<_, AppliedIn>(&mut reader) {
+        Ok(value) if value.v <= supported => Ok(applied(value)),
+        Ok(value) => Err(newer(value.v)),
+        Err(source) if source.is_io() => Err(FormatError::Io {
+            what: what(),
+            source: source.into(),
+        }),
+        Err(source) => {
+            let version = reader
+                .seek(SeekFrom::Start(0))
+                .ok()
+                .and_then(|_| serde_json::from_reader::<_, VersionOnly>(&mut reader).ok())
+                .map_or(0, |p| p.v);
+            if version > supported {
+                Err(newer(version))
+            } else {
+                Err(FormatError::Malformed {
+                    what: what(),
+                    version,
+                    source,
+                })
+            }
+        }
+    }
 }
 
 #[derive(Serialize)]
 struct SnapshotHeaderOut<'a> {
     v: u32,
     meta: &'a SnapshotMeta<ServerId, BasicNode>,
+    file: &'a str,
 }
 
-/// Format 0 (`data` inline) and 1 (`v`, the data under a key of its own).
+/// Format 0 (`data` inline), 1 (`v`, the data under a key of its own) and 2 (the data in `file`).
 #[derive(Deserialize)]
 struct SnapshotHeaderIn {
     #[serde(default)]
@@ -222,15 +297,20 @@ struct SnapshotHeaderIn {
     meta: SnapshotMeta<ServerId, BasicNode>,
     #[serde(default)]
     data: Option<Vec<u8>>,
+    #[serde(default)]
+    file: Option<String>,
 }
 
-/// The stored snapshot's header ([`SNAPSHOT_FORMAT_VERSION`]); its data is stored beside it.
+/// The stored snapshot's header ([`SNAPSHOT_FORMAT_VERSION`]): its data is the file `file` in the
+/// snapshot directory.
 pub fn encode_snapshot_header(
     meta: &SnapshotMeta<ServerId, BasicNode>,
+    file: &str,
 ) -> Result<Vec<u8>, serde_json::Error> {
     serde_json::to_vec(&SnapshotHeaderOut {
         v: SNAPSHOT_FORMAT_VERSION,
         meta,
+        file,
     })
 }
 
@@ -240,11 +320,15 @@ pub struct SnapshotHeader {
     /// The format that wrote it.
     pub version: u32,
     pub meta: SnapshotMeta<ServerId, BasicNode>,
-    /// The data, when it is inline (format 0); else it is stored under its own key.
+    /// The data, when it is inline (format 0).
     pub inline_data: Option<Vec<u8>>,
+    /// The name of the data's file in the snapshot directory (format 2); with neither this nor
+    /// `inline_data` (format 1) the data is under its own key.
+    pub file: Option<String>,
 }
 
-/// A stored snapshot's header of any released format. Format 0 must carry its data inline.
+/// A stored snapshot's header of any released format. Format 0 must carry its data inline, format
+/// 2 a file name.
 pub fn decode_snapshot_header(bytes: &[u8]) -> Result<SnapshotHeader, FormatError> {
     let what = || "the stored snapshot".to_string();
     let stored: SnapshotHeaderIn = decode(
@@ -253,16 +337,22 @@ pub fn decode_snapshot_header(bytes: &[u8]) -> Result<SnapshotHeader, FormatErro
         SNAPSHOT_FORMAT_VERSION,
         |h: &SnapshotHeaderIn| h.v,
     )?;
-    if stored.v == 0 && stored.data.is_none() {
+    let missing = match stored.v {
+        0 => stored.data.is_none(),
+        1 => false,
+        _ => stored.file.is_none(),
+    };
+    if missing {
         return Err(FormatError::NoData {
             what: what(),
-            version: 0,
+            version: stored.v,
         });
     }
     Ok(SnapshotHeader {
         version: stored.v,
         meta: stored.meta,
         inline_data: stored.data,
+        file: stored.file,
     })
 }
 
@@ -321,11 +411,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("newer trainctl (format 9)"), "{e}");
-        let header = r#"{"v":2,"meta":{}}"#;
+        let e = read_snapshot_data(std::io::Cursor::new(data))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("newer trainctl (format 9)"), "{e}");
+        let header = r#"{"v":3,"meta":{}}"#;
         let e = decode_snapshot_header(header.as_bytes())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("newer trainctl (format 2)"), "{e}");
+        assert!(e.contains("newer trainctl (format 3)"), "{e}");
     }
 
     #[test]
@@ -348,6 +442,13 @@ mod tests {
         assert!(bytes.starts_with(b"{\"v\":1,\"last_applied\""));
         let back = decode_snapshot_data(&bytes).unwrap();
         assert_eq!(back.state, applied.state);
+        let streamed = read_snapshot_data(std::io::Cursor::new(&bytes)).unwrap();
+        assert_eq!(streamed.state, applied.state);
+        let e = read_snapshot_data(std::io::Cursor::new(&bytes[..bytes.len() - 1])).unwrap_err();
+        assert!(
+            matches!(e, FormatError::Malformed { version: 1, .. }),
+            "{e:?}"
+        );
         let format_0 = serde_json::json!({
             "last_applied": null,
             "last_membership": applied.last_membership,

@@ -1,12 +1,11 @@
 //! Raft glue: openraft's type configuration, the redb-backed log and state machine, and the network.
 //!
 //! The adapters here are thin: the state machine's `apply` hands each committed [`Command`] to the pure
-//! [`State::apply`](crate::state::State::apply). What they store is versioned: see [`format`].
+//! [`State::apply`](crate::state::State::apply) (and appends the rank logs of `AppendLogs` to the
+//! coordinator's files). What they store is versioned: see [`format`].
 
 // openraft's storage traits fix the error type (`StorageError`, over 200 bytes); our helpers return it.
 #![allow(clippy::result_large_err)]
-
-use std::io::Cursor;
 
 use crate::state::{Command, CommandOutcome};
 
@@ -17,10 +16,12 @@ pub mod peer_auth;
 pub mod state_machine;
 
 openraft::declare_raft_types!(
-    /// Types of trainctl's Raft: commands in, outcomes out, u64 server ids, HTTP addresses.
+    /// Types of trainctl's Raft: commands in, outcomes out, u64 server ids, HTTP addresses, and
+    /// snapshots as files (built, sent and received in chunks, never whole in memory).
     pub TypeConfig:
         D = Command,
         R = CommandOutcome,
+        SnapshotData = tokio::fs::File,
 );
 
 /// A coordinator's Raft handle.

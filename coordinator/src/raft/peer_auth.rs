@@ -91,6 +91,25 @@ impl PeerSecret {
         }
     }
 
+    /// The secret, hex, as a joining coordinator receives it.
+    pub fn to_hex(&self) -> String {
+        encode_hex(&self.0)
+    }
+
+    /// Stores a secret received as hex in `<data_dir>/peer.secret` (mode 0600), replacing any.
+    pub fn store_hex(data_dir: &Path, hex: &str) -> io::Result<Self> {
+        let bytes = decode_hex(hex.trim())
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "the peer secret is not hex")
+            })?;
+        trainctl_tls::write_private_file(
+            &data_dir.join(PEER_SECRET_FILE),
+            format!("{hex}\n").as_bytes(),
+        )?;
+        Ok(PeerSecret(bytes))
+    }
+
     fn mac(&self, from: ServerId, at_ms: u64, path: &str, body: &[u8]) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
         mac.update(format!("v1\n{from}\n{at_ms}\n{path}\n").as_bytes());

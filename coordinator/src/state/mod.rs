@@ -366,6 +366,38 @@ pub struct RankObservation {
     pub pid: Option<u32>,
 }
 
+/// A byte range of one rank's output, as an agent shipped it: replicated through Raft
+/// ([`Command::AppendLogs`]) so every coordinator stores the same rank logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub job: JobId,
+    pub attempt: u32,
+    pub rank: u32,
+    /// Where `data` starts in the rank's log.
+    pub offset: u64,
+    /// The bytes, base64 in the log entry (not a JSON array of numbers).
+    #[serde(with = "base64_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// Bytes as one base64 string (standard alphabet, padded).
+mod base64_bytes {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// A change to the cluster's state, as written to the Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -475,6 +507,10 @@ pub enum Command {
         digest: String,
         submit: Box<Command>,
     },
+    /// Rank output an agent shipped. It changes nothing in the state: the Raft state machine
+    /// appends the chunks to the coordinator's rank logs (`raft/state_machine.rs`) when it applies
+    /// the entry, so every member stores the same logs.
+    AppendLogs { chunks: Vec<LogRecord> },
 }
 
 /// What applying a command produced.
@@ -629,6 +665,8 @@ impl State {
                 digest,
                 submit,
             } => self.apply_idempotent(&Actor::default(), key, digest, *submit),
+            // A side effect outside the state (the Raft state machine writes the files).
+            Command::AppendLogs { .. } => CommandOutcome::Done,
         }
     }
 
