@@ -1,0 +1,703 @@
+//! The replicated control plane with real processes: three `trainctl coordinator`s (TLS and
+//! tokens on, as in production) that bootstrap and join, agents and the CLI given the member
+//! list, and faults: the leader killed under a submission load, a job through five failovers, a
+//! follower restarted, a member's disk wiped and the member replaced, joins that must fail.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{
+    eventually, free_port, job_file, lock_cluster_addresses, nodes_up, signal, start_with_env,
+    trainctl, Proc,
+};
+use serde_json::Value;
+
+/// N coordinators on 127.0.0.1 (the first bootstraps, the others join it) and agents on
+/// 127.0.0.2, ... given every coordinator's address.
+struct Group {
+    dir: tempfile::TempDir,
+    addrs: Vec<String>,
+    /// Agents first: dropped (stopped) before the coordinators.
+    agents: Vec<Proc>,
+    coordinators: Vec<Option<Proc>>,
+    /// The data dir of each coordinator slot (a replaced member gets a new one).
+    data_dirs: Vec<PathBuf>,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Group {
+    fn start(n: usize, agents: u32) -> Group {
+        let lock = lock_cluster_addresses();
+        let dir = tempfile::tempdir().unwrap();
+        let addrs: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let data_dirs = (0..n).map(|i| dir.path().join(format!("c{i}"))).collect();
+        let mut group = Group {
+            dir,
+            addrs,
+            agents: Vec::new(),
+            coordinators: (0..n).map(|_| None).collect(),
+            data_dirs,
+            _lock: lock,
+        };
+        group.start_coordinator(0);
+        eventually(Duration::from_secs(30), "the admin token", || {
+            group.admin_token_file().exists().then_some(())
+        });
+        for i in 1..n {
+            group.start_coordinator(i);
+        }
+        group.wait_voters(n);
+        if agents > 0 {
+            let token = group.cli(&["token", "create", "--role", "agent"]);
+            assert!(token.status.success(), "{token:?}");
+            let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+            for i in 1..=agents {
+                group.start_agent(i, &token);
+            }
+            eventually(Duration::from_secs(60), "every agent up", || {
+                let nodes: Value =
+                    serde_json::from_slice(&group.cli(&["nodes", "-o", "json"]).stdout).ok()?;
+                (nodes_up(&nodes)? == agents as usize).then_some(())
+            });
+        }
+        group
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("cluster.log")
+    }
+
+    fn ca_cert(&self) -> PathBuf {
+        self.data_dirs[0].join("tls").join("ca.pem")
+    }
+
+    fn admin_token_file(&self) -> PathBuf {
+        self.data_dirs[0].join("admin.token")
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.admin_token_file())
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn urls(&self) -> String {
+        self.addrs
+            .iter()
+            .map(|a| format!("https://{a}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts coordinator `i` on its data dir: the first bootstraps, the others join the
+    /// first (a no-op check once their data dir holds the cluster).
+    fn start_coordinator(&mut self, i: usize) {
+        let data = self.data_dirs[i].display().to_string();
+        let mut args = vec![
+            "coordinator".to_string(),
+            "--data-dir".into(),
+            data,
+            "--listen".into(),
+            self.addrs[i].clone(),
+        ];
+        let token = self.token_if_written();
+        if i > 0 {
+            let others: Vec<String> = self
+                .addrs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, a)| a.clone())
+                .collect();
+            args.extend([
+                "--join".into(),
+                others.join(","),
+                "--ca-cert".into(),
+                self.ca_cert().display().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = token
+            .as_deref()
+            .map(|t| ("TRAINCTL_TOKEN", t))
+            .into_iter()
+            .collect();
+        self.coordinators[i] = Some(start_with_env(&args, &env, &self.log()));
+    }
+
+    fn token_if_written(&self) -> Option<String> {
+        std::fs::read_to_string(self.admin_token_file())
+            .ok()
+            .map(|t| t.trim().to_string())
+    }
+
+    fn start_agent(&mut self, i: u32, join_token: &str) {
+        let name = format!("host-{i}");
+        let data = self.dir.path().join(format!("agent-{i}"));
+        let ports = format!("{}-{}", 29500 + i * 100, 29599 + i * 100);
+        let advertise = format!("127.0.0.{}", i + 1);
+        let urls = self.urls();
+        let ca = self.ca_cert();
+        let args = [
+            "agent",
+            "--coordinator",
+            &urls,
+            "--ca-cert",
+            ca.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--name",
+            &name,
+            "--advertise-addr",
+            &advertise,
+            "--port-range",
+            &ports,
+        ];
+        let agent = start_with_env(&args, &[("TRAINCTL_JOIN_TOKEN", join_token)], &self.log());
+        self.agents.push(agent);
+    }
+
+    /// SIGKILLs coordinator `i` (its host lost at once).
+    fn kill(&mut self, i: usize) {
+        let mut proc = self.coordinators[i].take().expect("coordinator runs");
+        signal(proc.0.id(), libc::SIGKILL);
+        let _ = proc.0.wait();
+        std::mem::forget(proc);
+    }
+
+    fn command(&self, addr: &str) -> Command {
+        let mut cmd = Command::new(trainctl());
+        cmd.env("TRAINCTL_ADDR", addr)
+            .env("TRAINCTL_TOKEN", self.token())
+            .env("TRAINCTL_CA_CERT", self.ca_cert())
+            .env("TRAINCTL_CONFIG", "/nonexistent/trainctl-config.toml")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `trainctl ARGS` given every coordinator.
+    fn cli(&self, args: &[&str]) -> Output {
+        self.command(&self.urls()).args(args).output().unwrap()
+    }
+
+    /// `trainctl ARGS` given only coordinator `i`.
+    fn cli_at(&self, i: usize, args: &[&str]) -> Output {
+        self.command(&format!("https://{}", self.addrs[i]))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(out.status.success(), "trainctl {args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `GET path` on coordinator `i` with curl (a client no one here wrote).
+    fn curl(&self, i: usize, path: &str) -> (u16, Value) {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-w",
+                "\n%{http_code}",
+                "--cacert",
+            ])
+            .arg(self.ca_cert())
+            .args(["-H", &format!("Authorization: Bearer {}", self.token())])
+            .arg(format!("https://{}{path}", self.addrs[i]))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (
+            code.trim().parse().unwrap_or(0),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// The index of the leading coordinator, as the live ones report it.
+    fn leader(&self) -> usize {
+        eventually(Duration::from_secs(30), "a leader", || {
+            let view: Value =
+                serde_json::from_slice(&self.cli(&["cluster", "-o", "json"]).stdout).ok()?;
+            let addr = view["leader"]["address"].as_str()?.to_string();
+            let i = self.addrs.iter().position(|a| *a == addr)?;
+            self.coordinators[i].is_some().then_some(i)
+        })
+    }
+
+    /// Waits until the group has `n` voters, none lagging.
+    fn wait_voters(&self, n: usize) {
+        eventually(
+            Duration::from_secs(60),
+            &format!("{n} voters caught up"),
+            || {
+                let view: Value =
+                    serde_json::from_slice(&self.cli(&["cluster", "-o", "json"]).stdout).ok()?;
+                let members = view["members"].as_array()?;
+                let voters = members.iter().filter(|m| m["voter"] == true).count();
+                let caught_up = members.iter().all(|m| m["lag"] == 0);
+                (voters == n && caught_up).then_some(())
+            },
+        );
+    }
+
+    /// Job names in the state, with how often each occurs.
+    fn job_names(&self) -> BTreeMap<String, Vec<String>> {
+        let jobs = self.json(&["list", "-o", "json"]);
+        let mut names: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for job in jobs.as_array().unwrap() {
+            names
+                .entry(job["name"].as_str().unwrap().to_string())
+                .or_default()
+                .push(job["id"].to_string().trim_matches('"').to_string());
+        }
+        names
+    }
+}
+
+fn short_job(dir: &Path, name: &str) -> PathBuf {
+    job_file(
+        dir,
+        name,
+        &format!(
+            "name = \"{name}\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n"
+        ),
+    )
+}
+
+#[test]
+fn any_coordinator_takes_any_request_and_reads_are_linearizable() {
+    let group = Group::start(3, 1);
+    let leader = group.leader();
+    let follower = (leader + 1) % 3;
+    // A write through a follower is forwarded to the leader, in one hop, transparently.
+    let job = short_job(group.dir.path(), "via-follower");
+    let out = group.cli_at(follower, &["submit", job.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    // Read right after from the other follower: the write is there (linearizable).
+    let other = 3 - leader - follower;
+    let (status, jobs) = group.curl(other, "/v1/jobs");
+    assert_eq!(status, 200, "{jobs}");
+    assert!(
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["name"] == "via-follower"),
+        "{jobs}"
+    );
+    // ?stale answers from the follower's own state; it too catches up.
+    eventually(
+        Duration::from_secs(10),
+        "the stale read to see the job",
+        || {
+            let (status, jobs) = group.curl(other, "/v1/jobs?stale");
+            (status == 200 && jobs.to_string().contains("via-follower")).then_some(())
+        },
+    );
+    // ?local shows the follower's own view of the group.
+    let (_, view) = group.curl(other, "/v1/cluster?local");
+    assert_eq!(
+        view["this_server"],
+        view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["this_server"] == true)
+            .unwrap()["id"]
+    );
+    // Every coordinator agrees on the leader and the cluster id.
+    let ids: Vec<Value> = (0..3)
+        .map(|i| group.curl(i, "/v1/health").1["cluster_id"].clone())
+        .collect();
+    assert!(
+        ids[0].is_string() && ids.iter().all(|id| *id == ids[0]),
+        "{ids:?}"
+    );
+    // A removed-then-unknown path, a bad token: answered like on a single coordinator.
+    let out = group
+        .command(&format!("https://{}", group.addrs[follower]))
+        .env("TRAINCTL_TOKEN", "tctl_nope_nope")
+        .args(["list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("token"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn the_leader_killed_under_a_submission_load_loses_and_doubles_nothing() {
+    let mut group = Group::start(3, 1);
+    let dir = group.dir.path().to_path_buf();
+    let stop = Arc::new(AtomicBool::new(false));
+    // name -> the id the CLI was told, for every acknowledged submission.
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Default::default();
+    let attempted: Arc<Mutex<Vec<String>>> = Default::default();
+    let load = {
+        let (stop, acked, attempted) = (stop.clone(), acked.clone(), attempted.clone());
+        let (urls, token, ca) = (group.urls(), group.token(), group.ca_cert());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let name = format!("load-{n}");
+                let file = short_job(&dir, &name);
+                attempted.lock().unwrap().push(name.clone());
+                let out = Command::new(trainctl())
+                    .args(["submit", file.to_str().unwrap(), "-o", "json"])
+                    .env("TRAINCTL_ADDR", &urls)
+                    .env("TRAINCTL_TOKEN", &token)
+                    .env("TRAINCTL_CA_CERT", &ca)
+                    .env("TRAINCTL_CONFIG", "/nonexistent/trainctl-config.toml")
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                    let id = v["id"].to_string().trim_matches('"').to_string();
+                    acked.lock().unwrap().insert(name, id);
+                }
+            }
+        })
+    };
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(3));
+        let leader = group.leader();
+        group.kill(leader);
+        // The survivors elect a leader and take writes again.
+        let before = acked.lock().unwrap().len();
+        eventually(
+            Duration::from_secs(20),
+            "writes to resume after the kill",
+            || (acked.lock().unwrap().len() > before + 2).then_some(()),
+        );
+        group.start_coordinator(leader);
+        group.wait_voters(3);
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 20,
+        "too few submissions went through: {}",
+        acked.len()
+    );
+    let names = group.job_names();
+    for (name, id) in &acked {
+        assert_eq!(
+            names.get(name),
+            Some(&vec![id.clone()]),
+            "acknowledged submission {name} (job {id}) must exist exactly once"
+        );
+    }
+    for (name, ids) in &names {
+        assert_eq!(ids.len(), 1, "{name} exists {} times: {ids:?}", ids.len());
+    }
+    // Every coordinator holds the same jobs.
+    group.wait_voters(3);
+    let counts: Vec<usize> = (0..3)
+        .map(|i| {
+            let (status, jobs) = group.curl(i, "/v1/jobs?stale");
+            assert_eq!(status, 200);
+            jobs.as_array().unwrap().len()
+        })
+        .collect();
+    assert!(
+        counts.iter().all(|c| *c == names.len()),
+        "{counts:?} vs {}",
+        names.len()
+    );
+}
+
+#[test]
+fn a_job_runs_through_five_leader_failovers_and_keeps_every_log_line() {
+    let mut group = Group::start(3, 2);
+    let lines = 80;
+    let job = job_file(
+        group.dir.path(),
+        "chatty",
+        &format!(
+            "name = \"chatty\"\n[launch]\ncommand = [\"sh\", \"-c\", \"for i in $(seq 1 {lines}); do echo line-$i; sleep 0.3; done\"]\n[resources]\nnodes = 2\nprocs_per_node = 1\n"
+        ),
+    );
+    let out = group.cli(&["submit", job.to_str().unwrap(), "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["id"]
+        .to_string()
+        .trim_matches('"')
+        .to_string();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_secs(3));
+        let leader = group.leader();
+        group.kill(leader);
+        group.leader();
+        group.start_coordinator(leader);
+    }
+    let job = eventually(Duration::from_secs(120), "the job to end", || {
+        let job = group.json(&["status", &id, "-o", "json"]);
+        matches!(
+            job["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        )
+        .then_some(job)
+    });
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        job["attempt"], 0,
+        "no restart: the ranks never noticed: {job}"
+    );
+    let out = group.cli(&["logs", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for rank in 0..2 {
+        for i in 1..=lines {
+            let line = format!("rank {rank}] line-{i}\n");
+            assert_eq!(
+                text.matches(&line).count(),
+                1,
+                "rank {rank} line-{i} must be in the logs exactly once:\n{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_restarted_follower_catches_up_and_a_wiped_member_is_replaced() {
+    let mut group = Group::start(3, 0);
+    let leader = group.leader();
+    let follower = (leader + 1) % 3;
+    group.kill(follower);
+    for n in 0..5 {
+        let job = short_job(group.dir.path(), &format!("while-down-{n}"));
+        let out = group.cli(&["submit", job.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let started = Instant::now();
+    group.start_coordinator(follower);
+    eventually(
+        Duration::from_secs(30),
+        "the restarted follower to catch up",
+        || {
+            let (status, jobs) = group.curl(follower, "/v1/jobs?stale");
+            (status == 200 && jobs.as_array()?.len() == 5).then_some(())
+        },
+    );
+    eprintln!("restarted follower caught up in {:?}", started.elapsed());
+
+    // A member's disk is lost: remove it, and join a new server in its place.
+    let view = group.json(&["cluster", "-o", "json"]);
+    let lost_id = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["address"] == group.addrs[follower].as_str())
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    group.kill(follower);
+    std::fs::remove_dir_all(&group.data_dirs[follower]).unwrap();
+    // Joining at the address of a member that is still listed is refused with what to do.
+    group.start_coordinator(follower);
+    let refused = eventually(Duration::from_secs(30), "the join to be refused", || {
+        let proc = group.coordinators[follower].as_mut()?;
+        proc.0.try_wait().ok().flatten()
+    });
+    assert!(!refused.success());
+    let log = std::fs::read_to_string(group.log()).unwrap();
+    assert!(
+        log.contains("cluster remove"),
+        "the refusal says how to replace: {log}"
+    );
+    group.coordinators[follower] = None;
+    std::fs::remove_dir_all(&group.data_dirs[follower]).ok();
+    let out = group.cli(&["cluster", "remove", &lost_id.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    group.start_coordinator(follower);
+    group.wait_voters(3);
+    let view = group.json(&["cluster", "-o", "json"]);
+    let ids: Vec<u64> = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert!(!ids.contains(&lost_id) && ids.len() == 3, "{view}");
+    let (status, jobs) = group.curl(follower, "/v1/jobs?stale");
+    assert_eq!(
+        (status, jobs.as_array().map(Vec::len)),
+        (200, Some(5)),
+        "{jobs}"
+    );
+
+    // Leadership handed over on request.
+    let target = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] != "leader")
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let out = group.cli(&[
+        "cluster",
+        "transfer-leader",
+        &target.to_string(),
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    eventually(Duration::from_secs(10), "the new leader", || {
+        let view = group.json(&["cluster", "-o", "json"]);
+        (view["leader"]["id"] == target).then_some(())
+    });
+}
+
+#[test]
+fn joins_that_can_not_work_say_why() {
+    let _lock = lock_cluster_addresses();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| -> Output {
+        let mut cmd = Command::new(trainctl());
+        cmd.args(args)
+            .env_remove("TRAINCTL_TOKEN")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null());
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{args:?} did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).to_string();
+    // Cluster A.
+    let a = dir.path().join("a");
+    let a_addr = format!("127.0.0.1:{}", free_port());
+    let _a = common::start(
+        &[
+            "coordinator",
+            "--data-dir",
+            a.to_str().unwrap(),
+            "--listen",
+            &a_addr,
+        ],
+        &dir.path().join("a.log"),
+    );
+    eventually(Duration::from_secs(30), "A's token", || {
+        a.join("admin.token").exists().then_some(())
+    });
+    let a_token = std::fs::read_to_string(a.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let a_ca = a.join("tls").join("ca.pem");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let fresh = dir.path().join("fresh");
+    let join = |target: &str| {
+        vec![
+            "coordinator".to_string(),
+            "--data-dir".into(),
+            fresh.display().to_string(),
+            "--listen".into(),
+            listen.clone(),
+            "--join".into(),
+            target.to_string(),
+            "--ca-cert".into(),
+            a_ca.display().to_string(),
+        ]
+    };
+    // Nothing listens there.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let args = join(&nobody);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&args, &[("TRAINCTL_TOKEN", &a_token)]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot reach a coordinator"),
+        "{}",
+        stderr(&out)
+    );
+    // No token.
+    let args = join(&a_addr);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&args, &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("admin token"), "{}", stderr(&out));
+    // A token that is not an admin's.
+    let read = Command::new(trainctl())
+        .args(["token", "create", "--role", "read"])
+        .env("TRAINCTL_ADDR", &a_addr)
+        .env("TRAINCTL_TOKEN", &a_token)
+        .env("TRAINCTL_CA_CERT", &a_ca)
+        .env("TRAINCTL_CONFIG", "/nonexistent/trainctl-config.toml")
+        .output()
+        .unwrap();
+    let read = String::from_utf8(read.stdout).unwrap().trim().to_string();
+    let out = run(&args, &[("TRAINCTL_TOKEN", &read)]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("refused to let this server join"),
+        "{}",
+        stderr(&out)
+    );
+    // Cluster B's data dir can not join A.
+    let b = dir.path().join("b");
+    let b_addr = format!("127.0.0.1:{}", free_port());
+    {
+        let _b = common::start(
+            &[
+                "coordinator",
+                "--data-dir",
+                b.to_str().unwrap(),
+                "--listen",
+                &b_addr,
+            ],
+            &dir.path().join("b.log"),
+        );
+        eventually(Duration::from_secs(30), "B's token", || {
+            b.join("admin.token").exists().then_some(())
+        });
+    }
+    let out = run(
+        &[
+            "coordinator",
+            "--data-dir",
+            b.to_str().unwrap(),
+            "--listen",
+            &b_addr,
+            "--join",
+            &a_addr,
+            "--ca-cert",
+            a_ca.to_str().unwrap(),
+        ],
+        &[("TRAINCTL_TOKEN", &a_token)],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("a data dir belongs to one cluster"),
+        "{}",
+        stderr(&out)
+    );
+}
