@@ -477,7 +477,7 @@ fn a_job_runs_through_five_leader_failovers_and_keeps_every_log_line() {
 
 #[test]
 fn a_restarted_follower_catches_up_and_a_wiped_member_is_replaced() {
-    let mut group = Group::start(3, 0);
+    let mut group = Group::start(3, 1);
     let leader = group.leader();
     let follower = (leader + 1) % 3;
     group.kill(follower);
@@ -700,4 +700,251 @@ fn joins_that_can_not_work_say_why() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Three network namespaces joined by a bridge in the root namespace (10.77.N.1-3, the root at
+/// .254), so a test can cut one coordinator's host off the network. Removed when dropped.
+struct Net {
+    tag: String,
+    subnet: String,
+}
+
+impl Net {
+    fn ip(args: &[&str]) {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+
+    fn new() -> Net {
+        let pid = std::process::id();
+        let tag = format!("tc{}", pid % 100_000);
+        let subnet = format!("10.77.{}", pid % 250);
+        let net = Net { tag, subnet };
+        let bridge = format!("{}br", net.tag);
+        Net::ip(&["link", "add", &bridge, "type", "bridge"]);
+        Net::ip(&[
+            "addr",
+            "add",
+            &format!("{}.254/24", net.subnet),
+            "dev",
+            &bridge,
+        ]);
+        Net::ip(&["link", "set", &bridge, "up"]);
+        for i in 1..=3 {
+            let ns = net.ns(i);
+            let (host, inner) = (format!("{}h{i}", net.tag), format!("{}n{i}", net.tag));
+            Net::ip(&["netns", "add", &ns]);
+            Net::ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner]);
+            Net::ip(&["link", "set", &inner, "netns", &ns]);
+            Net::ip(&["link", "set", &host, "master", &bridge]);
+            Net::ip(&["link", "set", &host, "up"]);
+            let addr = format!("{}/24", net.addr(i));
+            Net::ip(&["-n", &ns, "addr", "add", &addr, "dev", &inner]);
+            Net::ip(&["-n", &ns, "link", "set", &inner, "up"]);
+            Net::ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    fn ns(&self, i: usize) -> String {
+        format!("{}ns{i}", self.tag)
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("{}.{i}", self.subnet)
+    }
+
+    /// Cuts host `i` off the others (and off the root namespace), or joins it again.
+    fn set_connected(&self, i: usize, up: bool) {
+        let host = format!("{}h{i}", self.tag);
+        Net::ip(&["link", "set", &host, if up { "up" } else { "down" }]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for i in 1..=3 {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(i)])
+                .output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}br", self.tag)])
+            .output();
+    }
+}
+
+#[test]
+fn a_partitioned_leader_can_not_commit_and_steps_down_after_healing() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: network namespaces need root");
+        return;
+    }
+    let _lock = lock_cluster_addresses();
+    let dir = tempfile::tempdir().unwrap();
+    let net = Net::new();
+    let log = dir.path().join("cluster.log");
+    let data = |i: usize| dir.path().join(format!("c{i}"));
+    let listen = |i: usize| format!("{}:7470", net.addr(i));
+    let ca = data(1).join("tls").join("ca.pem");
+    // Coordinator i in namespace i.
+    let start = |i: usize, token: Option<&str>| -> Proc {
+        let mut args = vec![
+            "netns".to_string(),
+            "exec".into(),
+            net.ns(i),
+            trainctl().display().to_string(),
+            "coordinator".into(),
+            "--data-dir".into(),
+            data(i).display().to_string(),
+            "--listen".into(),
+            listen(i),
+        ];
+        if i > 1 {
+            args.extend([
+                "--join".into(),
+                listen(1),
+                "--ca-cert".into(),
+                ca.display().to_string(),
+            ]);
+        }
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        if let Some(t) = token {
+            cmd.env("TRAINCTL_TOKEN", t);
+        }
+        Proc(cmd.spawn().unwrap())
+    };
+    let mut coordinators = vec![start(1, None)];
+    eventually(Duration::from_secs(30), "the admin token", || {
+        data(1).join("admin.token").exists().then_some(())
+    });
+    let token = std::fs::read_to_string(data(1).join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    coordinators.push(start(2, Some(&token)));
+    coordinators.push(start(3, Some(&token)));
+    // curl from namespace `from` (0: the root) to coordinator `to`.
+    let curl = |from: usize,
+                to: usize,
+                method: &str,
+                path: &str,
+                body: Option<(&str, &str)>|
+     -> (u16, String) {
+        let mut args: Vec<String> = Vec::new();
+        if from > 0 {
+            args.extend(["ip".into(), "netns".into(), "exec".into(), net.ns(from)]);
+        }
+        args.extend([
+            "curl".into(),
+            "-sS".into(),
+            "--max-time".into(),
+            "20".into(),
+            "-w".into(),
+            "\n%{http_code}".into(),
+            "--cacert".into(),
+            ca.display().to_string(),
+            "-H".into(),
+            format!("Authorization: Bearer {token}"),
+            "-X".into(),
+            method.into(),
+        ]);
+        if let Some((content_type, b)) = body {
+            args.extend([
+                "-H".into(),
+                format!("Content-Type: {content_type}"),
+                "--data-binary".into(),
+                b.into(),
+            ]);
+        }
+        args.push(format!("https://{}{path}", listen(to)));
+        let out = Command::new(&args[0]).args(&args[1..]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    };
+    let leader_seen_by = |from: usize, to: usize| -> Option<usize> {
+        let (status, body) = curl(from, to, "GET", "/v1/cluster?local", None);
+        let view: Value = serde_json::from_str(&body).ok()?;
+        let addr = view["leader"]["address"].as_str()?;
+        (status == 200).then(|| (1..=3).find(|i| listen(*i) == addr))?
+    };
+    eventually(Duration::from_secs(60), "three voters", || {
+        let (_, body) = curl(0, 1, "GET", "/v1/cluster", None);
+        let view: Value = serde_json::from_str(&body).ok()?;
+        let voters = view["members"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["voter"] == true)
+            .count();
+        (voters == 3).then_some(())
+    });
+    let old = leader_seen_by(0, 1).expect("a leader");
+    let majority: Vec<usize> = (1..=3).filter(|i| *i != old).collect();
+    net.set_connected(old, false);
+    // The majority elects a new leader among themselves.
+    let new = eventually(
+        Duration::from_secs(20),
+        "a new leader on the majority side",
+        || leader_seen_by(0, majority[0]).filter(|l| majority.contains(l)),
+    );
+    // The old leader's own clients get errors, never a stale success: it can not commit...
+    let minority = serde_json::json!({ "name": "minority", "role": "read" }).to_string();
+    let (status, body) = curl(
+        old,
+        old,
+        "POST",
+        "/v1/tokens",
+        Some(("application/json", &minority)),
+    );
+    assert_eq!(status, 503, "a write on the cut-off leader: {body}");
+    // ... nor confirm it still leads for a read.
+    let (status, body) = curl(old, old, "GET", "/v1/jobs", None);
+    assert_eq!(status, 503, "a read on the cut-off leader: {body}");
+    // The majority takes writes, through either member.
+    let token = serde_json::json!({ "name": "after-split", "role": "read" }).to_string();
+    let (status, body) = curl(
+        0,
+        majority[1],
+        "POST",
+        "/v1/tokens",
+        Some(("application/json", &token)),
+    );
+    assert_eq!(status, 201, "a write on the majority side: {body}");
+    // Heal: the old leader steps down and follows the new one; one leader in all.
+    net.set_connected(old, true);
+    eventually(
+        Duration::from_secs(30),
+        "the old leader to follow the new one",
+        || (leader_seen_by(old, old)? == new).then_some(()),
+    );
+    for i in 1..=3 {
+        assert_eq!(
+            leader_seen_by(0, i),
+            Some(new),
+            "server {i} agrees on the leader"
+        );
+    }
+    // The minority's write never happened; the majority's reached the old leader too.
+    let (status, body) = curl(0, new, "GET", "/v1/tokens", None);
+    assert_eq!(status, 200);
+    assert!(!body.contains("\"minority\""), "{body}");
+    eventually(
+        Duration::from_secs(20),
+        "the old leader to catch up",
+        || {
+            let (status, body) = curl(0, old, "GET", "/v1/tokens?stale", None);
+            (status == 200 && body.contains("after-split")).then_some(())
+        },
+    );
+    drop(coordinators);
 }
