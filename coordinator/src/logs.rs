@@ -3,6 +3,21 @@
 //! One file per job, attempt and rank under `<data-dir>/logs`. Agents send byte ranges with their
 //! offset, so a resent chunk is stored once and a restarted coordinator resumes where its files end.
 //! Calls do blocking file IO: async callers use `spawn_blocking`.
+//!
+//! # Replicated through Raft
+//!
+//! The leader's agent service writes a heartbeat's chunks as one `Command::AppendLogs`; every
+//! coordinator appends them here when its Raft state machine applies the entry
+//! (`raft/state_machine.rs`), so every member's files are the same, and reads are served from the
+//! local files by whichever coordinator is asked. A replayed entry (a restart re-applies the log after
+//! the last snapshot) stores nothing twice: appends are idempotent by offset.
+//!
+//! **The snapshot gap.** A snapshot carries the state, not these files. A member that catches up by
+//! installing a snapshot (a new member, or one that lagged past the leader's purged log) lacks every
+//! chunk committed before that snapshot; the chunks after it start beyond the end of its files and
+//! are skipped, so that member's copy of a rank's log that was being written then stays short (or
+//! empty) for good, and reading it there shows less than the leader has. Logs of ranks that start
+//! after the install are complete. No catch-up of rank logs exists yet.
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};

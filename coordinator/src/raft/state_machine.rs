@@ -420,10 +420,8 @@ fn take_log_records(
     out: &mut Vec<(Vec<usize>, Vec<LogRecord>)>,
 ) {
     match command {
-        Command::AppendLogs { chunks } => {
-            if !chunks.is_empty() {
-                out.push((path.clone(), std::mem::take(chunks)));
-            }
+        Command::AppendLogs { chunks } if !chunks.is_empty() => {
+            out.push((path.clone(), std::mem::take(chunks)));
         }
         Command::Batch(commands) => {
             for (i, c) in commands.iter_mut().enumerate() {
@@ -613,5 +611,338 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Membership};
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::{Actor, JobId};
+
+    fn open(dir: &Path) -> StateMachineStore {
+        let db = Arc::new(Database::create(dir.join("state.redb")).unwrap());
+        StateMachineStore::open(db, dir.join("snapshots"), LogStore::new(dir.join("logs"))).unwrap()
+    }
+
+    fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command),
+        }
+    }
+
+    /// A store with a membership and a few commands applied (index 1 to 3).
+    async fn with_state(dir: &Path) -> StateMachineStore {
+        let mut sm = open(dir);
+        let membership = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Membership(Membership::new(
+                vec![[1].into()],
+                BTreeMap::from([(1, BasicNode::new("10.0.0.1:7070"))]),
+            )),
+        };
+        sm.apply([
+            membership,
+            entry(
+                2,
+                Command::InitCluster {
+                    cluster_id: "c-1".into(),
+                },
+            ),
+            entry(
+                3,
+                Command::CancelJob {
+                    job: JobId(9),
+                    at_ms: 1,
+                },
+            ),
+        ])
+        .await
+        .unwrap();
+        sm
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Sends `snapshot` into `to` the way openraft does: chunk by chunk, each written at its offset.
+    async fn stream(
+        snapshot: &mut tokio::fs::File,
+        to: &mut tokio::fs::File,
+        chunk: usize,
+    ) -> usize {
+        let mut offset = 0u64;
+        let mut chunks = 0;
+        loop {
+            snapshot.seek(SeekFrom::Start(offset)).await.unwrap();
+            let mut buf = vec![0; chunk];
+            let n = snapshot.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            to.seek(SeekFrom::Start(offset)).await.unwrap();
+            to.write_all(&buf[..n]).await.unwrap();
+            offset += n as u64;
+            chunks += 1;
+        }
+        to.shutdown().await.unwrap();
+        chunks
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_streamed_in_chunks_installs_the_same_state_and_survives_a_restart() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut leader = with_state(a.path()).await;
+        let mut built = leader.build_snapshot().await.unwrap();
+        assert_eq!(files(a.path()).len(), 1, "{:?}", files(a.path()));
+        assert_eq!(built.meta.last_log_id.map(|id| id.index), Some(3));
+
+        let mut follower = open(b.path());
+        let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
+        assert_eq!(files(b.path()).len(), 1, "the file being received");
+        let chunks = stream(&mut built.snapshot, &mut receiving, 7).await;
+        assert!(chunks > 10, "{chunks} chunks");
+        follower
+            .install_snapshot(&built.meta, receiving)
+            .await
+            .unwrap();
+
+        let want = leader.read(State::clone);
+        assert_eq!(follower.read(State::clone), want);
+        assert_eq!(
+            follower.applied_state().await.unwrap(),
+            leader.applied_state().await.unwrap()
+        );
+        let current = follower.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, built.meta);
+        assert_eq!(files(b.path()).len(), 1, "only the current snapshot stays");
+
+        // A restart loads it.
+        drop(follower);
+        let mut restarted = open(b.path());
+        assert_eq!(restarted.read(State::clone), want);
+        assert_eq!(
+            restarted
+                .applied_state()
+                .await
+                .unwrap()
+                .0
+                .map(|id| id.index),
+            Some(3)
+        );
+
+        // A newer build replaces the file; the old one is gone.
+        let before = files(b.path());
+        restarted
+            .apply([entry(
+                4,
+                Command::CancelJob {
+                    job: JobId(1),
+                    at_ms: 2,
+                },
+            )])
+            .await
+            .unwrap();
+        restarted.build_snapshot().await.unwrap();
+        let after = files(b.path());
+        assert_eq!(after.len(), 1);
+        assert_ne!(after, before);
+    }
+
+    #[tokio::test]
+    async fn a_crash_mid_receive_leaves_the_current_snapshot_whole() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut leader = with_state(a.path()).await;
+        let mut first = leader.build_snapshot().await.unwrap();
+        let mut follower = open(b.path());
+        let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
+        stream(&mut first.snapshot, &mut receiving, 64).await;
+        follower
+            .install_snapshot(&first.meta, receiving)
+            .await
+            .unwrap();
+        let installed = files(b.path());
+
+        // A newer snapshot, half received when the process dies.
+        leader
+            .apply([entry(
+                4,
+                Command::InitCluster {
+                    cluster_id: "other".into(),
+                },
+            )])
+            .await
+            .unwrap();
+        let mut second = leader.build_snapshot().await.unwrap();
+        let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
+        let mut half = vec![0; 40];
+        second.snapshot.read_exact(&mut half).await.unwrap();
+        receiving.write_all(&half).await.unwrap();
+        receiving.flush().await.unwrap();
+        assert_eq!(files(b.path()).len(), 2);
+        drop((receiving, follower));
+
+        let mut restarted = open(b.path());
+        assert_eq!(files(b.path()), installed, "the partial file is deleted");
+        assert_eq!(restarted.read(State::clone), {
+            let mut s = leader.read(State::clone);
+            s.cluster_id = Some("c-1".into());
+            s
+        });
+        let current = restarted.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, first.meta);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_receive_is_deleted_when_the_next_begins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let mut first = sm.begin_receiving_snapshot().await.unwrap();
+        first.write_all(b"{\"v\":1").await.unwrap();
+        let _second = sm.begin_receiving_snapshot().await.unwrap();
+        assert_eq!(files(dir.path()).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn damaged_snapshot_data_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = with_state(dir.path()).await;
+        let before = sm.read(State::clone);
+        let meta = sm.build_snapshot().await.unwrap().meta;
+        let mut receiving = sm.begin_receiving_snapshot().await.unwrap();
+        receiving.write_all(b"{\"v\":1,\"last_").await.unwrap();
+        receiving.shutdown().await.unwrap();
+        let e = sm.install_snapshot(&meta, receiving).await.unwrap_err();
+        assert!(e.to_string().contains("malformed"), "{e}");
+        assert_eq!(sm.read(State::clone), before);
+        assert_eq!(files(dir.path()).len(), 1, "{:?}", files(dir.path()));
+    }
+
+    fn chunk(job: u64, rank: u32, offset: u64, data: &str) -> LogRecord {
+        LogRecord {
+            job: JobId(job),
+            attempt: 0,
+            rank,
+            offset,
+            data: data.as_bytes().to_vec(),
+        }
+    }
+
+    fn log_text(dir: &Path, job: u64, rank: u32) -> String {
+        let path = dir.join(format!("logs/job-{job}/attempt-0/rank-{rank}.log"));
+        fs::read_to_string(path).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn committed_log_chunks_are_written_once_even_when_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = || {
+            vec![
+                entry(
+                    1,
+                    Command::AppendLogs {
+                        chunks: vec![chunk(1, 0, 0, "one\n"), chunk(1, 1, 0, "uno\n")],
+                    },
+                ),
+                // Group commit: inside a batch, beside other commands, and audited.
+                entry(
+                    2,
+                    Command::Batch(vec![
+                        Command::CancelJob {
+                            job: JobId(7),
+                            at_ms: 1,
+                        },
+                        Command::AppendLogs {
+                            chunks: vec![chunk(1, 0, 4, "two\n")],
+                        },
+                        Command::Audited {
+                            actor: Actor::default(),
+                            at_ms: 1,
+                            command: Box::new(Command::AppendLogs {
+                                chunks: vec![chunk(1, 1, 4, "dos\n")],
+                            }),
+                        },
+                    ]),
+                ),
+                // A resent chunk overlapping what is stored, and one beyond the end (skipped).
+                entry(
+                    3,
+                    Command::AppendLogs {
+                        chunks: vec![chunk(1, 0, 4, "two\nthree\n"), chunk(2, 0, 100, "gap\n")],
+                    },
+                ),
+            ]
+        };
+        let mut sm = open(dir.path());
+        let outcomes = sm.apply(entries()).await.unwrap();
+        assert_eq!(outcomes[0], CommandOutcome::Done);
+        assert!(
+            matches!(&outcomes[1], CommandOutcome::Batch(o) if o[1] == CommandOutcome::Done && o[2] == CommandOutcome::Done),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[2], CommandOutcome::Done);
+        assert_eq!(log_text(dir.path(), 1, 0), "one\ntwo\nthree\n");
+        assert_eq!(log_text(dir.path(), 1, 1), "uno\ndos\n");
+        assert_eq!(log_text(dir.path(), 2, 0), "");
+        let audit: Vec<String> = sm.read(|s| s.audit.iter().map(|a| a.action.clone()).collect());
+        assert_eq!(audit, ["append rank logs"]);
+
+        // A restart without a snapshot re-applies the whole log: nothing is doubled.
+        drop(sm);
+        let mut replayed = open(dir.path());
+        replayed.apply(entries()).await.unwrap();
+        assert_eq!(log_text(dir.path(), 1, 0), "one\ntwo\nthree\n");
+        assert_eq!(log_text(dir.path(), 1, 1), "uno\ndos\n");
+    }
+
+    #[tokio::test]
+    async fn a_log_chunk_that_cannot_be_stored_is_rejected_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        // The logs directory is a file: every append fails.
+        fs::write(dir.path().join("logs"), b"").unwrap();
+        let outcomes = sm
+            .apply([
+                entry(
+                    1,
+                    Command::Batch(vec![
+                        Command::InitCluster {
+                            cluster_id: "c".into(),
+                        },
+                        Command::AppendLogs {
+                            chunks: vec![chunk(1, 0, 0, "lost\n")],
+                        },
+                    ]),
+                ),
+                entry(
+                    2,
+                    Command::InitCluster {
+                        cluster_id: "again".into(),
+                    },
+                ),
+            ])
+            .await
+            .unwrap();
+        let CommandOutcome::Batch(batch) = &outcomes[0] else {
+            panic!("{outcomes:?}");
+        };
+        assert_eq!(batch[0], CommandOutcome::Done);
+        assert!(
+            matches!(&batch[1], CommandOutcome::Rejected { reason } if reason.contains("could not store the log chunks")),
+            "{batch:?}"
+        );
+        assert!(matches!(outcomes[1], CommandOutcome::Rejected { .. }));
+        assert_eq!(sm.read(|s| s.cluster_id.clone()), Some("c".into()));
     }
 }

@@ -217,6 +217,8 @@ fn describe(command: &Command) -> String {
         Command::RevokeToken { id, .. } => format!("revoke token {id}"),
         Command::AdmitAgent { node, .. } => format!("admit agent {node}"),
         Command::Batch(commands) => commands.iter().map(describe).collect::<Vec<_>>().join("; "),
+        // Not the chunks: the Raft state machine takes them out before `apply` sees the command.
+        Command::AppendLogs { .. } => "append rank logs".to_string(),
         other => format!("{other:?}").chars().take(80).collect(),
     }
 }

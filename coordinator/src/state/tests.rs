@@ -1887,3 +1887,62 @@ fn audited_commands_record_who_and_how_and_the_trail_is_bounded() {
         AT + AUDIT_ENTRIES_MAX as u64 + 4
     );
 }
+
+#[test]
+fn append_logs_changes_nothing_in_the_state() {
+    let (mut state, job) = running_job();
+    let before = state.clone();
+    let chunk = |offset: u64, data: &[u8]| LogRecord {
+        job,
+        attempt: 0,
+        rank: 0,
+        offset,
+        data: data.to_vec(),
+    };
+    let cases = [
+        Command::AppendLogs { chunks: vec![] },
+        Command::AppendLogs {
+            chunks: vec![chunk(0, b"step 1\n"), chunk(7, b"step 2\n")],
+        },
+        // A job that does not exist: still nothing (the state machine writes files, not `apply`).
+        Command::AppendLogs {
+            chunks: vec![LogRecord {
+                job: JobId(99),
+                ..chunk(0, b"x\n")
+            }],
+        },
+    ];
+    for command in cases {
+        assert_eq!(
+            state.apply(command.clone()),
+            CommandOutcome::Done,
+            "{command:?}"
+        );
+        assert!(state == before, "{command:?} changed the state");
+    }
+    let batched = state.apply(Command::Batch(vec![Command::AppendLogs {
+        chunks: vec![chunk(14, b"step 3\n")],
+    }]));
+    assert_eq!(batched, CommandOutcome::Batch(vec![CommandOutcome::Done]));
+    assert!(state == before);
+}
+
+#[test]
+fn log_records_are_base64_in_the_log() {
+    let command = Command::AppendLogs {
+        chunks: vec![LogRecord {
+            job: JobId(3),
+            attempt: 1,
+            rank: 2,
+            offset: 10,
+            data: b"loss 0.5\n\xff".to_vec(),
+        }],
+    };
+    let json = serde_json::to_string(&command).unwrap();
+    assert_eq!(
+        json,
+        r#"{"AppendLogs":{"chunks":[{"job":3,"attempt":1,"rank":2,"offset":10,"data":"bG9zcyAwLjUK/w=="}]}}"#
+    );
+    assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), command);
+    assert!(serde_json::from_str::<Command>(&json.replace("bG9z", "b!9z")).is_err());
+}

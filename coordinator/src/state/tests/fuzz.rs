@@ -223,13 +223,23 @@ fn fuzz_command(state: &State, choice: u8, seed: u64, step: u64) -> Command {
         _ => {
             // A group commit of a few commands, each built against the state before the batch.
             let n = 1 + rng.below(3);
-            Command::Batch(
-                (0..n)
-                    .map(|i| {
-                        fuzz_command(state, rng.below(31) as u8, rng.below(u64::MAX), step + i)
-                    })
-                    .collect(),
-            )
+            let mut commands: Vec<Command> = (0..n)
+                .map(|i| fuzz_command(state, rng.below(31) as u8, rng.below(u64::MAX), step + i))
+                .collect();
+            if rng.below(2) == 0 {
+                // Rank output shipped in the same heartbeat (changes nothing in the state).
+                let job = some_job(state, &mut rng);
+                commands.push(Command::AppendLogs {
+                    chunks: vec![LogRecord {
+                        job,
+                        attempt: some_attempt(state, job, &mut rng),
+                        rank: rng.below(4) as u32,
+                        offset: rng.below(1 << 20),
+                        data: b"step\n".to_vec(),
+                    }],
+                });
+            }
+            Command::Batch(commands)
         }
     }
 }
