@@ -77,15 +77,27 @@ impl Client {
         let mut last = None;
         for step in 0..self.bases.len() {
             let i = (first + step) % self.bases.len();
+            let more = step + 1 < self.bases.len();
             match build(&self.bases[i]).send().await {
-                Err(e) if e.is_connect() && step + 1 < self.bases.len() => last = Some(e),
+                Err(e) if e.is_connect() && more => last = Some(e),
+                // This coordinator did not process the request at all (it knows no leader, or can
+                // not reach it): another one may.
+                Ok(r)
+                    if more
+                        && r.headers()
+                            .contains_key(trainctl_coordinator::forward::TRY_ELSEWHERE_HEADER) => {}
                 result => {
                     self.current.store(i, std::sync::atomic::Ordering::Relaxed);
                     return result;
                 }
             }
         }
-        Err(last.expect("at least one coordinator was tried"))
+        match last {
+            Some(e) => Err(e),
+            // Every coordinator but the last said "not here" and the last was reached: unreachable
+            // in practice (the last one's answer is returned above).
+            None => build(self.base()).send().await,
+        }
     }
 
     async fn check<T: DeserializeOwned>(

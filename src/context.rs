@@ -97,6 +97,30 @@ pub fn save(path: &Path, name: &str, context: ClusterContext) -> anyhow::Result<
         .with_context(|| format!("write {}", path.display()))
 }
 
+/// Points context `name` at `servers` (URLs), leaving everything else (and which context is
+/// current) as it is; `false` when there is no such context or nothing changed.
+pub fn update_servers(path: &Path, name: &str, servers: &[String]) -> anyhow::Result<bool> {
+    let mut file = load(path)?;
+    let Some(context) = file.contexts.get_mut(name) else {
+        return Ok(false);
+    };
+    let joined = servers.join(",");
+    if servers.is_empty() || context.server == joined {
+        return Ok(false);
+    }
+    context.server = joined;
+    let current = file.current.clone();
+    let context = context.clone();
+    save(path, name, context)?;
+    // `save` makes the context current; put back the one that was.
+    let mut file = load(path)?;
+    file.current = current;
+    let text = toml::to_string(&file).context("encode the config file")?;
+    trainctl_tls::write_private_file(path, text.as_bytes())
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(true)
+}
+
 /// `host:port` → a URL: HTTPS unless it names `http://`. A comma-separated list (the
 /// coordinators of one cluster) becomes a list of URLs.
 pub fn server_url(addr: &str) -> String {

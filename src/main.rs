@@ -87,6 +87,43 @@ impl Target {
     fn client(&self) -> anyhow::Result<Client> {
         Client::new(&self.connection()?)
     }
+
+    /// When the coordinators came from a context (no --addr), keeps that context's server list
+    /// equal to the members `view` names, so the CLI learns added servers and forgets removed
+    /// ones. Says so on stderr when it changed.
+    fn learn_members(&self, view: &trainctl_coordinator::api::cluster::ClusterView) {
+        if self.addr.is_some() {
+            return;
+        }
+        let path = context::config_path();
+        let Ok(file) = context::load(&path) else {
+            return;
+        };
+        let Some(name) = self.context.clone().or(file.current.clone()) else {
+            return;
+        };
+        let Some(existing) = file.contexts.get(&name) else {
+            return;
+        };
+        let scheme = if existing.server.starts_with("http://") {
+            "http"
+        } else {
+            "https"
+        };
+        let servers: Vec<String> = view
+            .members
+            .iter()
+            .filter(|m| !m.address.is_empty())
+            .map(|m| format!("{scheme}://{}", m.address))
+            .collect();
+        if let Ok(true) = context::update_servers(&path, &name, &servers) {
+            errln!(
+                "context `{name}` in {} now lists the cluster's coordinators: {}",
+                path.display(),
+                servers.join(",")
+            );
+        }
+    }
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
@@ -702,6 +739,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                     (target, view)
                 }
             };
+            target.learn_members(&view);
             match target.output {
                 Output::Json => outln!("{}", serde_json::to_string_pretty(&view)?),
                 Output::Human => print!("{}", render::cluster(&view)),
@@ -713,6 +751,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             target,
         } => {
             let view = target.client()?.cluster().await?;
+            target.learn_members(&view);
             match target.output {
                 Output::Json => outln!("{}", serde_json::to_string_pretty(&view)?),
                 Output::Human => print!("{}", render::cluster(&view)),

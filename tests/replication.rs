@@ -564,6 +564,31 @@ fn a_restarted_follower_catches_up_and_a_wiped_member_is_replaced() {
         let view = group.json(&["cluster", "-o", "json"]);
         (view["leader"]["id"] == target).then_some(())
     });
+
+    // A member removed while it runs can not disturb the others: its elections (higher terms)
+    // are refused, so the leader and the term stay.
+    let view = group.json(&["cluster", "-o", "json"]);
+    let removed = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] != "leader")
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let out = group.cli(&["cluster", "remove", &removed.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_secs(4));
+    let after = group.json(&["cluster", "-o", "json"]);
+    assert_eq!(after["leader"]["id"], target, "{after}");
+    assert_eq!(
+        after["term"], view["term"],
+        "no election was forced: {after}"
+    );
+    assert_eq!(after["members"].as_array().unwrap().len(), 2, "{after}");
+    let job = short_job(group.dir.path(), "after-removal");
+    let out = group.cli(&["submit", job.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
 }
 
 #[test]

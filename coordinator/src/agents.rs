@@ -865,13 +865,27 @@ async fn store_logs(
         // a full or broken disk, or a write Raft could not commit.
         tracing::error!(%node, chunks = accepted.len(), %error, "could not store log chunks");
     }
-    for (mut ack, offset) in accepted.into_iter().zip(offsets) {
-        if let Some(error) = &error {
-            ack.stored_until = offset;
-            ack.error = error.clone();
+    let store = c.logs.clone();
+    let acks = tokio::task::spawn_blocking(move || {
+        for (mut ack, offset) in accepted.into_iter().zip(offsets) {
+            if let Some(error) = &error {
+                ack.stored_until = offset;
+                ack.error = error.clone();
+            } else {
+                // This leader's own copy may lack the start of the log (it caught up from a
+                // snapshot, which carries no logs): the chunk was committed, but the leader's file
+                // skipped it. Acknowledging only what the file holds makes the agent resend from
+                // there (it keeps every rank's output), so the leader's copy is filled in.
+                let job = JobId(ack.job_id.parse().unwrap_or(0));
+                let held = store.stored_len(job, ack.attempt, ack.rank);
+                ack.stored_until = ack.stored_until.min(held);
+            }
+            acks.push(ack);
         }
-        acks.push(ack);
-    }
+        acks
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?;
     Ok(acks)
 }
 

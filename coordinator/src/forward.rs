@@ -31,6 +31,9 @@ use crate::server::Coordinator;
 
 /// The header a forwarded request carries: the id of the coordinator that forwarded it.
 pub const FORWARDED_HEADER: &str = "x-trainctl-forwarded-by";
+/// Marks a 503 of a request this coordinator did not process at all (no leader known here, or the
+/// leader unreachable from here): a client may send it to another coordinator at once.
+pub const TRY_ELSEWHERE_HEADER: &str = "x-trainctl-try-another-coordinator";
 /// How long a request waits for an election to produce a leader.
 pub const LEADER_WAIT: Duration = Duration::from_secs(3);
 /// How long the leader may take to confirm its leadership for a read.
@@ -116,12 +119,11 @@ pub async fn layer(
     let forwarded = request.headers().contains_key(FORWARDED_HEADER);
     let me = c.config.server_id;
     match leader(&c).await {
-        None => ApiError::Unavailable(format!(
+        None => unprocessed(ApiError::Unavailable(format!(
             "no coordinator leads right now (an election is under way, or this coordinator is cut off \
              from the others); retry in a moment (waited {}s)",
             LEADER_WAIT.as_secs()
-        ))
-        .into_response(),
+        ))),
         Some((id, _)) if id == me => {
             if route == Route::LeaderRead {
                 match linearize(&c).await {
@@ -147,12 +149,21 @@ pub async fn layer(
             }
             next.run(request).await
         }
-        Some((id, addr)) if forwarded => ApiError::Unavailable(format!(
+        Some((id, addr)) if forwarded => unprocessed(ApiError::Unavailable(format!(
             "a coordinator forwarded this request here, but server {id} at {addr} leads now; retry"
-        ))
-        .into_response(),
+        ))),
         Some((id, addr)) => proxy(&c, id, &addr, request).await,
     }
+}
+
+/// `refusal` as a response that says the request was not processed here at all.
+fn unprocessed(refusal: ApiError) -> Response {
+    let mut response = refusal.into_response();
+    response.headers_mut().insert(
+        HeaderName::from_static(TRY_ELSEWHERE_HEADER),
+        axum::http::HeaderValue::from_static("true"),
+    );
+    response
 }
 
 /// The leader's id and address, waiting up to [`LEADER_WAIT`] for an election.
@@ -245,11 +256,17 @@ async fn proxy(c: &Coordinator, id: ServerId, addr: &str, request: Request) -> R
                 .body(axum::body::Body::from_stream(answer.bytes_stream()))
                 .unwrap_or_else(|e| ApiError::Internal(e.to_string()).into_response())
         }
-        Err(e) => ApiError::Unavailable(format!(
-            "could not reach the leader (server {id} at {addr}) to forward this request: {}; retry",
-            crate::membership::error_chain(&e)
-        ))
-        .into_response(),
+        Err(e) => {
+            let refused = ApiError::Unavailable(format!(
+                "could not reach the leader (server {id} at {addr}) to forward this request: {}; retry",
+                crate::membership::error_chain(&e)
+            ));
+            if e.is_connect() {
+                unprocessed(refused)
+            } else {
+                refused.into_response()
+            }
+        }
     }
 }
 

@@ -119,6 +119,11 @@ impl LogStore {
         Ok(end)
     }
 
+    /// How many bytes of a rank's log are stored here (0 when none).
+    pub fn stored_len(&self, job: JobId, attempt: u32, rank: u32) -> u64 {
+        fs::metadata(self.path(job, attempt, rank)).map_or(0, |m| m.len())
+    }
+
     /// Reads whole lines after `cursor` from the given ranks (at most [`READ_LIMIT_BYTES`] in all) and
     /// returns them with the advanced cursor. Lines come rank by rank.
     pub fn read(

@@ -239,9 +239,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// The lowest server id above every member's and every id granted but not yet added.
-pub fn next_server_id(members: &BTreeSet<ServerId>, granted: &BTreeSet<ServerId>) -> ServerId {
-    members.iter().chain(granted).copied().max().unwrap_or(0) + 1
+/// A server id never used in this cluster: above every member's and every id granted but not yet
+/// added, and above the leader's last log index `log_index` (every removed member's id was granted
+/// at a lower index, so a removed server's id is never handed out again).
+pub fn next_server_id(
+    members: &BTreeSet<ServerId>,
+    granted: &BTreeSet<ServerId>,
+    log_index: u64,
+) -> ServerId {
+    let above_known = members.iter().chain(granted).copied().max().unwrap_or(0) + 1;
+    above_known.max(log_index + 1)
 }
 
 /// How long a joining member may take to catch up before the add fails.
@@ -281,7 +288,8 @@ impl Coordinator {
         let server_id = {
             let mut granted = self.granted_ids.lock().unwrap_or_else(|e| e.into_inner());
             let ids: BTreeSet<ServerId> = members.iter().map(|m| m.id).collect();
-            let id = next_server_id(&ids, &granted);
+            let log_index = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+            let id = next_server_id(&ids, &granted, log_index);
             granted.insert(id);
             id
         };
@@ -680,21 +688,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn new_ids_are_above_every_member_and_every_outstanding_grant() {
+    fn new_ids_are_above_every_member_grant_and_log_index() {
         let set = |ids: &[u64]| ids.iter().copied().collect::<BTreeSet<_>>();
         let table = [
-            (set(&[]), set(&[]), 1),
-            (set(&[1]), set(&[]), 2),
-            (set(&[1, 2, 3]), set(&[]), 4),
-            (set(&[1, 3]), set(&[]), 4),
-            (set(&[1]), set(&[2, 3]), 4),
-            (set(&[5]), set(&[2]), 6),
+            (set(&[]), set(&[]), 0, 1),
+            (set(&[1]), set(&[]), 0, 2),
+            (set(&[1, 2, 3]), set(&[]), 0, 4),
+            (set(&[1, 3]), set(&[]), 0, 4),
+            (set(&[1]), set(&[2, 3]), 0, 4),
+            (set(&[5]), set(&[2]), 0, 6),
+            // Member 3 was removed at index 40: ids come from above the log.
+            (set(&[1, 2]), set(&[]), 41, 42),
+            (set(&[1, 2, 50]), set(&[]), 41, 51),
         ];
-        for (members, granted, want) in table {
+        for (members, granted, log_index, want) in table {
             assert_eq!(
-                next_server_id(&members, &granted),
+                next_server_id(&members, &granted, log_index),
                 want,
-                "{members:?} {granted:?}"
+                "{members:?} {granted:?} {log_index}"
             );
         }
     }

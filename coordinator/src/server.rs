@@ -425,7 +425,16 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
 }
 
 /// Most log entries in one Raft append.
-pub const RAFT_MAX_PAYLOAD_ENTRIES: u64 = 64;
+pub const RAFT_MAX_PAYLOAD_ENTRIES: u64 = 16;
+/// Most bytes of commands grouped into one log entry (one command alone may be larger: a job spec
+/// is at most 4 MiB, a heartbeat's logs about 6 MiB encoded). So an append of
+/// [`RAFT_MAX_PAYLOAD_ENTRIES`] entries stays far below [`MAX_RAFT_BODY_BYTES`].
+pub const MAX_ENTRY_BYTES: usize = 32 << 20;
+
+/// The size of `command` as the log stores it.
+fn encoded_len(command: &Command) -> usize {
+    serde_json::to_vec(command).map_or(0, |v| v.len())
+}
 
 /// The TLS material of a secure coordinator.
 struct LoadedTls {
@@ -557,11 +566,29 @@ async fn group_commit(
     mut queue: mpsc::Receiver<PendingWrite>,
     pause: Arc<tokio::sync::RwLock<()>>,
 ) {
-    while let Some(first) = queue.recv().await {
+    // A command that did not fit the previous entry opens the next one.
+    let mut carried: Option<PendingWrite> = None;
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match queue.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let mut bytes = encoded_len(&first.0);
         let mut batch = vec![first];
         while batch.len() < MAX_COMMANDS_PER_ENTRY {
             match queue.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) => {
+                    let next_bytes = encoded_len(&next.0);
+                    if bytes + next_bytes > MAX_ENTRY_BYTES {
+                        carried = Some(next);
+                        break;
+                    }
+                    bytes += next_bytes;
+                    batch.push(next);
+                }
                 Err(_) => break,
             }
         }

@@ -215,7 +215,7 @@ pub(super) async fn add_member(
 /// Removes member `id` (a dead server, or one going away). Its messages are refused from then on.
 #[utoipa::path(delete, path = "/v1/cluster/members/{id}", security(("bearer" = [])),
     params(("id" = u64, Path, description = "the member's server id")),
-    responses((status = 200, body = ClusterView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    responses((status = 200, body = ClusterView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn remove_member(
     State(c): Ctx,
@@ -233,7 +233,7 @@ pub(super) async fn remove_member(
 /// Hands leadership to voter `id` (before maintenance of the leader's host).
 #[utoipa::path(post, path = "/v1/cluster/leader", security(("bearer" = [])),
     request_body = crate::membership::TransferLeaderRequest,
-    responses((status = 200, body = ClusterView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    responses((status = 200, body = ClusterView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 500, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 pub(super) async fn transfer_leader(
