@@ -349,6 +349,11 @@ enum Cmd {
         /// Rank logs of a job are deleted this many days after it ended.
         #[arg(long, default_value_t = 30)]
         log_retention_days: u64,
+        /// Take a Raft snapshot every this many log entries (half as many are kept behind it for
+        /// lagging followers; further behind, a follower catches up from the snapshot).
+        #[arg(long, default_value_t = trainctl_coordinator::server::DEFAULT_SNAPSHOT_LOGS,
+              value_parser = clap::value_parser!(u64).range(2..))]
+        snapshot_logs: u64,
         /// Serve plain HTTP with no authentication: anyone who reaches the port can read and
         /// change everything and join as an agent. Only for a trusted machine.
         #[arg(long)]
@@ -937,6 +942,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             node_timeout_ms,
             stop_grace_ms,
             log_retention_days,
+            snapshot_logs,
             insecure,
             tls_ca_cert,
             tls_ca_key,
@@ -960,6 +966,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             config.node_timeout_ms = node_timeout_ms;
             config.stop_grace_ms = stop_grace_ms;
             config.log_retention_ms = log_retention_days.saturating_mul(24 * 3600 * 1000);
+            config.snapshot_logs = snapshot_logs;
             config.secure = !insecure;
             config.tls = trainctl_coordinator::server::TlsSources {
                 ca: tls_ca_cert.zip(tls_ca_key),

@@ -28,11 +28,17 @@ struct Group {
     coordinators: Vec<Option<Proc>>,
     /// The data dir of each coordinator slot (a replaced member gets a new one).
     data_dirs: Vec<PathBuf>,
+    /// Extra flags of every coordinator.
+    flags: Vec<String>,
     _lock: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Group {
     fn start(n: usize, agents: u32) -> Group {
+        Group::start_with(n, agents, &[])
+    }
+
+    fn start_with(n: usize, agents: u32, flags: &[&str]) -> Group {
         let lock = lock_cluster_addresses();
         let dir = tempfile::tempdir().unwrap();
         let addrs: Vec<String> = (0..n)
@@ -45,6 +51,7 @@ impl Group {
             agents: Vec::new(),
             coordinators: (0..n).map(|_| None).collect(),
             data_dirs,
+            flags: flags.iter().map(|f| f.to_string()).collect(),
             _lock: lock,
         };
         group.start_coordinator(0);
@@ -109,6 +116,7 @@ impl Group {
             "--listen".into(),
             self.addrs[i].clone(),
         ];
+        args.extend(self.flags.iter().cloned());
         let token = self.token_if_written();
         if i > 0 {
             let others: Vec<String> = self
@@ -972,4 +980,77 @@ fn a_partitioned_leader_can_not_commit_and_steps_down_after_healing() {
         },
     );
     drop(coordinators);
+}
+
+#[test]
+fn a_member_that_caught_up_from_a_snapshot_fetches_the_logs_it_lacks() {
+    // Snapshots every 20 entries, so a new member catches up from one (and gets no log files).
+    let mut group = Group::start_with(3, 1, &["--snapshot-logs", "20"]);
+    let lines = 40;
+    let job = job_file(
+        group.dir.path(),
+        "chatty",
+        &format!(
+            "name = \"chatty\"\n[launch]\ncommand = [\"sh\", \"-c\", \"for i in $(seq 1 {lines}); do echo line-$i; sleep 0.05; done\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n"
+        ),
+    );
+    let out = group.cli(&["submit", job.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    // Enough later writes for the log holding the job's output to be snapshotted and purged.
+    for n in 0..30 {
+        let out = group.cli(&[
+            "token",
+            "create",
+            "--role",
+            "read",
+            "--name",
+            &format!("filler-{n}"),
+        ]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // Replace a follower: it joins empty and catches up from a snapshot.
+    let leader = group.leader();
+    let follower = (leader + 1) % 3;
+    let view = group.json(&["cluster", "-o", "json"]);
+    let old_id = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["address"] == group.addrs[follower].as_str())
+        .unwrap()["id"]
+        .to_string();
+    group.kill(follower);
+    let out = group.cli(&["cluster", "remove", &old_id]);
+    assert!(out.status.success(), "{out:?}");
+    std::fs::remove_dir_all(&group.data_dirs[follower]).unwrap();
+    group.start_coordinator(follower);
+    group.wait_voters(3);
+    let job_logs = group.data_dirs[follower].join("logs").join("job-1");
+    assert!(
+        !job_logs.exists(),
+        "the new member should have caught up from a snapshot, without the job's log files"
+    );
+    // It leads, and answers the logs in full: it fetched what it lacked from the others.
+    let view = group.json(&["cluster", "-o", "json"]);
+    let new_id = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["address"] == group.addrs[follower].as_str())
+        .unwrap()["id"]
+        .to_string();
+    let out = group.cli(&["cluster", "transfer-leader", &new_id]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(group.leader(), follower);
+    let out = group.cli(&["logs", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for i in 1..=lines {
+        assert_eq!(
+            text.matches(&format!("line-{i}\n")).count(),
+            1,
+            "line-{i} exactly once:\n{text}"
+        );
+    }
+    assert!(job_logs.exists(), "the new leader stored what it fetched");
 }

@@ -13,6 +13,7 @@
 //! - [`fixtures`]: cluster snapshots and coordinator states of a given size and fill.
 //! - [`served`]: a real coordinator served in-process, secure or plain, and its REST clients.
 //! - [`load`]: REST write load from N concurrent clients ([`load::run_level`]).
+//! - [`procs`]: real `trainctl coordinator` processes forming a Raft group (replication benches).
 //! - [`cpu`]: CPU time of a named group of threads (a runtime serving a coordinator).
 //! - [`job_spec_json`]: a realistic ~300-byte job spec.
 //! - [`base64`]: the few bytes of base64 that etcd's JSON gateway needs.
@@ -22,6 +23,7 @@ use std::time::Duration;
 pub mod cpu;
 pub mod fixtures;
 pub mod load;
+pub mod procs;
 pub mod served;
 
 /// Median and p99 of a set of timings.

@@ -148,10 +148,31 @@ pub async fn run_level(
     count: usize,
     first: usize,
 ) -> anyhow::Result<Level> {
+    run_level_spread(
+        clients,
+        std::slice::from_ref(target),
+        concurrency,
+        count,
+        first,
+    )
+    .await
+}
+
+/// [`run_level`] over several servers of one kind (the members of a Raft group): task `k` sends
+/// to `targets[k % targets.len()]`, so the tasks spread evenly over the members.
+pub async fn run_level_spread(
+    clients: &[reqwest::Client],
+    targets: &[Target],
+    concurrency: usize,
+    count: usize,
+    first: usize,
+) -> anyhow::Result<Level> {
+    ensure!(!targets.is_empty(), "no server to send to");
     // Bodies are made before the clock starts, so the load generator spends its CPU on sending.
+    // Every target of one run is of the same kind, so one body fits them all.
     let bodies: Arc<Vec<String>> = Arc::new(
         (first..first + count)
-            .map(|seq| body(target, seq))
+            .map(|seq| body(&targets[0], seq))
             .collect(),
     );
     let next = Arc::new(AtomicUsize::new(0));
@@ -160,7 +181,8 @@ pub async fn run_level(
     let mut tasks = Vec::with_capacity(concurrency);
     for k in 0..concurrency {
         let client = clients[k % clients.len()].clone();
-        let (target, bodies, next) = (target.clone(), bodies.clone(), next.clone());
+        let target = targets[k % targets.len()].clone();
+        let (bodies, next) = (bodies.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {

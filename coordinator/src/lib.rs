@@ -25,6 +25,7 @@ pub mod auth;
 pub mod forward;
 pub mod http;
 pub mod launch;
+pub mod log_repair;
 pub mod logs;
 pub mod membership;
 pub mod raft;

@@ -119,6 +119,26 @@ impl LogStore {
         Ok(end)
     }
 
+    /// Up to `max` bytes of a rank's log from `offset` (fewer at its end; none past it).
+    pub fn read_range(
+        &self,
+        job: JobId,
+        attempt: u32,
+        rank: u32,
+        offset: u64,
+        max: u64,
+    ) -> io::Result<Vec<u8>> {
+        let mut file = match fs::File::open(self.path(job, attempt, rank)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        file.seek(SeekFrom::Start(offset))?;
+        let mut data = Vec::new();
+        file.take(max).read_to_end(&mut data)?;
+        Ok(data)
+    }
+
     /// How many bytes of a rank's log are stored here (0 when none).
     pub fn stored_len(&self, job: JobId, attempt: u32, rank: u32) -> u64 {
         fs::metadata(self.path(job, attempt, rank)).map_or(0, |m| m.len())

@@ -57,6 +57,9 @@ pub struct CoordinatorConfig {
     pub tls: TlsSources,
     /// Whether a new data dir starts a cluster or joins one (ignored once the data dir holds one).
     pub start: crate::membership::ClusterStart,
+    /// A snapshot is taken every this many log entries; half as many are kept behind it for
+    /// followers that lag a little (the rest catch up from the snapshot).
+    pub snapshot_logs: u64,
 }
 
 /// The coordinator's TLS material. Unset files are created under `<data-dir>/tls/`: a cluster CA
@@ -94,6 +97,7 @@ impl CoordinatorConfig {
             secure: true,
             tls: TlsSources::default(),
             start: crate::membership::ClusterStart::Bootstrap,
+            snapshot_logs: DEFAULT_SNAPSHOT_LOGS,
         }
     }
 }
@@ -338,7 +342,8 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
         heartbeat_interval: 100,
         election_timeout_min: 300,
         election_timeout_max: 600,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2000),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs.max(2)),
+        max_in_snapshot_log_to_keep: config.snapshot_logs.max(2) / 2,
         snapshot_max_chunk_size: crate::raft::state_machine::SNAPSHOT_CHUNK_BYTES,
         // An append carries at most this many entries (each up to MAX_COMMANDS_PER_ENTRY
         // commands), so a Raft message stays within MAX_RAFT_BODY_BYTES.
@@ -423,6 +428,9 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
         write_pause,
     }))
 }
+
+/// A snapshot every this many log entries by default.
+pub const DEFAULT_SNAPSHOT_LOGS: u64 = 2000;
 
 /// Most log entries in one Raft append.
 pub const RAFT_MAX_PAYLOAD_ENTRIES: u64 = 16;
@@ -833,6 +841,22 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
                 Ok(rpc) => Json(c.raft.install_snapshot(rpc).await).into_response(),
                 Err(response) => response,
             },
+            // Rank logs this member holds, for one that lacks them (see `log_repair`).
+            "log-read" => match parse::<crate::log_repair::LogRange>(&body) {
+                Ok(range) => {
+                    let store = c.logs.clone();
+                    match tokio::task::spawn_blocking(move || {
+                        crate::log_repair::serve(&store, &range)
+                    })
+                    .await
+                    {
+                        Ok(Ok(record)) => Json(record).into_response(),
+                        Ok(Err(e)) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    }
+                }
+                Err(response) => response,
+            },
             // Leadership transfer (see `membership`): the leader asks the new one to campaign,
             // and the others to hold their elections meanwhile.
             "elect" => match c.raft.trigger().elect().await {
@@ -854,7 +878,7 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
             },
             other => refuse(
                 StatusCode::NOT_FOUND,
-                format!("no Raft message `{other}` (append, vote, snapshot, identity, elect, hold-elections)"),
+                format!("no Raft message `{other}` (append, vote, snapshot, identity, elect, hold-elections, log-read)"),
             ),
         }
     }

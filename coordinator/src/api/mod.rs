@@ -1294,6 +1294,8 @@ async fn job_logs(
         Some(r) => vec![r],
         None => nodes.keys().copied().collect(),
     };
+    // What this coordinator's copy lacks (it caught up from a snapshot), from the others.
+    crate::log_repair::fill_in(&c, id, attempt, &ranks).await;
     let store = c.logs.clone();
     let (lines, next) =
         tokio::task::spawn_blocking(move || store.read(id, attempt, &ranks, &cursor))

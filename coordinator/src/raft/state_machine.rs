@@ -518,6 +518,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Normal(mut command) => {
                         let mut taken = Vec::new();
                         take_log_records(&mut command, &mut Vec::new(), &mut taken);
+                        // What the chunks commit is state (how far each log goes); their bytes
+                        // go to files below.
+                        for (_, records) in &taken {
+                            guard.state.extend_committed_logs(records);
+                        }
                         log_records.extend(taken.into_iter().map(|(p, r)| (outcomes.len(), p, r)));
                         guard.state.apply(command)
                     }

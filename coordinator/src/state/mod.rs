@@ -352,6 +352,11 @@ pub struct Job {
     /// Who submitted it, and the namespace it belongs to (`None` for jobs from before tokens).
     #[serde(default)]
     pub owner: Option<Actor>,
+    /// How many bytes of each rank's output are committed, by attempt and rank: the bytes
+    /// `[0, n)` of that log reached the Raft log ([`Command::AppendLogs`]). A coordinator whose
+    /// own copy is shorter (it caught up from a snapshot) fetches the rest from the others.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub log_bytes: BTreeMap<u32, BTreeMap<u32, u64>>,
 }
 
 /// A rank's state as an agent observed it.
@@ -573,6 +578,25 @@ pub(crate) fn rejected(reason: impl Into<String>) -> CommandOutcome {
 }
 
 impl State {
+    /// Records how far each rank's log is committed by `chunks` (see [`Job::log_bytes`]): a chunk
+    /// that starts within the committed bytes extends them; one past their end (a gap) does not.
+    pub fn extend_committed_logs(&mut self, chunks: &[LogRecord]) {
+        for chunk in chunks {
+            let Some(job) = self.jobs.get_mut(&chunk.job) else {
+                continue;
+            };
+            let committed = job
+                .log_bytes
+                .entry(chunk.attempt)
+                .or_default()
+                .entry(chunk.rank)
+                .or_default();
+            if chunk.offset <= *committed {
+                *committed = (*committed).max(chunk.offset + chunk.data.len() as u64);
+            }
+        }
+    }
+
     /// Applies one committed command. Deterministic: same state and command, same result.
     pub fn apply(&mut self, command: Command) -> CommandOutcome {
         match command {
@@ -665,8 +689,12 @@ impl State {
                 digest,
                 submit,
             } => self.apply_idempotent(&Actor::default(), key, digest, *submit),
-            // A side effect outside the state (the Raft state machine writes the files).
-            Command::AppendLogs { .. } => CommandOutcome::Done,
+            // The bytes go to files outside the state (the Raft state machine writes them); the
+            // state keeps how far each log is committed.
+            Command::AppendLogs { chunks } => {
+                self.extend_committed_logs(&chunks);
+                CommandOutcome::Done
+            }
         }
     }
 
@@ -845,6 +873,7 @@ impl State {
                 secret,
                 checkpoint_signals: 0,
                 owner: None,
+                log_bytes: BTreeMap::new(),
             },
         );
         self.queue.push_back(id);

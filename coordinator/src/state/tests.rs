@@ -1889,42 +1889,67 @@ fn audited_commands_record_who_and_how_and_the_trail_is_bounded() {
 }
 
 #[test]
-fn append_logs_changes_nothing_in_the_state() {
+fn append_logs_records_only_how_far_each_log_is_committed() {
     let (mut state, job) = running_job();
-    let before = state.clone();
-    let chunk = |offset: u64, data: &[u8]| LogRecord {
+    let chunk = |rank: u32, offset: u64, data: &[u8]| LogRecord {
         job,
         attempt: 0,
-        rank: 0,
+        rank,
         offset,
         data: data.to_vec(),
     };
-    let cases = [
-        Command::AppendLogs { chunks: vec![] },
-        Command::AppendLogs {
-            chunks: vec![chunk(0, b"step 1\n"), chunk(7, b"step 2\n")],
-        },
-        // A job that does not exist: still nothing (the state machine writes files, not `apply`).
-        Command::AppendLogs {
-            chunks: vec![LogRecord {
+    // (chunks, committed bytes of rank 0 and rank 1 after them)
+    let steps: Vec<(Vec<LogRecord>, Option<u64>, Option<u64>)> = vec![
+        (vec![], None, None),
+        (
+            vec![chunk(0, 0, b"step 1\n"), chunk(0, 7, b"step 2\n")],
+            Some(14),
+            None,
+        ),
+        // Resent bytes (an agent told to resend) do not move it back.
+        (vec![chunk(0, 0, b"step 1\n")], Some(14), None),
+        // A chunk past the committed end (a gap) does not extend it.
+        (vec![chunk(0, 100, b"late\n")], Some(14), None),
+        (vec![chunk(1, 0, b"r1\n")], Some(14), Some(3)),
+        // A job that does not exist: nothing.
+        (
+            vec![LogRecord {
                 job: JobId(99),
-                ..chunk(0, b"x\n")
+                ..chunk(0, 0, b"x\n")
             }],
-        },
+            Some(14),
+            Some(3),
+        ),
     ];
-    for command in cases {
+    for (chunks, rank0, rank1) in steps {
+        let before = state.clone();
+        let command = Command::AppendLogs { chunks };
         assert_eq!(
             state.apply(command.clone()),
             CommandOutcome::Done,
             "{command:?}"
         );
-        assert!(state == before, "{command:?} changed the state");
+        let committed = |rank: u32| {
+            state.jobs[&job]
+                .log_bytes
+                .get(&0)
+                .and_then(|r| r.get(&rank))
+                .copied()
+        };
+        assert_eq!((committed(0), committed(1)), (rank0, rank1), "{command:?}");
+        // Nothing else changes.
+        let mut without_logs = state.clone();
+        without_logs.jobs.get_mut(&job).unwrap().log_bytes = before.jobs[&job].log_bytes.clone();
+        assert!(
+            without_logs == before,
+            "{command:?} changed more than log_bytes"
+        );
     }
     let batched = state.apply(Command::Batch(vec![Command::AppendLogs {
-        chunks: vec![chunk(14, b"step 3\n")],
+        chunks: vec![chunk(0, 14, b"step 3\n")],
     }]));
     assert_eq!(batched, CommandOutcome::Batch(vec![CommandOutcome::Done]));
-    assert!(state == before);
+    assert_eq!(state.jobs[&job].log_bytes[&0][&0], 21);
 }
 
 #[test]
