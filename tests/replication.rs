@@ -534,6 +534,16 @@ fn a_restarted_follower_catches_up_and_a_wiped_member_is_replaced() {
     std::fs::remove_dir_all(&group.data_dirs[follower]).ok();
     let out = group.cli(&["cluster", "remove", &lost_id.to_string()]);
     assert!(out.status.success(), "{out:?}");
+    // Membership changes are in the audit trail, with who made them.
+    let audit = group.json(&["audit", "-o", "json"]).to_string();
+    assert!(
+        audit.contains(&format!("remove coordinator {lost_id}")),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("is already a member"),
+        "the refused grant too: {audit}"
+    );
     group.start_coordinator(follower);
     group.wait_voters(3);
     let view = group.json(&["cluster", "-o", "json"]);

@@ -173,6 +173,21 @@ pub(super) async fn cluster(State(c): Ctx) -> Json<ClusterView> {
     Json(cluster_view(&metrics, cluster_id))
 }
 
+/// Records a membership change (or its refusal) in the audit trail; best effort: the change
+/// itself already happened or failed.
+async fn audit<T>(
+    c: &crate::server::Coordinator,
+    who: &crate::auth::Principal,
+    change: String,
+    result: &Result<T, ApiError>,
+) {
+    let refused = result.as_ref().err().map(|e| e.to_string());
+    let command = crate::state::Command::MembershipChanged { change, refused };
+    if let Err(e) = c.write_as(who, command).await {
+        tracing::warn!(error = %e, "could not record a membership change in the audit trail");
+    }
+}
+
 fn view_of(c: &crate::server::Coordinator) -> ClusterView {
     let metrics = c.raft.metrics().borrow().clone();
     cluster_view(&metrics, c.state.read(|s| s.cluster_id.clone()))
@@ -187,10 +202,19 @@ fn view_of(c: &crate::server::Coordinator) -> ClusterView {
         (status = 503, body = ErrorBody)))]
 pub(super) async fn join(
     State(c): Ctx,
+    axum::Extension(who): axum::Extension<crate::auth::Principal>,
     body: Result<Json<crate::membership::JoinRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<crate::membership::JoinGrant>, ApiError> {
     let request = super::access::json_body(body)?;
-    Ok(Json(c.grant_join(&request.address).await?))
+    let grant = c.grant_join(&request.address).await;
+    let change = format!(
+        "grant coordinator at {} a place in the cluster",
+        request.address
+    );
+    audit(&c, &who, change, &grant).await;
+    let mut grant = grant?;
+    grant.members.sort_by_key(|m| m.id);
+    Ok(Json(grant))
 }
 
 /// Adds the coordinator serving at `address` (started with this cluster's grant) as a learner,
@@ -202,13 +226,17 @@ pub(super) async fn join(
         (status = 503, body = ErrorBody)))]
 pub(super) async fn add_member(
     State(c): Ctx,
+    axum::Extension(who): axum::Extension<crate::auth::Principal>,
     body: Result<
         Json<crate::membership::AddMemberRequest>,
         axum::extract::rejection::JsonRejection,
     >,
 ) -> Result<Json<ClusterView>, ApiError> {
     let request = super::access::json_body(body)?;
-    c.add_member(&request.address).await?;
+    let added = c.add_member(&request.address).await;
+    let change = format!("add coordinator at {} as a voter", request.address);
+    audit(&c, &who, change, &added).await;
+    added?;
     Ok(Json(view_of(&c)))
 }
 
@@ -219,6 +247,7 @@ pub(super) async fn add_member(
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn remove_member(
     State(c): Ctx,
+    axum::Extension(who): axum::Extension<crate::auth::Principal>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<ClusterView>, ApiError> {
     let id: ServerId = id.parse().map_err(|_| {
@@ -226,7 +255,9 @@ pub(super) async fn remove_member(
             "`{id}` is not a server id (a number; see `trainctl cluster`)"
         ))
     })?;
-    c.remove_member(id).await?;
+    let removed = c.remove_member(id).await;
+    audit(&c, &who, format!("remove coordinator {id}"), &removed).await;
+    removed?;
     Ok(Json(view_of(&c)))
 }
 
@@ -238,12 +269,16 @@ pub(super) async fn remove_member(
         (status = 503, body = ErrorBody)))]
 pub(super) async fn transfer_leader(
     State(c): Ctx,
+    axum::Extension(who): axum::Extension<crate::auth::Principal>,
     body: Result<
         Json<crate::membership::TransferLeaderRequest>,
         axum::extract::rejection::JsonRejection,
     >,
 ) -> Result<Json<ClusterView>, ApiError> {
     let request = super::access::json_body(body)?;
+    // Recorded before: once leadership moved, this coordinator can no longer write.
+    let change = format!("hand leadership to coordinator {}", request.id);
+    audit(&c, &who, change, &Ok::<(), ApiError>(())).await;
     c.transfer_leadership(request.id).await?;
     Ok(Json(view_of(&c)))
 }

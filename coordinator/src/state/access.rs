@@ -219,6 +219,7 @@ fn describe(command: &Command) -> String {
         Command::Batch(commands) => commands.iter().map(describe).collect::<Vec<_>>().join("; "),
         // Not the chunks: the Raft state machine takes them out before `apply` sees the command.
         Command::AppendLogs { .. } => "append rank logs".to_string(),
+        Command::MembershipChanged { change, .. } => change.clone(),
         other => format!("{other:?}").chars().take(80).collect(),
     }
 }

@@ -516,6 +516,14 @@ pub enum Command {
     /// appends the chunks to the coordinator's rank logs (`raft/state_machine.rs`) when it applies
     /// the entry, so every member stores the same logs.
     AppendLogs { chunks: Vec<LogRecord> },
+    /// A change of the coordinators' membership (Raft keeps the membership itself), written
+    /// inside [`Command::Audited`] so the audit trail shows who changed it and how it ended:
+    /// `refused` is why it failed. Changes nothing else.
+    MembershipChanged {
+        change: String,
+        #[serde(default)]
+        refused: Option<String>,
+    },
 }
 
 /// What applying a command produced.
@@ -695,6 +703,10 @@ impl State {
                 self.extend_committed_logs(&chunks);
                 CommandOutcome::Done
             }
+            Command::MembershipChanged { refused, .. } => match refused {
+                Some(reason) => CommandOutcome::Rejected { reason },
+                None => CommandOutcome::Done,
+            },
         }
     }
 

@@ -1971,3 +1971,46 @@ fn log_records_are_base64_in_the_log() {
     assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), command);
     assert!(serde_json::from_str::<Command>(&json.replace("bG9z", "b!9z")).is_err());
 }
+
+#[test]
+fn membership_changes_are_audited_and_change_nothing_else() {
+    let (mut state, _) = running_job();
+    let before = state.clone();
+    let actor = Actor {
+        name: "ops".into(),
+        namespace: None,
+    };
+    let cases = [
+        (None, CommandOutcome::Done, "done"),
+        (
+            Some("server 9 is not a member".to_string()),
+            CommandOutcome::Rejected {
+                reason: "server 9 is not a member".into(),
+            },
+            "refused: server 9 is not a member",
+        ),
+    ];
+    for (refused, outcome, recorded) in cases {
+        let command = Command::Audited {
+            actor: actor.clone(),
+            at_ms: 5,
+            command: Box::new(Command::MembershipChanged {
+                change: "remove coordinator 9".into(),
+                refused,
+            }),
+        };
+        assert_eq!(state.apply(command), outcome);
+        let entry = state.audit.back().unwrap();
+        assert_eq!(
+            (
+                entry.by.as_str(),
+                entry.action.as_str(),
+                entry.outcome.as_str()
+            ),
+            ("ops", "remove coordinator 9", recorded)
+        );
+    }
+    let mut without_audit = state.clone();
+    without_audit.audit = before.audit.clone();
+    assert!(without_audit == before);
+}

@@ -239,6 +239,20 @@ fn fuzz_command(state: &State, choice: u8, seed: u64, step: u64) -> Command {
                     }],
                 });
             }
+            if rng.below(4) == 0 {
+                // A membership change recorded for the audit trail (changes nothing else).
+                commands.push(Command::Audited {
+                    actor: Actor {
+                        name: "ops".into(),
+                        namespace: None,
+                    },
+                    at_ms: step,
+                    command: Box::new(Command::MembershipChanged {
+                        change: "remove coordinator 3".into(),
+                        refused: (rng.below(2) == 0).then(|| "server 3 is not a member".into()),
+                    }),
+                });
+            }
             Command::Batch(commands)
         }
     }
