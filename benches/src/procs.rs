@@ -432,3 +432,31 @@ impl BenchDir {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let samples: Vec<Duration> = (1..=20).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&samples, 50), Duration::from_millis(10));
+        // With 20 samples the p99 is the largest.
+        assert_eq!(percentile(&samples, 99), Duration::from_millis(20));
+        assert_eq!(percentile(&samples, 100), Duration::from_millis(20));
+        assert_eq!(percentile(&[], 50), Duration::ZERO);
+    }
+
+    #[test]
+    fn rss_of_this_process_is_read() {
+        let (peak, now) = rss_kib(std::process::id()).expect("/proc/self/status");
+        assert!(peak >= now && now > 0, "VmHWM {peak} KiB, VmRSS {now} KiB");
+    }
+
+    #[test]
+    fn bench_addresses_are_free_ports_on_127_0_10() {
+        let ip = bench_ip(7);
+        assert_eq!(ip.to_string(), "127.0.10.7");
+        assert!(free_port(ip).unwrap() > 0);
+    }
+}
