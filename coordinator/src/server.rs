@@ -339,9 +339,16 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
     .context("open the state machine")?;
     let raft_config = openraft::Config {
         cluster_name: "trainctl".to_string(),
-        heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
+        // A follower that heard from a leader campaigns after the leader's lease (openraft
+        // 0.9 fixes it at election_timeout_max) plus its own election timeout: 0.45 to 0.6 s of
+        // silence, so a failover (and its first commit) fits in well under a second.
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        // Bounds each snapshot chunk's RPC, and the last one waits for the receiver to fsync and
+        // load the whole snapshot (seconds for 100 000 jobs): openraft's 200 ms default made the
+        // leader send a large snapshot again and again.
+        install_snapshot_timeout: SNAPSHOT_INSTALL_TIMEOUT_MS,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs.max(2)),
         max_in_snapshot_log_to_keep: config.snapshot_logs.max(2) / 2,
         snapshot_max_chunk_size: crate::raft::state_machine::SNAPSHOT_CHUNK_BYTES,
@@ -428,6 +435,9 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
         write_pause,
     }))
 }
+
+/// How long one snapshot chunk's RPC may take, the last one included (it installs the snapshot).
+pub const SNAPSHOT_INSTALL_TIMEOUT_MS: u64 = 120_000;
 
 /// A snapshot every this many log entries by default.
 pub const DEFAULT_SNAPSHOT_LOGS: u64 = 2000;
