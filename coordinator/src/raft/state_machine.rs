@@ -605,6 +605,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         );
         // Not under the lock: a large state takes a while to free.
         drop(replaced);
+        // A stream begun while this one installed (the leader gave up waiting and started
+        // again) is moot now: its file would stay until the next start. (Should it still be
+        // written to, its open handle keeps the data; `install_blocking` copies from handles.)
+        let stale = self
+            .receiving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(stale) = stale {
+            let _ = tokio::fs::remove_file(stale).await;
+        }
         self.changes.send_modify(|n| *n += 1);
         Ok(())
     }
