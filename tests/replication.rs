@@ -1064,3 +1064,46 @@ fn a_member_that_caught_up_from_a_snapshot_fetches_the_logs_it_lacks() {
     }
     assert!(job_logs.exists(), "the new leader stored what it fetched");
 }
+
+#[test]
+fn dev_runs_three_coordinators_and_the_cli_survives_losing_one() {
+    let dev = common::DevCluster::start_with(1, &["--coordinators", "3"], &[]);
+    // The CLI as a user runs it: the context `dev` wrote, no address given.
+    let cli = |args: &[&str]| {
+        Command::new(trainctl())
+            .args(args)
+            .env("TRAINCTL_CONFIG", dev.config_file())
+            .env_remove("TRAINCTL_ADDR")
+            .env_remove("TRAINCTL_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let config = std::fs::read_to_string(dev.config_file()).unwrap();
+    assert_eq!(config.matches("https://127.0.0.1:").count(), 3, "{config}");
+    let out = cli(&["cluster", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let voters = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["voter"] == true)
+        .count();
+    assert_eq!(voters, 3, "{view}");
+    // Kill the first coordinator (the one the context lists first, and the first leader).
+    let marker = format!(
+        "{} --listen",
+        dev.data_dir
+            .path()
+            .join("cluster")
+            .join("coordinator")
+            .display()
+    );
+    let pids = common::processes_with(&marker);
+    assert_eq!(pids.len(), 1, "{marker}: {pids:?}");
+    signal(pids[0], libc::SIGKILL);
+    let job = short_job(dev.data_dir.path(), "after-a-coordinator-died");
+    let out = cli(&["submit", job.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+}
