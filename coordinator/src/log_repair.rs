@@ -6,8 +6,12 @@
 //! committed before that snapshot. The state knows how far each log is committed
 //! ([`Job::log_bytes`](crate::state::Job)); before a coordinator answers a logs request, it
 //! fetches what its own copy lacks from the other members (`/internal/raft/log-read`, signed) and
-//! appends it, so `trainctl logs` returns every line from whichever coordinator leads.
+//! appends it, so `trainctl logs` returns every line from whichever coordinator leads. After each
+//! snapshot it installs, a coordinator also fills in every log in the background
+//! ([`after_snapshot_installs`]), so the output does not depend on the members that held it
+//! staying in the group until someone reads it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -135,4 +139,53 @@ pub async fn fill_in(c: &Coordinator, job: JobId, attempt: u32, ranks: &[u32]) -
         }
     }
     incomplete
+}
+
+/// How often a background pass that could not fill everything in is tried again, and how often.
+pub const REPAIR_RETRY: Duration = Duration::from_secs(5);
+pub const REPAIR_PASSES_MAX: usize = 60;
+
+/// After every snapshot this coordinator installs, fills in the logs of every job it lacks (in
+/// passes, again every [`REPAIR_RETRY`] while another member may still have what is missing).
+pub async fn after_snapshot_installs(
+    c: Arc<Coordinator>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut installs = c.state.subscribe_installs();
+    loop {
+        tokio::select! {
+            changed = installs.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        for pass in 1..=REPAIR_PASSES_MAX {
+            let logs: Vec<(JobId, u32, Vec<u32>)> = c.state.read(|s| {
+                s.jobs
+                    .values()
+                    .flat_map(|j| {
+                        j.log_bytes.iter().map(|(attempt, ranks)| {
+                            (j.id, *attempt, ranks.keys().copied().collect())
+                        })
+                    })
+                    .collect()
+            });
+            let mut incomplete = 0;
+            for (job, attempt, ranks) in logs {
+                if *shutdown.borrow() {
+                    return;
+                }
+                incomplete += fill_in(&c, job, attempt, &ranks).await.len();
+            }
+            if incomplete == 0 {
+                tracing::info!(pass, "rank logs complete after installing a snapshot");
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(REPAIR_RETRY) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }

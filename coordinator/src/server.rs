@@ -712,6 +712,10 @@ pub async fn run(
     let scheduler = tokio::spawn(scheduling_loop(coordinator.clone(), shutdown.clone()));
     let liveness = tokio::spawn(liveness_loop(coordinator.clone(), shutdown.clone()));
     let retention = tokio::spawn(log_retention_loop(coordinator.clone(), shutdown.clone()));
+    let log_repair = tokio::spawn(crate::log_repair::after_snapshot_installs(
+        coordinator.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(exit_if_raft_core_fails(coordinator.clone()));
     info!(%local, "coordinator serving REST, gRPC and Raft");
 
@@ -731,6 +735,7 @@ pub async fn run(
     scheduler.await.ok();
     liveness.await.ok();
     retention.await.ok();
+    log_repair.await.ok();
     coordinator.raft.shutdown().await.ok();
     Ok(())
 }

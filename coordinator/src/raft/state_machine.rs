@@ -87,6 +87,8 @@ pub struct StateMachineStore {
     applied: Arc<RwLock<Applied>>,
     /// Bumped after every apply, so loops (the scheduler) wake up when the state changes.
     changes: watch::Sender<u64>,
+    /// Bumped after every snapshot installed from the leader (it carries no rank-log files).
+    installs: watch::Sender<u64>,
     /// The temporary file of the snapshot being received, if any.
     receiving: Arc<Mutex<Option<PathBuf>>>,
     /// Held while the current snapshot changes, and while its file is opened.
@@ -114,6 +116,7 @@ impl StateMachineStore {
             logs,
             applied: Default::default(),
             changes: watch::channel(0).0,
+            installs: watch::channel(0).0,
             receiving: Default::default(),
             current: Default::default(),
         };
@@ -134,6 +137,11 @@ impl StateMachineStore {
     /// A receiver that sees a new value after every apply.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// Changes after every snapshot installed from the leader (see `log_repair`).
+    pub fn subscribe_installs(&self) -> watch::Receiver<u64> {
+        self.installs.subscribe()
     }
 
     /// The directory snapshot files live in.
@@ -617,6 +625,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let _ = tokio::fs::remove_file(stale).await;
         }
         self.changes.send_modify(|n| *n += 1);
+        self.installs.send_modify(|n| *n += 1);
         Ok(())
     }
 
