@@ -760,6 +760,21 @@ async fn exit_if_raft_core_fails(coordinator: Arc<Coordinator>) {
     }
 }
 
+/// Whether a voter that just refused a candidate should campaign at once: the candidate's log
+/// is behind its own (so it can never win this voter's vote) and no leader is known (the
+/// candidate's higher term deposed it: the leader is gone, or its lease ran out). Without this,
+/// openraft waits a full election timeout more, and a failover takes twice as long whenever
+/// the first candidate is the one with the shorter log. Pure.
+pub fn campaign_after_refusing(
+    granted: bool,
+    own_log: Option<openraft::LogId<ServerId>>,
+    candidate_log: Option<openraft::LogId<ServerId>>,
+    leader_known: bool,
+    voter: bool,
+) -> bool {
+    !granted && voter && !leader_known && own_log > candidate_log
+}
+
 /// Most Raft requests from other coordinators served at once.
 pub const MAX_RAFT_REQUESTS: usize = 256;
 
@@ -849,7 +864,31 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
                 Json(c.raft.append_entries(rpc).await).into_response()
             }
             "vote" => match parse::<VoteRequest<ServerId>>(&body) {
-                Ok(rpc) => Json(c.raft.vote(rpc).await).into_response(),
+                Ok(rpc) => {
+                    let candidate_log = rpc.last_log_id;
+                    let answer = c.raft.vote(rpc).await;
+                    if let Ok(answer) = &answer {
+                        let metrics = c.raft.metrics().borrow().clone();
+                        let voter = metrics
+                            .membership_config
+                            .membership()
+                            .voter_ids()
+                            .any(|v| v == c.config.server_id);
+                        if campaign_after_refusing(
+                            answer.vote_granted,
+                            answer.last_log_id,
+                            candidate_log,
+                            metrics.current_leader.is_some(),
+                            voter,
+                        ) {
+                            let raft = c.raft.clone();
+                            tokio::spawn(async move {
+                                let _ = raft.trigger().elect().await;
+                            });
+                        }
+                    }
+                    Json(answer).into_response()
+                }
                 Err(response) => response,
             },
             "snapshot" => match parse::<InstallSnapshotRequest<TypeConfig>>(&body) {
@@ -1284,6 +1323,38 @@ pub fn job_counts(coordinator: &Coordinator) -> BTreeMap<&'static str, u64> {
 mod tests {
     use super::*;
     use crate::state::{Command, CommandOutcome, State};
+
+    #[test]
+    fn a_voter_campaigns_at_once_only_when_it_refused_a_candidate_with_a_shorter_log() {
+        let log = |term: u64, index: u64| {
+            Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(term, 1),
+                index,
+            ))
+        };
+        // (granted, own log, candidate's log, leader known, voter, campaign)
+        let table = [
+            (false, log(2, 10), log(2, 9), false, true, true),
+            (false, log(3, 5), log(2, 9), false, true, true),
+            // Granted: the candidate will lead.
+            (true, log(2, 10), log(2, 9), false, true, false),
+            // The candidate's log is as new or newer: refused for another reason.
+            (false, log(2, 10), log(2, 10), false, true, false),
+            (false, log(2, 9), log(2, 10), false, true, false),
+            // A leader is still known (refused because of its lease): no election.
+            (false, log(2, 10), log(2, 9), true, true, false),
+            // A learner never campaigns.
+            (false, log(2, 10), log(2, 9), false, false, false),
+            (false, log(2, 1), None, false, true, true),
+        ];
+        for (granted, own, candidate, leader, voter, want) in table {
+            assert_eq!(
+                campaign_after_refusing(granted, own, candidate, leader, voter),
+                want,
+                "{granted} {own:?} {candidate:?} {leader} {voter}"
+            );
+        }
+    }
 
     #[test]
     fn logs_go_once_their_job_ended_longer_ago_than_the_retention() {
