@@ -11,6 +11,8 @@ use trainctl_coordinator::api::{
 };
 use trainctl_jobs::JobSpec;
 
+use trainctl_coordinator::membership::error_chain;
+
 use crate::context::Connection;
 
 /// A REST client of a cluster's coordinators: any of them answers (a follower forwards to the
@@ -337,18 +339,6 @@ fn retryable(e: &reqwest::Error) -> bool {
     .iter()
     .any(|w| chain.contains(w));
     !tls_problem && (e.is_connect() || e.is_timeout() || e.is_request())
-}
-
-/// An error with its causes, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 impl Client {

@@ -235,6 +235,19 @@ impl Group {
         )
     }
 
+    /// The Raft server id of the member serving at coordinator slot `i`'s address now.
+    fn member_id(&self, i: usize) -> u64 {
+        let view = self.json(&["cluster", "-o", "json"]);
+        view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["address"] == self.addrs[i].as_str())
+            .unwrap_or_else(|| panic!("no member at {}: {view}", self.addrs[i]))["id"]
+            .as_u64()
+            .unwrap()
+    }
+
     /// The index of the leading coordinator, as the live ones report it.
     fn leader(&self) -> usize {
         eventually(Duration::from_secs(30), "a leader", || {
@@ -507,15 +520,7 @@ fn a_restarted_follower_catches_up_and_a_wiped_member_is_replaced() {
     eprintln!("restarted follower caught up in {:?}", started.elapsed());
 
     // A member's disk is lost: remove it, and join a new server in its place.
-    let view = group.json(&["cluster", "-o", "json"]);
-    let lost_id = view["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["address"] == group.addrs[follower].as_str())
-        .unwrap()["id"]
-        .as_u64()
-        .unwrap();
+    let lost_id = group.member_id(follower);
     group.kill(follower);
     std::fs::remove_dir_all(&group.data_dirs[follower]).unwrap();
     // Joining at the address of a member that is still listed is refused with what to do.
@@ -1021,14 +1026,7 @@ fn a_member_that_caught_up_from_a_snapshot_fills_in_the_logs_it_lacks() {
     // Replace a follower: it joins empty and catches up from a snapshot.
     let leader = group.leader();
     let follower = (leader + 1) % 3;
-    let view = group.json(&["cluster", "-o", "json"]);
-    let old_id = view["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["address"] == group.addrs[follower].as_str())
-        .unwrap()["id"]
-        .to_string();
+    let old_id = group.member_id(follower).to_string();
     group.kill(follower);
     let out = group.cli(&["cluster", "remove", &old_id]);
     assert!(out.status.success(), "{out:?}");
@@ -1053,14 +1051,7 @@ fn a_member_that_caught_up_from_a_snapshot_fills_in_the_logs_it_lacks() {
         "the new member caught up from a snapshot"
     );
     // It leads, and answers the logs in full: it fetched what it lacked from the others.
-    let view = group.json(&["cluster", "-o", "json"]);
-    let new_id = view["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["address"] == group.addrs[follower].as_str())
-        .unwrap()["id"]
-        .to_string();
+    let new_id = group.member_id(follower).to_string();
     let out = group.cli(&["cluster", "transfer-leader", &new_id]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(group.leader(), follower);

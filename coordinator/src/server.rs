@@ -594,17 +594,19 @@ async fn group_commit(
                 None => return,
             },
         };
-        let mut bytes = encoded_len(&first.0);
+        // Sizes are measured only when commands are grouped: a lone write is never encoded twice.
+        let mut bytes: Option<usize> = None;
         let mut batch = vec![first];
         while batch.len() < MAX_COMMANDS_PER_ENTRY {
             match queue.try_recv() {
                 Ok(next) => {
+                    let bytes = bytes.get_or_insert_with(|| encoded_len(&batch[0].0));
                     let next_bytes = encoded_len(&next.0);
-                    if bytes + next_bytes > MAX_ENTRY_BYTES {
+                    if *bytes + next_bytes > MAX_ENTRY_BYTES {
                         carried = Some(next);
                         break;
                     }
-                    bytes += next_bytes;
+                    *bytes += next_bytes;
                     batch.push(next);
                 }
                 Err(_) => break,
