@@ -331,12 +331,11 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
         .context("open the state database (is another coordinator using this data dir?)")?;
     let db = Arc::new(db);
     let log_store = RaftLogStore::open(db.clone()).context("open the raft log")?;
-    let state = StateMachineStore::open(
-        db,
-        config.data_dir.join("snapshots"),
-        LogStore::new(config.data_dir.join("logs")),
-    )
-    .context("open the state machine")?;
+    // One store (one append lock) for the state machine's appends and `log_repair`'s, which
+    // write the same files.
+    let logs = LogStore::new(config.data_dir.join("logs"));
+    let state = StateMachineStore::open(db, config.data_dir.join("snapshots"), logs.clone())
+        .context("open the state machine")?;
     let raft_config = openraft::Config {
         cluster_name: "trainctl".to_string(),
         // A follower that heard from a leader campaigns after the leader's lease (openraft
@@ -408,7 +407,6 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
     if config.secure && sole_voter {
         ensure_admin_token(&raft, &state, &config.data_dir).await?;
     }
-    let logs = LogStore::new(config.data_dir.join("logs"));
     let (writes, queue) = mpsc::channel(WRITE_QUEUE_LEN);
     let write_pause = Arc::new(tokio::sync::RwLock::new(()));
     tokio::spawn(group_commit(raft.clone(), queue, write_pause.clone()));
