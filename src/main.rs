@@ -18,6 +18,7 @@ mod client;
 mod context;
 mod local;
 mod render;
+mod run;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

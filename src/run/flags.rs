@@ -1,0 +1,1 @@
+//! torchrun flags (being written).

@@ -1,0 +1,1 @@
+//! The local worker group (being written).
