@@ -19,6 +19,7 @@ mod context;
 mod local;
 mod render;
 mod run;
+mod serve_store;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -140,6 +141,22 @@ fn default_dev_data_dir() -> PathBuf {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve a TCPStore (PyTorch's wire protocol) on its own: a rendezvous point that no rank
+    /// hosts; torch connects with `TCPStore(host, port, is_master=False)`.
+    Store {
+        /// Address to listen on (IP:PORT; port 0 picks a free one).
+        #[arg(long, default_value = "0.0.0.0:29500")]
+        listen: String,
+        /// Most MiB of keys and values kept (per keyspace); a write past it is refused.
+        #[arg(long, default_value_t = 1024)]
+        max_mib: u64,
+        /// Most connections served at once.
+        #[arg(long, default_value_t = 65_536)]
+        max_connections: usize,
+        /// `json`: print the address as one JSON line once listening.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
     /// Run the built-in example job end to end on an embedded local cluster.
     Demo {
         /// Hosts (agents) in the embedded cluster.
@@ -723,6 +740,15 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 insecure,
             };
             dev(spec, keep_state, output, &context_name).await
+        }
+        Cmd::Store {
+            listen,
+            max_mib,
+            max_connections,
+            output,
+        } => {
+            init_logging("warn");
+            serve_store::serve(&listen, max_mib, max_connections, output).await
         }
         Cmd::Token { command } => access::token(command).await,
         Cmd::Audit { target } => access::audit(&target).await,

@@ -8,27 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{eventually, job_file, processes_with, repo, strs, DevCluster, HandCluster};
-
-/// The virtual environment's python, created (with torch) by scripts/python-env.sh if needed.
-fn python_with_torch() -> PathBuf {
-    let out = Command::new(repo().join("scripts/python-env.sh"))
-        .output()
-        .expect("run scripts/python-env.sh");
-    assert!(
-        out.status.success(),
-        "scripts/python-env.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("python-env.sh prints the python path")
-            .trim(),
-    )
-}
+use common::{
+    eventually, job_file, processes_with, python_with_torch, repo, strs, DevCluster, HandCluster,
+};
 
 #[test]
 fn pytorch_ddp_job_runs_across_two_hosts() {

@@ -90,6 +90,11 @@ pub enum QueryType {
     QueuePop = 15,
     /// Length of a queue.
     QueueLen = 16,
+    /// Every key with a value (torch's libuv server; its legacy one has no such request).
+    ListKeys = 17,
+    /// Count this caller in at a named barrier and wait for `world_size` callers: `ADD key 1`,
+    /// then a wait until the counter reaches `world_size` (torch 2.15, both servers).
+    Barrier = 18,
 }
 
 impl QueryType {
@@ -114,6 +119,8 @@ impl QueryType {
             14 => QueuePush,
             15 => QueuePop,
             16 => QueueLen,
+            17 => ListKeys,
+            18 => Barrier,
             _ => return None,
         })
     }
@@ -176,6 +183,11 @@ pub enum Request {
     QueueLen {
         key: Vec<u8>,
     },
+    ListKeys,
+    Barrier {
+        key: Vec<u8>,
+        world_size: i64,
+    },
 }
 
 impl Request {
@@ -200,6 +212,8 @@ impl Request {
             QueuePush { .. } => QueryType::QueuePush,
             QueuePop { .. } => QueryType::QueuePop,
             QueueLen { .. } => QueryType::QueueLen,
+            ListKeys => QueryType::ListKeys,
+            Barrier { .. } => QueryType::Barrier,
         }
     }
 }
@@ -208,7 +222,7 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CodecError {
     /// The first byte is not a known query type.
-    #[error("unknown query type {0} (known: 0 VALIDATE to 16 QUEUE_LEN)")]
+    #[error("unknown query type {0} (known: 0 VALIDATE to 18 BARRIER)")]
     UnknownQueryType(u8),
     /// A key longer than [`Limits::max_key_bytes`].
     #[error("{query:?}: a key of {len} bytes (at most {max})")]
@@ -379,7 +393,7 @@ pub fn frame_len(buf: &[u8], limits: &Limits) -> Result<Frame, CodecError> {
         use QueryType::*;
         match query {
             Validate | Ping => w.skip(4),
-            GetNumKeys | CancelWait => Ok(()),
+            GetNumKeys | CancelWait | ListKeys => Ok(()),
             Get | DeleteKey | QueuePop | QueueLen => w.blob(Field::Key),
             Set | Append | QueuePush => {
                 w.blob(Field::Key)?;
@@ -390,7 +404,7 @@ pub fn frame_len(buf: &[u8], limits: &Limits) -> Result<Frame, CodecError> {
                 w.blob(Field::Value)?;
                 w.blob(Field::Value)
             }
-            Add => {
+            Add | Barrier => {
                 w.blob(Field::Key)?;
                 w.skip(8)
             }
@@ -457,6 +471,11 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(Request, usize)>, C
         Q::Ping => Request::Ping { nonce: r.u32() },
         Q::GetNumKeys => Request::GetNumKeys,
         Q::CancelWait => Request::CancelWait,
+        Q::ListKeys => Request::ListKeys,
+        Q::Barrier => Request::Barrier {
+            key: r.blob(),
+            world_size: r.u64() as i64,
+        },
         Q::Get => Request::Get { key: r.blob() },
         Q::DeleteKey => Request::DeleteKey { key: r.blob() },
         Q::QueuePop => Request::QueuePop { key: r.blob() },
@@ -508,7 +527,7 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
     match request {
         Request::Validate { magic } => out.extend_from_slice(&magic.to_le_bytes()),
         Request::Ping { nonce } => out.extend_from_slice(&nonce.to_le_bytes()),
-        Request::GetNumKeys | Request::CancelWait => {}
+        Request::GetNumKeys | Request::CancelWait | Request::ListKeys => {}
         Request::Get { key }
         | Request::DeleteKey { key }
         | Request::QueuePop { key }
@@ -531,6 +550,10 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
         Request::Add { key, delta } => {
             put_blob(out, key);
             out.extend_from_slice(&delta.to_le_bytes());
+        }
+        Request::Barrier { key, world_size } => {
+            put_blob(out, key);
+            out.extend_from_slice(&world_size.to_le_bytes());
         }
         Request::Check { keys: k } | Request::Wait { keys: k } | Request::MultiGet { keys: k } => {
             keys(out, k)
@@ -621,6 +644,20 @@ mod tests {
             ),
             (Request::GetNumKeys, vec![7]),
             (Request::CancelWait, vec![12]),
+            (Request::ListKeys, vec![17]),
+            (
+                Request::Barrier {
+                    key: b"/bar".to_vec(),
+                    world_size: 2,
+                },
+                [
+                    &[18u8][..],
+                    &4u64.to_le_bytes(),
+                    b"/bar",
+                    &2i64.to_le_bytes(),
+                ]
+                .concat(),
+            ),
         ];
         for (request, wire) in cases {
             assert_eq!(bytes(&request), wire, "{request:?}");
@@ -723,6 +760,9 @@ mod tests {
             proptest::collection::vec((blob(), blob()), 0..4)
                 .prop_map(|pairs| Request::MultiSet { pairs }),
             Just(Request::CancelWait),
+            Just(Request::ListKeys),
+            (blob(), any::<i64>())
+                .prop_map(|(key, world_size)| Request::Barrier { key, world_size }),
             any::<u32>().prop_map(|nonce| Request::Ping { nonce }),
             (blob(), blob()).prop_map(|(key, value)| Request::QueuePush { key, value }),
             blob().prop_map(|key| Request::QueuePop { key }),
@@ -765,12 +805,9 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(wire in proptest::collection::vec(any::<u8>(), 0..200)) {
             let limits = Limits { max_request_bytes: 1 << 20, ..Limits::default() };
-            match decode(&wire, &limits) {
-                Ok(Some((request, len))) => {
-                    prop_assert!(len <= wire.len());
-                    prop_assert_eq!(bytes(&request), wire[..len].to_vec());
-                }
-                Ok(None) | Err(_) => {}
+            if let Ok(Some((request, len))) = decode(&wire, &limits) {
+                prop_assert!(len <= wire.len());
+                prop_assert_eq!(bytes(&request), wire[..len].to_vec());
             }
         }
     }

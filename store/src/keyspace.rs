@@ -56,11 +56,13 @@ pub enum ApplyError {
     ValidateAfterHandshake,
 }
 
-/// A pending `WAIT`.
+/// A pending `WAIT` (every key exists) or `BARRIER` (the counter at its one key has reached
+/// `at_least`).
 #[derive(Debug)]
 struct Wait {
     conn: ConnId,
     keys: Vec<Vec<u8>>,
+    at_least: Option<i64>,
 }
 
 /// Identifies a pending wait.
@@ -191,19 +193,22 @@ impl Keyspace {
                 None => return Err(ApplyError::NoSuchKey(show(&key))),
             },
             Request::Add { key, delta } => {
-                let current = match self.values.get(&key) {
-                    None => 0,
-                    Some(v) => std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<i64>().ok())
-                        .ok_or_else(|| ApplyError::NotACounter { key: show(&key) })?,
-                };
-                let new = current
-                    .checked_add(delta)
-                    .ok_or_else(|| ApplyError::CounterOverflow { key: show(&key) })?;
-                self.put(key.clone(), new.to_string().into_bytes())?;
+                let new = self.add(&key, delta)?;
                 put_i64(reply, new);
                 self.wake_all(&key, &mut woken);
+            }
+            Request::Barrier { key, world_size } => {
+                let pending = self.waits_of_conn.get(&conn).map_or(0, Vec::len);
+                if pending >= self.max_waits_per_conn {
+                    return Err(ApplyError::TooManyWaits(pending));
+                }
+                let count = self.add(&key, 1)?;
+                self.wake_all(&key, &mut woken);
+                if count >= world_size {
+                    reply.push(WAIT_STOP_WAITING);
+                } else {
+                    self.park_wait(conn, vec![key], Some(world_size));
+                }
             }
             Request::Check { keys } => reply.push(if keys.iter().all(|k| self.exists(k)) {
                 CHECK_READY
@@ -214,10 +219,24 @@ impl Keyspace {
                 if keys.iter().all(|k| self.exists(k)) {
                     reply.push(WAIT_STOP_WAITING);
                 } else {
-                    self.park(conn, keys)?;
+                    let pending = self.waits_of_conn.get(&conn).map_or(0, Vec::len);
+                    if pending >= self.max_waits_per_conn {
+                        return Err(ApplyError::TooManyWaits(pending));
+                    }
+                    self.park_wait(conn, keys, None);
                 }
             }
             Request::GetNumKeys => put_i64(reply, self.values.len() as i64),
+            Request::ListKeys => {
+                // torch's libuv server: a u64 count, then each key; queues are not listed. Its
+                // order is a hash map's; sorted here, so the same keys always list alike.
+                let mut keys: Vec<&Vec<u8>> = self.values.keys().collect();
+                keys.sort();
+                reply.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+                for key in keys {
+                    put_blob(reply, key);
+                }
+            }
             Request::DeleteKey { key } => {
                 let removed = self.values.remove(&key);
                 if let Some(v) = &removed {
@@ -290,23 +309,72 @@ impl Keyspace {
         }
     }
 
-    fn park(&mut self, conn: ConnId, keys: Vec<Vec<u8>>) -> Result<(), ApplyError> {
-        let pending = self.waits_of_conn.get(&conn).map_or(0, Vec::len);
-        if pending >= self.max_waits_per_conn {
-            return Err(ApplyError::TooManyWaits(pending));
+    /// The counter at `key` (absent: 0), as `ADD` reads it.
+    fn counter(&self, key: &[u8]) -> Result<i64, ApplyError> {
+        match self.values.get(key) {
+            None => Ok(0),
+            Some(v) => std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .ok_or_else(|| ApplyError::NotACounter { key: show(key) }),
         }
-        let id = self.next_wait;
-        self.next_wait += 1;
-        let missing: Vec<Vec<u8>> = keys.iter().filter(|k| !self.exists(k)).cloned().collect();
-        for key in missing {
+    }
+
+    /// `ADD`: the counter's new value (the caller wakes the waiters).
+    fn add(&mut self, key: &[u8], delta: i64) -> Result<i64, ApplyError> {
+        let new = self
+            .counter(key)?
+            .checked_add(delta)
+            .ok_or_else(|| ApplyError::CounterOverflow { key: show(key) })?;
+        self.put(key.to_vec(), new.to_string().into_bytes())?;
+        Ok(new)
+    }
+
+    /// Whether a wait can complete now.
+    fn ready(&self, wait: &Wait) -> bool {
+        match wait.at_least {
+            None => wait.keys.iter().all(|k| self.exists(k)),
+            Some(n) => wait
+                .keys
+                .iter()
+                .all(|k| self.counter(k).is_ok_and(|c| c >= n)),
+        }
+    }
+
+    /// The keys whose next write may complete a wait that is not ready.
+    fn blocking_keys(&self, wait: &Wait) -> Vec<Vec<u8>> {
+        match wait.at_least {
+            None => wait
+                .keys
+                .iter()
+                .filter(|k| !self.exists(k))
+                .cloned()
+                .collect(),
+            Some(_) => wait.keys.clone(),
+        }
+    }
+
+    fn list_under(&mut self, keys: Vec<Vec<u8>>, id: WaitId) {
+        for key in keys {
             let list = self.blocked_on.entry(key).or_default();
             if !list.contains(&id) {
                 list.push(id);
             }
         }
-        self.waits.insert(id, Wait { conn, keys });
+    }
+
+    fn park_wait(&mut self, conn: ConnId, keys: Vec<Vec<u8>>, at_least: Option<i64>) {
+        let id = self.next_wait;
+        self.next_wait += 1;
+        let wait = Wait {
+            conn,
+            keys,
+            at_least,
+        };
+        let blocking = self.blocking_keys(&wait);
+        self.list_under(blocking, id);
+        self.waits.insert(id, wait);
         self.waits_of_conn.entry(conn).or_default().push(id);
-        Ok(())
     }
 
     /// Removes a wait from every index.
@@ -347,10 +415,7 @@ impl Keyspace {
             return;
         };
         for id in ids {
-            let ready = self
-                .waits
-                .get(&id)
-                .is_some_and(|w| w.keys.iter().all(|k| self.exists(k)));
+            let ready = self.waits.get(&id).is_some_and(|w| self.ready(w));
             if ready {
                 let conn = self.waits[&id].conn;
                 self.forget_wait(id);
@@ -364,23 +429,13 @@ impl Keyspace {
         let Some(wait) = self.waits.get(&id) else {
             return;
         };
-        let missing: Vec<Vec<u8>> = wait
-            .keys
-            .iter()
-            .filter(|k| !self.exists(k))
-            .cloned()
-            .collect();
-        if missing.is_empty() {
+        if self.ready(wait) {
             let conn = wait.conn;
             self.forget_wait(id);
             woken.push(conn);
         } else {
-            for key in missing {
-                let list = self.blocked_on.entry(key).or_default();
-                if !list.contains(&id) {
-                    list.push(id);
-                }
-            }
+            let blocking = self.blocking_keys(wait);
+            self.list_under(blocking, id);
         }
     }
 
@@ -418,7 +473,11 @@ impl Keyspace {
                 return Err(format!("wait {id} missing from its connection's list"));
             }
             // (A wait on a queue may stay pending with items queued: each item wakes one waiter.)
-            if wait.keys.iter().all(|k| self.values.contains_key(k)) {
+            let satisfied = match wait.at_least {
+                None => wait.keys.iter().all(|k| self.values.contains_key(k)),
+                Some(_) => self.ready(wait),
+            };
+            if satisfied {
                 return Err(format!("wait {id} is satisfied but still pending"));
             }
         }
@@ -868,6 +927,68 @@ mod tests {
         );
         assert_eq!(woken, vec![2]);
         assert_eq!(ks.pending_waits(), 1);
+    }
+
+    #[test]
+    fn a_barrier_counts_callers_and_releases_them_together() {
+        let mut ks = ks();
+        let barrier = || Request::Barrier {
+            key: k("bar"),
+            world_size: 3,
+        };
+        assert!(run(&mut ks, 1, barrier()).0.is_empty());
+        assert!(run(&mut ks, 2, barrier()).0.is_empty());
+        let (reply, woken) = run(&mut ks, 3, barrier());
+        assert_eq!(reply, vec![WAIT_STOP_WAITING]);
+        assert_eq!(woken, vec![1, 2]);
+        // The counter stays: a later caller passes at once (torch's servers do the same).
+        assert_eq!(run(&mut ks, 4, barrier()).0, vec![WAIT_STOP_WAITING]);
+        assert_eq!(
+            run(&mut ks, 4, Request::Get { key: k("bar") }).0,
+            blob(b"4")
+        );
+        // An ADD from elsewhere counts too.
+        run(
+            &mut ks,
+            5,
+            Request::Barrier {
+                key: k("b2"),
+                world_size: 10,
+            },
+        );
+        assert_eq!(
+            run(
+                &mut ks,
+                6,
+                Request::Add {
+                    key: k("b2"),
+                    delta: 9
+                }
+            )
+            .1,
+            vec![5]
+        );
+        // A barrier on a key that holds no number is refused.
+        run(
+            &mut ks,
+            1,
+            Request::Set {
+                key: k("s"),
+                value: k("abc"),
+            },
+        );
+        let mut reply = Vec::new();
+        assert_eq!(
+            ks.apply(
+                1,
+                Request::Barrier {
+                    key: k("s"),
+                    world_size: 1
+                },
+                &mut reply
+            ),
+            Err(ApplyError::NotACounter { key: "s".into() })
+        );
     }
 
     #[test]

@@ -176,6 +176,10 @@ enum ConnError {
     BadMagic(u32),
     #[error("no whole request within {0:?}")]
     Timeout(Duration),
+    #[error(
+        "a request of {need} bytes is larger than the store's whole buffer budget ({budget} bytes)"
+    )]
+    OverBudget { need: usize, budget: usize },
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -407,6 +411,10 @@ async fn serve_conn(
         }
         if need > UNACCOUNTED_FRAME_BYTES && reserved.as_ref().is_none_or(|(_, n)| *n < need) {
             drop(reserved.take());
+            let budget = shared.config.buffer_budget_bytes;
+            if need > budget {
+                return Err(ConnError::OverBudget { need, budget });
+            }
             let permits = u32::try_from(need).unwrap_or(u32::MAX);
             let acquire = shared.budget.clone().acquire_many_owned(permits);
             let permit = match deadline {

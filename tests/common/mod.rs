@@ -689,3 +689,23 @@ pub fn strs(v: &Value) -> Vec<String> {
         .map(|s| s.as_str().unwrap().to_string())
         .collect()
 }
+
+/// The virtual environment's python, created (with torch) by scripts/python-env.sh if needed.
+pub fn python_with_torch() -> PathBuf {
+    let out = Command::new(repo().join("scripts/python-env.sh"))
+        .output()
+        .expect("run scripts/python-env.sh");
+    assert!(
+        out.status.success(),
+        "scripts/python-env.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("python-env.sh prints the python path")
+            .trim(),
+    )
+}
