@@ -21,6 +21,7 @@
 pub mod cgroup;
 pub mod discovery;
 pub mod identity;
+pub mod job_store;
 pub mod members;
 pub mod process;
 pub mod rank_api;
@@ -186,6 +187,8 @@ struct Agent {
     signalled: BTreeMap<(String, u32), u32>,
     /// The user ranks run as ([`AgentConfig::run_as`], resolved at start).
     run_as: Option<process::RunAs>,
+    /// The TCPStores this agent serves (jobs whose group rank 0 runs here).
+    stores: job_store::JobStores,
 }
 
 /// How a heartbeat went.
@@ -400,6 +403,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         rank_api: rank_api_state,
         agent_url,
         signalled: BTreeMap::new(),
+        stores: job_store::JobStores::default(),
         run_as,
     };
 
@@ -952,6 +956,13 @@ impl Agent {
                     .map(|a| (a.token.clone(), a.job_id.clone(), a.attempt)),
             );
         self.pass_on_checkpoint_requests(assignments);
+        // Stores first: a rank must find its store serving when it starts.
+        let stores: Vec<_> = assignments
+            .iter()
+            .filter(|_| !self.shutting_down)
+            .filter_map(|a| Some((a.job_id.clone(), a.attempt, a.store.clone()?)))
+            .collect();
+        self.stores.sync(&stores).await;
         let desired: BTreeSet<RankKey> = assignments
             .iter()
             .flat_map(|a| {
@@ -1143,6 +1154,14 @@ impl Agent {
             log_failures: 0,
             log_retry_at: None,
         };
+        if let Some(reason) = self.stores.failure(&key.job_id, key.attempt) {
+            entry.failed_to_start = Some(reason.to_string());
+            if let Some(dir) = &rank_cgroup {
+                cgroup::remove(dir);
+            }
+            lock(&self.ranks).insert(key, entry);
+            return;
+        }
         match process::spawn_rank(spec).await {
             Err(e) => {
                 warn!(job = %key.job_id, rank = key.rank, error = %e, "rank failed to start");

@@ -20,12 +20,12 @@ use trainctl_proto::agent::agent_service_server::{AgentService, AgentServiceServ
 use trainctl_proto::agent::{
     Assignment, CommitCheckpointRequest, CommitCheckpointResponse, HeartbeatRequest,
     HeartbeatResponse, HostResources, LogAck, RankAssignment, RankPhase as WirePhase, RankRef,
-    RankReport, RegisterRequest, RegisterResponse,
+    RankReport, RegisterRequest, RegisterResponse, StoreAssignment,
 };
 use trainctl_proto::LEADER_METADATA_KEY;
 
 use crate::auth::{node_of_peer, PeerCertificate};
-use crate::launch::rank_launches;
+use crate::launch::{rank_launches, store_launch};
 use crate::raft::ServerId;
 use crate::server::{now_ms, Coordinator, WriteError};
 use crate::state::{
@@ -996,6 +996,13 @@ pub fn assignments_for(s: &State, node: &NodeId, stop_grace_ms: u32) -> Vec<Assi
             checkpoint_requests: job.checkpoint_signals,
             cpus_per_node: job.spec.resources.cpus_per_node,
             memory_per_node_mib: job.spec.resources.memory_per_node_mib,
+            store: store_launch(job, node, |n| s.nodes.get(n).map(|n| n.address.clone())).map(
+                |store| StoreAssignment {
+                    address: store.address,
+                    port: u32::from(store.port),
+                    peers: store.peers,
+                },
+            ),
             ranks: rank_launches(job, node, &address)
                 .into_iter()
                 .map(|l| RankAssignment {
@@ -1204,6 +1211,18 @@ mod tests {
             assert_eq!(a.argv, ["python3", "train.py"]);
             let ranks: Vec<(u32, u32)> = a.ranks.iter().map(|r| (r.rank, r.local_rank)).collect();
             assert_eq!(ranks, [(group_rank * 2, 0), (group_rank * 2 + 1, 1)]);
+            // The agent of group rank 0 serves the store at MASTER_ADDR:MASTER_PORT, for the
+            // job's hosts only; the other agents serve none.
+            let store = a
+                .store
+                .as_ref()
+                .map(|s| (s.address.as_str(), s.port, s.peers.clone()));
+            if group_rank == 0 {
+                let peers = vec!["10.0.0.1".to_string(), "10.0.0.2".to_string()];
+                assert_eq!(store, Some(("10.0.0.1", 29500, peers)));
+            } else {
+                assert_eq!(store, None, "{node}");
+            }
             let gpus = &allocation.nodes[group_rank as usize].gpus;
             let visible = gpus
                 .iter()
@@ -1219,6 +1238,7 @@ mod tests {
                 assert_eq!(env("GROUP_RANK"), Some(group_rank.to_string().as_str()));
                 assert_eq!(env("MASTER_ADDR"), Some("10.0.0.1"));
                 assert_eq!(env("MASTER_PORT"), Some("29500"));
+                assert_eq!(env("TORCHELASTIC_USE_AGENT_STORE"), Some("True"));
                 assert_eq!(env("CUDA_VISIBLE_DEVICES"), Some(visible.as_str()));
                 assert_eq!(env("TRAINCTL_NODE_NAME"), Some(node));
                 assert_eq!(

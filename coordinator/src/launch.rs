@@ -82,8 +82,9 @@ fn rank_env(
         job.spec.failure.max_restarts.to_string(),
     );
     set("TORCHELASTIC_RUN_ID", format!("trainctl-{}", job.id));
-    // Rank 0 serves the store at MASTER_ADDR:MASTER_PORT (the port is leased to this job on that host).
-    set("TORCHELASTIC_USE_AGENT_STORE", "False".to_string());
+    // The agent of group rank 0 serves the store at MASTER_ADDR:MASTER_PORT ([`store_launch`]): every
+    // rank, rank 0 included, is a client of it, and each attempt gets an empty one.
+    set("TORCHELASTIC_USE_AGENT_STORE", "True".to_string());
     // The job's GPUs on this host, and no others (an empty list hides every GPU from a CPU job).
     set(
         "CUDA_VISIBLE_DEVICES",
@@ -108,6 +109,38 @@ fn rank_env(
         set("TRAINCTL_RESUME_STEP", resume.step.to_string());
     }
     env
+}
+
+/// The TCPStore that `node`'s agent serves for `job`'s current attempt, if any: on the host of
+/// group rank 0, at MASTER_ADDR:MASTER_PORT (the port is leased to this job on that host).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreLaunch {
+    pub address: String,
+    pub port: u16,
+    /// The addresses of the job's hosts, the only peers the store serves.
+    pub peers: Vec<String>,
+}
+
+/// [`StoreLaunch`] of `job` on `node`; `address_of` gives a host's registered address.
+pub fn store_launch(
+    job: &Job,
+    node: &NodeId,
+    address_of: impl Fn(&NodeId) -> Option<String>,
+) -> Option<StoreLaunch> {
+    let allocation = job.allocation.as_ref()?;
+    allocation
+        .nodes
+        .iter()
+        .find(|na| &na.node == node && na.group_rank == 0)?;
+    Some(StoreLaunch {
+        address: allocation.master_addr.clone(),
+        port: allocation.master_port,
+        peers: allocation
+            .nodes
+            .iter()
+            .filter_map(|na| address_of(&na.node))
+            .collect(),
+    })
 }
 
 fn env_defaults(job: &Job) -> BTreeMap<String, String> {
