@@ -141,6 +141,14 @@ fn default_dev_data_dir() -> PathBuf {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// A drop-in for torchrun: `trainctl run [torchrun flags] script.py [args]` (`trainctl run
+    /// --help` lists the flags).
+    #[command(disable_help_flag = true)]
+    Run {
+        /// torchrun's flags, the script and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Serve a TCPStore (PyTorch's wire protocol) on its own: a rendezvous point that no rank
     /// hosts; torch connects with `TCPStore(host, port, is_master=False)`.
     Store {
@@ -740,6 +748,10 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 insecure,
             };
             dev(spec, keep_state, output, &context_name).await
+        }
+        Cmd::Run { args } => {
+            init_logging("warn");
+            run::launch::main(args).await
         }
         Cmd::Store {
             listen,
