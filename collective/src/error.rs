@@ -56,14 +56,15 @@ pub enum CollectiveError {
         source: io::Error,
     },
 
-    /// Rank 0 waited `timeout` and not every rank joined.
+    /// The rendezvous timeout passed and not every rank joined.
     ///
-    /// Every rank that did join receives this error from rank 0, with the same list.
+    /// Every rank that did join reports the same error: the one from rank 0 listening, or, through
+    /// the agent's store, the one from the rank whose timeout expired first.
     #[error("rendezvous at {addr} timed out after {timeout}: {joined} of {world_size} ranks joined (missing: {missing})", timeout = Secs(*timeout), missing = RankList(missing))]
     RendezvousTimeout {
         /// The rendezvous (master) address.
         addr: SocketAddr,
-        /// Rank 0's rendezvous timeout.
+        /// The rendezvous timeout that expired.
         timeout: Duration,
         /// How many ranks had joined, rank 0 included.
         joined: u32,
@@ -82,6 +83,30 @@ pub enum CollectiveError {
         timeout: Duration,
         /// The error of the last connection attempt.
         last_error: io::Error,
+    },
+
+    /// A rank could not reach the agent's rendezvous store before its timeout
+    /// (`TORCHELASTIC_USE_AGENT_STORE=True`).
+    #[error("rendezvous at {addr} timed out after {timeout}: could not reach the store that trainctl's agent serves there ({last_error}); with TORCHELASTIC_USE_AGENT_STORE=True the launcher's agent, not rank 0, serves MASTER_ADDR:MASTER_PORT: check that it is running and that MASTER_ADDR and MASTER_PORT are right", timeout = Secs(*timeout))]
+    StoreUnreachable {
+        /// The store's (master) address.
+        addr: SocketAddr,
+        /// This rank's rendezvous timeout.
+        timeout: Duration,
+        /// The error of the last connection attempt.
+        last_error: io::Error,
+    },
+
+    /// The connection to the agent's rendezvous store failed, or the store stopped answering,
+    /// during the rendezvous.
+    #[error("lost the connection to the rendezvous store at {addr} while {during}: {source} (the store closes a rank's connection when it refuses a request or starts a new attempt)")]
+    StoreLost {
+        /// The store's (master) address.
+        addr: SocketAddr,
+        /// What this rank was doing, e.g. "publishing its address".
+        during: &'static str,
+        /// The error (reset, end of stream, no reply in time).
+        source: io::Error,
     },
 
     /// This rank joined, but rank 0 sent neither the address table nor a reason to stop.

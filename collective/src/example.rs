@@ -45,6 +45,9 @@
 //! `TRAINCTL_RESUME_STEP` (every rank loads the parameters and continues after that step),
 //! `TRAINCTL_AGENT_URL` / `TRAINCTL_JOB_TOKEN`, and `TORCHELASTIC_RESTART_COUNT` /
 //! `TRAINCTL_ATTEMPT`. `SIGUSR1` asks rank 0 to checkpoint at the next step boundary.
+//! [`rendezvous_config_from_env`] reads where the ranks meet: `MASTER_ADDR:MASTER_PORT`, served by
+//! the agent's TCPStore when `TORCHELASTIC_USE_AGENT_STORE=True` (as trainctl's agent launches
+//! ranks), or by rank 0's listener otherwise.
 
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -245,7 +248,9 @@ const USAGE: &str = "usage: trainctl example-train [--steps N] [--seed S] [--bat
 Deterministic data-parallel training of a small MLP on synthetic data, to check a cluster
 end to end. The final parameters are bit-identical for any world size and across restarts.
 Reads RANK, WORLD_SIZE, MASTER_ADDR (an IP address), MASTER_PORT, and optionally
-TRAINCTL_NODE_ADDR and TRAINCTL_RENDEZVOUS_TIMEOUT_SECS from the environment; under trainctl
+TRAINCTL_NODE_ADDR and TRAINCTL_RENDEZVOUS_TIMEOUT_SECS from the environment. With
+TORCHELASTIC_USE_AGENT_STORE=True the ranks meet through the TCPStore the launcher's agent serves
+at MASTER_ADDR:MASTER_PORT; otherwise rank 0 listens there. Under trainctl
 also TRAINCTL_CHECKPOINT_DIR, TRAINCTL_RESUME_FROM, TRAINCTL_RESUME_STEP, TRAINCTL_AGENT_URL,
 TRAINCTL_JOB_TOKEN and TORCHELASTIC_RESTART_COUNT (or TRAINCTL_ATTEMPT). SIGUSR1 makes rank 0
 checkpoint at the next step.
@@ -526,7 +531,10 @@ pub fn run_options_from_env(
 /// - `MASTER_ADDR`: required IP address (host names are not resolved);
 /// - `TRAINCTL_NODE_ADDR`: optional IP address to listen on and advertise; default all interfaces,
 ///   advertising the address this rank reaches rank 0 from;
-/// - `TRAINCTL_RENDEZVOUS_TIMEOUT_SECS`: optional, default [`DEFAULT_RENDEZVOUS_TIMEOUT_SECS`].
+/// - `TRAINCTL_RENDEZVOUS_TIMEOUT_SECS`: optional, default [`DEFAULT_RENDEZVOUS_TIMEOUT_SECS`];
+/// - `TORCHELASTIC_USE_AGENT_STORE`: exactly `True` (torchrun's test, `== str(True)`) when the
+///   launcher's agent serves a TCPStore at `MASTER_ADDR:MASTER_PORT` and every rank is its client
+///   ([`RendezvousConfig::use_agent_store`]); anything else, or unset, and rank 0 listens there.
 pub fn rendezvous_config_from_env(
     get: impl Fn(&str) -> Option<String>,
 ) -> Result<RendezvousConfig, ExampleError> {
@@ -611,6 +619,7 @@ pub fn rendezvous_config_from_env(
         )?,
         None => DEFAULT_RENDEZVOUS_TIMEOUT_SECS,
     };
+    let use_agent_store = get("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True");
     Ok(RendezvousConfig {
         rank,
         world_size,
@@ -618,6 +627,7 @@ pub fn rendezvous_config_from_env(
         master_port,
         bind_addr,
         timeout: Duration::from_secs(timeout_secs),
+        use_agent_store,
     })
 }
 
@@ -1231,8 +1241,16 @@ mod tests {
                 master_port: 29500,
                 bind_addr: "0.0.0.0".parse().unwrap(),
                 timeout: Duration::from_secs(DEFAULT_RENDEZVOUS_TIMEOUT_SECS),
+                use_agent_store: false,
             }
         );
+        // torchrun's test is `== str(True)`: only the exact word selects the agent's store.
+        for (value, want) in [("True", true), ("true", false), ("1", false), ("", false)] {
+            let cfg =
+                rendezvous_config_from_env(env(&with(&[("TORCHELASTIC_USE_AGENT_STORE", value)])))
+                    .unwrap();
+            assert_eq!(cfg.use_agent_store, want, "{value:?}");
+        }
         let cfg = rendezvous_config_from_env(env(&with(&[
             ("TRAINCTL_NODE_ADDR", "10.0.0.7"),
             ("TRAINCTL_RENDEZVOUS_TIMEOUT_SECS", "12"),

@@ -2,15 +2,21 @@
 //! of one attempt, a TCP ring transport ([`TcpRing`]) implementing the trait, and the example
 //! training workload behind `trainctl example-train`.
 //!
-//! What it owns: meeting the ranks (rank 0 listens on `MASTER_ADDR:MASTER_PORT`, the others join
-//! and receive the address table), the ring connections and the ring algorithms over them, and the
-//! deterministic example workload. What it does not: NCCL and ibverbs transports (they come later,
-//! as further implementations of the same trait, with their `unsafe` kept in `ffi/` and the lowest
-//! layer here), and launching or supervising rank processes (the agent does that and passes
-//! `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` and `TRAINCTL_NODE_ADDR` in the environment).
+//! What it owns: meeting the ranks at `MASTER_ADDR:MASTER_PORT`, the ring connections and the ring
+//! algorithms over them, and the deterministic example workload. The ranks meet in one of two
+//! ways: under trainctl's agent (`TORCHELASTIC_USE_AGENT_STORE=True`) the agent serves a TCPStore
+//! there (the `trainctl-store` crate, fresh for every attempt) and every rank, rank 0 included,
+//! publishes its address to it and reads the others' through a small blocking client; otherwise
+//! (run by hand or by another launcher) rank 0 listens there itself, the others join it and
+//! receive the address table. What it does not: serving the store (the agent does), NCCL and
+//! ibverbs transports (they come later, as further implementations of the same trait, with their
+//! `unsafe` kept in `ffi/` and the lowest layer here), and launching or supervising rank processes
+//! (the agent does that and passes `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`,
+//! `TORCHELASTIC_USE_AGENT_STORE` and `TRAINCTL_NODE_ADDR` in the environment).
 //!
 //! Everything uses blocking `std::net` sockets and threads: a rank does nothing else while it
-//! waits on a collective, and no async runtime is needed.
+//! waits on a collective, and no async runtime is needed (the store crate's codec is reused, its
+//! tokio server and client are not).
 //!
 //! # Layout
 //!
@@ -19,7 +25,10 @@
 //!   ([`commit_checkpoint`], [`report_progress`], [`commit_from_env`]).
 //! - `wire`: the byte format of every message, as pure encode/decode functions.
 //! - `schedule`: the ring algorithm's chunking and step arithmetic, pure.
-//! - `tcp`: rendezvous ([`RendezvousConfig`], [`MasterListener`]) and [`TcpRing`].
+//! - `tcp`: rendezvous ([`RendezvousConfig`], [`MasterListener`]: the path through rank 0) and
+//!   [`TcpRing`].
+//! - `store_rendezvous`: the path through the agent's store (keys under `trainctl/rdzv/`).
+//! - `store_client`: the blocking TCPStore client it uses (`trainctl_store::codec` for the bytes).
 //! - [`example`]: the example workload ([`example_train`], [`example_train_main`]).
 //! - `params_file`: the example workload's checkpoint file, written atomically.
 //! - `signal`: the `SIGUSR1` "checkpoint now" flag (the crate's only `unsafe`).
@@ -35,6 +44,8 @@ mod params_file;
 mod prng;
 mod schedule;
 mod signal;
+mod store_client;
+mod store_rendezvous;
 mod tcp;
 mod wire;
 

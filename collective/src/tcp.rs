@@ -1,10 +1,20 @@
-//! [`TcpRing`]: rendezvous through rank 0, then a ring of TCP connections carrying the collectives.
+//! [`TcpRing`]: rendezvous of the ranks, then a ring of TCP connections carrying the collectives.
 //!
-//! Rendezvous: rank 0 listens on the master address; every other rank binds a data listener,
-//! connects to rank 0 (retrying until its timeout, since rank 0 may start later) and sends a
-//! `Join { rank, world_size, data_addr }`. Rank 0 checks that world sizes agree and ranks are
-//! unique, then sends every rank the address table, or the reason it gave up (timeout with the
-//! missing ranks, world-size mismatch, duplicate rank), so that every rank reports the same cause.
+//! Rendezvous takes one of two paths, chosen by [`RendezvousConfig::use_agent_store`]; both end
+//! with every rank holding the same session id and address table, or every rank reporting the
+//! same cause (timeout with the missing ranks, world-size mismatch, duplicate rank):
+//!
+//! - **Through the agent's store** (`TORCHELASTIC_USE_AGENT_STORE=True`, how trainctl's agent
+//!   launches ranks): the agent serves a TCPStore at the master address, empty for every attempt,
+//!   and every rank, rank 0 included, is a client of it (`crate::store_rendezvous`): each rank
+//!   binds its data listener, claims its rank, publishes its data address and world size, and
+//!   waits for the others' entries; rank 0 publishes the session id.
+//! - **Through rank 0** (otherwise: the example run by hand or by another launcher): rank 0
+//!   listens on the master address ([`MasterListener`]); every other rank binds a data listener,
+//!   connects to rank 0 (retrying until its timeout, since rank 0 may start later) and sends a
+//!   `Join { rank, world_size, data_addr }`. Rank 0 checks that world sizes agree and ranks are
+//!   unique, then sends every rank the address table, or the reason it gave up.
+//!
 //! Each rank then connects to rank + 1, accepts from rank - 1, and both ends check a hello naming
 //! the rendezvous session and the ranks.
 //!
@@ -43,25 +53,32 @@ const SEND_BUFFER_POOL_COUNT: usize = 4;
 
 /// Where and how one rank meets the others.
 ///
-/// The agent fills this from `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` and
-/// `TRAINCTL_NODE_ADDR`.
+/// [`crate::rendezvous_config_from_env`] fills this from `RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
+/// `MASTER_PORT`, `TRAINCTL_NODE_ADDR` and `TORCHELASTIC_USE_AGENT_STORE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RendezvousConfig {
     /// This process's rank, `0..world_size`.
     pub rank: u32,
     /// Number of ranks in the job, `1..=MAX_WORLD_SIZE`.
     pub world_size: u32,
-    /// Address rank 0 listens on and every other rank connects to.
+    /// The rendezvous address: the agent's store, or where rank 0 listens.
     pub master_addr: IpAddr,
-    /// Port rank 0 listens on.
+    /// The rendezvous port: the agent's store's, or the one rank 0 listens on.
     pub master_port: u16,
     /// Address this rank's ring data listener binds to (port chosen by the system). If unspecified
     /// (`0.0.0.0` or `::`), the rank listens on every interface and advertises the local address of
-    /// its connection to rank 0 (rank 0 advertises `master_addr`).
+    /// its connection to the store or to rank 0 (rank 0 listening advertises `master_addr`).
     pub bind_addr: IpAddr,
-    /// How long rank 0 waits for every rank to join, and how long a rank retries reaching rank 0.
-    /// The ring connections after the rendezvous get the same time again.
+    /// How long the rendezvous may take: rank 0 listening waits this long for every rank to join,
+    /// and a rank retries reaching rank 0 or the store, and waits for the other ranks there, until
+    /// this long after it started. The ring connections after the rendezvous get the same time
+    /// again.
     pub timeout: Duration,
+    /// Whether a TCPStore served by the launcher's agent is at `master_addr:master_port`
+    /// (`TORCHELASTIC_USE_AGENT_STORE=True`, torchrun's contract): every rank, rank 0 included,
+    /// then meets the others as a client of that store, and nothing binds the master port. When
+    /// false, rank 0 listens there itself ([`MasterListener`]).
+    pub use_agent_store: bool,
 }
 
 impl RendezvousConfig {
@@ -100,9 +117,20 @@ pub struct MasterListener {
 impl MasterListener {
     /// Listens on `master_addr:master_port` for rank 0. The rendezvous timeout counts from here.
     ///
-    /// Fails with [`CollectiveError::AddressInUse`] if something already listens on that port.
+    /// Fails with [`CollectiveError::AddressInUse`] if something already listens on that port, and
+    /// refuses a configuration with [`RendezvousConfig::use_agent_store`] (the agent's store holds
+    /// that port).
     pub fn bind(cfg: RendezvousConfig) -> Result<MasterListener, CollectiveError> {
         cfg.validate()?;
+        if cfg.use_agent_store {
+            return Err(CollectiveError::Io {
+                context: "rank 0 does not listen for the rendezvous when the agent serves the store",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "MasterListener::bind called with use_agent_store (TORCHELASTIC_USE_AGENT_STORE=True)",
+                ),
+            });
+        }
         if cfg.rank != 0 {
             return Err(CollectiveError::Io {
                 context: "only rank 0 listens for the rendezvous",
@@ -289,14 +317,18 @@ struct Link {
 }
 
 impl TcpRing {
-    /// Meets the other ranks and builds the ring: rank 0 listens on `master_addr:master_port`, the
-    /// others connect to it. Returns once every rank is connected to its neighbours.
+    /// Meets the other ranks and builds the ring. With [`RendezvousConfig::use_agent_store`] every
+    /// rank is a client of the agent's store at `master_addr:master_port`; otherwise rank 0 listens
+    /// there and the others connect to it. Returns once every rank is connected to its neighbours.
     ///
     /// With `world_size == 1` no socket is opened at all.
     pub fn connect(cfg: RendezvousConfig) -> Result<TcpRing, CollectiveError> {
         cfg.validate()?;
         if cfg.world_size == 1 {
             return Ok(TcpRing::solo());
+        }
+        if cfg.use_agent_store {
+            return crate::store_rendezvous::connect_through_store(&cfg);
         }
         if cfg.rank == 0 {
             return MasterListener::bind(cfg)?.accept_ring();
@@ -694,7 +726,7 @@ fn peer_error(
     }
 }
 
-fn abort_error(abort: Abort, addr: SocketAddr) -> CollectiveError {
+pub(crate) fn abort_error(abort: Abort, addr: SocketAddr) -> CollectiveError {
     match abort {
         Abort::Timeout {
             timeout_ms,
@@ -802,7 +834,7 @@ fn join(cfg: &RendezvousConfig) -> Result<TcpRing, CollectiveError> {
 }
 
 /// Connects to the next rank, accepts the previous one, checks both hellos and starts the sender.
-fn build_ring(
+pub(crate) fn build_ring(
     rank: u32,
     n: u32,
     session: u64,
@@ -936,7 +968,7 @@ fn build_ring(
     })
 }
 
-fn bind_data_listener(ip: IpAddr) -> Result<TcpListener, CollectiveError> {
+pub(crate) fn bind_data_listener(ip: IpAddr) -> Result<TcpListener, CollectiveError> {
     let addr = SocketAddr::new(ip, 0);
     TcpListener::bind(addr).map_err(|e| CollectiveError::Bind {
         addr,
@@ -945,7 +977,10 @@ fn bind_data_listener(ip: IpAddr) -> Result<TcpListener, CollectiveError> {
     })
 }
 
-fn local_addr(l: &TcpListener, context: &'static str) -> Result<SocketAddr, CollectiveError> {
+pub(crate) fn local_addr(
+    l: &TcpListener,
+    context: &'static str,
+) -> Result<SocketAddr, CollectiveError> {
     l.local_addr()
         .map_err(|e| CollectiveError::Io { context, source: e })
 }
@@ -1011,7 +1046,7 @@ fn accept_until(l: &TcpListener, deadline: Instant) -> io::Result<(TcpStream, So
 
 /// An id that tells this rendezvous apart from earlier ones on the same address, so a connection
 /// left over from a previous attempt is refused by the ring hello.
-fn new_session_id(addr: SocketAddr) -> u64 {
+pub(crate) fn new_session_id(addr: SocketAddr) -> u64 {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)

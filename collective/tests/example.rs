@@ -405,6 +405,7 @@ fn solo_ring() -> TcpRing {
         master_port: 1,
         bind_addr: "127.0.0.1".parse().unwrap(),
         timeout: std::time::Duration::from_secs(1),
+        use_agent_store: false,
     })
     .unwrap()
 }
@@ -418,6 +419,7 @@ fn example_train_rejects_a_bad_config_instead_of_panicking() {
         master_port: 1,
         bind_addr: "127.0.0.1".parse().unwrap(),
         timeout: std::time::Duration::from_secs(1),
+        use_agent_store: false,
     })
     .unwrap();
     assert_eq!(ring.world_size(), 1);

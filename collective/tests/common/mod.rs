@@ -33,6 +33,7 @@ pub fn cfg(
         master_port: port,
         bind_addr: ip(master),
         timeout,
+        use_agent_store: false,
     }
 }
 
