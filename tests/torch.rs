@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -196,4 +195,48 @@ fn pytorch_job_resumes_on_a_spare_after_its_host_is_killed() {
         || processes_with(marker).is_empty().then_some(()),
     );
     eprintln!("total {:?}", t0.elapsed());
+}
+
+#[test]
+fn each_attempt_of_a_torch_job_gets_an_empty_store_from_the_agent() {
+    let python = python_with_torch();
+    let bin = python.parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let cluster = DevCluster::start_with(2, &[], &[("PATH", path)]);
+    let dir = tempfile::tempdir().unwrap();
+    let script = repo().join("tests/python/store_attempts.py");
+    let spec = job_file(
+        dir.path(),
+        "store-attempts.toml",
+        &format!(
+            "name = \"store-attempts\"\n[launch]\ncommand = [\"python3\", \"-u\", {:?}]\n\
+             env = {{ OMP_NUM_THREADS = \"1\" }}\n\
+             [resources]\nnodes = 2\nprocs_per_node = 2\ngpus_per_node = 0\n\
+             [failure]\nmax_restarts = 1\n",
+            script.to_str().unwrap()
+        ),
+    );
+    let out = cluster.cli(&["submit", spec.to_str().unwrap(), "--wait", "-o", "json"]);
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let id = job["id"].as_str().unwrap_or("1").to_string();
+    let logs = cluster.logs(&id);
+    assert!(out.status.success(), "the job failed: {job}\n{logs}");
+    assert_eq!(job["state"], "succeeded", "{logs}");
+    let first = cluster.cli(&["logs", &id, "--attempt", "0"]);
+    let logs = format!("{}{logs}", String::from_utf8_lossy(&first.stdout));
+    for attempt in 0..2 {
+        for rank in 0..4 {
+            let line =
+                format!("STORE_ATTEMPT attempt={attempt} rank={rank} world=4 agent_store=True");
+            assert!(logs.contains(&line), "missing {line:?}:\n{logs}");
+        }
+    }
+    for rank in 0..4 {
+        let line = format!("STORE_FRESH attempt=1 rank={rank} stale_key_visible=False");
+        assert!(logs.contains(&line), "missing {line:?}:\n{logs}");
+    }
 }
