@@ -907,7 +907,7 @@ const FLAGS: &[Flag] = &[
         env: None,
         accepted: "",
         section: Section::Trainctl,
-        help: "submit the job to a trainctl coordinator instead of running it here",
+        help: "submit the run as a job to the coordinator (--addr, else TRAINCTL_ADDR or the context; TRAINCTL_ADDR alone does not switch modes) and stream its output; Ctrl-C or SIGTERM stops following and leaves the job running (trainctl cancel ID stops it)",
     },
     Flag {
         id: FlagId::Addr,
