@@ -467,8 +467,9 @@ mod tests {
                 .await
                 .unwrap();
                 let reset = move || server.reset_workers();
+                let reset: &(dyn Fn() + Send + Sync) = &reset;
                 let plan = rdzv
-                    .join(0, node + 1, (node == 0).then_some(&reset as _))
+                    .join(0, node + 1, (node == 0).then_some(reset))
                     .await
                     .unwrap();
                 let end = if node == 1 {
@@ -476,7 +477,8 @@ mod tests {
                 } else {
                     LocalEnd::Succeeded
                 };
-                (plan, rdzv.finish(&plan.clone(), end).await.unwrap())
+                let finished = rdzv.finish(&plan, end).await.unwrap();
+                (plan, finished)
             }));
         }
         let mut plans = Vec::new();
