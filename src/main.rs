@@ -663,6 +663,7 @@ fn main() -> ExitCode {
             | Cmd::Audit { .. }
             | Cmd::Whoami { .. }
             | Cmd::Cluster { .. }
+            | Cmd::Run { .. }
     ) {
         // Like other Unix tools: `trainctl logs 3 | head` ends quietly when `head` has enough.
         // SAFETY: setting a signal disposition before any thread starts; no handler code runs.
