@@ -7,6 +7,8 @@
 //! - `benches/write_path.rs`: job submissions through REST and the fsync'd Raft log, next to etcd.
 //! - `benches/tls_overhead.rs`: the same submissions, and agents' gRPC heartbeats, over plain
 //!   HTTP next to TLS (with tokens, and mutual TLS for agents).
+//! - `benches/store_rendezvous.rs`: 4 096 clients rendezvous on `trainctl store`, next to torch's
+//!   own TCPStore server.
 //!
 //! # Layout
 //! - [`Summary`]: median and p99 of a set of timings.
@@ -15,6 +17,8 @@
 //! - [`load`]: REST write load from N concurrent clients ([`load::run_level`]).
 //! - [`procs`]: real `trainctl coordinator` processes forming a Raft group (replication benches).
 //! - [`cpu`]: CPU time of a named group of threads (a runtime serving a coordinator).
+//! - [`stores`]: TCPStore servers as processes (`trainctl store`, torch's libuv server) and the
+//!   open-file limit (`benches/store_rendezvous.rs`).
 //! - [`job_spec_json`]: a realistic ~300-byte job spec.
 //! - [`base64`]: the few bytes of base64 that etcd's JSON gateway needs.
 
@@ -25,6 +29,7 @@ pub mod fixtures;
 pub mod load;
 pub mod procs;
 pub mod served;
+pub mod stores;
 
 /// Median and p99 of a set of timings.
 #[derive(Debug, Clone, Copy, PartialEq)]
