@@ -10,7 +10,11 @@
 //!    keyspace is emptied before each round), and restarts the whole gang after a failure, up to
 //!    `--max-restarts` times;
 //! 4. it exits 0 when every worker of every node succeeded, else 1 with torchrun's failure
-//!    summary (on the node whose worker failed first).
+//!    summary (on the node whose worker failed first). The launcher that serves the store exits
+//!    last, once every other launcher has read how the run ended (torch's exit barrier).
+//!
+//! A signal stops it at any point, the rendezvous included. Per-attempt logs go to torch's
+//! `<log_dir>/<run_id>_<random>/attempt_<n>/<local_rank>/`.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -47,7 +51,28 @@ pub async fn main(argv: Vec<OsString>) -> anyhow::Result<ExitCode> {
     if args.cluster {
         return super::cluster::main(&args).await;
     }
+    if let Err(e) = check_node_rank(&args) {
+        errln!("trainctl run: error: {e}");
+        return Ok(ExitCode::from(USAGE_EXIT));
+    }
     run_locally(args).await
+}
+
+/// A static run's `--node-rank` must name one of its `--nnodes` nodes: a rank past the end would
+/// wait for a rendezvous that can never take it (for the whole join timeout).
+fn check_node_rank(args: &RunArgs) -> Result<(), String> {
+    if args.standalone
+        || args.rdzv_backend != RdzvBackend::Static
+        || args.node_rank < args.nnodes.max
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "--node-rank {}: a static run of --nnodes {} has node ranks 0 to {}",
+        args.node_rank,
+        args.nnodes.max,
+        args.nnodes.max.saturating_sub(1)
+    ))
 }
 
 /// Where the run's store is and whether this launcher serves it.
@@ -99,7 +124,10 @@ fn topology(args: &RunArgs, is_local: &dyn Fn(&str) -> bool, random_id: &str) ->
                 port: None,
             });
             let port = endpoint.port_or(C10D_DEFAULT_PORT);
-            let host = args.rdzv_conf.is_host.unwrap_or_else(|| is_local(&endpoint.host));
+            let host = args
+                .rdzv_conf
+                .is_host
+                .unwrap_or_else(|| is_local(&endpoint.host));
             Topology {
                 master_addr: endpoint.host.clone(),
                 master_port: port,
@@ -237,7 +265,10 @@ fn worker_env(
 }
 
 fn worker_env_defaults(nproc: u32) -> Vec<(String, String)> {
-    let mut defaults = vec![("TORCH_NCCL_ASYNC_ERROR_HANDLING".to_string(), "1".to_string())];
+    let mut defaults = vec![(
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING".to_string(),
+        "1".to_string(),
+    )];
     if nproc > 1 {
         defaults.push(("OMP_NUM_THREADS".to_string(), "1".to_string()));
     }
@@ -322,7 +353,7 @@ async fn run_locally(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let conf = &args.rdzv_conf;
     let join_timeout = conf.timeout.unwrap_or(conf.join_timeout);
-    let mut rdzv = Rendezvous::connect(
+    let connect = Rendezvous::connect(
         &endpoint,
         &topo.run_id,
         &host,
@@ -331,12 +362,18 @@ async fn run_locally(args: RunArgs) -> anyhow::Result<ExitCode> {
         topo.max_nodes,
         join_timeout,
         conf.last_call_timeout,
-    )
-    .await?;
+    );
+    let Some(rdzv) = until_signal(&user_signal, connect).await else {
+        return Ok(stopped_in_rendezvous());
+    };
+    let mut rdzv = rdzv?;
     let log_dir = match &args.log_dir {
         Some(dir) => dir.clone(),
         None => std::env::temp_dir().join(format!("trainctl-run-{}", std::process::id())),
     };
+    // torch's `<log_dir>/<run_id>_<random>`, made once for every attempt of this launcher: two
+    // runs with the same id (a static run's is `none`) never share files.
+    let run_log_dir = make_run_log_dir(&log_dir, &topo.run_id)?;
     let workdir = std::env::current_dir().context("the current directory")?;
     let script = args.script.to_string_lossy().into_owned();
     let argv = worker_argv(&args);
@@ -344,12 +381,16 @@ async fn run_locally(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut round = 0;
     loop {
         let reset = store.clone().map(|s| move || s.reset_workers());
-        let plan = rdzv
-            .join(round, nproc, reset.as_ref().map(|f| f as &(dyn Fn() + Send + Sync)))
-            .await?;
-        let attempt_dir = log_dir
-            .join(&topo.run_id)
-            .join(format!("attempt_{round}"));
+        let join = rdzv.join(
+            round,
+            nproc,
+            reset.as_ref().map(|f| f as &(dyn Fn() + Send + Sync)),
+        );
+        let Some(plan) = until_signal(&user_signal, join).await else {
+            return Ok(stopped_in_rendezvous());
+        };
+        let plan = plan?;
+        let attempt_dir = run_log_dir.join(format!("attempt_{round}"));
         let specs: Vec<WorkerSpec> = (0..nproc)
             .map(|local_rank| WorkerSpec {
                 local_rank,
@@ -397,13 +438,13 @@ async fn run_locally(args: RunArgs) -> anyhow::Result<ExitCode> {
         };
         let gang = rdzv.finish(&plan, local).await?;
         let summary = workers::failure_summary(&script, &outcome, &host);
-        match gang {
-            RoundOutcome::Succeeded => return Ok(ExitCode::SUCCESS),
+        let exit = match gang {
+            RoundOutcome::Succeeded => ExitCode::SUCCESS,
             RoundOutcome::Stopped(who) => {
                 errln!(
                     "trainctl run: stopped by a signal (on node {who}); the workers were stopped"
                 );
-                return Ok(ExitCode::FAILURE);
+                ExitCode::FAILURE
             }
             RoundOutcome::Failed(who) if round < args.max_restarts => {
                 errln!(
@@ -412,6 +453,7 @@ async fn run_locally(args: RunArgs) -> anyhow::Result<ExitCode> {
                     args.max_restarts
                 );
                 round += 1;
+                continue;
             }
             RoundOutcome::Failed(who) => {
                 match summary {
@@ -422,10 +464,80 @@ async fn run_locally(args: RunArgs) -> anyhow::Result<ExitCode> {
                         "trainctl run: the workers failed on node {who}; its launcher printed the failure summary"
                     ),
                 }
-                return Ok(ExitCode::FAILURE);
+                ExitCode::FAILURE
+            }
+        };
+        if store.is_some() {
+            // The others still read the outcome from this launcher's store: stay until they
+            // have (or until the user signals this launcher again).
+            let mut again = user_signal.clone();
+            again.borrow_and_update();
+            tokio::select! {
+                waited = rdzv.wait_every_node_finished(&plan, rendezvous::EXIT_BARRIER_TIMEOUT) => {
+                    if let Err(e) = waited {
+                        tracing::warn!(error = %format!("{e:#}"), "stopping the run's store anyway");
+                    }
+                }
+                _ = again.changed() => {}
+            }
+        }
+        return Ok(exit);
+    }
+}
+
+/// Runs `work` unless the launcher gets a signal first (then `None`): waiting for the other
+/// nodes must not outlast a Ctrl-C, as torchrun does not.
+async fn until_signal<T>(
+    user_signal: &watch::Receiver<Option<i32>>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut user = user_signal.clone();
+    tokio::select! {
+        done = work => Some(done),
+        _ = user.wait_for(Option::is_some) => None,
+    }
+}
+
+fn stopped_in_rendezvous() -> ExitCode {
+    errln!("trainctl run: stopped by a signal while waiting for the other nodes (rendezvous); no worker was running");
+    ExitCode::FAILURE
+}
+
+/// Creates `<log_dir>/<run_id>_<8 random characters>`, as torch's `tempfile.mkdtemp` does.
+fn make_run_log_dir(log_dir: &Path, run_id: &str) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(log_dir)
+        .with_context(|| format!("create the log directory {}", log_dir.display()))?;
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789_";
+    const TRIES: usize = 100;
+    let mut bytes = [0u8; 8];
+    for attempt in 0..TRIES {
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            use std::io::Read as _;
+            let _ = f.read_exact(&mut bytes);
+        }
+        // Without /dev/urandom, the pid and the attempt still make names differ.
+        let salt = (std::process::id() as usize)
+            .wrapping_mul(31)
+            .wrapping_add(attempt);
+        let suffix: String = bytes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| CHARS[(*b as usize + (salt >> (i * 4))) % CHARS.len()] as char)
+            .collect();
+        let dir = log_dir.join(format!("{run_id}_{suffix}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("create the run's log directory {}", dir.display()))
             }
         }
     }
+    bail!(
+        "could not make a new directory for the run's logs in {} after {TRIES} tries",
+        log_dir.display()
+    )
 }
 
 fn group_options(args: &RunArgs, host: &str, attempt_dir: &Path) -> GroupOptions {
@@ -458,35 +570,86 @@ mod tests {
         let local = |h: &str| h == "node-a" || h == "localhost";
         let t = topology(&parse(&["--standalone", "x.py"]), &local, "rid");
         assert_eq!(
-            (t.master_addr.as_str(), t.serve_at.is_some(), t.static_rank, t.run_id.as_str()),
+            (
+                t.master_addr.as_str(),
+                t.serve_at.is_some(),
+                t.static_rank,
+                t.run_id.as_str()
+            ),
             ("localhost", true, Some(0), "rid")
         );
         let t = topology(
-            &parse(&["--nnodes", "2", "--node-rank", "1", "--master-addr", "node-a", "x.py"]),
+            &parse(&[
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "1",
+                "--master-addr",
+                "node-a",
+                "x.py",
+            ]),
             &local,
             "rid",
         );
         assert_eq!(
-            (t.master_addr.as_str(), t.master_port, t.serve_at, t.static_rank),
+            (
+                t.master_addr.as_str(),
+                t.master_port,
+                t.serve_at,
+                t.static_rank
+            ),
             ("node-a", 29500, None, Some(1))
         );
         let t = topology(
-            &parse(&["--nnodes", "2", "--node-rank", "0", "--master-port", "4000", "x.py"]),
+            &parse(&[
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "0",
+                "--master-port",
+                "4000",
+                "x.py",
+            ]),
             &local,
             "rid",
         );
         assert_eq!(t.serve_at, Some("0.0.0.0:4000".parse().unwrap()));
         let t = topology(
-            &parse(&["--nnodes", "1:3", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node-a", "--rdzv-id", "j7", "x.py"]),
+            &parse(&[
+                "--nnodes",
+                "1:3",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                "node-a",
+                "--rdzv-id",
+                "j7",
+                "x.py",
+            ]),
             &local,
             "rid",
         );
         assert_eq!(
-            (t.master_port, t.serve_at.is_some(), t.static_rank, t.min_nodes, t.max_nodes, t.run_id.as_str()),
+            (
+                t.master_port,
+                t.serve_at.is_some(),
+                t.static_rank,
+                t.min_nodes,
+                t.max_nodes,
+                t.run_id.as_str()
+            ),
             (29400, true, None, 1, 3, "j7")
         );
         let t = topology(
-            &parse(&["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node-b:5000", "x.py"]),
+            &parse(&[
+                "--nnodes",
+                "2",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                "node-b:5000",
+                "x.py",
+            ]),
             &local,
             "rid",
         );
@@ -496,15 +659,32 @@ mod tests {
     #[test]
     fn worker_argv_follows_module_and_no_python() {
         std::env::set_var("PYTHON_EXEC", "/opt/py");
-        assert_eq!(worker_argv(&parse(&["t.py", "--lr", "1"])), ["/opt/py", "-u", "t.py", "--lr", "1"]);
-        assert_eq!(worker_argv(&parse(&["-m", "pkg.train"])), ["/opt/py", "-u", "-m", "pkg.train"]);
-        assert_eq!(worker_argv(&parse(&["--no-python", "./bin", "a"])), ["./bin", "a"]);
+        assert_eq!(
+            worker_argv(&parse(&["t.py", "--lr", "1"])),
+            ["/opt/py", "-u", "t.py", "--lr", "1"]
+        );
+        assert_eq!(
+            worker_argv(&parse(&["-m", "pkg.train"])),
+            ["/opt/py", "-u", "-m", "pkg.train"]
+        );
+        assert_eq!(
+            worker_argv(&parse(&["--no-python", "./bin", "a"])),
+            ["./bin", "a"]
+        );
         std::env::remove_var("PYTHON_EXEC");
     }
 
     #[test]
     fn the_environment_of_a_worker_is_torchruns() {
-        let args = parse(&["--nnodes", "2", "--nproc-per-node", "2", "--max-restarts", "3", "x.py"]);
+        let args = parse(&[
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "3",
+            "x.py",
+        ]);
         let topo = topology(&args, &|_| false, "rid");
         let plan = RoundPlan {
             round: 1,
@@ -513,7 +693,8 @@ mod tests {
             rank_offset: 2,
             world_size: 4,
         };
-        let env: BTreeMap<String, String> = worker_env(&args, &topo, &plan, 2, 1).into_iter().collect();
+        let env: BTreeMap<String, String> =
+            worker_env(&args, &topo, &plan, 2, 1).into_iter().collect();
         let get = |k: &str| env.get(k).map(String::as_str);
         assert_eq!(get("RANK"), Some("3"));
         assert_eq!(get("LOCAL_RANK"), Some("1"));

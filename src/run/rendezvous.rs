@@ -15,6 +15,9 @@
 //! 4. runs its workers, then reports how they ended into `r/outcome` (compare-and-set: the first
 //!    failure wins; the last success writes `succeeded`). Every launcher watches `r/outcome` and
 //!    stops its workers as soon as another node's failed, as torchrun's agents do.
+//! 5. when the run ends there, counts itself in `r/outcome_read`; the last one sets
+//!    `r/outcome_read_by_all`, which the launcher serving the store waits for (at most
+//!    [`EXIT_BARRIER_TIMEOUT`]) before it exits and the store with it.
 //!
 //! Keys are prefixed with the run id, so two runs sharing a store (`trainctl store`) never meet.
 
@@ -28,6 +31,9 @@ use trainctl_store::{Namespace, StoreClient};
 const WAIT_SLICE: Duration = Duration::from_secs(3600);
 /// Pause between looks at the joined count while a c10d round is open.
 const POLL: Duration = Duration::from_millis(50);
+/// How long the launcher that serves the store waits, once the run ended, for the others to
+/// read how it ended before it stops serving (torch's exit barrier timeout).
+pub const EXIT_BARRIER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What one node runs in a closed round.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,7 +321,10 @@ impl Rendezvous {
         let outcome = self.key(plan.round, "outcome");
         match local {
             LocalEnd::Succeeded => {
-                let done = self.client.add(&self.key(plan.round, "succeeded"), 1).await?;
+                let done = self
+                    .client
+                    .add(&self.key(plan.round, "succeeded"), 1)
+                    .await?;
                 if done >= i64::from(plan.nnodes) {
                     self.client.compare_set(&outcome, b"", b"succeeded").await?;
                 }
@@ -340,7 +349,38 @@ impl Rendezvous {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(RoundOutcome::parse(&self.client.get(&outcome).await?))
+        let result = RoundOutcome::parse(&self.client.get(&outcome).await?);
+        // The exit barrier: the last launcher to read the outcome says so, and the launcher that
+        // serves the store waits for that before it stops serving
+        // ([`Rendezvous::wait_every_node_finished`]).
+        let read = self
+            .client
+            .add(&self.key(plan.round, "outcome_read"), 1)
+            .await?;
+        if read >= i64::from(plan.nnodes) {
+            self.client
+                .set(&self.key(plan.round, "outcome_read_by_all"), b"1")
+                .await?;
+        }
+        Ok(result)
+    }
+
+    /// Waits, at most `timeout`, until every launcher of the round has read its outcome in
+    /// [`Rendezvous::finish`]. The launcher that serves the store calls it before it exits, so
+    /// no other launcher loses the store (a connection reset, exit 1) while it still reads how
+    /// the run ended: torch's exit barrier.
+    pub async fn wait_every_node_finished(
+        &mut self,
+        plan: &RoundPlan,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let key = self.key(plan.round, "outcome_read_by_all");
+        self.wait_keys(&[&key], timeout).await.with_context(|| {
+            format!(
+                "not every one of the {} nodes read how round {} ended within {timeout:?}",
+                plan.nnodes, plan.round
+            )
+        })
     }
 }
 
