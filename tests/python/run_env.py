@@ -23,7 +23,10 @@ def main():
         "argv": sys.argv,
     }
     dist.destroy_process_group()
-    print("ENV " + json.dumps(line, sort_keys=True), flush=True)
+    # One write(2): under torchrun both workers share the launcher's stdout, and `print` under
+    # `python -u` writes the text and its newline separately, so lines could interleave.
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), ("ENV " + json.dumps(line, sort_keys=True) + "\n").encode())
 
 
 if __name__ == "__main__":
