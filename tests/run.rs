@@ -466,7 +466,6 @@ fn workers_get_the_environment_torchrun_gives_them() {
 }
 
 #[test]
-#[ignore = "agent/src/process.rs spawn_rank: `run_as.map(RunAs::env).unwrap_or_default()` is three (\"\", \"\") pairs, so every rank without --run-as gets a variable with an empty name"]
 fn workers_get_no_variable_with_an_empty_name() {
     let _serial = serial();
     let cwd = tempfile::tempdir().unwrap();

@@ -186,7 +186,7 @@ mod tests {
             .await
             .unwrap();
         assert!(!rank.check(&["/attempt-0-key"]).await.unwrap());
-        assert_eq!(stores.address(&"7".to_string(), 1).unwrap().port(), port);
+        assert_eq!(stores.address("7", 1).unwrap().port(), port);
 
         // The attempt ends here: nothing listens any more.
         stores.sync(&[]).await;

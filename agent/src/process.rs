@@ -496,7 +496,12 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
         }
     }
 
-    let user_env = run_as.as_ref().map(RunAs::env).unwrap_or_default();
+    // (Not `map(RunAs::env).unwrap_or_default()`: the default of an array of 3 pairs is 3 pairs of
+    // empty names, which gave every rank a variable with an empty name.)
+    let user_env: Vec<(OsString, OsString)> = run_as
+        .as_ref()
+        .map(|u| u.env().to_vec())
+        .unwrap_or_default();
     let merged_env = merge_env(std::env::vars_os().chain(user_env), &env, &env_defaults);
     let path_var = merged_env
         .get(&OsString::from("PATH"))

@@ -269,9 +269,12 @@ pub const RDZV_CONF_KEYS: &[&str] = &[
 
 /// torch's `Std` mask: 0 none, 1 stdout, 2 stderr, 3 both.
 fn streams_from_mask(mask: u8) -> Streams {
-    Streams {
-        stdout: mask & 1 != 0,
-        stderr: mask & 2 != 0,
+    match mask & 3 {
+        3 => Streams::BOTH,
+        m => Streams {
+            stdout: m & 1 != 0,
+            stderr: m & 2 != 0,
+        },
     }
 }
 

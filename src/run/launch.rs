@@ -352,7 +352,12 @@ async fn run_locally(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => format!("{}:{}", topo.master_addr, topo.master_port),
     };
     let conf = &args.rdzv_conf;
-    let join_timeout = conf.timeout.unwrap_or(conf.join_timeout);
+    // torch: the static rendezvous waits `timeout` (900 s), c10d rounds `join_timeout` (600 s).
+    let join_timeout = match (topo.static_rank, conf.timeout) {
+        (_, Some(timeout)) => timeout,
+        (Some(_), None) => flags::DEFAULT_RDZV_TIMEOUT,
+        (None, None) => conf.join_timeout,
+    };
     let connect = Rendezvous::connect(
         &endpoint,
         &topo.run_id,
