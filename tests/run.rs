@@ -1147,3 +1147,54 @@ fn bad_command_lines_are_refused_with_the_reason_and_exit_2() {
         assert!(l.stdout().is_empty(), "{}", l.output());
     }
 }
+
+#[test]
+fn a_node_that_arrives_later_grows_the_running_gang_without_using_a_restart() {
+    let _serial = serial();
+    let cwd = tempfile::tempdir().unwrap();
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let launcher = |is_host: u32, addr: &str| {
+        Launcher::trainctl(
+            &[
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                &endpoint,
+                "--rdzv-id",
+                "grow",
+                "--nnodes",
+                "1:2",
+                "--rdzv-conf",
+                &format!("is_host={is_host},last_call_timeout=1"),
+                "--local-addr",
+                addr,
+                "--max-restarts",
+                "0",
+                "--nproc-per-node",
+                "2",
+                &script("run_grow.py"),
+            ],
+            cwd.path(),
+        )
+    };
+    let mut first = launcher(1, "127.0.0.2");
+    // Alone, the round closes with one node after the last call; its workers run at world size 2.
+    first.wait_lines("GROW restart_count=0 world=2", 2, LAUNCH_TIMEOUT);
+    let second = launcher(0, "127.0.0.3");
+    let mut nodes = [first, second];
+    all_succeed(&mut nodes);
+    let both = format!("{}{}", nodes[0].stdout(), nodes[1].stdout());
+    for rank in 0..4 {
+        let line = format!("GROW restart_count=0 world=4 rank={rank} group_world=2");
+        assert!(both.contains(&line), "missing {line:?}:\n{both}");
+        let line = format!("GROWN rank={rank} sum=4.0");
+        assert!(both.contains(&line), "missing {line:?}:\n{both}");
+    }
+    assert!(
+        nodes[0]
+            .stderr()
+            .contains("joined; restarting the gang at its new size"),
+        "{}",
+        nodes[0].output()
+    );
+}

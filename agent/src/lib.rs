@@ -1104,6 +1104,7 @@ impl Agent {
             line_prefix: format!("[{} rank {}] ", self.node_name, rank.rank),
             cgroup: None,
             run_as: self.run_as.clone(),
+            copy_lines_to: None,
         };
         let stop_grace = Duration::from_millis(u64::from(assignment.stop_grace_ms));
         let rank_cgroup = match self.containment.tree() {

@@ -106,6 +106,10 @@ pub struct RankSpec {
     pub cgroup: Option<PathBuf>,
     /// The user the rank runs as ([`RunAs`]); `None`: the agent's own user.
     pub run_as: Option<RunAs>,
+    /// Also send every line here, in order and with backpressure: when the receiver falls
+    /// behind, the rank waits on its pipe, as it would on a slow terminal, and no line is lost
+    /// (`trainctl run`'s console). [`RankProcess::subscribe_lines`] may lose lines instead.
+    pub copy_lines_to: Option<mpsc::Sender<RankLine>>,
 }
 
 /// The user ranks run as (`trainctl agent --run-as USER`), resolved before any fork (see the
@@ -479,6 +483,7 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
         line_prefix,
         cgroup,
         run_as,
+        copy_lines_to,
     } = spec;
     let program = argv.first().ok_or(LaunchError::EmptyArgv)?.clone();
 
@@ -633,6 +638,7 @@ pub async fn spawn_rank(spec: RankSpec) -> Result<RankProcess, LaunchError> {
         log_path.clone(),
         line_rx,
         broadcast_tx.clone(),
+        copy_lines_to,
     ));
 
     let (exit_tx, exit_rx) = watch::channel(None);
@@ -988,6 +994,7 @@ async fn write_lines(
     log_path: PathBuf,
     mut lines: mpsc::Receiver<RankLine>,
     subscribers: broadcast::Sender<RankLine>,
+    mut copy_to: Option<mpsc::Sender<RankLine>>,
 ) {
     let mut file = BufWriter::new(file);
     let mut failed = false;
@@ -1002,6 +1009,11 @@ async fn write_lines(
                 if let Err(e) = file.write_all(&buf).await {
                     tracing::error!(path = %log_path.display(), error = %e, "writing a rank's log failed; further lines are dropped");
                     failed = true;
+                }
+            }
+            if let Some(tx) = &copy_to {
+                if tx.send(line.clone()).await.is_err() {
+                    copy_to = None;
                 }
             }
             let _ = subscribers.send(line);

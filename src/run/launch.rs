@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use trainctl_store::{StoreConfig, StoreServer};
 
 use super::flags::{self, NprocPerNode, Parsed, RdzvBackend, RunArgs, C10D_DEFAULT_PORT};
-use super::rendezvous::{self, LocalEnd, Rendezvous, RoundOutcome, RoundPlan};
+use super::rendezvous::{self, Joined, LocalEnd, Rendezvous, RoundOutcome, RoundPlan};
 use super::workers::{self, GroupOptions, WorkerSpec};
 
 /// Exit code for a command line trainctl run does not accept (argparse's).
@@ -253,7 +253,7 @@ fn worker_env(
     env.insert("ROLE_NAME", args.role.clone());
     env.insert("MASTER_ADDR", topo.master_addr.clone());
     env.insert("MASTER_PORT", topo.master_port.to_string());
-    env.insert("TORCHELASTIC_RESTART_COUNT", plan.round.to_string());
+    env.insert("TORCHELASTIC_RESTART_COUNT", plan.restart_count.to_string());
     env.insert("TORCHELASTIC_MAX_RESTARTS", args.max_restarts.to_string());
     env.insert("TORCHELASTIC_RUN_ID", topo.run_id.clone());
     env.insert("TORCHELASTIC_USE_AGENT_STORE", "True".to_string());
@@ -384,17 +384,33 @@ async fn run_locally(args: RunArgs) -> anyhow::Result<ExitCode> {
     let argv = worker_argv(&args);
 
     let mut round = 0;
+    // Restarts used so far; `None` while this node has not yet been in a round of a run that
+    // may be under way (it learns the count from the round it joins).
+    let mut restarts = Some(0);
     loop {
         let reset = store.clone().map(|s| move || s.reset_workers());
         let join = rdzv.join(
             round,
             nproc,
+            restarts,
             reset.as_ref().map(|f| f as &(dyn Fn() + Send + Sync)),
         );
-        let Some(plan) = until_signal(&user_signal, join).await else {
+        let Some(joined) = until_signal(&user_signal, join).await else {
             return Ok(stopped_in_rendezvous());
         };
-        let plan = plan?;
+        let plan = match joined? {
+            Joined::Plan(plan) => plan,
+            Joined::Later => {
+                round += 1;
+                restarts = None;
+                continue;
+            }
+            Joined::RunOver => {
+                errln!("trainctl run: the run succeeded before this node was needed");
+                return Ok(ExitCode::SUCCESS);
+            }
+        };
+        restarts = Some(plan.restart_count);
         let attempt_dir = run_log_dir.join(format!("attempt_{round}"));
         let specs: Vec<WorkerSpec> = (0..nproc)
             .map(|local_rank| WorkerSpec {
@@ -451,12 +467,20 @@ async fn run_locally(args: RunArgs) -> anyhow::Result<ExitCode> {
                 );
                 ExitCode::FAILURE
             }
-            RoundOutcome::Failed(who) if round < args.max_restarts => {
+            RoundOutcome::Grow(who) => {
+                errln!(
+                    "trainctl run: node {who} joined; restarting the gang at its new size (no restart used)"
+                );
+                round += 1;
+                continue;
+            }
+            RoundOutcome::Failed(who) if plan.restart_count < args.max_restarts => {
                 errln!(
                     "trainctl run: workers failed on node {who} in attempt {round}; restarting the gang ({} of {} restarts left)",
-                    args.max_restarts - round,
+                    args.max_restarts - plan.restart_count,
                     args.max_restarts
                 );
+                restarts = Some(plan.restart_count + 1);
                 round += 1;
                 continue;
             }
@@ -697,6 +721,7 @@ mod tests {
             nnodes: 2,
             rank_offset: 2,
             world_size: 4,
+            restart_count: 1,
         };
         let env: BTreeMap<String, String> =
             worker_env(&args, &topo, &plan, 2, 1).into_iter().collect();

@@ -48,6 +48,21 @@ pub struct RoundPlan {
     pub rank_offset: u32,
     /// Workers in the round (`WORLD_SIZE`).
     pub world_size: u32,
+    /// Restarts after failures so far (`TORCHELASTIC_RESTART_COUNT`): a round that follows a
+    /// node joining does not count, as in torch.
+    pub restart_count: u32,
+}
+
+/// What joining a round gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Joined {
+    /// This node runs in the round.
+    Plan(RoundPlan),
+    /// The round went on without this node (it arrived after it closed, or it was full); it has
+    /// ended (this node asked a running one to end so that the gang grows), so join the next.
+    Later,
+    /// The run succeeded before this node was needed.
+    RunOver,
 }
 
 /// How the gang's round ended, as every node sees it.
@@ -59,6 +74,9 @@ pub enum RoundOutcome {
     Failed(String),
     /// A launcher was stopped by a signal: `stopped <node_rank> <host>`.
     Stopped(String),
+    /// A node arrived while the gang ran below `MAX` nodes: every node stops its workers and the
+    /// gang restarts at the new size, using no restart (torch's membership change): `grow <host>`.
+    Grow(String),
 }
 
 impl RoundOutcome {
@@ -68,6 +86,8 @@ impl RoundOutcome {
             RoundOutcome::Succeeded
         } else if let Some(rest) = text.strip_prefix("stopped ") {
             RoundOutcome::Stopped(rest.to_string())
+        } else if let Some(rest) = text.strip_prefix("grow ") {
+            RoundOutcome::Grow(rest.to_string())
         } else {
             RoundOutcome::Failed(text.strip_prefix("failed ").unwrap_or(&text).to_string())
         }
@@ -161,15 +181,29 @@ impl Rendezvous {
     }
 
     /// Joins round `round` with `nproc` workers and waits for it to close and for the store to be
-    /// ready. `reset_store` runs on the launcher that serves the store, once the round closed.
+    /// ready. `restarts`: the restarts used so far, as this node knows them (`None` for a node
+    /// that just arrived: it learns them from the round). `reset_store` runs on the launcher that
+    /// serves the store, once the round closed.
     pub async fn join(
         &mut self,
         round: u32,
         nproc: u32,
+        restarts: Option<u32>,
         reset_store: Option<&(dyn Fn() + Send + Sync)>,
-    ) -> anyhow::Result<RoundPlan> {
+    ) -> anyhow::Result<Joined> {
         let started = Instant::now();
         let order = self.client.add(&self.key(round, "joined"), 1).await? as u32 - 1;
+        if self.static_rank.is_none()
+            && (order >= self.max || self.client.check(&[&self.key(round, "closed")]).await?)
+        {
+            return self.late(round).await;
+        }
+        let restarts_key = self.key(round, "restarts");
+        if let Some(r) = restarts {
+            self.client
+                .compare_set(&restarts_key, b"", r.to_string().as_bytes())
+                .await?;
+        }
         let node_rank = match self.static_rank {
             Some(rank) => {
                 let claims = self
@@ -202,11 +236,8 @@ impl Rendezvous {
             .await?;
         let nnodes = self.wait_closed(round, started).await?;
         if node_rank >= nnodes {
-            bail!(
-                "round {round} at {} closed with {nnodes} nodes before this host ({}) joined",
-                self.endpoint,
-                self.host
-            );
+            // The round closed just before this node described itself.
+            return self.late(round).await;
         }
         let keys: Vec<String> = (0..nnodes)
             .map(|n| self.key(round, &format!("node/{n}")))
@@ -237,13 +268,56 @@ impl Rendezvous {
         self.wait_keys(&[&ready], self.join_timeout)
             .await
             .context("the launcher serving the store did not start the round")?;
-        Ok(RoundPlan {
+        self.wait_keys(&[&restarts_key], self.join_timeout)
+            .await
+            .with_context(|| format!("round {round}: no node said how many restarts were used"))?;
+        let restart_count = String::from_utf8_lossy(&self.client.get(&restarts_key).await?)
+            .parse()
+            .with_context(|| format!("round {round}: a restart count that is not a number"))?;
+        Ok(Joined::Plan(RoundPlan {
             round,
             node_rank,
             nnodes,
             rank_offset,
             world_size,
-        })
+            restart_count,
+        }))
+    }
+
+    /// This node came after round `round` closed (or found it full): once the round has closed,
+    /// if it runs below `MAX` nodes, ask every node to end it so that the gang grows; then wait
+    /// for how it ended.
+    async fn late(&mut self, round: u32) -> anyhow::Result<Joined> {
+        let closed = self.key(round, "closed");
+        let outcome = self.key(round, "outcome");
+        self.wait_forever(&closed).await?;
+        let nnodes: u32 = String::from_utf8_lossy(&self.client.get(&closed).await?)
+            .parse()
+            .unwrap_or(self.max);
+        if nnodes < self.max {
+            let grow = format!("grow {}", self.host);
+            self.client
+                .compare_set(&outcome, b"", grow.as_bytes())
+                .await?;
+        }
+        self.wait_forever(&outcome).await?;
+        Ok(
+            match RoundOutcome::parse(&self.client.get(&outcome).await?) {
+                RoundOutcome::Succeeded => Joined::RunOver,
+                _ => Joined::Later,
+            },
+        )
+    }
+
+    /// Waits for `key` however long it takes (a round may run for days).
+    async fn wait_forever(&mut self, key: &str) -> anyhow::Result<()> {
+        loop {
+            match self.client.wait(&[key], WAIT_SLICE).await {
+                Ok(()) => return Ok(()),
+                Err(trainctl_store::StoreError::Timeout { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn wait_closed(&mut self, round: u32, started: Instant) -> anyhow::Result<u32> {
@@ -477,6 +551,10 @@ mod tests {
             RoundOutcome::parse(b"stopped 0 host-a"),
             RoundOutcome::Stopped("0 host-a".into())
         );
+        assert_eq!(
+            RoundOutcome::parse(b"grow host-c"),
+            RoundOutcome::Grow("host-c".into())
+        );
     }
 
     #[tokio::test]
@@ -508,10 +586,13 @@ mod tests {
                 .unwrap();
                 let reset = move || server.reset_workers();
                 let reset: &(dyn Fn() + Send + Sync) = &reset;
-                let plan = rdzv
-                    .join(0, node + 1, (node == 0).then_some(reset))
+                let Joined::Plan(plan) = rdzv
+                    .join(0, node + 1, Some(0), (node == 0).then_some(reset))
                     .await
-                    .unwrap();
+                    .unwrap()
+                else {
+                    panic!("node {node} did not get a plan")
+                };
                 let end = if node == 1 {
                     LocalEnd::Failed
                 } else {

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use trainctl_agent::process::{
     create_dir_for_rank, group_has_live_members, spawn_rank, terminate_rank, RankExit, RankLine,
@@ -61,9 +61,11 @@ pub const DEFAULT_MONITOR_INTERVAL_MS: u64 = 100;
 /// The shortest monitor interval used, whatever is asked (a zero interval would spin).
 pub const MIN_MONITOR_INTERVAL_MS: u64 = 1;
 /// Console lines queued between the workers' line copiers and the console writer. When the
-/// console does not keep up, further lines are counted and left out (the files keep them), so a
-/// stuck terminal never holds back the log files.
+/// console does not keep up, the copiers wait, and so do the workers on their pipes (as on a
+/// slow terminal under torchrun): no line is left out.
 pub const CONSOLE_QUEUE_LINES: usize = 4096;
+/// Lines queued from a worker's log writer to its copier (console and stdout.log/stderr.log).
+pub const LINE_COPY_QUEUE: usize = 1024;
 /// How long, once every worker has ended, the console and file copies may take to finish.
 /// Only a process that left the worker's group and still holds its pipes makes this wait.
 pub const LINE_DRAIN_AFTER_GROUP_MS: u64 = 1_000;
@@ -612,7 +614,10 @@ async fn start_worker(
         error_file.to_string_lossy().into_owned(),
     ));
     let prefix = (opts.line_prefix)(local_rank, spec.global_rank);
-    let mut rank = spawn_rank(RankSpec {
+    // Every line reaches the console and the files, with backpressure: a worker waits on its
+    // pipe when they fall behind, as it would writing to a slow terminal under torchrun.
+    let (lines_tx, lines) = mpsc::channel(LINE_COPY_QUEUE);
+    let rank = spawn_rank(RankSpec {
         argv: spec.argv.clone(),
         workdir: spec.workdir.clone(),
         env,
@@ -621,21 +626,18 @@ async fn start_worker(
         line_prefix: prefix.clone(),
         cgroup: None,
         run_as: None,
+        copy_lines_to: Some(lines_tx),
     })
     .await
     .with_context(|| format!("start local rank {local_rank}"))?;
-    let lines = rank.take_lines().unwrap_or_else(|| rank.subscribe_lines());
     let copier = tokio::spawn(copy_lines(
         lines,
         LineCopies {
-            local_rank,
             prefix,
             to_console,
             console,
-            console_left_out: 0,
             stdout_file,
             stderr_file,
-            output_log: rank.log_path().to_path_buf(),
         },
     ));
     let worker = LiveWorker {
@@ -692,19 +694,15 @@ impl RankFile {
 
 /// Where one worker's lines are copied.
 struct LineCopies {
-    local_rank: u32,
     prefix: String,
     to_console: Streams,
     console: mpsc::Sender<ConsoleLine>,
-    /// Console lines left out since the last note, because the console did not keep up.
-    console_left_out: u64,
     stdout_file: Option<RankFile>,
     stderr_file: Option<RankFile>,
-    output_log: PathBuf,
 }
 
 impl LineCopies {
-    fn copy(&mut self, line: &RankLine) {
+    async fn copy(&mut self, line: &RankLine) {
         let file = match line.stream {
             Stream::Stdout => &mut self.stdout_file,
             Stream::Stderr => &mut self.stderr_file,
@@ -713,46 +711,13 @@ impl LineCopies {
             file.write_line(&line.text);
         }
         if self.to_console.has(line.stream) {
-            if self.console_left_out > 0 {
-                let note = self.left_out_note();
-                if self.console.try_send((Stream::Stderr, note)).is_ok() {
-                    self.console_left_out = 0;
-                }
-            }
             let mut bytes = Vec::with_capacity(self.prefix.len() + line.text.len() + 1);
             bytes.extend_from_slice(self.prefix.as_bytes());
             bytes.extend_from_slice(line.text.as_bytes());
             bytes.push(b'\n');
-            if self.console_left_out > 0 || self.console.try_send((line.stream, bytes)).is_err() {
-                self.console_left_out += 1;
-            }
+            // The console writer lives as long as the group; a send fails only once it is gone.
+            let _ = self.console.send((line.stream, bytes)).await;
         }
-    }
-
-    fn left_out_note(&self) -> Vec<u8> {
-        format!(
-            "{}[trainctl] {} lines of local rank {} were left off the console, which did not keep up; {} has them\n",
-            self.prefix,
-            self.console_left_out,
-            self.local_rank,
-            self.output_log.display()
-        )
-        .into_bytes()
-    }
-
-    fn lost(&mut self, count: u64) {
-        tracing::warn!(
-            local_rank = self.local_rank,
-            lines = count,
-            "the console and file copies of a worker's output fell behind and lost lines"
-        );
-        let note = format!(
-            "{}[trainctl] {count} lines of local rank {} were lost from the console and its stdout.log/stderr.log (the copy fell behind); {} has every line\n",
-            self.prefix,
-            self.local_rank,
-            self.output_log.display()
-        );
-        let _ = self.console.try_send((Stream::Stderr, note.into_bytes()));
     }
 
     fn flush(&mut self) {
@@ -767,22 +732,14 @@ impl LineCopies {
 
 /// Copies a worker's lines until its output ends (every sender of `lines` is gone), flushing
 /// the files whenever no line is waiting.
-async fn copy_lines(mut lines: broadcast::Receiver<RankLine>, mut copies: LineCopies) {
-    loop {
-        match lines.recv().await {
-            Ok(line) => copies.copy(&line),
-            Err(broadcast::error::RecvError::Lagged(count)) => copies.lost(count),
-            Err(broadcast::error::RecvError::Closed) => break,
-        }
+async fn copy_lines(mut lines: mpsc::Receiver<RankLine>, mut copies: LineCopies) {
+    while let Some(line) = lines.recv().await {
+        copies.copy(&line).await;
         if lines.is_empty() {
             copies.flush();
         }
     }
     copies.flush();
-    if copies.console_left_out > 0 {
-        let note = copies.left_out_note();
-        let _ = copies.console.send((Stream::Stderr, note)).await;
-    }
 }
 
 /// Lets the line copiers finish (bounded by [`LINE_DRAIN_AFTER_GROUP_MS`]), then the console.
