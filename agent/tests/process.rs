@@ -20,6 +20,7 @@ fn spec(dir: &Path, argv: &[&str]) -> RankSpec {
         line_prefix: "[test-node rank 0] ".into(),
         cgroup: None,
         run_as: None,
+        copy_lines_to: None,
     }
 }
 
@@ -972,4 +973,27 @@ async fn a_rank_whose_cgroup_is_gone_does_not_run_uncontained() {
     s.cgroup = Some(leaf.clone());
     let err = spawn_rank(s).await.unwrap_err();
     assert!(err.to_string().contains("cgroup"), "{err}");
+}
+
+#[tokio::test]
+async fn a_slow_line_copy_gets_every_line_in_order_the_rank_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let mut rank_spec = sh(
+        dir.path(),
+        "i=0; while [ $i -lt 3000 ]; do echo \"line $i\"; i=$((i+1)); done",
+    );
+    rank_spec.copy_lines_to = Some(tx);
+    let mut rank = spawn_rank(rank_spec).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(line) = rx.recv().await {
+        got.push(line.text);
+        if got.len() % 100 == 0 {
+            // A receiver far slower than the rank: a lossy copy would drop lines here.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(rank.wait().await.code, 0);
+    let want: Vec<String> = (0..3000).map(|i| format!("line {i}")).collect();
+    assert_eq!(got, want);
 }
