@@ -208,7 +208,8 @@ fn worker_argv(args: &RunArgs) -> Vec<String> {
         .script_args
         .iter()
         .map(|a| a.to_string_lossy().into_owned());
-    if args.no_python {
+    // --run-path runs the script with python (runpy in torch), and wins over --no-python.
+    if args.no_python && !args.run_path {
         return std::iter::once(script).chain(rest).collect();
     }
     let python = std::env::var("PYTHON_EXEC").unwrap_or_else(|_| default_python());
@@ -286,6 +287,7 @@ fn line_prefix(template: Option<&str>, role: &str, host: &str) -> workers::LineP
                 t.replace("${role_name}", &role)
                     .replace("${rank}", &global.to_string())
                     .replace("${local_rank}", &local.to_string())
+                    .replace("${hostname}", &host)
             })
         }
         None => Box::new(move |_, global| format!("[{host} rank {global}] ")),
@@ -686,6 +688,20 @@ mod tests {
     }
 
     #[test]
+    fn prefix_templates_take_torchs_macros() {
+        let prefix = line_prefix(
+            Some("[${hostname} ${role_name}${local_rank}/${rank}]:"),
+            "trainer",
+            "gpu-7",
+        );
+        assert_eq!(prefix(1, 9), "[gpu-7 trainer1/9]:");
+        assert_eq!(
+            line_prefix(None, "default", "gpu-7")(0, 4),
+            "[gpu-7 rank 4] "
+        );
+    }
+
+    #[test]
     fn worker_argv_follows_module_and_no_python() {
         std::env::set_var("PYTHON_EXEC", "/opt/py");
         assert_eq!(
@@ -699,6 +715,10 @@ mod tests {
         assert_eq!(
             worker_argv(&parse(&["--no-python", "./bin", "a"])),
             ["./bin", "a"]
+        );
+        assert_eq!(
+            worker_argv(&parse(&["--no-python", "--run-path", "/abs/t.py"])),
+            ["/opt/py", "-u", "/abs/t.py"]
         );
         std::env::remove_var("PYTHON_EXEC");
     }
