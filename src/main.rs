@@ -671,7 +671,16 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The store alone is one event loop, as torch's libuv server is: a single-threaded runtime
+    // spends no CPU handing connections between threads (benches/README, store_ops).
+    let runtime = if matches!(cli.command, Cmd::Store { .. }) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    };
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             errln!("error: start the async runtime: {e}");
