@@ -13,7 +13,10 @@
 #   3. a GPU job through trainctl: one rank with gpus_per_node = 1 sees exactly its CUDA_VISIBLE_DEVICES,
 #      initialises torch.distributed with NCCL from trainctl's MASTER_ADDR/PORT, all-reduces on the GPU;
 #   4. a GPU job that crashes on attempt 0 restarts in place (max_restarts = 1) and succeeds, and the
-#      GPU is free again afterwards (no process left holding it).
+#      GPU is free again afterwards (no process left holding it);
+#   5. store ops/s with torch's own client, `trainctl store` next to torch's libuv server, on a host
+#      whose cores leave the clients room (the 2-core dev machine cannot measure issue 8's 1.5x goal):
+#      benches/scripts/store_ops_driver.py, 4 clients, 3 rounds, reported as INFO (about 30 s).
 # Exit status: 0 when every step that could run passed, 1 when one failed, 2 when there is no GPU.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -136,5 +139,14 @@ if [ "$have_torch" = 1 ] && [ "${gpus:-0}" -ge 1 ]; then
     fi
 else
     report SKIP "GPU jobs: need torch with CUDA and a discovered GPU"
+fi
+
+if "$python" -c 'import torch.distributed' 2>/dev/null; then
+    if timeout 300 "$python" benches/scripts/store_ops_driver.py "$bin" 3 10000 4 \
+        > "$out/store-ops.txt" 2> "$out/store-ops.log"; then
+        report INFO "store ops/s ($(nproc) cores): $(grep -h 'trainctl / torch' "$out/store-ops.txt")"
+    else
+        report FAIL "store ops/s benchmark (see $out/store-ops.log)"
+    fi
 fi
 exit "$failed"
