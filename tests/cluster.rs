@@ -69,7 +69,7 @@ fn example_job_is_gang_scheduled_run_logged_and_succeeds() {
     let first = logs2
         .lines()
         .find(|l| l.contains("final checksum"))
-        .unwrap();
+        .unwrap_or_else(|| panic!("the second run printed no checksum: {again}\n{logs2}"));
     assert!(checksums.contains(first.split("final checksum ").nth(1).unwrap()));
 
     // Human output of list and nodes.

@@ -15,10 +15,12 @@ use tracing::{info, warn};
 use trainctl_proto::agent::StoreAssignment;
 use trainctl_store::{StoreConfig, StoreServer};
 
-/// One attempt's store on this host: serving, or the reason it could not start.
+/// One attempt's store on this host: serving, the reason it could not start, or stopped because
+/// every rank of the attempt on this host has ended.
 enum Served {
     Up(StoreServer),
     Failed(String),
+    Finished,
 }
 
 /// The stores this agent serves, by (job id, attempt).
@@ -78,6 +80,33 @@ impl JobStores {
             };
             self.served.insert(key, served);
         }
+    }
+
+    /// Stops the stores of the attempts in `ended` (every rank of the attempt on this host has
+    /// ended), before the agent reports those ends. The coordinator frees MASTER_PORT only on
+    /// that report and may then lease it to another job at once, whose ranks on other hosts can
+    /// arrive before this agent hears of the change: they must find nothing listening, never the
+    /// old job's keys. A stopped store is not started again for the same attempt.
+    pub async fn finish(&mut self, ended: &[(String, u32)]) {
+        for key in ended {
+            if let Some(served) = self.served.get_mut(key) {
+                if let Served::Up(_) = served {
+                    if let Served::Up(server) = std::mem::replace(served, Served::Finished) {
+                        info!(job = %key.0, attempt = key.1, "every rank here ended: stopping the job's store");
+                        server.shutdown().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The attempts whose store this agent serves now.
+    pub fn serving(&self) -> Vec<(String, u32)> {
+        self.served
+            .iter()
+            .filter(|(_, s)| matches!(s, Served::Up(_)))
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Why the store of this attempt could not start, if it could not: its ranks on this host are
@@ -193,6 +222,27 @@ mod tests {
         assert!(StoreClient::connect(&addr, Namespace::Workers)
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_store_stops_when_its_ranks_here_ended_and_is_not_started_again() {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut stores = JobStores::default();
+        let wanted = [("3".to_string(), 0, assignment(port))];
+        stores.sync(&wanted).await;
+        assert_eq!(stores.serving(), [("3".to_string(), 0)]);
+        stores.finish(&[("3".to_string(), 0)]).await;
+        assert!(StoreClient::connect(&addr, Namespace::Workers)
+            .await
+            .is_err());
+        // The assignment is still there (the job is not over everywhere): no new store.
+        stores.sync(&wanted).await;
+        assert!(stores.serving().is_empty());
+        assert!(StoreClient::connect(&addr, Namespace::Workers)
+            .await
+            .is_err());
+        assert_eq!(stores.failure("3", 0), None);
     }
 
     #[tokio::test]

@@ -839,6 +839,8 @@ impl Agent {
     async fn heartbeat(&mut self, wait_ms: u32) -> anyhow::Result<Beat> {
         let ranks = self.ranks.clone();
         let (reports, logs, finals) = tokio::task::spawn_blocking(move || observe(&ranks)).await?;
+        // After the observation, before the report: an end this beat reports has its store gone.
+        self.stop_stores_of_ended_attempts().await;
         let progress = {
             let mut api = self.rank_api.lock().unwrap_or_else(|e| e.into_inner());
             // Output is progress too.
@@ -1010,6 +1012,29 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Stops the store of every attempt whose ranks on this host have all ended, before their
+    /// ends are reported ([`job_store::JobStores::finish`]).
+    async fn stop_stores_of_ended_attempts(&mut self) {
+        let serving = self.stores.serving();
+        if serving.is_empty() {
+            return;
+        }
+        let ended: Vec<(String, u32)> = {
+            let ranks = lock(&self.ranks);
+            serving
+                .into_iter()
+                .filter(|(job, attempt)| {
+                    let mut of_attempt = ranks
+                        .iter()
+                        .filter(|(k, _)| &k.job_id == job && k.attempt == *attempt)
+                        .peekable();
+                    of_attempt.peek().is_some() && of_attempt.all(|(_, e)| e.ended())
+                })
+                .collect()
+        };
+        self.stores.finish(&ended).await;
     }
 
     /// Sends each assignment's checkpoint signal to its running ranks once per new request.

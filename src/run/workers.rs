@@ -1965,6 +1965,16 @@ if __name__ == "__main__":
                 "/tmp/tr/logs/1330c089-c831-4d1d-9fe3-59560728aae8_fvpnbx4q/attempt_0",
             ),
             (dir.path().display().to_string(), "/tmp/tr"),
+            // The venv the traceback runs through: `<venv>/bin/python` here, /work/main/.venv
+            // where the torchrun output was captured.
+            (
+                python
+                    .parent()
+                    .and_then(Path::parent)
+                    .map(|venv| venv.display().to_string())
+                    .unwrap_or_default(),
+                "/work/main/.venv",
+            ),
             (format!("PID {}", r0.pid), "PID 24630"),
             (format!("pid: {}", r0.pid), "pid: 24630"),
             (format!("pid: {}", r1.pid), "pid: 24631"),
