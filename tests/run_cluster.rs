@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{python_with_torch, repo, trainctl, DevCluster};
+use common::{path_with_venv, python_with_torch, repo, trainctl, DevCluster};
 
 /// A job's end, from the CLI's start, with room for torch's import on 4 ranks.
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -133,13 +133,7 @@ fn submitted_id(stderr: &str) -> String {
 
 #[test]
 fn a_torchrun_command_line_runs_as_a_job_of_the_cluster_and_exits_as_torchrun() {
-    let python = python_with_torch();
-    let bin = python.parent().unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = path_with_venv();
     let cluster = DevCluster::start_with(2, &[], &[("PATH", path.clone())]);
 
     // 1. Success: every rank's line streamed with its [NODE rank RANK] prefix, exit 0.
@@ -197,7 +191,7 @@ fn a_torchrun_command_line_runs_as_a_job_of_the_cluster_and_exits_as_torchrun() 
         .map(|a| a.as_str().unwrap())
         .collect();
     // The interpreter `trainctl run` would use here: python3 on this PATH, as an absolute path.
-    let python3 = bin.join("python3");
+    let python3 = python_with_torch().parent().unwrap().join("python3");
     assert_eq!(
         command,
         [python3.to_str().unwrap(), "-u", "cluster_allreduce.py"],

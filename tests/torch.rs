@@ -8,18 +8,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    eventually, job_file, processes_with, python_with_torch, repo, strs, DevCluster, HandCluster,
+    eventually, job_file, path_with_venv, processes_with, python_with_torch, repo, strs,
+    DevCluster, HandCluster,
 };
 
 #[test]
 fn pytorch_ddp_job_runs_across_two_hosts() {
-    let python = python_with_torch();
-    let bin = python.parent().unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = path_with_venv();
     let cluster = DevCluster::start_with(2, &[], &[("PATH", path)]);
     let spec = repo().join("jobs/examples/ddp-torch/ddp-torch.toml");
     let out = cluster.cli(&["submit", spec.to_str().unwrap(), "--wait", "-o", "json"]);
@@ -199,13 +194,7 @@ fn pytorch_job_resumes_on_a_spare_after_its_host_is_killed() {
 
 #[test]
 fn each_attempt_of_a_torch_job_gets_an_empty_store_from_the_agent() {
-    let python = python_with_torch();
-    let bin = python.parent().unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = path_with_venv();
     let cluster = DevCluster::start_with(2, &[], &[("PATH", path)]);
     let dir = tempfile::tempdir().unwrap();
     let script = repo().join("tests/python/store_attempts.py");

@@ -180,7 +180,7 @@ fn target(addr: Option<&str>) -> anyhow::Result<crate::Target> {
 
 /// `python3` (else `python`) as `trainctl run` would run it here, as an absolute path, or
 /// `$PYTHON_EXEC` as it is.
-fn python_here() -> String {
+pub(super) fn python_here() -> String {
     if let Ok(exec) = std::env::var("PYTHON_EXEC") {
         return exec;
     }
@@ -209,7 +209,7 @@ struct Here {
 
 /// Why a command line does not become a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum MapError {
+pub(super) enum MapError {
     /// A flag that only makes sense for a run on this host.
     LocalOnly(LocalOnly),
     /// `--nproc-per-node auto|cpu`, or `gpu` on a cluster whose hosts' GPUs do not say how many.
@@ -222,7 +222,7 @@ enum MapError {
 
 /// A flag refused with `--cluster`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct LocalOnly {
+pub(super) struct LocalOnly {
     /// The flag, canonically spelled.
     flag: &'static str,
     /// Where else its value can come from (`PET_NODE_RANK`).
@@ -418,7 +418,7 @@ fn job_name(args: &RunArgs) -> String {
 }
 
 /// What every rank runs, as torchrun's `config_from_args` builds it.
-fn worker_command(args: &RunArgs, python: &str) -> Result<Vec<String>, MapError> {
+pub(super) fn worker_command(args: &RunArgs, python: &str) -> Result<Vec<String>, MapError> {
     let text = |what: &str, value: &OsString| {
         value.to_str().map(str::to_string).ok_or(MapError::NotText {
             what: what.to_string(),

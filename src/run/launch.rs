@@ -201,38 +201,6 @@ fn resolve_nproc(nproc: NprocPerNode) -> anyhow::Result<u32> {
     })
 }
 
-/// The program and arguments of every worker.
-fn worker_argv(args: &RunArgs) -> Vec<String> {
-    let script = args.script.to_string_lossy().into_owned();
-    let rest = args
-        .script_args
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned());
-    // --run-path runs the script with python (runpy in torch), and wins over --no-python.
-    if args.no_python && !args.run_path {
-        return std::iter::once(script).chain(rest).collect();
-    }
-    let python = std::env::var("PYTHON_EXEC").unwrap_or_else(|_| default_python());
-    let mut argv = vec![python, "-u".to_string()];
-    if args.module {
-        argv.push("-m".to_string());
-    }
-    argv.push(script);
-    argv.extend(rest);
-    argv
-}
-
-/// `python3` where the search path has it, else `python` (torchrun uses its own interpreter).
-fn default_python() -> String {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        if dir.join("python3").is_file() {
-            return "python3".to_string();
-        }
-    }
-    "python".to_string()
-}
-
 /// torchrun's worker environment for one local rank of a round (pure).
 fn worker_env(
     args: &RunArgs,
@@ -383,7 +351,9 @@ async fn run_locally(args: RunArgs) -> anyhow::Result<ExitCode> {
     let run_log_dir = make_run_log_dir(&log_dir, &topo.run_id)?;
     let workdir = std::env::current_dir().context("the current directory")?;
     let script = args.script.to_string_lossy().into_owned();
-    let argv = worker_argv(&args);
+    // The same command a `--cluster` job runs (torchrun's `config_from_args`).
+    let argv = super::cluster::worker_command(&args, &super::cluster::python_here())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let mut round = 0;
     // Restarts used so far; `None` while this node has not yet been in a round of a run that
@@ -703,24 +673,21 @@ mod tests {
 
     #[test]
     fn worker_argv_follows_module_and_no_python() {
-        std::env::set_var("PYTHON_EXEC", "/opt/py");
+        let argv =
+            |a: &[&str]| super::super::cluster::worker_command(&parse(a), "/opt/py").unwrap();
         assert_eq!(
-            worker_argv(&parse(&["t.py", "--lr", "1"])),
+            argv(&["t.py", "--lr", "1"]),
             ["/opt/py", "-u", "t.py", "--lr", "1"]
         );
         assert_eq!(
-            worker_argv(&parse(&["-m", "pkg.train"])),
+            argv(&["-m", "pkg.train"]),
             ["/opt/py", "-u", "-m", "pkg.train"]
         );
+        assert_eq!(argv(&["--no-python", "./bin", "a"]), ["./bin", "a"]);
         assert_eq!(
-            worker_argv(&parse(&["--no-python", "./bin", "a"])),
-            ["./bin", "a"]
-        );
-        assert_eq!(
-            worker_argv(&parse(&["--no-python", "--run-path", "/abs/t.py"])),
+            argv(&["--no-python", "--run-path", "/abs/t.py"]),
             ["/opt/py", "-u", "/abs/t.py"]
         );
-        std::env::remove_var("PYTHON_EXEC");
     }
 
     #[test]

@@ -290,7 +290,7 @@ impl Rendezvous {
     async fn late(&mut self, round: u32) -> anyhow::Result<Joined> {
         let closed = self.key(round, "closed");
         let outcome = self.key(round, "outcome");
-        self.wait_forever(&closed).await?;
+        wait_forever(&mut self.client, &closed).await?;
         let nnodes: u32 = String::from_utf8_lossy(&self.client.get(&closed).await?)
             .parse()
             .unwrap_or(self.max);
@@ -300,24 +300,13 @@ impl Rendezvous {
                 .compare_set(&outcome, b"", grow.as_bytes())
                 .await?;
         }
-        self.wait_forever(&outcome).await?;
+        wait_forever(&mut self.client, &outcome).await?;
         Ok(
             match RoundOutcome::parse(&self.client.get(&outcome).await?) {
                 RoundOutcome::Succeeded => Joined::RunOver,
                 _ => Joined::Later,
             },
         )
-    }
-
-    /// Waits for `key` however long it takes (a round may run for days).
-    async fn wait_forever(&mut self, key: &str) -> anyhow::Result<()> {
-        loop {
-            match self.client.wait(&[key], WAIT_SLICE).await {
-                Ok(()) => return Ok(()),
-                Err(trainctl_store::StoreError::Timeout { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 
     async fn wait_closed(&mut self, round: u32, started: Instant) -> anyhow::Result<u32> {
@@ -416,13 +405,7 @@ impl Rendezvous {
                     .await?;
             }
         }
-        loop {
-            match self.client.wait(&[&outcome], WAIT_SLICE).await {
-                Ok(()) => break,
-                Err(trainctl_store::StoreError::Timeout { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        wait_forever(&mut self.client, &outcome).await?;
         let result = RoundOutcome::parse(&self.client.get(&outcome).await?);
         // The exit barrier: the last launcher to read the outcome says so, and the launcher that
         // serves the store waits for that before it stops serving
@@ -478,14 +461,20 @@ pub async fn watch_for_failure(
 ) -> anyhow::Result<RoundOutcome> {
     let mut client = StoreClient::connect(endpoint, Namespace::Control).await?;
     let key = format!("trainctl/run/{run_id}/r{round}/outcome");
+    wait_forever(&mut client, &key).await?;
+    Ok(RoundOutcome::parse(&client.get(&key).await?))
+}
+
+/// Waits for `key` however long it takes (a round may run for days), renewing the `WAIT` every
+/// [`WAIT_SLICE`].
+async fn wait_forever(client: &mut StoreClient, key: &str) -> anyhow::Result<()> {
     loop {
-        match client.wait(&[&key], WAIT_SLICE).await {
-            Ok(()) => break,
+        match client.wait(&[key], WAIT_SLICE).await {
+            Ok(()) => return Ok(()),
             Err(trainctl_store::StoreError::Timeout { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(RoundOutcome::parse(&client.get(&key).await?))
 }
 
 async fn connect_retrying(endpoint: &str, timeout: Duration) -> anyhow::Result<StoreClient> {

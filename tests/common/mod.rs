@@ -709,3 +709,13 @@ pub fn python_with_torch() -> PathBuf {
             .trim(),
     )
 }
+
+/// `PATH` with the venv's `bin/` (torch's `python3`) first, for a cluster whose ranks run python.
+pub fn path_with_venv() -> String {
+    let python = python_with_torch();
+    format!(
+        "{}:{}",
+        python.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
