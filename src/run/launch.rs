@@ -163,11 +163,7 @@ fn hostname() -> String {
 }
 
 fn random_run_id() -> String {
-    let mut bytes = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read as _;
-        let _ = f.read_exact(&mut bytes);
-    }
+    let bytes: [u8; 16] = rand::random();
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!(
         "{}-{}-{}-{}-{}",
@@ -510,20 +506,9 @@ fn make_run_log_dir(log_dir: &Path, run_id: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("create the log directory {}", log_dir.display()))?;
     const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789_";
     const TRIES: usize = 100;
-    let mut bytes = [0u8; 8];
-    for attempt in 0..TRIES {
-        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-            use std::io::Read as _;
-            let _ = f.read_exact(&mut bytes);
-        }
-        // Without /dev/urandom, the pid and the attempt still make names differ.
-        let salt = (std::process::id() as usize)
-            .wrapping_mul(31)
-            .wrapping_add(attempt);
-        let suffix: String = bytes
-            .iter()
-            .enumerate()
-            .map(|(i, b)| CHARS[(*b as usize + (salt >> (i * 4))) % CHARS.len()] as char)
+    for _ in 0..TRIES {
+        let suffix: String = (0..8)
+            .map(|_| CHARS[rand::random_range(0..CHARS.len())] as char)
             .collect();
         let dir = log_dir.join(format!("{run_id}_{suffix}"));
         match std::fs::create_dir(&dir) {
