@@ -780,6 +780,7 @@ impl Agent {
                         name: g.name.clone(),
                         memory_mib: g.memory_mib,
                         uuid: g.uuid.clone(),
+                        ..Default::default()
                     })
                     .collect(),
                 rdma_devices: f
@@ -796,10 +797,13 @@ impl Agent {
                                 link_layer: p.link_layer.clone(),
                                 rate: p.rate.clone(),
                                 gid_count: p.gid_count,
+                                ..Default::default()
                             })
                             .collect(),
+                        ..Default::default()
                     })
                     .collect(),
+                ..Default::default()
             }),
             port_range_start: u32::from(self.config.port_range.0),
             port_range_end: u32::from(self.config.port_range.1),

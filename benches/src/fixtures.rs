@@ -105,9 +105,11 @@ pub fn register_node(i: usize, at_ms: u64) -> Command {
                     name: "NVIDIA H100 80GB HBM3".to_string(),
                     memory_mib: 81_559,
                     uuid: format!("GPU-{i:08x}-{g:04x}-0000-0000-000000000000"),
+                    ..Default::default()
                 })
                 .collect(),
             rdma_devices: Vec::new(),
+            advertised_interface: String::new(),
         },
         port_range: PORT_RANGE,
         at_ms,

@@ -362,6 +362,7 @@ impl Group {
                                 name: "NVIDIA H100 80GB HBM3".into(),
                                 memory_mib: 81_559,
                                 uuid: format!("GPU-{i:08x}-{g:04x}-0000-0000-000000000000"),
+                                ..Default::default()
                             })
                             .collect(),
                         hostname: node.clone(),

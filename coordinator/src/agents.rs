@@ -18,9 +18,9 @@ use openraft::{BasicNode, RaftMetrics};
 use tonic::{Request, Response, Status};
 use trainctl_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
 use trainctl_proto::agent::{
-    Assignment, CommitCheckpointRequest, CommitCheckpointResponse, HeartbeatRequest,
+    Assignment, CommitCheckpointRequest, CommitCheckpointResponse, Gpu, HeartbeatRequest,
     HeartbeatResponse, HostResources, LogAck, RankAssignment, RankPhase as WirePhase, RankRef,
-    RankReport, RegisterRequest, RegisterResponse, StoreAssignment,
+    RankReport, RdmaPort, RegisterRequest, RegisterResponse, StoreAssignment,
 };
 use trainctl_proto::LEADER_METADATA_KEY;
 
@@ -29,9 +29,9 @@ use crate::launch::{rank_launches, store_launch};
 use crate::raft::ServerId;
 use crate::server::{now_ms, Coordinator, WriteError};
 use crate::state::{
-    checkpoint_path_problem, Command, CommandOutcome, GpuInfo, JobId, NodeId, NodeResources,
-    NodeStatus, RankObservation, RankPhase, RdmaDeviceInfo, RdmaPortInfo, State,
-    CHECKPOINT_METRICS_BYTES_MAX,
+    checkpoint_path_problem, Command, CommandOutcome, GpuInfo, JobId, NicAffinity, NodeId,
+    NodeResources, NodeStatus, PcieLink, RankObservation, RankPhase, RdmaDeviceInfo, RdmaGid,
+    RdmaPortInfo, State, CHECKPOINT_METRICS_BYTES_MAX,
 };
 
 /// Longest a heartbeat reply is held waiting for this node's assignments to change (long poll).
@@ -149,6 +149,105 @@ pub const RDMA_DEVICES_PER_HOST_MAX: usize = 256;
 pub const RDMA_PORTS_PER_DEVICE_MAX: usize = 256;
 /// Most GIDs one RDMA port may report.
 pub const RDMA_GIDS_PER_PORT_MAX: u32 = 65_536;
+/// Most GID entries one RDMA port may list (`gids`; mlx5 tables hold 128 (InfiniBand) or 255
+/// (RoCE) entries; an agent lists the first this many set ones).
+pub const RDMA_GIDS_LISTED_PER_PORT_MAX: usize = 256;
+/// Most NVLink peers one GPU may list (NVML has at most 18 links a GPU; peers are per link).
+pub const NVLINK_PEERS_PER_GPU_MAX: usize = 64;
+/// Highest NUMA node number a device may report (Linux's `MAX_NUMNODES` is at most 1024).
+pub const NUMA_NODE_MAX: u32 = 1023;
+/// Longest network interface name, in characters (Linux's `IFNAMSIZ` less the NUL).
+pub const NETDEV_CHARS_MAX: usize = 15;
+/// Longest GPU mode word (`mig_mode`, `ecc_mode`) or GID type, in characters.
+pub const DEVICE_WORD_CHARS_MAX: usize = 32;
+
+/// What a PCI bus id may be, for refusals.
+const PCI_BUS_ID_ACCEPTED: &str = "empty, or `dddd:bb:dd.f` in lowercase hex as sysfs writes it \
+     (domain of 4 to 8 digits, device 00-1f, function 0-7), e.g. `0000:1b:00.0`";
+
+/// Why `id` is not a PCI bus id as sysfs names devices (`0000:1b:00.0`, lowercase); `None` when
+/// it is one. The agent turns NVML's `00000000:1B:00.0` into this form.
+pub fn pci_bus_id_problem(id: &str) -> Option<&'static str> {
+    let hex = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    };
+    let Some((domain, rest)) = id.split_once(':') else {
+        return Some("has no `:` after the domain");
+    };
+    let Some((bus, rest)) = rest.split_once(':') else {
+        return Some("has no `:` after the bus");
+    };
+    let Some((device, function)) = rest.split_once('.') else {
+        return Some("has no `.` before the function");
+    };
+    if !(4..=8).contains(&domain.len()) || !hex(domain) {
+        return Some("has a domain that is not 4 to 8 lowercase hex digits");
+    }
+    if bus.len() != 2 || !hex(bus) {
+        return Some("has a bus that is not 2 lowercase hex digits");
+    }
+    if device.len() != 2
+        || !hex(device)
+        || u8::from_str_radix(device, 16).map_or(true, |d| d > 0x1f)
+    {
+        return Some("has a device that is not 2 lowercase hex digits from 00 to 1f");
+    }
+    if function.len() != 1 || !('0'..='7').contains(&function.chars().next().unwrap_or('x')) {
+        return Some("has a function that is not one digit from 0 to 7");
+    }
+    None
+}
+
+/// Checks an optional PCI bus id field ([`pci_bus_id_problem`]).
+fn pci_bus_id_field(field: &str, id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Ok(());
+    }
+    match pci_bus_id_problem(id) {
+        None => Ok(()),
+        Some(problem) => Err(Status::invalid_argument(format!(
+            "{field} `{}` {problem} (accepted: {PCI_BUS_ID_ACCEPTED})",
+            escape_for_message(id, 64)
+        ))),
+    }
+}
+
+/// Checks an optional NUMA node field.
+fn numa_node_field(field: &str, node: Option<u32>) -> Result<(), Status> {
+    match node {
+        Some(n) if n > NUMA_NODE_MAX => Err(Status::invalid_argument(format!(
+            "{field} is {n} (accepted: absent, or 0 to {NUMA_NODE_MAX})"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a network interface name: empty, or 1 to [`NETDEV_CHARS_MAX`] printable ASCII
+/// characters without `/`, `:` or spaces (what Linux accepts in a name).
+fn netdev_field(field: &str, name: &str) -> Result<(), Status> {
+    printable_field(field, name, NETDEV_CHARS_MAX, true)?;
+    if let Some(bad) = name.chars().find(|c| matches!(c, '/' | ':' | ' ')) {
+        return Err(Status::invalid_argument(format!(
+            "{field} `{}` has the character {bad:?} (accepted: empty, or a Linux interface name: \
+             1 to {NETDEV_CHARS_MAX} printable ASCII characters without '/', ':' or spaces)",
+            escape_for_message(name, 64)
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `gid` is a GID as sysfs writes it: eight groups of four lowercase hex digits.
+fn gid_is_well_formed(gid: &str) -> bool {
+    let groups: Vec<&str> = gid.split(':').collect();
+    groups.len() == 8
+        && groups.iter().all(|g| {
+            g.len() == 4
+                && g.chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        })
+}
 
 /// What a node name may be, for refusals.
 const NODE_NAME_ACCEPTED: &str = "1 to 63 characters of a-z, 0-9, '.', '_' and '-', \
@@ -232,6 +331,75 @@ fn printable_field(field: &str, value: &str, max: usize, may_be_empty: bool) -> 
     )))
 }
 
+/// The state's model of a validated report ([`validate_resources`] has accepted it, so every
+/// affinity word is known; an unknown one would be dropped).
+fn node_resources(res: HostResources) -> NodeResources {
+    NodeResources {
+        containment: res.containment,
+        hostname: res.hostname,
+        cpus: res.cpus,
+        memory_mib: res.memory_mib,
+        advertised_interface: res.advertised_interface,
+        gpus: res
+            .gpus
+            .into_iter()
+            .map(|g| GpuInfo {
+                index: g.index,
+                name: g.name,
+                memory_mib: g.memory_mib,
+                uuid: g.uuid,
+                pci_bus_id: g.pci_bus_id,
+                numa_node: g.numa_node,
+                nic_affinity: g
+                    .nic_affinity
+                    .into_iter()
+                    .filter_map(|a| {
+                        Some(NicAffinity {
+                            link: PcieLink::from_word(&a.link)?,
+                            rdma_device: a.rdma_device,
+                        })
+                    })
+                    .collect(),
+                mig_mode: g.mig_mode,
+                ecc_mode: g.ecc_mode,
+                nvlink_peers: g.nvlink_peers,
+                retired_pages_pending: g.retired_pages_pending,
+                uncorrectable_ecc_errors: g.uncorrectable_ecc_errors,
+            })
+            .collect(),
+        rdma_devices: res
+            .rdma_devices
+            .into_iter()
+            .map(|d| RdmaDeviceInfo {
+                name: d.name,
+                pci_bus_id: d.pci_bus_id,
+                numa_node: d.numa_node,
+                ports: d
+                    .ports
+                    .into_iter()
+                    .map(|p| RdmaPortInfo {
+                        port: p.port,
+                        state: p.state,
+                        link_layer: p.link_layer,
+                        rate: p.rate,
+                        gid_count: p.gid_count,
+                        netdev: p.netdev,
+                        gids: p
+                            .gids
+                            .into_iter()
+                            .map(|g| RdmaGid {
+                                index: g.index,
+                                gid: g.gid,
+                                kind: g.kind,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
 fn validate_register(r: &RegisterRequest) -> Result<(), Status> {
     if let Some(problem) = node_name_problem(&r.node_name) {
         return Err(Status::invalid_argument(problem));
@@ -290,6 +458,8 @@ fn validate_resources(res: &HostResources) -> Result<(), Status> {
     }
     let mut indices = BTreeSet::new();
     let mut uuids = BTreeSet::new();
+    let mut bus_ids = BTreeSet::new();
+    netdev_field("resources.advertised_interface", &res.advertised_interface)?;
     for g in &res.gpus {
         if g.index as usize >= GPUS_PER_HOST_MAX {
             return invalid(format!(
@@ -328,6 +498,7 @@ fn validate_resources(res: &HostResources) -> Result<(), Status> {
                 g.index, g.memory_mib
             ));
         }
+        validate_gpu_details(g, &mut bus_ids)?;
     }
     if res.rdma_devices.len() > RDMA_DEVICES_PER_HOST_MAX {
         return invalid(format!(
@@ -381,7 +552,137 @@ fn validate_resources(res: &HostResources) -> Result<(), Status> {
                     d.name, p.port, p.gid_count
                 ));
             }
+            validate_port_details(&d.name, p)?;
         }
+        pci_bus_id_field("resources.rdma_devices.pci_bus_id", &d.pci_bus_id)?;
+        numa_node_field("resources.rdma_devices.numa_node", d.numa_node)?;
+    }
+    // Affinity names devices of this report, once each.
+    for g in &res.gpus {
+        let mut seen = BTreeSet::new();
+        for a in &g.nic_affinity {
+            if !names.contains(a.rdma_device.as_str()) {
+                return invalid(format!(
+                    "resources.gpus.nic_affinity of GPU `{}` names RDMA device `{}`, which is not in \
+                     resources.rdma_devices (accepted: the name of a reported device)",
+                    escape_for_message(&g.uuid, 64),
+                    escape_for_message(&a.rdma_device, 64)
+                ));
+            }
+            if !seen.insert(a.rdma_device.as_str()) {
+                return invalid(format!(
+                    "resources.gpus.nic_affinity of GPU `{}` lists RDMA device `{}` twice \
+                     (accepted: each device once)",
+                    escape_for_message(&g.uuid, 64),
+                    a.rdma_device
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The discovery fields of one GPU (issue 9): bus id, NUMA node, modes, NVLink peers, affinity
+/// words and list lengths. `bus_ids` collects the host's GPU bus ids so one is never listed twice.
+fn validate_gpu_details<'a>(g: &'a Gpu, bus_ids: &mut BTreeSet<&'a str>) -> Result<(), Status> {
+    let invalid = |m: String| Err(Status::invalid_argument(m));
+    pci_bus_id_field("resources.gpus.pci_bus_id", &g.pci_bus_id)?;
+    if !g.pci_bus_id.is_empty() && !bus_ids.insert(g.pci_bus_id.as_str()) {
+        return invalid(format!(
+            "resources.gpus pci_bus_id `{}` is listed twice (accepted: each GPU's bus id once, or empty)",
+            g.pci_bus_id
+        ));
+    }
+    numa_node_field("resources.gpus.numa_node", g.numa_node)?;
+    printable_field(
+        "resources.gpus.mig_mode",
+        &g.mig_mode,
+        DEVICE_WORD_CHARS_MAX,
+        true,
+    )?;
+    printable_field(
+        "resources.gpus.ecc_mode",
+        &g.ecc_mode,
+        DEVICE_WORD_CHARS_MAX,
+        true,
+    )?;
+    if g.nvlink_peers.len() > NVLINK_PEERS_PER_GPU_MAX {
+        return invalid(format!(
+            "resources.gpus.nvlink_peers of GPU {} lists {} peers (accepted: 0 to {NVLINK_PEERS_PER_GPU_MAX})",
+            g.index,
+            g.nvlink_peers.len()
+        ));
+    }
+    for peer in &g.nvlink_peers {
+        if peer.is_empty() {
+            return invalid(format!(
+                "resources.gpus.nvlink_peers of GPU {} has an empty bus id (accepted: {PCI_BUS_ID_ACCEPTED}, not empty)",
+                g.index
+            ));
+        }
+        pci_bus_id_field("resources.gpus.nvlink_peers", peer)?;
+    }
+    if g.nic_affinity.len() > RDMA_DEVICES_PER_HOST_MAX {
+        return invalid(format!(
+            "resources.gpus.nic_affinity of GPU {} lists {} devices (accepted: 0 to {RDMA_DEVICES_PER_HOST_MAX})",
+            g.index,
+            g.nic_affinity.len()
+        ));
+    }
+    for a in &g.nic_affinity {
+        if PcieLink::from_word(&a.link).is_none() {
+            return invalid(format!(
+                "resources.gpus.nic_affinity link `{}` of GPU {} is not a PCIe link word \
+                 (accepted: PIX, PXB, PHB, NODE or SYS)",
+                escape_for_message(&a.link, 16),
+                g.index
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The discovery fields of one RDMA port (issue 9): netdev and the listed GIDs.
+fn validate_port_details(device: &str, p: &RdmaPort) -> Result<(), Status> {
+    let invalid = |m: String| Err(Status::invalid_argument(m));
+    netdev_field("resources.rdma_devices.ports.netdev", &p.netdev)?;
+    if p.gids.len() > RDMA_GIDS_LISTED_PER_PORT_MAX {
+        return invalid(format!(
+            "resources.rdma_devices.ports.gids of `{device}` port {} lists {} GIDs (accepted: 0 to {RDMA_GIDS_LISTED_PER_PORT_MAX})",
+            p.port,
+            p.gids.len()
+        ));
+    }
+    let mut indices = BTreeSet::new();
+    for gid in &p.gids {
+        if gid.index >= RDMA_GIDS_PER_PORT_MAX {
+            return invalid(format!(
+                "resources.rdma_devices.ports.gids index {} of `{device}` port {} is out of range (accepted: 0 to {})",
+                gid.index,
+                p.port,
+                RDMA_GIDS_PER_PORT_MAX - 1
+            ));
+        }
+        if !indices.insert(gid.index) {
+            return invalid(format!(
+                "resources.rdma_devices.ports.gids index {} of `{device}` port {} is listed twice (accepted: each index once)",
+                gid.index, p.port
+            ));
+        }
+        if !gid_is_well_formed(&gid.gid) {
+            return invalid(format!(
+                "resources.rdma_devices.ports.gids gid `{}` of `{device}` port {} is not a GID \
+                 (accepted: eight groups of four lowercase hex digits, e.g. fe80:0000:0000:0000:0ac4:7aff:feb3:1234)",
+                escape_for_message(&gid.gid, 64),
+                p.port
+            ));
+        }
+        printable_field(
+            "resources.rdma_devices.ports.gids.kind",
+            &gid.kind,
+            DEVICE_WORD_CHARS_MAX,
+            true,
+        )?;
     }
     Ok(())
 }
@@ -410,40 +711,7 @@ impl AgentService for AgentEndpoint {
             .read(|s| s.cluster_id.clone())
             .unwrap_or_default();
         let res = r.resources.unwrap_or_default();
-        let resources = NodeResources {
-            containment: res.containment,
-            hostname: res.hostname,
-            cpus: res.cpus,
-            memory_mib: res.memory_mib,
-            gpus: res
-                .gpus
-                .into_iter()
-                .map(|g| GpuInfo {
-                    index: g.index,
-                    name: g.name,
-                    memory_mib: g.memory_mib,
-                    uuid: g.uuid,
-                })
-                .collect(),
-            rdma_devices: res
-                .rdma_devices
-                .into_iter()
-                .map(|d| RdmaDeviceInfo {
-                    name: d.name,
-                    ports: d
-                        .ports
-                        .into_iter()
-                        .map(|p| RdmaPortInfo {
-                            port: p.port,
-                            state: p.state,
-                            link_layer: p.link_layer,
-                            rate: p.rate,
-                            gid_count: p.gid_count,
-                        })
-                        .collect(),
-                })
-                .collect(),
-        };
+        let resources = node_resources(res);
         let node = NodeId(r.node_name);
         let outcome = self
             .coordinator
@@ -1049,9 +1317,11 @@ mod tests {
                             name: "Test GPU".into(),
                             memory_mib: 1 << 16,
                             uuid: format!("GPU-{n}-{index}"),
+                            ..Default::default()
                         })
                         .collect(),
                     rdma_devices: vec![],
+                    advertised_interface: String::new(),
                 },
                 port_range: (29500, 29599),
                 at_ms: 1,
@@ -1271,6 +1541,7 @@ mod tests {
                         name: "NVIDIA H200".into(),
                         memory_mib: 143_771,
                         uuid: format!("GPU-{index}"),
+                        ..Default::default()
                     })
                     .collect(),
                 rdma_devices: vec![RdmaDevice {
@@ -1281,9 +1552,12 @@ mod tests {
                         link_layer: "InfiniBand".into(),
                         rate: "400 Gb/sec".into(),
                         gid_count: 128,
+                        ..Default::default()
                     }],
+                    ..Default::default()
                 }],
                 hostname: "Node-1.Example".into(),
+                ..Default::default()
             }),
             port_range_start: 29500,
             port_range_end: 29599,

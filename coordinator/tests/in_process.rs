@@ -224,10 +224,12 @@ impl FakeAgent {
                             name: "Test GPU".into(),
                             memory_mib: 1 << 16,
                             uuid: format!("GPU-{}-{index}", self.name),
+                            ..Default::default()
                         })
                         .collect(),
                     rdma_devices: vec![],
                     hostname: format!("{}.example", self.name),
+                    ..Default::default()
                 }),
                 port_range_start: self.ports.0,
                 port_range_end: self.ports.1,

@@ -31,9 +31,11 @@ fn register(s: &mut State, instance: &str) -> CommandOutcome {
                     name: "gpu".into(),
                     memory_mib: 80 << 10,
                     uuid: format!("GPU-{index}"),
+                    ..Default::default()
                 })
                 .collect(),
             rdma_devices: vec![],
+            advertised_interface: String::new(),
         },
         port_range: (29500, 29509),
         at_ms: 1,

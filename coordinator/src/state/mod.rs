@@ -75,33 +75,147 @@ impl fmt::Display for NodeId {
 }
 
 /// One GPU of a node, as its agent discovered (or was told to declare) it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Every field after `uuid` came with issue 9's discovery; an agent that predates it (and every
+/// older log entry and snapshot) leaves them at their defaults: empty, `None`, `false`, 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuInfo {
+    /// The agent's own ordinal, for display only: GPUs are identified by `uuid` everywhere.
     pub index: u32,
     pub name: String,
     pub memory_mib: u64,
+    /// `GPU-<uuid>` as nvidia-smi writes it, or `declared-gpu-N` for a declared GPU.
     pub uuid: String,
+    /// The PCI bus id in NVML's form, lowercased: `0000:1b:00.0`; empty when unknown.
+    #[serde(default)]
+    pub pci_bus_id: String,
+    /// The NUMA node of the GPU's PCI device; `None` when unknown or the host has one node.
+    #[serde(default)]
+    pub numa_node: Option<u32>,
+    /// How near each RDMA device of the node is, nearest first.
+    #[serde(default)]
+    pub nic_affinity: Vec<NicAffinity>,
+    /// MIG mode: "enabled", "disabled", "unsupported", or empty when unknown.
+    #[serde(default)]
+    pub mig_mode: String,
+    /// ECC mode: "enabled", "disabled", "unsupported", or empty when unknown.
+    #[serde(default)]
+    pub ecc_mode: String,
+    /// PCI bus ids of the GPUs this one reaches over NVLink (same form as `pci_bus_id`).
+    #[serde(default)]
+    pub nvlink_peers: Vec<String>,
+    /// NVML reports retired pages waiting for a driver reload (the GPU should be reset).
+    #[serde(default)]
+    pub retired_pages_pending: bool,
+    /// Uncorrectable ECC errors since the driver loaded (volatile count).
+    #[serde(default)]
+    pub uncorrectable_ecc_errors: u64,
+}
+
+/// How near an RDMA device is to a GPU, in nvidia-smi topo's words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicAffinity {
+    /// The RDMA device's name, e.g. `mlx5_0`.
+    pub rdma_device: String,
+    /// The PCIe path between the two.
+    pub link: PcieLink,
+}
+
+/// The PCIe path between two devices, nearest first (the order `nvidia-smi topo -m` uses, and the
+/// order of the variants, so `Ord` sorts nearest first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PcieLink {
+    /// Behind the same PCIe switch (one bridge between them).
+    #[serde(rename = "PIX")]
+    Pix,
+    /// Behind several PCIe switches, without crossing the host bridge.
+    #[serde(rename = "PXB")]
+    Pxb,
+    /// Through the same PCIe host bridge (the CPU's root complex).
+    #[serde(rename = "PHB")]
+    Phb,
+    /// Through different host bridges of the same NUMA node.
+    #[serde(rename = "NODE")]
+    Node,
+    /// Across NUMA nodes (the inter-socket link).
+    #[serde(rename = "SYS")]
+    Sys,
+}
+
+impl PcieLink {
+    /// nvidia-smi topo's word for the link.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PcieLink::Pix => "PIX",
+            PcieLink::Pxb => "PXB",
+            PcieLink::Phb => "PHB",
+            PcieLink::Node => "NODE",
+            PcieLink::Sys => "SYS",
+        }
+    }
+
+    /// The link named by nvidia-smi topo's word (`PIX`, `PXB`, `PHB`, `NODE`, `SYS`).
+    pub fn from_word(word: &str) -> Option<PcieLink> {
+        Some(match word {
+            "PIX" => PcieLink::Pix,
+            "PXB" => PcieLink::Pxb,
+            "PHB" => PcieLink::Phb,
+            "NODE" => PcieLink::Node,
+            "SYS" => PcieLink::Sys,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for PcieLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of an RDMA port's GID table that is set (non-zero).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdmaGid {
+    /// The GID index (what `NCCL_IB_GID_INDEX` names).
+    pub index: u32,
+    /// The GID as sysfs writes it, e.g. `fe80:0000:0000:0000:0ac4:7aff:feb3:1234`.
+    pub gid: String,
+    /// The type as sysfs `gid_attrs/types/N` writes it: "IB/RoCE v1" or "RoCE v2"; empty when the
+    /// kernel does not say (InfiniBand ports have no types directory on older kernels).
+    pub kind: String,
 }
 
 /// One port of an RDMA device of a node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RdmaPortInfo {
     pub port: u32,
     pub state: String,
     pub link_layer: String,
     pub rate: String,
     pub gid_count: u32,
+    /// The Ethernet interface of a RoCE port, e.g. `eth2`; empty for InfiniBand or when unknown.
+    #[serde(default)]
+    pub netdev: String,
+    /// The set GID entries, by index.
+    #[serde(default)]
+    pub gids: Vec<RdmaGid>,
 }
 
 /// One RDMA device (an InfiniBand or RoCE HCA) of a node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RdmaDeviceInfo {
     pub name: String,
     pub ports: Vec<RdmaPortInfo>,
+    /// The PCI bus id, lowercased: `0000:3b:00.0`; empty when unknown.
+    #[serde(default)]
+    pub pci_bus_id: String,
+    /// The NUMA node of the device; `None` when unknown.
+    #[serde(default)]
+    pub numa_node: Option<u32>,
 }
 
 /// What a node has, as reported by its agent at registration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeResources {
     pub hostname: String,
     pub cpus: u32,
@@ -112,6 +226,10 @@ pub struct NodeResources {
     /// empty from an agent that predates the report.
     #[serde(default)]
     pub containment: String,
+    /// The network interface that holds the agent's advertised address, e.g. `eth0`; empty when
+    /// unknown (an agent that predates the report, or an address no interface holds).
+    #[serde(default)]
+    pub advertised_interface: String,
 }
 
 /// Whether the coordinator hears from a node's agent.

@@ -27,9 +27,11 @@ fn host(name: &str, cpus: u32, gpus: u32) -> NodeResources {
                 name: "Test GPU".to_string(),
                 memory_mib: 80 << 10,
                 uuid: format!("GPU-{name}-{index}"),
+                ..Default::default()
             })
             .collect(),
         rdma_devices: Vec::new(),
+        advertised_interface: String::new(),
     }
 }
 
