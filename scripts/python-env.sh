@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Provide a Python virtual environment with torch (CPU-usable) and schemathesis for trainctl's tests
-# and examples.
+# Provide a Python virtual environment with torch (CPU-usable), schemathesis and NCCL's library for
+# trainctl's tests and examples.
 #
 # Usage:  PY=$(scripts/python-env.sh)
 #
@@ -8,6 +8,9 @@
 # - Installs torch (and numpy) from PyPI unless `<venv>/bin/python -c 'import torch'` already works.
 # - Installs schemathesis (the OpenAPI fuzzer of tests/openapi_fuzz.rs, run as `python -m
 #   schemathesis.cli`) from PyPI unless the pinned version is already there.
+# - Installs NVIDIA's NCCL wheel (nvidia-nccl-cu13, about 216 MB; its lib/libnccl.so.2 is what
+#   trainctl-ffi's tests load) unless the venv has nvidia-nccl-cu13 or -cu12 already (torch's CUDA
+#   wheels bring it; the CPU-only wheel does not).
 # - Prints the venv's python path as the last line of stdout; all progress goes to stderr.
 # - When everything is present it installs nothing: one interpreter start (importing torch, seconds).
 #
@@ -20,6 +23,7 @@
 #   TRAINCTL_PYTHON an existing interpreter that already imports torch: it is checked and printed,
 #                   and no venv is made and nothing installed (without schemathesis there, a warning:
 #                   the OpenAPI fuzz test fails until it is installed)
+#   TRAINCTL_NCCL_SPEC  pip requirement for NCCL's wheel (default: nvidia-nccl-cu13)
 #   TORCH_INDEX_URL pip index torch is installed from, e.g. https://download.pytorch.org/whl/cpu
 #                   for the CPU-only wheel (about 200 MB instead of torch's CUDA wheels, about 5 GB
 #                   with the venv); numpy still comes from PyPI
@@ -35,6 +39,7 @@ case $venv in /*) ;; *) venv=$PWD/$venv ;; esac   # callers get an absolute pyth
 python3_bin=${PYTHON3:-python3}
 torch_spec=${TRAINCTL_TORCH_SPEC:-torch}
 schemathesis_spec=${TRAINCTL_SCHEMATHESIS_SPEC:-schemathesis==4.32.5}
+nccl_spec=${TRAINCTL_NCCL_SPEC:-nvidia-nccl-cu13}
 case $schemathesis_spec in
     schemathesis==*) schemathesis_wanted=${schemathesis_spec#schemathesis==} ;;
     *) schemathesis_wanted= ;;
@@ -42,12 +47,15 @@ esac
 py=$venv/bin/python
 
 # What $py has, in one interpreter start (importing torch takes seconds): torch's version and
-# schemathesis' installed version (read from its metadata, without importing it), each empty if absent.
+# schemathesis' and NCCL's wheel's installed versions (read from their metadata, without importing
+# them), each empty if absent.
 torch_version=
 schemathesis_version=
+nccl_version=
 probe() {
     torch_version=
     schemathesis_version=
+    nccl_version=
     [ -x "$py" ] || return 0
     local out
     out=$("$py" - 2>/dev/null <<'PY'
@@ -61,17 +69,27 @@ try:
     print(importlib.metadata.version("schemathesis"))
 except Exception:
     print("")
+for name in ("nvidia-nccl-cu13", "nvidia-nccl-cu12"):
+    try:
+        print(name + "==" + importlib.metadata.version(name))
+        break
+    except Exception:
+        pass
+else:
+    print("")
 PY
 ) || return 0
     torch_version=$(printf '%s\n' "$out" | sed -n 1p)
     schemathesis_version=$(printf '%s\n' "$out" | sed -n 2p)
+    nccl_version=$(printf '%s\n' "$out" | sed -n 3p)
 }
 has_torch() { [ -n "$torch_version" ]; }
 has_schemathesis() {
     [ -n "$schemathesis_version" ] \
         && { [ -z "$schemathesis_wanted" ] || [ "$schemathesis_version" = "$schemathesis_wanted" ]; }
 }
-ready() { has_torch && has_schemathesis; }
+has_nccl() { [ -n "$nccl_version" ]; }
+ready() { has_torch && has_schemathesis && has_nccl; }
 
 if [ -n "${TRAINCTL_PYTHON:-}" ]; then
     py=$(command -v "$TRAINCTL_PYTHON" || true)
@@ -82,6 +100,8 @@ if [ -n "${TRAINCTL_PYTHON:-}" ]; then
     has_schemathesis || log "warning: TRAINCTL_PYTHON=$py lacks $schemathesis_spec" \
         "(has: ${schemathesis_version:-none}); the OpenAPI fuzz test fails until you run:" \
         "$py -m pip install '$schemathesis_spec'"
+    has_nccl || log "warning: TRAINCTL_PYTHON=$py lacks NCCL's wheel; trainctl-ffi's NCCL tests fail" \
+        "until you run: $py -m pip install '$nccl_spec'"
     log "using TRAINCTL_PYTHON=$py (torch $torch_version, schemathesis ${schemathesis_version:-none}); no venv made"
     printf '%s\n' "$py"
     exit 0
@@ -89,7 +109,7 @@ fi
 
 probe
 if ready; then
-    log "torch $torch_version and schemathesis $schemathesis_version already in $venv"
+    log "torch $torch_version, schemathesis $schemathesis_version and $nccl_version already in $venv"
     printf '%s\n' "$py"
     exit 0
 fi
@@ -105,7 +125,7 @@ if command -v flock >/dev/null 2>&1; then
     fi
     probe
     if ready; then
-        log "torch $torch_version and schemathesis $schemathesis_version in $venv (prepared by a concurrent caller)"
+        log "torch $torch_version, schemathesis $schemathesis_version and $nccl_version in $venv (prepared by a concurrent caller)"
         printf '%s\n' "$py"
         exit 0
     fi
@@ -165,8 +185,15 @@ if ! has_schemathesis; then
         || die "pip install $schemathesis_spec failed (is PyPI reachable?)"
 fi
 
+if ! has_nccl; then
+    log "installing $nccl_spec from PyPI into $venv (about 216 MB; NCCL's libnccl.so.2 for trainctl-ffi's tests)"
+    "$py" -m pip install --disable-pip-version-check "$nccl_spec" >&2 \
+        || die "pip install $nccl_spec failed (is PyPI reachable?)"
+fi
+
 probe
 has_torch || die "torch installed but 'import torch' still fails in $venv"
+has_nccl || die "$nccl_spec installed but $venv has neither nvidia-nccl-cu13 nor nvidia-nccl-cu12"
 has_schemathesis || die "$schemathesis_spec installed but $venv has schemathesis ${schemathesis_version:-none}"
-log "torch $torch_version and schemathesis $schemathesis_version ready in $venv"
+log "torch $torch_version, schemathesis $schemathesis_version and $nccl_version ready in $venv"
 printf '%s\n' "$py"

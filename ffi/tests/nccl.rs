@@ -1,0 +1,226 @@
+//! trainctl-ffi's NCCL layer against the real `libnccl.so.2` of NVIDIA's pip wheel, which
+//! `scripts/python-env.sh` installs into the repository's venv. Without a GPU, NCCL still answers
+//! `ncclGetVersion` and `ncclGetUniqueId`; the communicator tests need GPUs and say so when they
+//! skip.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use trainctl_ffi::nccl::{check, Nccl, NcclError, NcclVersion, UniqueId, LIBRARY_NAME};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("ffi/ has a parent")
+        .to_path_buf()
+}
+
+/// The venv's python (made by scripts/python-env.sh, which also installs the NCCL wheel).
+fn venv_python() -> PathBuf {
+    let out = Command::new(repo().join("scripts/python-env.sh"))
+        .output()
+        .expect("run scripts/python-env.sh");
+    assert!(
+        out.status.success(),
+        "scripts/python-env.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("python-env.sh prints the python path")
+            .trim(),
+    )
+}
+
+/// The wheel's `lib` directory and the wheel's version, e.g. `2.30.7`.
+fn wheel_nccl() -> (PathBuf, String) {
+    let script = r#"
+import importlib.metadata, importlib.util
+spec = importlib.util.find_spec("nvidia.nccl")
+print(list(spec.submodule_search_locations)[0] + "/lib")
+for name in ("nvidia-nccl-cu13", "nvidia-nccl-cu12"):
+    try:
+        print(importlib.metadata.version(name)); break
+    except importlib.metadata.PackageNotFoundError:
+        pass
+"#;
+    let out = Command::new(venv_python())
+        .args(["-c", script])
+        .output()
+        .expect("run the venv's python");
+    assert!(
+        out.status.success(),
+        "finding NCCL's wheel failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let mut lines = stdout.lines();
+    let dir = PathBuf::from(lines.next().expect("lib dir"));
+    let version = lines.next().expect("wheel version").to_owned();
+    assert!(
+        dir.join(LIBRARY_NAME).is_file(),
+        "{} has no {LIBRARY_NAME}",
+        dir.display()
+    );
+    (dir, version)
+}
+
+fn open_wheel_nccl() -> (Arc<Nccl>, String) {
+    let (dir, version) = wheel_nccl();
+    let nccl = Nccl::open_path(&dir.join(LIBRARY_NAME)).expect("the wheel's NCCL opens");
+    (nccl, version)
+}
+
+#[test]
+fn the_wheels_nccl_reports_the_wheels_version() {
+    let (nccl, wheel_version) = open_wheel_nccl();
+    let version = nccl.version();
+    // Wheel versions are NCCL versions, sometimes with a fourth "post" field (2.27.3.post1...).
+    assert!(
+        wheel_version.starts_with(&version.to_string()),
+        "ncclGetVersion says {version}, the wheel is {wheel_version}"
+    );
+    assert!(version >= NcclVersion::MINIMUM, "{version}");
+    assert!(
+        nccl.library().ends_with("/libnccl.so.2"),
+        "{}",
+        nccl.library()
+    );
+}
+
+#[test]
+fn unique_ids_work_without_a_gpu_and_round_trip_as_bytes() {
+    let (nccl, _) = open_wheel_nccl();
+    let first = nccl.unique_id().expect("ncclGetUniqueId without a GPU");
+    let second = nccl.unique_id().expect("a second id");
+    assert_ne!(first, second, "two ids name two communicators");
+    assert!(
+        first.as_bytes().iter().any(|b| *b != 0),
+        "an id is not all zeros: {first:?}"
+    );
+    let received = UniqueId::from_bytes(first.as_bytes().as_slice()).expect("128 bytes");
+    assert_eq!(received, first);
+}
+
+#[test]
+fn a_minimum_above_the_library_is_refused_with_both_versions() {
+    let (dir, _) = wheel_nccl();
+    let path = dir.join(LIBRARY_NAME);
+    let future = NcclVersion {
+        major: 2,
+        minor: 99,
+        patch: 0,
+    };
+    match Nccl::open_with(path.as_os_str(), future) {
+        Err(NcclError::TooOld {
+            found, required, ..
+        }) => {
+            assert_eq!(required, future);
+            assert!(found < future, "{found}");
+            let message = NcclError::TooOld {
+                library: "x".into(),
+                found,
+                required,
+            }
+            .to_string();
+            assert!(
+                message.contains(&format!("is NCCL {found}, older than the 2.99.0")),
+                "{message}"
+            );
+        }
+        other => panic!("expected TooOld, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_loader_finds_nccl_through_ld_library_path() {
+    // The loader reads LD_LIBRARY_PATH when a process starts, so the soname lookup runs in a child:
+    // this test binary again, running only the ignored test below.
+    let (dir, _) = wheel_nccl();
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "open_by_soname_in_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("LD_LIBRARY_PATH", &dir)
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("opened libnccl.so.2 by soname: NCCL 2."),
+        "{stdout}"
+    );
+}
+
+#[test]
+#[ignore = "run by the_loader_finds_nccl_through_ld_library_path in a child process with LD_LIBRARY_PATH set"]
+fn open_by_soname_in_child() {
+    let nccl = Nccl::open().expect("libnccl.so.2 on LD_LIBRARY_PATH");
+    assert_eq!(nccl.library(), LIBRARY_NAME);
+    println!("opened libnccl.so.2 by soname: NCCL {}", nccl.version());
+}
+
+#[test]
+fn without_nccl_on_the_loader_path_open_is_a_typed_error() {
+    // This test process has no NCCL on LD_LIBRARY_PATH (cargo does not add the venv) and the
+    // host has no system NCCL; the error says how to install it.
+    if let Ok(nccl) = Nccl::open() {
+        println!(
+            "skipped: this host has a system NCCL {} on the loader path",
+            nccl.version()
+        );
+        return;
+    }
+    let err = Nccl::open().expect_err("no libnccl.so.2 on the loader path");
+    assert!(matches!(err, NcclError::NotFound { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot open the NCCL library libnccl.so.2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("nvidia-nccl-cu12") && text.contains("LD_LIBRARY_PATH"),
+        "{text}"
+    );
+}
+
+#[test]
+fn single_host_all_reduce_refuses_bad_arguments_and_needs_cuda() {
+    let (nccl, _) = open_wheel_nccl();
+    let err = check::single_host_all_reduce(&nccl, &[], 1024, 1).expect_err("no devices");
+    assert!(err.to_string().contains("at least one device"), "{err}");
+    let err = check::single_host_all_reduce(&nccl, &[0], 0, 1).expect_err("no elements");
+    assert!(err.to_string().contains("one element"), "{err}");
+    if trainctl_ffi::cuda::driver_present() {
+        println!("skipped the no-CUDA half: this host has a CUDA driver");
+        return;
+    }
+    let err = check::single_host_all_reduce(&nccl, &[0], 1024, 1).expect_err("no CUDA here");
+    assert!(matches!(err, NcclError::NoCuda), "{err:?}");
+}
+
+#[test]
+fn all_reduce_over_every_gpu_of_this_host() {
+    let gpus = match trainctl_ffi::cuda::cuda_devices() {
+        Ok(gpus) if !gpus.is_empty() => gpus,
+        Ok(_) => return println!("skipped: the CUDA driver sees no GPU on this host"),
+        Err(e) => return println!("skipped: no GPU on this host ({e})"),
+    };
+    let (nccl, _) = open_wheel_nccl();
+    let devices: Vec<i32> = gpus.iter().map(|g| g.ordinal as i32).collect();
+    let report = check::single_host_all_reduce(&nccl, &devices, 16 << 20, 5).expect("all-reduce");
+    println!("{report:?}");
+    assert_eq!(report.devices, devices);
+    assert!(report.algorithm_gb_per_s > 0.0);
+}
