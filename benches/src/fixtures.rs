@@ -4,7 +4,7 @@
 use std::fmt;
 
 use trainctl_coordinator::state::{Command, GpuInfo, NodeId, NodeResources, NodeStatus, State};
-use trainctl_jobs::Resources;
+use trainctl_jobs::{Fabric, Resources};
 
 /// GPUs on every fixture host.
 pub const GPUS_PER_HOST: u32 = 8;
@@ -84,6 +84,7 @@ pub fn gang_64x8() -> Resources {
         gpus_per_node: 8,
         cpus_per_node: 16,
         memory_per_node_mib: 0,
+        fabric: Fabric::Any,
     }
 }
 

@@ -4,11 +4,17 @@
 //! rank them by best fit (fewest GPUs, then CPUs, then bytes of memory left over, so big holes stay
 //! whole for big jobs), then take all the nodes the gang needs or none. No IO, no clock: the leader calls
 //! it on a snapshot and re-checks the plan when it commits it (see `State::apply`).
+//!
+//! A job's `[resources] fabric` ([`Fabric`]) is a feasibility filter: `"ib"` keeps the hosts with an
+//! ACTIVE InfiniBand port, `"roce"` those with an ACTIVE RoCE (Ethernet link layer) port
+//! ([`HostFabrics`]), so every host of such a gang shares that fabric; `"any"` filters nothing. A host
+//! lacking the fabric may gain it (a port comes up, the agent registers again), so a job it keeps out
+//! waits with the reason ([`Unschedulable::NoRoomNow`]) rather than failing.
 
 use serde::{Deserialize, Serialize};
-use trainctl_jobs::Resources;
+use trainctl_jobs::{Fabric, Resources};
 
-use crate::state::NodeId;
+use crate::state::{NodeId, RdmaDeviceInfo, RdmaPortInfo};
 
 /// One node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +30,67 @@ pub struct NodeCapacity {
     pub free_memory_mib: u64,
     /// A port this node can lease to a job's rendezvous, if any is left.
     pub free_port: Option<u16>,
+    /// The RDMA fabrics the node has an ACTIVE port on.
+    pub fabrics: HostFabrics,
+}
+
+/// The RDMA fabrics a host can use: the link layers it has an ACTIVE port with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct HostFabrics {
+    /// An ACTIVE port with link layer `InfiniBand`.
+    pub ib: bool,
+    /// An ACTIVE port with link layer `Ethernet` (RoCE).
+    pub roce: bool,
+}
+
+/// The fabric a port serves, if it is ACTIVE: `InfiniBand` is [`Fabric::Ib`], `Ethernet` is
+/// [`Fabric::Roce`]; `None` for a port that is not ACTIVE or has another link layer.
+pub fn port_fabric(port: &RdmaPortInfo) -> Option<Fabric> {
+    if !port.state.trim().eq_ignore_ascii_case("ACTIVE") {
+        return None;
+    }
+    let layer = port.link_layer.trim();
+    if layer.eq_ignore_ascii_case("InfiniBand") {
+        Some(Fabric::Ib)
+    } else if layer.eq_ignore_ascii_case("Ethernet") {
+        Some(Fabric::Roce)
+    } else {
+        None
+    }
+}
+
+impl HostFabrics {
+    /// The fabrics of a host's RDMA devices (`NodeResources::rdma_devices`).
+    pub fn of(devices: &[RdmaDeviceInfo]) -> HostFabrics {
+        let mut fabrics = HostFabrics::default();
+        for port in devices.iter().flat_map(|d| &d.ports) {
+            match port_fabric(port) {
+                Some(Fabric::Ib) => fabrics.ib = true,
+                Some(Fabric::Roce) => fabrics.roce = true,
+                Some(Fabric::Any) | None => {}
+            }
+        }
+        fabrics
+    }
+
+    /// Whether a job asking for `fabric` may run here (always, for [`Fabric::Any`]).
+    pub fn has(self, fabric: Fabric) -> bool {
+        match fabric {
+            Fabric::Any => true,
+            Fabric::Ib => self.ib,
+            Fabric::Roce => self.roce,
+        }
+    }
+
+    /// In words: "InfiniBand", "RoCE", "InfiniBand and RoCE", or "no ACTIVE RDMA port".
+    pub fn describe(self) -> &'static str {
+        match (self.ib, self.roce) {
+            (true, true) => "InfiniBand and RoCE",
+            (true, false) => "InfiniBand",
+            (false, true) => "RoCE",
+            (false, false) => "no ACTIVE RDMA port",
+        }
+    }
 }
 
 /// Every node of the cluster, as the scheduler sees it.
@@ -83,6 +150,65 @@ fn hosts(n: usize) -> String {
     count(n as u32, "host")
 }
 
+/// [`describe_share`] plus the fabric a host needs, if any: "8 free GPUs, 8 free CPUs, an ACTIVE
+/// InfiniBand port".
+fn describe_needs(res: &Resources) -> String {
+    let share = describe_share(res);
+    match res.fabric {
+        Fabric::Any => share,
+        f => format!("{share}, an ACTIVE {} port", f.describe()),
+    }
+}
+
+/// Why too few of the up hosts that are large enough have the job's fabric (None when enough have):
+/// how many have it, and what the others have instead.
+fn fabric_shortage(cluster: &ClusterSnapshot, res: &Resources) -> Option<String> {
+    if res.fabric == Fabric::Any {
+        return None;
+    }
+    let needed = res.nodes as usize;
+    let large: Vec<&NodeCapacity> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.up && fits_empty(n.size(), res))
+        .collect();
+    let with = large.iter().filter(|n| n.fabrics.has(res.fabric)).count();
+    if with >= needed {
+        return None;
+    }
+    // What the large enough hosts without the fabric have, e.g. "2 with no ACTIVE RDMA port".
+    let mut others: Vec<(&str, usize)> = Vec::new();
+    for n in large.iter().filter(|n| !n.fabrics.has(res.fabric)) {
+        let what = n.fabrics.describe();
+        match others.iter_mut().find(|(w, _)| *w == what) {
+            Some((_, k)) => *k += 1,
+            None => others.push((what, 1)),
+        }
+    }
+    let others: Vec<String> = others
+        .iter()
+        .map(|(what, k)| match *what {
+            "no ACTIVE RDMA port" => format!("{k} with no ACTIVE RDMA port"),
+            what => format!("{k} with {what} only"),
+        })
+        .collect();
+    Some(format!(
+        "fabric = \"{}\": needs {} with an ACTIVE {} port and {}; {} of the {} up that large {} one{}",
+        res.fabric,
+        hosts(needed),
+        res.fabric.describe(),
+        describe_share(res).replace("free ", ""),
+        with,
+        hosts(large.len()),
+        if with == 1 { "has" } else { "have" },
+        if others.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", others.join(", "))
+        }
+    ))
+}
+
 /// How big a node is when empty: all that "could this job ever fit?" needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeSize {
@@ -110,6 +236,7 @@ fn fits_empty(node: NodeSize, res: &Resources) -> bool {
 
 fn fits_now(node: &NodeCapacity, res: &Resources) -> bool {
     node.up
+        && node.fabrics.has(res.fabric)
         && node.free_gpus.len() as u64 >= u64::from(res.gpus_per_node)
         && node.free_cpus >= res.cpus_per_node
         && node.free_memory_mib >= res.memory_per_node_mib
@@ -207,6 +334,10 @@ fn plan_exact(cluster: &ClusterSnapshot, res: &Resources) -> Result<Placement, U
         )));
     }
 
+    if let Some(why) = fabric_shortage(cluster, res) {
+        return Err(Unschedulable::NoRoomNow(why));
+    }
+
     let needed = res.nodes as usize;
     let mut feasible: Vec<&NodeCapacity> =
         cluster.nodes.iter().filter(|n| fits_now(n, res)).collect();
@@ -216,7 +347,7 @@ fn plan_exact(cluster: &ClusterSnapshot, res: &Resources) -> Result<Placement, U
         let mut why = format!(
             "needs {} with {}; {} {} them now ({} up)",
             hosts(needed),
-            describe_share(res),
+            describe_needs(res),
             feasible.len(),
             if feasible.len() == 1 { "has" } else { "have" },
             hosts(up)
@@ -288,28 +419,36 @@ mod tests {
             gpus_per_node: gpus,
             cpus_per_node: cpus,
             memory_per_node_mib: 0,
+            fabric: Fabric::Any,
         }
     }
 
-    /// `name:free_gpus/total_gpus:free_cpus/total_cpus`, up, with a port.
+    /// `name:free_gpus/total_gpus:free_cpus/total_cpus[:flag...]`, up, with a port and no RDMA
+    /// port unless a flag says otherwise: `down`, `noport`, `ib` (an ACTIVE InfiniBand port),
+    /// `roce` (an ACTIVE RoCE port).
     fn node(spec: &str) -> NodeCapacity {
         let parts: Vec<&str> = spec.split(':').collect();
+        let flags = &parts[3..];
         let (fg, tg) = parts[1].split_once('/').unwrap();
         let (fc, tc) = parts[2].split_once('/').unwrap();
         let (fg, tg): (u32, u32) = (fg.parse().unwrap(), tg.parse().unwrap());
         NodeCapacity {
             node: NodeId(parts[0].to_string()),
-            up: !spec.ends_with(":down"),
+            up: !flags.contains(&"down"),
             total_gpus: tg,
             total_cpus: tc.parse().unwrap(),
             total_memory_mib: 1 << 20,
             free_gpus: (tg - fg..tg).collect(),
             free_cpus: fc.parse().unwrap(),
             free_memory_mib: 1 << 20,
-            free_port: if spec.ends_with(":noport") {
+            free_port: if flags.contains(&"noport") {
                 None
             } else {
                 Some(29500)
+            },
+            fabrics: HostFabrics {
+                ib: flags.contains(&"ib"),
+                roce: flags.contains(&"roce"),
             },
         }
     }
@@ -416,6 +555,156 @@ mod tests {
             plan(&c, &res(3, 8, 8)),
             Err(Unschedulable::NeverFits(_))
         ));
+    }
+
+    #[test]
+    fn fabric_table() {
+        use Fabric::{Any, Ib, Roce};
+        /// (cluster, job nodes, fabric, expected nodes or the words of the refusal)
+        type FabricCase = (
+            &'static [&'static str],
+            u32,
+            Fabric,
+            Result<&'static [&'static str], &'static str>,
+        );
+        let cases: &[FabricCase] = &[
+            // "any" keeps today's behaviour: fabrics are not looked at.
+            (&["a:8/8:64/64", "b:8/8:64/64:roce"], 2, Any, Ok(&["a", "b"])),
+            (&["a:8/8:64/64:ib", "b:8/8:64/64:ib"], 2, Ib, Ok(&["a", "b"])),
+            // Only the InfiniBand hosts take an "ib" job, even when another fits better.
+            (
+                &["a:8/8:64/64:ib", "b:8/8:64/64:roce", "c:8/8:64/64:ib"],
+                2,
+                Ib,
+                Ok(&["a", "c"]),
+            ),
+            (
+                &["a:8/8:64/64:ib", "b:8/8:64/64:roce", "c:8/8:64/64:roce"],
+                2,
+                Roce,
+                Ok(&["b", "c"]),
+            ),
+            // A host with both fabrics serves either; the gang still shares the one asked for.
+            (
+                &["a:8/8:64/64:ib:roce", "b:8/8:64/64:roce"],
+                2,
+                Roce,
+                Ok(&["a", "b"]),
+            ),
+            (
+                &["a:8/8:64/64:ib:roce", "b:8/8:64/64:roce"],
+                2,
+                Ib,
+                Err("fabric = \"ib\": needs 2 hosts with an ACTIVE InfiniBand port and 8 GPUs, 8 CPUs; 1 of the 2 hosts up that large has one (1 with RoCE only)"),
+            ),
+            // No RDMA at all (this machine's agents): the job waits, saying why.
+            (
+                &["a:8/8:64/64", "b:8/8:64/64"],
+                1,
+                Ib,
+                Err("fabric = \"ib\": needs 1 host with an ACTIVE InfiniBand port and 8 GPUs, 8 CPUs; 0 of the 2 hosts up that large have one (2 with no ACTIVE RDMA port)"),
+            ),
+            // Hosts too small do not count among those lacking the fabric.
+            (
+                &["a:8/8:64/64:roce", "b:2/2:64/64:ib", "c:8/8:64/64"],
+                1,
+                Ib,
+                Err("0 of the 2 hosts up that large have one (1 with RoCE only, 1 with no ACTIVE RDMA port)"),
+            ),
+            // A down host's fabric does not count.
+            (
+                &["a:8/8:64/64:ib:down", "b:8/8:64/64:ib"],
+                2,
+                Ib,
+                Err("too few of the hosts that could hold it are up"),
+            ),
+            // Enough hosts have the fabric, but not room now: the fabric is in the words.
+            (
+                &["a:8/8:64/64:ib", "b:0/8:64/64:ib"],
+                2,
+                Ib,
+                Err("needs 2 hosts with 8 free GPUs, 8 free CPUs, an ACTIVE InfiniBand port; 1 has them now"),
+            ),
+        ];
+        for (i, (nodes, n, fabric, expected)) in cases.iter().enumerate() {
+            let mut r = res(*n, 8, 8);
+            r.fabric = *fabric;
+            let got = plan(&cluster(nodes), &r);
+            match (expected, &got) {
+                (Ok(want), Ok(p)) => assert_eq!(placed(p), *want, "case {i}"),
+                (Err(words), Err(e)) => {
+                    assert!(matches!(e, Unschedulable::NoRoomNow(_)), "case {i}: {e:?}");
+                    assert!(
+                        e.to_string().contains(words),
+                        "case {i}: {e} lacks {words:?}"
+                    )
+                }
+                _ => panic!("case {i}: expected {expected:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn elastic_gang_takes_only_hosts_of_its_fabric() {
+        let c = cluster(&[
+            "a:8/8:64/64:ib",
+            "b:8/8:64/64",
+            "c:8/8:64/64:ib",
+            "d:8/8:64/64:roce",
+        ]);
+        let mut r = res(4, 8, 8);
+        r.min_nodes = 1;
+        r.fabric = Fabric::Ib;
+        assert_eq!(placed(&plan(&c, &r).unwrap()), ["a", "c"]);
+        r.fabric = Fabric::Roce;
+        assert_eq!(placed(&plan(&c, &r).unwrap()), ["d"]);
+    }
+
+    #[test]
+    fn host_fabrics_come_from_active_ports() {
+        let port = |state: &str, link_layer: &str| RdmaPortInfo {
+            port: 1,
+            state: state.into(),
+            link_layer: link_layer.into(),
+            ..RdmaPortInfo::default()
+        };
+        let device = |ports: Vec<RdmaPortInfo>| RdmaDeviceInfo {
+            name: "mlx5_0".into(),
+            ports,
+            ..RdmaDeviceInfo::default()
+        };
+        /// (the ports of each device, expected (ib, roce))
+        type PortsCase = (Vec<Vec<RdmaPortInfo>>, (bool, bool));
+        let cases: Vec<PortsCase> = vec![
+            (vec![], (false, false)),
+            (vec![vec![port("ACTIVE", "InfiniBand")]], (true, false)),
+            (vec![vec![port("ACTIVE", "Ethernet")]], (false, true)),
+            (vec![vec![port("DOWN", "InfiniBand")]], (false, false)),
+            (vec![vec![port("INIT", "Ethernet")]], (false, false)),
+            (vec![vec![port("ACTIVE", "")]], (false, false)),
+            (
+                vec![
+                    vec![port("DOWN", "Ethernet"), port("ACTIVE", "InfiniBand")],
+                    vec![port("ACTIVE", "Ethernet")],
+                ],
+                (true, true),
+            ),
+        ];
+        for (i, (devices, (ib, roce))) in cases.into_iter().enumerate() {
+            let devices: Vec<RdmaDeviceInfo> = devices.into_iter().map(device).collect();
+            assert_eq!(
+                HostFabrics::of(&devices),
+                HostFabrics { ib, roce },
+                "case {i}"
+            );
+        }
+        let both = HostFabrics {
+            ib: true,
+            roce: true,
+        };
+        assert!(Fabric::ALL.iter().all(|f| both.has(*f)));
+        let none = HostFabrics::default();
+        assert!(none.has(Fabric::Any) && !none.has(Fabric::Ib) && !none.has(Fabric::Roce));
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! - `[resources]`: the gang's shape. `nodes = 4` asks for exactly 4 hosts; `nodes = "2:4"`
 //!   (torchrun's `--nnodes MIN:MAX`) makes the job elastic: it starts with at least 2 hosts
 //!   and runs on up to 4 ([`Resources::node_range`], [`Resources::is_elastic`]).
+//!   `fabric = "ib" | "roce" | "any"` ([`Fabric`]) asks for hosts with an ACTIVE RDMA port of
+//!   that fabric.
 //! - `[failure]` ([`FailurePolicy`]): a job-wide restart budget and an optional hang timeout.
 //! - `[checkpoint]` ([`CheckpointPolicy`], optional): where ranks write checkpoints, the
 //!   signal that asks them to checkpoint before a planned stop, how long to wait for it, and
@@ -91,8 +93,8 @@ pub use error::{SpecError, SpecErrorKind};
 /// Its serde JSON form is the canonical stored form, with every default filled in;
 /// serializing and reading back with [`JobSpec::from_json`] gives an equal spec (for a spec
 /// built in code with `min_nodes = 0`, one with `min_nodes = nodes`: the same node range).
-/// Specs stored before `min_nodes`, `hang_timeout_ms` and `checkpoint` existed still
-/// deserialize with serde, as `0`, `None` and `None`.
+/// Specs stored before `min_nodes`, `hang_timeout_ms`, `checkpoint` and `fabric` existed still
+/// deserialize with serde, as `0`, `None`, `None` and [`Fabric::Any`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {
     /// 1 to 63 characters of `[a-z0-9._-]`, starting with a letter or digit.
@@ -149,6 +151,106 @@ pub struct Resources {
     pub cpus_per_node: u32,
     /// Memory needed per host in MiB; 0 (the default) means no requirement.
     pub memory_per_node_mib: u64,
+    /// The RDMA fabric every host of the gang must have: `fabric = "ib"`, `"roce"` or `"any"`
+    /// (the default: placement ignores fabrics). Specs stored before it existed read as `Any`,
+    /// and the canonical JSON form leaves out `Any`, so such a spec serializes (and its
+    /// idempotency digest reads) exactly as before the field existed.
+    #[serde(default, skip_serializing_if = "Fabric::is_any")]
+    pub fabric: Fabric,
+}
+
+/// The RDMA fabric a job asks for (`[resources] fabric`). A host has a fabric when one of its
+/// RDMA ports is ACTIVE with that link layer; a host may have both.
+///
+/// ```
+/// use trainctl_jobs::Fabric;
+///
+/// assert_eq!(Fabric::parse("roce"), Ok(Fabric::Roce));
+/// assert_eq!(Fabric::default(), Fabric::Any);
+/// let problem = Fabric::parse("InfiniBand").unwrap_err();
+/// assert!(problem.contains("write \"ib\""), "{problem}");
+/// ```
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Fabric {
+    /// No requirement: hosts with any fabric, or none, are placed as before.
+    #[default]
+    Any,
+    /// InfiniBand: every host needs an ACTIVE port with link layer `InfiniBand`.
+    Ib,
+    /// RDMA over Converged Ethernet: every host needs an ACTIVE port with link layer `Ethernet`.
+    Roce,
+}
+
+impl Fabric {
+    /// Every fabric, in the order the accepted values are listed.
+    pub const ALL: [Fabric; 3] = [Fabric::Ib, Fabric::Roce, Fabric::Any];
+
+    /// Whether this is the default, [`Fabric::Any`].
+    pub fn is_any(&self) -> bool {
+        *self == Fabric::Any
+    }
+
+    /// The value as a spec writes it: `"ib"`, `"roce"` or `"any"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fabric::Any => "any",
+            Fabric::Ib => "ib",
+            Fabric::Roce => "roce",
+        }
+    }
+
+    /// The fabric in words for messages: "InfiniBand", "RoCE", "any fabric".
+    pub fn describe(self) -> &'static str {
+        match self {
+            Fabric::Any => "any fabric",
+            Fabric::Ib => "InfiniBand",
+            Fabric::Roce => "RoCE",
+        }
+    }
+
+    /// Reads a spec's value (exactly `"ib"`, `"roce"` or `"any"`). The error says what was
+    /// wrong, suggests the value meant where it can (`"InfiniBand"` -> `"ib"`), and ends with
+    /// [`Fabric::ACCEPTED`].
+    pub fn parse(text: &str) -> Result<Fabric, String> {
+        if let Some(f) = Fabric::ALL.into_iter().find(|f| f.as_str() == text) {
+            return Ok(f);
+        }
+        let folded: String = text
+            .trim()
+            .to_ascii_lowercase()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let meant = match folded.as_str() {
+            "ib" | "infiniband" => Some(Fabric::Ib),
+            "roce" | "rocev1" | "rocev2" | "ethernet" | "eth" => Some(Fabric::Roce),
+            "any" | "none" | "" | "auto" | "default" => Some(Fabric::Any),
+            _ => None,
+        };
+        let problem = if text.is_empty() {
+            "must not be empty".to_owned()
+        } else {
+            format!("{text:?} is not a fabric")
+        };
+        Err(match meant {
+            Some(f) if !text.is_empty() => {
+                format!("{problem}; write {:?} {}", f.as_str(), Fabric::ACCEPTED)
+            }
+            _ => format!("{problem} {}", Fabric::ACCEPTED),
+        })
+    }
+
+    /// The accepted values, as messages end with them.
+    pub const ACCEPTED: &'static str = "(accepted: \"ib\" for InfiniBand, \"roce\" for RDMA over Converged Ethernet (v1 or v2), or \"any\", the default, for no requirement)";
+}
+
+impl std::fmt::Display for Fabric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The optional `[failure]` table.

@@ -11,7 +11,7 @@ use crate::error::{SpecError, SpecErrorKind};
 use crate::limits::{self, Bound, DurationBound};
 use crate::node::{Entry, Node, Value};
 use crate::suggest::{did_you_mean, KNOWN_KEYS};
-use crate::{CheckpointPolicy, FailurePolicy, JobSpec, Launch, Resources};
+use crate::{CheckpointPolicy, Fabric, FailurePolicy, JobSpec, Launch, Resources};
 
 /// Byte offset where each field (dotted path) was written, for locating validation errors.
 #[derive(Debug, Default)]
@@ -318,6 +318,10 @@ impl<'s> Walker<'s> {
             Some(node) => self.integer(node, limits::MEMORY_PER_NODE_MIB)?,
             None => 0,
         };
+        let fabric = match get(entries, "fabric") {
+            Some(node) => self.fabric(node)?,
+            None => Fabric::Any,
+        };
         Ok(Resources {
             nodes,
             min_nodes,
@@ -325,6 +329,16 @@ impl<'s> Walker<'s> {
             gpus_per_node: gpus_per_node.unwrap_or(0),
             cpus_per_node: cpus_per_node.unwrap_or(procs_per_node),
             memory_per_node_mib,
+            fabric,
+        })
+    }
+
+    /// `resources.fabric`: `"ib"`, `"roce"` or `"any"`.
+    fn fabric(&mut self, node: &Node) -> Result<Fabric> {
+        const FIELD: &str = "resources.fabric";
+        let text = self.string(node, FIELD, Fabric::ACCEPTED)?;
+        Fabric::parse(&text).map_err(|problem| {
+            self.error(SpecErrorKind::Invalid, FIELD, node.span.as_ref(), problem)
         })
     }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::{FailurePolicy, JobSpec, Launch, Resources, SpecError, SpecErrorKind};
+use crate::{Fabric, FailurePolicy, JobSpec, Launch, Resources, SpecError, SpecErrorKind};
 
 /// One mistake: a TOML document (one string per line) and what its error must say.
 struct Case {
@@ -819,6 +819,7 @@ fn full_spec() -> JobSpec {
             gpus_per_node: 0,
             cpus_per_node: 4,
             memory_per_node_mib: 0,
+            fabric: Fabric::Any,
         },
         failure: FailurePolicy {
             max_restarts: 0,
@@ -849,6 +850,7 @@ fn fills_in_defaults() {
             gpus_per_node: 8,
             cpus_per_node: 8,
             memory_per_node_mib: 0,
+            fabric: Fabric::Any,
         }
     );
     assert_eq!(spec.failure, FailurePolicy::default());
@@ -891,6 +893,78 @@ fn json_fills_in_defaults() {
     let spec = JobSpec::from_json(json, "request body").unwrap();
     assert_eq!(spec.resources.cpus_per_node, 3);
     assert_eq!(spec.failure.max_restarts, 0);
+}
+
+#[test]
+fn fabric_values() {
+    let spec_with = |line: &str| {
+        format!("name = \"a\"\n[launch]\ncommand = [\"x\"]\n[resources]\nnodes = 2\nprocs_per_node = 1\n{line}\n")
+    };
+    // (the fabric line, the fabric read)
+    let accepted = [
+        ("", Fabric::Any),
+        ("fabric = \"any\"", Fabric::Any),
+        ("fabric = \"ib\"", Fabric::Ib),
+        ("fabric = \"roce\"", Fabric::Roce),
+    ];
+    for (line, want) in accepted {
+        let spec = JobSpec::from_toml(&spec_with(line), "job.toml").expect(line);
+        assert_eq!(spec.resources.fabric, want, "{line}");
+        // The canonical JSON form keeps it, and leaves out the default.
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(
+            json.contains(&format!("\"fabric\":\"{want}\"")),
+            want != Fabric::Any,
+            "{json}"
+        );
+        assert_eq!(json.contains("fabric"), want != Fabric::Any, "{json}");
+        assert_eq!(JobSpec::from_json(&json, "stored").unwrap(), spec);
+    }
+    // A spec stored before `fabric` existed reads as "any".
+    let mut stored: serde_json::Value = serde_json::to_value(full_spec()).unwrap();
+    stored["resources"]
+        .as_object_mut()
+        .unwrap()
+        .remove("fabric");
+    let old: JobSpec = serde_json::from_value(stored).unwrap();
+    assert_eq!(old.resources.fabric, Fabric::Any);
+
+    // (the fabric line, kind, words the message must contain)
+    let refused: &[(&str, SpecErrorKind, &[&str])] = &[
+        (
+            "fabric = \"InfiniBand\"",
+            Invalid,
+            &[
+                "job.toml:7:10: resources.fabric: \"InfiniBand\" is not a fabric; write \"ib\"",
+                "(accepted: \"ib\" for InfiniBand, \"roce\" for RDMA over Converged Ethernet (v1 or v2), or \"any\", the default",
+            ],
+        ),
+        ("fabric = \"RoCEv2\"", Invalid, &["write \"roce\""]),
+        ("fabric = \"IB\"", Invalid, &["write \"ib\""]),
+        ("fabric = \"nvlink\"", Invalid, &["\"nvlink\" is not a fabric (accepted: \"ib\""]),
+        ("fabric = \"\"", Invalid, &["must not be empty (accepted:"]),
+        ("fabric = 1", WrongType, &["must be a string, got an integer 1 (accepted: \"ib\""]),
+        ("fabric = [\"ib\"]", WrongType, &["must be a string, got an array"]),
+        ("fabrik = \"ib\"", UnknownField, &["did you mean `fabric`?"]),
+    ];
+    for &(line, kind, words) in refused {
+        let doc = spec_with(line);
+        let lines: Vec<&str> = doc.lines().collect();
+        let field = if kind == UnknownField {
+            "resources.fabrik"
+        } else {
+            "resources.fabric"
+        };
+        check_one(line, &lines, Some(7), Some(field), kind, words);
+    }
+    // The same through JSON (no positions there).
+    let e = JobSpec::from_json(
+        r#"{"name": "a", "launch": {"command": ["x"]}, "resources": {"nodes": 1, "procs_per_node": 1, "fabric": "infiniband"}}"#,
+        "request body",
+    )
+    .unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("resources.fabric"));
+    assert!(e.to_string().contains("write \"ib\""), "{e}");
 }
 
 #[test]

@@ -60,7 +60,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use trainctl_coordinator::api::{JobDetail, NodeView};
-use trainctl_jobs::{limits, FailurePolicy, JobSpec, Launch, Resources, SpecError};
+use trainctl_jobs::{limits, Fabric, FailurePolicy, JobSpec, Launch, Resources, SpecError};
 
 use super::flags::{
     NprocPerNode, RdzvBackend, RdzvConf, RunArgs, StdSpec, DEFAULT_RDZV_ID, DEFAULT_ROLE,
@@ -480,6 +480,7 @@ fn job_spec(args: &RunArgs, here: &Here) -> Result<JobSpec, MapError> {
             gpus_per_node,
             cpus_per_node: procs_per_node,
             memory_per_node_mib: 0,
+            fabric: Fabric::Any,
         },
         failure: FailurePolicy {
             max_restarts: args.max_restarts,
@@ -583,6 +584,7 @@ mod tests {
                 gpus_per_node: 0,
                 cpus_per_node: 1,
                 memory_per_node_mib: 0,
+                fabric: Fabric::Any,
             },
             failure: FailurePolicy::default(),
             checkpoint: None,

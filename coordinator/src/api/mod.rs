@@ -339,7 +339,7 @@ impl Drop for DrainOnDrop {
 #[schema(example = json!({
     "name": "ddp",
     "launch": {"command": ["python3", "train.py"], "env": {"NCCL_DEBUG": "WARN"}},
-    "resources": {"nodes": "2:4", "procs_per_node": 8, "gpus_per_node": 8},
+    "resources": {"nodes": "2:4", "procs_per_node": 8, "gpus_per_node": 8, "fabric": "ib"},
     "failure": {"max_restarts": 3, "hang_timeout": "10m"},
     "checkpoint": {"dir": "/shared/ckpt/{job}", "signal": "SIGUSR1", "grace": "2m", "keep": 3}
 }))]
@@ -420,6 +420,19 @@ struct ResourcesBody {
     /// Memory per host in MiB (default 0: no requirement).
     #[schema(minimum = 0, maximum = 67_108_864)]
     memory_per_node_mib: Option<u64>,
+    /// The RDMA fabric every host of the gang must have an ACTIVE port on (default `any`).
+    fabric: Option<FabricBody>,
+}
+
+/// `ib`: InfiniBand; `roce`: RDMA over Converged Ethernet; `any` (the default): no requirement. A
+/// job whose fabric no host has waits (pending, with the reason) rather than being refused.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum FabricBody {
+    Ib,
+    Roce,
+    Any,
 }
 
 /// What to do when a rank fails or the gang hangs.

@@ -11,7 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use trainctl_jobs::JobSpec;
 
-use crate::scheduler::{ClusterSnapshot, NodeCapacity, NodeSize, Placement};
+use crate::scheduler::{ClusterSnapshot, HostFabrics, NodeCapacity, NodeSize, Placement};
 
 mod access;
 mod attempts;
@@ -304,6 +304,7 @@ impl Node {
                 .memory_mib
                 .saturating_sub(self.usage.memory_mib),
             free_port: self.free_port(),
+            fabrics: HostFabrics::of(&self.resources.rdma_devices),
         }
     }
 }

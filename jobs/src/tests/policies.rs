@@ -4,7 +4,7 @@
 use super::{check_one, full_spec};
 use crate::limits;
 use crate::SpecErrorKind::{self, *};
-use crate::{CheckpointPolicy, FailurePolicy, JobSpec, Resources};
+use crate::{CheckpointPolicy, Fabric, FailurePolicy, JobSpec, Resources};
 
 /// The lines before `nodes`: a document whose line 5 is the first line of a case's tail.
 const BEFORE_NODES: &[&str] = &[
@@ -890,6 +890,7 @@ fn resources_helpers() {
         gpus_per_node: 0,
         cpus_per_node: 1,
         memory_per_node_mib: 0,
+        fabric: Fabric::Any,
     };
     assert_eq!(r(4, 0).node_range(), (4, 4));
     assert_eq!(r(4, 4).node_range(), (4, 4));
