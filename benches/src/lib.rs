@@ -11,6 +11,8 @@
 //!   own TCPStore server.
 //!
 //! # Layout
+//! - [`allreduce`]: the rank side of the all-reduce benchmark (`src/bin/ring_allreduce.rs`, driven
+//!   by `scripts/allreduce_vs_gloo.sh` next to torch's gloo): arguments, known inputs, the check.
 //! - [`Summary`]: median and p99 of a set of timings.
 //! - [`fixtures`]: cluster snapshots and coordinator states of a given size and fill.
 //! - [`served`]: a real coordinator served in-process, secure or plain, and its REST clients.
@@ -24,6 +26,7 @@
 
 use std::time::Duration;
 
+pub mod allreduce;
 pub mod cpu;
 pub mod fixtures;
 pub mod load;
