@@ -9,7 +9,8 @@
 //! # Layout
 //! - [`cgroup`]: each rank in its own cgroup v2 leaf (job limits, `cgroup.kill`) where the host
 //!   delegates one; otherwise process groups, and `trainctl nodes` says which.
-//! - [`discovery`]: CPUs, memory, GPUs (CUDA driver, loaded at run time), RDMA devices (sysfs).
+//! - [`discovery`]: CPUs, memory, GPUs (NVML, or the CUDA driver; loaded at run time), RDMA
+//!   devices (sysfs), GPU-to-NIC affinity, the interface holding the advertised address.
 //! - [`members`]: the coordinators the agent knows, and the pure choice of the next one to talk to
 //!   when the current one does not lead or does not answer.
 //! - [`process`]: a rank in its own process group with a parent-death signal; logs; group kill; the
@@ -41,8 +42,7 @@ use tonic::transport::Channel;
 use tracing::{info, warn};
 use trainctl_proto::agent::agent_service_client::AgentServiceClient;
 use trainctl_proto::agent::{
-    Assignment, Gpu, HeartbeatRequest, HostResources, LogChunk, Progress, RankPhase, RankReport,
-    RdmaDevice, RdmaPort, RegisterRequest,
+    Assignment, HeartbeatRequest, LogChunk, Progress, RankPhase, RankReport, RegisterRequest,
 };
 
 use crate::process::{PgidJournal, RankSpec};
@@ -287,7 +287,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     }
     let _reaper = reaper;
     let declared = config.declared_gpus;
-    let facts = tokio::task::spawn_blocking(move || discovery::discover(declared)).await?;
+    let mut facts = tokio::task::spawn_blocking(move || discovery::discover(declared)).await?;
     let node_name = config
         .node_name
         .clone()
@@ -305,6 +305,8 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
             }
         }
     };
+    facts.advertised_interface =
+        tokio::task::spawn_blocking(move || discovery::advertised_interface(address)).await?;
     let identity = match &config.tls {
         Some(tls) => {
             let mut backoff = Duration::from_millis(500);
@@ -767,44 +769,7 @@ impl Agent {
             node_name: self.node_name.clone(),
             address: self.address.to_string(),
             instance_id: self.instance_id.clone(),
-            resources: Some(HostResources {
-                cpus: f.cpus,
-                memory_mib: f.memory_mib,
-                hostname: f.hostname.clone(),
-                containment: self.containment.describe(),
-                gpus: f
-                    .gpus
-                    .iter()
-                    .map(|g| Gpu {
-                        index: g.index,
-                        name: g.name.clone(),
-                        memory_mib: g.memory_mib,
-                        uuid: g.uuid.clone(),
-                        ..Default::default()
-                    })
-                    .collect(),
-                rdma_devices: f
-                    .rdma_devices
-                    .iter()
-                    .map(|d| RdmaDevice {
-                        name: d.name.clone(),
-                        ports: d
-                            .ports
-                            .iter()
-                            .map(|p| RdmaPort {
-                                port: p.port,
-                                state: p.state.clone(),
-                                link_layer: p.link_layer.clone(),
-                                rate: p.rate.clone(),
-                                gid_count: p.gid_count,
-                                ..Default::default()
-                            })
-                            .collect(),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
+            resources: Some(discovery::host_resources(f, self.containment.describe())),
             port_range_start: u32::from(self.config.port_range.0),
             port_range_end: u32::from(self.config.port_range.1),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
