@@ -9,7 +9,8 @@
 //! # Layout
 //! - [`state`]: `State::apply(Command)`, deterministic, no IO.
 //! - [`scheduler`]: `plan(&ClusterSnapshot, &Resources) -> Placement`, no IO.
-//! - [`launch`]: the environment every rank gets (the torchrun contract), no IO.
+//! - [`launch`]: the environment every rank gets (the torchrun contract), no IO; [`nccl_env`]: its
+//!   GPU, NCCL and RDMA part, decided from discovery with a reason per variable, no IO.
 //! - [`raft`]: openraft's storage (redb) and network (HTTP) adapters.
 //! - [`logs`]: rank logs shipped by agents, stored per job, attempt and rank.
 //! - [`api`]: REST handlers, their OpenAPI document, and the one error type they return.
@@ -28,6 +29,7 @@ pub mod launch;
 pub mod log_repair;
 pub mod logs;
 pub mod membership;
+pub mod nccl_env;
 pub mod raft;
 pub mod scheduler;
 pub mod server;
