@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The test command (README, CI): installs what the tests need, then runs every test of the workspace.
 #
-# Needs: a Rust toolchain (cargo) and python3. Installs by itself: curl (Debian package, when root and
-# missing) and a Python virtual environment with CPU-usable torch (scripts/python-env.sh, cached in .venv).
+# Needs: a Rust toolchain (cargo) and python3. Installs by itself: curl and libibverbs1 (Debian packages,
+# when root and missing; libibverbs1 is what trainctl-ffi's verbs tests open at run time) and a Python
+# virtual environment with CPU-usable torch and NCCL's wheel (scripts/python-env.sh, cached in .venv).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# (grep without -q reads all of ldconfig's output: with pipefail an early exit would fail the pipe)
+{ ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } | grep 'libibverbs\.so\.1 ' >/dev/null \
+    || need_apt+=(libibverbs1)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "test.sh: installing ${need_apt[*]}" >&2

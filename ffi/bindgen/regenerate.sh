@@ -103,7 +103,8 @@ if ! "$bindgen" --version 2>/dev/null | grep -q " $bindgen_version\$"; then
     cargo install bindgen-cli --version "=$bindgen_version" --locked >&2
     bindgen=$HOME/.cargo/bin/bindgen
 fi
-if ! ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' && [ -z "${LIBCLANG_PATH:-}" ]; then
+if [ -z "${LIBCLANG_PATH:-}" ] \
+    && ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } | grep 'libclang[-.0-9]*\.so' >/dev/null; then
     apt_install libclang-dev
 fi
 

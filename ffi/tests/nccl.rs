@@ -3,9 +3,18 @@
 //! `ncclGetVersion` and `ncclGetUniqueId`; the communicator tests need GPUs and say so when they
 //! skip.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+
+/// Says why a test stops early, on stderr directly so that libtest's output capture does not hide
+/// it (`cargo test` shows it without `--nocapture`).
+macro_rules! skip {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), "skipped: {}", format!($($arg)*));
+    }};
+}
 
 use trainctl_ffi::nccl::{check, Nccl, NcclError, NcclVersion, UniqueId, LIBRARY_NAME};
 
@@ -176,8 +185,8 @@ fn without_nccl_on_the_loader_path_open_is_a_typed_error() {
     // This test process has no NCCL on LD_LIBRARY_PATH (cargo does not add the venv) and the
     // host has no system NCCL; the error says how to install it.
     if let Ok(nccl) = Nccl::open() {
-        println!(
-            "skipped: this host has a system NCCL {} on the loader path",
+        skip!(
+            "this host has a system NCCL {} on the loader path",
             nccl.version()
         );
         return;
@@ -203,7 +212,7 @@ fn single_host_all_reduce_refuses_bad_arguments_and_needs_cuda() {
     let err = check::single_host_all_reduce(&nccl, &[0], 0, 1).expect_err("no elements");
     assert!(err.to_string().contains("one element"), "{err}");
     if trainctl_ffi::cuda::driver_present() {
-        println!("skipped the no-CUDA half: this host has a CUDA driver");
+        skip!("the no-CUDA half: this host has a CUDA driver");
         return;
     }
     let err = check::single_host_all_reduce(&nccl, &[0], 1024, 1).expect_err("no CUDA here");
@@ -214,8 +223,8 @@ fn single_host_all_reduce_refuses_bad_arguments_and_needs_cuda() {
 fn all_reduce_over_every_gpu_of_this_host() {
     let gpus = match trainctl_ffi::cuda::cuda_devices() {
         Ok(gpus) if !gpus.is_empty() => gpus,
-        Ok(_) => return println!("skipped: the CUDA driver sees no GPU on this host"),
-        Err(e) => return println!("skipped: no GPU on this host ({e})"),
+        Ok(_) => return skip!("the CUDA driver sees no GPU on this host"),
+        Err(e) => return skip!("no GPU on this host ({e})"),
     };
     let (nccl, _) = open_wheel_nccl();
     let devices: Vec<i32> = gpus.iter().map(|g| g.ordinal as i32).collect();
