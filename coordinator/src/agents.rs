@@ -9,7 +9,7 @@
 //! held on a leader that loses its leadership ends the same way at once. Every heartbeat reply lists
 //! all the coordinators of the cluster, so agents follow membership changes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -329,6 +329,39 @@ fn printable_field(field: &str, value: &str, max: usize, may_be_empty: bool) -> 
         "{field} `{}` {problem} (accepted: {accepted})",
         escape_for_message(value, 64)
     )))
+}
+
+/// Why `gpus` cannot be registered for `node`: a real GPU (`GPU-<uuid>`) that another node which
+/// is up already reported, so two agents would hand the same device to two jobs (two agents on
+/// one host, or a cloned machine). Declared GPUs (`declared-gpu-N`) and empty uuids are shared
+/// by design. `None` when nothing clashes. The agent retries a refused registration, so it gets
+/// in once the other node is down.
+fn gpu_held_elsewhere(
+    nodes: &BTreeMap<NodeId, crate::state::Node>,
+    node: &NodeId,
+    gpus: &[Gpu],
+) -> Option<String> {
+    let mine: BTreeSet<&str> = gpus
+        .iter()
+        .map(|g| g.uuid.as_str())
+        .filter(|u| u.starts_with("GPU-"))
+        .collect();
+    nodes
+        .values()
+        .filter(|n| &n.id != node && n.status == NodeStatus::Up)
+        .find_map(|n| {
+            let uuid = n
+                .resources
+                .gpus
+                .iter()
+                .find(|g| mine.contains(g.uuid.as_str()))?;
+            Some(format!(
+                "resources.gpus uuid `{}` is already reported by node {}, which is up \
+                 (accepted: each GPU on one node; is a second agent running on that host, or was \
+                 it cloned?); registration is retried and succeeds once {} is down",
+                uuid.uuid, n.id, n.id
+            ))
+        })
 }
 
 /// The state's model of a validated report ([`validate_resources`] has accepted it, so every
@@ -704,6 +737,16 @@ impl AgentService for AgentEndpoint {
             peer.as_ref(),
             &NodeId(r.node_name.clone()),
         )?;
+        if let Some(res) = &r.resources {
+            let node = NodeId(r.node_name.clone());
+            let held = self
+                .coordinator
+                .state
+                .read(|s| gpu_held_elsewhere(&s.nodes, &node, &res.gpus));
+            if let Some(problem) = held {
+                return Err(Status::failed_precondition(problem));
+            }
+        }
         // Empty for the moment between a new cluster's first start and its naming.
         let cluster_id = self
             .coordinator
@@ -1524,10 +1567,10 @@ mod tests {
         assert!(assignments_for(&s, &id("node-2"), 7000).is_empty());
     }
 
-    #[test]
-    fn registrations_with_bad_fields_are_refused() {
-        use trainctl_proto::agent::{Gpu, RdmaDevice, RdmaPort};
-        let good = RegisterRequest {
+    /// A registration of a host with two H200s and one RoCE NIC, every discovery field set.
+    fn good_registration() -> RegisterRequest {
+        use trainctl_proto::agent::{Gpu, NicAffinity, RdmaDevice, RdmaGid, RdmaPort};
+        RegisterRequest {
             node_name: "node-1".into(),
             address: "10.0.0.1".into(),
             instance_id: "i-1".into(),
@@ -1541,7 +1584,17 @@ mod tests {
                         name: "NVIDIA H200".into(),
                         memory_mib: 143_771,
                         uuid: format!("GPU-{index}"),
-                        ..Default::default()
+                        pci_bus_id: format!("0000:1{index}:00.0"),
+                        numa_node: Some(0),
+                        nic_affinity: vec![NicAffinity {
+                            rdma_device: "mlx5_0".into(),
+                            link: if index == 0 { "PIX" } else { "NODE" }.into(),
+                        }],
+                        mig_mode: "disabled".into(),
+                        ecc_mode: "enabled".into(),
+                        nvlink_peers: vec![format!("0000:1{}:00.0", 1 - index)],
+                        retired_pages_pending: false,
+                        uncorrectable_ecc_errors: 0,
                     })
                     .collect(),
                 rdma_devices: vec![RdmaDevice {
@@ -1549,20 +1602,127 @@ mod tests {
                     ports: vec![RdmaPort {
                         port: 1,
                         state: "ACTIVE".into(),
-                        link_layer: "InfiniBand".into(),
+                        link_layer: "Ethernet".into(),
                         rate: "400 Gb/sec".into(),
                         gid_count: 128,
-                        ..Default::default()
+                        netdev: "eth2".into(),
+                        gids: vec![RdmaGid {
+                            index: 3,
+                            gid: "0000:0000:0000:0000:0000:ffff:0a00:0001".into(),
+                            kind: "RoCE v2".into(),
+                        }],
                     }],
-                    ..Default::default()
+                    pci_bus_id: "0000:1a:00.0".into(),
+                    numa_node: Some(0),
                 }],
                 hostname: "Node-1.Example".into(),
-                ..Default::default()
+                advertised_interface: "eth0".into(),
             }),
             port_range_start: 29500,
             port_range_end: 29599,
             agent_version: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_registration_becomes_the_states_resource_model() {
+        let res = node_resources(good_registration().resources.unwrap());
+        assert_eq!(res.advertised_interface, "eth0");
+        let gpu = &res.gpus[0];
+        assert_eq!(gpu.pci_bus_id, "0000:10:00.0");
+        assert_eq!(gpu.numa_node, Some(0));
+        assert_eq!(
+            gpu.nic_affinity,
+            [NicAffinity {
+                rdma_device: "mlx5_0".into(),
+                link: PcieLink::Pix
+            }]
+        );
+        assert_eq!(res.gpus[1].nic_affinity[0].link, PcieLink::Node);
+        assert_eq!(
+            (gpu.mig_mode.as_str(), gpu.ecc_mode.as_str()),
+            ("disabled", "enabled")
+        );
+        assert_eq!(gpu.nvlink_peers, ["0000:11:00.0"]);
+        let nic = &res.rdma_devices[0];
+        assert_eq!(
+            (nic.pci_bus_id.as_str(), nic.numa_node),
+            ("0000:1a:00.0", Some(0))
+        );
+        assert_eq!(nic.ports[0].netdev, "eth2");
+        assert_eq!(
+            nic.ports[0].gids,
+            [RdmaGid {
+                index: 3,
+                gid: "0000:0000:0000:0000:0000:ffff:0a00:0001".into(),
+                kind: "RoCE v2".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_gpu_reported_by_another_node_that_is_up_is_refused() {
+        use trainctl_proto::agent::Gpu;
+        let (mut s, _) = cluster_with_job();
+        let gpu = |uuid: &str| Gpu {
+            uuid: uuid.into(),
+            ..Default::default()
         };
+        let cases = [
+            (
+                "node-3",
+                vec![gpu("GPU-1-2")],
+                Some("`GPU-1-2` is already reported by node node-1"),
+            ),
+            ("node-3", vec![gpu("GPU-3-0")], None),
+            ("node-1", vec![gpu("GPU-1-2")], None),
+            ("node-3", vec![gpu("declared-gpu-0"), gpu("")], None),
+        ];
+        for (node, gpus, want) in &cases {
+            let got = gpu_held_elsewhere(&s.nodes, &id(node), gpus);
+            match want {
+                Some(words) => assert!(
+                    got.as_deref().is_some_and(|g| g.contains(words)),
+                    "{node}: {got:?}"
+                ),
+                None => assert_eq!(got, None, "{node}"),
+            }
+        }
+        // Once node-1 is down its GPUs may register elsewhere (the agent retries).
+        s.apply(Command::NodeLost {
+            node: id("node-1"),
+            reason: "test".into(),
+            at_ms: 10,
+        });
+        assert_eq!(
+            gpu_held_elsewhere(&s.nodes, &id("node-3"), &[gpu("GPU-1-2")]),
+            None
+        );
+    }
+
+    #[test]
+    fn pci_bus_ids_in_sysfs_form_only() {
+        for ok in ["0000:1b:00.0", "0000:db:1f.7", "10000:01:00.0"] {
+            assert_eq!(pci_bus_id_problem(ok), None, "{ok}");
+        }
+        let bad = [
+            ("00000000:1B:00.0", "bus"),
+            ("0000:1b:00", "`.`"),
+            ("1b:00.0", "`:` after the bus"),
+            ("000:1b:00.0", "domain"),
+            ("0000:1b:20.0", "device"),
+            ("0000:1b:00.8", "function"),
+            ("", "`:`"),
+        ];
+        for (id, words) in bad {
+            let problem = pci_bus_id_problem(id).unwrap_or_default();
+            assert!(problem.contains(words), "{id}: {problem}");
+        }
+    }
+
+    #[test]
+    fn registrations_with_bad_fields_are_refused() {
+        let good = good_registration();
         assert!(validate_register(&good).is_ok());
         for name in ["a", "node_1.rack-2", &"x".repeat(NODE_NAME_CHARS_MAX)] {
             assert_eq!(node_name_problem(name), None, "{name}");
@@ -1665,6 +1825,106 @@ mod tests {
             (
                 |r| res(r).rdma_devices[0].ports[0].gid_count = u32::MAX,
                 "gid_count",
+            ),
+            (
+                |r| res(r).gpus[0].pci_bus_id = "00000000:1B:00.0".into(),
+                "resources.gpus.pci_bus_id `00000000:1B:00.0`",
+            ),
+            (
+                |r| res(r).gpus[1].pci_bus_id = "0000:10:00.0".into(),
+                "pci_bus_id `0000:10:00.0` is listed twice",
+            ),
+            (
+                |r| res(r).gpus[0].numa_node = Some(5000),
+                "resources.gpus.numa_node is 5000",
+            ),
+            (
+                |r| res(r).gpus[0].mig_mode = "m".repeat(33),
+                "resources.gpus.mig_mode",
+            ),
+            (
+                |r| res(r).gpus[0].ecc_mode = "on\x1b".into(),
+                "resources.gpus.ecc_mode",
+            ),
+            (
+                |r| res(r).gpus[0].nvlink_peers = vec!["0000:11:00.0".into(); 65],
+                "nvlink_peers of GPU 0 lists 65",
+            ),
+            (
+                |r| res(r).gpus[0].nvlink_peers = vec![String::new()],
+                "empty bus id",
+            ),
+            (
+                |r| res(r).gpus[0].nvlink_peers = vec!["GPU-1".into()],
+                "resources.gpus.nvlink_peers `GPU-1`",
+            ),
+            (
+                |r| res(r).gpus[0].nic_affinity[0].link = "NV12".into(),
+                "link `NV12` of GPU 0 is not a PCIe link word",
+            ),
+            (
+                |r| res(r).gpus[0].nic_affinity[0].rdma_device = "mlx5_9".into(),
+                "names RDMA device `mlx5_9`, which is not in resources.rdma_devices",
+            ),
+            (
+                |r| {
+                    let a = res(r).gpus[0].nic_affinity[0].clone();
+                    res(r).gpus[0].nic_affinity.push(a);
+                },
+                "lists RDMA device `mlx5_0` twice",
+            ),
+            (
+                |r| {
+                    let a = res(r).gpus[0].nic_affinity[0].clone();
+                    res(r).gpus[0].nic_affinity = vec![a; 257];
+                },
+                "nic_affinity of GPU 0 lists 257",
+            ),
+            (
+                |r| res(r).rdma_devices[0].pci_bus_id = "mlx5".into(),
+                "resources.rdma_devices.pci_bus_id",
+            ),
+            (
+                |r| res(r).rdma_devices[0].numa_node = Some(1024),
+                "resources.rdma_devices.numa_node is 1024",
+            ),
+            (
+                |r| res(r).rdma_devices[0].ports[0].netdev = "eth0:1".into(),
+                "resources.rdma_devices.ports.netdev `eth0:1`",
+            ),
+            (
+                |r| res(r).rdma_devices[0].ports[0].netdev = "a-very-long-name".into(),
+                "resources.rdma_devices.ports.netdev",
+            ),
+            (
+                |r| res(r).advertised_interface = "eth0\n".into(),
+                "resources.advertised_interface",
+            ),
+            (
+                |r| {
+                    let g = res(r).rdma_devices[0].ports[0].gids[0].clone();
+                    res(r).rdma_devices[0].ports[0].gids = vec![g; 257];
+                },
+                "lists 257 GIDs",
+            ),
+            (
+                |r| {
+                    let g = res(r).rdma_devices[0].ports[0].gids[0].clone();
+                    res(r).rdma_devices[0].ports[0].gids.push(g);
+                },
+                "index 3 of `mlx5_0` port 1 is listed twice",
+            ),
+            (
+                |r| res(r).rdma_devices[0].ports[0].gids[0].gid = "fe80::1".into(),
+                "gid `fe80::1` of `mlx5_0` port 1 is not a GID",
+            ),
+            (
+                |r| res(r).rdma_devices[0].ports[0].gids[0].index = 70_000,
+                "gids index 70000",
+            ),
+            (
+                |r| res(r).rdma_devices[0].ports[0].gids[0].kind = "RoCE\x07".into(),
+                "resources.rdma_devices.ports.gids.kind",
             ),
         ];
         for (make_bad, words) in cases {

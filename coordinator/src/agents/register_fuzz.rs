@@ -273,8 +273,7 @@ fn pci_ok(id: &str) -> bool {
     }
     let n = id.len();
     let b = id.as_bytes();
-    n >= 12
-        && n <= 16
+    (12..=16).contains(&n)
         && id[..n - 8].chars().all(lower_hex)
         && b[n - 8] == b':'
         && id[n - 7..n - 5].chars().all(lower_hex)
