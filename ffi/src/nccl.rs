@@ -19,6 +19,7 @@
 
 use std::ffi::{c_int, c_void, CStr, OsStr};
 use std::fmt;
+use std::mem::ManuallyDrop;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -276,8 +277,12 @@ fn missing_symbol(lib: &sys::NcclLib) -> Option<&'static str> {
 }
 
 /// The opened NCCL library, every function this module calls present and its version checked.
+///
+/// The library is never unloaded, even when the last `Arc<Nccl>` goes: NCCL keeps threads of its
+/// own (the bootstrap root that `ncclGetUniqueId` starts, proxy threads), and unmapping their code
+/// under them would crash the process.
 pub struct Nccl {
-    lib: sys::NcclLib,
+    lib: ManuallyDrop<sys::NcclLib>,
     library: String,
     version: NcclVersion,
 }
@@ -325,7 +330,7 @@ impl Nccl {
         // pointer to a live local.
         let status = unsafe { lib.ncclGetVersion(&mut code) };
         let nccl = Nccl {
-            lib,
+            lib: ManuallyDrop::new(lib),
             library: name,
             version: NcclVersion::from_code(0),
         };
@@ -802,7 +807,12 @@ impl Communicator {
         op: ReduceOp,
         stream: &CudaStream,
     ) -> Result<(), NcclError> {
-        let (count, stream_ptr) = self.check_buffers(send.len(), recv.len(), stream)?;
+        let (count, stream_ptr) = self.check_buffers(
+            send.len(),
+            recv.len(),
+            &[send.ordinal(), recv.ordinal()],
+            stream,
+        )?;
         let (send_ptr, _send_sync) = send.device_ptr(stream);
         let (recv_ptr, _recv_sync) = recv.device_ptr_mut(stream);
         // SAFETY: both slices live on the stream's device, which `check_buffers` found to be this
@@ -828,7 +838,8 @@ impl Communicator {
         op: ReduceOp,
         stream: &CudaStream,
     ) -> Result<(), NcclError> {
-        let (count, stream_ptr) = self.check_buffers(buf.len(), buf.len(), stream)?;
+        let (count, stream_ptr) =
+            self.check_buffers(buf.len(), buf.len(), &[buf.ordinal()], stream)?;
         let (ptr, _sync) = buf.device_ptr_mut(stream);
         // SAFETY: as in `all_reduce`, with one buffer used as both input and output, which NCCL
         // documents as the in-place form.
@@ -848,28 +859,50 @@ impl Communicator {
         &self,
         send_len: usize,
         recv_len: usize,
+        buffer_devices: &[usize],
         stream: &CudaStream,
     ) -> Result<(usize, *mut c_void), NcclError> {
-        if send_len != recv_len {
-            return Err(NcclError::InvalidArgument {
-                call: "ncclAllReduce",
-                reason: format!(
-                    "send has {send_len} elements and recv {recv_len}: they must be equal"
-                ),
-            });
-        }
         let device = self.device()?;
-        let stream_device = stream.context().ordinal();
-        if stream_device != device {
-            return Err(NcclError::InvalidArgument {
-                call: "ncclAllReduce",
-                reason: format!(
-                    "the stream is on CUDA device {stream_device}, the communicator on {device}"
-                ),
-            });
-        }
+        check_all_reduce_args(
+            send_len,
+            recv_len,
+            buffer_devices,
+            stream.context().ordinal(),
+            device,
+        )?;
         Ok((send_len, stream.cu_stream().cast()))
     }
+}
+
+/// Checks a typed all-reduce's arguments: equal lengths, and buffers and stream on the
+/// communicator's device.
+pub fn check_all_reduce_args(
+    send_len: usize,
+    recv_len: usize,
+    buffer_devices: &[usize],
+    stream_device: usize,
+    comm_device: usize,
+) -> Result<(), NcclError> {
+    let invalid = |reason: String| NcclError::InvalidArgument {
+        call: "ncclAllReduce",
+        reason,
+    };
+    if send_len != recv_len {
+        return Err(invalid(format!(
+            "send has {send_len} elements and recv {recv_len}: they must be equal"
+        )));
+    }
+    if stream_device != comm_device {
+        return Err(invalid(format!(
+            "the stream is on CUDA device {stream_device}, the communicator on {comm_device}"
+        )));
+    }
+    if let Some(other) = buffer_devices.iter().find(|d| **d != comm_device) {
+        return Err(invalid(format!(
+            "a buffer is on CUDA device {other}, the communicator on {comm_device}"
+        )));
+    }
+    Ok(())
 }
 
 impl Drop for Communicator {
@@ -1032,6 +1065,60 @@ mod tests {
             }
             other => panic!("expected MissingSymbol, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn all_reduce_arguments_must_match_the_communicators_device() {
+        // (send len, recv len, buffer devices, stream device, communicator device, error piece)
+        type Case = (
+            usize,
+            usize,
+            &'static [usize],
+            usize,
+            usize,
+            Option<&'static str>,
+        );
+        let cases: [Case; 5] = [
+            (8, 8, &[1, 1], 1, 1, None),
+            (8, 8, &[0], 0, 0, None),
+            (8, 4, &[0, 0], 0, 0, Some("send has 8 elements and recv 4")),
+            (
+                8,
+                8,
+                &[0, 0],
+                1,
+                0,
+                Some("the stream is on CUDA device 1, the communicator on 0"),
+            ),
+            (
+                8,
+                8,
+                &[0, 2],
+                0,
+                0,
+                Some("a buffer is on CUDA device 2, the communicator on 0"),
+            ),
+        ];
+        for (send, recv, buffers, stream, comm, want) in cases {
+            match (
+                check_all_reduce_args(send, recv, buffers, stream, comm),
+                want,
+            ) {
+                (Ok(()), None) => {}
+                (Err(e), Some(text)) => assert!(e.to_string().contains(text), "{e}"),
+                (got, want) => panic!(
+                    "{send}/{recv}/{buffers:?}/{stream}/{comm}: got {got:?}, wanted {want:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn handles_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Nccl>();
+        send_sync::<Communicator>();
+        send_sync::<UniqueId>();
     }
 
     #[test]

@@ -75,6 +75,17 @@ pub enum VerbsError {
         /// What was wrong and what is accepted.
         reason: String,
     },
+    /// A bounded wait ended before everything expected arrived.
+    #[error("{what}: timed out after {after:?}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
+    /// A check's data came back wrong.
+    #[error("RDMA check failed: {0}")]
+    CheckFailed(String),
     /// A work request completed with an error status.
     #[error("work request {wr_id} completed with {message} (status {status}, vendor error {vendor_err:#x})")]
     WorkCompletion {
@@ -117,9 +128,10 @@ fn check(call: &'static str, ret: c_int) -> Result<(), VerbsError> {
     }
 }
 
-/// The opened libibverbs.
+/// The opened libibverbs. It is never unloaded (providers may keep threads and state that
+/// outlive the handles), like every library of this crate.
 pub struct Verbs {
-    lib: sys::VerbsLib,
+    lib: std::mem::ManuallyDrop<sys::VerbsLib>,
     library: String,
 }
 
@@ -204,7 +216,10 @@ impl Verbs {
                 symbol,
             });
         }
-        Ok(Arc::new(Verbs { lib, library: name }))
+        Ok(Arc::new(Verbs {
+            lib: std::mem::ManuallyDrop::new(lib),
+            library: name,
+        }))
     }
 
     /// The name or path the library was opened by.
@@ -984,9 +999,9 @@ impl CompletionQueue {
         while got.len() < count {
             got.extend(self.poll()?);
             if std::time::Instant::now() > deadline {
-                return Err(VerbsError::InvalidArgument {
-                    call: "CompletionQueue::wait",
-                    reason: format!("{} of {count} completions after {timeout:?}", got.len()),
+                return Err(VerbsError::Timeout {
+                    what: format!("{} of {count} completions", got.len()),
+                    after: timeout,
                 });
             }
             std::hint::spin_loop();
@@ -1253,12 +1268,11 @@ pub fn loopback_write(
         2 * bytes,
         Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ,
     )?;
-    let pattern = |i: usize| (i % 251) as u8;
     if let Some(buf) = mr.bytes_mut() {
         buf[..bytes]
             .iter_mut()
             .enumerate()
-            .for_each(|(i, b)| *b = pattern(i));
+            .for_each(|(i, b)| *b = loopback_pattern(i));
     }
     let qp = pd.create_rc_qp(&cq, &cq, 2, 2)?;
     let me = qp.local_info(port, gid_index, &mr)?;
@@ -1283,34 +1297,7 @@ pub fn loopback_write(
     )?;
     let completions = cq.wait(2, TIMEOUT)?;
     let elapsed = start.elapsed();
-    let recv =
-        completions
-            .iter()
-            .find(|c| c.wr_id == 2)
-            .ok_or_else(|| VerbsError::InvalidArgument {
-                call: "loopback_write",
-                reason: format!("no receive completion among {completions:?}"),
-            })?;
-    if recv.imm_data != Some(IMM) {
-        return Err(VerbsError::InvalidArgument {
-            call: "loopback_write",
-            reason: format!(
-                "the receive carried immediate {:?}, expected {IMM:#x}",
-                recv.imm_data
-            ),
-        });
-    }
-    let data = mr.bytes().unwrap_or_default();
-    if let Some(i) = (0..bytes).find(|i| data[bytes + i] != pattern(*i)) {
-        return Err(VerbsError::InvalidArgument {
-            call: "loopback_write",
-            reason: format!(
-                "byte {i} arrived as {}, expected {}",
-                data[bytes + i],
-                pattern(i)
-            ),
-        });
-    }
+    verify_loopback(&completions, IMM, mr.bytes().unwrap_or_default(), bytes)?;
     Ok(LoopbackReport {
         device: device.to_owned(),
         port,
@@ -1320,9 +1307,110 @@ pub fn loopback_write(
     })
 }
 
+/// Byte `i` of the loopback check's data (251 is prime, so the pattern does not line up with
+/// any power-of-two block).
+fn loopback_pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+/// Checks the outcome of [`loopback_write`]: a receive completion (wr_id 2) carrying `imm`, and
+/// the second half of `data` (`bytes` long) holding the pattern written from the first half.
+fn verify_loopback(
+    completions: &[WorkCompletion],
+    imm: u32,
+    data: &[u8],
+    bytes: usize,
+) -> Result<(), VerbsError> {
+    let recv = completions.iter().find(|c| c.wr_id == 2).ok_or_else(|| {
+        VerbsError::CheckFailed(format!("no receive completion among {completions:?}"))
+    })?;
+    if recv.imm_data != Some(imm) {
+        return Err(VerbsError::CheckFailed(format!(
+            "the receive carried immediate {:?}, expected {imm:#x}",
+            recv.imm_data
+        )));
+    }
+    if data.len() < 2 * bytes {
+        return Err(VerbsError::CheckFailed(format!(
+            "the region holds {} bytes, expected {}",
+            data.len(),
+            2 * bytes
+        )));
+    }
+    if let Some(i) = (0..bytes).find(|i| data[bytes + i] != loopback_pattern(*i)) {
+        return Err(VerbsError::CheckFailed(format!(
+            "byte {i} arrived as {}, expected {}",
+            data[bytes + i],
+            loopback_pattern(i)
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_results_are_checked() {
+        let bytes = 300;
+        let good: Vec<u8> = (0..2 * bytes)
+            .map(|i| loopback_pattern(i % bytes))
+            .collect();
+        let mut corrupt = good.clone();
+        corrupt[bytes + 260] ^= 1;
+        let recv = |imm| WorkCompletion {
+            wr_id: 2,
+            opcode: WorkCompletion::OPCODE_RECV_RDMA_WITH_IMM,
+            byte_len: 0,
+            imm_data: imm,
+            qp_num: 7,
+        };
+        let send = WorkCompletion {
+            wr_id: 1,
+            opcode: WorkCompletion::OPCODE_RDMA_WRITE,
+            imm_data: None,
+            ..recv(None)
+        };
+        // (completions, data, None for success or a piece of the error)
+        let cases: [(Vec<WorkCompletion>, &[u8], Option<&str>); 5] = [
+            (vec![send, recv(Some(9))], &good, None),
+            (vec![send], &good, Some("no receive completion")),
+            (
+                vec![recv(Some(8)), send],
+                &good,
+                Some("immediate Some(8), expected 0x9"),
+            ),
+            (
+                vec![recv(Some(9))],
+                &corrupt,
+                Some("byte 260 arrived as 8, expected 9"),
+            ),
+            (
+                vec![recv(Some(9))],
+                &good[..bytes],
+                Some("holds 300 bytes, expected 600"),
+            ),
+        ];
+        for (completions, data, want) in cases {
+            match (verify_loopback(&completions, 9, data, bytes), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(text)) => assert!(e.to_string().contains(text), "{e}"),
+                (got, want) => panic!("{completions:?}: got {got:?}, wanted {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn handles_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Verbs>();
+        send_sync::<Context>();
+        send_sync::<ProtectionDomain>();
+        send_sync::<MemoryRegion>();
+        send_sync::<CompletionQueue>();
+        send_sync::<QueuePair>();
+    }
 
     #[test]
     fn call_errors_carry_errno_text() {

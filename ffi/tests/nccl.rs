@@ -145,27 +145,37 @@ fn a_minimum_above_the_library_is_refused_with_both_versions() {
     }
 }
 
-#[test]
-fn the_loader_finds_nccl_through_ld_library_path() {
-    // The loader reads LD_LIBRARY_PATH when a process starts, so the soname lookup runs in a child:
-    // this test binary again, running only the ignored test below.
-    let (dir, _) = wheel_nccl();
-    let out = Command::new(std::env::current_exe().expect("test binary"))
+/// Runs `open_by_soname_in_child` in a new process of this test binary with `ld_library_path`
+/// (the loader reads it at process start, and a library once opened in this process would be
+/// found by its soname whatever the path) and returns its stdout.
+fn open_by_soname_in_a_child(ld_library_path: Option<&Path>, expect: &str) -> String {
+    let mut child = Command::new(std::env::current_exe().expect("test binary"));
+    child
         .args([
             "--exact",
             "open_by_soname_in_child",
             "--ignored",
             "--nocapture",
         ])
-        .env("LD_LIBRARY_PATH", &dir)
-        .output()
-        .expect("run the child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        .env("TRAINCTL_FFI_CHILD_EXPECT", expect)
+        .env_remove("LD_LIBRARY_PATH");
+    if let Some(dir) = ld_library_path {
+        child.env("LD_LIBRARY_PATH", dir);
+    }
+    let out = child.output().expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "child failed: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn the_loader_finds_nccl_through_ld_library_path() {
+    let (dir, _) = wheel_nccl();
+    let stdout = open_by_soname_in_a_child(Some(&dir), "found");
     assert!(
         stdout.contains("opened libnccl.so.2 by soname: NCCL 2."),
         "{stdout}"
@@ -173,35 +183,40 @@ fn the_loader_finds_nccl_through_ld_library_path() {
 }
 
 #[test]
-#[ignore = "run by the_loader_finds_nccl_through_ld_library_path in a child process with LD_LIBRARY_PATH set"]
-fn open_by_soname_in_child() {
-    let nccl = Nccl::open().expect("libnccl.so.2 on LD_LIBRARY_PATH");
-    assert_eq!(nccl.library(), LIBRARY_NAME);
-    println!("opened libnccl.so.2 by soname: NCCL {}", nccl.version());
+fn without_nccl_on_the_loader_path_open_is_a_typed_error() {
+    let system_nccl = [
+        "/usr/lib/x86_64-linux-gnu/libnccl.so.2",
+        "/usr/lib64/libnccl.so.2",
+        "/usr/lib/libnccl.so.2",
+    ]
+    .iter()
+    .find(|p| Path::new(p).exists());
+    if let Some(path) = system_nccl {
+        return skip!("this host has a system NCCL ({path})");
+    }
+    let stdout = open_by_soname_in_a_child(None, "missing");
+    assert!(
+        stdout.contains("typed error: cannot open the NCCL library libnccl.so.2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("nvidia-nccl-cu12") && stdout.contains("LD_LIBRARY_PATH"),
+        "{stdout}"
+    );
 }
 
 #[test]
-fn without_nccl_on_the_loader_path_open_is_a_typed_error() {
-    // This test process has no NCCL on LD_LIBRARY_PATH (cargo does not add the venv) and the
-    // host has no system NCCL; the error says how to install it.
-    if let Ok(nccl) = Nccl::open() {
-        skip!(
-            "this host has a system NCCL {} on the loader path",
-            nccl.version()
-        );
-        return;
+#[ignore = "run in a child process by the two soname tests above (TRAINCTL_FFI_CHILD_EXPECT)"]
+fn open_by_soname_in_child() {
+    let expect = std::env::var("TRAINCTL_FFI_CHILD_EXPECT").unwrap_or_default();
+    match (Nccl::open(), expect.as_str()) {
+        (Ok(nccl), "found") => {
+            assert_eq!(nccl.library(), LIBRARY_NAME);
+            println!("opened libnccl.so.2 by soname: NCCL {}", nccl.version());
+        }
+        (Err(e @ NcclError::NotFound { .. }), "missing") => println!("typed error: {e}"),
+        (got, _) => panic!("TRAINCTL_FFI_CHILD_EXPECT={expect:?} (found or missing), got {got:?}"),
     }
-    let err = Nccl::open().expect_err("no libnccl.so.2 on the loader path");
-    assert!(matches!(err, NcclError::NotFound { .. }), "{err:?}");
-    let text = err.to_string();
-    assert!(
-        text.contains("cannot open the NCCL library libnccl.so.2"),
-        "{text}"
-    );
-    assert!(
-        text.contains("nvidia-nccl-cu12") && text.contains("LD_LIBRARY_PATH"),
-        "{text}"
-    );
 }
 
 #[test]
