@@ -22,6 +22,7 @@ use std::sync::Arc;
 use crate::sys::verbs as sys;
 
 pub mod gid;
+mod ops;
 pub mod port;
 pub mod qp;
 
@@ -953,38 +954,11 @@ impl CompletionQueue {
     /// a caller that goes on after an error (a failed RC queue pair is dead anyway).
     pub fn poll(&self) -> Result<Vec<WorkCompletion>, VerbsError> {
         let mut wcs = [sys::ibv_wc::default(); POLL_BATCH];
-        // SAFETY: the queue is live, so its `context` pointer is the open device context, whose
-        // `ops` table the provider filled at open and never changes.
-        let poll_cq = unsafe { (*(*self.inner.cq).context).ops.poll_cq }
-            .ok_or(VerbsError::Unsupported("ibv_poll_cq"))?;
-        // SAFETY: this is verbs.h's inline `ibv_poll_cq`: the provider's function with the queue
-        // and room for POLL_BATCH completions.
-        let n = unsafe { poll_cq(self.inner.cq, POLL_BATCH as c_int, wcs.as_mut_ptr()) };
-        if n < 0 {
-            return Err(VerbsError::call("ibv_poll_cq", -n));
-        }
-        let mut out = Vec::with_capacity(n as usize);
-        for wc in &wcs[..n as usize] {
-            if wc.status != sys::IBV_WC_SUCCESS {
-                return Err(VerbsError::WorkCompletion {
-                    wr_id: wc.wr_id,
-                    status: wc.status,
-                    message: self.inner.ctx.verbs.wc_status_str(wc.status),
-                    vendor_err: wc.vendor_err,
-                });
-            }
-            let imm_data = (wc.wc_flags & sys::IBV_WC_WITH_IMM != 0)
-                // SAFETY: with IBV_WC_WITH_IMM set the union holds the immediate (network order).
-                .then(|| u32::from_be(unsafe { wc.__bindgen_anon_1.imm_data }));
-            out.push(WorkCompletion {
-                wr_id: wc.wr_id,
-                opcode: wc.opcode,
-                byte_len: wc.byte_len,
-                imm_data,
-                qp_num: wc.qp_num,
-            });
-        }
-        Ok(out)
+        // SAFETY: the queue is live (destroyed only when the last Arc of it goes).
+        let n = unsafe { ops::poll_cq(self.inner.cq, &mut wcs) }?;
+        ops::completions(&wcs[..n], |status| {
+            self.inner.ctx.verbs.wc_status_str(status)
+        })
     }
 
     /// Polls until `count` completions arrived or `timeout` passed (busy-polling: for checks and
@@ -1114,16 +1088,8 @@ impl QueuePair {
             sg_list: std::ptr::null_mut(),
             num_sge: 0,
         };
-        let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
-        // SAFETY: the queue pair is live, so its `context` is the open device context whose
-        // `ops` the provider filled at open.
-        let post_recv = unsafe { (*(*self.qp).context).ops.post_recv }
-            .ok_or(VerbsError::Unsupported("ibv_post_recv"))?;
-        // SAFETY: verbs.h's inline `ibv_post_recv`: one well-formed request with no scatter
-        // entries; the provider copies it before returning.
-        check("ibv_post_recv", unsafe {
-            post_recv(self.qp, &mut wr, &mut bad)
-        })
+        // SAFETY: the queue pair is live; the request has no scatter entries, so names no memory.
+        unsafe { ops::post_recv(self.qp, &mut wr) }
     }
 
     /// Posts a signalled RDMA write with immediate (`ibv_post_send`): `write.len` bytes from
@@ -1137,42 +1103,13 @@ impl QueuePair {
         write: WriteWithImm,
     ) -> Result<(), VerbsError> {
         let length = write.check_bounds(mr.len(), remote.len)?;
-        let WriteWithImm {
-            wr_id,
-            local_offset,
-            remote_offset,
-            imm,
-            ..
-        } = write;
-        let mut sge = sys::ibv_sge {
-            addr: mr.addr() + local_offset as u64,
-            length,
-            lkey: mr.lkey(),
-        };
-        let mut wr = sys::ibv_send_wr {
-            wr_id,
-            next: std::ptr::null_mut(),
-            sg_list: &mut sge,
-            num_sge: 1,
-            opcode: sys::IBV_WR_RDMA_WRITE_WITH_IMM,
-            send_flags: sys::IBV_SEND_SIGNALED,
-            ..Default::default()
-        };
-        wr.__bindgen_anon_1.imm_data = imm.to_be();
-        wr.wr.rdma = sys::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 {
-            remote_addr: remote.addr + remote_offset,
-            rkey: remote.rkey,
-        };
-        let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
-        // SAFETY: as in `post_recv`.
-        let post_send = unsafe { (*(*self.qp).context).ops.post_send }
-            .ok_or(VerbsError::Unsupported("ibv_post_send"))?;
-        // SAFETY: verbs.h's inline `ibv_post_send`: one well-formed request whose scatter entry
-        // lies inside `mr` (checked above), which stays registered while `mr` is borrowed here
-        // and, after return, until it is dropped (deregistration stops the device's access).
-        check("ibv_post_send", unsafe {
-            post_send(self.qp, &mut wr, &mut bad)
-        })
+        let mut sge = sys::ibv_sge::default();
+        let mut wr =
+            ops::write_with_imm_request(&write, length, mr.addr(), mr.lkey(), remote, &mut sge);
+        // SAFETY: the queue pair is live; the request's one scatter entry lies inside `mr`
+        // (checked above), which stays registered while borrowed here and, after return, until
+        // it is dropped (deregistration stops the device's access to it).
+        unsafe { ops::post_send(self.qp, &mut wr) }
     }
 }
 
