@@ -13,6 +13,8 @@
 //!   devices (sysfs), GPU-to-NIC affinity, the interface holding the advertised address.
 //! - [`members`]: the coordinators the agent knows, and the pure choice of the next one to talk to
 //!   when the current one does not lead or does not answer.
+//! - [`preflight`]: checks of the host's GPUs, RDMA ports and NCCL (bounded in time), and the pure
+//!   verdict "healthy, or why not" reported to the coordinator.
 //! - [`process`]: a rank in its own process group with a parent-death signal; logs; group kill; the
 //!   journal that lets a restarted agent kill what a crashed one left.
 //! - [`reconcile`]: desired ranks + tracked ranks -> actions.
@@ -24,6 +26,7 @@ pub mod discovery;
 pub mod identity;
 pub mod job_store;
 pub mod members;
+pub mod preflight;
 pub mod process;
 pub mod rank_api;
 pub mod reconcile;
