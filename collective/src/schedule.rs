@@ -35,6 +35,23 @@ pub(crate) fn all_gather_step(rank: usize, world: usize, step: usize) -> (usize,
     (send, recv)
 }
 
+/// Whether the chunk `rank` receives at reduce-scatter step `step` is the one it sends next: at
+/// step `step + 1`, or after the last step the chunk it owns, which all-gather step 0 sends; and
+/// likewise, at every all-gather step but the last, the chunk received is the next one sent. The
+/// pipelined all-reduce relies on this to pass each segment on as soon as it has it. True for
+/// every rank and step of every world size (see the tests); checked in debug builds.
+pub(crate) fn next_send_is_this_recv(rank: usize, world: usize, step: usize) -> bool {
+    let (_, rs_recv) = reduce_scatter_step(rank, world, step);
+    let rs_next = if step + 2 < world {
+        reduce_scatter_step(rank, world, step + 1).0
+    } else {
+        all_gather_step(rank, world, 0).0
+    };
+    let (_, ag_recv) = all_gather_step(rank, world, step);
+    let ag_ok = step + 2 >= world || all_gather_step(rank, world, step + 1).0 == ag_recv;
+    rs_recv == rs_next && ag_ok
+}
+
 /// The chunk whose complete sum `rank` holds after the reduce-scatter.
 pub(crate) fn owned_chunk(rank: usize, world: usize) -> usize {
     (rank + 1) % world
@@ -122,6 +139,27 @@ mod tests {
                     "world {world}: rank {r} differs from rank 0"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn each_chunk_received_is_the_next_one_sent() {
+        for world in 2..=9 {
+            for rank in 0..world {
+                for step in 0..world - 1 {
+                    assert!(
+                        next_send_is_this_recv(rank, world, step),
+                        "world {world} rank {rank} step {step}"
+                    );
+                }
+            }
+        }
+        // The reduce-scatter's last chunk received is the owned one, sent first in the all-gather.
+        let cases: &[(usize, usize, usize)] =
+            &[(0, 2, 1), (1, 2, 0), (0, 4, 1), (3, 4, 0), (2, 5, 3)];
+        for &(rank, world, owned) in cases {
+            assert_eq!(reduce_scatter_step(rank, world, world - 2).1, owned);
+            assert_eq!(all_gather_step(rank, world, 0).0, owned);
         }
     }
 }

@@ -19,7 +19,9 @@
 //! the rendezvous session and the ranks.
 //!
 //! Data: each rank owns a sender thread that writes to the next rank while the calling thread reads
-//! from the previous one, so a ring of large messages never deadlocks on full socket buffers.
+//! from the previous one, so a ring of large messages never deadlocks on full socket buffers. The
+//! all-reduce moves its chunks in segments, each passed on as soon as it is summed (pipelined; the
+//! bytes on the wire are those of whole chunks in order).
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -28,7 +30,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::CollectiveError;
-use crate::schedule::{all_gather_step, chunk_range, reduce_scatter_step};
+use crate::schedule::{all_gather_step, chunk_range, next_send_is_this_recv, reduce_scatter_step};
 use crate::wire::{self, Abort, Hello, HelloAck, Join, OpHeader, OpKind, Reply, WireError};
 use crate::{Collective, MAX_WORLD_SIZE};
 
@@ -48,8 +50,18 @@ const REPLY_GRACE_MS: u64 = 2_000;
 const BROADCAST_SEGMENT_BYTES: usize = 1 << 20;
 /// Byte each rank passes around the ring in a barrier.
 const BARRIER_TOKEN: u8 = 0xba;
-/// Spare send buffers a ring keeps for reuse.
-const SEND_BUFFER_POOL_COUNT: usize = 4;
+/// The all-reduce sends, sums and forwards its chunks in segments of this many bytes (see
+/// `all_reduce_body`): small enough for a segment's passes to stay in cache, large enough that the
+/// hand-over to the sender thread costs little.
+const ALL_REDUCE_SEGMENT_BYTES: usize = 256 << 10;
+/// Spare send buffers a ring keeps for reuse, in bytes of capacity all together. The first chunk
+/// of an all-reduce is queued whole (a 64 MiB all-reduce on 2 ranks: 128 segments), so this many
+/// bytes of segments come back to be reused by the next operation instead of being allocated and
+/// page-faulted anew.
+const SEND_BUFFER_POOL_MAX_BYTES: usize = 64 << 20;
+/// Smaller sent buffers (headers, barrier tokens) are dropped rather than pooled, so that they do
+/// not take the places of segment buffers, which would then be allocated (and page-faulted) anew.
+const SEND_BUFFER_POOL_MIN_BYTES: usize = 4 << 10;
 
 /// Where and how one rank meets the others.
 ///
@@ -313,7 +325,10 @@ struct Link {
     /// The first failed write since the last flush.
     send_error: Option<io::Error>,
     sender: Option<JoinHandle<()>>,
+    /// Buffers the sender thread gave back, for the next messages.
     pool: Vec<Vec<u8>>,
+    /// Capacity of the buffers in `pool`, at most [`SEND_BUFFER_POOL_MAX_BYTES`].
+    pool_bytes: usize,
 }
 
 impl TcpRing {
@@ -444,21 +459,27 @@ impl TcpRing {
 
     /// A cleared buffer for an outgoing message, reusing one the sender thread gave back.
     fn take_buf(&mut self) -> Vec<u8> {
+        self.take_buf_len(0)
+    }
+
+    /// A buffer of exactly `len` bytes for an outgoing message, reusing one the sender thread gave
+    /// back. Its bytes are unspecified: the caller overwrites them all. A reused buffer that held
+    /// a message of the same length (the segments of an all-reduce) is not filled first.
+    fn take_buf_len(&mut self, len: usize) -> Vec<u8> {
         let Some(link) = self.link.as_mut() else {
-            return Vec::new();
+            return vec![0; len];
         };
         while let Ok(done) = link.done.try_recv() {
-            link.in_flight -= 1;
-            match done {
-                Ok(buf) if link.pool.len() < SEND_BUFFER_POOL_COUNT => link.pool.push(buf),
-                Ok(_) => {}
-                Err(e) => {
-                    link.send_error.get_or_insert(e);
-                }
-            }
+            link.sent(done);
         }
-        let mut buf = link.pool.pop().unwrap_or_default();
-        buf.clear();
+        let mut buf = match link.pool.pop() {
+            Some(buf) => {
+                link.pool_bytes -= buf.capacity();
+                buf
+            }
+            None => Vec::new(),
+        };
+        buf.resize(len, 0);
         buf
     }
 
@@ -478,8 +499,7 @@ impl TcpRing {
         if values.is_empty() {
             return Ok(());
         }
-        let mut buf = self.take_buf();
-        buf.resize(values.len() * T::SIZE, 0);
+        let mut buf = self.take_buf_len(values.len() * T::SIZE);
         for (dst, v) in buf.chunks_exact_mut(T::SIZE).zip(values) {
             v.put_le(dst);
         }
@@ -502,14 +522,7 @@ impl TcpRing {
         let link = self.link_mut()?;
         while link.in_flight > 0 {
             let done = link.done.recv().map_err(|_| sender_gone())?;
-            link.in_flight -= 1;
-            match done {
-                Ok(buf) if link.pool.len() < SEND_BUFFER_POOL_COUNT => link.pool.push(buf),
-                Ok(_) => {}
-                Err(e) => {
-                    link.send_error.get_or_insert(e);
-                }
-            }
+            link.sent(done);
         }
         match link.send_error.take() {
             Some(e) => Err(peer_error(link.next_rank, "sending", timeout, e)),
@@ -520,31 +533,52 @@ impl TcpRing {
     /// The ring all-reduce for any element type: reduce-scatter with `T::add`, then all-gather.
     /// Each chunk is summed in the same order (starting at its first rank and travelling
     /// forward) on every run.
+    ///
+    /// Pipelined by segments of [`ALL_REDUCE_SEGMENT_BYTES`]: the chunk a rank receives at one
+    /// step is the chunk it sends at the next (`schedule::next_send_is_this_recv`), so each
+    /// segment goes on to the next rank as soon as it is summed (or, in the all-gather, received)
+    /// instead of after the whole chunk; the ranks down the ring start on it while this rank
+    /// receives the next segment, and every pass over a segment stays in cache. The bytes on the
+    /// wire are the same as without segments: each chunk whole and in order, chunk after chunk.
     fn all_reduce_body<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CollectiveError> {
         let n = self.world_size as usize;
         let rank = self.rank as usize;
         let len = buf.len();
+        let seg = (ALL_REDUCE_SEGMENT_BYTES / T::SIZE).max(1);
+        let (first, _) = reduce_scatter_step(rank, n, 0);
+        for piece in buf[chunk_range(len, n, first)].chunks(seg) {
+            self.send_elems(piece)?;
+        }
         for step in 0..n - 1 {
-            let (send, recv) = reduce_scatter_step(rank, n, step);
-            self.send_elems(&buf[chunk_range(len, n, send)])?;
-            let dst = &mut buf[chunk_range(len, n, recv)];
-            if dst.is_empty() {
-                continue;
-            }
-            self.recv_bytes(dst.len() * T::SIZE, "receiving all_reduce data")?;
-            for (d, src) in dst.iter_mut().zip(self.recv_buf.chunks_exact(T::SIZE)) {
-                *d = d.add(T::get_le(src));
+            let (_, recv) = reduce_scatter_step(rank, n, step);
+            // Summed, this chunk is the next step's send, or after the last step the chunk this
+            // rank owns, which the all-gather sends first.
+            debug_assert!(next_send_is_this_recv(rank, n, step));
+            let range = chunk_range(len, n, recv);
+            for start in range.clone().step_by(seg) {
+                let dst = &mut buf[start..(start + seg).min(range.end)];
+                self.recv_bytes(dst.len() * T::SIZE, "receiving all_reduce data")?;
+                for (d, src) in dst.iter_mut().zip(self.recv_buf.chunks_exact(T::SIZE)) {
+                    *d = d.add(T::get_le(src));
+                }
+                self.send_elems(dst)?;
             }
         }
         for step in 0..n - 1 {
-            let (send, recv) = all_gather_step(rank, n, step);
-            self.send_elems(&buf[chunk_range(len, n, send)])?;
-            let dst = &mut buf[chunk_range(len, n, recv)];
-            if dst.is_empty() {
-                continue;
+            let (_, recv) = all_gather_step(rank, n, step);
+            // Every step but the last passes the chunk on, byte for byte.
+            let forward = step + 2 < n;
+            let range = chunk_range(len, n, recv);
+            for start in range.clone().step_by(seg) {
+                let dst = &mut buf[start..(start + seg).min(range.end)];
+                self.recv_bytes(dst.len() * T::SIZE, "receiving all_reduce results")?;
+                decode_into(dst, &self.recv_buf);
+                if forward {
+                    let mut fwd = self.take_buf();
+                    fwd.extend_from_slice(&self.recv_buf);
+                    self.queue_send(fwd)?;
+                }
             }
-            self.recv_bytes(dst.len() * T::SIZE, "receiving all_reduce results")?;
-            decode_into(dst, &self.recv_buf);
         }
         Ok(())
     }
@@ -633,6 +667,25 @@ impl Collective for TcpRing {
 }
 
 impl Link {
+    /// Takes back a message the sender thread finished: its buffer goes to the pool (if the pool
+    /// has room and the buffer is worth keeping), its error is kept for the next flush.
+    fn sent(&mut self, done: io::Result<Vec<u8>>) {
+        self.in_flight -= 1;
+        match done {
+            Ok(buf)
+                if buf.capacity() >= SEND_BUFFER_POOL_MIN_BYTES
+                    && self.pool_bytes + buf.capacity() <= SEND_BUFFER_POOL_MAX_BYTES =>
+            {
+                self.pool_bytes += buf.capacity();
+                self.pool.push(buf);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.send_error.get_or_insert(e);
+            }
+        }
+    }
+
     /// Closes both connections; also unblocks a sender thread stuck writing to a neighbour that
     /// stopped reading. Data already written is still delivered before the end of stream.
     fn shut_down(&self) {
@@ -960,6 +1013,7 @@ pub(crate) fn build_ring(
             send_error: None,
             sender: Some(sender),
             pool: Vec::new(),
+            pool_bytes: 0,
         }),
         seq: 0,
         broken: None,
@@ -1053,4 +1107,118 @@ pub(crate) fn new_session_id(addr: SocketAddr) -> u64 {
         .unwrap_or(0);
     let pid = u64::from(std::process::id());
     crate::prng::mix64(nanos ^ (pid << 32) ^ u64::from(addr.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+
+    use super::*;
+
+    const TEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+    fn cfg(rank: u32, world_size: u32, port: u16) -> RendezvousConfig {
+        RendezvousConfig {
+            rank,
+            world_size,
+            master_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            master_port: port,
+            bind_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            timeout: TEST_TIMEOUT,
+            use_agent_store: false,
+        }
+    }
+
+    /// Runs `f` on every rank of a ring of `world` threads; results by rank.
+    fn run_ranks<T: Send + 'static>(
+        world: u32,
+        f: impl Fn(TcpRing) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        let master = MasterListener::bind(cfg(0, world, 0)).unwrap();
+        let port = master.local_addr().unwrap().port();
+        let f = Arc::new(f);
+        let mut handles = Vec::new();
+        let f0 = Arc::clone(&f);
+        handles.push(thread::spawn(move || f0(master.accept_ring().unwrap())));
+        for rank in 1..world {
+            let f = Arc::clone(&f);
+            handles.push(thread::spawn(move || {
+                f(TcpRing::connect(cfg(rank, world, port)).unwrap())
+            }));
+        }
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// Whole numbers, so f32 sums are exact in any order.
+    fn f32_input(rank: u32, i: usize) -> f32 {
+        ((i * 31 + rank as usize * 7) % 4093) as f32 - 2000.0
+    }
+
+    /// Large values, so the i64 sums wrap.
+    fn i64_input(rank: u32, i: usize) -> i64 {
+        (i as i64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as i64) ^ i64::from(rank)
+    }
+
+    /// Lengths around the segment size: one segment per chunk, several with a partial last one,
+    /// uneven chunks; run in a row on one ring, longest first, so that reused send buffers of
+    /// another length must be overwritten in full.
+    fn segment_lengths(world: u32) -> Vec<usize> {
+        let seg = ALL_REDUCE_SEGMENT_BYTES / 4;
+        let w = world as usize;
+        vec![3 * seg * w + 7, seg * w, seg * w - 1, seg + 1, 5]
+    }
+
+    #[test]
+    fn segmented_all_reduce_gives_exact_sums_across_segment_boundaries() {
+        for world in [2u32, 3, 5] {
+            let got = run_ranks(world, move |mut ring| {
+                let rank = ring.rank();
+                let mut out = Vec::new();
+                for len in segment_lengths(world) {
+                    let mut f: Vec<f32> = (0..len).map(|i| f32_input(rank, i)).collect();
+                    ring.all_reduce_sum_f32(&mut f).unwrap();
+                    let mut n: Vec<i64> = (0..len).map(|i| i64_input(rank, i)).collect();
+                    ring.all_reduce_sum_i64(&mut n).unwrap();
+                    out.push((f, n));
+                }
+                ring.barrier().unwrap();
+                out
+            });
+            for (rank, results) in got.iter().enumerate() {
+                for (len, (f, n)) in segment_lengths(world).into_iter().zip(results) {
+                    let want_f: Vec<f32> = (0..len)
+                        .map(|i| (0..world).map(|r| f32_input(r, i)).sum())
+                        .collect();
+                    let want_n: Vec<i64> = (0..len)
+                        .map(|i| (0..world).fold(0i64, |acc, r| acc.wrapping_add(i64_input(r, i))))
+                        .collect();
+                    assert!(*f == want_f, "world {world} rank {rank} len {len}: f32");
+                    assert!(*n == want_n, "world {world} rank {rank} len {len}: i64");
+                }
+            }
+        }
+    }
+
+    /// The pool keeps segment buffers up to its byte budget and drops small ones.
+    #[test]
+    fn the_send_pool_stays_within_its_budget() {
+        let pools = run_ranks(2, |mut ring| {
+            let mut buf = vec![1.0f32; 4 * ALL_REDUCE_SEGMENT_BYTES];
+            ring.all_reduce_sum_f32(&mut buf).unwrap();
+            ring.barrier().unwrap();
+            let link = ring.link.as_ref().unwrap();
+            let caps: Vec<usize> = link.pool.iter().map(Vec::capacity).collect();
+            (link.pool_bytes, caps)
+        });
+        for (bytes, caps) in pools {
+            assert!(!caps.is_empty(), "segment buffers came back to the pool");
+            assert_eq!(bytes, caps.iter().sum::<usize>());
+            assert!(bytes <= SEND_BUFFER_POOL_MAX_BYTES);
+            assert!(
+                caps.iter().all(|&c| c >= SEND_BUFFER_POOL_MIN_BYTES),
+                "{caps:?}"
+            );
+        }
+    }
 }
