@@ -6,20 +6,33 @@ use std::net::IpAddr;
 use super::rdma::netdev_name;
 
 /// The interface among `interfaces` (name, address) that holds `address`; the first by name when
-/// several do. An address label such as `eth0:1` (an IPv4 alias) names its interface, `eth0`.
-/// `None` for the unspecified address, or when no interface holds it.
+/// several do. An address label such as `eth0:1` (an IPv4 alias) names its interface, `eth0`. A
+/// loopback address no interface holds exactly (127.0.0.2) belongs to the interface holding
+/// loopback addresses of its family. `None` for the unspecified address, or when no interface
+/// holds it.
 pub fn interface_holding(address: IpAddr, interfaces: &[(String, IpAddr)]) -> Option<String> {
     let address = canonical(address);
     if address.is_unspecified() {
         return None;
     }
-    let mut names: Vec<String> = interfaces
-        .iter()
-        .filter(|(_, a)| canonical(*a) == address)
-        .filter_map(|(name, _)| netdev_name(name.split(':').next().unwrap_or_default()))
-        .collect();
-    names.sort();
-    names.into_iter().next()
+    let holders = |matches: &dyn Fn(IpAddr) -> bool| {
+        let mut names: Vec<String> = interfaces
+            .iter()
+            .filter(|(_, a)| matches(canonical(*a)))
+            .filter_map(|(name, _)| netdev_name(name.split(':').next().unwrap_or_default()))
+            .collect();
+        names.sort();
+        names.into_iter().next()
+    };
+    holders(&|a| a == address).or_else(|| {
+        // The loopback interface answers for all of 127.0.0.0/8 while holding 127.0.0.1 only
+        // (`trainctl dev` puts its agents on 127.0.0.2, ...).
+        if address.is_loopback() {
+            holders(&|a| a.is_loopback() && a.is_ipv4() == address.is_ipv4())
+        } else {
+            None
+        }
+    })
 }
 
 /// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) as the IPv4 address it maps.
@@ -88,6 +101,7 @@ mod tests {
             ("10.0.0.5", Some("eth0")),
             ("192.168.10.5", Some("ib0")),
             ("127.0.0.1", Some("lo")),
+            ("127.0.0.2", Some("lo")),
             ("::1", Some("lo")),
             ("::ffff:10.0.0.5", Some("eth0")),
             ("10.0.1.5", Some("eth0")),
@@ -110,6 +124,7 @@ mod tests {
     fn loopback_is_found_on_this_host() {
         // Every Linux host has lo with 127.0.0.1 (also in containers).
         assert_eq!(advertised_interface("127.0.0.1".parse().unwrap()), "lo");
+        assert_eq!(advertised_interface("127.0.0.3".parse().unwrap()), "lo");
         assert_eq!(advertised_interface("203.0.113.77".parse().unwrap()), "");
     }
 }
