@@ -6,7 +6,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use trainctl_coordinator::api::access::{AuditView, TokenView};
 use trainctl_coordinator::api::cluster::ClusterView;
-use trainctl_coordinator::api::{AttemptView, CheckpointView, JobDetail, JobSummary, NodeView};
+use trainctl_coordinator::api::{
+    AllocationView, AttemptView, CheckpointView, JobDetail, JobSummary, NodeView,
+};
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -181,14 +183,68 @@ pub fn size_line(d: &JobDetail) -> String {
         s.world_size
     };
     format!(
-        "{hosts} x {} = world size {world}{}",
+        "{hosts} x {} = world size {world}{}{}",
         count(s.procs_per_node, "rank"),
         if s.gpus_per_node > 0 {
             format!(", {} per host", count(s.gpus_per_node, "GPU"))
         } else {
             String::new()
+        },
+        if d.spec.resources.fabric.is_any() {
+            String::new()
+        } else {
+            format!(
+                ", every host on {} (fabric = \"{}\")",
+                d.spec.resources.fabric.describe(),
+                d.spec.resources.fabric
+            )
         }
     )
+}
+
+/// Hosts whose rank environment `status` shows; `-o json` has them all.
+const STATUS_ENV_HOSTS: usize = 4;
+
+/// The GPU, NCCL and RDMA variables of the ranks on each host, with why; empty when there is nothing
+/// to say (a CPU job: only `CUDA_VISIBLE_DEVICES=` hiding every GPU).
+pub fn launch_env(d: &JobDetail) -> String {
+    let says_something = |a: &&AllocationView| {
+        a.launch_env
+            .iter()
+            .any(|e| !(e.name == "CUDA_VISIBLE_DEVICES" && e.value.as_deref() == Some("")))
+    };
+    let hosts: Vec<&AllocationView> = d.allocation.iter().filter(says_something).collect();
+    let mut out = String::new();
+    for a in hosts.iter().take(STATUS_ENV_HOSTS) {
+        let _ = writeln!(out, "{}:", a.node);
+        for e in &a.launch_env {
+            let setting = match &e.value {
+                Some(v) => format!("{}={v}", e.name),
+                None => format!("{} unset", e.name),
+            };
+            let ranks = match e.local_ranks.as_slice() {
+                [] => String::new(),
+                [one] => format!(" [local rank {one}]"),
+                many => format!(
+                    " [local ranks {}]",
+                    many.iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            let _ = writeln!(out, "  {setting}{ranks}: {}", e.reason);
+        }
+    }
+    if hosts.len() > STATUS_ENV_HOSTS {
+        let _ = writeln!(
+            out,
+            "and {} more hosts (all: trainctl status {} -o json)",
+            hosts.len() - STATUS_ENV_HOSTS,
+            d.summary.id
+        );
+    }
+    out
 }
 
 /// The attempt history: one row per launch of the gang.
@@ -330,6 +386,16 @@ pub fn job_detail(d: &JobDetail) -> String {
         }
         for line in table(&rows).lines() {
             let _ = writeln!(out, "  {line}");
+        }
+    }
+    let env = launch_env(d);
+    if !env.is_empty() {
+        let _ = writeln!(
+            out,
+            "  rank environment (GPU, NCCL, RDMA; a job's own launch.env wins):"
+        );
+        for line in env.lines() {
+            let _ = writeln!(out, "    {line}");
         }
     }
     if !d.attempts.is_empty() {
@@ -722,5 +788,88 @@ mod tests {
         assert!(lines[1].starts_with("20 "), "{text}");
         assert!(lines[2].starts_with("10 "), "{text}");
         assert_eq!(checkpoint_table(&[]), "no checkpoints committed\n");
+    }
+
+    /// A job's detail as a coordinator sends it, with `allocation` as given.
+    fn detail_with(allocation: serde_json::Value, fabric: &str) -> JobDetail {
+        serde_json::from_value(serde_json::json!({
+            "id": "7", "name": "ddp", "state": "running", "nodes": 2, "procs_per_node": 2,
+            "world_size": 4, "gpus_per_node": 2, "submitted_at_ms": 0, "started_at_ms": null,
+            "finished_at_ms": null, "reason": null, "pending_reason": null,
+            "attempt": 0, "master_addr": "10.0.0.1", "master_port": 29500,
+            "allocation": allocation, "ranks": [], "restarts": 0, "max_restarts": 0,
+            "current_nodes": 2, "node_range": [2, 2], "attempts": [], "checkpoints": [],
+            "resume_from": null,
+            "spec": {"name": "ddp", "launch": {"command": ["python3"], "workdir": null, "env": {}},
+                     "resources": {"nodes": 2, "min_nodes": 2, "procs_per_node": 2,
+                                   "gpus_per_node": 2, "cpus_per_node": 2,
+                                   "memory_per_node_mib": 0, "fabric": fabric},
+                     "failure": {"max_restarts": 0}}
+        }))
+        .unwrap()
+    }
+
+    fn share(node: &str, launch_env: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"node": node, "address": "10.0.0.1", "group_rank": 0, "gpus": [0, 1],
+                           "cpus": 2, "memory_mib": 0, "released": false, "launch_env": launch_env})
+    }
+
+    #[test]
+    fn status_shows_the_rank_environment_and_why() {
+        let env = serde_json::json!([
+            {"name": "CUDA_VISIBLE_DEVICES", "value": "GPU-a,GPU-b", "set_by": "trainctl",
+             "reason": "the job's 2 GPUs on this host, by UUID"},
+            {"name": "NCCL_IB_HCA", "value": "=mlx5_0:1", "set_by": "trainctl",
+             "reason": "the ACTIVE InfiniBand port nearest GPU-a (PIX)", "local_ranks": [0]},
+            {"name": "NCCL_IB_HCA", "value": "mlx5", "set_by": "job",
+             "reason": "the job's launch.env sets it", "local_ranks": [1, 3]},
+            {"name": "NCCL_IB_GID_INDEX", "value": null, "set_by": "unset",
+             "reason": "NCCL picks one"}
+        ]);
+        let d = detail_with(serde_json::json!([share("node-1", env)]), "ib");
+        let text = job_detail(&d);
+        for line in [
+            "  gang: 2 hosts x 2 ranks = world size 4, 2 GPUs per host, every host on InfiniBand (fabric = \"ib\")",
+            "  rank environment (GPU, NCCL, RDMA; a job's own launch.env wins):",
+            "    node-1:",
+            "      CUDA_VISIBLE_DEVICES=GPU-a,GPU-b: the job's 2 GPUs on this host, by UUID",
+            "      NCCL_IB_HCA==mlx5_0:1 [local rank 0]: the ACTIVE InfiniBand port nearest GPU-a (PIX)",
+            "      NCCL_IB_HCA=mlx5 [local ranks 1, 3]: the job's launch.env sets it",
+            "      NCCL_IB_GID_INDEX unset: NCCL picks one",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+        }
+
+        // A CPU job: nothing to say, no section; an older coordinator sends no launch_env at all.
+        let cpu = serde_json::json!([{"name": "CUDA_VISIBLE_DEVICES", "value": "",
+            "set_by": "trainctl", "reason": "the job holds no GPU on this host"}]);
+        let d = detail_with(serde_json::json!([share("node-1", cpu)]), "any");
+        let text = job_detail(&d);
+        assert!(!text.contains("rank environment"), "{text}");
+        assert!(!text.contains("fabric"), "{text}");
+        let mut old = share("node-1", serde_json::json!(null));
+        old.as_object_mut().unwrap().remove("launch_env");
+        assert!(launch_env(&detail_with(serde_json::json!([old]), "any")).is_empty());
+
+        // Many hosts: the first few, and where the rest are.
+        let hosts: Vec<serde_json::Value> = (0..6)
+            .map(|i| {
+                share(
+                    &format!("node-{i}"),
+                    serde_json::json!([{"name": "NCCL_SOCKET_IFNAME", "value": "=eth0",
+                        "set_by": "trainctl", "reason": "r"}]),
+                )
+            })
+            .collect();
+        let text = launch_env(&detail_with(serde_json::Value::Array(hosts), "any"));
+        assert_eq!(
+            text.matches("NCCL_SOCKET_IFNAME==eth0: r").count(),
+            4,
+            "{text}"
+        );
+        assert!(
+            text.ends_with("and 2 more hosts (all: trainctl status 7 -o json)\n"),
+            "{text}"
+        );
     }
 }

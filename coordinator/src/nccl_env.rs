@@ -196,6 +196,34 @@ pub fn to_set(decisions: &[EnvDecision]) -> impl Iterator<Item = (&'static str, 
         .filter_map(|d| d.value.as_deref().map(|v| (d.name, v)))
 }
 
+/// The decisions of a host's ranks (index = local rank), each distinct decision once with the local
+/// ranks that got it, or no ranks when every rank did; in the order of the variables.
+pub fn group_by_rank(per_rank: &[Vec<EnvDecision>]) -> Vec<(EnvDecision, Vec<u32>)> {
+    let mut groups: Vec<(EnvDecision, Vec<u32>)> = Vec::new();
+    for (local_rank, decisions) in (0u32..).zip(per_rank) {
+        for d in decisions {
+            match groups.iter_mut().find(|(g, _)| g == d) {
+                Some((_, ranks)) => ranks.push(local_rank),
+                None => groups.push((d.clone(), vec![local_rank])),
+            }
+        }
+    }
+    // Keep the variables' order: a stable sort by each name's first appearance.
+    let order: Vec<&'static str> = groups.iter().fold(Vec::new(), |mut names, (d, _)| {
+        if !names.contains(&d.name) {
+            names.push(d.name);
+        }
+        names
+    });
+    groups.sort_by_key(|(d, _)| order.iter().position(|n| *n == d.name));
+    for (_, ranks) in &mut groups {
+        if ranks.len() == per_rank.len() {
+            ranks.clear();
+        }
+    }
+    groups
+}
+
 /// Whether CUDA knows `uuid` as a device UUID (`GPU-…`, or a MIG instance's `MIG-…`).
 fn is_cuda_uuid(uuid: &str) -> bool {
     uuid.starts_with("GPU-") || uuid.starts_with("MIG-")

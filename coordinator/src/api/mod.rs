@@ -523,6 +523,26 @@ pub struct AllocationView {
     pub cpus: u32,
     pub memory_mib: u64,
     pub released: bool,
+    /// The GPU, NCCL and RDMA variables trainctl decided for the ranks here, and why (computed from
+    /// the hosts as registered now). Absent from coordinators that predate it.
+    #[serde(default)]
+    pub launch_env: Vec<LaunchEnvView>,
+}
+
+/// One variable of the ranks' GPU, NCCL and RDMA environment on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LaunchEnvView {
+    /// E.g. `NCCL_IB_HCA`.
+    pub name: String,
+    /// What the ranks see; null when it is left unset.
+    pub value: Option<String>,
+    /// `trainctl` (decided from discovery), `job` (the job's `launch.env` sets it) or `unset`.
+    pub set_by: String,
+    /// Why, in words.
+    pub reason: String,
+    /// The local ranks that get this value; empty when every rank on the node does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub local_ranks: Vec<u32>,
 }
 
 /// Everything about one job.
@@ -842,6 +862,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         JobSpecBody,
         LaunchBody,
         ResourcesBody,
+        FabricBody,
         NodeCount,
         FailureBody,
         CheckpointBody,
@@ -851,6 +872,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         JobDetail,
         RankView,
         AllocationView,
+        LaunchEnvView,
         NodeView,
         AttemptView,
         CheckpointView,
@@ -1718,6 +1740,7 @@ fn detail(v: &View, job: &Job) -> JobDetail {
                     cpus: na.cpus,
                     memory_mib: na.memory_mib,
                     released: na.released,
+                    launch_env: launch_env_view(job, &na.node, &s.nodes),
                 })
                 .collect()
         })
@@ -1769,6 +1792,25 @@ fn detail(v: &View, job: &Job) -> JobDetail {
         resume_from: job.resume_from.as_ref().map(checkpoint_view),
         spec: job.spec.clone(),
     }
+}
+
+/// [`LaunchEnvView`]s of `job`'s ranks on `node`: each distinct decision once.
+fn launch_env_view(
+    job: &Job,
+    node: &NodeId,
+    nodes: &std::collections::BTreeMap<NodeId, Node>,
+) -> Vec<LaunchEnvView> {
+    let per_rank = crate::launch::rank_env_decisions(job, node, nodes);
+    crate::nccl_env::group_by_rank(&per_rank)
+        .into_iter()
+        .map(|(d, local_ranks)| LaunchEnvView {
+            name: d.name.to_owned(),
+            value: d.value,
+            set_by: d.set_by.as_str().to_owned(),
+            reason: d.reason,
+            local_ranks,
+        })
+        .collect()
 }
 
 fn checkpoint_view(c: &crate::state::CheckpointRecord) -> CheckpointView {

@@ -632,6 +632,42 @@ fn to_set_leaves_out_the_jobs_and_the_unset() {
 }
 
 #[test]
+fn group_by_rank_names_ranks_only_where_they_differ() {
+    let this = host("ib");
+    let gang = gang_fabric(ANY, [(this.id.0.as_str(), &this.resources)]);
+    let env = BTreeMap::new();
+    let per_rank: Vec<Vec<EnvDecision>> = (0..2)
+        .map(|local_rank| {
+            decide(&RankInput {
+                job_env: &env,
+                gang: &gang,
+                host: Some(&this),
+                host_gpus: &[0, 1],
+                rank_gpus: rank_gpus(&[0, 1], 2, local_rank),
+            })
+        })
+        .collect();
+    let grouped: Vec<(&str, Option<String>, Vec<u32>)> = group_by_rank(&per_rank)
+        .into_iter()
+        .map(|(d, ranks)| (d.name, d.value, ranks))
+        .collect();
+    assert_eq!(
+        grouped,
+        [
+            (
+                CUDA_VISIBLE_DEVICES,
+                Some("GPU-aaaa,GPU-bbbb".to_owned()),
+                vec![]
+            ),
+            (NCCL_SOCKET_IFNAME, Some("=eth0".to_owned()), vec![]),
+            (NCCL_IB_HCA, Some("=mlx5_0:1".to_owned()), vec![0]),
+            (NCCL_IB_HCA, Some("=mlx5_1:1".to_owned()), vec![1]),
+        ]
+    );
+    assert!(group_by_rank(&[]).is_empty());
+}
+
+#[test]
 fn gang_fabric_table() {
     // (job's fabric, hosts, expected)
     let cases: &[(Fabric, &[&str], GangFabric)] = &[
