@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use trainctl_coordinator::api::access::{AuditView, TokenView};
 use trainctl_coordinator::api::cluster::ClusterView;
 use trainctl_coordinator::api::{
-    AllocationView, AttemptView, CheckpointView, JobDetail, JobSummary, NodeView,
+    AllocationView, AttemptView, CheckpointView, GpuView, JobDetail, JobSummary, NodeView,
 };
 
 fn now_ms() -> u64 {
@@ -443,13 +443,18 @@ pub fn job_detail(d: &JobDetail) -> String {
     terminal_safe(&out).into_owned()
 }
 
-/// The node listing.
+/// Nodes whose GPUs and RDMA ports `trainctl nodes` lists under the table; past this many, it
+/// points at `-o json` instead, so the listing of a large cluster stays one line a node.
+pub const DEVICE_LISTING_NODES_MAX: usize = 16;
+
+/// The node listing: one row a node, then (for up to [`DEVICE_LISTING_NODES_MAX`] nodes) a table
+/// of GPUs and one of RDMA ports, each saying plainly when no node has any.
 pub fn node_table(nodes: &[NodeView]) -> String {
     if nodes.is_empty() {
         return "no nodes: start an agent with `trainctl agent --coordinator ADDR --data-dir DIR`\n".to_string();
     }
     let mut rows = vec![[
-        "NAME", "ADDRESS", "STATUS", "CPUS", "MEMORY", "GPUS", "RDMA", "CONTAIN", "JOBS",
+        "NAME", "ADDRESS", "STATUS", "CPUS", "MEMORY", "GPUS", "FABRIC", "CONTAIN", "JOBS",
     ]
     .map(String::from)
     .to_vec()];
@@ -472,15 +477,11 @@ pub fn node_table(nodes: &[NodeView]) -> String {
                 n.memory_mib / 1024
             ),
             if n.gpus == 0 {
-                "0".to_string()
+                "none".to_string()
             } else {
                 format!("{}/{} {}", n.gpus_allocated, n.gpus, n.gpu_models.join(","))
             },
-            if n.rdma.is_empty() {
-                "-".to_string()
-            } else {
-                n.rdma.len().to_string()
-            },
+            fabric_column(n),
             contain_column(&n.containment),
             if n.jobs.is_empty() {
                 "-".to_string()
@@ -488,6 +489,186 @@ pub fn node_table(nodes: &[NodeView]) -> String {
                 n.jobs.join(",")
             },
         ]);
+    }
+    let mut out = table(&rows);
+    if nodes.len() > DEVICE_LISTING_NODES_MAX {
+        out.push_str(&format!(
+            "\nGPUs and RDMA ports of {} nodes: trainctl nodes -o json\n",
+            nodes.len()
+        ));
+        return out;
+    }
+    out.push('\n');
+    out.push_str(&gpu_table(nodes));
+    out.push('\n');
+    out.push_str(&rdma_table(nodes));
+    out
+}
+
+/// The FABRIC column: the fabrics of the ACTIVE ports, with how many ports of how many are
+/// ACTIVE; `none` without RDMA devices; `-` from a coordinator that does not report it.
+fn fabric_column(n: &NodeView) -> String {
+    let ports: Vec<_> = n.rdma_devices.iter().flat_map(|d| &d.ports).collect();
+    if n.rdma_devices.is_empty() {
+        return if n.fabric.is_empty() && !n.rdma.is_empty() {
+            format!("{} ports", n.rdma.len())
+        } else {
+            "none".to_string()
+        };
+    }
+    let active = ports.iter().filter(|p| p.state == "ACTIVE").count();
+    let words = match n.fabric.as_str() {
+        "InfiniBand" => "IB",
+        "RoCE" => "RoCE",
+        "InfiniBand and RoCE" => "IB+RoCE",
+        _ => "no active port",
+    };
+    format!("{words} {active}/{} up", ports.len())
+}
+
+/// A GPU's UUID cut to its first 8 hex digits (`GPU-3f2a1b4c`); other names as they are.
+fn short_uuid(uuid: &str) -> String {
+    match uuid.strip_prefix("GPU-") {
+        Some(rest) => format!("GPU-{}", rest.chars().take(8).collect::<String>()),
+        None => uuid.to_string(),
+    }
+}
+
+/// The GPUs of every node: model, memory, short UUID, NUMA node, nearest RDMA devices and
+/// anything that needs attention (MIG on, ECC off, retired pages, uncorrectable errors).
+fn gpu_table(nodes: &[NodeView]) -> String {
+    if nodes.iter().all(|n| n.gpu_devices.is_empty()) {
+        return "no GPUs on any node\n".to_string();
+    }
+    let mut rows = vec![[
+        "NODE",
+        "GPU",
+        "MODEL",
+        "MEMORY",
+        "UUID",
+        "NUMA",
+        "NEAREST NIC",
+        "NOTES",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for n in nodes {
+        if n.gpu_devices.is_empty() {
+            rows.push(vec![n.name.clone(), "none".to_string()]);
+        }
+        for g in &n.gpu_devices {
+            rows.push(vec![
+                n.name.clone(),
+                format!("{}{}", g.index, if g.allocated { "*" } else { "" }),
+                g.name.clone(),
+                if g.memory_mib == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{} GiB", g.memory_mib / 1024)
+                },
+                short_uuid(&g.uuid),
+                g.numa_node.map_or("-".to_string(), |n| n.to_string()),
+                nearest_nics(g),
+                gpu_notes(g),
+            ]);
+        }
+    }
+    let mut out = table(&rows);
+    out.push_str("(* held by a job)\n");
+    out
+}
+
+/// The RDMA devices nearest a GPU: `mlx5_0 PIX`, `mlx5_0,mlx5_1 NODE`; `-` when unknown.
+fn nearest_nics(g: &GpuView) -> String {
+    let Some(best) = g.nic_affinity.first() else {
+        return "-".to_string();
+    };
+    let names: Vec<&str> = g
+        .nic_affinity
+        .iter()
+        .filter(|a| a.link == best.link)
+        .map(|a| a.rdma_device.as_str())
+        .collect();
+    format!("{} {}", names.join(","), best.link)
+}
+
+fn gpu_notes(g: &GpuView) -> String {
+    let mut notes = Vec::new();
+    if g.mig_mode == "enabled" {
+        notes.push("MIG on".to_string());
+    }
+    if g.ecc_mode == "disabled" {
+        notes.push("ECC off".to_string());
+    }
+    if g.retired_pages_pending {
+        notes.push("retired pages pending (reset the GPU)".to_string());
+    }
+    if g.uncorrectable_ecc_errors > 0 {
+        notes.push(format!(
+            "{} uncorrectable ECC errors",
+            g.uncorrectable_ecc_errors
+        ));
+    }
+    if !g.nvlink_peers.is_empty() {
+        notes.push(format!("NVLink to {}", g.nvlink_peers.len()));
+    }
+    if notes.is_empty() {
+        "-".to_string()
+    } else {
+        notes.join(", ")
+    }
+}
+
+/// The RDMA ports of every node: state, link layer, rate, netdev (RoCE), NUMA node, and the
+/// RoCE v2 GID indexes.
+fn rdma_table(nodes: &[NodeView]) -> String {
+    if nodes.iter().all(|n| n.rdma_devices.is_empty()) {
+        return "no RDMA devices on any node\n".to_string();
+    }
+    let mut rows = vec![[
+        "NODE",
+        "PORT",
+        "STATE",
+        "LINK",
+        "RATE",
+        "NETDEV",
+        "NUMA",
+        "ROCE V2 GIDS",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for n in nodes {
+        if n.rdma_devices.is_empty() {
+            rows.push(vec![n.name.clone(), "none".to_string()]);
+        }
+        for d in &n.rdma_devices {
+            for p in &d.ports {
+                let v2: Vec<String> = p
+                    .gids
+                    .iter()
+                    .filter(|g| g.kind == "RoCE v2")
+                    .map(|g| g.index.to_string())
+                    .collect();
+                rows.push(vec![
+                    n.name.clone(),
+                    format!("{}/{}", d.name, p.port),
+                    p.state.clone(),
+                    p.link_layer.clone(),
+                    p.rate.clone(),
+                    if p.netdev.is_empty() {
+                        "-".to_string()
+                    } else {
+                        p.netdev.clone()
+                    },
+                    d.numa_node.map_or("-".to_string(), |n| n.to_string()),
+                    if v2.is_empty() {
+                        "-".to_string()
+                    } else {
+                        v2.join(",")
+                    },
+                ]);
+            }
+        }
     }
     table(&rows)
 }
@@ -762,6 +943,7 @@ mod tests {
             } else {
                 "cgroup2 (cpu, memory)".into()
             },
+            ..NodeView::default()
         };
         let text = node_table(&[node("node-1", false), node("node-2", true)]);
         assert!(text.contains(" cgroup2 (cpu, memory) "), "{text}");
@@ -771,6 +953,143 @@ mod tests {
             text.lines().nth(2).unwrap().contains(" up,DRAINED "),
             "{text}"
         );
+    }
+
+    #[test]
+    fn nodes_without_devices_say_so_plainly() {
+        let node = NodeView {
+            name: "laptop".into(),
+            status: "up".into(),
+            fabric: "no RDMA devices".into(),
+            ..NodeView::default()
+        };
+        let text = node_table(&[node]);
+        assert!(text.lines().nth(1).unwrap().contains(" none "), "{text}");
+        assert!(text.contains("\nno GPUs on any node\n"), "{text}");
+        assert!(text.contains("\nno RDMA devices on any node\n"), "{text}");
+    }
+
+    #[test]
+    fn gpus_and_rdma_ports_are_listed_under_the_table() {
+        use trainctl_coordinator::api::{
+            NicAffinityView, RdmaDeviceView, RdmaGidView, RdmaPortView,
+        };
+        let gpu = |index: u32, uuid: &str| GpuView {
+            index,
+            uuid: uuid.into(),
+            name: "NVIDIA H200".into(),
+            memory_mib: 143_771,
+            allocated: index == 0,
+            numa_node: Some(index),
+            nic_affinity: vec![
+                NicAffinityView {
+                    rdma_device: "mlx5_0".into(),
+                    link: "PIX".into(),
+                },
+                NicAffinityView {
+                    rdma_device: "mlx5_1".into(),
+                    link: "SYS".into(),
+                },
+            ],
+            retired_pages_pending: index == 1,
+            ..GpuView::default()
+        };
+        let port = |state: &str, layer: &str, netdev: &str| RdmaPortView {
+            port: 1,
+            state: state.into(),
+            link_layer: layer.into(),
+            rate: "400 Gb/sec (4X NDR)".into(),
+            netdev: netdev.into(),
+            gid_count: 2,
+            gids: vec![
+                RdmaGidView {
+                    index: 2,
+                    gid: "fe80:0000:0000:0000:0000:0000:0000:0001".into(),
+                    kind: "IB/RoCE v1".into(),
+                },
+                RdmaGidView {
+                    index: 3,
+                    gid: "fe80:0000:0000:0000:0000:0000:0000:0001".into(),
+                    kind: "RoCE v2".into(),
+                },
+            ],
+        };
+        let gpu_host = NodeView {
+            name: "gpu-1".into(),
+            status: "up".into(),
+            gpus: 2,
+            gpus_allocated: 1,
+            gpu_models: vec!["NVIDIA H200".into()],
+            fabric: "RoCE".into(),
+            gpu_devices: vec![
+                gpu(0, "GPU-3f2a1b4c-0000-1111-2222-333344445555"),
+                gpu(1, "GPU-99999999-0000-1111-2222-333344445555"),
+            ],
+            rdma_devices: vec![
+                RdmaDeviceView {
+                    name: "mlx5_0".into(),
+                    numa_node: Some(0),
+                    ports: vec![port("ACTIVE", "Ethernet", "eth2")],
+                    ..RdmaDeviceView::default()
+                },
+                RdmaDeviceView {
+                    name: "mlx5_1".into(),
+                    ports: vec![port("DOWN", "Ethernet", "eth3")],
+                    ..RdmaDeviceView::default()
+                },
+            ],
+            ..NodeView::default()
+        };
+        let cpu_host = NodeView {
+            name: "cpu-1".into(),
+            status: "up".into(),
+            fabric: "no RDMA devices".into(),
+            ..NodeView::default()
+        };
+        let text = node_table(&[gpu_host, cpu_host]);
+        let line = |start: &str| {
+            text.lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .find(|l| l.starts_with(start))
+                .unwrap_or_else(|| panic!("no line `{start}` in\n{text}"))
+        };
+        assert!(
+            line("gpu-1 ").contains(" 1/2 NVIDIA H200 RoCE 1/2 up "),
+            "{text}"
+        );
+        assert!(line("cpu-1 ").contains(" none none "), "{text}");
+        assert_eq!(
+            line("gpu-1 0*"),
+            "gpu-1 0* NVIDIA H200 140 GiB GPU-3f2a1b4c 0 mlx5_0 PIX -"
+        );
+        assert!(
+            line("gpu-1 1 ").ends_with("retired pages pending (reset the GPU)"),
+            "{text}"
+        );
+        assert_eq!(line("cpu-1 none"), "cpu-1 none");
+        assert_eq!(
+            line("gpu-1 mlx5_0/1"),
+            "gpu-1 mlx5_0/1 ACTIVE Ethernet 400 Gb/sec (4X NDR) eth2 0 3"
+        );
+        assert!(line("gpu-1 mlx5_1/1").contains(" DOWN "), "{text}");
+        assert!(!text.contains("no GPUs on any node"), "{text}");
+    }
+
+    #[test]
+    fn a_large_cluster_lists_devices_in_json_only() {
+        let nodes: Vec<NodeView> = (0..=DEVICE_LISTING_NODES_MAX)
+            .map(|i| NodeView {
+                name: format!("node-{i}"),
+                status: "up".into(),
+                ..NodeView::default()
+            })
+            .collect();
+        let text = node_table(&nodes);
+        assert!(
+            text.contains("GPUs and RDMA ports of 17 nodes: trainctl nodes -o json"),
+            "{text}"
+        );
+        assert!(!text.contains("no GPUs on any node"), "{text}");
     }
 
     #[test]

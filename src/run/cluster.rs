@@ -763,6 +763,7 @@ mod tests {
             jobs: vec![],
             drained,
             containment: String::new(),
+            ..NodeView::default()
         };
         // CPU-only, down and drained hosts do not count.
         let nodes = [

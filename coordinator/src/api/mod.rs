@@ -619,7 +619,7 @@ pub struct CancelQuery {
 }
 
 /// One node of the cluster.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct NodeView {
     pub name: String,
     pub address: String,
@@ -643,6 +643,104 @@ pub struct NodeView {
     /// How ranks are contained there: `cgroup2 (cpu, memory)`, `process groups (...)`.
     #[serde(default)]
     pub containment: String,
+    /// The RDMA fabrics of the host's ACTIVE ports: "InfiniBand", "RoCE", "InfiniBand and RoCE",
+    /// "no ACTIVE RDMA port", or "no RDMA devices".
+    #[serde(default)]
+    pub fabric: String,
+    /// The network interface that holds the agent's address, e.g. `eth0`; empty when unknown.
+    #[serde(default)]
+    pub advertised_interface: String,
+    /// Each GPU, as the agent discovered it.
+    #[serde(default)]
+    pub gpu_devices: Vec<GpuView>,
+    /// Each RDMA device and its ports.
+    #[serde(default)]
+    pub rdma_devices: Vec<RdmaDeviceView>,
+}
+
+/// One GPU of a node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct GpuView {
+    /// The agent's ordinal (display only; GPUs are identified by `uuid`).
+    pub index: u32,
+    /// `GPU-<uuid>`, or `declared-gpu-N` for a GPU declared with `--gpus`.
+    pub uuid: String,
+    /// e.g. "NVIDIA H200".
+    pub name: String,
+    pub memory_mib: u64,
+    /// Held by a job now.
+    pub allocated: bool,
+    /// `0000:1b:00.0`; empty when unknown.
+    #[serde(default)]
+    pub pci_bus_id: String,
+    #[serde(default)]
+    pub numa_node: Option<u32>,
+    /// RDMA devices by nearness, nearest first.
+    #[serde(default)]
+    pub nic_affinity: Vec<NicAffinityView>,
+    /// "enabled", "disabled", "unsupported", or empty when unknown.
+    #[serde(default)]
+    pub mig_mode: String,
+    /// "enabled", "disabled", "unsupported", or empty when unknown.
+    #[serde(default)]
+    pub ecc_mode: String,
+    /// Bus ids of the GPUs reached over NVLink.
+    #[serde(default)]
+    pub nvlink_peers: Vec<String>,
+    #[serde(default)]
+    pub retired_pages_pending: bool,
+    #[serde(default)]
+    pub uncorrectable_ecc_errors: u64,
+}
+
+/// How near an RDMA device is to a GPU.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NicAffinityView {
+    pub rdma_device: String,
+    /// `PIX` (same PCIe switch), `PXB` (several switches), `PHB` (same host bridge), `NODE`
+    /// (same NUMA node), `SYS` (across NUMA nodes).
+    pub link: String,
+}
+
+/// One RDMA device of a node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct RdmaDeviceView {
+    /// e.g. `mlx5_0`.
+    pub name: String,
+    /// `0000:3b:00.0`; empty when unknown.
+    #[serde(default)]
+    pub pci_bus_id: String,
+    #[serde(default)]
+    pub numa_node: Option<u32>,
+    pub ports: Vec<RdmaPortView>,
+}
+
+/// One port of an RDMA device.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct RdmaPortView {
+    pub port: u32,
+    /// e.g. "ACTIVE", "DOWN".
+    pub state: String,
+    /// "InfiniBand" or "Ethernet" (RoCE).
+    pub link_layer: String,
+    /// e.g. "400 Gb/sec (4X NDR)".
+    pub rate: String,
+    /// The Ethernet interface of a RoCE port; empty for InfiniBand.
+    #[serde(default)]
+    pub netdev: String,
+    /// Set GID entries (all of them, even past those listed in `gids`).
+    pub gid_count: u32,
+    #[serde(default)]
+    pub gids: Vec<RdmaGidView>,
+}
+
+/// One set GID entry of a port.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RdmaGidView {
+    pub index: u32,
+    pub gid: String,
+    /// "IB/RoCE v1" or "RoCE v2"; empty when unknown.
+    pub kind: String,
 }
 
 /// One line of a rank's output.
@@ -874,6 +972,11 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         AllocationView,
         LaunchEnvView,
         NodeView,
+        GpuView,
+        NicAffinityView,
+        RdmaDeviceView,
+        RdmaPortView,
+        RdmaGidView,
         AttemptView,
         CheckpointView,
         LogLine,
@@ -1873,6 +1976,72 @@ fn node_view(s: &ClusterState, n: &Node) -> NodeView {
         jobs,
         drained: n.drained,
         containment: n.resources.containment.clone(),
+        fabric: if n.resources.rdma_devices.is_empty() {
+            "no RDMA devices".to_string()
+        } else {
+            scheduler::HostFabrics::of(&n.resources.rdma_devices)
+                .describe()
+                .to_string()
+        },
+        advertised_interface: n.resources.advertised_interface.clone(),
+        gpu_devices: n
+            .resources
+            .gpus
+            .iter()
+            .map(|g| GpuView {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                name: g.name.clone(),
+                memory_mib: g.memory_mib,
+                allocated: n.usage.gpus.contains(&g.index),
+                pci_bus_id: g.pci_bus_id.clone(),
+                numa_node: g.numa_node,
+                nic_affinity: g
+                    .nic_affinity
+                    .iter()
+                    .map(|a| NicAffinityView {
+                        rdma_device: a.rdma_device.clone(),
+                        link: a.link.as_str().to_string(),
+                    })
+                    .collect(),
+                mig_mode: g.mig_mode.clone(),
+                ecc_mode: g.ecc_mode.clone(),
+                nvlink_peers: g.nvlink_peers.clone(),
+                retired_pages_pending: g.retired_pages_pending,
+                uncorrectable_ecc_errors: g.uncorrectable_ecc_errors,
+            })
+            .collect(),
+        rdma_devices: n
+            .resources
+            .rdma_devices
+            .iter()
+            .map(|d| RdmaDeviceView {
+                name: d.name.clone(),
+                pci_bus_id: d.pci_bus_id.clone(),
+                numa_node: d.numa_node,
+                ports: d
+                    .ports
+                    .iter()
+                    .map(|p| RdmaPortView {
+                        port: p.port,
+                        state: p.state.clone(),
+                        link_layer: p.link_layer.clone(),
+                        rate: p.rate.clone(),
+                        netdev: p.netdev.clone(),
+                        gid_count: p.gid_count,
+                        gids: p
+                            .gids
+                            .iter()
+                            .map(|g| RdmaGidView {
+                                index: g.index,
+                                gid: g.gid.clone(),
+                                kind: g.kind.clone(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
 }
 
