@@ -17,6 +17,7 @@ mod access;
 mod client;
 mod context;
 mod local;
+mod preflight;
 mod render;
 mod run;
 mod serve_store;
@@ -455,6 +456,16 @@ enum Cmd {
         #[arg(long, env = "TRAINCTL_RUN_AS", value_name = "USER")]
         run_as: Option<String>,
     },
+    /// Check this host: its GPUs, RDMA devices and libraries (CUDA driver, NCCL, libibverbs),
+    /// and whether each GPU copies memory at a plausible rate, NVML reports no retired pages
+    /// pending or uncorrectable ECC errors, every RDMA port is ACTIVE and carries a loopback
+    /// RDMA write, and an NCCL all-reduce over the GPUs reaches a plausible bus bandwidth. Runs
+    /// here, without a cluster. Exit 0 when no check failed (a host without GPU or RDMA skips
+    /// them and says so), 1 when one failed.
+    Preflight {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
     /// Internal: started by an agent; kills the agent's ranks when the agent dies.
     #[command(hide = true)]
     AgentReaper {
@@ -634,6 +645,17 @@ fn main() -> ExitCode {
     if let Cmd::ExampleTrain { args } = &cli.command {
         // No runtime, no logging setup: this is a training process.
         return ExitCode::from(trainctl_collective::example_train_main(args).clamp(0, 255) as u8);
+    }
+    if let Cmd::Preflight { output } = &cli.command {
+        init_logging("warn");
+        // Blocking: each probe runs on its own thread with a deadline; no runtime needed.
+        return match preflight::command(*output) {
+            Ok(code) => code,
+            Err(e) => {
+                errln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Cmd::Checkpoint {
         command:
@@ -1103,7 +1125,9 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             trainctl_agent::reaper_main(&data_dir)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::ExampleTrain { .. } => unreachable!("handled before the runtime starts"),
+        Cmd::ExampleTrain { .. } | Cmd::Preflight { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }
 

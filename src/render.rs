@@ -65,7 +65,7 @@ pub fn terminal_safe(s: &str) -> Cow<'_, str> {
 
 /// Lays out rows in columns separated by two spaces. Cells are escaped ([`terminal_safe`], and
 /// line breaks too) so that a cell is one line and the columns stay aligned.
-fn table(rows: &[Vec<String>]) -> String {
+pub(crate) fn table(rows: &[Vec<String>]) -> String {
     let rows: Vec<Vec<Cow<'_, str>>> = rows
         .iter()
         .map(|r| r.iter().map(|cell| escape(cell, true)).collect())

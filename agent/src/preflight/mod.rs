@@ -807,6 +807,68 @@ pub fn run(
     }
 }
 
+/// What `trainctl preflight` prints: the host's hardware as discovery found it, the libraries,
+/// and a whole-host run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostReport {
+    /// The host's name.
+    pub hostname: String,
+    /// The GPUs discovery found.
+    pub gpus: Vec<GpuInfo>,
+    /// The RDMA devices discovery found.
+    pub rdma_devices: Vec<crate::discovery::RdmaDevice>,
+    /// The libraries, "not installed" where absent.
+    pub versions: Versions,
+    /// The run.
+    #[serde(flatten)]
+    pub report: Report,
+}
+
+/// Discovers this host, reads the library versions and runs every check (`trainctl preflight`),
+/// within about [`RUN_BUDGET`] plus [`LIBRARY_LOAD_TIMEOUT`] for discovery and the versions.
+pub fn host_report(injection: &Injection) -> HostReport {
+    let unknown = |what: &str| {
+        format!(
+            "unknown ({what} did not answer within {} s)",
+            LIBRARY_LOAD_TIMEOUT.as_secs()
+        )
+    };
+    let facts =
+        bounded(LIBRARY_LOAD_TIMEOUT, || crate::discovery::discover(None)).unwrap_or_else(|_| {
+            tracing::warn!("discovery did not finish in time: reporting no GPU and no RDMA device");
+            HostFacts {
+                hostname: String::new(),
+                cpus: 0,
+                memory_mib: 0,
+                gpus: Vec::new(),
+                rdma_devices: Vec::new(),
+                advertised_interface: String::new(),
+            }
+        });
+    let versions = bounded(LIBRARY_LOAD_TIMEOUT, probes::versions).unwrap_or_else(|_| Versions {
+        cuda_driver: unknown("the CUDA driver"),
+        nvidia_driver: unknown("NVML"),
+        nccl: unknown("NCCL"),
+        libibverbs: unknown("libibverbs"),
+    });
+    let report = run(
+        &facts,
+        &Scope::Host {
+            busy_gpus: BTreeSet::new(),
+        },
+        Trigger::Command,
+        injection,
+        RUN_BUDGET,
+    );
+    HostReport {
+        hostname: facts.hostname,
+        gpus: facts.gpus,
+        rdma_devices: facts.rdma_devices,
+        versions,
+        report,
+    }
+}
+
 /// Whether a run of `scope` includes `check` at all (a job's run has only the GPU checks).
 fn planned_for(scope: &Scope, check: &str) -> bool {
     match scope {

@@ -1,0 +1,134 @@
+//! `trainctl preflight` through the real binary, as a user runs it on a host. On a host without
+//! GPU or RDMA device (this one) every check is skipped with a reason and the exit status is 0;
+//! on a GPU host the same test checks the shape and that what ran has a figure or a reason.
+
+mod common;
+
+use std::process::Command;
+
+use common::trainctl;
+use serde_json::Value;
+
+const CHECKS: [&str; 5] = [
+    "gpu-health",
+    "gpu-copy",
+    "rdma-port-active",
+    "rdma-loopback",
+    "nccl-all-reduce",
+];
+
+fn preflight(args: &[&str], fail: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(trainctl());
+    cmd.arg("preflight").args(args);
+    match fail {
+        Some(v) => cmd.env("TRAINCTL_PREFLIGHT_FAIL", v),
+        None => cmd.env_remove("TRAINCTL_PREFLIGHT_FAIL"),
+    };
+    cmd.output().unwrap()
+}
+
+#[test]
+fn preflight_reports_every_check_and_says_plainly_when_there_is_no_hardware() {
+    let out = preflight(&["-o", "json"], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let names: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for name in CHECKS {
+        assert!(names.contains(&name), "{name} missing: {report}");
+    }
+    for c in report["checks"].as_array().unwrap() {
+        match c["result"].as_str().unwrap() {
+            "passed" => {}
+            "failed" | "skipped" => assert!(!c["reason"].as_str().unwrap().is_empty(), "{c}"),
+            other => panic!("unknown result {other}: {c}"),
+        }
+    }
+    for lib in ["cuda_driver", "nvidia_driver", "nccl", "libibverbs"] {
+        assert!(
+            !report["versions"][lib].as_str().unwrap().is_empty(),
+            "{lib}: {report}"
+        );
+    }
+    let healthy = report["health"]["healthy"].as_bool().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(if healthy { 0 } else { 1 }),
+        "{report}"
+    );
+
+    let no_gpu = report["gpus"].as_array().unwrap().is_empty();
+    let no_rdma = report["rdma_devices"].as_array().unwrap().is_empty();
+    if !(no_gpu && no_rdma) {
+        eprintln!(
+            "this host has GPUs or RDMA devices: the no-hardware half of the test is skipped"
+        );
+        return;
+    }
+    // A bare host: everything skipped with a reason, exit 0, and the text says why.
+    assert!(healthy, "{report}");
+    for c in report["checks"].as_array().unwrap() {
+        assert_eq!(c["result"], "skipped", "{c}");
+        let reason = c["reason"].as_str().unwrap();
+        assert!(
+            reason == "no GPU on this host" || reason == "no RDMA device on this host",
+            "{c}"
+        );
+    }
+    let text = preflight(&[], None);
+    assert_eq!(text.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&text.stdout);
+    for line in [
+        "GPUs: none on this host",
+        "RDMA devices: none on this host",
+        "libraries: CUDA driver ",
+        "healthy: no GPU and no RDMA device on this host, so every check was skipped",
+    ] {
+        assert!(text.contains(line), "missing {line:?}:\n{text}");
+    }
+}
+
+#[test]
+fn a_failed_check_exits_1_and_a_bad_knob_exits_2() {
+    let out = preflight(&[], Some("command:rdma-port-active"));
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("unhealthy: rdma-port-active on ")
+            && text.contains("injected by TRAINCTL_PREFLIGHT_FAIL"),
+        "{text}"
+    );
+    // Aimed at the agent only: the command is not affected.
+    let out = preflight(&["-o", "json"], Some("job:gpu-copy,periodic:gpu-copy"));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(if report["health"]["healthy"] == true {
+            0
+        } else {
+            1
+        })
+    );
+    assert!(
+        !report["checks"].to_string().contains("injected"),
+        "{report}"
+    );
+
+    let out = preflight(&[], Some("gpu-cpy"));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TRAINCTL_PREFLIGHT_FAIL: `gpu-cpy`")
+            && err.contains("unknown check `gpu-cpy`"),
+        "{err}"
+    );
+}
