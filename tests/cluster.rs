@@ -284,6 +284,48 @@ fn jobs_queue_in_order_and_say_why_they_wait() {
     // Two jobs sharing a host would never share a port: this one is not even placed yet.
     cluster.cli(&["cancel", &a]);
     cluster.wait_state(&b, "succeeded", JOB_TIMEOUT);
+
+    // A job asking for InfiniBand waits on hosts without it, and says so in the API and `status`.
+    let has_ib = cluster
+        .json(&["nodes"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| {
+            n["rdma"].as_array().is_some_and(|ports| {
+                ports
+                    .iter()
+                    .any(|p| p.as_str().is_some_and(|p| p.contains("ACTIVE InfiniBand")))
+            })
+        });
+    if has_ib {
+        eprintln!("skipped the fabric = \"ib\" check: this machine has an ACTIVE InfiniBand port");
+        return;
+    }
+    let ib = job_file(
+        dir.path(),
+        "ib",
+        "name = \"ib\"\n[launch]\ncommand = [\"true\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\nfabric = \"ib\"\n",
+    );
+    let c = cluster.submit(&ib);
+    let pending = cluster.job(&c);
+    assert_eq!(pending["state"], "pending");
+    assert_eq!(pending["spec"]["resources"]["fabric"], "ib");
+    let why = pending["pending_reason"].as_str().unwrap();
+    assert!(
+        why.starts_with("fabric = \"ib\": needs 1 host with an ACTIVE InfiniBand port")
+            && why
+                .ends_with("0 of the 2 hosts up that large have one (2 with no ACTIVE RDMA port)"),
+        "{why}"
+    );
+    let shown = cluster.cli(&["status", &c]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains(&format!("waiting: {why}")), "{text}");
+    assert!(
+        text.contains("every host on InfiniBand (fabric = \"ib\")"),
+        "{text}"
+    );
+    cluster.cli(&["cancel", &c]);
 }
 
 #[test]
