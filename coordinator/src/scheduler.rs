@@ -32,6 +32,8 @@ pub struct NodeCapacity {
     pub free_port: Option<u16>,
     /// The RDMA fabrics the node has an ACTIVE port on.
     pub fabrics: HostFabrics,
+    /// Why the node failed its agent's pre-flight checks; such a node gets no placement.
+    pub unhealthy: Option<String>,
 }
 
 /// The RDMA fabrics a host can use: the link layers it has an ACTIVE port with.
@@ -209,6 +211,25 @@ fn fabric_shortage(cluster: &ClusterSnapshot, res: &Resources) -> Option<String>
     ))
 }
 
+/// The up hosts that failed their pre-flight, with the first one's reason: "; 1 host failed its
+/// pre-flight (node-2: gpu-copy on GPU-...: ...)"; empty when none did.
+fn unhealthy_hosts(cluster: &ClusterSnapshot) -> String {
+    let mut failed = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.up)
+        .filter_map(|n| Some((&n.node, n.unhealthy.as_ref()?)));
+    let Some((first, reason)) = failed.next() else {
+        return String::new();
+    };
+    let count = 1 + failed.count();
+    format!(
+        "; {} failed {} pre-flight checks ({first}: {reason})",
+        hosts(count),
+        if count == 1 { "its" } else { "their" }
+    )
+}
+
 /// How big a node is when empty: all that "could this job ever fit?" needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeSize {
@@ -236,6 +257,7 @@ fn fits_empty(node: NodeSize, res: &Resources) -> bool {
 
 fn fits_now(node: &NodeCapacity, res: &Resources) -> bool {
     node.up
+        && node.unhealthy.is_none()
         && node.fabrics.has(res.fabric)
         && node.free_gpus.len() as u64 >= u64::from(res.gpus_per_node)
         && node.free_cpus >= res.cpus_per_node
@@ -358,6 +380,7 @@ fn plan_exact(cluster: &ClusterSnapshot, res: &Resources) -> Result<Placement, U
                 hosts(up)
             );
         }
+        why.push_str(&unhealthy_hosts(cluster));
         return Err(Unschedulable::NoRoomNow(why));
     }
 
@@ -425,7 +448,7 @@ mod tests {
 
     /// `name:free_gpus/total_gpus:free_cpus/total_cpus[:flag...]`, up, with a port and no RDMA
     /// port unless a flag says otherwise: `down`, `noport`, `ib` (an ACTIVE InfiniBand port),
-    /// `roce` (an ACTIVE RoCE port).
+    /// `roce` (an ACTIVE RoCE port), `unhealthy` (failed its pre-flight).
     fn node(spec: &str) -> NodeCapacity {
         let parts: Vec<&str> = spec.split(':').collect();
         let flags = &parts[3..];
@@ -450,6 +473,9 @@ mod tests {
                 ib: flags.contains(&"ib"),
                 roce: flags.contains(&"roce"),
             },
+            unhealthy: flags
+                .contains(&"unhealthy")
+                .then(|| format!("gpu-copy on GPU-{}: injected", parts[0])),
         }
     }
 
@@ -520,6 +546,23 @@ mod tests {
             // group rank 0 must sit on a node with a free port
             (&["a:0/0:4/4:noport", "b:0/0:4/4"], 2, 0, 4, Ok(&["b", "a"])),
             (&["a:0/0:4/4:noport"], 1, 0, 4, Err("free rendezvous port")),
+            // a host that failed its pre-flight takes no ranks, even the best fit; the refusal
+            // names it and why
+            (&["a:4/8:64/64:unhealthy", "b:8/8:64/64"], 1, 4, 8, Ok(&["b"])),
+            (
+                &["a:8/8:64/64:unhealthy", "b:8/8:64/64"],
+                2,
+                8,
+                8,
+                Err("1 has them now (2 hosts up); 1 host failed its pre-flight checks (a: gpu-copy on GPU-a: injected)"),
+            ),
+            (
+                &["a:8/8:64/64:unhealthy", "b:8/8:64/64:unhealthy"],
+                1,
+                8,
+                8,
+                Err("0 have them now (2 hosts up); 2 hosts failed their pre-flight checks (a: "),
+            ),
         ];
         for (i, (nodes, n, g, c, expected)) in cases.iter().enumerate() {
             let got = plan(&cluster(nodes), &res(*n, *g, *c));

@@ -179,6 +179,7 @@ fn host(kind: &str) -> Node {
         registered_at_ms: 0,
         usage: NodeUsage::default(),
         drained: false,
+        health: Default::default(),
     }
 }
 

@@ -203,6 +203,12 @@ fn describe(command: &Command) -> String {
             format!("{} node {node}", if *drained { "drain" } else { "undrain" })
         }
         Command::RemoveNode { node, .. } => format!("remove node {node}"),
+        Command::SetNodeHealth {
+            node, unhealthy, ..
+        } => match unhealthy {
+            Some(reason) => format!("node {node} unhealthy: {reason}"),
+            None => format!("node {node} healthy"),
+        },
         Command::CreateToken { record } => format!(
             "create token {} `{}` (role {}{})",
             record.id,

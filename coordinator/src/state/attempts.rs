@@ -50,6 +50,8 @@ pub enum AttemptEnd {
     Resize,
     /// An operator drained a host of the gang.
     Drained,
+    /// A host of the gang failed its pre-flight checks before the ranks there started.
+    Unhealthy,
 }
 
 impl AttemptEnd {
@@ -259,10 +261,9 @@ impl State {
             a.nodes.iter().all(|na| {
                 !na.released
                     && !na.awaiting_agent
-                    && self
-                        .nodes
-                        .get(&na.node)
-                        .is_some_and(|n| n.status == NodeStatus::Up && !n.drained)
+                    && self.nodes.get(&na.node).is_some_and(|n| {
+                        n.status == NodeStatus::Up && !n.drained && n.health.unhealthy.is_none()
+                    })
             })
         });
         if end.restarts_in_place() && hosts_healthy {

@@ -266,6 +266,21 @@ pub struct Node {
     /// Drained by an operator: its jobs were moved off and nothing new is placed here until undrained.
     #[serde(default)]
     pub drained: bool,
+    /// The verdict of its agent's pre-flight checks: an unhealthy node gets no new placement.
+    #[serde(default)]
+    pub health: NodeHealth,
+}
+
+/// What a node's agent last reported of its pre-flight checks (`agent/src/preflight`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    /// Why the host failed its pre-flight (the failed checks and their reasons); `None` when no
+    /// check failed, or its agent reports none.
+    #[serde(default)]
+    pub unhealthy: Option<String>,
+    /// When the coordinator recorded this verdict (0: never changed).
+    #[serde(default)]
+    pub since_ms: u64,
 }
 
 impl Node {
@@ -305,6 +320,7 @@ impl Node {
                 .saturating_sub(self.usage.memory_mib),
             free_port: self.free_port(),
             fabrics: HostFabrics::of(&self.resources.rdma_devices),
+            unhealthy: self.health.unhealthy.clone(),
         }
     }
 }
@@ -605,6 +621,17 @@ pub enum Command {
     SetNodeDrained { node: NodeId, drained: bool },
     /// An operator removes a node for good; its held shares are given up.
     RemoveNode { node: NodeId, at_ms: u64 },
+    /// A node's agent reported the verdict of its pre-flight checks (`unhealthy`: why it failed,
+    /// `None`: it passed). Written only when the verdict changes. An unhealthy node gets no new
+    /// placement, and a job whose ranks there have not started is placed again elsewhere without
+    /// using a restart ([`AttemptEnd::Unhealthy`]).
+    SetNodeHealth {
+        node: NodeId,
+        /// The agent process that ran the checks; a report of an earlier one is rejected.
+        instance_id: String,
+        unhealthy: Option<String>,
+        at_ms: u64,
+    },
     /// A person (through the API) asked for `command`: applied, and recorded in the audit trail.
     Audited {
         actor: Actor,
@@ -798,6 +825,12 @@ impl State {
             Command::RequestCheckpoint { job } => self.request_checkpoint(job),
             Command::SetNodeDrained { node, drained } => self.set_node_drained(&node, drained),
             Command::RemoveNode { node, at_ms } => self.remove_node(&node, at_ms),
+            Command::SetNodeHealth {
+                node,
+                instance_id,
+                unhealthy,
+                at_ms,
+            } => self.set_node_health(&node, &instance_id, unhealthy, at_ms),
             Command::Audited {
                 actor,
                 at_ms,
@@ -860,6 +893,12 @@ impl State {
             }
         }
         let drained = self.nodes.get(&node).is_some_and(|n| n.drained);
+        // Kept until the new agent reports its own verdict (in the same log entry, when it has one).
+        let health = self
+            .nodes
+            .get(&node)
+            .map(|n| n.health.clone())
+            .unwrap_or_default();
         let usage = self
             .nodes
             .get(&node)
@@ -879,8 +918,59 @@ impl State {
                 registered_at_ms,
                 usage,
                 drained,
+                health,
             },
         );
+        CommandOutcome::Done
+    }
+
+    fn set_node_health(
+        &mut self,
+        node: &NodeId,
+        instance_id: &str,
+        unhealthy: Option<String>,
+        at_ms: u64,
+    ) -> CommandOutcome {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return rejected(format!("no node named {node}"));
+        };
+        if n.instance_id != instance_id {
+            return rejected(format!(
+                "a health report from an earlier agent of node {node}"
+            ));
+        }
+        if n.health.unhealthy == unhealthy {
+            return CommandOutcome::Done;
+        }
+        n.health = NodeHealth {
+            unhealthy: unhealthy.clone(),
+            since_ms: at_ms,
+        };
+        let Some(reason) = unhealthy else {
+            return CommandOutcome::Done;
+        };
+        // Jobs whose ranks on this node have not started (the agent checks a job's GPUs before
+        // starting its ranks): placed again elsewhere, free. Ranks already running stay; if the
+        // host is broken, they fail and restart as any failure does.
+        let waiting: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
+            .filter(|j| {
+                j.ranks
+                    .iter()
+                    .any(|r| &r.node == node && r.phase == RankPhase::Pending)
+            })
+            .map(|j| j.id)
+            .collect();
+        for job in waiting {
+            self.end_attempt(
+                job,
+                format!("host {node} failed its pre-flight checks: {reason}"),
+                AttemptEnd::Unhealthy,
+                at_ms,
+            );
+        }
         CommandOutcome::Done
     }
 
@@ -1051,6 +1141,12 @@ impl State {
             };
             if node.status != NodeStatus::Up {
                 return rejected(format!("plan uses node {} which is down", p.node));
+            }
+            if node.health.unhealthy.is_some() {
+                return rejected(format!(
+                    "plan uses node {} which failed its pre-flight checks",
+                    p.node
+                ));
             }
             let cap = node.capacity();
             let distinct_gpus: BTreeSet<&u32> = p.gpus.iter().collect();

@@ -2016,3 +2016,151 @@ fn membership_changes_are_audited_and_change_nothing_else() {
     without_audit.audit = before.audit.clone();
     assert!(without_audit == before);
 }
+
+fn set_health(state: &mut State, node: &str, unhealthy: Option<&str>) -> CommandOutcome {
+    let instance_id = state.nodes[&id(node)].instance_id.clone();
+    let outcome = state.apply(Command::SetNodeHealth {
+        node: id(node),
+        instance_id,
+        unhealthy: unhealthy.map(str::to_string),
+        at_ms: AT + 5,
+    });
+    check_invariants(state);
+    outcome
+}
+
+#[test]
+fn an_unhealthy_node_gets_no_placement_and_says_why() {
+    let mut state = two_nodes();
+    assert_eq!(
+        set_health(&mut state, "node-1", Some("gpu-copy on GPU-node-1-0: slow")),
+        CommandOutcome::Done
+    );
+    let node = &state.nodes[&id("node-1")];
+    assert_eq!(
+        node.health.unhealthy.as_deref(),
+        Some("gpu-copy on GPU-node-1-0: slow")
+    );
+    assert_eq!(node.health.since_ms, AT + 5);
+    // One host's worth: node-2 only. Two hosts' worth: not now, and the reason names node-1.
+    let one = submit(&mut state, 1, 1, 4);
+    let placement = place(&mut state, one);
+    assert_eq!(placement.nodes[0].node, id("node-2"));
+    let two = submit(&mut state, 2, 1, 1);
+    let err = scheduler::plan(&state.cluster_snapshot(), &state.jobs[&two].spec.resources)
+        .expect_err("node-1 is unhealthy");
+    assert!(
+        err.to_string().contains(
+            "1 host failed its pre-flight checks (node-1: gpu-copy on GPU-node-1-0: slow)"
+        ),
+        "{err}"
+    );
+    // A plan computed before the verdict is refused when it meets it.
+    let stale = Placement {
+        nodes: vec![
+            NodePlacement {
+                node: id("node-1"),
+                gpus: vec![0],
+            },
+            NodePlacement {
+                node: id("node-2"),
+                gpus: vec![4],
+            },
+        ],
+        master_port: PORTS.0,
+    };
+    assert_rejected(
+        apply_place(&mut state, two, stale),
+        "node-1 which failed its pre-flight checks",
+    );
+    // Healthy again: placeable again.
+    assert_eq!(set_health(&mut state, "node-1", None), CommandOutcome::Done);
+    assert!(state.nodes[&id("node-1")].health.unhealthy.is_none());
+    place(&mut state, two);
+}
+
+#[test]
+fn health_reports_of_another_agent_or_node_are_rejected_and_repeats_change_nothing() {
+    let mut state = two_nodes();
+    assert_rejected(
+        state.apply(Command::SetNodeHealth {
+            node: id("node-1"),
+            instance_id: "an-old-agent".into(),
+            unhealthy: Some("x".into()),
+            at_ms: AT,
+        }),
+        "an earlier agent of node node-1",
+    );
+    assert_rejected(
+        state.apply(Command::SetNodeHealth {
+            node: id("node-9"),
+            instance_id: "node-9-a".into(),
+            unhealthy: None,
+            at_ms: AT,
+        }),
+        "no node named node-9",
+    );
+    set_health(&mut state, "node-1", Some("x"));
+    let before = state.clone();
+    assert_eq!(
+        set_health(&mut state, "node-1", Some("x")),
+        CommandOutcome::Done
+    );
+    assert_eq!(
+        state, before,
+        "the same verdict again changes nothing (not even since_ms)"
+    );
+    // A new agent on the host keeps the verdict until it reports its own.
+    register_instance(&mut state, "node-1", "node-1-b", 32, 8);
+    assert_eq!(
+        state.nodes[&id("node-1")].health.unhealthy.as_deref(),
+        Some("x")
+    );
+}
+
+#[test]
+fn a_job_whose_ranks_have_not_started_on_a_failing_host_is_placed_elsewhere_for_free() {
+    // node-1 and node-2 hold the gang; node-3 is spare.
+    let (mut state, job) = placed_job();
+    register(&mut state, "node-3", 32, 8);
+    // node-2's ranks start; node-1's agent checks its GPUs first, and they fail.
+    for rank in [2, 3] {
+        report(&mut state, "node-2", job, rank, RankPhase::Running, None);
+    }
+    set_health(
+        &mut state,
+        "node-1",
+        Some("gpu-copy on GPU-node-1-0: injected"),
+    );
+    let j = &state.jobs[&job];
+    assert_eq!(j.state, JobState::Pending, "back in the queue");
+    assert_eq!(j.attempt, 1);
+    assert_eq!(j.restarts, 0, "no restart of the budget used");
+    assert!(
+        j.attempts[0]
+            .end
+            .as_deref()
+            .unwrap()
+            .contains("host node-1 failed its pre-flight checks: gpu-copy on GPU-node-1-0"),
+        "{:?}",
+        j.attempts
+    );
+    assert_eq!(state.queue.front(), Some(&job));
+    // Both agents report the old attempt gone; the next plan avoids node-1.
+    report_gone(&mut state, "node-1", job, 0);
+    report_gone(&mut state, "node-2", job, 0);
+    let placement = place(&mut state, job);
+    let hosts: Vec<&str> = placement.nodes.iter().map(|n| n.node.0.as_str()).collect();
+    assert!(!hosts.contains(&"node-1"), "{hosts:?}");
+    assert_eq!(hosts.len(), 2);
+
+    // A running job is left alone by a later failing verdict of its host.
+    report_all(&mut state, job, RankPhase::Running, None);
+    set_health(
+        &mut state,
+        "node-2",
+        Some("rdma-port-active on mlx5_0 port 1: DOWN"),
+    );
+    assert_eq!(job_state(&state, job), JobState::Running);
+    assert_eq!(state.jobs[&job].attempt, 1);
+}

@@ -154,11 +154,26 @@ fn fuzz_command(state: &State, choice: u8, seed: u64, step: u64) -> Command {
             node: some_node(&mut rng),
             at_ms,
         },
-        26 | 27 => Command::NodeLost {
+        26 => Command::NodeLost {
             node: some_node(&mut rng),
             reason: "fuzz".into(),
             at_ms,
         },
+        27 => {
+            // A host fails or passes its pre-flight: jobs waiting to start there move.
+            let node = some_node(&mut rng);
+            let instance_id = state
+                .nodes
+                .get(&node)
+                .map(|n| n.instance_id.clone())
+                .unwrap_or_default();
+            Command::SetNodeHealth {
+                node,
+                instance_id,
+                unhealthy: (rng.below(2) == 0).then(|| "gpu-copy on GPU-x: fuzz".to_string()),
+                at_ms,
+            }
+        }
         28 | 29 => {
             // A removed or lost host comes back, as the same agent or a new one.
             let (name, gpus) = HOSTS[rng.below(HOSTS.len() as u64) as usize];
@@ -301,6 +316,7 @@ fn the_fuzz_commands_are_applied_not_only_rejected() {
                 Command::SetNodeDrained { .. } => "drain",
                 Command::RemoveNode { .. } => "remove",
                 Command::NodeLost { .. } => "lost",
+                Command::SetNodeHealth { .. } => "health",
                 Command::ReportRanks { gone_attempts, .. } if !gone_attempts.is_empty() => "gone",
                 _ => "other",
             };
@@ -311,7 +327,7 @@ fn the_fuzz_commands_are_applied_not_only_rejected() {
         }
     }
     for kind in [
-        "restart", "commit", "request", "drain", "remove", "lost", "gone",
+        "restart", "commit", "request", "drain", "remove", "lost", "gone", "health",
     ] {
         assert!(
             applied.get(kind).copied().unwrap_or(0) > 0,
