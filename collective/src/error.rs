@@ -207,6 +207,48 @@ pub enum CollectiveError {
         cause: String,
     },
 
+    /// This backend cannot run on this host: a library or device it needs is missing. Setup,
+    /// not a fault of the run: nothing was started.
+    #[error("the {backend} backend cannot run on this host: {missing}")]
+    Unavailable {
+        /// The backend, e.g. "nccl" or "rdma".
+        backend: &'static str,
+        /// What is missing and how to provide it.
+        missing: String,
+    },
+
+    /// The backend does not do what was asked (an element type, or device memory on a host
+    /// backend).
+    #[error("{what} is not supported by the {backend} backend; it accepts {accepted}")]
+    Unsupported {
+        /// The backend, e.g. "tcp".
+        backend: &'static str,
+        /// What was asked, e.g. "an all-reduce of f64 host buffers".
+        what: String,
+        /// What it accepts.
+        accepted: &'static str,
+    },
+
+    /// The collective was aborted (by its watchdog, or through an [`crate::AbortHandle`]); every
+    /// later operation fails with [`CollectiveError::Broken`].
+    #[error("the collective was aborted: {reason}")]
+    Aborted {
+        /// Why: a peer's failure, an operation past its timeout, NCCL's asynchronous error.
+        reason: String,
+    },
+
+    /// A GPU, NCCL or RDMA library call failed.
+    #[error("{backend} failed while {during}: {source}")]
+    Device {
+        /// The backend, e.g. "nccl".
+        backend: &'static str,
+        /// What this rank was doing, e.g. "creating the NCCL communicator".
+        during: &'static str,
+        /// The library's error (`ffi::nccl::NcclError`, a CUDA driver error,
+        /// `ffi::verbs::VerbsError`).
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// Any other local IO failure.
     #[error("{context}: {source}")]
     Io {

@@ -37,9 +37,12 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod bootstrap;
 pub mod checkpoint;
+mod device;
 mod error;
 pub mod example;
+pub mod nccl;
 mod params_file;
 mod prng;
 mod schedule;
@@ -47,19 +50,28 @@ mod signal;
 mod store_client;
 mod store_rendezvous;
 mod tcp;
+#[cfg(test)]
+mod testing;
+pub mod watchdog;
 mod wire;
 
 pub use checkpoint::{
     commit_checkpoint, commit_from_env, report_progress, AgentEndpoint, CheckpointError,
 };
+pub use device::{AbortHandle, DType, Device, DeviceBufMut, HostBufMut};
 pub use error::CollectiveError;
 pub use example::{
     example_train, example_train_from_env, example_train_main, example_train_with, params_checksum,
     parse_args, rendezvous_config_from_env, run_options_from_env, CheckpointRecord, ExampleArgs,
     ExampleError, Fault, FaultKind, ResumePoint, RunOptions, TrainConfig, TrainSummary,
 };
+pub use nccl::{NcclCollective, NcclOptions};
 pub use signal::install_checkpoint_signal;
 pub use tcp::{MasterListener, RendezvousConfig, TcpRing};
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
 
 /// Largest world size a rendezvous accepts.
 pub const MAX_WORLD_SIZE: u32 = 16_384;
@@ -98,4 +110,54 @@ pub trait Collective {
 
     /// Returns on each rank only once every rank has called it.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+
+    /// The backend's short name for messages: "tcp", "nccl", "rdma".
+    fn backend(&self) -> &'static str {
+        "host"
+    }
+
+    /// Where this backend moves data. Default: host memory.
+    fn device(&self) -> Device {
+        Device::Host
+    }
+
+    /// Replaces `buf` with the element-wise sum over the ranks, for any [`DType`]. The default
+    /// serves f32 and i64 through [`Self::all_reduce_sum_f32`] and [`Self::all_reduce_sum_i64`]
+    /// and refuses the other types with [`CollectiveError::Unsupported`].
+    fn all_reduce_sum(&mut self, buf: HostBufMut<'_>) -> Result<(), CollectiveError> {
+        match buf {
+            HostBufMut::F32(b) => self.all_reduce_sum_f32(b),
+            HostBufMut::I64(b) => self.all_reduce_sum_i64(b),
+            other => Err(CollectiveError::Unsupported {
+                backend: self.backend(),
+                what: format!("an all-reduce of {} host buffers", other.dtype()),
+                accepted: "f32 and i64 host buffers",
+            }),
+        }
+    }
+
+    /// Replaces the GPU buffer `buf` with the element-wise sum over the ranks, in place, ordered
+    /// on [`Self::stream`] after the work already enqueued there; returns once the sum is in
+    /// `buf`. The buffer must be on [`Self::device`]. The default (a host backend) refuses with
+    /// [`CollectiveError::Unsupported`].
+    fn all_reduce_sum_device(&mut self, buf: DeviceBufMut<'_>) -> Result<(), CollectiveError> {
+        Err(CollectiveError::Unsupported {
+            backend: self.backend(),
+            what: format!("an all-reduce of a {} GPU buffer", buf.dtype()),
+            accepted: "host buffers only (use the nccl backend, example-train --device cuda, for GPU memory)",
+        })
+    }
+
+    /// The CUDA stream this collective's device operations are ordered on, for the caller's own
+    /// work on the buffers. `None` for a host backend.
+    fn stream(&self) -> Option<Arc<CudaStream>> {
+        None
+    }
+
+    /// A handle that aborts this collective from another thread. `None` when the backend cannot
+    /// be interrupted but only times out: the TCP ring, whose operations fail as soon as a
+    /// neighbour's connection closes and after [`TcpRing::set_op_timeout`] otherwise.
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        None
+    }
 }
