@@ -455,6 +455,11 @@ enum Cmd {
         /// error-file dir) are given to USER; the workdir must be enterable by USER.
         #[arg(long, env = "TRAINCTL_RUN_AS", value_name = "USER")]
         run_as: Option<String>,
+        /// Run the whole-host pre-flight checks (`trainctl preflight`'s) again this often, in
+        /// seconds, after the run at start; 0: only at start and before each GPU job. A failed
+        /// check keeps new work off this host until a later run passes.
+        #[arg(long, default_value_t = trainctl_agent::preflight::DEFAULT_INTERVAL.as_secs(), value_name = "SECONDS")]
+        preflight_interval: u64,
     },
     /// Check this host: its GPUs, RDMA devices and libraries (CUDA driver, NCCL, libibverbs),
     /// and whether each GPU copies memory at a plausible rate, NVML reports no retired pages
@@ -1077,6 +1082,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             api_port,
             run_retention_days,
             run_as,
+            preflight_interval,
         } => {
             init_logging("info");
             let port_range = parse_port_range(&port_range)?;
@@ -1116,6 +1122,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                     run_retention_days.saturating_mul(24 * 3600),
                 ),
                 run_as,
+                preflight_interval: std::time::Duration::from_secs(preflight_interval),
             };
             let shutdown = shutdown_on_signals()?;
             trainctl_agent::run(config, shutdown).await?;

@@ -466,6 +466,9 @@ pub fn node_table(nodes: &[NodeView]) -> String {
         if n.drained {
             status.push_str(",DRAINED");
         }
+        if n.unhealthy.is_some() {
+            status.push_str(",UNHEALTHY");
+        }
         rows.push(vec![
             n.name.clone(),
             n.address.clone(),
@@ -491,6 +494,16 @@ pub fn node_table(nodes: &[NodeView]) -> String {
         ]);
     }
     let mut out = table(&rows);
+    // Why each unhealthy node failed its pre-flight: too long for a column.
+    for n in nodes {
+        if let Some(reason) = &n.unhealthy {
+            out.push_str(&format!(
+                "{} is unhealthy (no new work until its pre-flight passes): {}\n",
+                n.name,
+                terminal_safe(reason)
+            ));
+        }
+    }
     if nodes.len() > DEVICE_LISTING_NODES_MAX {
         out.push_str(&format!(
             "\nGPUs and RDMA ports of {} nodes: trainctl nodes -o json\n",
@@ -953,6 +966,33 @@ mod tests {
             text.lines().nth(2).unwrap().contains(" up,DRAINED "),
             "{text}"
         );
+    }
+
+    #[test]
+    fn unhealthy_nodes_say_why() {
+        let node = |name: &str, unhealthy: Option<&str>| NodeView {
+            name: name.into(),
+            status: "up".into(),
+            unhealthy: unhealthy.map(str::to_string),
+            ..NodeView::default()
+        };
+        let text = node_table(&[
+            node("node-1", None),
+            node(
+                "node-2",
+                Some("gpu-copy on GPU-1: host-to-device 0.9 GB/s is below 3 GB/s"),
+            ),
+        ]);
+        assert!(text.lines().nth(1).unwrap().contains(" up "), "{text}");
+        assert!(
+            text.lines().nth(2).unwrap().contains(" up,UNHEALTHY "),
+            "{text}"
+        );
+        assert!(
+            text.contains("node-2 is unhealthy (no new work until its pre-flight passes): gpu-copy on GPU-1: host-to-device 0.9 GB/s is below 3 GB/s\n"),
+            "{text}"
+        );
+        assert!(!text.contains("node-1 is unhealthy"), "{text}");
     }
 
     #[test]

@@ -95,6 +95,7 @@ fn the_coordinator_bounds_connections_bodies_and_registrations() {
                 port_range_start: 29900,
                 port_range_end: 29909,
                 agent_version: "test".into(),
+                health: None,
             })
             .await
             .unwrap_err()

@@ -303,6 +303,7 @@ fn agents_need_an_admitted_identity_and_a_revoked_one_stops_and_is_drained() {
         port_range_start: 29900,
         port_range_end: 29909,
         agent_version: "rogue".into(),
+        health: None,
     };
     let ca_pem = std::fs::read_to_string(cluster.ca_cert()).unwrap();
     runtime.block_on(async {

@@ -45,7 +45,8 @@ use tonic::transport::Channel;
 use tracing::{info, warn};
 use trainctl_proto::agent::agent_service_client::AgentServiceClient;
 use trainctl_proto::agent::{
-    Assignment, HeartbeatRequest, LogChunk, Progress, RankPhase, RankReport, RegisterRequest,
+    Assignment, HeartbeatRequest, HostHealth, LogChunk, Progress, RankPhase, RankReport,
+    RegisterRequest,
 };
 
 use crate::process::{PgidJournal, RankSpec};
@@ -117,6 +118,88 @@ pub struct AgentConfig {
     /// Run every rank as this user (its uid, primary gid and groups) instead of the agent's own;
     /// the agent stays root. See [`process::RunAs`]. `None`: ranks run as the agent's user.
     pub run_as: Option<String>,
+    /// How often the whole-host pre-flight runs again after the one at start
+    /// ([`preflight::DEFAULT_INTERVAL`] by default); zero: only at start and before jobs.
+    pub preflight_interval: Duration,
+}
+
+/// The pre-flight's state in the agent: the newest result of each check, the verdict over them,
+/// and the checks before jobs.
+struct PreflightState {
+    /// `TRAINCTL_PREFLIGHT_FAIL`, read at start.
+    injection: preflight::Injection,
+    /// The newest result of every (check, subject) ([`preflight::merge`]).
+    checks: Vec<preflight::CheckResult>,
+    /// [`preflight::assess`] of `checks`: what every heartbeat reports.
+    health: preflight::Health,
+    /// When the next whole-host run is due (`None`: never).
+    next_run: Option<tokio::time::Instant>,
+    /// A whole-host run is under way.
+    running: bool,
+    /// Finished runs come back here from their blocking tasks.
+    finished_tx: tokio::sync::mpsc::UnboundedSender<FinishedCheck>,
+    finished_rx: tokio::sync::mpsc::UnboundedReceiver<FinishedCheck>,
+    /// The check before each (job, attempt) with GPUs here.
+    jobs: BTreeMap<(String, u32), JobCheck>,
+}
+
+/// A finished pre-flight run: whole-host (`job` None) or before a job's ranks.
+struct FinishedCheck {
+    job: Option<(String, u32)>,
+    report: preflight::Report,
+}
+
+/// Where the check before a job's ranks stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobCheck {
+    Running,
+    Passed,
+    /// The ranks are never started; the coordinator places the job elsewhere.
+    Failed,
+}
+
+impl PreflightState {
+    /// Takes a finished run: a whole-host run replaces every result, a job's run those of its GPUs.
+    fn take(&mut self, finished: FinishedCheck) {
+        let report = finished.report;
+        for c in &report.checks {
+            if let preflight::Outcome::Failed { reason } = &c.outcome {
+                warn!(check = %c.name, subject = %c.subject, %reason, trigger = ?report.trigger, "pre-flight check failed");
+            }
+        }
+        match &finished.job {
+            None => {
+                self.running = false;
+                self.checks = report.checks.clone();
+            }
+            Some(key) => {
+                self.checks = preflight::merge(&self.checks, &report.checks);
+                let verdict = if report.health.healthy {
+                    JobCheck::Passed
+                } else {
+                    JobCheck::Failed
+                };
+                if let Some(state) = self.jobs.get_mut(key) {
+                    *state = verdict;
+                }
+            }
+        }
+        let health = preflight::assess(&self.checks);
+        if health != self.health {
+            match &health.reason {
+                Some(reason) => warn!(%reason, "this host is unhealthy: it takes no new work"),
+                None => info!("this host passes its pre-flight checks"),
+            }
+        }
+        self.health = health;
+    }
+
+    fn wire(&self) -> HostHealth {
+        HostHealth {
+            healthy: self.health.healthy,
+            reason: self.health.reason.clone().unwrap_or_default(),
+        }
+    }
 }
 
 /// What the agent knows of one rank it started.
@@ -192,6 +275,10 @@ struct Agent {
     run_as: Option<process::RunAs>,
     /// The TCPStores this agent serves (jobs whose group rank 0 runs here).
     stores: job_store::JobStores,
+    /// Pre-flight results and the checks before jobs.
+    preflight: PreflightState,
+    /// UUIDs of the GPUs the current assignments use (not probed by the periodic run).
+    assigned_gpus: BTreeSet<String>,
 }
 
 /// How a heartbeat went.
@@ -310,6 +397,47 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     };
     facts.advertised_interface =
         tokio::task::spawn_blocking(move || discovery::advertised_interface(address)).await?;
+    let injection = preflight::Injection::from_env()?.for_node(&node_name);
+    let start_report = {
+        let (facts, injection) = (facts.clone(), injection.clone());
+        tokio::task::spawn_blocking(move || {
+            preflight::run(
+                &facts,
+                &preflight::Scope::Host {
+                    busy_gpus: BTreeSet::new(),
+                },
+                preflight::Trigger::Start,
+                &injection,
+                preflight::RUN_BUDGET,
+            )
+        })
+        .await?
+    };
+    info!(
+        healthy = start_report.health.healthy,
+        ms = start_report.duration_ms,
+        checks = start_report.checks.len(),
+        "pre-flight at start"
+    );
+    let (finished_tx, finished_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut preflight_state = PreflightState {
+        injection,
+        checks: Vec::new(),
+        health: preflight::Health {
+            healthy: true,
+            reason: None,
+        },
+        next_run: (!config.preflight_interval.is_zero())
+            .then(|| tokio::time::Instant::now() + config.preflight_interval),
+        running: false,
+        finished_tx,
+        finished_rx,
+        jobs: BTreeMap::new(),
+    };
+    preflight_state.take(FinishedCheck {
+        job: None,
+        report: start_report,
+    });
     let identity = match &config.tls {
         Some(tls) => {
             let mut backoff = Duration::from_millis(500);
@@ -410,6 +538,8 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         signalled: BTreeMap::new(),
         stores: job_store::JobStores::default(),
         run_as,
+        preflight: preflight_state,
+        assigned_gpus: BTreeSet::new(),
     };
 
     let mut registered = false;
@@ -458,8 +588,10 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                 }
             });
         }
+        // A finished check: report its verdict (and start a passed job's ranks) at once.
+        let checked = agent.poll_preflight();
         // Nothing to report: let the coordinator hold the beat until there is work (long poll).
-        let news = agent.has_news();
+        let news = checked || agent.has_news();
         let wait_ms = if news {
             0
         } else {
@@ -776,6 +908,7 @@ impl Agent {
             port_range_start: u32::from(self.config.port_range.0),
             port_range_end: u32::from(self.config.port_range.1),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            health: Some(self.preflight.wire()),
         };
         let response = self
             .client
@@ -837,6 +970,7 @@ impl Agent {
             known_assignments: self.known_assignments.iter().cloned().collect(),
             wait_ms,
             progress,
+            health: Some(self.preflight.wire()),
         };
         let mut client = self.client.clone();
         let wake = self.wake.clone();
@@ -930,6 +1064,12 @@ impl Agent {
                     .map(|a| (a.token.clone(), a.job_id.clone(), a.attempt)),
             );
         self.pass_on_checkpoint_requests(assignments);
+        self.assigned_gpus = assignments.iter().flat_map(|a| self.job_gpus(a)).collect();
+        let current: BTreeSet<(String, u32)> = assignments
+            .iter()
+            .map(|a| (a.job_id.clone(), a.attempt))
+            .collect();
+        self.preflight.jobs.retain(|k, _| current.contains(k));
         // Stores first: a rank must find its store serving when it starts.
         let stores: Vec<_> = assignments
             .iter()
@@ -976,7 +1116,9 @@ impl Agent {
                     else {
                         continue;
                     };
-                    self.launch(assignment, key).await;
+                    if self.gpus_checked(assignment) {
+                        self.launch(assignment, key).await;
+                    }
                 }
                 Action::Stop(key) => self.stop(&key),
                 Action::Forget(key) => {
@@ -1283,6 +1425,99 @@ impl Agent {
     }
 
     /// Whether some output is not shipped yet, or some rank's end is not yet acknowledged.
+    /// Takes finished pre-flight runs and starts the periodic one when due (on a blocking task:
+    /// the heartbeat loop never waits for a check).
+    /// Returns whether a run finished since the last call.
+    fn poll_preflight(&mut self) -> bool {
+        let mut took = false;
+        while let Ok(finished) = self.preflight.finished_rx.try_recv() {
+            self.preflight.take(finished);
+            took = true;
+        }
+        let due = self
+            .preflight
+            .next_run
+            .is_some_and(|t| tokio::time::Instant::now() >= t);
+        if !due || self.preflight.running || self.shutting_down {
+            return took;
+        }
+        self.preflight.running = true;
+        self.preflight.next_run =
+            Some(tokio::time::Instant::now() + self.config.preflight_interval);
+        let declared = self.config.declared_gpus;
+        let interface = self.facts.advertised_interface.clone();
+        let busy_gpus = self.assigned_gpus.clone();
+        let injection = self.preflight.injection.clone();
+        let tx = self.preflight.finished_tx.clone();
+        let wake = self.wake.clone();
+        tokio::task::spawn_blocking(move || {
+            // Fresh facts: a port that went down, an ECC error since the last run.
+            let mut facts = discovery::discover(declared);
+            facts.advertised_interface = interface;
+            let report = preflight::run(
+                &facts,
+                &preflight::Scope::Host { busy_gpus },
+                preflight::Trigger::Periodic,
+                &injection,
+                preflight::RUN_BUDGET,
+            );
+            let _ = tx.send(FinishedCheck { job: None, report });
+            wake.notify_one();
+        });
+        took
+    }
+
+    /// UUIDs of the GPUs `assignment`'s ranks here see (their `CUDA_VISIBLE_DEVICES`).
+    fn job_gpus(&self, assignment: &Assignment) -> Vec<String> {
+        preflight::job_gpus(
+            &self.facts,
+            assignment
+                .ranks
+                .iter()
+                .filter_map(|r| r.env.get("CUDA_VISIBLE_DEVICES").map(String::as_str)),
+        )
+    }
+
+    /// Whether `assignment`'s ranks may start: a job without GPUs here at once; one with GPUs
+    /// once the check of its GPUs ([`preflight::Scope::Gpus`], at most [`preflight::JOB_BUDGET`])
+    /// passed. Starts that check the first time it is asked; a failed check keeps the ranks from
+    /// ever starting, and the unhealthy verdict the next heartbeat carries makes the coordinator
+    /// place the job elsewhere without using a restart.
+    fn gpus_checked(&mut self, assignment: &Assignment) -> bool {
+        let key = (assignment.job_id.clone(), assignment.attempt);
+        match self.preflight.jobs.get(&key) {
+            Some(JobCheck::Passed) => return true,
+            Some(JobCheck::Running | JobCheck::Failed) => return false,
+            None => {}
+        }
+        let gpus = self.job_gpus(assignment);
+        if gpus.is_empty() {
+            self.preflight.jobs.insert(key, JobCheck::Passed);
+            return true;
+        }
+        info!(job = %key.0, attempt = key.1, gpus = ?gpus, "checking the job's GPUs before its ranks start");
+        self.preflight.jobs.insert(key.clone(), JobCheck::Running);
+        let facts = self.facts.clone();
+        let injection = self.preflight.injection.clone();
+        let tx = self.preflight.finished_tx.clone();
+        let wake = self.wake.clone();
+        tokio::task::spawn_blocking(move || {
+            let report = preflight::run(
+                &facts,
+                &preflight::Scope::Gpus(gpus),
+                preflight::Trigger::Job,
+                &injection,
+                preflight::JOB_BUDGET,
+            );
+            let _ = tx.send(FinishedCheck {
+                job: Some(key),
+                report,
+            });
+            wake.notify_one();
+        });
+        false
+    }
+
     fn has_news(&self) -> bool {
         let now = std::time::Instant::now();
         lock(&self.ranks).values().any(|e| {

@@ -547,6 +547,7 @@ async fn admit_agents(
                 port_range_start: 29_500,
                 port_range_end: 29_599,
                 agent_version: "bench".to_string(),
+                health: None,
             })
             .await
             .with_context(|| format!("register {node}"))?;

@@ -372,6 +372,7 @@ impl Group {
                     port_range_start: 29_500,
                     port_range_end: 29_599,
                     agent_version: "bench".into(),
+                    health: None,
                 })
                 .await
                 .with_context(|| format!("register {node}"))?;

@@ -19,8 +19,8 @@ use tonic::{Request, Response, Status};
 use trainctl_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
 use trainctl_proto::agent::{
     Assignment, CommitCheckpointRequest, CommitCheckpointResponse, Gpu, HeartbeatRequest,
-    HeartbeatResponse, HostResources, LogAck, RankAssignment, RankPhase as WirePhase, RankRef,
-    RankReport, RdmaPort, RegisterRequest, RegisterResponse, StoreAssignment,
+    HeartbeatResponse, HostHealth, HostResources, LogAck, RankAssignment, RankPhase as WirePhase,
+    RankRef, RankReport, RdmaPort, RegisterRequest, RegisterResponse, StoreAssignment,
 };
 use trainctl_proto::LEADER_METADATA_KEY;
 
@@ -756,18 +756,40 @@ impl AgentService for AgentEndpoint {
         let res = r.resources.unwrap_or_default();
         let resources = node_resources(res);
         let node = NodeId(r.node_name);
+        let at_ms = now_ms();
+        let register = Command::RegisterNode {
+            node: node.clone(),
+            address: r.address,
+            instance_id: r.instance_id.clone(),
+            resources,
+            port_range: (r.port_range_start as u16, r.port_range_end as u16),
+            at_ms,
+        };
+        // The start-up pre-flight's verdict lands in the same log entry: no plan can see the new
+        // agent's node without it.
+        let command = match r.health.as_ref() {
+            Some(h) => Command::Batch(vec![
+                register,
+                Command::SetNodeHealth {
+                    node: node.clone(),
+                    instance_id: r.instance_id,
+                    unhealthy: unhealthy_reason(h),
+                    at_ms,
+                },
+            ]),
+            None => register,
+        };
         let outcome = self
             .coordinator
-            .write(Command::RegisterNode {
-                node: node.clone(),
-                address: r.address,
-                instance_id: r.instance_id,
-                resources,
-                port_range: (r.port_range_start as u16, r.port_range_end as u16),
-                at_ms: now_ms(),
-            })
+            .write(command)
             .await
             .map_err(write_status)?;
+        let outcome = match outcome {
+            CommandOutcome::Batch(outcomes) => {
+                outcomes.into_iter().next().unwrap_or(CommandOutcome::Done)
+            }
+            other => other,
+        };
         if let CommandOutcome::Rejected { reason } = outcome {
             return Err(Status::invalid_argument(reason));
         }
@@ -804,6 +826,32 @@ impl AgentService for AgentEndpoint {
             }));
         }
         c.heard_from(&node);
+
+        // A changed health verdict first: a job waiting to start here moves before anything else.
+        if let Some(health) = hb.health.as_ref() {
+            let unhealthy = unhealthy_reason(health);
+            let changed = c.state.read(|s| {
+                s.nodes
+                    .get(&node)
+                    .is_some_and(|n| n.health.unhealthy != unhealthy)
+            });
+            if changed {
+                match &unhealthy {
+                    Some(reason) => {
+                        tracing::warn!(%node, %reason, "node failed its pre-flight checks")
+                    }
+                    None => tracing::info!(%node, "node passes its pre-flight checks again"),
+                }
+                c.write(Command::SetNodeHealth {
+                    node: node.clone(),
+                    instance_id: hb.instance_id.clone(),
+                    unhealthy,
+                    at_ms: now_ms(),
+                })
+                .await
+                .map_err(write_status)?;
+            }
+        }
 
         // Logs first: a rank's exit is applied only after the lines it printed are stored.
         let log_acks = store_logs(c, &node, hb.logs).await?;
@@ -1070,6 +1118,26 @@ fn defer_failures_behind_silent_peers(
         .unwrap_or_else(|e| e.into_inner())
         .retain(|_, seen| now - *seen < timeout * 10);
     (apply, deferred)
+}
+
+/// Longest health reason the coordinator keeps (the agent sends at most 1 KiB).
+pub const HEALTH_REASON_BYTES_MAX: usize = 2048;
+
+/// An agent's health report as the state keeps it: `None` when healthy, else its reason (cut to
+/// [`HEALTH_REASON_BYTES_MAX`] at a character boundary; "no reason given" when empty).
+pub fn unhealthy_reason(health: &HostHealth) -> Option<String> {
+    if health.healthy {
+        return None;
+    }
+    let reason = health.reason.trim();
+    if reason.is_empty() {
+        return Some("the agent reports a failed pre-flight check (no reason given)".to_string());
+    }
+    let mut end = reason.len().min(HEALTH_REASON_BYTES_MAX);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(reason[..end].to_string())
 }
 
 /// Earlier attempts that held a share on `node` and of which the agent reports no running rank: their
@@ -1621,6 +1689,36 @@ mod tests {
             port_range_start: 29500,
             port_range_end: 29599,
             agent_version: "test".into(),
+            health: None,
+        }
+    }
+
+    #[test]
+    fn health_reports_become_the_states_verdict() {
+        let report = |healthy: bool, reason: &str| HostHealth {
+            healthy,
+            reason: reason.into(),
+        };
+        let long = "é".repeat(HEALTH_REASON_BYTES_MAX);
+        let cases: Vec<(HostHealth, Option<String>)> = vec![
+            (report(true, ""), None),
+            // A healthy verdict wins over a stray reason.
+            (report(true, "ignored"), None),
+            (
+                report(false, " gpu-copy on GPU-1: slow "),
+                Some("gpu-copy on GPU-1: slow".into()),
+            ),
+            (
+                report(false, ""),
+                Some("the agent reports a failed pre-flight check (no reason given)".into()),
+            ),
+            (
+                report(false, &long),
+                Some("é".repeat(HEALTH_REASON_BYTES_MAX / 2)),
+            ),
+        ];
+        for (health, want) in cases {
+            assert_eq!(unhealthy_reason(&health), want, "{health:?}");
         }
     }
 

@@ -234,6 +234,7 @@ impl FakeAgent {
                 port_range_start: self.ports.0,
                 port_range_end: self.ports.1,
                 agent_version: "test".into(),
+                health: None,
             })
             .await
             .unwrap()
@@ -376,7 +377,7 @@ async fn a_gang_runs_to_success_through_rest_and_the_agent_protocol() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|g| g.to_string())
+            .map(|g| format!("GPU-{}-{g}", agent.name))
             .collect();
         assert_eq!(a.ranks.len(), 2);
         for r in &a.ranks {

@@ -558,16 +558,20 @@ pub fn plan(facts: &HostFacts, scope: &Scope) -> Vec<Planned> {
     out
 }
 
-/// Checks made to fail on purpose, for tests: `TRAINCTL_PREFLIGHT_FAIL=[TRIGGER:]CHECK,...`.
+/// Checks made to fail on purpose, for tests: `TRAINCTL_PREFLIGHT_FAIL=[NODE@][TRIGGER:]CHECK,...`
+/// (`NODE@` limits an entry to the agent of that node, so one variable can reach every agent of
+/// `trainctl dev` and fail one).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Injection {
     /// (trigger, check): `None` for every trigger.
     pub fail: Vec<(Option<Trigger>, String)>,
+    /// (node, trigger, check) of entries for one node only; see [`Injection::for_node`].
+    pub for_nodes: Vec<(String, Option<Trigger>, String)>,
 }
 
 /// A bad `TRAINCTL_PREFLIGHT_FAIL`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{FAIL_ENV}: `{entry}` is not [TRIGGER:]CHECK: {problem}. TRIGGER is one of start, periodic, job, command, any; CHECK one of {}", CHECK_NAMES.join(", "))]
+#[error("{FAIL_ENV}: `{entry}` is not [NODE@][TRIGGER:]CHECK: {problem}. TRIGGER is one of start, periodic, job, command, any; CHECK one of {}", CHECK_NAMES.join(", "))]
 pub struct InjectionError {
     /// The entry that was refused.
     pub entry: String,
@@ -576,15 +580,22 @@ pub struct InjectionError {
 }
 
 impl Injection {
-    /// Parses `[TRIGGER:]CHECK` entries separated by commas; an empty string injects nothing.
+    /// Parses `[NODE@][TRIGGER:]CHECK` entries separated by commas; an empty string injects
+    /// nothing.
     pub fn parse(value: &str) -> Result<Injection, InjectionError> {
         let mut fail = Vec::new();
+        let mut for_nodes = Vec::new();
         for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
             let err = |problem: String| InjectionError {
                 entry: entry.to_string(),
                 problem,
             };
-            let (trigger, check) = match entry.split_once(':') {
+            let (node, rest) = match entry.split_once('@') {
+                Some(("", _)) => return Err(err("an empty node name before `@`".to_string())),
+                Some((node, rest)) => (Some(node), rest),
+                None => (None, entry),
+            };
+            let (trigger, check) = match rest.split_once(':') {
                 Some((t, c)) => (
                     match t {
                         "start" => Some(Trigger::Start),
@@ -596,14 +607,32 @@ impl Injection {
                     },
                     c,
                 ),
-                None => (None, entry),
+                None => (None, rest),
             };
             if !CHECK_NAMES.contains(&check) {
                 return Err(err(format!("unknown check `{check}`")));
             }
-            fail.push((trigger, check.to_string()));
+            match node {
+                Some(node) => for_nodes.push((node.to_string(), trigger, check.to_string())),
+                None => fail.push((trigger, check.to_string())),
+            }
         }
-        Ok(Injection { fail })
+        Ok(Injection { fail, for_nodes })
+    }
+
+    /// The entries that apply on `node`: those for every node and those naming it.
+    pub fn for_node(&self, node: &str) -> Injection {
+        let mut fail = self.fail.clone();
+        fail.extend(
+            self.for_nodes
+                .iter()
+                .filter(|(n, _, _)| n == node)
+                .map(|(_, t, c)| (*t, c.clone())),
+        );
+        Injection {
+            fail,
+            for_nodes: Vec::new(),
+        }
     }
 
     /// From [`FAIL_ENV`]; nothing when it is unset.

@@ -341,9 +341,23 @@ fn injection_parses_triggers_and_refuses_unknown_names() {
             want.into_iter().map(|(t, c)| (t, c.to_string())).collect();
         assert_eq!(got.fail, want, "{value}");
     }
+    let scoped = Injection::parse("node-2@job:gpu-copy,rdma-loopback").unwrap();
+    assert_eq!(
+        scoped.for_node("node-1").fail,
+        vec![(None, "rdma-loopback".to_string())]
+    );
+    assert_eq!(
+        scoped.for_node("node-2").fail,
+        vec![
+            (None, "rdma-loopback".to_string()),
+            (Some(Trigger::Job), "gpu-copy".to_string())
+        ]
+    );
     let bad = [
         ("gpu-cpy", "unknown check `gpu-cpy`"),
         ("later:gpu-copy", "unknown trigger `later`"),
+        ("@gpu-copy", "an empty node name before `@`"),
+        ("node-1@gpu", "unknown check `gpu`"),
     ];
     for (value, problem) in bad {
         let err = Injection::parse(value).unwrap_err();

@@ -254,6 +254,7 @@ fn request() -> impl Strategy<Value = RegisterRequest> {
                 port_range_start: lo,
                 port_range_end: hi,
                 agent_version,
+                health: None,
             },
         )
 }

@@ -640,6 +640,10 @@ pub struct NodeView {
     pub jobs: Vec<String>,
     /// Drained by an operator: nothing new is placed here.
     pub drained: bool,
+    /// Why the node failed its agent's pre-flight checks (GPU copy, NVML health, RDMA ports,
+    /// NCCL); nothing new is placed here until they pass. Absent when healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<String>,
     /// How ranks are contained there: `cgroup2 (cpu, memory)`, `process groups (...)`.
     #[serde(default)]
     pub containment: String,
@@ -1975,6 +1979,7 @@ fn node_view(s: &ClusterState, n: &Node) -> NodeView {
             .collect(),
         jobs,
         drained: n.drained,
+        unhealthy: n.health.unhealthy.clone(),
         containment: n.resources.containment.clone(),
         fabric: if n.resources.rdma_devices.is_empty() {
             "no RDMA devices".to_string()
