@@ -60,7 +60,6 @@ pub(crate) fn broadcast_bytes(
 }
 
 /// Every rank's `record`, by rank. Every rank passes a record of the same length.
-#[allow(dead_code)] // The RDMA ring's queue pair exchange, in the commit after this one.
 pub(crate) fn all_gather_bytes(
     coll: &mut dyn Collective,
     record: &[u8],

@@ -45,6 +45,7 @@ pub mod example;
 pub mod nccl;
 mod params_file;
 mod prng;
+pub mod rdma;
 mod schedule;
 mod signal;
 mod store_client;
@@ -66,6 +67,7 @@ pub use example::{
     ExampleError, Fault, FaultKind, ResumePoint, RunOptions, TrainConfig, TrainSummary,
 };
 pub use nccl::{NcclCollective, NcclOptions};
+pub use rdma::{RdmaOptions, RdmaRing};
 pub use signal::install_checkpoint_signal;
 pub use tcp::{MasterListener, RendezvousConfig, TcpRing};
 
