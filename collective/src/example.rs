@@ -56,10 +56,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::checkpoint::{AgentEndpoint, CheckpointError};
+use crate::nccl::open_host;
 use crate::params_file::{self, Snapshot, WORKLOAD_VERSION};
 use crate::prng::{mix64, SplitMix64};
 use crate::schedule::chunk_range;
-use crate::{Collective, CollectiveError, RendezvousConfig, TcpRing};
+use crate::{
+    Collective, CollectiveError, NcclCollective, NcclOptions, RdmaOptions, RdmaRing,
+    RendezvousConfig, TcpRing,
+};
 
 /// Inputs per example.
 const INPUT_COUNT: usize = 16;
@@ -242,6 +246,7 @@ pub enum ExampleError {
 }
 
 const USAGE: &str = "usage: trainctl example-train [--steps N] [--seed S] [--batch B] [--lr X]
+                              [--device cpu|cuda] [--transport tcp|rdma]
                               [--checkpoint-every N] [--step-delay-ms N]
                               [--fail-at-step N | --hang-at-step N] [--fail-rank R] [--fail-attempt A]
 
@@ -259,6 +264,13 @@ checkpoint at the next step.
   --seed S              seed of data, teacher and initial parameters (default 42)
   --batch B             global batch size, split across ranks (default 128)
   --lr X                learning rate (default 0.2)
+  --device D            where the gradients are all-reduced: cpu (default; the ring of --transport)
+                        or cuda (NCCL on this rank's GPU: the one CUDA_VISIBLE_DEVICES names, or
+                        LOCAL_RANK's when several are visible; TRAINCTL_NCCL_LIBRARY overrides
+                        where libnccl.so.2 is found). The checksum is the same on either
+  --transport T         the ring's transport with --device cpu: tcp (default) or rdma (RC queue
+                        pairs of libibverbs on TRAINCTL_RDMA_DEVICE, else NCCL_IB_HCA's first
+                        device, else the first ACTIVE port; GID index NCCL_IB_GID_INDEX)
   --checkpoint-every N  rank 0 checkpoints every N steps into TRAINCTL_CHECKPOINT_DIR
                         (default 10 when it is set; 0 for none)
   --step-delay-ms N     sleep N ms after each step (default 0)
@@ -267,7 +279,7 @@ checkpoint at the next step.
   --fail-rank R         the rank --fail-at-step / --hang-at-step applies to (default 0)
   --fail-attempt A      the attempt they apply to (default 0)";
 
-const ACCEPTED_FLAGS: &str = "--steps N, --seed S, --batch B, --lr X, --checkpoint-every N, --step-delay-ms N, --fail-at-step N, --hang-at-step N, --fail-rank R, --fail-attempt A";
+const ACCEPTED_FLAGS: &str = "--steps N, --seed S, --batch B, --lr X, --device cpu|cuda, --transport tcp|rdma, --checkpoint-every N, --step-delay-ms N, --fail-at-step N, --hang-at-step N, --fail-rank R, --fail-attempt A";
 
 /// What an injected fault does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,11 +304,35 @@ pub struct Fault {
     pub attempt: u32,
 }
 
+/// Where `example-train` all-reduces (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// Host memory, over the ring of [`Transport`].
+    #[default]
+    Cpu,
+    /// This rank's GPU, over NCCL ([`NcclCollective`]).
+    Cuda,
+}
+
+/// The ring's transport with `--device cpu` (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// TCP connections ([`TcpRing`]).
+    #[default]
+    Tcp,
+    /// RDMA writes between RC queue pairs ([`RdmaRing`]).
+    Rdma,
+}
+
 /// Everything `trainctl example-train` accepts on its command line.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ExampleArgs {
     /// The hyperparameters, which must be the same on every rank and every attempt.
     pub train: TrainConfig,
+    /// `--device`.
+    pub device: DeviceChoice,
+    /// `--transport`; `None` when not given (TCP).
+    pub transport: Option<Transport>,
     /// `--checkpoint-every`; `None` when not given.
     pub checkpoint_every: Option<u32>,
     /// `--step-delay-ms`.
@@ -328,6 +364,8 @@ pub fn parse_args(args: &[String]) -> Result<ExampleArgs, String> {
             "--step-delay-ms" => format!("a whole number from 0 to {MAX_STEP_DELAY_MS}"),
             "--fail-rank" => format!("a whole number below {}", crate::MAX_WORLD_SIZE),
             "--fail-attempt" => "a whole number from 0".to_string(),
+            "--device" => "cpu or cuda".to_string(),
+            "--transport" => "tcp or rdma".to_string(),
             _ if flag.starts_with('-') => {
                 return Err(format!(
                     "unknown flag `{flag}`; accepted flags: {ACCEPTED_FLAGS}"
@@ -384,6 +422,20 @@ pub fn parse_args(args: &[String]) -> Result<ExampleArgs, String> {
                     .filter(|n| *n <= MAX_STEP_DELAY_MS)
                     .ok_or_else(bad)?
             }
+            "--device" => {
+                parsed.device = match value.as_str() {
+                    "cpu" => DeviceChoice::Cpu,
+                    "cuda" => DeviceChoice::Cuda,
+                    _ => return Err(bad()),
+                }
+            }
+            "--transport" => {
+                parsed.transport = Some(match value.as_str() {
+                    "tcp" => Transport::Tcp,
+                    "rdma" => Transport::Rdma,
+                    _ => return Err(bad()),
+                })
+            }
             "--fail-at-step" => fail_at = Some(step()?),
             "--hang-at-step" => hang_at = Some(step()?),
             "--fail-rank" => {
@@ -397,6 +449,12 @@ pub fn parse_args(args: &[String]) -> Result<ExampleArgs, String> {
             }
             _ => fail_attempt = Some(value.parse::<u32>().map_err(|_| bad())?),
         }
+    }
+    if parsed.device == DeviceChoice::Cuda && parsed.transport.is_some() {
+        return Err(
+            "--transport applies to --device cpu: with --device cuda NCCL chooses its own transport (InfiniBand or RoCE through NCCL_IB_*, else sockets)"
+                .to_string(),
+        );
     }
     let (kind, step) = match (fail_at, hang_at) {
         (Some(_), Some(_)) => {
@@ -959,11 +1017,92 @@ pub fn example_train_from_env(args: &[String]) -> Result<TrainSummary, ExampleEr
             "trainctl example-train: --checkpoint-every is ignored: TRAINCTL_CHECKPOINT_DIR is not set (the job has no [checkpoint] table)"
         );
     }
-    let rdzv = rendezvous_config_from_env(get)?;
-    let mut ring = TcpRing::connect(rdzv)?;
+    train_on_backend(&parsed, &opts, get)
+}
+
+/// Opens the backend `args` choose (host checks first, so a host without CUDA, NCCL or an RDMA
+/// device fails before it waits on any peer), meets the other ranks and trains, printing to
+/// standard output. GPU and RDMA backends end in order: every rank waits for the others to
+/// finish before it tears its communicator down.
+fn train_on_backend(
+    args: &ExampleArgs,
+    opts: &RunOptions,
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<TrainSummary, ExampleError> {
     let stdout = io::stdout();
-    let mut out = stdout.lock();
-    example_train_with(&parsed.train, &opts, &mut ring, &mut out)
+    match (args.device, args.transport.unwrap_or_default()) {
+        (DeviceChoice::Cpu, Transport::Tcp) => {
+            let rdzv = rendezvous_config_from_env(&get)?;
+            let mut ring = TcpRing::connect(rdzv)?;
+            example_train_with(&args.train, opts, &mut ring, &mut stdout.lock())
+        }
+        (DeviceChoice::Cuda, _) => {
+            let nccl_opts = nccl_options_from_env(&get)?;
+            // The host first: without CUDA or NCCL, say so before asking for launcher variables.
+            open_host(&nccl_opts)?;
+            let rdzv = rendezvous_config_from_env(&get)?;
+            let mut coll = NcclCollective::connect(rdzv, &nccl_opts)?;
+            let nccl = coll.nccl();
+            let _ = writeln!(
+                io::stderr(),
+                "trainctl example-train: NCCL {} ({}) on {}, rank {} of {}, communicator ready in {} ms",
+                nccl.version(),
+                nccl.library(),
+                coll.device(),
+                coll.rank(),
+                coll.world_size(),
+                coll.init_time().as_millis()
+            );
+            let summary = example_train_with(&args.train, opts, &mut coll, &mut stdout.lock())?;
+            coll.finish();
+            Ok(summary)
+        }
+        (DeviceChoice::Cpu, Transport::Rdma) => {
+            let rdma_opts = RdmaOptions::from_env(&get).map_err(ExampleError::Args)?;
+            crate::rdma::check_host(&rdma_opts)?;
+            let rdzv = rendezvous_config_from_env(&get)?;
+            let mut ring = RdmaRing::connect(rdzv, &rdma_opts)?;
+            let summary = example_train_with(&args.train, opts, &mut ring, &mut stdout.lock())?;
+            ring.finish();
+            Ok(summary)
+        }
+    }
+}
+
+/// The NCCL backend's options from the environment, read through `get`: `LOCAL_RANK` (which
+/// visible GPU, when several are) and `TRAINCTL_NCCL_LIBRARY` (a path to `libnccl.so.2` instead
+/// of the loader's search).
+pub fn nccl_options_from_env(
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<NcclOptions, ExampleError> {
+    let local_rank = match get("LOCAL_RANK").filter(|v| !v.trim().is_empty()) {
+        None => None,
+        Some(v) => Some(v.trim().parse::<u32>().map_err(|_| ExampleError::Env {
+            var: "LOCAL_RANK",
+            problem: format!("`{v}` is not valid: expected a whole number"),
+        })?),
+    };
+    Ok(NcclOptions {
+        library: get("TRAINCTL_NCCL_LIBRARY")
+            .filter(|v| !v.trim().is_empty())
+            .map(PathBuf::from),
+        local_rank,
+        ..NcclOptions::default()
+    })
+}
+
+/// The process exit code for `e`: 2 for what must be fixed before a run can start (arguments,
+/// environment, the checkpoint to resume from, a backend this host cannot run), 3 for an injected
+/// failure, 1 for the rest.
+pub fn exit_code(e: &ExampleError) -> i32 {
+    match e {
+        ExampleError::Args(_)
+        | ExampleError::Env { .. }
+        | ExampleError::ResumeMismatch { .. }
+        | ExampleError::Collective(CollectiveError::Unavailable { .. }) => 2,
+        ExampleError::InjectedFailure { .. } => INJECTED_FAILURE_EXIT_CODE,
+        _ => 1,
+    }
 }
 
 /// Entry point of `trainctl example-train [args]`: runs [`example_train_from_env`] and returns the
@@ -989,15 +1128,10 @@ pub fn example_train_main(args: &[String]) -> i32 {
                 source = s.source();
             }
             let _ = writeln!(io::stderr(), "{msg}");
-            match e {
-                ExampleError::Args(_) => {
-                    let _ = writeln!(io::stderr(), "{USAGE}");
-                    2
-                }
-                ExampleError::Env { .. } | ExampleError::ResumeMismatch { .. } => 2,
-                ExampleError::InjectedFailure { .. } => INJECTED_FAILURE_EXIT_CODE,
-                _ => 1,
+            if matches!(e, ExampleError::Args(_)) {
+                let _ = writeln!(io::stderr(), "{USAGE}");
             }
+            exit_code(&e)
         }
     }
 }
@@ -1104,6 +1238,120 @@ mod tests {
 
     fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn device_and_transport_choose_the_backend_and_refuse_what_cannot_mix() {
+        type Case<'a> = (&'a str, Result<(DeviceChoice, Option<Transport>), &'a str>);
+        let cases: &[Case] = &[
+            ("", Ok((DeviceChoice::Cpu, None))),
+            ("--device cpu", Ok((DeviceChoice::Cpu, None))),
+            ("--device=cuda", Ok((DeviceChoice::Cuda, None))),
+            ("--transport rdma", Ok((DeviceChoice::Cpu, Some(Transport::Rdma)))),
+            (
+                "--device cpu --transport=tcp",
+                Ok((DeviceChoice::Cpu, Some(Transport::Tcp))),
+            ),
+            (
+                "--device gpu",
+                Err("--device `gpu` is not valid: expected cpu or cuda"),
+            ),
+            (
+                "--transport ib",
+                Err("--transport `ib` is not valid: expected tcp or rdma"),
+            ),
+            ("--device", Err("--device needs a value: cpu or cuda")),
+            (
+                "--device cuda --transport rdma",
+                Err("--transport applies to --device cpu: with --device cuda NCCL chooses its own transport"),
+            ),
+        ];
+        for (line, want) in cases {
+            match (parse_args(&args(line)), want) {
+                (Ok(got), Ok(pair)) => assert_eq!((got.device, got.transport), *pair, "{line}"),
+                (Err(e), Err(prefix)) => assert!(e.starts_with(prefix), "{line}: {e}"),
+                (got, want) => panic!("{line}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn exit_codes_separate_setup_errors_from_failed_runs() {
+        let unavailable = ExampleError::Collective(CollectiveError::Unavailable {
+            backend: "nccl",
+            missing: "no GPU".to_owned(),
+        });
+        let lost = ExampleError::Collective(CollectiveError::Aborted {
+            reason: "a peer is gone".to_owned(),
+        });
+        let cases = [
+            (ExampleError::Args("x".to_owned()), 2),
+            (
+                ExampleError::Env {
+                    var: "RANK",
+                    problem: "x".to_owned(),
+                },
+                2,
+            ),
+            (unavailable, 2),
+            (lost, 1),
+            (ExampleError::InjectedFailure { step: 3 }, 3),
+        ];
+        for (e, code) in cases {
+            assert_eq!(exit_code(&e), code, "{e}");
+        }
+    }
+
+    #[test]
+    fn a_backend_this_host_cannot_run_is_named_before_any_rendezvous() {
+        // No launcher variables at all: the host check comes first, and no peer is waited for.
+        let no_env = |_: &str| None;
+        let opts = RunOptions::default();
+        let cuda = parse_args(&args("--device cuda")).unwrap();
+        if trainctl_ffi::cuda::driver_present() {
+            crate::testing::skip(
+                "this host has a CUDA driver: the missing-GPU error cannot be seen",
+            );
+        } else {
+            let err = train_on_backend(&cuda, &opts, no_env).unwrap_err();
+            assert_eq!(exit_code(&err), 2, "{err}");
+            assert!(
+                err.to_string().starts_with(
+                    "the nccl backend cannot run on this host: no CUDA driver library (libcuda.so.1)"
+                ),
+                "{err}"
+            );
+        }
+        let rdma = parse_args(&args("--transport rdma")).unwrap();
+        match train_on_backend(&rdma, &opts, no_env) {
+            Err(err @ ExampleError::Collective(CollectiveError::Unavailable { .. })) => {
+                assert_eq!(exit_code(&err), 2);
+                assert!(err.to_string().contains("--transport tcp"), "{err}");
+            }
+            // Past the host check, the missing launcher variables are the error.
+            Err(ExampleError::Env { .. }) => crate::testing::skip(
+                "this host has an ACTIVE RDMA port: the missing-device error cannot be seen",
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn nccl_options_read_local_rank_and_the_library_path() {
+        let o = nccl_options_from_env(env(&[
+            ("LOCAL_RANK", "3"),
+            ("TRAINCTL_NCCL_LIBRARY", "/opt/nccl/lib/libnccl.so.2"),
+        ]))
+        .unwrap();
+        assert_eq!(o.local_rank, Some(3));
+        assert_eq!(o.library, Some(PathBuf::from("/opt/nccl/lib/libnccl.so.2")));
+        let o = nccl_options_from_env(env(&[])).unwrap();
+        assert_eq!((o.local_rank, o.library), (None, None));
+        let err = nccl_options_from_env(env(&[("LOCAL_RANK", "x")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable LOCAL_RANK: `x` is not valid: expected a whole number"
+        );
     }
 
     #[test]

@@ -62,9 +62,10 @@ pub use checkpoint::{
 pub use device::{AbortHandle, DType, Device, DeviceBufMut, HostBufMut};
 pub use error::CollectiveError;
 pub use example::{
-    example_train, example_train_from_env, example_train_main, example_train_with, params_checksum,
-    parse_args, rendezvous_config_from_env, run_options_from_env, CheckpointRecord, ExampleArgs,
-    ExampleError, Fault, FaultKind, ResumePoint, RunOptions, TrainConfig, TrainSummary,
+    example_train, example_train_from_env, example_train_main, example_train_with, exit_code,
+    nccl_options_from_env, params_checksum, parse_args, rendezvous_config_from_env,
+    run_options_from_env, CheckpointRecord, DeviceChoice, ExampleArgs, ExampleError, Fault,
+    FaultKind, ResumePoint, RunOptions, TrainConfig, TrainSummary, Transport,
 };
 pub use nccl::{NcclCollective, NcclOptions};
 pub use rdma::{RdmaOptions, RdmaRing};

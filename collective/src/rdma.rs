@@ -203,6 +203,12 @@ pub(crate) fn choose_port(
     }
 }
 
+/// Checks that this host can run the RDMA ring with `opts` (libibverbs, an ACTIVE port), without
+/// meeting any peer; the error names what is missing.
+pub fn check_host(opts: &RdmaOptions) -> Result<(), CollectiveError> {
+    open_port(opts).map(|_| ())
+}
+
 /// Opens libibverbs and the device and port to use, or says what is missing.
 fn open_port(
     opts: &RdmaOptions,
