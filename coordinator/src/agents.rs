@@ -25,7 +25,7 @@ use trainctl_proto::agent::{
 use trainctl_proto::LEADER_METADATA_KEY;
 
 use crate::auth::{node_of_peer, PeerCertificate};
-use crate::launch::{rank_launches, store_launch};
+use crate::launch::{rank_launches_on, store_launch};
 use crate::raft::ServerId;
 use crate::server::{now_ms, Coordinator, WriteError};
 use crate::state::{
@@ -1346,11 +1346,6 @@ pub fn changed_observations(
 
 /// What `node` should run now.
 pub fn assignments_for(s: &State, node: &NodeId, stop_grace_ms: u32) -> Vec<Assignment> {
-    let address = s
-        .nodes
-        .get(node)
-        .map(|n| n.address.clone())
-        .unwrap_or_default();
     s.jobs_assigned_to(node)
         .map(|job| Assignment {
             job_id: job.id.to_string(),
@@ -1382,7 +1377,7 @@ pub fn assignments_for(s: &State, node: &NodeId, stop_grace_ms: u32) -> Vec<Assi
                     peers: store.peers,
                 },
             ),
-            ranks: rank_launches(job, node, &address)
+            ranks: rank_launches_on(job, node, &s.nodes)
                 .into_iter()
                 .map(|l| RankAssignment {
                     rank: l.rank,
@@ -1604,10 +1599,11 @@ mod tests {
             } else {
                 assert_eq!(store, None, "{node}");
             }
+            // By UUID (the agent's own ordinals are wrong when it runs with CUDA_VISIBLE_DEVICES set).
             let gpus = &allocation.nodes[group_rank as usize].gpus;
             let visible = gpus
                 .iter()
-                .map(u32::to_string)
+                .map(|index| format!("GPU-{}-{index}", group_rank + 1))
                 .collect::<Vec<_>>()
                 .join(",");
             for r in &a.ranks {

@@ -33,12 +33,6 @@ pub fn rank_launches_on(
     launches(job, node, &host.address, Some(host), &gang)
 }
 
-/// [`rank_launches_on`] without the hosts' discovery: GPUs by the agent's index and no NCCL
-/// variables. Kept for the agent service until it passes the state's nodes (one call to switch).
-pub fn rank_launches(job: &Job, node: &NodeId, node_address: &str) -> Vec<RankLaunch> {
-    launches(job, node, node_address, None, &GangFabric::NoRdma)
-}
-
 fn launches(
     job: &Job,
     node: &NodeId,
@@ -348,21 +342,6 @@ mod tests {
                 assert_eq!(l.env.get(name).map(String::as_str), Some(value), "{name}");
             }
         }
-        // Without the hosts' discovery: GPUs by index, no NCCL variables (the agent service's path
-        // until it passes the state's nodes).
-        let legacy = rank_launches(job, &node, "10.0.0.2");
-        assert_eq!(legacy[0].env["CUDA_VISIBLE_DEVICES"], "0,1");
-        assert!(!legacy[0].env.keys().any(|k| k.starts_with("NCCL_")));
-        assert_eq!(
-            legacy
-                .iter()
-                .map(|l| (l.rank, l.local_rank))
-                .collect::<Vec<_>>(),
-            launches
-                .iter()
-                .map(|l| (l.rank, l.local_rank))
-                .collect::<Vec<_>>()
-        );
     }
 
     #[test]
