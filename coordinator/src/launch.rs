@@ -47,6 +47,7 @@ fn launches(
         return Vec::new();
     };
     let res = &job.spec.resources;
+    let decisions = decide(job, share, host, gang);
     (0..res.procs_per_node)
         .map(|local_rank| {
             let mut env = rank_env(
@@ -58,7 +59,6 @@ fn launches(
                 node_address,
                 local_rank,
             );
-            let decisions = decide(job, share, host, gang, local_rank);
             for (name, value) in nccl_env::to_set(&decisions) {
                 env.insert(name.to_owned(), value.to_owned());
             }
@@ -83,19 +83,19 @@ fn gang_fabric(job: &Job, nodes: &BTreeMap<NodeId, Node>) -> GangFabric {
     nccl_env::gang_fabric(job.spec.resources.fabric, hosts)
 }
 
+/// The decisions of every local rank of `share` (the same for all: they see the same GPUs, and NCCL
+/// requires one `NCCL_IB_HCA` per host).
 fn decide(
     job: &Job,
     share: &NodeAllocation,
     host: Option<&Node>,
     gang: &GangFabric,
-    local_rank: u32,
 ) -> Vec<EnvDecision> {
     nccl_env::decide(&RankInput {
         job_env: &job.spec.launch.env,
         gang,
         host,
         host_gpus: &share.gpus,
-        rank_gpus: nccl_env::rank_gpus(&share.gpus, job.spec.resources.procs_per_node, local_rank),
     })
 }
 
@@ -115,9 +115,8 @@ pub fn rank_env_decisions(
         return Vec::new();
     };
     let gang = gang_fabric(job, nodes);
-    (0..job.spec.resources.procs_per_node)
-        .map(|local_rank| decide(job, share, nodes.get(node), &gang, local_rank))
-        .collect()
+    let decisions = decide(job, share, nodes.get(node), &gang);
+    vec![decisions; job.spec.resources.procs_per_node as usize]
 }
 
 fn rank_env(
@@ -323,8 +322,14 @@ mod tests {
             let env = |k: &str| l.env.get(k).map(String::as_str);
             assert_eq!(env("CUDA_VISIBLE_DEVICES"), Some("GPU-2-0,GPU-2-1"));
             assert_eq!(env("NCCL_SOCKET_IFNAME"), Some("=eth0"));
-            let hca = format!("=mlx5_{}:1", l.local_rank);
-            assert_eq!(env("NCCL_IB_HCA"), Some(hca.as_str()), "rank {}", l.rank);
+            // The same list for every local rank (NCCL refuses or hangs otherwise): the ports
+            // nearest all the job's GPUs on the host.
+            assert_eq!(
+                env("NCCL_IB_HCA"),
+                Some("=mlx5_0:1,mlx5_1:1"),
+                "rank {}",
+                l.rank
+            );
             assert_eq!(
                 env("NCCL_IB_GID_INDEX"),
                 None,
@@ -362,7 +367,7 @@ mod tests {
         assert_eq!(hca.set_by, SetBy::Job);
         assert_eq!(hca.value.as_deref(), Some("mlx5"));
         assert!(
-            hca.reason.contains("trainctl would set =mlx5_0:1"),
+            hca.reason.contains("trainctl would set =mlx5_0:1,mlx5_1:1"),
             "{}",
             hca.reason
         );

@@ -1,13 +1,16 @@
 //! The GPU, NCCL and RDMA environment of a rank, decided from what the agents discovered.
 //!
 //! For each rank: which GPUs it sees (`CUDA_VISIBLE_DEVICES`, by UUID), which RDMA ports NCCL uses
-//! (`NCCL_IB_HCA`: the ACTIVE ports nearest the rank's GPUs), the GID index of RoCE v2 ports
+//! (`NCCL_IB_HCA`: the ACTIVE ports nearest the job's GPUs on the host, the same list for every local
+//! rank: NCCL builds its rings from every local rank's NICs and requires one list per host; it picks
+//! each GPU's nearest NIC itself), the GID index of RoCE v2 ports
 //! (`NCCL_IB_GID_INDEX`), the interface of NCCL's bootstrap and socket transport
 //! (`NCCL_SOCKET_IFNAME`: the one holding the agent's address), and `NCCL_IB_DISABLE=1` for a gang
 //! whose hosts share no RDMA fabric. Each comes as an [`EnvDecision`]: the value and the reason, which
 //! [`crate::launch`] puts into the rank's environment and the API shows in `trainctl status`.
 //!
-//! Pure: the inputs are the job's own environment, the gang's hosts as registered and the rank's GPUs.
+//! Pure: the inputs are the job's own environment, the gang's hosts as registered and the job's GPUs on the
+//! rank's host.
 //! The job's `launch.env` always wins: a variable it sets is left to it, and the decision says what
 //! trainctl would have set. A CPU job (no GPU on the host) gets only `CUDA_VISIBLE_DEVICES=` (empty:
 //! it hides every GPU), and a gang with no ACTIVE RDMA port gets no `NCCL_IB_*` variable at all.
@@ -139,16 +142,6 @@ pub fn gang_fabric<'a>(
     GangFabric::Split(shown.join(", "))
 }
 
-/// The GPUs of local rank `local_rank` among `host_gpus` (the job's GPUs on the host, in the order
-/// of `CUDA_VISIBLE_DEVICES`): its equal share, in order. With one GPU per rank, the GPU at position
-/// LOCAL_RANK (torch's `cuda:LOCAL_RANK`). Empty for a CPU job; GPUs beyond an equal share go to no
-/// rank here (they stay visible to all).
-pub fn rank_gpus(host_gpus: &[u32], procs_per_node: u32, local_rank: u32) -> &[u32] {
-    let per_rank = host_gpus.len() / procs_per_node.max(1) as usize;
-    let start = per_rank * local_rank as usize;
-    host_gpus.get(start..start + per_rank).unwrap_or(&[])
-}
-
 /// What [`decide`] looks at for one rank.
 #[derive(Debug, Clone, Copy)]
 pub struct RankInput<'a> {
@@ -159,10 +152,9 @@ pub struct RankInput<'a> {
     /// The rank's host as registered; `None` when the coordinator no longer knows it (then only the
     /// GPU indices are known).
     pub host: Option<&'a Node>,
-    /// The job's GPUs on this host, by the agent's index (the allocation's order).
+    /// The job's GPUs on this host, by the agent's index (the allocation's order). Every local rank
+    /// sees all of them, and gets the same NCCL variables: nothing here depends on the local rank.
     pub host_gpus: &'a [u32],
-    /// The rank's own GPUs among them ([`rank_gpus`]).
-    pub rank_gpus: &'a [u32],
 }
 
 /// Every variable trainctl decides for a rank, in a fixed order: `CUDA_VISIBLE_DEVICES`, then, for a
@@ -301,7 +293,7 @@ fn nccl(input: &RankInput, host: &Node) -> Vec<EnvDecision> {
             ),
         )),
         GangFabric::Shared(fabric) => {
-            let (hca, ports) = ib_hca(&host.resources, input.rank_gpus, *fabric);
+            let (hca, ports) = ib_hca(&host.resources, input.host_gpus, *fabric);
             decisions.push(hca);
             if *fabric == Fabric::Roce {
                 decisions.push(if input.job_env.contains_key(NCCL_IB_HCA) {
@@ -350,11 +342,13 @@ fn port_names(ports: &[Port]) -> String {
         .join(",")
 }
 
-/// `NCCL_IB_HCA`: the ACTIVE ports of `fabric` on the devices nearest the rank's GPUs, or every
-/// ACTIVE port of `fabric` when discovery reported no affinity; also returns the ports chosen.
+/// `NCCL_IB_HCA`: the ACTIVE ports of `fabric` on the devices nearest the job's GPUs on the host
+/// (`host_gpus`, all of them: every local rank must get the same list, or NCCL's rings over the
+/// host's ranks name NICs some ranks do not have, NVIDIA/nccl#1478), or every ACTIVE port of
+/// `fabric` when discovery reported no affinity; also returns the ports chosen.
 fn ib_hca<'a>(
     host: &'a NodeResources,
-    rank_gpus: &[u32],
+    host_gpus: &[u32],
     fabric: Fabric,
 ) -> (EnvDecision, Vec<Port<'a>>) {
     let active: Vec<Port> = host
@@ -364,11 +358,11 @@ fn ib_hca<'a>(
         .filter(|(_, p)| port_fabric(p) == Some(fabric))
         .collect();
     let serves = |device: &str| active.iter().any(|(d, _)| *d == device);
-    // Per GPU of the rank: the devices of the fabric at its nearest link.
+    // Per GPU of the job on this host: the devices of the fabric at its nearest link.
     let mut nearest: Vec<&str> = Vec::new();
     let mut near_gpus: Vec<String> = Vec::new();
     let mut without: Vec<String> = Vec::new();
-    for &index in rank_gpus {
+    for &index in host_gpus {
         let gpu = host.gpus.iter().find(|g| g.index == index);
         let affinity = gpu.map_or(&[][..], |g| g.nic_affinity.as_slice());
         let best: Option<PcieLink> = affinity
@@ -401,7 +395,7 @@ fn ib_hca<'a>(
         (ports, why)
     } else {
         let whose = if without.is_empty() {
-            "the rank".to_owned()
+            "the job's GPUs".to_owned()
         } else {
             without.join(", ")
         };

@@ -193,9 +193,6 @@ struct Case {
     others: &'static [&'static str],
     host: &'static str,
     host_gpus: &'static [u32],
-    /// Ranks per host.
-    procs: u32,
-    local_rank: u32,
     job_env: &'static [(&'static str, &'static str)],
     want: &'static [Want],
 }
@@ -220,53 +217,29 @@ const IFNAME_ETH0: Want = (
 fn decisions_table() {
     let cases = [
         Case {
-            what: "IB host, rank 0: the port behind GPU 0's switch",
+            what: "IB host: the ports nearest every GPU of the job there, for every local rank",
             fabric: ANY,
             others: &["ib"],
             host: "ib",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 0,
             job_env: &[],
             want: &[
                 UUIDS,
                 IFNAME_ETH0,
                 (
                     NCCL_IB_HCA,
-                    Some("=mlx5_0:1"),
+                    Some("=mlx5_0:1,mlx5_1:1"),
                     Trainctl,
-                    "the ACTIVE InfiniBand port nearest GPU-aaaa (PIX)",
+                    "the ACTIVE InfiniBand ports nearest GPU-aaaa (PIX), GPU-bbbb (PIX)",
                 ),
             ],
         },
         Case {
-            what: "IB host, rank 1: its own GPU's port",
-            fabric: Fabric::Ib,
-            others: &["ib"],
-            host: "ib",
-            host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 1,
-            job_env: &[],
-            want: &[
-                UUIDS,
-                IFNAME_ETH0,
-                (
-                    NCCL_IB_HCA,
-                    Some("=mlx5_1:1"),
-                    Trainctl,
-                    "nearest GPU-bbbb (PIX)",
-                ),
-            ],
-        },
-        Case {
-            what: "one rank with both GPUs: both nearest ports",
+            what: "an IB job asking for IB: the same ports",
             fabric: Fabric::Ib,
             others: &[],
             host: "ib",
             host_gpus: &[0, 1],
-            procs: 1,
-            local_rank: 0,
             job_env: &[],
             want: &[
                 UUIDS,
@@ -285,8 +258,6 @@ fn decisions_table() {
             others: &["roce"],
             host: "roce",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 1,
             job_env: &[],
             want: &[
                 UUIDS,
@@ -298,15 +269,15 @@ fn decisions_table() {
                 ),
                 (
                     NCCL_IB_HCA,
-                    Some("=mlx5_1:1"),
+                    Some("=mlx5_0:1,mlx5_1:1"),
                     Trainctl,
-                    "the ACTIVE RoCE port nearest GPU-bbbb (PIX)",
+                    "the ACTIVE RoCE ports nearest GPU-aaaa (PIX), GPU-bbbb (PIX)",
                 ),
                 (
                     NCCL_IB_GID_INDEX,
                     Some("3"),
                     Trainctl,
-                    "a RoCE v2 GID with an IPv4-mapped address on mlx5_1:1 ::ffff:10.1.1.5",
+                    "a RoCE v2 GID with an IPv4-mapped address on mlx5_0:1 ::ffff:10.1.0.5, mlx5_1:1 ::ffff:10.1.1.5",
                 ),
             ],
         },
@@ -316,8 +287,6 @@ fn decisions_table() {
             others: &[],
             host: "roce-v1",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 0,
             job_env: &[],
             want: &[
                 UUIDS,
@@ -326,7 +295,7 @@ fn decisions_table() {
                     NCCL_IB_HCA,
                     Some("=mlx5_0:1"),
                     Trainctl,
-                    "nearest GPU-aaaa (PIX)",
+                    "nearest GPU-aaaa (PIX), GPU-bbbb (SYS)",
                 ),
                 (
                     NCCL_IB_GID_INDEX,
@@ -342,8 +311,6 @@ fn decisions_table() {
             others: &["ib"],
             host: "mixed",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 1,
             job_env: &[],
             // GPU 1's nearest device (mlx5_1) has no IB port: the nearest IB one is mlx5_0 (NODE).
             want: &[
@@ -353,7 +320,7 @@ fn decisions_table() {
                     NCCL_IB_HCA,
                     Some("=mlx5_0:1"),
                     Trainctl,
-                    "the ACTIVE InfiniBand port nearest GPU-bbbb (NODE)",
+                    "the ACTIVE InfiniBand port nearest GPU-aaaa (PIX), GPU-bbbb (NODE)",
                 ),
             ],
         },
@@ -363,23 +330,21 @@ fn decisions_table() {
             others: &["roce"],
             host: "mixed",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 0,
             job_env: &[],
             want: &[
                 UUIDS,
                 IFNAME_ETH0,
                 (
                     NCCL_IB_HCA,
-                    Some("=mlx5_0:2"),
+                    Some("=mlx5_0:2,mlx5_1:1"),
                     Trainctl,
-                    "RoCE port nearest GPU-aaaa (PIX)",
+                    "RoCE ports nearest GPU-aaaa (PIX), GPU-bbbb (PIX)",
                 ),
                 (
                     NCCL_IB_GID_INDEX,
                     Some("3"),
                     Trainctl,
-                    "on mlx5_0:2 ::ffff:10.2.0.5",
+                    "on mlx5_0:2 ::ffff:10.2.0.5, mlx5_1:1 ::ffff:10.2.1.5",
                 ),
             ],
         },
@@ -389,8 +354,6 @@ fn decisions_table() {
             others: &["roce"],
             host: "ib",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 0,
             job_env: &[],
             want: &[
                 UUIDS,
@@ -409,8 +372,6 @@ fn decisions_table() {
             others: &["ib"],
             host: "plain",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 0,
             job_env: &[],
             want: &[
                 UUIDS,
@@ -429,8 +390,6 @@ fn decisions_table() {
             others: &[],
             host: "noaffinity",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 0,
             job_env: &[],
             want: &[
                 UUIDS,
@@ -449,8 +408,6 @@ fn decisions_table() {
             others: &[],
             host: "roce",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 0,
             job_env: &[("NCCL_IB_HCA", "mlx5"), ("NCCL_SOCKET_IFNAME", "ib0")],
             want: &[
                 UUIDS,
@@ -464,7 +421,7 @@ fn decisions_table() {
                     NCCL_IB_HCA,
                     Some("mlx5"),
                     Job,
-                    "the job's launch.env sets it; trainctl would set =mlx5_0:1: the ACTIVE RoCE port nearest GPU-aaaa (PIX)",
+                    "the job's launch.env sets it; trainctl would set =mlx5_0:1,mlx5_1:1: the ACTIVE RoCE ports nearest GPU-aaaa (PIX), GPU-bbbb (PIX)",
                 ),
                 (
                     NCCL_IB_GID_INDEX,
@@ -480,13 +437,16 @@ fn decisions_table() {
             others: &[],
             host: "roce",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 0,
             job_env: &[("NCCL_IB_GID_INDEX", "1")],
             want: &[
                 UUIDS,
                 (NCCL_SOCKET_IFNAME, Some("=bond0"), Trainctl, "address"),
-                (NCCL_IB_HCA, Some("=mlx5_0:1"), Trainctl, "nearest GPU-aaaa"),
+                (
+                    NCCL_IB_HCA,
+                    Some("=mlx5_0:1,mlx5_1:1"),
+                    Trainctl,
+                    "nearest GPU-aaaa",
+                ),
                 (
                     NCCL_IB_GID_INDEX,
                     Some("1"),
@@ -501,8 +461,6 @@ fn decisions_table() {
             others: &["plain"],
             host: "plain",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 0,
             job_env: &[],
             want: &[UUIDS, IFNAME_ETH0],
         },
@@ -512,8 +470,6 @@ fn decisions_table() {
             others: &["declared"],
             host: "declared",
             host_gpus: &[0, 1],
-            procs: 2,
-            local_rank: 0,
             job_env: &[],
             want: &[
                 (
@@ -536,8 +492,6 @@ fn decisions_table() {
             others: &["ib"],
             host: "ib",
             host_gpus: &[],
-            procs: 1,
-            local_rank: 0,
             job_env: &[],
             want: &[(
                 CUDA_VISIBLE_DEVICES,
@@ -552,8 +506,6 @@ fn decisions_table() {
             others: &[],
             host: "ib",
             host_gpus: &[1],
-            procs: 1,
-            local_rank: 0,
             job_env: &[],
             want: &[
                 (
@@ -586,7 +538,6 @@ fn decisions_table() {
             gang: &gang,
             host: Some(&this),
             host_gpus: case.host_gpus,
-            rank_gpus: rank_gpus(case.host_gpus, case.procs, case.local_rank),
         });
         let shown: Vec<String> = got
             .iter()
@@ -637,21 +588,19 @@ fn group_by_rank_names_ranks_only_where_they_differ() {
     let this = host("ib");
     let gang = gang_fabric(ANY, [(this.id.0.as_str(), &this.resources)]);
     let env = BTreeMap::new();
-    let per_rank: Vec<Vec<EnvDecision>> = (0..2)
-        .map(|local_rank| {
-            decide(&RankInput {
-                job_env: &env,
-                gang: &gang,
-                host: Some(&this),
-                host_gpus: &[0, 1],
-                rank_gpus: rank_gpus(&[0, 1], 2, local_rank),
-            })
-        })
-        .collect();
-    let grouped: Vec<(&str, Option<String>, Vec<u32>)> = group_by_rank(&per_rank)
-        .into_iter()
-        .map(|(d, ranks)| (d.name, d.value, ranks))
-        .collect();
+    let same = decide(&RankInput {
+        job_env: &env,
+        gang: &gang,
+        host: Some(&this),
+        host_gpus: &[0, 1],
+    });
+    let mut other = same.clone();
+    other[2] = EnvDecision::set(NCCL_IB_HCA, "=mlx5_1:1".into(), "r".into());
+    let grouped: Vec<(&str, Option<String>, Vec<u32>)> =
+        group_by_rank(&[same.clone(), other, same])
+            .into_iter()
+            .map(|(d, ranks)| (d.name, d.value, ranks))
+            .collect();
     assert_eq!(
         grouped,
         [
@@ -661,7 +610,11 @@ fn group_by_rank_names_ranks_only_where_they_differ() {
                 vec![]
             ),
             (NCCL_SOCKET_IFNAME, Some("=eth0".to_owned()), vec![]),
-            (NCCL_IB_HCA, Some("=mlx5_0:1".to_owned()), vec![0]),
+            (
+                NCCL_IB_HCA,
+                Some("=mlx5_0:1,mlx5_1:1".to_owned()),
+                vec![0, 2]
+            ),
             (NCCL_IB_HCA, Some("=mlx5_1:1".to_owned()), vec![1]),
         ]
     );
@@ -697,26 +650,6 @@ fn gang_fabric_table() {
             hosts.iter().map(|n| (n.id.0.as_str(), &n.resources)),
         );
         assert_eq!(&got, want, "{fabric} on {kinds:?}");
-    }
-}
-
-#[test]
-fn rank_gpus_are_equal_shares_in_order() {
-    // (the job's GPUs on the host, ranks per host, local rank, expected)
-    let cases: &[(&[u32], u32, u32, &[u32])] = &[
-        (&[4, 5, 6, 7], 4, 2, &[6]),
-        (&[4, 5, 6, 7], 2, 1, &[6, 7]),
-        (&[4, 5, 6, 7], 1, 0, &[4, 5, 6, 7]),
-        (&[0, 1, 2], 2, 1, &[1]),
-        (&[], 2, 1, &[]),
-        (&[0, 1], 2, 5, &[]),
-    ];
-    for &(gpus, procs, local, want) in cases {
-        assert_eq!(
-            rank_gpus(gpus, procs, local),
-            want,
-            "{gpus:?} {procs} {local}"
-        );
     }
 }
 
