@@ -1,18 +1,23 @@
 //! Collectives for trainctl's built-in workloads: the [`Collective`] trait, rendezvous of the ranks
-//! of one attempt, a TCP ring transport ([`TcpRing`]) implementing the trait, and the example
-//! training workload behind `trainctl example-train`.
+//! of one attempt, three backends implementing the trait (a TCP ring, [`TcpRing`]; NCCL on a GPU,
+//! [`NcclCollective`]; a ring over RDMA queue pairs, [`RdmaRing`]), and the example training
+//! workload behind `trainctl example-train`.
 //!
 //! What it owns: meeting the ranks at `MASTER_ADDR:MASTER_PORT`, the ring connections and the ring
-//! algorithms over them, and the deterministic example workload. The ranks meet in one of two
-//! ways: under trainctl's agent (`TORCHELASTIC_USE_AGENT_STORE=True`) the agent serves a TCPStore
-//! there (the `trainctl-store` crate, fresh for every attempt) and every rank, rank 0 included,
-//! publishes its address to it and reads the others' through a small blocking client; otherwise
-//! (run by hand or by another launcher) rank 0 listens there itself, the others join it and
-//! receive the address table. What it does not: serving the store (the agent does), NCCL and
-//! ibverbs transports (they come later, as further implementations of the same trait, with their
-//! `unsafe` kept in `ffi/` and the lowest layer here), and launching or supervising rank processes
-//! (the agent does that and passes `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`,
-//! `TORCHELASTIC_USE_AGENT_STORE` and `TRAINCTL_NODE_ADDR` in the environment).
+//! algorithms over them, bringing NCCL and RDMA up over that rendezvous and watching them, and the
+//! deterministic example workload. The ranks meet in one of two ways: under trainctl's agent
+//! (`TORCHELASTIC_USE_AGENT_STORE=True`) the agent serves a TCPStore there (the `trainctl-store`
+//! crate, fresh for every attempt) and every rank, rank 0 included, publishes its address to it and
+//! reads the others' through a small blocking client; otherwise (run by hand or by another
+//! launcher) rank 0 listens there itself, the others join it and receive the address table. The
+//! NCCL and RDMA backends meet the same way and send their bootstrap records (rank 0's NCCL
+//! `UniqueId`, every rank's queue pair records) over the TCP ring that results, which then stays as
+//! the control ring of their watchdog. What it does not: serving the store (the agent does), the
+//! vendor libraries themselves (`trainctl-ffi` opens NCCL and libibverbs at run time and holds all
+//! of their `unsafe`; CUDA memory goes through cudarc's safe API), and launching or supervising
+//! rank processes (the agent does that and passes `RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
+//! `MASTER_PORT`, `TORCHELASTIC_USE_AGENT_STORE`, `TRAINCTL_NODE_ADDR` and, for GPUs,
+//! `CUDA_VISIBLE_DEVICES` and the `NCCL_*` variables in the environment).
 //!
 //! Everything uses blocking `std::net` sockets and threads: a rank does nothing else while it
 //! waits on a collective, and no async runtime is needed (the store crate's codec is reused, its
@@ -21,6 +26,8 @@
 //! # Layout
 //!
 //! - `error`: [`CollectiveError`], the one error type of the collectives.
+//! - `device`: what the trait says about GPU work: [`DType`], [`HostBufMut`], [`DeviceBufMut`],
+//!   [`Device`], [`AbortHandle`].
 //! - [`checkpoint`]: the blocking HTTP client of the rank side of trainctl's checkpoint contract
 //!   ([`commit_checkpoint`], [`report_progress`], [`commit_from_env`]).
 //! - `wire`: the byte format of every message, as pure encode/decode functions.
@@ -29,7 +36,13 @@
 //!   [`TcpRing`].
 //! - `store_rendezvous`: the path through the agent's store (keys under `trainctl/rdzv/`).
 //! - `store_client`: the blocking TCPStore client it uses (`trainctl_store::codec` for the bytes).
-//! - [`example`]: the example workload ([`example_train`], [`example_train_main`]).
+//! - `bootstrap`: byte records sent to or gathered from every rank over a working collective.
+//! - [`nccl`]: [`NcclCollective`], one rank per process on one GPU.
+//! - [`rdma`]: [`RdmaRing`], and `rdma::plan`, its schedule and credits, pure.
+//! - [`watchdog`]: the heartbeat over the control ring and the pure abort decision
+//!   ([`watchdog::decide`]) that keep a dead peer from hanging the NCCL and RDMA backends.
+//! - [`example`]: the example workload ([`example_train`], [`example_train_main`]; `--device`,
+//!   `--transport`).
 //! - `params_file`: the example workload's checkpoint file, written atomically.
 //! - `signal`: the `SIGUSR1` "checkpoint now" flag (the crate's only `unsafe`).
 //! - `prng`: SplitMix64 for synthetic data and session ids.
