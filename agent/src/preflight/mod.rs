@@ -350,6 +350,16 @@ fn declared(gpu: &GpuInfo) -> bool {
     gpu.uuid.starts_with("declared-gpu-")
 }
 
+/// Whether NVML reports MIG mode enabled: the CUDA driver then lists the GPU's MIG instances
+/// (`MIG-...`), not the GPU itself, so the copy and NCCL probes cannot address it by its UUID.
+fn mig_enabled(gpu: &GpuInfo) -> bool {
+    gpu.mig_mode == "enabled"
+}
+
+/// Why a MIG-enabled GPU is not probed.
+const MIG_NOT_PROBED: &str =
+    "MIG is enabled: the CUDA driver lists its instances, not the whole GPU, so it is not probed";
+
 /// NVML's health of one GPU, from the discovered facts. `ecc_mode` is empty when NVML did not
 /// describe the GPU (only the CUDA driver listed it): nothing to judge.
 pub fn gpu_health(gpu: &GpuInfo) -> (Outcome, Option<String>) {
@@ -442,6 +452,13 @@ pub fn plan(facts: &HostFacts, scope: &Scope) -> Vec<Planned> {
             if name == CHECK_GPU_HEALTH {
                 let (outcome, figure) = gpu_health(g);
                 out.push(decided(name, &g.uuid, outcome, figure));
+            } else if mig_enabled(g) {
+                out.push(decided(
+                    name,
+                    &g.uuid,
+                    Outcome::skipped(MIG_NOT_PROBED),
+                    None,
+                ));
             } else if busy.contains(&g.uuid) {
                 out.push(decided(
                     name,
@@ -533,7 +550,12 @@ pub fn plan(facts: &HostFacts, scope: &Scope) -> Vec<Planned> {
             }
         }
     }
-    // NCCL over every GPU, when none is busy.
+    // NCCL over every GPU without MIG, when none is busy.
+    let nccl_uuids: Vec<String> = gpus
+        .iter()
+        .filter(|g| !declared(g) && !mig_enabled(g))
+        .map(|g| g.uuid.clone())
+        .collect();
     let nccl = match gpu_skip {
         Some(why) => decided(CHECK_NCCL, "host", Outcome::skipped(why), None),
         None if gpus.iter().any(|g| busy.contains(&g.uuid)) => decided(
@@ -542,16 +564,13 @@ pub fn plan(facts: &HostFacts, scope: &Scope) -> Vec<Planned> {
             Outcome::skipped("GPUs are in use by jobs: the all-reduce would disturb them"),
             None,
         ),
+        None if nccl_uuids.is_empty() => {
+            decided(CHECK_NCCL, "host", Outcome::skipped(MIG_NOT_PROBED), None)
+        }
         None => probe(
             CHECK_NCCL,
             "host",
-            Probe::NcclAllReduce {
-                uuids: gpus
-                    .iter()
-                    .filter(|g| !declared(g))
-                    .map(|g| g.uuid.clone())
-                    .collect(),
-            },
+            Probe::NcclAllReduce { uuids: nccl_uuids },
         ),
     };
     out.push(nccl);

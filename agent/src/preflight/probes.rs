@@ -29,6 +29,9 @@ pub struct Libraries {
     pub nccl: Result<Arc<Nccl>, String>,
     /// libibverbs, opened from the loader's path.
     pub verbs: Result<Arc<Verbs>, String>,
+    /// This process's own `CUDA_VISIBLE_DEVICES` when set: the CUDA driver then lists only those
+    /// GPUs, while NVML (discovery) lists every GPU of the host.
+    pub visible_devices: Option<String>,
 }
 
 impl Libraries {
@@ -38,29 +41,43 @@ impl Libraries {
             cuda_devices: cuda::cuda_devices().map_err(|e| e.to_string()),
             nccl: Nccl::open().map_err(|e| e.to_string()),
             verbs: Verbs::open().map_err(|e| e.to_string()),
+            visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
         }
     }
 
-    fn ordinal(&self, uuid: &str) -> Result<u32, String> {
-        let devices = self.cuda_devices.as_ref().map_err(Clone::clone)?;
+    /// The CUDA ordinal of the GPU `uuid`, or the outcome of its check when the driver does not
+    /// list it ([`unlisted_gpu`]).
+    fn ordinal(&self, uuid: &str) -> Result<u32, Outcome> {
+        let devices = self.cuda_devices.as_ref().map_err(Outcome::failed)?;
         devices
             .iter()
             .find(|d| d.uuid == uuid)
             .map(|d| d.ordinal)
             .ok_or_else(|| {
-                format!(
-                    "the CUDA driver does not list this GPU (it lists {}): is it hidden by CUDA_VISIBLE_DEVICES, or off the bus?",
-                    if devices.is_empty() {
-                        "none".to_string()
-                    } else {
-                        devices
-                            .iter()
-                            .map(|d| d.uuid.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    }
-                )
+                let listed: Vec<&str> = devices.iter().map(|d| d.uuid.as_str()).collect();
+                unlisted_gpu(&listed, self.visible_devices.as_deref())
             })
+    }
+}
+
+/// The outcome of a check on a GPU that NVML reported but the CUDA driver does not list (it lists
+/// `listed`). With this process's `CUDA_VISIBLE_DEVICES` set (`visible_devices`), the driver lists
+/// only those GPUs: the GPU is hidden from the check, not broken, so the check is skipped (the
+/// ranks get their own `CUDA_VISIBLE_DEVICES` and see it). Without it, the GPU is off the bus or
+/// broken: failed.
+pub fn unlisted_gpu(listed: &[&str], visible_devices: Option<&str>) -> Outcome {
+    let lists = if listed.is_empty() {
+        "none".to_string()
+    } else {
+        listed.join(", ")
+    };
+    match visible_devices {
+        Some(visible) => Outcome::skipped(format!(
+            "hidden from this process by its CUDA_VISIBLE_DEVICES={visible:?} (the CUDA driver lists {lists}): not probed"
+        )),
+        None => Outcome::failed(format!(
+            "the CUDA driver does not list this GPU (it lists {lists}): off the bus, or broken?"
+        )),
     }
 }
 
@@ -70,7 +87,7 @@ pub fn run_probe(probe: &Probe, libs: &Libraries) -> (Outcome, Option<String>) {
         Probe::GpuCopy { uuid } => {
             let ordinal = match libs.ordinal(uuid) {
                 Ok(o) => o,
-                Err(why) => return (Outcome::failed(why), None),
+                Err(outcome) => return (outcome, None),
             };
             match cuda::copy_bandwidth(ordinal, GPU_COPY_BYTES, GPU_COPY_ITERATIONS) {
                 Ok(report) => judge_copy(&report),
@@ -118,7 +135,13 @@ pub fn run_probe(probe: &Probe, libs: &Libraries) -> (Outcome, Option<String>) {
             for uuid in uuids {
                 match libs.ordinal(uuid) {
                     Ok(o) => ordinals.push(o as i32),
-                    Err(why) => return (Outcome::failed(format!("{uuid}: {why}")), None),
+                    Err(Outcome::Skipped { reason }) => {
+                        return (Outcome::skipped(format!("{uuid}: {reason}")), None)
+                    }
+                    Err(outcome) => {
+                        let why = outcome.reason().unwrap_or_default();
+                        return (Outcome::failed(format!("{uuid}: {why}")), None);
+                    }
                 }
             }
             match nccl::check::single_host_all_reduce(

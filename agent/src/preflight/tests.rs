@@ -281,6 +281,41 @@ fn the_plan_skips_what_the_host_lacks_and_probes_the_rest() {
             ],
         ),
         (
+            "a MIG-enabled GPU is not probed (CUDA lists its instances, not it); NCCL uses the rest",
+            facts(
+                vec![
+                    GpuInfo { mig_mode: "enabled".into(), ..gpu("GPU-m", "enabled", false, 0) },
+                    gpu("GPU-a", "enabled", false, 0),
+                ],
+                vec![],
+            ),
+            host.clone(),
+            vec![
+                (CHECK_GPU_HEALTH, "GPU-m", "passed"),
+                (CHECK_GPU_HEALTH, "GPU-a", "passed"),
+                (CHECK_GPU_COPY, "GPU-m", "skipped MIG is enabled: the CUDA driver lists its instances, not the whole GPU, so it is not probed"),
+                (CHECK_GPU_COPY, "GPU-a", "probe GpuCopy { uuid: \"GPU-a\" }"),
+                (CHECK_RDMA_PORT, "host", "skipped no RDMA device on this host"),
+                (CHECK_RDMA_LOOPBACK, "host", "skipped no RDMA device on this host"),
+                (CHECK_NCCL, "host", "probe NcclAllReduce { uuids: [\"GPU-a\"] }"),
+            ],
+        ),
+        (
+            "every GPU MIG-enabled: no NCCL probe",
+            facts(
+                vec![GpuInfo { mig_mode: "enabled".into(), ..gpu("GPU-m", "enabled", false, 0) }],
+                vec![],
+            ),
+            host.clone(),
+            vec![
+                (CHECK_GPU_HEALTH, "GPU-m", "passed"),
+                (CHECK_GPU_COPY, "GPU-m", "skipped MIG is enabled: the CUDA driver lists its instances, not the whole GPU, so it is not probed"),
+                (CHECK_RDMA_PORT, "host", "skipped no RDMA device on this host"),
+                (CHECK_RDMA_LOOPBACK, "host", "skipped no RDMA device on this host"),
+                (CHECK_NCCL, "host", "skipped MIG is enabled: the CUDA driver lists its instances, not the whole GPU, so it is not probed"),
+            ],
+        ),
+        (
             "before a job whose GPUs discovery does not know",
             facts(vec![gpu("GPU-a", "enabled", false, 0)], vec![]),
             Scope::Gpus(vec!["GPU-z".into()]),
@@ -297,6 +332,39 @@ fn the_plan_skips_what_the_host_lacks_and_probes_the_rest() {
             .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
             .collect();
         assert_eq!(got, want, "{what}");
+    }
+}
+
+#[test]
+fn a_gpu_the_cuda_driver_does_not_list_fails_unless_the_agent_hides_it() {
+    // (GPUs the driver lists, the agent's own CUDA_VISIBLE_DEVICES, expected word, reason words)
+    let cases: [(&[&str], Option<&str>, &str, &str); 4] = [
+        (
+            &["GPU-a"],
+            None,
+            "failed",
+            "does not list this GPU (it lists GPU-a): off the bus",
+        ),
+        (&[], None, "failed", "(it lists none)"),
+        // The agent runs with CUDA_VISIBLE_DEVICES set: NVML sees every GPU, CUDA only those.
+        (
+            &["GPU-a"],
+            Some("0"),
+            "skipped",
+            "hidden from this process by its CUDA_VISIBLE_DEVICES=\"0\"",
+        ),
+        (
+            &[],
+            Some(""),
+            "skipped",
+            "CUDA_VISIBLE_DEVICES=\"\" (the CUDA driver lists none)",
+        ),
+    ];
+    for (listed, visible, word, words) in cases {
+        let outcome = super::probes::unlisted_gpu(listed, visible);
+        assert_eq!(outcome.word(), word, "{listed:?} {visible:?}");
+        let reason = outcome.reason().unwrap();
+        assert!(reason.contains(words), "{reason:?} lacks {words:?}");
     }
 }
 
