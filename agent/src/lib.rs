@@ -158,6 +158,30 @@ enum JobCheck {
     Failed,
 }
 
+/// What to do with a GPU job's ranks here, given where the check of its GPUs stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobGate {
+    /// The check passed (or there was nothing to check): start the ranks.
+    Start,
+    /// The check runs, or failed and the unhealthy verdict is on its way to the coordinator.
+    Wait,
+    /// Run the check (again).
+    Check,
+}
+
+/// The gate of a job's ranks (pure): `check` is the job's [`JobCheck`], `host_healthy` the verdict
+/// the heartbeats carry now. A failed check with a healthy verdict means a newer whole-host run
+/// replaced the failure (it probed those GPUs before the job held them, and they passed): the
+/// coordinator will never move the job, so waiting would leave it starting forever; check again.
+fn job_gate(check: Option<JobCheck>, host_healthy: bool) -> JobGate {
+    match check {
+        Some(JobCheck::Passed) => JobGate::Start,
+        Some(JobCheck::Running) => JobGate::Wait,
+        Some(JobCheck::Failed) if !host_healthy => JobGate::Wait,
+        Some(JobCheck::Failed) | None => JobGate::Check,
+    }
+}
+
 impl PreflightState {
     /// Takes a finished run: a whole-host run replaces every result, a job's run those of its GPUs.
     fn take(&mut self, finished: FinishedCheck) {
@@ -1485,10 +1509,13 @@ impl Agent {
     /// place the job elsewhere without using a restart.
     fn gpus_checked(&mut self, assignment: &Assignment) -> bool {
         let key = (assignment.job_id.clone(), assignment.attempt);
-        match self.preflight.jobs.get(&key) {
-            Some(JobCheck::Passed) => return true,
-            Some(JobCheck::Running | JobCheck::Failed) => return false,
-            None => {}
+        match job_gate(
+            self.preflight.jobs.get(&key).copied(),
+            self.preflight.health.healthy,
+        ) {
+            JobGate::Start => return true,
+            JobGate::Wait => return false,
+            JobGate::Check => {}
         }
         let gpus = self.job_gpus(assignment);
         if gpus.is_empty() {
@@ -1680,6 +1707,29 @@ fn observe(ranks: &Ranks) -> (Vec<RankReport>, Vec<LogChunk>, Vec<RankKey>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_job_check_superseded_by_a_passing_host_run_is_checked_again() {
+        // (the job's check, the verdict the heartbeats carry, what the ranks do)
+        let cases = [
+            (None, true, JobGate::Check),
+            (None, false, JobGate::Check),
+            (Some(JobCheck::Running), true, JobGate::Wait),
+            (Some(JobCheck::Passed), true, JobGate::Start),
+            // The failure is on its way to the coordinator, which moves the job: wait.
+            (Some(JobCheck::Failed), false, JobGate::Wait),
+            // A newer whole-host run replaced the failure: the coordinator will not move the job,
+            // so waiting would leave it starting forever.
+            (Some(JobCheck::Failed), true, JobGate::Check),
+        ];
+        for (check, healthy, want) in cases {
+            assert_eq!(
+                job_gate(check, healthy),
+                want,
+                "{check:?} healthy={healthy}"
+            );
+        }
+    }
 
     #[test]
     fn a_coordinator_that_does_not_lead_or_answer_sends_the_agent_elsewhere() {
