@@ -268,12 +268,17 @@ impl NcclCollective {
 
     /// Ends the collective in order: waits (up to a minute) until every rank has finished too,
     /// so that no rank destroys its communicator while a peer still needs it. True when every
-    /// rank finished; false when a peer was lost or failed first.
+    /// rank finished (the communicator is then destroyed); false when a peer was lost or failed
+    /// first (it is then aborted, which never waits on a peer).
     pub fn finish(mut self) -> bool {
-        match self.watchdog.take() {
+        let in_order = match self.watchdog.take() {
             Some(w) => w.finish(Duration::from_secs(FINISH_WAIT_SECS)),
             None => false,
+        };
+        if !in_order {
+            let _ = self.comm.abort();
         }
+        in_order
     }
 
     fn watchdog(&self) -> &Watchdog {
@@ -356,6 +361,16 @@ impl NcclCollective {
         self.stream
             .memcpy_dtoh(&dev, buf)
             .map_err(device_err("copying from the GPU"))
+    }
+}
+
+impl Drop for NcclCollective {
+    /// Without [`NcclCollective::finish`] (an error ended the run): aborts the communicator, since
+    /// `ncclCommDestroy` may wait for peers that are gone or for an operation that never ends.
+    fn drop(&mut self) {
+        if self.watchdog.is_some() {
+            let _ = self.comm.abort();
+        }
     }
 }
 
