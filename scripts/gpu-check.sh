@@ -25,7 +25,7 @@
 #      rank 0 must abort within 30 s instead of hanging;
 #   5. a PyTorch NCCL job through trainctl: one rank with gpus_per_node = 1 sees exactly its
 #      CUDA_VISIBLE_DEVICES, initialises torch.distributed with NCCL from trainctl's MASTER_ADDR/PORT,
-#      all-reduces on the GPU;
+#      all-reduces on the GPU; and the NCCL example as a trainctl job (the agent's GPU by UUID);
 #   6. a GPU job that crashes on attempt 0 restarts in place (max_restarts = 1) and succeeds, and no
 #      process holds a GPU afterwards;
 #   7. the NCCL init benchmark: trainctl's ncclCommInitRank through ffi/ against torch's
@@ -212,11 +212,13 @@ torch.cuda.synchronize()
 print("NCCL_ALLREDUCE_OK", float(t[0]), "attempt", attempt, "ms", round((time.time() - start) * 1000, 2), flush=True)
 dist.destroy_process_group()
 EOF
-job() { # name extra-args max_restarts
+job() { # name extra-args max_restarts [command: a TOML array, default the torch rank above]
+    local cmd="${4:-}"
+    [ -n "$cmd" ] || cmd="[\"$python\", \"-u\", \"$out/nccl_rank.py\"$2]"
     cat > "$out/$1.toml" <<EOF
 name = "$1"
 [launch]
-command = ["$python", "-u", "$out/nccl_rank.py"$2]
+command = $cmd
 [resources]
 nodes = 1
 procs_per_node = 1
@@ -236,6 +238,13 @@ if [ "$have_torch" = 1 ] && [ "${gpus:-0}" -ge 1 ]; then
         report PASS "PyTorch NCCL job through trainctl: $(grep -h NCCL_ALLREDUCE_OK "$out/nccl-allreduce.logs" | head -1)"
     else
         report FAIL "PyTorch NCCL job through trainctl (see $out/nccl-allreduce.out, .logs, .status.json)"
+    fi
+    # The NCCL example as a trainctl job: the agent's CUDA_VISIBLE_DEVICES (by GPU UUID) and NCCL_*.
+    if job nccl-example "" 0 "[\"$bin\", \"example-train\", \"--device\", \"cuda\", \"--steps\", \"$steps\"]" \
+        && grep -qF "${ref:-no reference}" "$out/nccl-example.logs"; then
+        report PASS "example-train --device cuda as a trainctl job: the CPU run's checksum"
+    else
+        report FAIL "example-train --device cuda as a trainctl job (see $out/nccl-example.out, .logs)"
     fi
     # 6. A crash on the GPU restarts in place; the GPU is free afterwards.
     if job gpu-restart ', "--crash-first"' 1 && grep -q '"restarts": *1' "$out/gpu-restart.status.json" \
