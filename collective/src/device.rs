@@ -216,4 +216,37 @@ mod tests {
         handle.clone().abort("rank 2 lost");
         assert_eq!(*seen.lock().unwrap(), vec!["rank 2 lost".to_owned()]);
     }
+
+    #[test]
+    fn a_host_backend_sums_f32_and_i64_through_the_dtype_method_and_refuses_the_rest() {
+        use crate::testing::{run_ranks, Path};
+        use crate::{Collective, CollectiveError};
+        let results = run_ranks(2, Path::RankZero, |mut ring| {
+            let r = ring.rank();
+            let mut ints = [i64::from(r) + 1, -5];
+            ring.all_reduce_sum(HostBufMut::I64(&mut ints)).unwrap();
+            let mut floats = [r as f32 + 0.5];
+            ring.all_reduce_sum(HostBufMut::F32(&mut floats)).unwrap();
+            let refused = ring
+                .all_reduce_sum(HostBufMut::F64(&mut [1.0]))
+                .unwrap_err();
+            (
+                ints,
+                floats,
+                refused,
+                ring.device(),
+                ring.stream().is_none(),
+                ring.abort_handle().is_none(),
+            )
+        });
+        for (ints, floats, refused, device, no_stream, no_abort) in results {
+            assert_eq!((ints, floats), ([3, -10], [2.0]));
+            assert!(matches!(refused, CollectiveError::Unsupported { .. }));
+            assert_eq!(
+                refused.to_string(),
+                "an all-reduce of f64 host buffers is not supported by the tcp backend; it accepts f32 and i64 host buffers"
+            );
+            assert_eq!((device, no_stream, no_abort), (Device::Host, true, true));
+        }
+    }
 }

@@ -664,6 +664,12 @@ impl Collective for TcpRing {
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.run_op((OpKind::Barrier, 0, 0), TcpRing::barrier_body)
     }
+
+    // Host memory, f32 and i64 only, no stream, no abort handle (a closed connection or the
+    // operation timeout ends a wait): the trait's defaults.
+    fn backend(&self) -> &'static str {
+        "tcp"
+    }
 }
 
 impl Link {
