@@ -62,8 +62,11 @@ pub const SLOT_BYTES: usize = 1 << 20;
 pub const SLOTS: usize = 4;
 /// Bytes of the work buffer registered at bring-up; a larger all-reduce registers a larger one.
 const INITIAL_WORK_BYTES: usize = 1 << 20;
-/// Bytes of the buffer a credit "writes" into (zero-length writes still name a region).
+/// Bytes of the buffer credits are written into.
 const CREDIT_REGION_BYTES: usize = 64;
+/// Bytes a credit writes: one, not zero, since some HCAs read a scatter entry of length 0 as
+/// 2 GiB (mlx4/mlx5 data segments), and the request always carries one entry.
+const CREDIT_WRITE_BYTES: usize = 1;
 /// Default for [`RdmaOptions::heartbeat_timeout`].
 pub const DEFAULT_HEARTBEAT_TIMEOUT_SECS: u64 = 60;
 /// Default for [`RdmaOptions::op_timeout`].
@@ -677,7 +680,7 @@ impl Link {
                 WriteWithImm {
                     wr_id: WR_CREDIT | t.slot as u64,
                     local_offset: 0,
-                    len: 0,
+                    len: CREDIT_WRITE_BYTES,
                     remote_offset: 0,
                     imm: Imm::Credit { slots: 1 }.encode(),
                 },

@@ -24,7 +24,7 @@
 //!
 //! A writer may have at most `slots` writes that the reader has not yet consumed
 //! ([`CreditWindow`]). The reader, once it has added (or copied) a slot into its work buffer,
-//! sends a zero-length write with a credit immediate back on the same connection.
+//! sends a one-byte write with a credit immediate back on the same connection.
 
 use std::fmt;
 use std::ops::Range;
