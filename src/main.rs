@@ -457,19 +457,41 @@ enum Cmd {
         run_as: Option<String>,
         /// Run the whole-host pre-flight checks (`trainctl preflight`'s) again this often, in
         /// seconds, after the run at start; 0: only at start and before each GPU job. A failed
-        /// check keeps new work off this host until a later run passes.
+        /// check keeps new work off this host until a later run passes; while the host is
+        /// unhealthy the checks run again every 60 s (or this interval, if shorter), also with 0.
         #[arg(long, default_value_t = trainctl_agent::preflight::DEFAULT_INTERVAL.as_secs(), value_name = "SECONDS")]
         preflight_interval: u64,
+        /// The RDMA ports this host claims, which the pre-flight requires ACTIVE: DEVICE (every
+        /// port of it) or DEVICE:PORT, comma-separated, e.g. mlx5_0:1,mlx5_1:1. Each must exist
+        /// at start. Default: the ports ACTIVE when the agent starts; a port that is not ACTIVE
+        /// then is reported by the pre-flight but not required.
+        #[arg(long, env = "TRAINCTL_RDMA_PORTS", value_name = "DEVICE[:PORT],...")]
+        rdma_ports: Option<String>,
+        /// RDMA ports this host never claims (a storage NIC training does not use), DEVICE or
+        /// DEVICE:PORT, comma-separated; wins over the default claim.
+        #[arg(long, env = "TRAINCTL_RDMA_IGNORE", value_name = "DEVICE[:PORT],...")]
+        rdma_ignore: Option<String>,
     },
     /// Check this host: its GPUs, RDMA devices and libraries (CUDA driver, NCCL, libibverbs),
     /// and whether each GPU copies memory at a plausible rate, NVML reports no retired pages
     /// pending or uncorrectable ECC errors, every RDMA port is ACTIVE and carries a loopback
     /// RDMA write, and an NCCL all-reduce over the GPUs reaches a plausible bus bandwidth. Runs
     /// here, without a cluster. Exit 0 when no check failed (a host without GPU or RDMA skips
-    /// them and says so), 1 when one failed.
+    /// them and says so), 1 when one failed, 2 for bad options.
+    ///
+    /// The RDMA ports required ACTIVE are those named by --rdma-ports; without it, the ports
+    /// ACTIVE now, and a port that is not ACTIVE is reported as skipped with a warning (exit 0),
+    /// as the agent does with a port that was not ACTIVE at its start.
     Preflight {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human)]
         output: Output,
+        /// The RDMA ports to require ACTIVE: DEVICE (every port of it) or DEVICE:PORT,
+        /// comma-separated, e.g. mlx5_0:1,mlx5_1:1; each must exist.
+        #[arg(long, env = "TRAINCTL_RDMA_PORTS", value_name = "DEVICE[:PORT],...")]
+        rdma_ports: Option<String>,
+        /// RDMA ports to leave out, DEVICE or DEVICE:PORT, comma-separated.
+        #[arg(long, env = "TRAINCTL_RDMA_IGNORE", value_name = "DEVICE[:PORT],...")]
+        rdma_ignore: Option<String>,
     },
     /// Internal: started by an agent; kills the agent's ranks when the agent dies.
     #[command(hide = true)]
@@ -651,10 +673,15 @@ fn main() -> ExitCode {
         // No runtime, no logging setup: this is a training process.
         return ExitCode::from(trainctl_collective::example_train_main(args).clamp(0, 255) as u8);
     }
-    if let Cmd::Preflight { output } = &cli.command {
+    if let Cmd::Preflight {
+        output,
+        rdma_ports,
+        rdma_ignore,
+    } = &cli.command
+    {
         init_logging("warn");
         // Blocking: each probe runs on its own thread with a deadline; no runtime needed.
-        return match preflight::command(*output) {
+        return match preflight::command(*output, rdma_ports.as_deref(), rdma_ignore.as_deref()) {
             Ok(code) => code,
             Err(e) => {
                 errln!("error: {e:#}");
@@ -1083,9 +1110,15 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             run_retention_days,
             run_as,
             preflight_interval,
+            rdma_ports,
+            rdma_ignore,
         } => {
             init_logging("info");
             let port_range = parse_port_range(&port_range)?;
+            let rdma_ports = trainctl_agent::preflight::ports::PortOptions::parse(
+                rdma_ports.as_deref(),
+                rdma_ignore.as_deref(),
+            )?;
             let coordinator_urls: Vec<String> = coordinator
                 .iter()
                 .map(|c| c.trim())
@@ -1123,6 +1156,7 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 ),
                 run_as,
                 preflight_interval: std::time::Duration::from_secs(preflight_interval),
+                rdma_ports,
             };
             let shutdown = shutdown_on_signals()?;
             trainctl_agent::run(config, shutdown).await?;

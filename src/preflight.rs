@@ -1,26 +1,45 @@
 //! `trainctl preflight`: this host's GPUs, RDMA devices and libraries, and the result of every
 //! pre-flight check ([`trainctl_agent::preflight`]), as text or JSON. Exit 0 when no check failed
 //! (a host without GPU or RDMA device skips them all and says so), 1 when one failed, 2 for a bad
-//! `TRAINCTL_PREFLIGHT_FAIL`.
+//! `TRAINCTL_PREFLIGHT_FAIL`, `--rdma-ports` or `--rdma-ignore` (an entry that is not
+//! `DEVICE[:PORT]`, or a `--rdma-ports` port this host does not have).
+//!
+//! The RDMA ports required ACTIVE are those `--rdma-ports` names, else those ACTIVE now
+//! ([`trainctl_agent::preflight::ports`]): a port that is not ACTIVE and not named is reported as
+//! skipped, with a warning line, and does not change the exit status.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
+use trainctl_agent::preflight::ports::PortOptions;
 use trainctl_agent::preflight::{self, HostReport, Injection, Outcome};
 
 use crate::render::{table, terminal_safe};
 use crate::Output;
 
-/// Runs the command; blocks for at most the pre-flight's budget.
-pub fn command(output: Output) -> anyhow::Result<ExitCode> {
+/// Runs the command with the values of `--rdma-ports` and `--rdma-ignore`; blocks for at most
+/// the pre-flight's budget.
+pub fn command(
+    output: Output,
+    rdma_ports: Option<&str>,
+    rdma_ignore: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let usage = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {}", terminal_safe(&e.to_string()));
+        Ok(ExitCode::from(2))
+    };
     let injection = match Injection::from_env() {
         Ok(i) => i,
-        Err(e) => {
-            eprintln!("error: {}", terminal_safe(&e.to_string()));
-            return Ok(ExitCode::from(2));
-        }
+        Err(e) => return usage(&e),
     };
-    let report = preflight::host_report(&injection);
+    let port_options = match PortOptions::parse(rdma_ports, rdma_ignore) {
+        Ok(o) => o,
+        Err(e) => return usage(&e),
+    };
+    let report = match preflight::host_report(&injection, &port_options) {
+        Ok(r) => r,
+        Err(e) => return usage(&e),
+    };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Human => print!("{}", text(&report)),
@@ -74,6 +93,14 @@ pub fn text(r: &HostReport) -> String {
             let _ = writeln!(out, "{}", p.trim_end());
         }
     }
+    if !r.rdma_devices.is_empty() {
+        let claimed = if r.claimed_ports.is_empty() {
+            "none".to_string()
+        } else {
+            r.claimed_ports.join(", ")
+        };
+        let _ = writeln!(out, "RDMA ports required ACTIVE: {claimed}");
+    }
     let v = &r.versions;
     let _ = writeln!(
         out,
@@ -101,6 +128,9 @@ pub fn text(r: &HostReport) -> String {
     }
     out.push_str(&table(&rows));
     let _ = writeln!(out);
+    for w in &r.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
     let nothing_ran = r
         .report
         .checks
@@ -152,6 +182,8 @@ mod tests {
                 nccl: "2.30.7".into(),
                 libibverbs: "libibverbs.so.1.14.44.0".into(),
             },
+            claimed_ports: vec![],
+            warnings: vec![],
             report: Report {
                 trigger: Trigger::Command,
                 checks,

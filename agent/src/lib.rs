@@ -119,8 +119,13 @@ pub struct AgentConfig {
     /// the agent stays root. See [`process::RunAs`]. `None`: ranks run as the agent's user.
     pub run_as: Option<String>,
     /// How often the whole-host pre-flight runs again after the one at start
-    /// ([`preflight::DEFAULT_INTERVAL`] by default); zero: only at start and before jobs.
+    /// ([`preflight::DEFAULT_INTERVAL`] by default); zero: only at start and before jobs, and
+    /// while the host is unhealthy every [`preflight::RETRY_AFTER_FAILURE`]
+    /// ([`preflight::next_run_after`]).
     pub preflight_interval: Duration,
+    /// `--rdma-ports` and `--rdma-ignore`: which RDMA ports this host claims
+    /// ([`preflight::ports::claim`], made once from the discovery at start).
+    pub rdma_ports: preflight::ports::PortOptions,
 }
 
 /// The pre-flight's state in the agent: the newest result of each check, the verdict over them,
@@ -128,6 +133,10 @@ pub struct AgentConfig {
 struct PreflightState {
     /// `TRAINCTL_PREFLIGHT_FAIL`, read at start.
     injection: preflight::Injection,
+    /// The RDMA ports this host claims, from the discovery at start and the options.
+    ports: preflight::ports::PortClaim,
+    /// `--preflight-interval`.
+    interval: Duration,
     /// The newest result of every (check, subject) ([`preflight::merge`]).
     checks: Vec<preflight::CheckResult>,
     /// [`preflight::assess`] of `checks`: what every heartbeat reports.
@@ -209,6 +218,13 @@ impl PreflightState {
             }
         }
         let health = preflight::assess(&self.checks);
+        if !health.healthy {
+            // An unhealthy host checks again soon (even with no periodic run), so it can recover.
+            if let Some(after) = preflight::next_run_after(self.interval, false) {
+                let at = tokio::time::Instant::now() + after;
+                self.next_run = Some(self.next_run.map_or(at, |t| t.min(at)));
+            }
+        }
         if health != self.health {
             match &health.reason {
                 Some(reason) => warn!(%reason, "this host is unhealthy: it takes no new work"),
@@ -422,13 +438,23 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     facts.advertised_interface =
         tokio::task::spawn_blocking(move || discovery::advertised_interface(address)).await?;
     let injection = preflight::Injection::from_env()?.for_node(&node_name);
+    let port_claim = preflight::ports::claim(
+        &facts.rdma_devices,
+        &config.rdma_ports,
+        preflight::ports::ClaimedAt::AgentStart,
+    )?;
+    for w in port_claim.warnings() {
+        warn!("{w}");
+    }
+    info!(claimed = %port_claim.claimed_list(), "RDMA ports this host claims (each must stay ACTIVE)");
     let start_report = {
-        let (facts, injection) = (facts.clone(), injection.clone());
+        let (facts, injection, ports) = (facts.clone(), injection.clone(), port_claim.clone());
         tokio::task::spawn_blocking(move || {
             preflight::run(
                 &facts,
                 &preflight::Scope::Host {
                     busy_gpus: BTreeSet::new(),
+                    ports,
                 },
                 preflight::Trigger::Start,
                 &injection,
@@ -446,13 +472,15 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     let (finished_tx, finished_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut preflight_state = PreflightState {
         injection,
+        ports: port_claim,
+        interval: config.preflight_interval,
         checks: Vec::new(),
         health: preflight::Health {
             healthy: true,
             reason: None,
         },
-        next_run: (!config.preflight_interval.is_zero())
-            .then(|| tokio::time::Instant::now() + config.preflight_interval),
+        next_run: preflight::next_run_after(config.preflight_interval, true)
+            .map(|after| tokio::time::Instant::now() + after),
         running: false,
         finished_tx,
         finished_rx,
@@ -1466,11 +1494,13 @@ impl Agent {
             return took;
         }
         self.preflight.running = true;
-        self.preflight.next_run =
-            Some(tokio::time::Instant::now() + self.config.preflight_interval);
+        // The next periodic run; a failure brings it forward when this run finishes.
+        self.preflight.next_run = preflight::next_run_after(self.config.preflight_interval, true)
+            .map(|after| tokio::time::Instant::now() + after);
         let declared = self.config.declared_gpus;
         let interface = self.facts.advertised_interface.clone();
         let busy_gpus = self.assigned_gpus.clone();
+        let ports = self.preflight.ports.clone();
         let injection = self.preflight.injection.clone();
         let tx = self.preflight.finished_tx.clone();
         let wake = self.wake.clone();
@@ -1480,7 +1510,7 @@ impl Agent {
             facts.advertised_interface = interface;
             let report = preflight::run(
                 &facts,
-                &preflight::Scope::Host { busy_gpus },
+                &preflight::Scope::Host { busy_gpus, ports },
                 preflight::Trigger::Periodic,
                 &injection,
                 preflight::RUN_BUDGET,

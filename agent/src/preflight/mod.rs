@@ -2,8 +2,8 @@
 //!
 //! A run has three steps, and only the middle one touches hardware:
 //! 1. [`plan`] (pure): from the host's discovered facts and a [`Scope`], the list of checks, with
-//!    those that need no probe already decided (no GPU, declared GPUs, a port that is not ACTIVE,
-//!    pending retired pages from NVML).
+//!    those that need no probe already decided (no GPU, declared GPUs, a claimed port that is not
+//!    ACTIVE or an unclaimed one ([`ports`]), pending retired pages from NVML).
 //! 2. [`run`]: each remaining probe ([`probes`]) on its own thread, stage by stage, each stage
 //!    with a deadline and the whole run with a budget: a hung driver or library call fails its
 //!    check ("did not finish within ...") and never hangs the caller. The probe thread of a hung
@@ -16,6 +16,7 @@
 //!
 //! For tests, `TRAINCTL_PREFLIGHT_FAIL` ([`Injection::from_env`]) makes named checks fail.
 
+pub mod ports;
 pub mod probes;
 
 use std::collections::BTreeSet;
@@ -31,9 +32,9 @@ pub const CHECK_GPU_HEALTH: &str = "gpu-health";
 /// Each GPU allocates memory and copies it host-to-device, device-to-device and device-to-host
 /// at a plausible bandwidth, the data unchanged.
 pub const CHECK_GPU_COPY: &str = "gpu-copy";
-/// Every RDMA port the host has is ACTIVE.
+/// Every RDMA port the host claims ([`ports`]) is ACTIVE; an unclaimed port is reported, skipped.
 pub const CHECK_RDMA_PORT: &str = "rdma-port-active";
-/// An RDMA write with immediate from a queue pair to itself on each ACTIVE port.
+/// An RDMA write with immediate from a queue pair to itself on each claimed ACTIVE port.
 pub const CHECK_RDMA_LOOPBACK: &str = "rdma-loopback";
 /// A single-host NCCL all-reduce over every GPU reaches a plausible bus bandwidth.
 pub const CHECK_NCCL: &str = "nccl-all-reduce";
@@ -97,6 +98,23 @@ pub const RUN_BUDGET: Duration = Duration::from_secs(90);
 pub const JOB_BUDGET: Duration = Duration::from_secs(30);
 /// How often the agent runs the pre-flight by default (its `--preflight-interval`).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
+/// How soon the agent runs the whole-host checks again after its host became or stayed unhealthy,
+/// when `--preflight-interval` is longer or 0 (never): a host must be able to recover without a
+/// restart of its agent, and a minute is short next to a repair and long next to a run (at most
+/// [`RUN_BUDGET`]).
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
+
+/// How long after a finished run the next whole-host run is due, given the verdict over every
+/// check now (pure): a healthy host waits `interval` (zero: no periodic run, `None`); an
+/// unhealthy one at most [`RETRY_AFTER_FAILURE`], even when `interval` is zero.
+pub fn next_run_after(interval: Duration, healthy: bool) -> Option<Duration> {
+    match (interval.is_zero(), healthy) {
+        (true, true) => None,
+        (false, true) => Some(interval),
+        (true, false) => Some(RETRY_AFTER_FAILURE),
+        (false, false) => Some(interval.min(RETRY_AFTER_FAILURE)),
+    }
+}
 /// Longest health reason sent to the coordinator.
 pub const REASON_BYTES_MAX: usize = 1024;
 /// Failed checks named in a health reason; more are counted.
@@ -257,9 +275,12 @@ pub enum Trigger {
 pub enum Scope {
     /// The whole host. GPUs in `busy_gpus` (UUIDs of GPUs jobs use now) are not probed: the
     /// copy and the all-reduce would disturb the job, and the job's own check covered them.
+    /// Only the ports `ports` claims are required ACTIVE and written to.
     Host {
         /// UUIDs of the GPUs running ranks now.
         busy_gpus: BTreeSet<String>,
+        /// The RDMA ports the host claims ([`ports::claim`]).
+        ports: ports::PortClaim,
     },
     /// Before a job: the GPU checks of these GPUs (UUIDs) only.
     Gpus(Vec<String>),
@@ -420,7 +441,7 @@ pub fn loopback_gid_index(port: &crate::discovery::RdmaPort) -> Option<u32> {
 pub fn plan(facts: &HostFacts, scope: &Scope) -> Vec<Planned> {
     let mut out = Vec::new();
     let (gpus, busy): (Vec<&GpuInfo>, BTreeSet<String>) = match scope {
-        Scope::Host { busy_gpus } => (facts.gpus.iter().collect(), busy_gpus.clone()),
+        Scope::Host { busy_gpus, .. } => (facts.gpus.iter().collect(), busy_gpus.clone()),
         Scope::Gpus(uuids) => (
             facts
                 .gpus
@@ -477,20 +498,12 @@ pub fn plan(facts: &HostFacts, scope: &Scope) -> Vec<Planned> {
             }
         }
     }
-    let Scope::Host { .. } = scope else {
+    let Scope::Host { ports: claim, .. } = scope else {
         return out;
     };
-    // RDMA ports, then loopback writes on the ACTIVE ones.
-    let ports: Vec<(String, &crate::discovery::RdmaPort)> = facts
-        .rdma_devices
-        .iter()
-        .flat_map(|d| {
-            d.ports
-                .iter()
-                .map(move |p| (format!("{} port {}", d.name, p.port), p))
-        })
-        .collect();
-    if ports.is_empty() {
+    // RDMA ports (those claimed must be ACTIVE), then loopback writes on the claimed ACTIVE ones.
+    let verdicts = ports::judge(claim, &facts.rdma_devices);
+    if verdicts.is_empty() {
         for name in [CHECK_RDMA_PORT, CHECK_RDMA_LOOPBACK] {
             out.push(decided(
                 name,
@@ -499,56 +512,78 @@ pub fn plan(facts: &HostFacts, scope: &Scope) -> Vec<Planned> {
                 None,
             ));
         }
-    } else {
-        for (subject, p) in &ports {
-            let figure = Some(format!("{} {} {}", p.state, p.link_layer, p.rate));
-            let outcome = if p.state.eq_ignore_ascii_case("ACTIVE") {
-                Outcome::Passed
-            } else {
-                Outcome::failed(format!(
-                    "the port is {}, not ACTIVE (cable, switch port or subnet manager)",
-                    if p.state.is_empty() {
-                        "in an unknown state"
-                    } else {
-                        &p.state
-                    }
-                ))
-            };
-            out.push(decided(CHECK_RDMA_PORT, subject, outcome, figure));
-        }
-        for device in &facts.rdma_devices {
-            for p in &device.ports {
-                let subject = format!("{} port {}", device.name, p.port);
-                if !p.state.eq_ignore_ascii_case("ACTIVE") {
-                    out.push(decided(
-                        CHECK_RDMA_LOOPBACK,
-                        &subject,
-                        Outcome::skipped("the port is not ACTIVE (see rdma-port-active)"),
-                        None,
-                    ));
-                    continue;
+    }
+    for v in &verdicts {
+        let figure = v
+            .facts
+            .map(|p| format!("{} {} {}", p.state, p.link_layer, p.rate));
+        let outcome = match &v.status {
+            ports::PortStatus::Up => Outcome::Passed,
+            ports::PortStatus::Down { state } => Outcome::failed(format!(
+                "the port is {}, not ACTIVE (cable, switch port or subnet manager)",
+                if state.is_empty() {
+                    "in an unknown state"
+                } else {
+                    state
                 }
-                let (Ok(port), Some(gid_index)) = (u8::try_from(p.port), loopback_gid_index(p))
-                else {
-                    out.push(decided(
-                        CHECK_RDMA_LOOPBACK,
-                        &subject,
-                        Outcome::failed("the RoCE port has no GID set: no address to write to"),
-                        None,
-                    ));
-                    continue;
-                };
-                out.push(probe(
+            )),
+            ports::PortStatus::Gone => Outcome::failed(
+                "the claimed port is gone: its device is no longer in /sys/class/infiniband (fell off the bus, or its driver unloaded)",
+            ),
+            ports::PortStatus::Unclaimed(why) => Outcome::skipped(why.reason()),
+        };
+        out.push(decided(CHECK_RDMA_PORT, &v.subject(), outcome, figure));
+    }
+    for v in &verdicts {
+        let subject = v.subject();
+        let p = match (&v.status, v.facts) {
+            (ports::PortStatus::Up, Some(p)) => p,
+            (ports::PortStatus::Unclaimed(why), _) => {
+                out.push(decided(
                     CHECK_RDMA_LOOPBACK,
                     &subject,
-                    Probe::RdmaLoopback {
-                        device: device.name.clone(),
-                        port,
-                        gid_index,
-                    },
+                    Outcome::skipped(why.reason()),
+                    None,
                 ));
+                continue;
             }
-        }
+            (ports::PortStatus::Gone, _) | (ports::PortStatus::Up, None) => {
+                out.push(decided(
+                    CHECK_RDMA_LOOPBACK,
+                    &subject,
+                    Outcome::skipped("the port is gone (see rdma-port-active)"),
+                    None,
+                ));
+                continue;
+            }
+            (ports::PortStatus::Down { .. }, _) => {
+                out.push(decided(
+                    CHECK_RDMA_LOOPBACK,
+                    &subject,
+                    Outcome::skipped("the port is not ACTIVE (see rdma-port-active)"),
+                    None,
+                ));
+                continue;
+            }
+        };
+        let (Ok(port), Some(gid_index)) = (u8::try_from(p.port), loopback_gid_index(p)) else {
+            out.push(decided(
+                CHECK_RDMA_LOOPBACK,
+                &subject,
+                Outcome::failed("the RoCE port has no GID set: no address to write to"),
+                None,
+            ));
+            continue;
+        };
+        out.push(probe(
+            CHECK_RDMA_LOOPBACK,
+            &subject,
+            Probe::RdmaLoopback {
+                device: v.device.clone(),
+                port,
+                gid_index,
+            },
+        ));
     }
     // NCCL over every GPU without MIG, when none is busy.
     let nccl_uuids: Vec<String> = gpus
@@ -867,6 +902,13 @@ pub struct HostReport {
     pub rdma_devices: Vec<crate::discovery::RdmaDevice>,
     /// The libraries, "not installed" where absent.
     pub versions: Versions,
+    /// The RDMA ports the run required ACTIVE (`mlx5_0:1`), in order.
+    #[serde(default)]
+    pub claimed_ports: Vec<String>,
+    /// Notes that are not failures: ports that are not ACTIVE and not required, and
+    /// `--rdma-ignore` entries that match no port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// The run.
     #[serde(flatten)]
     pub report: Report,
@@ -874,7 +916,13 @@ pub struct HostReport {
 
 /// Discovers this host, reads the library versions and runs every check (`trainctl preflight`),
 /// within about [`RUN_BUDGET`] plus [`LIBRARY_LOAD_TIMEOUT`] for discovery and the versions.
-pub fn host_report(injection: &Injection) -> HostReport {
+/// The claimed ports are those of `port_options` ([`ports::claim`] now: without `--rdma-ports`,
+/// the ports ACTIVE now, so a port that is not ACTIVE is reported, not failed); an entry of
+/// `--rdma-ports` that names no port of this host is an error.
+pub fn host_report(
+    injection: &Injection,
+    port_options: &ports::PortOptions,
+) -> Result<HostReport, ports::PortOptionError> {
     let unknown = |what: &str| {
         format!(
             "unknown ({what} did not answer within {} s)",
@@ -899,22 +947,33 @@ pub fn host_report(injection: &Injection) -> HostReport {
         nccl: unknown("NCCL"),
         libibverbs: unknown("libibverbs"),
     });
+    let claim = ports::claim(&facts.rdma_devices, port_options, ports::ClaimedAt::Now)?;
+    let mut warnings = ports::unclaimed_down(&ports::judge(&claim, &facts.rdma_devices));
+    warnings.extend(claim.warnings());
+    let claimed_ports = claim
+        .claimed
+        .iter()
+        .map(|(d, p)| format!("{d}:{p}"))
+        .collect();
     let report = run(
         &facts,
         &Scope::Host {
             busy_gpus: BTreeSet::new(),
+            ports: claim,
         },
         Trigger::Command,
         injection,
         RUN_BUDGET,
     );
-    HostReport {
+    Ok(HostReport {
         hostname: facts.hostname,
         gpus: facts.gpus,
         rdma_devices: facts.rdma_devices,
         versions,
+        claimed_ports,
+        warnings,
         report,
-    }
+    })
 }
 
 /// Whether a run of `scope` includes `check` at all (a job's run has only the GPU checks).

@@ -167,6 +167,19 @@ fn newer_results_replace_older_ones_of_the_same_check_and_subject() {
     }
 }
 
+/// A whole-host scope whose claimed ports are those of `devices` that are ACTIVE.
+fn host_scope(devices: &[RdmaDevice]) -> Scope {
+    Scope::Host {
+        busy_gpus: BTreeSet::new(),
+        ports: ports::claim(
+            devices,
+            &ports::PortOptions::default(),
+            ports::ClaimedAt::AgentStart,
+        )
+        .unwrap(),
+    }
+}
+
 /// (check, subject, word, reason or probe) of each planned check.
 fn summary(planned: &[Planned]) -> Vec<(String, String, String)> {
     planned
@@ -187,9 +200,6 @@ fn summary(planned: &[Planned]) -> Vec<(String, String, String)> {
 
 #[test]
 fn the_plan_skips_what_the_host_lacks_and_probes_the_rest() {
-    let host = Scope::Host {
-        busy_gpus: BTreeSet::new(),
-    };
     let ib = device("mlx5_0", vec![port(1, "ACTIVE", "InfiniBand", &[])]);
     let roce = device(
         "mlx5_1",
@@ -203,6 +213,30 @@ fn the_plan_skips_what_the_host_lacks_and_probes_the_rest() {
             port(2, "DOWN", "Ethernet", &[]),
         ],
     );
+    let host = host_scope(&[]);
+    // The agent started with mlx5_1 port 2 ACTIVE: it is claimed, and DOWN now.
+    let started_with_both = {
+        let mut up = roce.clone();
+        up.ports[1].state = "ACTIVE".into();
+        Scope::Host {
+            busy_gpus: BTreeSet::new(),
+            ports: ports::claim(
+                &[ib.clone(), up],
+                &ports::PortOptions::default(),
+                ports::ClaimedAt::AgentStart,
+            )
+            .unwrap(),
+        }
+    };
+    let started_with_these = Scope::Host {
+        busy_gpus: BTreeSet::new(),
+        ports: ports::claim(
+            &[ib.clone(), roce.clone()],
+            &ports::PortOptions::default(),
+            ports::ClaimedAt::AgentStart,
+        )
+        .unwrap(),
+    };
     type Case<'a> = (&'a str, HostFacts, Scope, Vec<(&'a str, &'a str, &'a str)>);
     let cases: Vec<Case> = vec![
         (
@@ -234,12 +268,12 @@ fn the_plan_skips_what_the_host_lacks_and_probes_the_rest() {
             ],
         ),
         (
-            "GPUs and ports: health from the facts, probes for the rest, a DOWN port fails",
+            "GPUs and ports: health from the facts, probes for the rest, a claimed port DOWN now fails",
             facts(
                 vec![gpu("GPU-a", "enabled", false, 0), gpu("GPU-b", "enabled", true, 0)],
                 vec![ib.clone(), roce.clone()],
             ),
-            host.clone(),
+            started_with_both,
             vec![
                 (CHECK_GPU_HEALTH, "GPU-a", "passed"),
                 (CHECK_GPU_HEALTH, "GPU-b", "failed NVML reports retired pages pending: reset the GPU (nvidia-smi -r) or reload the driver"),
@@ -255,9 +289,49 @@ fn the_plan_skips_what_the_host_lacks_and_probes_the_rest() {
             ],
         ),
         (
+            "a port DOWN since the agent started is not claimed: reported, not failed, not written to",
+            facts(vec![], vec![ib.clone(), roce.clone()]),
+            started_with_these,
+            vec![
+                (CHECK_GPU_HEALTH, "host", "skipped no GPU on this host"),
+                (CHECK_GPU_COPY, "host", "skipped no GPU on this host"),
+                (CHECK_RDMA_PORT, "mlx5_0 port 1", "passed"),
+                (CHECK_RDMA_PORT, "mlx5_1 port 1", "passed"),
+                (CHECK_RDMA_PORT, "mlx5_1 port 2", "skipped not claimed: was not ACTIVE at agent start; name it in --rdma-ports to require it"),
+                (CHECK_RDMA_LOOPBACK, "mlx5_0 port 1", "probe RdmaLoopback { device: \"mlx5_0\", port: 1, gid_index: 0 }"),
+                (CHECK_RDMA_LOOPBACK, "mlx5_1 port 1", "probe RdmaLoopback { device: \"mlx5_1\", port: 1, gid_index: 3 }"),
+                (CHECK_RDMA_LOOPBACK, "mlx5_1 port 2", "skipped not claimed: was not ACTIVE at agent start; name it in --rdma-ports to require it"),
+                (CHECK_NCCL, "host", "skipped no GPU on this host"),
+            ],
+        ),
+        (
+            "a claimed port whose device is gone fails; an ignored ACTIVE port is neither checked nor written to",
+            facts(vec![], vec![roce.clone()]),
+            Scope::Host {
+                busy_gpus: BTreeSet::new(),
+                ports: ports::claim(
+                    &[ib.clone(), roce.clone()],
+                    &ports::PortOptions::parse(None, Some("mlx5_1:1")).unwrap(),
+                    ports::ClaimedAt::AgentStart,
+                )
+                .unwrap(),
+            },
+            vec![
+                (CHECK_GPU_HEALTH, "host", "skipped no GPU on this host"),
+                (CHECK_GPU_COPY, "host", "skipped no GPU on this host"),
+                (CHECK_RDMA_PORT, "mlx5_1 port 1", "skipped not claimed: excluded by --rdma-ignore mlx5_1:1"),
+                (CHECK_RDMA_PORT, "mlx5_1 port 2", "skipped not claimed: was not ACTIVE at agent start; name it in --rdma-ports to require it"),
+                (CHECK_RDMA_PORT, "mlx5_0 port 1", "failed the claimed port is gone: its device is no longer in /sys/class/infiniband (fell off the bus, or its driver unloaded)"),
+                (CHECK_RDMA_LOOPBACK, "mlx5_1 port 1", "skipped not claimed: excluded by --rdma-ignore mlx5_1:1"),
+                (CHECK_RDMA_LOOPBACK, "mlx5_1 port 2", "skipped not claimed: was not ACTIVE at agent start; name it in --rdma-ports to require it"),
+                (CHECK_RDMA_LOOPBACK, "mlx5_0 port 1", "skipped the port is gone (see rdma-port-active)"),
+                (CHECK_NCCL, "host", "skipped no GPU on this host"),
+            ],
+        ),
+        (
             "busy GPUs are not copied to, and NCCL waits",
             facts(vec![gpu("GPU-a", "enabled", false, 0), gpu("GPU-b", "", false, 0)], vec![]),
-            Scope::Host { busy_gpus: ["GPU-a".to_string()].into() },
+            Scope::Host { busy_gpus: ["GPU-a".to_string()].into(), ports: ports::PortClaim::none(ports::ClaimedAt::AgentStart) },
             vec![
                 (CHECK_GPU_HEALTH, "GPU-a", "passed"),
                 (CHECK_GPU_HEALTH, "GPU-b", "skipped NVML did not report this GPU (only the CUDA driver listed it)"),
@@ -585,9 +659,7 @@ fn a_run_on_a_host_without_hardware_skips_everything() {
     let host = facts(vec![], vec![]);
     let report = run(
         &host,
-        &Scope::Host {
-            busy_gpus: BTreeSet::new(),
-        },
+        &host_scope(&[]),
         Trigger::Command,
         &Injection::default(),
         RUN_BUDGET,
@@ -604,4 +676,348 @@ fn a_run_on_a_host_without_hardware_skips_everything() {
     assert_eq!(json["checks"][0]["reason"], "no GPU on this host");
     let back: Report = serde_json::from_value(json).unwrap();
     assert_eq!(back, report);
+}
+
+fn sel(device: &str, port: Option<u32>) -> ports::PortSelector {
+    ports::PortSelector {
+        device: device.into(),
+        port,
+    }
+}
+
+#[test]
+fn port_options_parse_device_and_device_port_entries_and_name_a_bad_one() {
+    use ports::{PortOptionError, PortOptions};
+    let accepted = ports::ACCEPTED_FORM;
+    // (--rdma-ports, --rdma-ignore, Ok(ports, ignore) or Err(message))
+    type Want = Result<(Option<Vec<ports::PortSelector>>, Vec<ports::PortSelector>), String>;
+    let cases: Vec<(Option<&str>, Option<&str>, Want)> = vec![
+        (None, None, Ok((None, vec![]))),
+        (
+            Some("mlx5_0:1, mlx5_1:1,,mlx5_0:1"),
+            Some("mlx5_2"),
+            Ok((
+                Some(vec![sel("mlx5_0", Some(1)), sel("mlx5_1", Some(1))]),
+                vec![sel("mlx5_2", None)],
+            )),
+        ),
+        (
+            Some("ibp59s0-x"),
+            Some(""),
+            Ok((Some(vec![sel("ibp59s0-x", None)]), vec![])),
+        ),
+        (
+            Some(" , "),
+            None,
+            Err(PortOptionError::Empty.to_string()),
+        ),
+        (
+            Some("mlx5_0:x"),
+            None,
+            Err(format!("--rdma-ports: `mlx5_0:x` has `x` where a port number belongs; accepted: {accepted}")),
+        ),
+        (
+            None,
+            Some("mlx5_0:0"),
+            Err(format!("--rdma-ignore: `mlx5_0:0` names port 0: ports are numbered from 1; accepted: {accepted}")),
+        ),
+        (
+            Some(":1"),
+            None,
+            Err(format!("--rdma-ports: `:1` has no device name before `:`; accepted: {accepted}")),
+        ),
+        (
+            Some("mlx5_0:"),
+            None,
+            Err(format!("--rdma-ports: `mlx5_0:` has no port number after `:`; accepted: {accepted}")),
+        ),
+        (
+            None,
+            Some("mlx5_0 port 1"),
+            Err(format!("--rdma-ignore: `mlx5_0 port 1` has a device name with characters other than letters, digits, `_` and `-`; accepted: {accepted}")),
+        ),
+        (
+            Some("mlx5_0:1:2"),
+            None,
+            Err(format!("--rdma-ports: `mlx5_0:1:2` has `1:2` where a port number belongs; accepted: {accepted}")),
+        ),
+    ];
+    for (ports_value, ignore_value, want) in cases {
+        let got = PortOptions::parse(ports_value, ignore_value)
+            .map(|o| (o.ports, o.ignore))
+            .map_err(|e| e.to_string());
+        assert_eq!(got, want, "{ports_value:?} / {ignore_value:?}");
+    }
+}
+
+#[test]
+fn the_claimed_ports_are_the_active_ones_at_start_or_exactly_those_named_less_the_ignored() {
+    use ports::{claim, ClaimedAt, PortOptions};
+    // A dual-port card with port 2 never cabled, and a storage NIC.
+    let devices = vec![
+        device(
+            "mlx5_0",
+            vec![
+                port(1, "ACTIVE", "InfiniBand", &[]),
+                port(2, "DOWN", "InfiniBand", &[]),
+            ],
+        ),
+        device("mlx5_1", vec![port(1, "ACTIVE", "Ethernet", &[])]),
+    ];
+    let existing = "mlx5_0:1 (ACTIVE), mlx5_0:2 (DOWN), mlx5_1:1 (ACTIVE)";
+    // (--rdma-ports, --rdma-ignore, Ok(claimed) or Err(message))
+    type Case<'a> = (Option<&'a str>, Option<&'a str>, Result<&'a str, String>);
+    let cases: Vec<Case> = vec![
+        (None, None, Ok("mlx5_0:1, mlx5_1:1")),
+        (None, Some("mlx5_1"), Ok("mlx5_0:1")),
+        (None, Some("mlx5_0:1,mlx5_1:1"), Ok("none")),
+        (Some("mlx5_0:1,mlx5_0:2"), None, Ok("mlx5_0:1, mlx5_0:2")),
+        (Some("mlx5_0"), None, Ok("mlx5_0:1, mlx5_0:2")),
+        (Some("mlx5_0"), Some("mlx5_0:2"), Ok("mlx5_0:1")),
+        (
+            Some("mlx5_0:3"),
+            None,
+            Err(format!("--rdma-ports: `mlx5_0:3` names no RDMA port of this host; its ports are: {existing}")),
+        ),
+        (
+            Some("mlx5_0:1,mlx5_9"),
+            None,
+            Err(format!("--rdma-ports: `mlx5_9` names no RDMA port of this host; its ports are: {existing}")),
+        ),
+        (
+            Some("mlx5_0:2"),
+            Some("mlx5_0"),
+            Err("--rdma-ports: `mlx5_0:2` is entirely excluded by --rdma-ignore `mlx5_0`: drop one of them".to_string()),
+        ),
+    ];
+    for (ports_value, ignore_value, want) in cases {
+        let options = PortOptions::parse(ports_value, ignore_value).unwrap();
+        let got = claim(&devices, &options, ClaimedAt::AgentStart)
+            .map(|c| c.claimed_list())
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            got,
+            want.map(str::to_string),
+            "{ports_value:?} / {ignore_value:?}"
+        );
+    }
+    let none = claim(
+        &[],
+        &PortOptions::parse(Some("mlx5_0:1"), None).unwrap(),
+        ClaimedAt::Now,
+    );
+    assert_eq!(
+        none.unwrap_err().to_string(),
+        "--rdma-ports: `mlx5_0:1` names no RDMA port of this host; its ports are: none (no RDMA device)"
+    );
+    let stray = claim(
+        &devices,
+        &PortOptions::parse(None, Some("mlx5_7,mlx5_0:2")).unwrap(),
+        ClaimedAt::AgentStart,
+    )
+    .unwrap();
+    assert_eq!(
+        stray.warnings(),
+        vec!["--rdma-ignore: `mlx5_7` matches no RDMA port of this host".to_string()]
+    );
+}
+
+#[test]
+fn each_port_is_up_down_gone_or_unclaimed_with_its_reason() {
+    use ports::{claim, judge, ClaimedAt, PortOptions, PortStatus, Unclaimed};
+    let at_start = vec![
+        device(
+            "mlx5_0",
+            vec![
+                port(1, "ACTIVE", "InfiniBand", &[]),
+                port(2, "DOWN", "InfiniBand", &[]),
+            ],
+        ),
+        device("mlx5_1", vec![port(1, "ACTIVE", "Ethernet", &[])]),
+    ];
+    let now_down = vec![
+        device(
+            "mlx5_0",
+            vec![
+                port(1, "DOWN", "InfiniBand", &[]),
+                port(2, "DOWN", "InfiniBand", &[]),
+            ],
+        ),
+        device("mlx5_1", vec![port(1, "ACTIVE", "Ethernet", &[])]),
+        device("mlx5_2", vec![port(1, "INIT", "InfiniBand", &[])]),
+    ];
+    let gone = vec![device("mlx5_1", vec![port(1, "ACTIVE", "Ethernet", &[])])];
+    let up = PortStatus::Up;
+    let down = |s: &str| PortStatus::Down { state: s.into() };
+    let unclaimed = PortStatus::Unclaimed;
+    type Case<'a> = (
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+        ClaimedAt,
+        &'a [RdmaDevice],
+        Vec<(&'a str, PortStatus)>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "unchanged since start",
+            None,
+            None,
+            ClaimedAt::AgentStart,
+            &at_start,
+            vec![
+                ("mlx5_0 port 1", up.clone()),
+                ("mlx5_0 port 2", unclaimed(Unclaimed::NotActiveAtStart)),
+                ("mlx5_1 port 1", up.clone()),
+            ],
+        ),
+        (
+            "a claimed port went down; a port appeared after start",
+            None,
+            None,
+            ClaimedAt::AgentStart,
+            &now_down,
+            vec![
+                ("mlx5_0 port 1", down("DOWN")),
+                ("mlx5_0 port 2", unclaimed(Unclaimed::NotActiveAtStart)),
+                ("mlx5_1 port 1", up.clone()),
+                ("mlx5_2 port 1", unclaimed(Unclaimed::AppearedAfterStart)),
+            ],
+        ),
+        (
+            "a claimed device is gone",
+            None,
+            None,
+            ClaimedAt::AgentStart,
+            &gone,
+            vec![
+                ("mlx5_1 port 1", up.clone()),
+                ("mlx5_0 port 1", PortStatus::Gone),
+            ],
+        ),
+        (
+            "named ports: a DOWN one is required, the others are not named",
+            Some("mlx5_0:2"),
+            None,
+            ClaimedAt::AgentStart,
+            &at_start,
+            vec![
+                ("mlx5_0 port 1", unclaimed(Unclaimed::NotNamed)),
+                ("mlx5_0 port 2", down("DOWN")),
+                ("mlx5_1 port 1", unclaimed(Unclaimed::NotNamed)),
+            ],
+        ),
+        (
+            "ignored",
+            None,
+            Some("mlx5_1"),
+            ClaimedAt::AgentStart,
+            &at_start,
+            vec![
+                ("mlx5_0 port 1", up.clone()),
+                ("mlx5_0 port 2", unclaimed(Unclaimed::NotActiveAtStart)),
+                (
+                    "mlx5_1 port 1",
+                    unclaimed(Unclaimed::Ignored(sel("mlx5_1", None))),
+                ),
+            ],
+        ),
+        (
+            "trainctl preflight: no history, a port not ACTIVE now is not required",
+            None,
+            None,
+            ClaimedAt::Now,
+            &at_start,
+            vec![
+                ("mlx5_0 port 1", up.clone()),
+                ("mlx5_0 port 2", unclaimed(Unclaimed::NotActive)),
+                ("mlx5_1 port 1", up.clone()),
+            ],
+        ),
+    ];
+    for (what, ports_value, ignore_value, at, now, want) in cases {
+        let options = PortOptions::parse(ports_value, ignore_value).unwrap();
+        let claim = claim(&at_start, &options, at).unwrap();
+        let got: Vec<(String, PortStatus)> = judge(&claim, now)
+            .into_iter()
+            .map(|v| (v.subject(), v.status))
+            .collect();
+        let want: Vec<(String, PortStatus)> = want
+            .into_iter()
+            .map(|(s, st)| (s.to_string(), st))
+            .collect();
+        assert_eq!(got, want, "{what}");
+    }
+}
+
+#[test]
+fn unclaimed_reasons_say_how_to_require_the_port_and_notes_leave_out_ignored_ports() {
+    use ports::{claim, judge, unclaimed_down, ClaimedAt, PortOptions, Unclaimed};
+    let cases = [
+        (
+            Unclaimed::Ignored(sel("mlx5_2", Some(1))),
+            "not claimed: excluded by --rdma-ignore mlx5_2:1",
+        ),
+        (
+            Unclaimed::NotNamed,
+            "not claimed: not named in --rdma-ports",
+        ),
+        (
+            Unclaimed::NotActiveAtStart,
+            "not claimed: was not ACTIVE at agent start; name it in --rdma-ports to require it",
+        ),
+        (
+            Unclaimed::AppearedAfterStart,
+            "not claimed: appeared after agent start; name it in --rdma-ports to require it",
+        ),
+        (
+            Unclaimed::NotActive,
+            "not ACTIVE (name it in --rdma-ports to require it)",
+        ),
+    ];
+    for (why, want) in cases {
+        assert_eq!(why.reason(), want);
+    }
+    let devices = vec![
+        device(
+            "mlx5_0",
+            vec![
+                port(1, "ACTIVE", "InfiniBand", &[]),
+                port(2, "DOWN", "InfiniBand", &[]),
+            ],
+        ),
+        device("mlx5_2", vec![port(1, "DOWN", "Ethernet", &[])]),
+    ];
+    let claim = claim(
+        &devices,
+        &PortOptions::parse(None, Some("mlx5_2")).unwrap(),
+        ClaimedAt::Now,
+    )
+    .unwrap();
+    assert_eq!(
+        unclaimed_down(&judge(&claim, &devices)),
+        vec![
+            "mlx5_0 port 2 is DOWN: not ACTIVE (name it in --rdma-ports to require it)".to_string()
+        ]
+    );
+}
+
+#[test]
+fn an_unhealthy_host_checks_again_within_a_minute_even_without_periodic_runs() {
+    let s = Duration::from_secs;
+    // (interval, healthy, next run after)
+    let cases = [
+        (s(0), true, None),
+        (s(300), true, Some(s(300))),
+        (s(0), false, Some(RETRY_AFTER_FAILURE)),
+        (s(300), false, Some(RETRY_AFTER_FAILURE)),
+        (s(10), false, Some(s(10))),
+    ];
+    for (interval, healthy, want) in cases {
+        assert_eq!(
+            next_run_after(interval, healthy),
+            want,
+            "{interval:?} {healthy}"
+        );
+    }
 }
