@@ -268,4 +268,57 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn the_text_names_the_required_ports_and_warns_of_the_others() {
+        use trainctl_agent::discovery::{RdmaDevice, RdmaPort};
+        let port = |n: u32, state: &str| RdmaPort {
+            port: n,
+            state: state.into(),
+            link_layer: "InfiniBand".into(),
+            rate: "400 Gb/sec (4X NDR)".into(),
+            gid_count: 0,
+            netdev: String::new(),
+            gids: vec![],
+        };
+        let mut r = report(
+            vec![],
+            vec![
+                CheckResult {
+                    subject: "mlx5_0 port 1".into(),
+                    ..check("rdma-port-active", Outcome::Passed, None)
+                },
+                CheckResult {
+                    subject: "mlx5_0 port 2".into(),
+                    ..check(
+                        "rdma-port-active",
+                        Outcome::Skipped {
+                            reason: "not ACTIVE (name it in --rdma-ports to require it)".into(),
+                        },
+                        None,
+                    )
+                },
+            ],
+        );
+        r.rdma_devices = vec![RdmaDevice {
+            name: "mlx5_0".into(),
+            ports: vec![port(1, "ACTIVE"), port(2, "DOWN")],
+            pci_bus_id: String::new(),
+            numa_node: None,
+        }];
+        r.claimed_ports = vec!["mlx5_0:1".into()];
+        r.warnings = vec![
+            "mlx5_0 port 2 is DOWN: not ACTIVE (name it in --rdma-ports to require it)".into(),
+        ];
+        let text = text(&r);
+        for line in [
+            "RDMA ports required ACTIVE: mlx5_0:1",
+            "warning: mlx5_0 port 2 is DOWN: not ACTIVE (name it in --rdma-ports to require it)",
+            "healthy: no check failed",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        r.claimed_ports.clear();
+        assert!(text(&r).contains("RDMA ports required ACTIVE: none"));
+    }
 }

@@ -132,3 +132,92 @@ fn a_failed_check_exits_1_and_a_bad_knob_exits_2() {
         "{err}"
     );
 }
+
+#[test]
+fn rdma_port_options_are_checked_and_a_named_port_must_exist() {
+    // A malformed entry: exit 2, the entry and the accepted form named.
+    let out = preflight(&["--rdma-ports", "mlx5_0:x"], None);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--rdma-ports: `mlx5_0:x` has `x` where a port number belongs")
+            && err.contains("DEVICE:PORT"),
+        "{err}"
+    );
+    let out = preflight(&["--rdma-ignore", "mlx5_0:0"], None);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--rdma-ignore: `mlx5_0:0` names port 0"),
+        "{err}"
+    );
+
+    // A port this host does not have: exit 2, naming it and listing what exists.
+    let out = preflight(&["--rdma-ports", "trainctl_no_such_dev:1"], None);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--rdma-ports: `trainctl_no_such_dev:1` names no RDMA port of this host; its ports are: "),
+        "{err}"
+    );
+
+    // An ignore entry that matches nothing is a warning, not an error.
+    let out = preflight(
+        &["-o", "json", "--rdma-ignore", "trainctl_no_such_dev"],
+        None,
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(if report["health"]["healthy"] == true {
+            0
+        } else {
+            1
+        })
+    );
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings
+            .contains("--rdma-ignore: `trainctl_no_such_dev` matches no RDMA port of this host"),
+        "{report}"
+    );
+    assert!(report["claimed_ports"].is_array(), "{report}");
+    let text = preflight(&["--rdma-ignore", "trainctl_no_such_dev"], None);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("warning: --rdma-ignore: `trainctl_no_such_dev` matches no RDMA port"),
+        "{text}"
+    );
+}
+
+/// Without --rdma-ports, a port that is not ACTIVE is reported, never failed (only on a host
+/// with RDMA ports; on this one there are none and the test says so).
+#[test]
+fn without_rdma_ports_a_port_that_is_not_active_is_only_a_warning() {
+    let out = preflight(&["-o", "json"], None);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ports: Vec<&Value> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == "rdma-port-active" && c["subject"] != "host")
+        .collect();
+    if ports.is_empty() {
+        eprintln!("no RDMA port on this host: nothing to check");
+        return;
+    }
+    for c in ports {
+        let active = c["figure"].as_str().unwrap_or("").starts_with("ACTIVE");
+        let want = if active { "passed" } else { "skipped" };
+        assert_eq!(c["result"], want, "{c}");
+        if !active {
+            assert!(
+                c["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("name it in --rdma-ports to require it"),
+                "{c}"
+            );
+        }
+    }
+}
