@@ -310,13 +310,13 @@ mod tests {
         r.warnings = vec![
             "mlx5_0 port 2 is DOWN: not ACTIVE (name it in --rdma-ports to require it)".into(),
         ];
-        let text = text(&r);
+        let shown = text(&r);
         for line in [
             "RDMA ports required ACTIVE: mlx5_0:1",
             "warning: mlx5_0 port 2 is DOWN: not ACTIVE (name it in --rdma-ports to require it)",
             "healthy: no check failed",
         ] {
-            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+            assert!(shown.contains(line), "missing {line:?} in:\n{shown}");
         }
         r.claimed_ports.clear();
         assert!(text(&r).contains("RDMA ports required ACTIVE: none"));
