@@ -468,7 +468,8 @@ enum Cmd {
         #[arg(long, env = "TRAINCTL_RDMA_PORTS", value_name = "DEVICE[:PORT],...")]
         rdma_ports: Option<String>,
         /// RDMA ports this host never claims (a storage NIC training does not use), DEVICE or
-        /// DEVICE:PORT, comma-separated; wins over the default claim.
+        /// DEVICE:PORT, comma-separated; subtracted from the default claim or from --rdma-ports
+        /// (an --rdma-ports entry it excludes entirely is an error).
         #[arg(long, env = "TRAINCTL_RDMA_IGNORE", value_name = "DEVICE[:PORT],...")]
         rdma_ignore: Option<String>,
     },
