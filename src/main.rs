@@ -475,10 +475,10 @@ enum Cmd {
     },
     /// Check this host: its GPUs, RDMA devices and libraries (CUDA driver, NCCL, libibverbs),
     /// and whether each GPU copies memory at a plausible rate, NVML reports no retired pages
-    /// pending or uncorrectable ECC errors, every RDMA port is ACTIVE and carries a loopback
-    /// RDMA write, and an NCCL all-reduce over the GPUs reaches a plausible bus bandwidth. Runs
-    /// here, without a cluster. Exit 0 when no check failed (a host without GPU or RDMA skips
-    /// them and says so), 1 when one failed, 2 for bad options.
+    /// pending or uncorrectable ECC errors, every RDMA port it requires is ACTIVE and carries a
+    /// loopback RDMA write, and an NCCL all-reduce over the GPUs reaches a plausible bus
+    /// bandwidth. Runs here, without a cluster. Exit 0 when no check failed (a host without GPU
+    /// or RDMA skips them and says so), 1 when one failed, 2 for bad options.
     ///
     /// The RDMA ports required ACTIVE are those named by --rdma-ports; without it, the ports
     /// ACTIVE now, and a port that is not ACTIVE is reported as skipped with a warning (exit 0),
