@@ -35,6 +35,8 @@
 //! exchange, the device choice, the errors of a host without RDMA). The data path itself needs an
 //! RDMA device and has not run on the development machine (README, "Hardware support").
 
+use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -282,16 +284,45 @@ fn no_init_to_interrupt(_reason: &str) {
 pub struct RdmaRing {
     rank: u32,
     world_size: u32,
-    link: Option<Link>,
+    link: Option<Ring<VerbsPair>>,
     watchdog: Watchdog,
     abort: Arc<AbortFlag>,
     broken: Option<String>,
 }
 
-/// The RDMA state of a rank in a world of two or more.
-struct Link {
-    rank: u32,
-    prev_rank: u32,
+/// What the ring engine ([`Ring`]) needs of a rank's two RC connections: RDMA verbs in
+/// production ([`VerbsPair`]), an in-memory model of RC semantics in the tests.
+pub(crate) trait RcPair {
+    /// The work buffer, grown to at least `bytes` (registered anew when larger).
+    fn work(&mut self, bytes: usize) -> Result<&mut [u8], CollectiveError>;
+    /// `len` bytes of the receive slots from `slot_start`, and the work bytes `local`, together.
+    fn slot_and_work(
+        &mut self,
+        slot_start: usize,
+        len: usize,
+        local: Range<usize>,
+    ) -> (&[u8], &mut [u8]);
+    /// An RDMA write with immediate of the work bytes `local` to `remote_offset` of the next
+    /// rank's receive slots.
+    fn write_data(
+        &self,
+        local: Range<usize>,
+        remote_offset: u64,
+        imm: u32,
+        wr_id: u64,
+    ) -> Result<(), CollectiveError>;
+    /// A one-byte write with a credit immediate to the previous rank.
+    fn write_credit(&self, imm: u32, wr_id: u64) -> Result<(), CollectiveError>;
+    /// A receive for the previous rank's next data write.
+    fn post_data_recv(&self, wr_id: u64) -> Result<(), CollectiveError>;
+    /// A receive for the next rank's next credit.
+    fn post_credit_recv(&self, wr_id: u64) -> Result<(), CollectiveError>;
+    /// The completions that arrived, without waiting.
+    fn poll(&self) -> Result<Vec<WorkCompletion>, CollectiveError>;
+}
+
+/// A rank's two RC queue pairs and registered memory (world of two or more).
+struct VerbsPair {
     pd: trainctl_ffi::verbs::ProtectionDomain,
     cq: CompletionQueue,
     /// Towards the next rank: data out, credits in.
@@ -305,14 +336,25 @@ struct Link {
     work: MemoryRegion,
     slots: MemoryRegion,
     credit: MemoryRegion,
+}
+
+/// The ring all-reduce engine of one rank over an [`RcPair`]: the plan, credits and receipts.
+pub(crate) struct Ring<P> {
+    pair: P,
+    rank: u32,
+    prev_rank: u32,
+    world: u32,
+    slots: usize,
+    slot_bytes: usize,
     /// Writes to the next rank not yet credited back; spans operations.
     window: CreditWindow,
     /// Data writes made to the next rank, all operations together.
     writes_total: u64,
     /// Receipts from the previous rank, all operations together.
     receipts_total: u64,
-    /// Receipts that arrived for a later step (or operation), still in their slots.
-    ahead: u64,
+    /// The immediates of receipts that arrived for a later step (or operation), still in their
+    /// slots; checked against the plan when their step comes.
+    ahead: VecDeque<u32>,
 }
 
 impl std::fmt::Debug for RdmaRing {
@@ -334,7 +376,8 @@ impl RdmaRing {
         let mut control = TcpRing::connect(rdzv)?;
         let (rank, world_size) = (control.rank(), control.world_size());
         let link = if world_size > 1 {
-            Some(Link::connect(&ctx, port, opts.gid_index, &mut control)?)
+            let pair = VerbsPair::connect(&ctx, port, opts.gid_index, &mut control)?;
+            Some(Ring::new(pair, rank, world_size, SLOTS, SLOT_BYTES))
         } else {
             None
         };
@@ -363,7 +406,7 @@ impl RdmaRing {
 
     fn run_op(
         &mut self,
-        op: impl FnOnce(&mut Link, &AbortFlag, u32, u32) -> Result<(), CollectiveError>,
+        op: impl FnOnce(&mut Ring<VerbsPair>, &AbortFlag) -> Result<(), CollectiveError>,
     ) -> Result<(), CollectiveError> {
         if let Some(cause) = &self.broken {
             return Err(CollectiveError::Broken {
@@ -374,7 +417,7 @@ impl RdmaRing {
             return Ok(());
         };
         self.watchdog.op_started();
-        let result = op(link, &self.abort, self.rank, self.world_size);
+        let result = op(link, &self.abort);
         self.watchdog.op_finished();
         let result = match (result, self.watchdog.aborted()) {
             (_, Some(reason)) => Err(CollectiveError::Aborted { reason }),
@@ -439,13 +482,15 @@ fn consume<T: Elem>(phase: Phase, slot: &[u8], dst: &mut [u8]) {
     }
 }
 
-impl Link {
+impl VerbsPair {
+    /// Registers memory, creates both queue pairs, exchanges their records over `control`,
+    /// connects them and posts every receive; returns once every rank has done so.
     fn connect(
         ctx: &trainctl_ffi::verbs::Context,
         port: u8,
         gid_index: u32,
         control: &mut TcpRing,
-    ) -> Result<Link, CollectiveError> {
+    ) -> Result<VerbsPair, CollectiveError> {
         let access = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
         let port_attrs = ctx
             .query_port(port)
@@ -510,9 +555,7 @@ impl Link {
         }
         // Every rank's receives are posted before any rank writes: one more round on the ring.
         control.barrier()?;
-        Ok(Link {
-            rank: rank as u32,
-            prev_rank: prev as u32,
+        Ok(VerbsPair {
             pd,
             cq,
             to_next,
@@ -522,22 +565,109 @@ impl Link {
             work,
             slots,
             credit,
-            window: CreditWindow::new(SLOTS),
-            writes_total: 0,
-            receipts_total: 0,
-            ahead: 0,
         })
     }
+}
 
-    /// A work buffer of at least `bytes`, registering a larger one when needed.
-    fn ensure_work(&mut self, bytes: usize) -> Result<(), CollectiveError> {
+impl RcPair for VerbsPair {
+    fn work(&mut self, bytes: usize) -> Result<&mut [u8], CollectiveError> {
         if self.work.len() < bytes {
             self.work = self
                 .pd
                 .register(bytes, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
                 .map_err(verbs_err("registering a larger work buffer"))?;
         }
-        Ok(())
+        Ok(self
+            .work
+            .bytes_mut()
+            .expect("a registered buffer of its own"))
+    }
+
+    fn slot_and_work(
+        &mut self,
+        slot_start: usize,
+        len: usize,
+        local: Range<usize>,
+    ) -> (&[u8], &mut [u8]) {
+        let slots = self.slots.bytes().expect("a registered buffer of its own");
+        let work = self
+            .work
+            .bytes_mut()
+            .expect("a registered buffer of its own");
+        (&slots[slot_start..slot_start + len], &mut work[local])
+    }
+
+    fn write_data(
+        &self,
+        local: Range<usize>,
+        remote_offset: u64,
+        imm: u32,
+        wr_id: u64,
+    ) -> Result<(), CollectiveError> {
+        self.to_next
+            .post_write_with_imm(
+                &self.work,
+                &self.next_slots,
+                WriteWithImm {
+                    wr_id,
+                    local_offset: local.start,
+                    len: local.len(),
+                    remote_offset,
+                    imm,
+                },
+            )
+            .map_err(verbs_err("posting an RDMA write to the next rank"))
+    }
+
+    fn write_credit(&self, imm: u32, wr_id: u64) -> Result<(), CollectiveError> {
+        self.to_prev
+            .post_write_with_imm(
+                &self.credit,
+                &self.prev_credit,
+                WriteWithImm {
+                    wr_id,
+                    local_offset: 0,
+                    len: CREDIT_WRITE_BYTES,
+                    remote_offset: 0,
+                    imm,
+                },
+            )
+            .map_err(verbs_err("posting a credit to the previous rank"))
+    }
+
+    fn post_data_recv(&self, wr_id: u64) -> Result<(), CollectiveError> {
+        self.to_prev
+            .post_recv(wr_id)
+            .map_err(verbs_err("posting a receive"))
+    }
+
+    fn post_credit_recv(&self, wr_id: u64) -> Result<(), CollectiveError> {
+        self.to_next
+            .post_recv(wr_id)
+            .map_err(verbs_err("posting a receive"))
+    }
+
+    fn poll(&self) -> Result<Vec<WorkCompletion>, CollectiveError> {
+        self.cq.poll().map_err(verbs_err("polling completions"))
+    }
+}
+
+impl<P: RcPair> Ring<P> {
+    /// The engine of `rank` in a world of `world` over `pair`, whose receives are posted, with
+    /// `slots` receive slots of `slot_bytes` on every rank.
+    pub(crate) fn new(pair: P, rank: u32, world: u32, slots: usize, slot_bytes: usize) -> Ring<P> {
+        Ring {
+            pair,
+            rank,
+            prev_rank: (rank + world - 1) % world,
+            world,
+            slots,
+            slot_bytes,
+            window: CreditWindow::new(slots),
+            writes_total: 0,
+            receipts_total: 0,
+            ahead: VecDeque::new(),
+        }
     }
 
     /// The ring all-reduce of `buf` (module docs).
@@ -545,8 +675,6 @@ impl Link {
         &mut self,
         buf: &mut [T],
         abort: &AbortFlag,
-        rank: u32,
-        world: u32,
     ) -> Result<(), CollectiveError> {
         let bytes = buf.len() * T::SIZE;
         if bytes == 0 {
@@ -555,20 +683,20 @@ impl Link {
         let geometry = Geometry {
             len: buf.len(),
             elem_bytes: T::SIZE,
-            slot_bytes: SLOT_BYTES,
-            slots: SLOTS,
+            slot_bytes: self.slot_bytes,
+            slots: self.slots,
             write_base: self.writes_total,
             receipt_base: self.receipts_total,
         };
-        let steps = plan::plan(rank as usize, world as usize, &geometry).map_err(|e| {
-            CollectiveError::Unsupported {
-                backend: BACKEND,
-                what: e.to_string(),
-                accepted: "buffers whose chunks fit 65536 slots",
-            }
-        })?;
-        self.ensure_work(bytes)?;
-        let work = self.work.bytes_mut().expect("the work buffer is owned");
+        let steps =
+            plan::plan(self.rank as usize, self.world as usize, &geometry).map_err(|e| {
+                CollectiveError::Unsupported {
+                    backend: BACKEND,
+                    what: e.to_string(),
+                    accepted: "buffers whose chunks fit 65536 slots",
+                }
+            })?;
+        let work = self.pair.work(bytes)?;
         for (v, dst) in buf.iter().zip(work.chunks_exact_mut(T::SIZE)) {
             v.put_le(dst);
         }
@@ -577,8 +705,8 @@ impl Link {
             self.writes_total += step.writes.len() as u64;
             self.receipts_total += step.receipts.len() as u64;
         }
-        debug_assert!(self.window.outstanding() <= SLOTS as u64);
-        let work = self.work.bytes().expect("the work buffer is owned");
+        debug_assert!(self.window.outstanding() <= self.slots as u64);
+        let work = self.pair.work(bytes)?;
         for (v, src) in buf.iter_mut().zip(work.chunks_exact(T::SIZE)) {
             *v = T::get_le(src);
         }
@@ -589,9 +717,20 @@ impl Link {
         let mut next_write = 0;
         let mut writes_done = 0;
         let mut consumed = 0;
-        // Receipts of this step that arrived while the previous step ran.
-        let mut arrived = self.ahead.min(step.receipts.len() as u64) as usize;
-        self.ahead -= arrived as u64;
+        // Receipts of this step that arrived while an earlier step ran.
+        let mut arrived = 0;
+        while arrived < step.receipts.len() {
+            let Some(imm) = self.ahead.pop_front() else {
+                break;
+            };
+            check_receipt(
+                Some(imm),
+                Some(step.receipts[arrived].imm),
+                self.rank,
+                self.prev_rank,
+            )?;
+            arrived += 1;
+        }
         while writes_done < step.writes.len() || consumed < step.receipts.len() {
             if abort.0.load(Ordering::SeqCst) {
                 return Err(CollectiveError::Aborted {
@@ -600,7 +739,13 @@ impl Link {
             }
             while next_write < step.writes.len() && self.window.can_send() {
                 let t = &step.writes[next_write];
-                self.post_data(t, next_write as u64)?;
+                let remote = (t.slot * self.slot_bytes) as u64;
+                self.pair.write_data(
+                    t.local.clone(),
+                    remote,
+                    t.imm,
+                    WR_DATA | next_write as u64,
+                )?;
                 self.window.on_send();
                 next_write += 1;
             }
@@ -608,19 +753,19 @@ impl Link {
                 self.consume_receipt::<T>(&step.receipts[consumed])?;
                 consumed += 1;
             }
-            for wc in self.cq.poll().map_err(verbs_err("polling completions"))? {
+            for wc in self.pair.poll()? {
                 match wc.wr_id & WR_KIND_MASK {
                     WR_DATA => writes_done += 1,
                     WR_CREDIT => {}
-                    WR_RECV_DATA => {
-                        let expected = step.receipts.get(arrived).map(|t| t.imm);
-                        check_receipt(&wc, expected, self.rank, self.prev_rank)?;
-                        if arrived < step.receipts.len() {
+                    WR_RECV_DATA => match (step.receipts.get(arrived), wc.imm_data) {
+                        (Some(t), imm) => {
+                            check_receipt(imm, Some(t.imm), self.rank, self.prev_rank)?;
                             arrived += 1;
-                        } else {
-                            self.ahead += 1;
                         }
-                    }
+                        // Data of a later step: it waits in its slot, uncredited.
+                        (None, Some(imm)) => self.ahead.push_back(imm),
+                        (None, None) => check_receipt(None, None, self.rank, self.prev_rank)?,
+                    },
                     WR_RECV_CREDIT => {
                         let credit = match wc.imm_data.map(Imm::decode) {
                             Some(Imm::Credit { slots }) => slots,
@@ -633,9 +778,7 @@ impl Link {
                         self.window
                             .on_credit(credit)
                             .map_err(|e| protocol(e.to_string()))?;
-                        self.to_next
-                            .post_recv(wc.wr_id)
-                            .map_err(verbs_err("posting a receive"))?;
+                        self.pair.post_credit_recv(wc.wr_id)?;
                     }
                     other => {
                         return Err(protocol(format!(
@@ -648,65 +791,34 @@ impl Link {
         Ok(())
     }
 
-    fn post_data(&self, t: &Transfer, seq: u64) -> Result<(), CollectiveError> {
-        self.to_next
-            .post_write_with_imm(
-                &self.work,
-                &self.next_slots,
-                WriteWithImm {
-                    wr_id: WR_DATA | seq,
-                    local_offset: t.local.start,
-                    len: t.local.len(),
-                    remote_offset: (t.slot * SLOT_BYTES) as u64,
-                    imm: t.imm,
-                },
-            )
-            .map_err(verbs_err("posting an RDMA write to the next rank"))
-    }
-
     /// Consumes one receipt: slot into the work buffer, receive re-posted, credit sent back.
     fn consume_receipt<T: Elem>(&mut self, t: &Transfer) -> Result<(), CollectiveError> {
-        let start = t.slot * SLOT_BYTES;
-        let slot = &self.slots.bytes().expect("the slots are owned")[start..start + t.local.len()];
-        let work = self.work.bytes_mut().expect("the work buffer is owned");
-        consume::<T>(t.phase, slot, &mut work[t.local.clone()]);
-        self.to_prev
-            .post_recv(WR_RECV_DATA | t.slot as u64)
-            .map_err(verbs_err("posting a receive"))?;
-        self.to_prev
-            .post_write_with_imm(
-                &self.credit,
-                &self.prev_credit,
-                WriteWithImm {
-                    wr_id: WR_CREDIT | t.slot as u64,
-                    local_offset: 0,
-                    len: CREDIT_WRITE_BYTES,
-                    remote_offset: 0,
-                    imm: Imm::Credit { slots: 1 }.encode(),
-                },
-            )
-            .map_err(verbs_err("posting a credit to the previous rank"))
+        let (slot, work) =
+            self.pair
+                .slot_and_work(t.slot * self.slot_bytes, t.local.len(), t.local.clone());
+        consume::<T>(t.phase, slot, work);
+        self.pair.post_data_recv(WR_RECV_DATA | t.slot as u64)?;
+        self.pair
+            .write_credit(Imm::Credit { slots: 1 }.encode(), WR_CREDIT | t.slot as u64)
     }
 }
 
-/// Checks a data receipt's immediate against the one expected next (`None`: a receipt of a later
-/// step, which is checked when its step comes).
+/// Checks a data receipt's immediate (`None`: the write carried none) against the one expected
+/// next (`None`: nothing more was expected).
 fn check_receipt(
-    wc: &WorkCompletion,
+    got: Option<u32>,
     expected: Option<u32>,
     rank: u32,
     prev: u32,
 ) -> Result<(), CollectiveError> {
-    match (wc.imm_data, expected) {
+    match (got, expected) {
         (Some(got), Some(want)) if got == want => Ok(()),
-        (Some(got), None) if matches!(Imm::decode(got), Imm::Data { .. }) => Ok(()),
         (got, want) => Err(CollectiveError::OpMismatch {
             rank,
             peer: prev,
             ours: format!(
                 "an all-reduce expecting {}",
-                want.map_or("data of a later step".to_owned(), |w| Imm::decode(w)
-                    .to_string())
+                want.map_or("nothing more".to_owned(), |w| Imm::decode(w).to_string())
             ),
             theirs: format!(
                 "one that wrote {}",
@@ -748,11 +860,11 @@ impl Collective for RdmaRing {
     }
 
     fn all_reduce_sum_f32(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        self.run_op(|link, abort, rank, world| link.all_reduce(buf, abort, rank, world))
+        self.run_op(|ring, abort| ring.all_reduce(buf, abort))
     }
 
     fn all_reduce_sum_i64(&mut self, buf: &mut [i64]) -> Result<(), CollectiveError> {
-        self.run_op(|link, abort, rank, world| link.all_reduce(buf, abort, rank, world))
+        self.run_op(|ring, abort| ring.all_reduce(buf, abort))
     }
 
     fn broadcast_f32(&mut self, buf: &mut [f32], root: u32) -> Result<(), CollectiveError> {
@@ -944,13 +1056,6 @@ mod tests {
 
     #[test]
     fn receipts_are_checked_against_the_plan() {
-        let wc = |imm: Option<u32>| WorkCompletion {
-            wr_id: WR_RECV_DATA,
-            opcode: WorkCompletion::OPCODE_RECV_RDMA_WITH_IMM,
-            byte_len: 8,
-            imm_data: imm,
-            qp_num: 1,
-        };
         let data = |step, segment| {
             Imm::Data {
                 phase: Phase::ReduceScatter,
@@ -959,10 +1064,8 @@ mod tests {
             }
             .encode()
         };
-        let check = |got, want| check_receipt(&wc(got), want, 2, 1);
+        let check = |got, want| check_receipt(got, want, 2, 1);
         assert!(check(Some(data(1, 0)), Some(data(1, 0))).is_ok());
-        // A later step's data waits in its slot.
-        assert!(check(Some(data(2, 0)), None).is_ok());
         let err = check(Some(data(1, 1)), Some(data(1, 0)))
             .unwrap_err()
             .to_string();
@@ -971,7 +1074,8 @@ mod tests {
             "collective mismatch: this rank (rank 2) called an all-reduce expecting ReduceScatter step 1 segment 0 but rank 1 called one that wrote ReduceScatter step 1 segment 1; every rank must call the same collectives in the same order with the same lengths"
         );
         assert!(check(None, Some(data(0, 0))).is_err());
-        assert!(check(Some(Imm::Credit { slots: 1 }.encode()), None).is_err());
+        assert!(check(Some(Imm::Credit { slots: 1 }.encode()), Some(data(0, 0))).is_err());
+        assert!(check(Some(data(0, 0)), None).is_err());
     }
 
     #[test]
@@ -1031,5 +1135,314 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("--transport tcp"), "{msg}");
+    }
+
+    /// The ring engine over an in-memory model of two RC connections per rank: writes land at
+    /// once, in order, each consuming a receive the reader posted (none posted is an error, as
+    /// a receiver-not-ready would be), and a write into a slot the reader has not consumed yet
+    /// is an error. Every rank runs the real `Ring` on its own thread.
+    mod engine {
+        use std::sync::mpsc;
+        use std::sync::Mutex;
+
+        use super::*;
+
+        /// One rank's end of the fabric, shared with its neighbours.
+        struct End {
+            slots: Mutex<Vec<u8>>,
+            full: Mutex<Vec<bool>>,
+            cq: Mutex<VecDeque<WorkCompletion>>,
+            data_recvs: Mutex<VecDeque<u64>>,
+            credit_recvs: Mutex<VecDeque<u64>>,
+        }
+
+        struct FakePair {
+            me: Arc<End>,
+            next: Arc<End>,
+            prev: Arc<End>,
+            work: Vec<u8>,
+            scratch: Vec<u8>,
+            slot_bytes: usize,
+        }
+
+        fn completion(wr_id: u64, opcode: u32, imm: Option<u32>) -> WorkCompletion {
+            WorkCompletion {
+                wr_id,
+                opcode,
+                byte_len: 0,
+                imm_data: imm,
+                qp_num: 0,
+            }
+        }
+
+        fn fault(what: String) -> CollectiveError {
+            protocol(format!("fake fabric: {what}"))
+        }
+
+        impl RcPair for FakePair {
+            fn work(&mut self, bytes: usize) -> Result<&mut [u8], CollectiveError> {
+                if self.work.len() < bytes {
+                    self.work.resize(bytes, 0);
+                }
+                Ok(&mut self.work)
+            }
+
+            fn slot_and_work(
+                &mut self,
+                slot_start: usize,
+                len: usize,
+                local: Range<usize>,
+            ) -> (&[u8], &mut [u8]) {
+                self.scratch.clear();
+                self.scratch.extend_from_slice(
+                    &self.me.slots.lock().unwrap()[slot_start..slot_start + len],
+                );
+                (&self.scratch, &mut self.work[local])
+            }
+
+            fn write_data(
+                &self,
+                local: Range<usize>,
+                remote_offset: u64,
+                imm: u32,
+                wr_id: u64,
+            ) -> Result<(), CollectiveError> {
+                let start = remote_offset as usize;
+                let slot = start / self.slot_bytes;
+                let recv = self
+                    .next
+                    .data_recvs
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .ok_or_else(|| {
+                        fault("a data write found no receive posted (receiver not ready)".into())
+                    })?;
+                {
+                    let mut full = self.next.full.lock().unwrap();
+                    if full[slot] {
+                        return Err(fault(format!(
+                            "slot {slot} overwritten before it was consumed"
+                        )));
+                    }
+                    full[slot] = true;
+                }
+                self.next.slots.lock().unwrap()[start..start + local.len()]
+                    .copy_from_slice(&self.work[local]);
+                self.next.cq.lock().unwrap().push_back(completion(
+                    recv,
+                    WorkCompletion::OPCODE_RECV_RDMA_WITH_IMM,
+                    Some(imm),
+                ));
+                self.me.cq.lock().unwrap().push_back(completion(
+                    wr_id,
+                    WorkCompletion::OPCODE_RDMA_WRITE,
+                    None,
+                ));
+                Ok(())
+            }
+
+            fn write_credit(&self, imm: u32, wr_id: u64) -> Result<(), CollectiveError> {
+                // The credit for a slot goes out once the slot is consumed.
+                let slot = (wr_id & !WR_KIND_MASK) as usize;
+                self.me.full.lock().unwrap()[slot] = false;
+                let recv = self
+                    .prev
+                    .credit_recvs
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .ok_or_else(|| {
+                        fault("a credit found no receive posted (receiver not ready)".into())
+                    })?;
+                self.prev.cq.lock().unwrap().push_back(completion(
+                    recv,
+                    WorkCompletion::OPCODE_RECV_RDMA_WITH_IMM,
+                    Some(imm),
+                ));
+                self.me.cq.lock().unwrap().push_back(completion(
+                    wr_id,
+                    WorkCompletion::OPCODE_RDMA_WRITE,
+                    None,
+                ));
+                Ok(())
+            }
+
+            fn post_data_recv(&self, wr_id: u64) -> Result<(), CollectiveError> {
+                self.me.data_recvs.lock().unwrap().push_back(wr_id);
+                Ok(())
+            }
+
+            fn post_credit_recv(&self, wr_id: u64) -> Result<(), CollectiveError> {
+                self.me.credit_recvs.lock().unwrap().push_back(wr_id);
+                Ok(())
+            }
+
+            fn poll(&self) -> Result<Vec<WorkCompletion>, CollectiveError> {
+                let mut cq = self.me.cq.lock().unwrap();
+                let n = cq.len().min(trainctl_ffi::verbs::POLL_BATCH);
+                let batch = cq.drain(..n).collect();
+                drop(cq);
+                std::thread::yield_now();
+                Ok(batch)
+            }
+        }
+
+        /// The engines of a `world`-rank ring with `slots` slots of `slot_bytes`, receives posted
+        /// as `VerbsPair::connect` posts them.
+        fn rings(world: u32, slots: usize, slot_bytes: usize) -> Vec<Ring<FakePair>> {
+            let ends: Vec<Arc<End>> = (0..world)
+                .map(|_| {
+                    Arc::new(End {
+                        slots: Mutex::new(vec![0; slots * slot_bytes]),
+                        full: Mutex::new(vec![false; slots]),
+                        cq: Mutex::new(VecDeque::new()),
+                        data_recvs: Mutex::new(
+                            (0..slots as u64).map(|i| WR_RECV_DATA | i).collect(),
+                        ),
+                        credit_recvs: Mutex::new(
+                            (0..slots as u64).map(|i| WR_RECV_CREDIT | i).collect(),
+                        ),
+                    })
+                })
+                .collect();
+            (0..world)
+                .map(|r| {
+                    let at = |i: u32| Arc::clone(&ends[(i % world) as usize]);
+                    let pair = FakePair {
+                        me: at(r),
+                        next: at(r + 1),
+                        prev: at(r + world - 1),
+                        work: Vec::new(),
+                        scratch: Vec::new(),
+                        slot_bytes,
+                    };
+                    Ring::new(pair, r, world, slots, slot_bytes)
+                })
+                .collect()
+        }
+
+        /// Rank `r`'s input of operation `op`: values whose f32 sums depend on the order.
+        fn input(r: u32, op: usize, len: usize) -> (Vec<i64>, Vec<f32>) {
+            let ints = (0..len)
+                .map(|i| (i as i64 * 1_000_003) ^ (i64::from(r) << 40) ^ op as i64)
+                .collect();
+            let floats = (0..len)
+                .map(|i| ((i * 7 + r as usize * 13 + op) % 97) as f32 * 0.1 + 1e-3 * r as f32)
+                .collect();
+            (ints, floats)
+        }
+
+        /// Lengths of the consecutive operations: segments, empty chunks, one element.
+        const LENS: [usize; 5] = [37, 1, 200, 3, 64];
+
+        type Outcome = Vec<(Vec<i64>, Vec<u32>)>;
+
+        fn run_all<F>(world: u32, mut per_rank: F) -> Vec<Result<Outcome, String>>
+        where
+            F: FnMut(u32) -> Box<dyn FnOnce() -> Result<Outcome, String> + Send>,
+        {
+            let (tx, rx) = mpsc::channel();
+            for r in 0..world {
+                let job = per_rank(r);
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let _ = tx.send((r, job()));
+                });
+            }
+            drop(tx);
+            let mut out: Vec<Option<Result<Outcome, String>>> = (0..world).map(|_| None).collect();
+            for _ in 0..world {
+                let (r, result) = rx
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("every rank finishes: the engine deadlocked?");
+                out[r as usize] = Some(result);
+            }
+            out.into_iter().map(Option::unwrap).collect()
+        }
+
+        #[test]
+        fn the_engine_sums_like_the_tcp_ring_under_tight_credits_across_operations() {
+            use crate::testing::{run_ranks, Path};
+            for (world, slots, slot_bytes) in [(2, 1, 8), (3, 2, 16), (4, 2, 8), (5, 3, 24)] {
+                let mut engines: Vec<Option<Ring<FakePair>>> = rings(world, slots, slot_bytes)
+                    .into_iter()
+                    .map(Some)
+                    .collect();
+                let got = run_all(world, |r| {
+                    let mut ring = engines[r as usize].take().unwrap();
+                    Box::new(move || {
+                        let abort = AbortFlag(AtomicBool::new(false));
+                        let mut out = Vec::new();
+                        for (op, len) in LENS.iter().enumerate() {
+                            let (mut ints, mut floats) = input(r, op, *len);
+                            ring.all_reduce(&mut ints, &abort)
+                                .map_err(|e| e.to_string())?;
+                            ring.all_reduce(&mut floats, &abort)
+                                .map_err(|e| e.to_string())?;
+                            out.push((ints, floats.iter().map(|f| f.to_bits()).collect()));
+                        }
+                        Ok(out)
+                    })
+                });
+                let want = run_ranks(world, Path::RankZero, |mut tcp| {
+                    let r = tcp.rank();
+                    let mut out = Vec::new();
+                    for (op, len) in LENS.iter().enumerate() {
+                        let (mut ints, mut floats) = input(r, op, *len);
+                        tcp.all_reduce_sum_i64(&mut ints).unwrap();
+                        tcp.all_reduce_sum_f32(&mut floats).unwrap();
+                        out.push((
+                            ints,
+                            floats.iter().map(|f| f.to_bits()).collect::<Vec<u32>>(),
+                        ));
+                    }
+                    out
+                });
+                for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let g = g
+                        .as_ref()
+                        .unwrap_or_else(|e| panic!("world {world} rank {r}: {e}"));
+                    assert_eq!(g, w, "world {world} slots {slots}x{slot_bytes} rank {r}");
+                }
+            }
+        }
+
+        #[test]
+        fn ranks_that_call_different_lengths_fail_with_a_mismatch_not_wrong_data() {
+            let mut engines: Vec<Option<Ring<FakePair>>> =
+                rings(2, 2, 8).into_iter().map(Some).collect();
+            // The watchdog's part: a rank that fails makes the other abort.
+            let abort = Arc::new(AbortFlag(AtomicBool::new(false)));
+            let got = run_all(2, |r| {
+                let mut ring = engines[r as usize].take().unwrap();
+                let abort = Arc::clone(&abort);
+                Box::new(move || {
+                    // Rank 1 reduces 3 more elements: its segments differ from step 0 on.
+                    let mut ints = vec![1i64; 16 + 3 * r as usize];
+                    let result = ring.all_reduce(&mut ints, &abort);
+                    if result.is_err() {
+                        abort.abort();
+                    }
+                    result.map_err(|e| e.to_string())?;
+                    Ok(vec![(ints, Vec::new())])
+                })
+            });
+            assert!(
+                got.iter()
+                    .any(|r| r.as_ref().is_err_and(|e| e.contains("collective mismatch"))),
+                "{got:?}"
+            );
+        }
+
+        #[test]
+        fn an_abort_ends_a_wait_for_a_peer_that_never_writes() {
+            let mut engines = rings(2, 2, 8);
+            let mut lonely = engines.remove(0);
+            let abort = AbortFlag(AtomicBool::new(false));
+            abort.abort();
+            let err = lonely.all_reduce(&mut [1i64, 2, 3], &abort).unwrap_err();
+            assert!(matches!(err, CollectiveError::Aborted { .. }), "{err}");
+        }
     }
 }
