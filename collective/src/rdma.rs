@@ -31,9 +31,12 @@
 //!
 //! # What has run
 //!
-//! Everything up to the verbs calls is tested here (the plan, immediates, credits, the record
-//! exchange, the device choice, the errors of a host without RDMA). The data path itself needs an
-//! RDMA device and has not run on the development machine (README, "Hardware support").
+//! Everything up to the verbs calls is tested here: the plan, immediates and credits; the engine
+//! (`Ring`, generic over `RcPair`) on every rank's thread over an in-memory model of RC
+//! semantics, bit-identical to the TCP ring; the record exchange through a real rendezvous; the
+//! device choice; the errors of a host without RDMA. The verbs calls under the engine
+//! (`VerbsPair`) need an RDMA device and have not run on the development machine (README,
+//! "Hardware support").
 
 use std::collections::VecDeque;
 use std::ops::Range;
