@@ -4,7 +4,7 @@
 //! # Bring-up ([`RdmaRing::connect`])
 //!
 //! 1. The host is checked before any peer waits on this rank: libibverbs, an RDMA device with an
-//!    ACTIVE port ([`RdmaOptions`]: `TRAINCTL_RDMA_DEVICE`, else the first of `NCCL_IB_HCA`, which
+//!    ACTIVE port ([`RdmaOptions`]: `TRAINCTL_RDMA_DEVICE`, else entry `LOCAL_RANK` of `NCCL_IB_HCA`, which
 //!    trainctl's agent sets from discovery, else the first device with an ACTIVE port). None is
 //!    [`CollectiveError::Unavailable`], naming what is missing.
 //! 2. Each rank registers a work buffer and `SLOTS` receive slots of `SLOT_BYTES`, and creates two
@@ -113,7 +113,7 @@ impl Default for RdmaOptions {
 
 impl RdmaOptions {
     /// Options from the environment, read through `get`: `TRAINCTL_RDMA_DEVICE` (`name` or
-    /// `name:port`), else the first entry of `NCCL_IB_HCA` (NCCL's syntax: an optional `=` or
+    /// `name:port`), else entry `LOCAL_RANK` (modulo the list's length) of `NCCL_IB_HCA` (NCCL's syntax: an optional `=` or
     /// `^` prefix, `name[:port]` entries separated by commas; an exclusion list `^...` names no
     /// device to use and is ignored); `NCCL_IB_GID_INDEX` for the GID index (default 0).
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<RdmaOptions, String> {
@@ -125,14 +125,18 @@ impl RdmaOptions {
                 .map(|v| ("NCCL_IB_HCA", v)),
         };
         if let Some((var, value)) = chosen {
-            let first = value
-                .trim()
-                .trim_start_matches('=')
-                .split(',')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_owned();
+            // The agent gives every local rank of a host the same NCCL_IB_HCA list (NCCL needs one
+            // list per host); local ranks spread over it, LOCAL_RANK modulo its length.
+            let entries: Vec<&str> = value.trim().trim_start_matches('=').split(',').collect();
+            let local_rank = get("LOCAL_RANK")
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            let pick = if var == "NCCL_IB_HCA" {
+                local_rank % entries.len()
+            } else {
+                0
+            };
+            let first = entries[pick].trim().to_owned();
             let (name, port) = match first.split_once(':') {
                 Some((name, port)) => {
                     let port = port.parse::<u8>().ok().filter(|p| *p > 0).ok_or_else(|| {
@@ -927,6 +931,19 @@ mod tests {
                 Ok((Some("mlx5_2"), Some(1), 0)),
             ),
             (&[("NCCL_IB_HCA", "=mlx5_0")], Ok((Some("mlx5_0"), None, 0))),
+            // Local ranks spread over the host's list.
+            (
+                &[("NCCL_IB_HCA", "=mlx5_2:1,mlx5_3:1"), ("LOCAL_RANK", "1")],
+                Ok((Some("mlx5_3"), Some(1), 0)),
+            ),
+            (
+                &[("NCCL_IB_HCA", "=mlx5_2:1,mlx5_3:1"), ("LOCAL_RANK", "2")],
+                Ok((Some("mlx5_2"), Some(1), 0)),
+            ),
+            (
+                &[("TRAINCTL_RDMA_DEVICE", "rxe0"), ("LOCAL_RANK", "3")],
+                Ok((Some("rxe0"), None, 0)),
+            ),
             // An exclusion list names nothing to use.
             (&[("NCCL_IB_HCA", "^mlx5_1")], Ok((None, None, 0))),
             (
