@@ -472,6 +472,16 @@ enum Cmd {
         /// (an --rdma-ports entry it excludes entirely is an error).
         #[arg(long, env = "TRAINCTL_RDMA_IGNORE", value_name = "DEVICE[:PORT],...")]
         rdma_ignore: Option<String>,
+        /// The NCCL library (libnccl.so.2) the pre-flight uses instead of the loader's search,
+        /// e.g. PyTorch's .../site-packages/nvidia/nccl/lib/libnccl.so.2. The agent refuses to
+        /// start if it does not open as NCCL. Ranks of GPU jobs get TRAINCTL_NCCL_LIBRARY=PATH
+        /// unless their job's env sets it.
+        #[arg(long, env = "TRAINCTL_NCCL_LIBRARY", value_name = "PATH")]
+        nccl_library: Option<PathBuf>,
+        /// The libibverbs library (libibverbs.so.1) the pre-flight uses instead of the loader's
+        /// search. The agent refuses to start if it does not open as libibverbs.
+        #[arg(long, env = "TRAINCTL_IBVERBS_LIBRARY", value_name = "PATH")]
+        ibverbs_library: Option<PathBuf>,
     },
     /// Check this host: its GPUs, RDMA devices and libraries (CUDA driver, NCCL, libibverbs),
     /// and whether each GPU copies memory at a plausible rate, NVML reports no retired pages
@@ -493,6 +503,14 @@ enum Cmd {
         /// RDMA ports to leave out, DEVICE or DEVICE:PORT, comma-separated.
         #[arg(long, env = "TRAINCTL_RDMA_IGNORE", value_name = "DEVICE[:PORT],...")]
         rdma_ignore: Option<String>,
+        /// The NCCL library (libnccl.so.2) to use instead of the loader's search; exit 2 if it
+        /// does not open as NCCL.
+        #[arg(long, env = "TRAINCTL_NCCL_LIBRARY", value_name = "PATH")]
+        nccl_library: Option<PathBuf>,
+        /// The libibverbs library (libibverbs.so.1) to use instead of the loader's search; exit 2
+        /// if it does not open as libibverbs.
+        #[arg(long, env = "TRAINCTL_IBVERBS_LIBRARY", value_name = "PATH")]
+        ibverbs_library: Option<PathBuf>,
     },
     /// Internal: started by an agent; kills the agent's ranks when the agent dies.
     #[command(hide = true)]
@@ -678,11 +696,23 @@ fn main() -> ExitCode {
         output,
         rdma_ports,
         rdma_ignore,
+        nccl_library,
+        ibverbs_library,
     } = &cli.command
     {
         init_logging("warn");
+        let libraries = trainctl_agent::preflight::libraries::LibraryPaths {
+            nccl: nccl_library.clone(),
+            ibverbs: ibverbs_library.clone(),
+        }
+        .resolved(&std::env::current_dir().unwrap_or_default());
         // Blocking: each probe runs on its own thread with a deadline; no runtime needed.
-        return match preflight::command(*output, rdma_ports.as_deref(), rdma_ignore.as_deref()) {
+        return match preflight::command(
+            *output,
+            rdma_ports.as_deref(),
+            rdma_ignore.as_deref(),
+            &libraries,
+        ) {
             Ok(code) => code,
             Err(e) => {
                 errln!("error: {e:#}");
@@ -1113,6 +1143,8 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             preflight_interval,
             rdma_ports,
             rdma_ignore,
+            nccl_library,
+            ibverbs_library,
         } => {
             init_logging("info");
             let port_range = parse_port_range(&port_range)?;
@@ -1158,6 +1190,12 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 run_as,
                 preflight_interval: std::time::Duration::from_secs(preflight_interval),
                 rdma_ports,
+                // Absolute: ranks start in their job's workdir and must open the same file.
+                libraries: trainctl_agent::preflight::libraries::LibraryPaths {
+                    nccl: nccl_library,
+                    ibverbs: ibverbs_library,
+                }
+                .resolved(&std::env::current_dir().context("find the working directory")?),
             };
             let shutdown = shutdown_on_signals()?;
             trainctl_agent::run(config, shutdown).await?;
@@ -2039,5 +2077,56 @@ mod tests {
             }
         ));
         assert!(Cli::try_parse_from(["trainctl", "checkpoint", "commit", "/c"]).is_err());
+    }
+
+    #[test]
+    fn agent_and_preflight_take_the_library_paths() {
+        let libraries = |cmd: Cmd| match cmd {
+            Cmd::Agent {
+                nccl_library,
+                ibverbs_library,
+                ..
+            }
+            | Cmd::Preflight {
+                nccl_library,
+                ibverbs_library,
+                ..
+            } => (nccl_library, ibverbs_library),
+            _ => panic!("not agent or preflight"),
+        };
+        let given = (
+            Some(PathBuf::from("/opt/nccl/libnccl.so.2")),
+            Some(PathBuf::from("/opt/rdma/libibverbs.so.1")),
+        );
+        let agent = [
+            "trainctl",
+            "agent",
+            "--coordinator",
+            "http://127.0.0.1:7470",
+            "--data-dir",
+            "/tmp/a",
+        ];
+        let preflight = ["trainctl", "preflight"];
+        let options = [
+            "--nccl-library",
+            "/opt/nccl/libnccl.so.2",
+            "--ibverbs-library",
+            "/opt/rdma/libibverbs.so.1",
+        ];
+        for base in [&agent[..], &preflight[..]] {
+            let cli = Cli::try_parse_from(base.iter().chain(&options)).unwrap();
+            assert_eq!(libraries(cli.command), given, "{base:?}");
+            // Without the options (nor their variables), the loader's search.
+            if std::env::var_os("TRAINCTL_NCCL_LIBRARY").is_none()
+                && std::env::var_os("TRAINCTL_IBVERBS_LIBRARY").is_none()
+            {
+                let cli = Cli::try_parse_from(base).unwrap();
+                assert_eq!(libraries(cli.command), (None, None), "{base:?}");
+            }
+            let Err(err) = Cli::try_parse_from(base.iter().chain(&["--nccl-library"])) else {
+                panic!("--nccl-library without a path parsed: {base:?}");
+            };
+            assert!(err.to_string().contains("--nccl-library"), "{err}");
+        }
     }
 }

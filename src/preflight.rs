@@ -2,7 +2,8 @@
 //! pre-flight check ([`trainctl_agent::preflight`]), as text or JSON. Exit 0 when no check failed
 //! (a host without GPU or RDMA device skips them all and says so), 1 when one failed, 2 for a bad
 //! `TRAINCTL_PREFLIGHT_FAIL`, `--rdma-ports` or `--rdma-ignore` (an entry that is not
-//! `DEVICE[:PORT]`, or a `--rdma-ports` port this host does not have).
+//! `DEVICE[:PORT]`, or a `--rdma-ports` port this host does not have), or a `--nccl-library` or
+//! `--ibverbs-library` file that does not open as that library.
 //!
 //! The RDMA ports required ACTIVE are those `--rdma-ports` names, else those ACTIVE now
 //! ([`trainctl_agent::preflight::ports`]): a port that is not ACTIVE and not named is reported as
@@ -11,18 +12,20 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
+use trainctl_agent::preflight::libraries::LibraryPaths;
 use trainctl_agent::preflight::ports::PortOptions;
 use trainctl_agent::preflight::{self, HostReport, Injection, Outcome};
 
 use crate::render::{table, terminal_safe};
 use crate::Output;
 
-/// Runs the command with the values of `--rdma-ports` and `--rdma-ignore`; blocks for at most
-/// the pre-flight's budget.
+/// Runs the command with the values of `--rdma-ports`, `--rdma-ignore`, `--nccl-library` and
+/// `--ibverbs-library`; blocks for at most the pre-flight's budget.
 pub fn command(
     output: Output,
     rdma_ports: Option<&str>,
     rdma_ignore: Option<&str>,
+    libraries: &LibraryPaths,
 ) -> anyhow::Result<ExitCode> {
     let usage = |e: &dyn std::fmt::Display| {
         eprintln!("error: {}", terminal_safe(&e.to_string()));
@@ -36,7 +39,10 @@ pub fn command(
         Ok(o) => o,
         Err(e) => return usage(&e),
     };
-    let report = match preflight::host_report(&injection, &port_options) {
+    if let Err(e) = libraries.open() {
+        return usage(&e);
+    }
+    let report = match preflight::host_report(&injection, &port_options, libraries) {
         Ok(r) => r,
         Err(e) => return usage(&e),
     };

@@ -4,7 +4,9 @@
 
 mod common;
 
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::trainctl;
 use serde_json::Value;
@@ -24,7 +26,31 @@ fn preflight(args: &[&str], fail: Option<&str>) -> std::process::Output {
         Some(v) => cmd.env("TRAINCTL_PREFLIGHT_FAIL", v),
         None => cmd.env_remove("TRAINCTL_PREFLIGHT_FAIL"),
     };
+    cmd.env_remove("TRAINCTL_NCCL_LIBRARY")
+        .env_remove("TRAINCTL_IBVERBS_LIBRARY");
     cmd.output().unwrap()
+}
+
+/// The venv's NCCL wheel (scripts/python-env.sh installs nvidia-nccl-cu13): its libnccl.so.2 and
+/// the wheel's version, from its dist-info directory's name (`nvidia_nccl_cu13-2.30.7.dist-info`).
+fn venv_nccl() -> Option<(PathBuf, String)> {
+    let venv_lib = common::repo().join(".venv/lib");
+    let site = std::fs::read_dir(venv_lib)
+        .ok()?
+        .flatten()
+        .map(|d| d.path().join("site-packages"))
+        .find(|p| p.join("nvidia/nccl/lib/libnccl.so.2").is_file())?;
+    let version = std::fs::read_dir(&site)
+        .ok()?
+        .flatten()
+        .filter_map(|d| d.file_name().into_string().ok())
+        .find_map(|name| {
+            let rest = name
+                .strip_prefix("nvidia_nccl_cu13-")
+                .or_else(|| name.strip_prefix("nvidia_nccl_cu12-"))?;
+            rest.strip_suffix(".dist-info").map(str::to_owned)
+        })?;
+    Some((site.join("nvidia/nccl/lib/libnccl.so.2"), version))
 }
 
 #[test]
@@ -220,4 +246,102 @@ fn without_rdma_ports_a_port_that_is_not_active_is_only_a_warning() {
             );
         }
     }
+}
+
+#[test]
+fn nccl_library_reports_the_given_nccls_version() {
+    let Some((lib, version)) = venv_nccl() else {
+        eprintln!(
+            "skipped: no NCCL wheel in .venv (scripts/python-env.sh installs nvidia-nccl-cu13)"
+        );
+        return;
+    };
+    let lib_arg = lib.to_str().unwrap();
+    let out = preflight(&["-o", "json", "--nccl-library", lib_arg], None);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        report["versions"]["nccl"],
+        format!("{version} from {lib_arg}"),
+        "{report}"
+    );
+    let text = preflight(&["--nccl-library", lib_arg], None);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("NCCL {version} from {lib_arg}")),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_library_path_that_is_not_the_library_exits_2_naming_option_path_and_cause() {
+    let cases = [
+        (
+            "--nccl-library",
+            "/bin/sh",
+            "--nccl-library /bin/sh (TRAINCTL_NCCL_LIBRARY): cannot be opened: ",
+        ),
+        (
+            "--nccl-library",
+            "/nonexistent/libnccl.so.2",
+            "No such file or directory",
+        ),
+        (
+            "--ibverbs-library",
+            "/bin/sh",
+            "--ibverbs-library /bin/sh (TRAINCTL_IBVERBS_LIBRARY): cannot be opened: ",
+        ),
+        (
+            "--ibverbs-library",
+            "/nonexistent/libibverbs.so.1",
+            "No such file or directory",
+        ),
+    ];
+    for (option, path, cause) in cases {
+        let out = preflight(&[option, path], None);
+        assert_eq!(out.status.code(), Some(2), "{option} {path}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("{option} {path}")) && err.contains(cause),
+            "{option} {path}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "no report for bad options");
+    }
+}
+
+/// The agent refuses to start with a --nccl-library that is not NCCL, before it reaches for a
+/// coordinator (none listens here), instead of falling back to the loader's search.
+#[test]
+fn the_agent_refuses_to_start_with_a_nccl_library_that_is_not_nccl() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(common::trainctl())
+        .args(["agent", "--coordinator", "http://127.0.0.1:9", "--data-dir"])
+        .arg(data_dir.path())
+        .args(["--nccl-library", "/bin/sh"])
+        .env_remove("TRAINCTL_IBVERBS_LIBRARY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent kept running with --nccl-library /bin/sh");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("--nccl-library /bin/sh (TRAINCTL_NCCL_LIBRARY): cannot be opened: "),
+        "{err}"
+    );
+    // The loader's install advice is for the search path, not for a file that was given.
+    assert!(!err.contains("LD_LIBRARY_PATH"), "{err}");
 }

@@ -126,6 +126,10 @@ pub struct AgentConfig {
     /// `--rdma-ports` and `--rdma-ignore`: which RDMA ports this host claims
     /// ([`preflight::ports::claim`], made once from the discovery at start).
     pub rdma_ports: preflight::ports::PortOptions,
+    /// `--nccl-library` and `--ibverbs-library`: the files the pre-flight opens instead of the
+    /// loader's search, each checked at start ([`preflight::libraries::LibraryPaths::open`]); ranks
+    /// of GPU jobs are told the NCCL path ([`preflight::libraries::LibraryPaths::rank_env`]).
+    pub libraries: preflight::libraries::LibraryPaths,
 }
 
 /// The pre-flight's state in the agent: the newest result of each check, the verdict over them,
@@ -383,6 +387,13 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         }
         None => None,
     };
+    // A library path that does not open is the operator's mistake: refuse to start, rather than
+    // fall back to the loader's search and run jobs with another NCCL.
+    let paths = config.libraries.clone();
+    let opened = tokio::task::spawn_blocking(move || paths.open()).await??;
+    for library in opened.describe() {
+        info!(library = %library, "library given by option");
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     let journal =
@@ -449,6 +460,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     info!(claimed = %port_claim.claimed_list(), "RDMA ports this host claims (each must stay ACTIVE)");
     let start_report = {
         let (facts, injection, ports) = (facts.clone(), injection.clone(), port_claim.clone());
+        let libraries = config.libraries.clone();
         tokio::task::spawn_blocking(move || {
             preflight::run(
                 &facts,
@@ -458,6 +470,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
                 },
                 preflight::Trigger::Start,
                 &injection,
+                &libraries,
                 preflight::RUN_BUDGET,
             )
         })
@@ -1264,6 +1277,15 @@ impl Agent {
             .chain(rank.env.iter())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // A host fact: where this host's NCCL is (--nccl-library), for GPU ranks whose job does
+        // not say.
+        if let Some(var) = self
+            .config
+            .libraries
+            .rank_env(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        {
+            env.push(var);
+        }
         env.push(("TRAINCTL_AGENT_URL".to_string(), self.agent_url.clone()));
         if !assignment.checkpoint_dir.is_empty() {
             let dir = Path::new(&assignment.checkpoint_dir);
@@ -1502,6 +1524,7 @@ impl Agent {
         let busy_gpus = self.assigned_gpus.clone();
         let ports = self.preflight.ports.clone();
         let injection = self.preflight.injection.clone();
+        let libraries = self.config.libraries.clone();
         let tx = self.preflight.finished_tx.clone();
         let wake = self.wake.clone();
         tokio::task::spawn_blocking(move || {
@@ -1513,6 +1536,7 @@ impl Agent {
                 &preflight::Scope::Host { busy_gpus, ports },
                 preflight::Trigger::Periodic,
                 &injection,
+                &libraries,
                 preflight::RUN_BUDGET,
             );
             let _ = tx.send(FinishedCheck { job: None, report });
@@ -1556,6 +1580,7 @@ impl Agent {
         self.preflight.jobs.insert(key.clone(), JobCheck::Running);
         let facts = self.facts.clone();
         let injection = self.preflight.injection.clone();
+        let libraries = self.config.libraries.clone();
         let tx = self.preflight.finished_tx.clone();
         let wake = self.wake.clone();
         tokio::task::spawn_blocking(move || {
@@ -1564,6 +1589,7 @@ impl Agent {
                 &preflight::Scope::Gpus(gpus),
                 preflight::Trigger::Job,
                 &injection,
+                &libraries,
                 preflight::JOB_BUDGET,
             );
             let _ = tx.send(FinishedCheck {

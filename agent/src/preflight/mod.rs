@@ -16,6 +16,7 @@
 //!
 //! For tests, `TRAINCTL_PREFLIGHT_FAIL` ([`Injection::from_env`]) makes named checks fail.
 
+pub mod libraries;
 pub mod ports;
 pub mod probes;
 
@@ -731,9 +732,11 @@ pub struct Versions {
     pub cuda_driver: String,
     /// The NVIDIA driver version NVML reports, e.g. `580.65.06`, or `not installed`.
     pub nvidia_driver: String,
-    /// NCCL's version, e.g. `2.28.3`, or `not installed`.
+    /// NCCL's version, e.g. `2.28.3`, or `not installed`; with `--nccl-library`, followed by
+    /// `from <path>`.
     pub nccl: String,
-    /// The libibverbs file the loader opened, e.g. `libibverbs.so.1.14.44.0`, or `not installed`.
+    /// The libibverbs file the loader opened, e.g. `libibverbs.so.1.14.44.0`, or `not installed`;
+    /// with `--ibverbs-library`, followed by `from <path>`.
     pub libibverbs: String,
 }
 
@@ -750,14 +753,15 @@ pub struct Report {
     pub duration_ms: u64,
 }
 
-/// Runs the checks of `plan(facts, scope)` with the libraries `libs` gives, each stage bounded
-/// and the run within `budget`, then applies `injection` and [`assess`]es the results. Blocks the
-/// calling thread (at most about `budget`); the agent calls it from a blocking task.
+/// Runs the checks of `plan(facts, scope)` with NCCL and libibverbs from `libraries`, each stage
+/// bounded and the run within `budget`, then applies `injection` and [`assess`]es the results.
+/// Blocks the calling thread (at most about `budget`); the agent calls it from a blocking task.
 pub fn run(
     facts: &HostFacts,
     scope: &Scope,
     trigger: Trigger,
     injection: &Injection,
+    libraries: &libraries::LibraryPaths,
     budget: Duration,
 ) -> Report {
     let started = Instant::now();
@@ -765,9 +769,10 @@ pub fn run(
     let planned = plan(facts, scope);
     let needs_probes = planned.iter().any(|p| matches!(p.work, Work::Probe(_)));
     let libs = if needs_probes {
+        let paths = libraries.clone();
         bounded(
             LIBRARY_LOAD_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())),
-            probes::Libraries::load,
+            move || probes::Libraries::load(&paths),
         )
         .map_err(|waited| {
             format!(
@@ -918,10 +923,13 @@ pub struct HostReport {
 /// within about [`RUN_BUDGET`] plus [`LIBRARY_LOAD_TIMEOUT`] for discovery and the versions.
 /// The claimed ports are those of `port_options` ([`ports::claim`] now: without `--rdma-ports`,
 /// the ports ACTIVE now, so a port that is not ACTIVE is reported, not failed); an entry of
-/// `--rdma-ports` that names no port of this host is an error.
+/// `--rdma-ports` that names no port of this host is an error. NCCL and libibverbs come from
+/// `libraries` (check given paths first with [`libraries::LibraryPaths::open`]: here a file that
+/// does not open is reported as `unusable`, not refused).
 pub fn host_report(
     injection: &Injection,
     port_options: &ports::PortOptions,
+    libraries: &libraries::LibraryPaths,
 ) -> Result<HostReport, ports::PortOptionError> {
     let unknown = |what: &str| {
         format!(
@@ -941,12 +949,16 @@ pub fn host_report(
                 advertised_interface: String::new(),
             }
         });
-    let versions = bounded(LIBRARY_LOAD_TIMEOUT, probes::versions).unwrap_or_else(|_| Versions {
-        cuda_driver: unknown("the CUDA driver"),
-        nvidia_driver: unknown("NVML"),
-        nccl: unknown("NCCL"),
-        libibverbs: unknown("libibverbs"),
-    });
+    let paths = libraries.clone();
+    let versions =
+        bounded(LIBRARY_LOAD_TIMEOUT, move || probes::versions(&paths)).unwrap_or_else(|_| {
+            Versions {
+                cuda_driver: unknown("the CUDA driver"),
+                nvidia_driver: unknown("NVML"),
+                nccl: unknown("NCCL"),
+                libibverbs: unknown("libibverbs"),
+            }
+        });
     let claim = ports::claim(&facts.rdma_devices, port_options, ports::ClaimedAt::Now)?;
     let mut warnings = ports::unclaimed_down(&ports::judge(&claim, &facts.rdma_devices));
     warnings.extend(claim.warnings());
@@ -963,6 +975,7 @@ pub fn host_report(
         },
         Trigger::Command,
         injection,
+        libraries,
         RUN_BUDGET,
     );
     Ok(HostReport {

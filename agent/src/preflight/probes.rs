@@ -10,6 +10,7 @@ use trainctl_ffi::nccl::check::AllReduceReport;
 use trainctl_ffi::nccl::{self, Nccl};
 use trainctl_ffi::verbs::{self, Verbs};
 
+use super::libraries::LibraryPaths;
 use super::{
     Outcome, Probe, Versions, GPU_COPY_BYTES, GPU_COPY_ITERATIONS, MIN_DEVICE_COPY_GB_PER_S,
     MIN_HOST_COPY_GB_PER_S, MIN_NCCL_BUS_GB_PER_S, NCCL_ELEMENTS, NCCL_ITERATIONS,
@@ -25,9 +26,9 @@ pub const NOT_INSTALLED: &str = "not installed";
 pub struct Libraries {
     /// The devices the CUDA driver lists (their UUIDs map GPUs to CUDA ordinals).
     pub cuda_devices: Result<Vec<CudaDevice>, String>,
-    /// NCCL, opened from the loader's path.
+    /// NCCL, opened from `--nccl-library` or the loader's path.
     pub nccl: Result<Arc<Nccl>, String>,
-    /// libibverbs, opened from the loader's path.
+    /// libibverbs, opened from `--ibverbs-library` or the loader's path.
     pub verbs: Result<Arc<Verbs>, String>,
     /// This process's own `CUDA_VISIBLE_DEVICES` when set: the CUDA driver then lists only those
     /// GPUs, while NVML (discovery) lists every GPU of the host.
@@ -35,12 +36,13 @@ pub struct Libraries {
 }
 
 impl Libraries {
-    /// Opens every library (`cuInit` included, which can hang on a broken GPU: call it bounded).
-    pub fn load() -> Libraries {
+    /// Opens every library, NCCL and libibverbs from `paths` (`cuInit` included, which can hang
+    /// on a broken GPU: call it bounded).
+    pub fn load(paths: &LibraryPaths) -> Libraries {
         Libraries {
             cuda_devices: cuda::cuda_devices().map_err(|e| e.to_string()),
-            nccl: Nccl::open().map_err(|e| e.to_string()),
-            verbs: Verbs::open().map_err(|e| e.to_string()),
+            nccl: paths.nccl().map_err(|e| e.to_string()),
+            verbs: paths.ibverbs().map_err(|e| e.to_string()),
             visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
         }
     }
@@ -222,9 +224,10 @@ pub fn judge_all_reduce(r: &AllReduceReport) -> (Outcome, Option<String>) {
     (outcome, Some(figure))
 }
 
-/// The libraries of this host in words, "not installed" where absent. Loads each library (the
-/// CUDA driver without `cuInit`), so call it bounded.
-pub fn versions() -> Versions {
+/// The libraries of this host in words, "not installed" where absent; NCCL and libibverbs from
+/// `paths`, a given path named after the version (`2.30.7 from /opt/nccl/libnccl.so.2`). Loads
+/// each library (the CUDA driver without `cuInit`), so call it bounded.
+pub fn versions(paths: &LibraryPaths) -> Versions {
     let cuda_driver = match cuda::driver_version() {
         Ok((major, minor)) => format!("{major}.{minor}"),
         Err(CudaError::DriverNotInstalled) => NOT_INSTALLED.to_string(),
@@ -236,18 +239,29 @@ pub fn versions() -> Versions {
         Err(trainctl_ffi::nvml::NvmlError::LibraryNotFound { .. }) => NOT_INSTALLED.to_string(),
         Err(e) => format!("unknown ({e})"),
     };
-    let nccl = match Nccl::open() {
-        Ok(n) => n.version().to_string(),
-        Err(nccl::NcclError::NotFound { .. }) => NOT_INSTALLED.to_string(),
-        Err(e) => format!("unusable ({e})"),
+    let nccl = match (paths.nccl(), &paths.nccl) {
+        (Ok(n), None) => n.version().to_string(),
+        (Ok(n), Some(path)) => format!("{} from {}", n.version(), path.display()),
+        (Err(nccl::NcclError::NotFound { .. }), None) => NOT_INSTALLED.to_string(),
+        (Err(e), _) => format!("unusable ({e})"),
     };
-    let libibverbs = match Verbs::open() {
-        Ok(_) => std::fs::read_to_string("/proc/self/maps")
+    let libibverbs = match (paths.ibverbs(), &paths.ibverbs) {
+        (Ok(_), None) => std::fs::read_to_string("/proc/self/maps")
             .ok()
             .and_then(|maps| mapped_file(&maps, "libibverbs.so"))
             .unwrap_or_else(|| verbs::LIBRARY_NAME.to_string()),
-        Err(verbs::VerbsError::NotFound { .. }) => NOT_INSTALLED.to_string(),
-        Err(e) => format!("unusable ({e})"),
+        (Ok(_), Some(path)) => {
+            // The file a link such as libibverbs.so.1 resolves to names the version.
+            let file = std::fs::canonicalize(path)
+                .ok()
+                .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()));
+            match file {
+                Some(file) => format!("{file} from {}", path.display()),
+                None => format!("from {}", path.display()),
+            }
+        }
+        (Err(verbs::VerbsError::NotFound { .. }), None) => NOT_INSTALLED.to_string(),
+        (Err(e), _) => format!("unusable ({e})"),
     };
     Versions {
         cuda_driver,

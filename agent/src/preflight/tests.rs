@@ -662,6 +662,7 @@ fn a_run_on_a_host_without_hardware_skips_everything() {
         &host_scope(&[]),
         Trigger::Command,
         &Injection::default(),
+        &libraries::LibraryPaths::default(),
         RUN_BUDGET,
     );
     assert!(report.health.healthy);
