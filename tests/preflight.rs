@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::trainctl;
+use common::{job_file, trainctl, DevCluster};
 use serde_json::Value;
 
 const CHECKS: [&str; 5] = [
@@ -344,4 +344,55 @@ fn the_agent_refuses_to_start_with_a_nccl_library_that_is_not_nccl() {
     );
     // The loader's install advice is for the search path, not for a file that was given.
     assert!(!err.contains("LD_LIBRARY_PATH"), "{err}");
+}
+
+/// An agent with --nccl-library (here through `TRAINCTL_NCCL_LIBRARY`, which `trainctl dev`'s
+/// agents inherit, given relative to the agents' working directory) tells its GPU ranks the
+/// absolute path; a CPU job's ranks get nothing from the agent (they only inherit the agent's own
+/// environment, the relative path as given). (A job spec cannot set `TRAINCTL_*` names, so "the
+/// job's env wins" is tested on `LibraryPaths::rank_env` alone.)
+#[test]
+fn gpu_ranks_of_an_agent_with_nccl_library_get_its_absolute_path_unless_the_job_sets_it() {
+    let Some((lib, _)) = venv_nccl() else {
+        eprintln!(
+            "skipped: no NCCL wheel in .venv (scripts/python-env.sh installs nvidia-nccl-cu13)"
+        );
+        return;
+    };
+    let repo = common::repo();
+    let relative = lib
+        .strip_prefix(&repo)
+        .expect("the venv is in the repository");
+    let relative = relative.to_str().unwrap().to_owned();
+    let cluster = DevCluster::start_with(
+        1,
+        &["--gpus-per-agent", "2"],
+        &[("TRAINCTL_NCCL_LIBRARY", relative.clone())],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let job = |name: &str, gpus: u32| {
+        let spec = job_file(
+            dir.path(),
+            name,
+            &format!(
+                r#"
+name = "{name}"
+[launch]
+command = ["sh", "-c", "echo lib=$TRAINCTL_NCCL_LIBRARY"]
+[resources]
+nodes = 1
+procs_per_node = 1
+gpus_per_node = {gpus}
+"#
+            ),
+        );
+        let id = cluster.submit(&spec);
+        cluster.wait_state(&id, "succeeded", Duration::from_secs(60));
+        let logs = cluster.logs(&id);
+        logs.lines()
+            .find_map(|l| l.split_once("lib=").map(|(_, v)| v.to_owned()))
+            .unwrap_or_else(|| panic!("{name}: no lib= line in {logs}"))
+    };
+    assert_eq!(job("gpu", 1), lib.to_str().unwrap());
+    assert_eq!(job("cpu", 0), relative);
 }
