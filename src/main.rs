@@ -162,6 +162,10 @@ enum Cmd {
         /// Most connections served at once.
         #[arg(long, default_value_t = 65_536)]
         max_connections: usize,
+        /// Event-loop threads serving connections (0: one per 4 CPUs of this host, at least 1, at
+        /// most 8, leaving the other cores to the clients). 1 is a single loop, as torch's server.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+        threads: u16,
         /// `json`: print the address as one JSON line once listening.
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human)]
         output: Output,
@@ -756,14 +760,20 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    // The store alone is one event loop, as torch's libuv server is: a single-threaded runtime
-    // spends no CPU handing connections between threads (benches/README, store_ops).
-    let runtime = if matches!(cli.command, Cmd::Store { .. }) {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Runtime::new()
+    // The store alone: one event loop (as torch's libuv server) spends no CPU handing connections
+    // between threads, which wins where the clients share few cores with it; several serve
+    // connections in parallel where the host has cores to spare (benches/README, store_ops).
+    let runtime = match &cli.command {
+        Cmd::Store { threads, .. } => match store_threads(usize::from(*threads), cpus_here()) {
+            1 => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            n => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .enable_all()
+                .build(),
+        },
+        _ => tokio::runtime::Runtime::new(),
     };
     let runtime = match runtime {
         Ok(r) => r,
@@ -778,6 +788,24 @@ fn main() -> ExitCode {
             errln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The CPUs this process may use.
+fn cpus_here() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Most event-loop threads `trainctl store` picks by itself.
+const STORE_THREADS_AUTO_MAX: usize = 8;
+
+/// The event-loop threads of `trainctl store`: `asked`, or with 0 one per 4 of the host's `cpus`
+/// (at least 1, at most [`STORE_THREADS_AUTO_MAX`]).
+fn store_threads(asked: usize, cpus: usize) -> usize {
+    if asked > 0 {
+        asked
+    } else {
+        (cpus / 4).clamp(1, STORE_THREADS_AUTO_MAX)
     }
 }
 
@@ -854,10 +882,12 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             listen,
             max_mib,
             max_connections,
+            threads,
             output,
         } => {
             init_logging("warn");
-            serve_store::serve(&listen, max_mib, max_connections, output).await
+            let threads = store_threads(usize::from(threads), cpus_here());
+            serve_store::serve(&listen, max_mib, max_connections, threads, output).await
         }
         Cmd::Token { command } => access::token(command).await,
         Cmd::Audit { target } => access::audit(&target).await,
@@ -2020,6 +2050,28 @@ async fn demo_chaos(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_picks_one_event_loop_per_four_cpus() {
+        // (asked, cpus) -> threads
+        let cases = [
+            ((0, 1), 1),
+            ((0, 2), 1),
+            ((0, 7), 1),
+            ((0, 8), 2),
+            ((0, 16), 4),
+            ((0, 256), STORE_THREADS_AUTO_MAX),
+            ((1, 64), 1),
+            ((3, 2), 3),
+        ];
+        for ((asked, cpus), want) in cases {
+            assert_eq!(
+                store_threads(asked, cpus),
+                want,
+                "asked {asked}, {cpus} CPUs"
+            );
+        }
+    }
 
     #[test]
     fn the_chaos_job_is_elastic_and_checkpoints_inside_the_data_dir() {

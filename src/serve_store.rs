@@ -39,6 +39,7 @@ pub async fn serve(
     listen: &str,
     max_mib: u64,
     max_connections: usize,
+    threads: usize,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
     let addr: SocketAddr = listen
@@ -54,13 +55,14 @@ pub async fn serve(
         .await
         .with_context(|| format!("listen on {addr}"))?;
     let local = server.local_addr();
+    let s = if threads == 1 { "" } else { "s" };
     match output {
         Output::Json => outln!(
             "{}",
-            serde_json::json!({ "address": local.to_string(), "port": local.port() })
+            serde_json::json!({ "address": local.to_string(), "port": local.port(), "threads": threads })
         ),
         Output::Human => outln!(
-            "store: serving PyTorch's TCPStore protocol on {local} (up to {max_connections} connections, {max_mib} MiB; open-file limit {open_files}); Ctrl-C stops it"
+            "store: serving PyTorch's TCPStore protocol on {local} (up to {max_connections} connections, {max_mib} MiB, {threads} event loop{s}; open-file limit {open_files}); Ctrl-C stops it"
         ),
     }
     if (open_files as usize) < max_connections {
