@@ -2,6 +2,8 @@
 //! tokens on, as in production) that bootstrap and join, agents and the CLI given the member
 //! list, and faults: the leader killed under a submission load, a job through five failovers, a
 //! follower restarted, a member's disk wiped and the member replaced, joins that must fail.
+//! Five voters too (by hand and with `trainctl dev --coordinators 5`): two lost (the leader
+//! among them) lose no write, a third lost refuses writes, and one restarted resumes them.
 
 mod common;
 
@@ -13,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    eventually, free_port, job_file, lock_cluster_addresses, nodes_up, signal, start_with_env,
-    trainctl, Proc,
+    eventually, free_port, free_port_on, job_file, lock_cluster_addresses, nodes_up, signal,
+    start_with_env, trainctl, Proc,
 };
 use serde_json::Value;
 
@@ -39,10 +41,18 @@ impl Group {
     }
 
     fn start_with(n: usize, agents: u32, flags: &[&str]) -> Group {
+        Group::start_on(&vec!["127.0.0.1"; n], agents, flags)
+    }
+
+    /// A group of `hosts.len()` coordinators, coordinator `i` on loopback address `hosts[i]` (at
+    /// a port free there).
+    fn start_on(hosts: &[&str], agents: u32, flags: &[&str]) -> Group {
         let lock = lock_cluster_addresses();
         let dir = tempfile::tempdir().unwrap();
-        let addrs: Vec<String> = (0..n)
-            .map(|_| format!("127.0.0.1:{}", free_port()))
+        let n = hosts.len();
+        let addrs: Vec<String> = hosts
+            .iter()
+            .map(|ip| format!("{ip}:{}", free_port_on(ip)))
             .collect();
         let data_dirs = (0..n).map(|i| dir.path().join(format!("c{i}"))).collect();
         let mut group = Group {
@@ -213,26 +223,28 @@ impl Group {
 
     /// `GET path` on coordinator `i` with curl (a client no one here wrote).
     fn curl(&self, i: usize, path: &str) -> (u16, Value) {
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "10",
-                "-w",
-                "\n%{http_code}",
-                "--cacert",
-            ])
-            .arg(self.ca_cert())
-            .args(["-H", &format!("Authorization: Bearer {}", self.token())])
-            .arg(format!("https://{}{path}", self.addrs[i]))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (
-            code.trim().parse().unwrap_or(0),
-            serde_json::from_str(body).unwrap_or(Value::Null),
-        )
+        curl_answer(&self.curl_command(i, "GET", path).output().unwrap())
+    }
+
+    /// `curl -X METHOD` of `path` on coordinator `i` with the admin token, at most 20 s; more
+    /// arguments (headers, a body) may be added. [`curl_answer`] reads its output.
+    fn curl_command(&self, i: usize, method: &str, path: &str) -> Command {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+            "--cacert",
+        ])
+        .arg(self.ca_cert())
+        .args(["-H", &format!("Authorization: Bearer {}", self.token())])
+        .arg(format!("https://{}{path}", self.addrs[i]))
+        .stdin(Stdio::null());
+        cmd
     }
 
     /// The Raft server id of the member serving at coordinator slot `i`'s address now.
@@ -277,16 +289,34 @@ impl Group {
 
     /// Job names in the state, with how often each occurs.
     fn job_names(&self) -> BTreeMap<String, Vec<String>> {
-        let jobs = self.json(&["list", "-o", "json"]);
-        let mut names: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for job in jobs.as_array().unwrap() {
-            names
-                .entry(job["name"].as_str().unwrap().to_string())
-                .or_default()
-                .push(job["id"].to_string().trim_matches('"').to_string());
-        }
-        names
+        by_name(&self.json(&["list", "-o", "json"]))
     }
+}
+
+/// The status and JSON body of a curl run by [`Group::curl_command`] (status 0 and `null` when
+/// it got no answer).
+fn curl_answer(out: &Output) -> (u16, Value) {
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+/// The ids of a job listing (`GET /v1/jobs`, `trainctl list -o json`) by job name.
+fn by_name(jobs: &Value) -> BTreeMap<String, Vec<String>> {
+    let mut names: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for job in jobs
+        .as_array()
+        .unwrap_or_else(|| panic!("not a job list: {jobs}"))
+    {
+        names
+            .entry(job["name"].as_str().unwrap().to_string())
+            .or_default()
+            .push(job["id"].to_string().trim_matches('"').to_string());
+    }
+    names
 }
 
 fn short_job(dir: &Path, name: &str) -> PathBuf {
@@ -1108,4 +1138,320 @@ fn dev_runs_three_coordinators_and_the_cli_survives_losing_one() {
     let job = short_job(dev.data_dir.path(), "after-a-coordinator-died");
     let out = cli(&["submit", job.to_str().unwrap(), "--wait"]);
     assert!(out.status.success(), "{out:?}");
+}
+
+/// The five-voter group's coordinators: loopback addresses no other test listens on.
+const FIVE_HOSTS: [&str; 5] = [
+    "127.0.0.71",
+    "127.0.0.72",
+    "127.0.0.73",
+    "127.0.0.74",
+    "127.0.0.75",
+];
+
+/// The id `trainctl submit -o json` printed; panics with its error if it failed.
+fn submitted_id(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "submit failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["id"].to_string().trim_matches('"').to_string()
+}
+
+/// Asserts that every acknowledged job (`acked`: name -> id) is in `jobs` exactly once with the
+/// id its submitter was told, and that no job name occurs twice.
+fn assert_each_once(jobs: &Value, acked: &BTreeMap<String, String>, whose: &str) {
+    let names = by_name(jobs);
+    for (name, id) in acked {
+        assert_eq!(
+            names.get(name),
+            Some(&vec![id.clone()]),
+            "{whose}: acknowledged job {name} (id {id}) must be there exactly once: {jobs}"
+        );
+    }
+    for (name, ids) in &names {
+        assert_eq!(
+            ids.len(),
+            1,
+            "{whose}: {name} exists {} times: {ids:?}",
+            ids.len()
+        );
+    }
+}
+
+/// Asserts that each coordinator in `live` answers a (linearizable) job listing with every
+/// acknowledged job exactly once, and that its own replicated state (`?stale`, no leader asked)
+/// holds them exactly once too when it has caught up.
+fn assert_every_member_holds(group: &Group, live: &[usize], acked: &BTreeMap<String, String>) {
+    for &i in live {
+        let (status, jobs) = group.curl(i, "/v1/jobs");
+        assert_eq!(
+            status, 200,
+            "a linearizable read on coordinator {i}: {jobs}"
+        );
+        assert_each_once(&jobs, acked, &format!("coordinator {i}"));
+        let own = eventually(
+            Duration::from_secs(20),
+            &format!("coordinator {i}'s own state to hold every acknowledged job"),
+            || {
+                let (status, jobs) = group.curl(i, "/v1/jobs?stale");
+                let names = by_name(&jobs);
+                (status == 200 && acked.keys().all(|n| names.contains_key(n))).then_some(jobs)
+            },
+        );
+        assert_each_once(&own, acked, &format!("coordinator {i}'s own state"));
+    }
+}
+
+#[test]
+fn five_coordinators_lose_two_without_losing_a_write_and_refuse_writes_without_a_quorum() {
+    let mut group = Group::start_on(&FIVE_HOSTS, 1, &[]);
+    let started = Instant::now();
+    let dir = group.dir.path().to_path_buf();
+
+    // Five voters and one leader, through the CLI and through curl on every member.
+    let view = group.json(&["cluster", "-o", "json"]);
+    let members = view["members"].as_array().unwrap();
+    let mut addresses: Vec<&str> = members
+        .iter()
+        .map(|m| m["address"].as_str().unwrap())
+        .collect();
+    addresses.sort();
+    assert_eq!(addresses, group.addrs, "{view}");
+    assert!(members.iter().all(|m| m["voter"] == true), "{view}");
+    let leaders: Vec<&Value> = members.iter().filter(|m| m["role"] == "leader").collect();
+    assert_eq!(leaders.len(), 1, "{view}");
+    assert_eq!(leaders[0]["id"], view["leader"]["id"], "{view}");
+    for i in 0..5 {
+        let (status, seen) = group.curl(i, "/v1/cluster");
+        assert_eq!(status, 200, "GET /v1/cluster on coordinator {i}: {seen}");
+        assert_eq!(seen["leader"], view["leader"], "coordinator {i}: {seen}");
+        assert_eq!(seen["members"].as_array().map(Vec::len), Some(5), "{seen}");
+        // Each member's own view names the same leader: no second one anywhere.
+        eventually(
+            Duration::from_secs(10),
+            &format!("coordinator {i} to know the leader"),
+            || {
+                let (_, local) = group.curl(i, "/v1/cluster?local");
+                (local["leader"]["id"] == view["leader"]["id"]).then_some(())
+            },
+        );
+    }
+
+    // A job through each member (followers forward in one hop); every member reads them all.
+    let mut acked: BTreeMap<String, String> = BTreeMap::new();
+    for i in 0..5 {
+        let name = format!("via-{i}");
+        let file = short_job(&dir, &name);
+        let id = submitted_id(&group.cli_at(i, &["submit", file.to_str().unwrap(), "-o", "json"]));
+        acked.insert(name, id);
+    }
+    assert_every_member_holds(&group, &[0, 1, 2, 3, 4], &acked);
+
+    // SIGKILL the leader and a follower: the CLI, given every member, finds the new leader.
+    let first = group.leader();
+    let second = (first + 1) % 5;
+    group.kill(first);
+    group.kill(second);
+    let killed_at = Instant::now();
+    for n in 0..3 {
+        let name = format!("after-two-lost-{n}");
+        let file = short_job(&dir, &name);
+        let id = submitted_id(&group.cli(&["submit", file.to_str().unwrap(), "-o", "json"]));
+        if n == 0 {
+            eprintln!(
+                "first write after losing two acknowledged in {:?}",
+                killed_at.elapsed()
+            );
+        }
+        acked.insert(name, id);
+    }
+    let survivors: Vec<usize> = (0..5).filter(|i| ![first, second].contains(i)).collect();
+    assert_every_member_holds(&group, &survivors, &acked);
+    let leader = group.leader();
+    assert!(survivors.contains(&leader), "{leader} leads");
+    let view = group.json(&["cluster", "-o", "json"]);
+    assert_eq!(
+        view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["voter"] == true)
+            .count(),
+        5,
+        "the lost members are still voters: {view}"
+    );
+
+    // A third lost: two of five can not commit. The leader left behind refuses writes and
+    // linearizable reads with a clear error instead of answering.
+    let third = *survivors.iter().find(|i| **i != leader).unwrap();
+    group.kill(third);
+    let follower = *survivors
+        .iter()
+        .find(|i| **i != leader && **i != third)
+        .unwrap();
+    let refused_at = Instant::now();
+    let spec = r#"{"name":"no-quorum","launch":{"command":["true"]},"resources":{"nodes":1,"procs_per_node":1}}"#;
+    let submission = group
+        .curl_command(follower, "POST", "/v1/jobs")
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Idempotency-Key: no-quorum-1",
+            "--data",
+            spec,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read = group
+        .curl_command(leader, "GET", "/v1/jobs")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cli_write = group
+        .command(&group.urls())
+        .args(["token", "create", "--role", "read", "--name", "no-quorum"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let no_quorum = |text: &str| {
+        text.contains("not confirmed by a majority")
+            || text.contains("no coordinator leads right now")
+    };
+    let (status, body) = curl_answer(&submission.wait_with_output().unwrap());
+    eprintln!("submission refused after {:?}", refused_at.elapsed());
+    assert_eq!(status, 503, "a submission without a quorum: {body}");
+    assert!(no_quorum(body["error"].as_str().unwrap_or("")), "{body}");
+    let (status, body) = curl_answer(&read.wait_with_output().unwrap());
+    eprintln!("read refused after {:?}", refused_at.elapsed());
+    assert_eq!(status, 503, "a linearizable read without a quorum: {body}");
+    let error = body["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("could not confirm with a majority") || no_quorum(error),
+        "{body}"
+    );
+    let out = cli_write.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a write without a quorum: {out:?}");
+    assert!(no_quorum(&stderr), "{stderr}");
+    eprintln!("refused without a quorum in {:?}", refused_at.elapsed());
+
+    // The first one killed (the old leader) restarts on its data dir: three of five again.
+    group.start_coordinator(first);
+    let restarted_at = Instant::now();
+    let file = short_job(&dir, "after-restart");
+    let id = submitted_id(&group.cli(&["submit", file.to_str().unwrap(), "-o", "json"]));
+    eprintln!(
+        "writes resumed {:?} after the restart",
+        restarted_at.elapsed()
+    );
+    acked.insert("after-restart".into(), id);
+    // The refused submission, retried by the same client with its key: one job, whether or not
+    // the refused attempt took effect once the quorum was back.
+    let (status, body) = curl_answer(
+        &group
+            .curl_command(first, "POST", "/v1/jobs")
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "-H",
+                "Idempotency-Key: no-quorum-1",
+                "--data",
+                spec,
+            ])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        matches!(status, 200 | 201),
+        "the retried submission: {status} {body}"
+    );
+    let id = body["id"].to_string().trim_matches('"').to_string();
+    acked.insert("no-quorum".into(), id);
+    assert_every_member_holds(&group, &[leader, follower, first], &acked);
+    eprintln!("five voters formed; the rest took {:?}", started.elapsed());
+}
+
+#[test]
+fn dev_runs_five_coordinators_and_the_cli_survives_losing_two() {
+    let dev = common::DevCluster::start_at("127.0.0.81", 1, &["--coordinators", "5"], &[]);
+    // The CLI as a user runs it: the context `dev` wrote, no address given.
+    let cli = |args: &[&str]| {
+        Command::new(trainctl())
+            .args(args)
+            .env("TRAINCTL_CONFIG", dev.config_file())
+            .env_remove("TRAINCTL_ADDR")
+            .env_remove("TRAINCTL_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let config = std::fs::read_to_string(dev.config_file()).unwrap();
+    assert_eq!(config.matches("https://127.0.0.81:").count(), 5, "{config}");
+    let out = cli(&["cluster", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let members = view["members"].as_array().unwrap();
+    assert_eq!(
+        members.iter().filter(|m| m["voter"] == true).count(),
+        5,
+        "{view}"
+    );
+    let leaders: Vec<&Value> = members.iter().filter(|m| m["role"] == "leader").collect();
+    assert_eq!(leaders.len(), 1, "{view}");
+    let out = cli(&[
+        "submit",
+        short_job(dev.data_dir.path(), "five").to_str().unwrap(),
+        "--wait",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    // Kill the leader and another coordinator. `dev` starts coordinator k (from 0) on the k-th
+    // port after the first, with its data in `coordinator` or `coordinator-<k+1>`.
+    let port = |addr: &str| addr.rsplit_once(':').unwrap().1.parse::<u16>().unwrap();
+    let base = port(&dev.addr);
+    let leader = port(view["leader"]["address"].as_str().unwrap()) - base;
+    for k in [leader, (leader + 1) % 5] {
+        let dir = if k == 0 {
+            "coordinator".to_string()
+        } else {
+            format!("coordinator-{}", k + 1)
+        };
+        let marker = format!(
+            "{} --listen",
+            dev.data_dir.path().join("cluster").join(dir).display()
+        );
+        let pids = common::processes_with(&marker);
+        assert_eq!(pids.len(), 1, "{marker}: {pids:?}");
+        signal(pids[0], libc::SIGKILL);
+    }
+    let out = cli(&[
+        "submit",
+        short_job(dev.data_dir.path(), "after-two-died")
+            .to_str()
+            .unwrap(),
+        "--wait",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&["cluster", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let after: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        after["leader"]["id"].is_u64() && after["leader"]["id"] != view["leader"]["id"],
+        "a new leader: {after}"
+    );
+    let out = cli(&["list", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let names = by_name(&serde_json::from_slice(&out.stdout).unwrap());
+    assert_eq!(
+        names.keys().collect::<Vec<_>>(),
+        ["after-two-died", "five"],
+        "{names:?}"
+    );
+    assert!(names.values().all(|ids| ids.len() == 1), "{names:?}");
 }

@@ -36,8 +36,13 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
+    free_port_on("127.0.0.1")
+}
+
+/// A port free on the loopback address `ip` now (e.g. `127.0.0.71`, an address of a test's own).
+pub fn free_port_on(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap_or_else(|e| panic!("bind {ip}:0: {e}"))
         .local_addr()
         .unwrap()
         .port()
@@ -77,10 +82,16 @@ impl DevCluster {
 
     /// Starts `trainctl dev` with extra flags and environment, and waits for every agent.
     pub fn start_with(agents: u32, flags: &[&str], env: &[(&str, String)]) -> DevCluster {
+        Self::start_at("127.0.0.1", agents, flags, env)
+    }
+
+    /// [`DevCluster::start_with`] with the (first) coordinator on loopback address `ip`, at a
+    /// port free there (with `--coordinators N`, the others take the next ports).
+    pub fn start_at(ip: &str, agents: u32, flags: &[&str], env: &[(&str, String)]) -> DevCluster {
         let lock = lock_cluster_addresses();
         let data_dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
+        let port = free_port_on(ip);
+        let addr = format!("{ip}:{port}");
         let log = std::fs::File::create(data_dir.path().join("dev.out")).unwrap();
         let insecure = flags.contains(&"--insecure");
         let mut cmd = Command::new(trainctl());
