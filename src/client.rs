@@ -71,9 +71,36 @@ impl Client {
 
     /// Sends the request `build` makes for a coordinator's base URL: to the current coordinator,
     /// then, while a coordinator can not be reached, to the next ones (each once).
+    ///
+    /// A read (GET) answered 502/503/504 (an election, leadership moving while it was answered)
+    /// is sent again with backoff for up to [`READ_RETRY_WINDOW`]: reads change nothing, so the
+    /// CLI rides out a leader change instead of printing "retry". Writes are not retried here
+    /// (`submit` retries with its idempotency key).
     async fn send(
         &self,
         build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let is_read = build(self.base())
+            .build()
+            .is_ok_and(|r| r.method() == reqwest::Method::GET);
+        let deadline = tokio::time::Instant::now() + READ_RETRY_WINDOW;
+        let mut delay = READ_RETRY_FIRST_DELAY;
+        loop {
+            let response = self.send_once(&build).await;
+            let transient = matches!(&response, Ok(r) if retry_read(is_read, r.status().as_u16()));
+            if !transient || tokio::time::Instant::now() + delay >= deadline {
+                return response;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(READ_RETRY_MAX_DELAY);
+        }
+    }
+
+    /// One round of [`Client::send`]: the current coordinator, then the next ones while
+    /// unreachable or not processing.
+    async fn send_once(
+        &self,
+        build: &impl Fn(&str) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, reqwest::Error> {
         let first = self.current.load(std::sync::atomic::Ordering::Relaxed);
         let mut last = None;
@@ -324,6 +351,17 @@ const SUBMIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const SUBMIT_RETRY_FIRST_DELAY: Duration = Duration::from_millis(250);
 const SUBMIT_RETRY_MAX_DELAY: Duration = Duration::from_secs(4);
 
+/// How long a read answered 502/503/504 (an election, a leader change) is retried.
+const READ_RETRY_WINDOW: Duration = Duration::from_secs(10);
+const READ_RETRY_FIRST_DELAY: Duration = Duration::from_millis(100);
+const READ_RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// Whether an answer with `status` to a request is sent again: only reads (`is_read`), and only
+/// the statuses of a coordinator that could not answer right now.
+fn retry_read(is_read: bool, status: u16) -> bool {
+    is_read && matches!(status, 502..=504)
+}
+
 /// Whether a request that failed without an answer may be sent again: the coordinator was
 /// unreachable, the request timed out, or the connection broke. Not a TLS trust or protocol
 /// mismatch, which a retry cannot fix.
@@ -457,4 +495,31 @@ fn enc(text: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_reads_are_retried_and_only_while_no_coordinator_can_answer() {
+        // (is_read, status) -> retried
+        let cases = [
+            ((true, 503), true),
+            ((true, 502), true),
+            ((true, 504), true),
+            ((true, 500), false),
+            ((true, 404), false),
+            ((true, 200), false),
+            ((false, 503), false),
+            ((false, 200), false),
+        ];
+        for ((is_read, status), want) in cases {
+            assert_eq!(
+                retry_read(is_read, status),
+                want,
+                "read {is_read}, {status}"
+            );
+        }
+    }
 }
