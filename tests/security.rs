@@ -60,9 +60,13 @@ fn nothing_is_read_or_written_without_a_valid_token() {
     let ca = ca.to_str().unwrap();
     let spec =
         r#"{"name":"x","launch":{"command":["true"]},"resources":{"nodes":1,"procs_per_node":1}}"#;
+    // The real token with its last character changed (to one it is not: a token ending in `0`
+    // once made this "forgery" the real token).
+    let real = cluster.token();
+    let (kept, last) = real.split_at(real.len() - 1);
     let forged = format!(
-        "Authorization: Bearer {}0",
-        &cluster.token()[..cluster.token().len() - 1]
+        "Authorization: Bearer {kept}{}",
+        if last == "0" { "1" } else { "0" }
     );
     for auth in [
         None,
