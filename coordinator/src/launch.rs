@@ -30,24 +30,19 @@ pub fn rank_launches_on(
         return Vec::new();
     };
     let gang = gang_fabric(job, nodes);
-    launches(job, node, &host.address, Some(host), &gang)
+    launches(job, host, &gang)
 }
 
-fn launches(
-    job: &Job,
-    node: &NodeId,
-    node_address: &str,
-    host: Option<&Node>,
-    gang: &GangFabric,
-) -> Vec<RankLaunch> {
+/// The ranks of `job` on `host`, with the GPU and NCCL decisions for `gang`.
+fn launches(job: &Job, host: &Node, gang: &GangFabric) -> Vec<RankLaunch> {
     let Some(allocation) = &job.allocation else {
         return Vec::new();
     };
-    let Some(share) = allocation.nodes.iter().find(|na| &na.node == node) else {
+    let Some(share) = allocation.nodes.iter().find(|na| na.node == host.id) else {
         return Vec::new();
     };
     let res = &job.spec.resources;
-    let decisions = decide(job, share, host, gang);
+    let decisions = decide(job, share, Some(host), gang);
     (0..res.procs_per_node)
         .map(|local_rank| {
             let mut env = rank_env(
@@ -55,8 +50,8 @@ fn launches(
                 &allocation.master_addr,
                 allocation.master_port,
                 share,
-                node,
-                node_address,
+                &host.id,
+                &host.address,
                 local_rank,
             );
             for (name, value) in nccl_env::to_set(&decisions) {
