@@ -2,10 +2,15 @@
 //!
 //! Each entry is stored in the versioned format of [`super::format`] (`encode_entry`), and read
 //! back in any released format (`decode_entry`).
+//!
+//! The newest entries are also kept decoded in memory ([`Tail`]): openraft reads every entry back
+//! right after appending it, once to replicate it and once to apply it, and serving those reads from
+//! memory spares each a blocking-pool hand-off, a redb read and a JSON decode on the write path.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageIOError, Vote};
@@ -20,10 +25,112 @@ const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_LAST_PURGED: &str = "last_purged";
 
+/// Most entries the in-memory tail keeps.
+pub const TAIL_MAX_ENTRIES: usize = 4096;
+/// Most encoded bytes the in-memory tail keeps (its entries' stored size).
+pub const TAIL_MAX_BYTES: usize = 32 << 20;
+
 /// The Raft log of one coordinator, stored in its redb database.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    tail: Arc<Mutex<Tail>>,
+}
+
+/// The newest log entries, consecutive and already durable in redb, kept decoded for the reads
+/// that follow an append. Bounded by [`TAIL_MAX_ENTRIES`] and [`TAIL_MAX_BYTES`]; anything older
+/// (or evicted) is read from redb.
+#[derive(Debug, Default)]
+pub struct Tail {
+    /// Entries with consecutive indexes, oldest first, each with its encoded size.
+    entries: VecDeque<(Entry<TypeConfig>, usize)>,
+    bytes: usize,
+}
+
+impl Tail {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn next_index(&self) -> Option<u64> {
+        self.entries.back().map(|(e, _)| e.log_id.index + 1)
+    }
+
+    /// Records entries just made durable. A batch that does not follow the tail (after a
+    /// truncation the store did not see, or a gap) starts a new tail.
+    pub fn push(&mut self, appended: Vec<(Entry<TypeConfig>, usize)>) {
+        for (entry, size) in appended {
+            if self.next_index() != Some(entry.log_id.index) {
+                self.clear();
+            }
+            self.bytes += size;
+            self.entries.push_back((entry, size));
+        }
+        while self.entries.len() > TAIL_MAX_ENTRIES
+            || (self.bytes > TAIL_MAX_BYTES && !self.entries.is_empty())
+        {
+            if let Some((_, size)) = self.entries.pop_front() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// The entries of `[start, end)`, or `None` when the tail does not hold all of them.
+    pub fn get(&self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
+        let first = self.first_index()?;
+        let next = self.next_index()?;
+        if start < first || end > next || start > end {
+            return None;
+        }
+        let from = (start - first) as usize;
+        let to = (end - first) as usize;
+        Some(
+            self.entries
+                .range(from..to)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+
+    /// Forgets the entries from index `since` on (a truncation).
+    pub fn truncate(&mut self, since: u64) {
+        while self.next_index().is_some_and(|next| next > since) {
+            let Some((_, size)) = self.entries.pop_back() else {
+                break;
+            };
+            self.bytes -= size;
+        }
+    }
+
+    /// Forgets the entries up to index `upto`, inclusive (a purge).
+    pub fn purge(&mut self, upto: u64) {
+        while self.first_index().is_some_and(|first| first <= upto) {
+            let Some((_, size)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= size;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+}
+
+/// `[start, end)` of a range of indexes, when it is bounded above (reads of the log always are).
+fn half_open(range: &(Bound<u64>, Bound<u64>)) -> Option<(u64, u64)> {
+    let start = match range.0 {
+        Bound::Included(x) => x,
+        Bound::Excluded(x) => x.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.1 {
+        Bound::Included(x) => x.checked_add(1)?,
+        Bound::Excluded(x) => x,
+        Bound::Unbounded => return None,
+    };
+    Some((start, end))
 }
 
 impl LogStore {
@@ -33,7 +140,14 @@ impl LogStore {
         txn.open_table(LOG)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(LogStore { db })
+        Ok(LogStore {
+            db,
+            tail: Arc::new(Mutex::new(Tail::default())),
+        })
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -88,11 +202,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
-        let db = self.db.clone();
         let range = (
             bound_owned(range.start_bound()),
             bound_owned(range.end_bound()),
         );
+        if let Some((start, end)) = half_open(&range) {
+            if let Some(entries) = self.tail().get(start, end) {
+                return Ok(entries);
+            }
+        }
+        let db = self.db.clone();
         blocking(move || {
             let txn = db.begin_read().map_err(|e| StorageIOError::read_logs(&e))?;
             let table = txn
@@ -185,8 +304,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let db = self.db.clone();
         let mut encoded = Vec::new();
+        let mut appended = Vec::new();
         for entry in entries {
             let bytes = encode_entry(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
+            appended.push((entry.clone(), bytes.len()));
             encoded.push((entry.log_id.index, bytes));
         }
         let result = blocking(move || {
@@ -207,6 +328,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Ok(())
         })
         .await;
+        if result.is_ok() {
+            self.tail().push(appended);
+        }
         callback.log_io_completed(
             result
                 .as_ref()
@@ -217,11 +341,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<ServerId>) -> Result<(), StorageError> {
+        // Out of the tail first: a reader then finds these entries in redb or nowhere.
+        self.tail().truncate(log_id.index);
         let db = self.db.clone();
         blocking(move || remove_entries(&db, log_id.index.., None)).await
     }
 
     async fn purge(&mut self, log_id: LogId<ServerId>) -> Result<(), StorageError> {
+        self.tail().purge(log_id.index);
         let db = self.db.clone();
         blocking(move || remove_entries(&db, ..=log_id.index, Some(&log_id))).await
     }
@@ -255,4 +382,103 @@ fn remove_entries(
     }
     txn.commit().map_err(|e| StorageIOError::write_logs(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// A tail holding `indexes` (term 1, 10 bytes each), pushed in one batch.
+    fn tail_of(indexes: std::ops::Range<u64>) -> Tail {
+        let mut tail = Tail::default();
+        tail.push(indexes.map(|i| (entry(1, i), 10)).collect());
+        tail
+    }
+
+    fn indexes(entries: Option<Vec<Entry<TypeConfig>>>) -> Option<Vec<u64>> {
+        entries.map(|e| e.iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn the_tail_answers_only_ranges_it_holds_whole() {
+        let tail = tail_of(5..10);
+        let cases: [(u64, u64, Option<Vec<u64>>); 7] = [
+            (5, 10, Some(vec![5, 6, 7, 8, 9])),
+            (7, 9, Some(vec![7, 8])),
+            (9, 10, Some(vec![9])),
+            (8, 8, Some(vec![])),
+            (4, 8, None),  // starts before the tail: redb has it
+            (6, 11, None), // runs past the last entry
+            (9, 7, None),  // not a range
+        ];
+        for (start, end, want) in cases {
+            assert_eq!(indexes(tail.get(start, end)), want, "[{start}, {end})");
+        }
+        assert_eq!(indexes(Tail::default().get(0, 0)), None, "an empty tail");
+    }
+
+    #[test]
+    fn truncation_and_purge_forget_exactly_their_entries() {
+        let mut tail = tail_of(5..10);
+        tail.truncate(8);
+        assert_eq!(indexes(tail.get(5, 8)), Some(vec![5, 6, 7]));
+        assert_eq!(tail.get(5, 9), None, "8 was truncated");
+        tail.purge(5);
+        assert_eq!(tail.get(5, 6), None, "5 was purged");
+        assert_eq!(indexes(tail.get(6, 8)), Some(vec![6, 7]));
+        assert_eq!(tail.bytes, 20);
+        tail.truncate(0);
+        assert_eq!(tail.get(6, 7), None);
+        assert_eq!(tail.bytes, 0);
+    }
+
+    #[test]
+    fn an_append_that_does_not_follow_the_tail_starts_a_new_one() {
+        // After a truncation the tail did not see, index 7 is written again by a later term.
+        let mut tail = tail_of(5..10);
+        tail.push(vec![(entry(2, 7), 10)]);
+        assert_eq!(
+            tail.get(5, 7),
+            None,
+            "the old entries before the rewrite are gone"
+        );
+        let got = tail.get(7, 8).expect("the new entry");
+        assert_eq!(got[0].log_id.leader_id.term, 2);
+        // A gap also restarts it.
+        tail.push(vec![(entry(2, 20), 10)]);
+        assert_eq!(tail.get(7, 8), None);
+        assert_eq!(indexes(tail.get(20, 21)), Some(vec![20]));
+    }
+
+    #[test]
+    fn the_tail_stays_within_its_bounds() {
+        let mut tail = Tail::default();
+        let n = TAIL_MAX_ENTRIES as u64 + 10;
+        tail.push((0..n).map(|i| (entry(1, i), 1)).collect());
+        assert_eq!(tail.entries.len(), TAIL_MAX_ENTRIES);
+        assert_eq!(tail.first_index(), Some(10));
+        // One entry larger than the byte bound is dropped at once.
+        tail.push(vec![(entry(1, n), TAIL_MAX_BYTES + 1)]);
+        assert!(tail.bytes <= TAIL_MAX_BYTES);
+        assert_eq!(tail.get(n, n + 1), None);
+    }
+
+    #[test]
+    fn half_open_ranges() {
+        use Bound::*;
+        assert_eq!(half_open(&(Included(3), Excluded(7))), Some((3, 7)));
+        assert_eq!(half_open(&(Excluded(3), Included(7))), Some((4, 8)));
+        assert_eq!(half_open(&(Unbounded, Included(2))), Some((0, 3)));
+        assert_eq!(half_open(&(Included(3), Unbounded)), None);
+        assert_eq!(half_open(&(Included(0), Included(u64::MAX))), None);
+    }
 }
