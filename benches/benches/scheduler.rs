@@ -7,22 +7,17 @@
 //! measuring each case (default 1500 ms).
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use trainctl_benches::fixtures::{self, Fill};
-use trainctl_benches::{micros, Summary};
+use trainctl_benches::{micros, time_case, Summary};
 use trainctl_coordinator::scheduler;
 
 /// Sizes measured unless `TRAINCTL_BENCH_HOSTS` says otherwise.
 const DEFAULT_HOSTS: [usize; 3] = [1_000, 10_000, 50_000];
 /// Time spent measuring one case, unless `TRAINCTL_BENCH_CASE_MS` says otherwise.
 const DEFAULT_CASE_MS: u64 = 1_500;
-/// Untimed runs before the timed ones.
-const WARMUP_COUNT: usize = 3;
-/// Bounds on the timed runs of one case, whatever the time budget says.
-const SAMPLES_MIN: usize = 20;
-const SAMPLES_MAX: usize = 20_000;
 
 struct Row {
     hosts: usize,
@@ -144,20 +139,4 @@ fn main() -> anyhow::Result<()> {
 
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(1e-12)
-}
-
-/// Runs `f` a few times untimed, then times it until `budget` is spent (within the sample bounds).
-fn time_case(budget: Duration, mut f: impl FnMut()) -> Summary {
-    for _ in 0..WARMUP_COUNT {
-        f();
-    }
-    let started = Instant::now();
-    let mut samples = Vec::new();
-    while samples.len() < SAMPLES_MAX && (samples.len() < SAMPLES_MIN || started.elapsed() < budget)
-    {
-        let t = Instant::now();
-        f();
-        samples.push(t.elapsed());
-    }
-    Summary::of(&mut samples).expect("at least SAMPLES_MIN samples")
 }

@@ -24,7 +24,7 @@
 //! - [`job_spec_json`]: a realistic ~300-byte job spec.
 //! - [`base64`]: the few bytes of base64 that etcd's JSON gateway needs.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub mod allreduce;
 pub mod cpu;
@@ -119,6 +119,29 @@ pub fn base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// Untimed runs of a case before [`time_case`] times it.
+pub const CASE_WARMUP_COUNT: usize = 3;
+/// Bounds on the timed runs of one case, whatever the time budget says.
+pub const CASE_SAMPLES_MIN: usize = 20;
+pub const CASE_SAMPLES_MAX: usize = 20_000;
+
+/// Runs `f` a few times untimed, then times it until `budget` is spent (within the sample bounds).
+pub fn time_case(budget: Duration, mut f: impl FnMut()) -> Summary {
+    for _ in 0..CASE_WARMUP_COUNT {
+        f();
+    }
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < CASE_SAMPLES_MAX
+        && (samples.len() < CASE_SAMPLES_MIN || started.elapsed() < budget)
+    {
+        let t = Instant::now();
+        f();
+        samples.push(t.elapsed());
+    }
+    Summary::of(&mut samples).expect("at least CASE_SAMPLES_MIN samples")
 }
 
 #[cfg(test)]

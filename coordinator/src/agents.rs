@@ -1144,7 +1144,7 @@ pub fn unhealthy_reason(health: &HostHealth) -> Option<String> {
 /// processes are gone, so their retired shares can be freed.
 pub fn gone_attempts(s: &State, node: &NodeId, reports: &[RankReport]) -> Vec<(JobId, u32)> {
     let mut gone = Vec::new();
-    for job in s.jobs.values() {
+    for job in s.jobs_holding_on(node) {
         for share in job.retired.iter().filter(|r| &r.node == node) {
             let running = reports.iter().any(|r| {
                 r.job_id == job.id.to_string()
@@ -1324,8 +1324,7 @@ pub fn changed_observations(
         .map(|r| r.job_id.as_str())
         .collect();
     let idle_jobs = s
-        .jobs
-        .values()
+        .jobs_holding_on(node)
         .filter(|j| j.state.is_terminal())
         .filter(|j| {
             j.allocation

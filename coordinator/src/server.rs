@@ -1257,11 +1257,7 @@ async fn supervise_jobs(coordinator: &Coordinator, grow_seen: &mut HashMap<JobId
                     .get(job)
                     .is_some_and(|j| j.state == JobState::Running)
             });
-            for job in s
-                .jobs
-                .values()
-                .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
-            {
+            for job in s.live_jobs() {
                 // A new attempt (or a new leader) starts the job's clock afresh.
                 let p = JobProgress::of(&mut progress, job.id, job.attempt);
                 if let Some(c) =

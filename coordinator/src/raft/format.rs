@@ -227,10 +227,12 @@ pub fn write_snapshot_data(applied: &Applied, writer: impl Write) -> Result<(), 
 }
 
 fn applied(stored: AppliedIn) -> Applied {
+    let mut state = stored.state;
+    state.rebuild_index();
     Applied {
         last_applied: stored.last_applied,
         last_membership: stored.last_membership,
-        state: stored.state,
+        state,
     }
 }
 

@@ -251,6 +251,7 @@ impl State {
         };
         let (action, result) = match &outcome {
             CommandOutcome::JobSubmitted { job } => {
+                self.index.touch(*job);
                 if let Some(j) = self.jobs.get_mut(job) {
                     j.owner = Some(actor.clone());
                 }

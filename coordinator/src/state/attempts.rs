@@ -231,6 +231,7 @@ impl State {
     /// The current attempt of a live job ended without success: restart the gang, or fail the job
     /// when the restart budget is spent.
     pub(super) fn end_attempt(&mut self, job_id: JobId, why: String, end: AttemptEnd, at_ms: u64) {
+        self.index.touch(job_id);
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
@@ -276,6 +277,7 @@ impl State {
     /// Next attempt on the same hosts, with a fresh rendezvous port when one is free (the old one
     /// stays held until the old rank 0 is gone, so a straggler of the old gang never meets the new).
     fn restart_in_place(&mut self, job_id: JobId, at_ms: u64) {
+        self.index.touch(job_id);
         let job = self.jobs.get_mut(&job_id).expect("caller checked");
         let old_attempt = job.attempt;
         job.attempt += 1;
@@ -312,6 +314,7 @@ impl State {
     /// Back to the head of the queue for a new placement. Shares whose ranks have all ended are
     /// released; the others are retired, held until their agents report the processes gone.
     fn place_again(&mut self, job_id: JobId) {
+        self.index.touch(job_id);
         let job = self.jobs.get_mut(&job_id).expect("caller checked");
         let old_attempt = job.attempt;
         job.attempt += 1;
@@ -380,6 +383,7 @@ impl State {
         node: &NodeId,
         which: impl Fn(&RetiredShare) -> bool,
     ) {
+        self.index.touch(job_id);
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
@@ -445,6 +449,7 @@ impl State {
         metrics: Option<String>,
         at_ms: u64,
     ) -> CommandOutcome {
+        self.index.touch(job_id);
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return rejected(format!("job {job_id} does not exist"));
         };
@@ -494,6 +499,7 @@ impl State {
     }
 
     pub(super) fn request_checkpoint(&mut self, job_id: JobId) -> CommandOutcome {
+        self.index.touch(job_id);
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return rejected(format!("job {job_id} does not exist"));
         };

@@ -16,6 +16,7 @@ use crate::scheduler::{ClusterSnapshot, HostFabrics, NodeCapacity, NodeSize, Pla
 mod access;
 mod attempts;
 mod idempotency;
+mod index;
 
 pub use access::{
     access_name_problem, secret_digest, split_token, Actor, AgentIdentity, AuditEntry, Role,
@@ -723,6 +724,9 @@ pub struct State {
     /// Idempotency keys of recent submissions (at most [`IDEMPOTENCY_KEYS_MAX`], for a day each).
     #[serde(default)]
     pub idempotency: IdempotencyKeys,
+    /// Live jobs and the jobs holding something on each node: derived, never stored.
+    #[serde(skip)]
+    pub(crate) index: index::JobIndex,
 }
 
 pub(crate) fn rejected(reason: impl Into<String>) -> CommandOutcome {
@@ -753,6 +757,15 @@ impl State {
 
     /// Applies one committed command. Deterministic: same state and command, same result.
     pub fn apply(&mut self, command: Command) -> CommandOutcome {
+        if !self.index.is_built() {
+            self.rebuild_index();
+        }
+        let outcome = self.apply_command(command);
+        self.refresh_index();
+        outcome
+    }
+
+    fn apply_command(&mut self, command: Command) -> CommandOutcome {
         match command {
             Command::RegisterNode {
                 node,
@@ -1013,6 +1026,7 @@ impl State {
             .map(|j| j.id)
             .collect();
         for job_id in affected {
+            self.index.touch(job_id);
             let job = self.jobs.get_mut(&job_id).expect("listed above");
             let mut lost_any = false;
             for rank in job.ranks.iter_mut().filter(|r| &r.node == node) {
@@ -1073,6 +1087,7 @@ impl State {
         };
         self.last_job_id += 1;
         let id = JobId(self.last_job_id);
+        self.index.touch(id);
         self.jobs.insert(
             id,
             Job {
@@ -1211,6 +1226,7 @@ impl State {
                 });
             }
         }
+        self.index.touch(job_id);
         let job = self.jobs.get_mut(&job_id).expect("checked above");
         job.state = JobState::Starting;
         job.started_at_ms = Some(at_ms);
@@ -1249,6 +1265,7 @@ impl State {
         // The first failure reported for each job, in report order: the root cause.
         let mut first_failure: BTreeMap<JobId, u32> = BTreeMap::new();
         for obs in observations {
+            self.index.touch(obs.job);
             let Some(job) = self.jobs.get_mut(&obs.job) else {
                 continue;
             };
@@ -1274,6 +1291,7 @@ impl State {
             self.update_job_from_ranks(*job_id, first_failure.get(job_id).copied(), at_ms);
         }
         for job_id in &idle_jobs {
+            self.index.touch(*job_id);
             let Some(job) = self.jobs.get_mut(job_id) else {
                 continue;
             };
@@ -1304,6 +1322,7 @@ impl State {
     /// Derives a running job's state from its ranks: the first failure (`first_failed_rank`, in
     /// report order) ends the attempt, and the gang restarts or the job fails.
     fn update_job_from_ranks(&mut self, job_id: JobId, first_failed_rank: Option<u32>, at_ms: u64) {
+        self.index.touch(job_id);
         let job = self.jobs.get_mut(&job_id).expect("caller checked");
         if job.state.is_terminal() || job.state == JobState::Pending {
             return;
@@ -1337,6 +1356,7 @@ impl State {
     }
 
     fn cancel_job(&mut self, job_id: JobId, at_ms: u64) -> CommandOutcome {
+        self.index.touch(job_id);
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return rejected(format!("job {job_id} does not exist"));
         };
@@ -1353,6 +1373,7 @@ impl State {
     }
 
     fn fail_pending_job(&mut self, job_id: JobId, reason: String, at_ms: u64) -> CommandOutcome {
+        self.index.touch(job_id);
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return rejected(format!("job {job_id} does not exist"));
         };
@@ -1398,6 +1419,7 @@ impl State {
     }
 
     fn release_node_allocation(&mut self, job_id: JobId, node_id: &NodeId) {
+        self.index.touch(job_id);
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
@@ -1428,7 +1450,7 @@ impl State {
 
     /// Jobs whose ranks should be running on `node`: a node runs exactly these, and stops anything else.
     pub fn jobs_assigned_to<'a>(&'a self, node: &'a NodeId) -> impl Iterator<Item = &'a Job> + 'a {
-        self.jobs.values().filter(move |j| {
+        self.jobs_holding_on(node).filter(move |j| {
             matches!(j.state, JobState::Starting | JobState::Running)
                 && j.allocation
                     .as_ref()

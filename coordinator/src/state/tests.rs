@@ -2164,3 +2164,77 @@ fn a_job_whose_ranks_have_not_started_on_a_failing_host_is_placed_elsewhere_for_
     assert_eq!(job_state(&state, job), JobState::Running);
     assert_eq!(state.jobs[&job].attempt, 1);
 }
+
+/// What the job index answers for `state` (live jobs; jobs holding something on node-1, node-2),
+/// checked against the same state loaded from JSON, whose index is not built and which scans.
+fn indexed(state: &State) -> (Vec<JobId>, Vec<JobId>, Vec<JobId>) {
+    let ids = |jobs: Box<dyn Iterator<Item = &Job> + '_>| jobs.map(|j| j.id).collect::<Vec<_>>();
+    let answer = |s: &State| {
+        (
+            ids(s.live_jobs()),
+            ids(s.jobs_holding_on(&id("node-1"))),
+            ids(s.jobs_holding_on(&id("node-2"))),
+        )
+    };
+    let loaded: State = serde_json::from_str(&serde_json::to_string(state).unwrap()).unwrap();
+    assert!(!loaded.index.is_built());
+    let got = answer(state);
+    assert_eq!(got, answer(&loaded), "the index and a scan disagree");
+    got
+}
+
+#[test]
+fn the_job_index_follows_gangs_from_placement_to_their_last_rank() {
+    let (mut state, first) = running_job();
+    assert!(state.index.is_built(), "applying a command builds it");
+    let queued = submit(&mut state, 1, 1, 1);
+    assert_eq!(
+        indexed(&state),
+        (vec![first], vec![first], vec![first]),
+        "a queued job is neither live nor on a node"
+    );
+    // Cancelled: no longer live, but held on both nodes until its ranks are gone.
+    assert_eq!(cancel(&mut state, first), CommandOutcome::Done);
+    assert_eq!(indexed(&state), (vec![], vec![first], vec![first]));
+    report(&mut state, "node-1", first, 0, RankPhase::Exited, Some(-15));
+    report(&mut state, "node-1", first, 1, RankPhase::Exited, Some(-15));
+    assert_eq!(indexed(&state), (vec![], vec![], vec![first]));
+    assert_eq!(
+        report_idle(&mut state, "node-2", vec![first]),
+        CommandOutcome::Done
+    );
+    assert_eq!(indexed(&state), (vec![], vec![], vec![]), "all released");
+    // The queued job is placed on one node.
+    let placement = plan_for(&state, queued);
+    let node = placement.nodes[0].node.clone();
+    assert_eq!(
+        apply_place(&mut state, queued, placement),
+        CommandOutcome::Done
+    );
+    let on_node = |n: &str| if node == id(n) { vec![queued] } else { vec![] };
+    assert_eq!(
+        indexed(&state),
+        (vec![queued], on_node("node-1"), on_node("node-2"))
+    );
+    // Its node is lost: the shares stay held (retired or awaiting the agent), whatever the job does.
+    lose(&mut state, &node.0);
+    let (_, one, two) = indexed(&state);
+    assert_eq!((one, two), (on_node("node-1"), on_node("node-2")));
+    check_invariants(&state);
+}
+
+#[test]
+fn a_loaded_state_builds_its_index_on_the_first_command() {
+    let (state, job) = running_job();
+    let mut loaded: State = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    assert!(!loaded.index.is_built());
+    assert_eq!(
+        loaded.jobs_assigned_to(&id("node-1")).count(),
+        1,
+        "a scan answers meanwhile"
+    );
+    assert_eq!(loaded, state, "the index is not part of the state's value");
+    submit(&mut loaded, 1, 1, 1);
+    assert!(loaded.index.is_built());
+    assert_eq!(indexed(&loaded), (vec![job], vec![job], vec![job]));
+}
