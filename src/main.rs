@@ -380,6 +380,18 @@ enum Cmd {
         /// Rank logs of a job are deleted this many days after it ended.
         #[arg(long, default_value_t = 30)]
         log_retention_days: u64,
+        /// Finished jobs are forgotten (gone from `jobs`, `status` and the state) this many days
+        /// after they ended.
+        #[arg(long, default_value_t = 30)]
+        job_retention_days: u64,
+        /// At most this many finished jobs are kept; beyond it the ones that ended first are
+        /// forgotten first. A job still holding resources is never forgotten.
+        #[arg(long, default_value_t = trainctl_coordinator::server::DEFAULT_MAX_FINISHED_JOBS)]
+        max_finished_jobs: usize,
+        /// How often the leader looks for finished jobs to forget (for tests).
+        #[arg(long, hide = true, default_value_t = trainctl_coordinator::server::DEFAULT_JOB_SWEEP_MS,
+              value_parser = clap::value_parser!(u64).range(100..))]
+        job_sweep_ms: u64,
         /// Take a Raft snapshot every this many log entries (half as many are kept behind it for
         /// lagging followers; further behind, a follower catches up from the snapshot).
         #[arg(long, default_value_t = trainctl_coordinator::server::DEFAULT_SNAPSHOT_LOGS,
@@ -1108,6 +1120,9 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             node_timeout_ms,
             stop_grace_ms,
             log_retention_days,
+            job_retention_days,
+            max_finished_jobs,
+            job_sweep_ms,
             snapshot_logs,
             insecure,
             tls_ca_cert,
@@ -1132,6 +1147,11 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             config.node_timeout_ms = node_timeout_ms;
             config.stop_grace_ms = stop_grace_ms;
             config.log_retention_ms = log_retention_days.saturating_mul(24 * 3600 * 1000);
+            config.job_retention = trainctl_coordinator::state::retention::JobRetention {
+                max_age_ms: job_retention_days.saturating_mul(24 * 3600 * 1000),
+                max_finished: max_finished_jobs,
+            };
+            config.job_sweep_ms = job_sweep_ms;
             config.snapshot_logs = snapshot_logs;
             config.secure = !insecure;
             config.tls = trainctl_coordinator::server::TlsSources {

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{cli_at, DevCluster};
+use common::{cli_at, eventually, job_file, DevCluster, HandCluster};
 use trainctl_coordinator::http::{HEADER_READ_TIMEOUT_MS, REST_BODY_BYTES_MAX};
 use trainctl_proto::agent::agent_service_client::AgentServiceClient;
 use trainctl_proto::agent::{HostResources, RegisterRequest};
@@ -175,4 +175,66 @@ fn the_cli_never_prints_a_terminal_escape_it_was_sent() {
     assert!(!status.stderr.contains(&0x1b), "{stderr}");
     assert!(!status.stdout.contains(&0x1b));
     assert!(stderr.contains("such job"), "{stderr}");
+}
+
+/// The job history is bounded: with `--max-finished-jobs 1` the leader forgets the older of two
+/// finished jobs, and the CLI, curl and `logs` say it was forgotten (not that it never existed).
+#[test]
+fn finished_jobs_past_the_retention_are_forgotten_and_say_so() {
+    let cluster = HandCluster::start_configured(
+        1,
+        15_000,
+        false,
+        &["--max-finished-jobs", "1", "--job-sweep-ms", "200"],
+    );
+    let file = job_file(
+        cluster.dir.path(),
+        "quick",
+        "name = \"quick\"\n[launch]\ncommand = [\"sh\", \"-c\", \"echo done\"]\n[resources]\nnodes = 1\nprocs_per_node = 1\n",
+    );
+    let first = cluster.submit(&file);
+    cluster.wait_state(&first, "succeeded", Duration::from_secs(60));
+    // One finished job is within the bound: it stays.
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert_eq!(cluster.job(&first)["state"], "succeeded");
+    let second = cluster.submit(&file);
+    cluster.wait_state(&second, "succeeded", Duration::from_secs(60));
+
+    let out = eventually(Duration::from_secs(30), "the first job forgotten", || {
+        let out = cluster.cli(&["status", &first]);
+        (!out.status.success()).then_some(out)
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("job {first} ended and was forgotten"))
+            && err.contains("--max-finished-jobs"),
+        "status of a forgotten job: {err}"
+    );
+    let logs = cluster.cli(&["logs", &first]);
+    assert!(!logs.status.success());
+    assert!(String::from_utf8_lossy(&logs.stderr).contains("was forgotten"));
+    // curl gets a 404 with the same words; an id never given out is merely unknown.
+    for (id, words) in [(first.as_str(), "was forgotten"), ("999", "does not exist")] {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-w", "\n%{http_code}"])
+            .args(cluster.curl_auth_args())
+            .arg(format!("{}/v1/jobs/{id}", cluster.url()))
+            .output()
+            .expect("run curl");
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            body.ends_with("\n404") && body.contains(words),
+            "GET job {id}: {body}"
+        );
+    }
+    // The newer job is kept, and is the only one listed.
+    assert_eq!(cluster.job(&second)["state"], "succeeded");
+    let jobs = cluster.json(&["list"]);
+    let ids: Vec<&str> = jobs
+        .as_array()
+        .expect("a list of jobs")
+        .iter()
+        .filter_map(|j| j["id"].as_str())
+        .collect();
+    assert_eq!(ids, [second.as_str()]);
 }

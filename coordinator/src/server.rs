@@ -24,6 +24,7 @@ use crate::raft::peer_auth::{append_problem, PeerSecret, PEER_HEADER};
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{Raft, ServerId};
 use crate::scheduler::{self, Unschedulable};
+use crate::state::retention::{jobs_to_forget, JobRetention, FORGET_JOBS_PER_COMMAND};
 use crate::state::{Command, CommandOutcome, JobId, JobState, NodeId, NodeStatus};
 use crate::supervise;
 
@@ -50,6 +51,11 @@ pub struct CoordinatorConfig {
     pub max_agent_requests: usize,
     /// Rank logs of a job are deleted this long after it ended (each coordinator prunes its own).
     pub log_retention_ms: u64,
+    /// How long finished jobs stay in the state, and how many at most (the leader forgets the
+    /// rest; see `state/retention.rs`).
+    pub job_retention: JobRetention,
+    /// How often the leader looks for finished jobs past the retention.
+    pub job_sweep_ms: u64,
     /// TLS on the port and tokens on every request (the default). `false` is `--insecure`: plain
     /// HTTP, and anyone who reaches the port is an admin.
     pub secure: bool,
@@ -94,6 +100,11 @@ impl CoordinatorConfig {
             max_rest_requests: 1024,
             max_agent_requests: 16_384,
             log_retention_ms: DEFAULT_LOG_RETENTION_MS,
+            job_retention: JobRetention {
+                max_age_ms: DEFAULT_JOB_RETENTION_MS,
+                max_finished: DEFAULT_MAX_FINISHED_JOBS,
+            },
+            job_sweep_ms: DEFAULT_JOB_SWEEP_MS,
             secure: true,
             tls: TlsSources::default(),
             start: crate::membership::ClusterStart::Bootstrap,
@@ -113,6 +124,13 @@ pub const DEFAULT_NODE_TIMEOUT_MS: u64 = 2_000;
 pub const DEFAULT_LOG_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
 /// How often the coordinator looks for logs past their retention.
 pub const LOG_RETENTION_SWEEP_MS: u64 = 10 * 60 * 1000;
+/// Finished jobs stay in the state this long by default: 30 days, as their logs.
+pub const DEFAULT_JOB_RETENTION_MS: u64 = DEFAULT_LOG_RETENTION_MS;
+/// At most this many finished jobs stay in the state by default (the snapshot of 100 000 is about
+/// 80 MB and installs in about 4 s: `benches/README.md`, `snapshot_join`).
+pub const DEFAULT_MAX_FINISHED_JOBS: usize = 100_000;
+/// How often the leader looks for finished jobs to forget, by default.
+pub const DEFAULT_JOB_SWEEP_MS: u64 = 60 * 1000;
 
 /// Errors of a write through Raft, for the API and the agent service to map.
 #[derive(Debug, thiserror::Error)]
@@ -712,6 +730,7 @@ pub async fn run(
     let scheduler = tokio::spawn(scheduling_loop(coordinator.clone(), shutdown.clone()));
     let liveness = tokio::spawn(liveness_loop(coordinator.clone(), shutdown.clone()));
     let retention = tokio::spawn(log_retention_loop(coordinator.clone(), shutdown.clone()));
+    let job_retention = tokio::spawn(job_retention_loop(coordinator.clone(), shutdown.clone()));
     let log_repair = tokio::spawn(crate::log_repair::after_snapshot_installs(
         coordinator.clone(),
         shutdown.clone(),
@@ -735,6 +754,7 @@ pub async fn run(
     scheduler.await.ok();
     liveness.await.ok();
     retention.await.ok();
+    job_retention.await.ok();
     log_repair.await.ok();
     coordinator.raft.shutdown().await.ok();
     Ok(())
@@ -1232,6 +1252,45 @@ async fn log_retention_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::
         }
         if *shutdown.borrow() {
             return;
+        }
+    }
+}
+
+/// On the leader, every `job_sweep_ms`: forgets the finished jobs past the retention
+/// (`state::retention`), [`FORGET_JOBS_PER_COMMAND`] per write. Their logs go with the next log
+/// retention sweep of each coordinator (a job no longer in the state has no logs to keep).
+async fn job_retention_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(coordinator.config.job_sweep_ms)) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        while coordinator.is_leader() {
+            let jobs = coordinator.state.read(|s| {
+                jobs_to_forget(
+                    s,
+                    now_ms(),
+                    &coordinator.config.job_retention,
+                    FORGET_JOBS_PER_COMMAND,
+                )
+            });
+            if jobs.is_empty() {
+                break;
+            }
+            let count = jobs.len();
+            match coordinator.write(Command::ForgetJobs { jobs }).await {
+                Ok(_) => info!(count, "forgot finished jobs past the job retention"),
+                Err(e) => {
+                    warn!(error = %e, "could not forget finished jobs");
+                    break;
+                }
+            }
+            if count < FORGET_JOBS_PER_COMMAND {
+                break;
+            }
         }
     }
 }

@@ -387,6 +387,8 @@ pub struct HandCluster {
     coordinator: Option<Proc>,
     /// The coordinator's `--node-timeout-ms`.
     node_timeout_ms: u64,
+    /// More flags for every coordinator this cluster starts.
+    coordinator_flags: Vec<String>,
     /// The data dir of the coordinator started last (its admin token).
     admin_token_dir: PathBuf,
     pub dir: tempfile::TempDir,
@@ -410,6 +412,16 @@ impl HandCluster {
     /// a CA made with `trainctl ca init` in `<dir>/ca` (the operator's own PKI), so a
     /// coordinator started on a fresh data dir is still trusted by the agents.
     pub fn start_full(agents: u32, node_timeout_ms: u64, insecure: bool) -> HandCluster {
+        Self::start_configured(agents, node_timeout_ms, insecure, &[])
+    }
+
+    /// [`HandCluster::start_full`] with `coordinator_flags` added to the coordinator's command line.
+    pub fn start_configured(
+        agents: u32,
+        node_timeout_ms: u64,
+        insecure: bool,
+        coordinator_flags: &[&str],
+    ) -> HandCluster {
         let lock = lock_cluster_addresses();
         let dir = tempfile::tempdir().unwrap();
         if !insecure {
@@ -427,6 +439,7 @@ impl HandCluster {
             agents: Vec::new(),
             coordinator: None,
             node_timeout_ms,
+            coordinator_flags: coordinator_flags.iter().map(|f| f.to_string()).collect(),
             admin_token_dir: PathBuf::new(),
             dir,
             _lock: lock,
@@ -522,6 +535,7 @@ impl HandCluster {
                 ca_key.to_str().unwrap(),
             ]);
         }
+        args.extend(self.coordinator_flags.iter().map(String::as_str));
         self.coordinator = Some(start(&args, &self.log()));
         self.admin_token_dir = data_dir.to_path_buf();
     }

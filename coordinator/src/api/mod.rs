@@ -49,6 +49,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("job {0} does not exist")]
     JobNotFound(JobId),
+    #[error("job {0} ended and was forgotten: the coordinators keep finished jobs for --job-retention-days (30 by default) and at most --max-finished-jobs (100 000 by default), the oldest going first")]
+    JobForgotten(JobId),
     #[error("no node named `{0}` (see `trainctl nodes`)")]
     NodeNotFound(String),
     #[error("{0}")]
@@ -103,9 +105,10 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::InvalidSpec(_) | ApiError::Infeasible(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::JobNotFound(_) | ApiError::NodeNotFound(_) | ApiError::NotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            ApiError::JobNotFound(_)
+            | ApiError::JobForgotten(_)
+            | ApiError::NodeNotFound(_)
+            | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Write(WriteError::NotLeader { .. } | WriteError::Unconfirmed)
             | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -1167,7 +1170,7 @@ async fn submit_job(
                 .map(|j| j.resume_point().is_some())
         });
         match newest {
-            None => return Err(ApiError::JobNotFound(other)),
+            None => return Err(c.state.read(|s| no_such_job(s, other))),
             Some(false) => {
                 return Err(ApiError::Conflict(format!(
                     "job {other} has committed no checkpoint to resume from"
@@ -1306,9 +1309,11 @@ async fn get_job(
 
 /// A job as `who` may see it (404 for a job of another namespace; env values hidden from readers).
 fn job_detail_for(c: &Coordinator, who: &Principal, id: JobId) -> Result<JobDetail, ApiError> {
-    c.state
-        .read(|s| {
-            s.jobs.get(&id).filter(|j| who.sees(j)).map(|j| {
+    c.state.read(|s| {
+        s.jobs
+            .get(&id)
+            .filter(|j| who.sees(j))
+            .map(|j| {
                 let mut d = detail(&View::new(s), j);
                 if !who.sees_env_of(j) {
                     for value in d.spec.launch.env.values_mut() {
@@ -1317,8 +1322,18 @@ fn job_detail_for(c: &Coordinator, who: &Principal, id: JobId) -> Result<JobDeta
                 }
                 d
             })
-        })
-        .ok_or(ApiError::JobNotFound(id))
+            .ok_or_else(|| no_such_job(s, id))
+    })
+}
+
+/// The 404 for job `id`, which is not in the state (or not visible to the caller): a job the
+/// retention forgot says so.
+fn no_such_job(s: &crate::state::State, id: JobId) -> ApiError {
+    if s.was_forgotten(id) {
+        ApiError::JobForgotten(id)
+    } else {
+        ApiError::JobNotFound(id)
+    }
 }
 
 /// What a reader sees instead of an env value (only admins and submitters see the values).
@@ -1326,13 +1341,13 @@ pub const HIDDEN_ENV_VALUE: &str = "(hidden)";
 
 /// 404 unless `who` may see job `id`.
 fn visible_job(c: &Coordinator, who: &Principal, id: JobId) -> Result<(), ApiError> {
-    if c.state
-        .read(|s| s.jobs.get(&id).is_some_and(|j| who.sees(j)))
-    {
-        Ok(())
-    } else {
-        Err(ApiError::JobNotFound(id))
-    }
+    c.state.read(|s| {
+        if s.jobs.get(&id).is_some_and(|j| who.sees(j)) {
+            Ok(())
+        } else {
+            Err(no_such_job(s, id))
+        }
+    })
 }
 
 /// Cancel a job: a pending job leaves the queue; a running gang is stopped (SIGTERM, grace, SIGKILL).
@@ -1425,7 +1440,7 @@ async fn job_logs(
         })
     });
     let Some((attempt, nodes, complete, world_size)) = found else {
-        return Err(ApiError::JobNotFound(id));
+        return Err(c.state.read(|s| no_such_job(s, id)));
     };
     let ranks: Vec<u32> = match q.rank {
         Some(r) if r >= world_size => {

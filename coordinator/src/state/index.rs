@@ -44,7 +44,7 @@ impl Eq for JobIndex {}
 
 /// The nodes on which `job` holds something: an unreleased share of its allocation, or a retired
 /// share of an earlier attempt.
-fn holds_on(job: &Job) -> BTreeSet<&NodeId> {
+pub(super) fn holds_on(job: &Job) -> BTreeSet<&NodeId> {
     let mut nodes: BTreeSet<&NodeId> = job
         .allocation
         .iter()

@@ -17,6 +17,7 @@ mod access;
 mod attempts;
 mod idempotency;
 mod index;
+pub mod retention;
 
 pub use access::{
     access_name_problem, secret_digest, split_token, Actor, AgentIdentity, AuditEntry, Role,
@@ -671,6 +672,9 @@ pub enum Command {
         #[serde(default)]
         refused: Option<String>,
     },
+    /// The leader's retention pass forgets finished jobs (`state/retention.rs`): each named job
+    /// that has ended and holds nothing on any node is removed; any other is kept.
+    ForgetJobs { jobs: Vec<JobId> },
 }
 
 /// What applying a command produced.
@@ -872,6 +876,7 @@ impl State {
                 Some(reason) => CommandOutcome::Rejected { reason },
                 None => CommandOutcome::Done,
             },
+            Command::ForgetJobs { jobs } => self.forget_jobs(&jobs),
         }
     }
 

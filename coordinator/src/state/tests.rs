@@ -2238,3 +2238,77 @@ fn a_loaded_state_builds_its_index_on_the_first_command() {
     assert!(loaded.index.is_built());
     assert_eq!(indexed(&loaded), (vec![job], vec![job], vec![job]));
 }
+
+/// Two nodes and `n` 1-rank jobs run to success one after the other, the i-th finished at `i` s.
+fn finished_jobs(n: u64) -> (State, Vec<JobId>) {
+    let mut state = two_nodes();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let job = submit(&mut state, 1, 1, 1);
+        place(&mut state, job);
+        report_all(&mut state, job, RankPhase::Exited, Some(0));
+        assert_eq!(job_state(&state, job), JobState::Succeeded);
+        state.jobs.get_mut(&job).unwrap().finished_at_ms = Some((i + 1) * 1000);
+        ids.push(job);
+    }
+    (state, ids)
+}
+
+#[test]
+fn retention_forgets_jobs_past_their_age_and_the_oldest_beyond_the_count() {
+    use super::retention::{jobs_to_forget, JobRetention};
+    let (mut state, ids) = finished_jobs(4);
+    let running = submit(&mut state, 1, 1, 1);
+    place(&mut state, running);
+    let rule = |max_age_ms, max_finished| JobRetention {
+        max_age_ms,
+        max_finished,
+    };
+    // (rule, now, limit) -> forgotten; jobs ended at 1, 2, 3 and 4 s.
+    let cases: [(JobRetention, u64, usize, &[usize]); 6] = [
+        (rule(10_000, 10), 5_000, 100, &[]),
+        (rule(3_000, 10), 5_000, 100, &[0, 1]), // ended 4 s and 3 s before
+        (rule(10_000, 3), 5_000, 100, &[0]),    // one over the count
+        (rule(10_000, 0), 5_000, 100, &[0, 1, 2, 3]),
+        (rule(3_000, 1), 5_000, 100, &[0, 1, 2]), // both rules
+        (rule(0, 10), 5_000, 2, &[0, 1]),         // the limit, oldest first
+    ];
+    for (rule, now, limit, want) in cases {
+        let want: Vec<JobId> = want.iter().map(|&i| ids[i]).collect();
+        assert_eq!(jobs_to_forget(&state, now, &rule, limit), want, "{rule:?}");
+    }
+    // Applied: the named finished jobs go, the running one and an unknown id change nothing.
+    let named = vec![ids[0], running, JobId(999)];
+    assert_eq!(
+        state.apply(Command::ForgetJobs { jobs: named }),
+        CommandOutcome::Done
+    );
+    assert!(!state.jobs.contains_key(&ids[0]) && state.was_forgotten(ids[0]));
+    assert!(state.jobs.contains_key(&running) && !state.was_forgotten(running));
+    assert!(!state.was_forgotten(JobId(999)), "never existed");
+    check_invariants(&state);
+}
+
+#[test]
+fn retention_keeps_a_finished_job_until_its_ranks_let_go() {
+    use super::retention::forgettable;
+    let (mut state, job) = running_job();
+    assert_eq!(cancel(&mut state, job), CommandOutcome::Done);
+    assert!(
+        !forgettable(&state.jobs[&job]),
+        "its ranks still hold both nodes"
+    );
+    state.apply(Command::ForgetJobs { jobs: vec![job] });
+    assert!(state.jobs.contains_key(&job), "kept while it holds shares");
+    report_idle(&mut state, "node-1", vec![job]);
+    report_idle(&mut state, "node-2", vec![job]);
+    assert!(forgettable(&state.jobs[&job]));
+    state.apply(Command::ForgetJobs { jobs: vec![job] });
+    assert!(state.was_forgotten(job));
+    assert!(idle(&state, "node-1") && idle(&state, "node-2"));
+    // A later job is placed on the freed hosts as usual, with the next id.
+    let next = submit(&mut state, 2, 2, 2);
+    assert_eq!(next, JobId(job.0 + 1));
+    place(&mut state, next);
+    check_invariants(&state);
+}

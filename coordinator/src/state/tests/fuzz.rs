@@ -190,6 +190,10 @@ fn fuzz_command(state: &State, choice: u8, seed: u64, step: u64) -> Command {
                 at_ms,
             }
         }
+        30 if rng.below(4) == 0 => Command::ForgetJobs {
+            // Some ended and free, some live or holding shares: only the first kind may go.
+            jobs: (0..3).map(|_| some_job(state, &mut rng)).collect(),
+        },
         30 if rng.below(2) == 0 => Command::FailPendingJob {
             job: some_job(state, &mut rng),
             reason: "fuzz".into(),
@@ -318,16 +322,21 @@ fn the_fuzz_commands_are_applied_not_only_rejected() {
                 Command::NodeLost { .. } => "lost",
                 Command::SetNodeHealth { .. } => "health",
                 Command::ReportRanks { gone_attempts, .. } if !gone_attempts.is_empty() => "gone",
+                Command::ForgetJobs { .. } => "forget",
                 _ => "other",
             };
-            if !matches!(state.apply(command), CommandOutcome::Rejected { .. }) {
+            let jobs_before = state.jobs.len();
+            let outcome = state.apply(command);
+            // Forgetting is applied when it removed a job (it is `Done` either way).
+            let forgot = state.jobs.len() < jobs_before;
+            if !matches!(outcome, CommandOutcome::Rejected { .. }) && (kind != "forget" || forgot) {
                 *applied.entry(kind).or_default() += 1;
             }
             check_invariants(&state);
         }
     }
     for kind in [
-        "restart", "commit", "request", "drain", "remove", "lost", "gone", "health",
+        "restart", "commit", "request", "drain", "remove", "lost", "gone", "health", "forget",
     ] {
         assert!(
             applied.get(kind).copied().unwrap_or(0) > 0,
