@@ -460,7 +460,9 @@ impl Coordinator {
                     .await;
             }
         }
-        self.raft.runtime_config().elect(false);
+        // Held through the hand-over, and for TRANSFER_HOLD after it (below).
+        self.elections
+            .hold_for(TRANSFER_HOLD + Duration::from_secs(4));
         self.raft.runtime_config().heartbeat(false);
         // The followers' leases (election_timeout_max) run out without heartbeats.
         tokio::time::sleep(Duration::from_millis(
@@ -482,11 +484,7 @@ impl Coordinator {
             .metrics(|m| m.current_leader == Some(to), "the new leader leads")
             .await;
         self.raft.runtime_config().heartbeat(true);
-        let raft = self.raft.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(TRANSFER_HOLD).await;
-            raft.runtime_config().elect(true);
-        });
+        self.elections.hold_for(TRANSFER_HOLD);
         match (asked, moved) {
             (_, Ok(_)) => {
                 tracing::info!(to, "handed leadership over");

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::logs::LogStore;
+use crate::raft::elections::Elections;
 use crate::raft::log_store::LogStore as RaftLogStore;
 use crate::raft::network::HttpNetworkFactory;
 use crate::raft::peer_auth::{append_problem, PeerSecret, PEER_HEADER};
@@ -183,6 +184,8 @@ pub struct Coordinator {
     pub membership_change: tokio::sync::Mutex<()>,
     /// Held for writing while leadership moves: the write queue waits.
     pub write_pause: Arc<tokio::sync::RwLock<()>>,
+    /// When this coordinator may campaign: election holds and its last contact with a leader.
+    pub elections: Arc<Elections>,
     /// Writes go through one queue so that concurrent ones share a log entry and an fsync.
     writes: mpsc::Sender<PendingWrite>,
 }
@@ -404,6 +407,18 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
             "initialised a new one-voter cluster"
         );
     }
+    let elections = Elections::new(raft.clone());
+    let voters = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .count();
+    if voters > 1 {
+        // A member of a group coming back: it listens before it campaigns (see `elections`).
+        elections.hold_until_a_leader_is_heard(config.server_id);
+    }
     if !joining && state.read(|s| s.cluster_id.is_none()) {
         name_cluster(&raft, config.server_id).await?;
     }
@@ -449,6 +464,7 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
         granted_ids: Mutex::new(Default::default()),
         membership_change: tokio::sync::Mutex::new(()),
         write_pause,
+        elections,
     }))
 }
 
@@ -781,18 +797,18 @@ async fn exit_if_raft_core_fails(coordinator: Arc<Coordinator>) {
 }
 
 /// Whether a voter that just refused a candidate should campaign at once: the candidate's log
-/// is behind its own (so it can never win this voter's vote) and no leader is known (the
-/// candidate's higher term deposed it: the leader is gone, or its lease ran out). Without this,
+/// is behind its own (so it can never win this voter's vote) and no leader is alive (none known,
+/// or the known one sent no append for a lease: it is gone). Without this,
 /// openraft waits a full election timeout more, and a failover takes twice as long whenever
 /// the first candidate is the one with the shorter log. Pure.
 pub fn campaign_after_refusing(
     granted: bool,
     own_log: Option<openraft::LogId<ServerId>>,
     candidate_log: Option<openraft::LogId<ServerId>>,
-    leader_known: bool,
+    leader_alive: bool,
     voter: bool,
 ) -> bool {
-    !granted && voter && !leader_known && own_log > candidate_log
+    !granted && voter && !leader_alive && own_log > candidate_log
 }
 
 /// Most Raft requests from other coordinators served at once.
@@ -810,7 +826,9 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
     use axum::response::IntoResponse;
     use axum::routing::post;
     use axum::Json;
-    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+    use openraft::raft::{
+        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
+    };
 
     use crate::raft::TypeConfig;
 
@@ -881,7 +899,16 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
                         format!("malformed append: {problem}"),
                     );
                 }
-                Json(c.raft.append_entries(rpc).await).into_response()
+                let answer = c.raft.append_entries(rpc).await;
+                if matches!(
+                    answer,
+                    Ok(AppendEntriesResponse::Success
+                        | AppendEntriesResponse::PartialSuccess(_)
+                        | AppendEntriesResponse::Conflict)
+                ) {
+                    c.elections.heard_from_leader();
+                }
+                Json(answer).into_response()
             }
             "vote" => match parse::<VoteRequest<ServerId>>(&body) {
                 Ok(rpc) => {
@@ -894,11 +921,16 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
                             .membership()
                             .voter_ids()
                             .any(|v| v == c.config.server_id);
+                        // The leader counts as alive only while it keeps sending appends.
+                        let leader_alive = metrics.current_leader.is_some()
+                            && c.elections.leader_heard_within(Duration::from_millis(
+                                c.raft.config().election_timeout_max,
+                            ));
                         if campaign_after_refusing(
                             answer.vote_granted,
                             answer.last_log_id,
                             candidate_log,
-                            metrics.current_leader.is_some(),
+                            leader_alive,
                             voter,
                         ) {
                             let raft = c.raft.clone();
@@ -940,12 +972,7 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
             "hold-elections" => match parse::<crate::membership::HoldElections>(&body) {
                 Ok(hold) => {
                     let ms = hold.ms.min(crate::membership::TRANSFER_HOLD.as_millis() as u64);
-                    c.raft.runtime_config().elect(false);
-                    let raft = c.raft.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                        raft.runtime_config().elect(true);
-                    });
+                    c.elections.hold_for(Duration::from_millis(ms));
                     Json(serde_json::json!({})).into_response()
                 }
                 Err(response) => response,

@@ -9,6 +9,7 @@
 
 use crate::state::{Command, CommandOutcome};
 
+pub mod elections;
 pub mod format;
 pub mod log_store;
 pub mod network;
