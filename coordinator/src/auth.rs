@@ -384,7 +384,7 @@ mod tests {
                 secret: String::new(),
                 resume_from_job: None,
             });
-            let mut j = state.jobs.into_values().next().unwrap();
+            let mut j = Arc::unwrap_or_clone(state.jobs.into_values().next().unwrap());
             j.owner = Some(Actor {
                 name: "x".into(),
                 namespace: ns.map(str::to_string),

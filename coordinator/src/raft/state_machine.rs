@@ -289,12 +289,17 @@ impl StateMachineStore {
             let mut bookkeeping = None;
             write_file(&temp, |file| {
                 let mut writer = BufWriter::with_capacity(SNAPSHOT_IO_BUFFER_BYTES, file);
-                // The read lock is held while serializing (applies wait, reads do not), not while
-                // the file is synced.
-                let guard = self.applied.read().unwrap_or_else(|e| e.into_inner());
-                write_snapshot_data(&guard, &mut writer).map_err(io::Error::other)?;
-                bookkeeping = Some((guard.last_applied, guard.last_membership.clone()));
-                drop(guard);
+                // A copy taken under the read lock is serialized without it, so applies never wait
+                // for the serialization (seconds for a large state). The copy is cheap: jobs are
+                // shared (`Arc`), and one changed meanwhile is copied on write.
+                let applied = self
+                    .applied
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                write_snapshot_data(&applied, &mut writer).map_err(io::Error::other)?;
+                bookkeeping = Some((applied.last_applied, applied.last_membership.clone()));
+                drop(applied);
                 io::Write::flush(&mut writer)
             })
             .map_err(|e| StorageIOError::write_snapshot(None, &e))?;

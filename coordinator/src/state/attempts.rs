@@ -17,6 +17,7 @@
 //! share waits for its agent as before).
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -232,7 +233,7 @@ impl State {
     /// when the restart budget is spent.
     pub(super) fn end_attempt(&mut self, job_id: JobId, why: String, end: AttemptEnd, at_ms: u64) {
         self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
             return;
         };
         if job.state.is_terminal() || job.state == JobState::Pending {
@@ -278,7 +279,11 @@ impl State {
     /// stays held until the old rank 0 is gone, so a straggler of the old gang never meets the new).
     fn restart_in_place(&mut self, job_id: JobId, at_ms: u64) {
         self.index.touch(job_id);
-        let job = self.jobs.get_mut(&job_id).expect("caller checked");
+        let job = self
+            .jobs
+            .get_mut(&job_id)
+            .map(Arc::make_mut)
+            .expect("caller checked");
         let old_attempt = job.attempt;
         job.attempt += 1;
         let allocation = job.allocation.as_mut().expect("caller checked");
@@ -315,7 +320,11 @@ impl State {
     /// released; the others are retired, held until their agents report the processes gone.
     fn place_again(&mut self, job_id: JobId) {
         self.index.touch(job_id);
-        let job = self.jobs.get_mut(&job_id).expect("caller checked");
+        let job = self
+            .jobs
+            .get_mut(&job_id)
+            .map(Arc::make_mut)
+            .expect("caller checked");
         let old_attempt = job.attempt;
         job.attempt += 1;
         let ranks = std::mem::take(&mut job.ranks);
@@ -384,7 +393,7 @@ impl State {
         which: impl Fn(&RetiredShare) -> bool,
     ) {
         self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
             return;
         };
         let (gone, kept): (Vec<RetiredShare>, Vec<RetiredShare>) = std::mem::take(&mut job.retired)
@@ -450,7 +459,7 @@ impl State {
         at_ms: u64,
     ) -> CommandOutcome {
         self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
             return rejected(format!("job {job_id} does not exist"));
         };
         if job.attempt != attempt || job.state == JobState::Pending {
@@ -500,7 +509,7 @@ impl State {
 
     pub(super) fn request_checkpoint(&mut self, job_id: JobId) -> CommandOutcome {
         self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
             return rejected(format!("job {job_id} does not exist"));
         };
         if !matches!(job.state, JobState::Starting | JobState::Running) {

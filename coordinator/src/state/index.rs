@@ -9,6 +9,7 @@
 //! debug builds checks the whole index against a scan while the state is small.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::{Job, JobId, JobState, NodeId, State};
 
@@ -72,7 +73,7 @@ impl JobIndex {
     }
 
     /// Builds the index from `jobs`.
-    pub fn build(jobs: &BTreeMap<JobId, Job>) -> Self {
+    pub fn build(jobs: &BTreeMap<JobId, Arc<Job>>) -> Self {
         let mut index = JobIndex {
             built: true,
             ..JobIndex::default()
@@ -109,7 +110,7 @@ impl JobIndex {
     }
 
     /// Re-indexes the jobs touched since the last refresh.
-    pub fn refresh(&mut self, jobs: &BTreeMap<JobId, Job>) {
+    pub fn refresh(&mut self, jobs: &BTreeMap<JobId, Arc<Job>>) {
         for id in std::mem::take(&mut self.touched) {
             self.remove(id);
             if let Some(job) = jobs.get(&id) {
@@ -119,7 +120,7 @@ impl JobIndex {
     }
 
     /// The same sets as a fresh build from `jobs`.
-    fn matches(&self, jobs: &BTreeMap<JobId, Job>) -> bool {
+    fn matches(&self, jobs: &BTreeMap<JobId, Arc<Job>>) -> bool {
         let fresh = JobIndex::build(jobs);
         self.live == fresh.live && self.by_node == fresh.by_node && self.nodes_of == fresh.nodes_of
     }
@@ -146,9 +147,14 @@ impl State {
     /// Jobs in state `Starting` or `Running`.
     pub fn live_jobs(&self) -> Box<dyn Iterator<Item = &Job> + '_> {
         if self.index.built {
-            Box::new(self.index.live.iter().filter_map(|id| self.jobs.get(id)))
+            Box::new(
+                self.index
+                    .live
+                    .iter()
+                    .filter_map(|id| self.jobs.get(id).map(|j| &**j)),
+            )
         } else {
-            Box::new(self.jobs.values().filter(|j| is_live(j)))
+            Box::new(self.jobs.values().map(|j| &**j).filter(|j| is_live(j)))
         }
     }
 
@@ -165,12 +171,13 @@ impl State {
                     .get(node)
                     .into_iter()
                     .flatten()
-                    .filter_map(|id| self.jobs.get(id)),
+                    .filter_map(|id| self.jobs.get(id).map(|j| &**j)),
             )
         } else {
             Box::new(
                 self.jobs
                     .values()
+                    .map(|j| &**j)
                     .filter(move |j| holds_on(j).contains(node)),
             )
         }

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use trainctl_jobs::JobSpec;
@@ -709,7 +710,9 @@ pub enum CommandOutcome {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub nodes: BTreeMap<NodeId, Node>,
-    pub jobs: BTreeMap<JobId, Job>,
+    /// Shared with snapshots being written: a snapshot clones the map (pointers), not the jobs,
+    /// and a job changed meanwhile is copied on write (`Arc::make_mut`).
+    pub jobs: BTreeMap<JobId, Arc<Job>>,
     /// Pending jobs in submission order: the scheduler places them first come, first served.
     pub queue: VecDeque<JobId>,
     pub last_job_id: u64,
@@ -744,7 +747,7 @@ impl State {
     /// that starts within the committed bytes extends them; one past their end (a gap) does not.
     pub fn extend_committed_logs(&mut self, chunks: &[LogRecord]) {
         for chunk in chunks {
-            let Some(job) = self.jobs.get_mut(&chunk.job) else {
+            let Some(job) = self.jobs.get_mut(&chunk.job).map(Arc::make_mut) else {
                 continue;
             };
             let committed = job
@@ -1008,9 +1011,18 @@ impl State {
             at_ms,
             false,
         );
-        for job in self.jobs.values_mut() {
-            for share in job.retired.iter_mut().filter(|r| &r.node == node) {
-                share.awaiting_agent = true;
+        // The shares `lose_ranks_on` just retired are in the index once it is refreshed.
+        self.index.refresh(&self.jobs);
+        let retired_here: Vec<JobId> = self
+            .jobs_holding_on(node)
+            .filter(|j| j.retired.iter().any(|r| &r.node == node))
+            .map(|j| j.id)
+            .collect();
+        for id in retired_here {
+            if let Some(job) = self.jobs.get_mut(&id).map(Arc::make_mut) {
+                for share in job.retired.iter_mut().filter(|r| &r.node == node) {
+                    share.awaiting_agent = true;
+                }
             }
         }
         CommandOutcome::Done
@@ -1032,7 +1044,11 @@ impl State {
             .collect();
         for job_id in affected {
             self.index.touch(job_id);
-            let job = self.jobs.get_mut(&job_id).expect("listed above");
+            let job = self
+                .jobs
+                .get_mut(&job_id)
+                .map(Arc::make_mut)
+                .expect("listed above");
             let mut lost_any = false;
             for rank in job.ranks.iter_mut().filter(|r| &r.node == node) {
                 if !rank.phase.is_terminal() {
@@ -1095,7 +1111,7 @@ impl State {
         self.index.touch(id);
         self.jobs.insert(
             id,
-            Job {
+            Arc::new(Job {
                 id,
                 spec,
                 state: JobState::Pending,
@@ -1115,7 +1131,7 @@ impl State {
                 checkpoint_signals: 0,
                 owner: None,
                 log_bytes: BTreeMap::new(),
-            },
+            }),
         );
         self.queue.push_back(id);
         CommandOutcome::JobSubmitted { job: id }
@@ -1232,7 +1248,11 @@ impl State {
             }
         }
         self.index.touch(job_id);
-        let job = self.jobs.get_mut(&job_id).expect("checked above");
+        let job = self
+            .jobs
+            .get_mut(&job_id)
+            .map(Arc::make_mut)
+            .expect("checked above");
         job.state = JobState::Starting;
         job.started_at_ms = Some(at_ms);
         job.allocation = Some(Allocation {
@@ -1271,7 +1291,7 @@ impl State {
         let mut first_failure: BTreeMap<JobId, u32> = BTreeMap::new();
         for obs in observations {
             self.index.touch(obs.job);
-            let Some(job) = self.jobs.get_mut(&obs.job) else {
+            let Some(job) = self.jobs.get_mut(&obs.job).map(Arc::make_mut) else {
                 continue;
             };
             if job.attempt != obs.attempt {
@@ -1297,7 +1317,7 @@ impl State {
         }
         for job_id in &idle_jobs {
             self.index.touch(*job_id);
-            let Some(job) = self.jobs.get_mut(job_id) else {
+            let Some(job) = self.jobs.get_mut(job_id).map(Arc::make_mut) else {
                 continue;
             };
             if !job.state.is_terminal() {
@@ -1328,7 +1348,11 @@ impl State {
     /// report order) ends the attempt, and the gang restarts or the job fails.
     fn update_job_from_ranks(&mut self, job_id: JobId, first_failed_rank: Option<u32>, at_ms: u64) {
         self.index.touch(job_id);
-        let job = self.jobs.get_mut(&job_id).expect("caller checked");
+        let job = self
+            .jobs
+            .get_mut(&job_id)
+            .map(Arc::make_mut)
+            .expect("caller checked");
         if job.state.is_terminal() || job.state == JobState::Pending {
             return;
         }
@@ -1362,7 +1386,7 @@ impl State {
 
     fn cancel_job(&mut self, job_id: JobId, at_ms: u64) -> CommandOutcome {
         self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
             return rejected(format!("job {job_id} does not exist"));
         };
         if job.state.is_terminal() {
@@ -1379,7 +1403,7 @@ impl State {
 
     fn fail_pending_job(&mut self, job_id: JobId, reason: String, at_ms: u64) -> CommandOutcome {
         self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
             return rejected(format!("job {job_id} does not exist"));
         };
         if job.state != JobState::Pending {
@@ -1425,7 +1449,7 @@ impl State {
 
     fn release_node_allocation(&mut self, job_id: JobId, node_id: &NodeId) {
         self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
             return;
         };
         let Some(allocation) = job.allocation.as_mut() else {

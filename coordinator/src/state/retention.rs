@@ -50,7 +50,7 @@ impl State {
     /// Forgets each of `jobs` that may be forgotten ([`forgettable`]); keeps the others.
     pub(super) fn forget_jobs(&mut self, jobs: &[JobId]) -> CommandOutcome {
         for id in jobs {
-            if self.jobs.get(id).is_some_and(forgettable) {
+            if self.jobs.get(id).is_some_and(|j| forgettable(j)) {
                 self.index.touch(*id);
                 self.jobs.remove(id);
             }

@@ -1941,7 +1941,8 @@ fn append_logs_records_only_how_far_each_log_is_committed() {
         assert_eq!((committed(0), committed(1)), (rank0, rank1), "{command:?}");
         // Nothing else changes.
         let mut without_logs = state.clone();
-        without_logs.jobs.get_mut(&job).unwrap().log_bytes = before.jobs[&job].log_bytes.clone();
+        std::sync::Arc::make_mut(without_logs.jobs.get_mut(&job).unwrap()).log_bytes =
+            before.jobs[&job].log_bytes.clone();
         assert!(
             without_logs == before,
             "{command:?} changed more than log_bytes"
@@ -2248,7 +2249,8 @@ fn finished_jobs(n: u64) -> (State, Vec<JobId>) {
         place(&mut state, job);
         report_all(&mut state, job, RankPhase::Exited, Some(0));
         assert_eq!(job_state(&state, job), JobState::Succeeded);
-        state.jobs.get_mut(&job).unwrap().finished_at_ms = Some((i + 1) * 1000);
+        std::sync::Arc::make_mut(state.jobs.get_mut(&job).unwrap()).finished_at_ms =
+            Some((i + 1) * 1000);
         ids.push(job);
     }
     (state, ids)
@@ -2311,4 +2313,30 @@ fn retention_keeps_a_finished_job_until_its_ranks_let_go() {
     assert_eq!(next, JobId(job.0 + 1));
     place(&mut state, next);
     check_invariants(&state);
+}
+
+/// A snapshot is written from a copy of the state taken under the lock; the jobs are shared with
+/// the live state, so a command applied meanwhile must copy a job before changing it.
+#[test]
+fn a_copy_for_a_snapshot_does_not_see_later_commands() {
+    let (mut state, job) = running_job();
+    let copy = state.clone();
+    assert!(
+        std::sync::Arc::ptr_eq(&copy.jobs[&job], &state.jobs[&job]),
+        "shared, not copied"
+    );
+    assert_eq!(cancel(&mut state, job), CommandOutcome::Done);
+    let other = submit(&mut state, 1, 1, 1);
+    assert_eq!(job_state(&state, job), JobState::Cancelled);
+    assert_eq!(
+        job_state(&copy, job),
+        JobState::Running,
+        "the copy kept its job"
+    );
+    assert!(!copy.jobs.contains_key(&other));
+    assert_eq!(
+        serde_json::to_value(&copy).unwrap(),
+        serde_json::to_value(running_job().0).unwrap(),
+        "the copy serializes as the state it was taken from"
+    );
 }
