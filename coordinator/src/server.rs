@@ -811,6 +811,17 @@ pub fn campaign_after_refusing(
     !granted && voter && !leader_alive && own_log > candidate_log
 }
 
+/// How many elections in a row take a voter at `own_term` past a candidate's `candidate_term`
+/// (each election takes the next term; the candidate holds its own term's vote, so campaigning in
+/// that term only splits the vote). At most [`OUTBID_ELECTIONS_MAX`]. Pure.
+pub fn elections_to_outbid(own_term: u64, candidate_term: u64) -> u32 {
+    let needed = candidate_term.saturating_sub(own_term).saturating_add(1);
+    needed.min(OUTBID_ELECTIONS_MAX as u64) as u32
+}
+
+/// Most elections a refusing voter starts in a row to outbid a candidate.
+pub const OUTBID_ELECTIONS_MAX: u32 = 4;
+
 /// Most Raft requests from other coordinators served at once.
 pub const MAX_RAFT_REQUESTS: usize = 256;
 
@@ -913,6 +924,7 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
             "vote" => match parse::<VoteRequest<ServerId>>(&body) {
                 Ok(rpc) => {
                     let candidate_log = rpc.last_log_id;
+                    let candidate_term = rpc.vote.leader_id.term;
                     let answer = c.raft.vote(rpc).await;
                     if let Ok(answer) = &answer {
                         let metrics = c.raft.metrics().borrow().clone();
@@ -933,9 +945,17 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
                             leader_alive,
                             voter,
                         ) {
+                            // Each election takes the next term; the refused candidate holds its
+                            // own term's vote, so campaign past it or the two split the vote.
+                            let rounds =
+                                elections_to_outbid(answer.vote.leader_id.term, candidate_term);
                             let raft = c.raft.clone();
                             tokio::spawn(async move {
-                                let _ = raft.trigger().elect().await;
+                                for _ in 0..rounds {
+                                    if raft.trigger().elect().await.is_err() {
+                                        break;
+                                    }
+                                }
                             });
                         }
                     }
@@ -1405,6 +1425,28 @@ pub fn job_counts(coordinator: &Coordinator) -> BTreeMap<&'static str, u64> {
 mod tests {
     use super::*;
     use crate::state::{Command, CommandOutcome, State};
+
+    #[test]
+    fn a_refusing_voter_campaigns_past_the_candidates_term() {
+        // (own term, candidate's term, elections)
+        let cases = [
+            (14, 15, 2),
+            (15, 15, 1),
+            (16, 15, 1),
+            (10, 15, 4),
+            (0, u64::MAX, 4),
+        ];
+        for (own, candidate, rounds) in cases {
+            assert_eq!(
+                elections_to_outbid(own, candidate),
+                rounds,
+                "own {own}, candidate {candidate}"
+            );
+            if rounds < OUTBID_ELECTIONS_MAX {
+                assert!(own + rounds as u64 > candidate, "past the candidate's term");
+            }
+        }
+    }
 
     #[test]
     fn a_voter_campaigns_at_once_only_when_it_refused_a_candidate_with_a_shorter_log() {
