@@ -417,7 +417,7 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
         .count();
     if voters > 1 {
         // A member of a group coming back: it listens before it campaigns (see `elections`).
-        elections.hold_until_a_leader_is_heard(config.server_id);
+        elections.hold_until_a_leader_is_heard();
     }
     if !joining && state.read(|s| s.cluster_id.is_none()) {
         name_cluster(&raft, config.server_id).await?;

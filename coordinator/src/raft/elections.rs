@@ -22,6 +22,8 @@ use super::Raft;
 /// How long a restarted member of a multi-voter group holds its elections at most, waiting to
 /// hear from a leader.
 pub const RESTART_HOLD: Duration = Duration::from_secs(2);
+/// How often a restarted member checks whether a leader's append arrived.
+const RESTART_POLL: Duration = Duration::from_millis(20);
 
 /// Until when elections are held; `None`: not held.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -87,27 +89,23 @@ impl Elections {
         }
     }
 
-    /// After a restart: holds elections until a leader is heard from, or [`RESTART_HOLD`].
-    pub fn hold_until_a_leader_is_heard(self: &Arc<Self>, me: super::ServerId) {
+    /// After a restart: holds elections until a leader's append arrives, or [`RESTART_HOLD`].
+    /// (Not the leader openraft reports: right after a restart that is the one of the stored
+    /// vote, which may be long gone.)
+    pub fn hold_until_a_leader_is_heard(self: &Arc<Self>) {
         let until = Instant::now() + RESTART_HOLD;
         self.hold_for(RESTART_HOLD);
         let elections = self.clone();
-        let mut metrics = self.raft.metrics();
         tokio::spawn(async move {
-            let heard = async {
-                loop {
-                    let leader = metrics.borrow().current_leader;
-                    if leader.is_some_and(|l| l != me) {
-                        return;
-                    }
-                    if metrics.changed().await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
+            while Instant::now() < until {
+                if elections.leader_heard_within(RESTART_HOLD) {
+                    tracing::info!(
+                        "heard from the leader after the restart; elections allowed again"
+                    );
+                    elections.end_hold(until);
+                    return;
                 }
-            };
-            if tokio::time::timeout(RESTART_HOLD, heard).await.is_ok() {
-                tracing::info!("heard from the leader after the restart; elections allowed again");
-                elections.end_hold(until);
+                tokio::time::sleep(RESTART_POLL).await;
             }
         });
     }
