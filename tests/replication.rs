@@ -537,6 +537,7 @@ fn a_restarted_follower_catches_up_and_a_wiped_member_is_replaced() {
         let out = group.cli(&["submit", job.to_str().unwrap()]);
         assert!(out.status.success(), "{out:?}");
     }
+    let term_before = group.json(&["cluster", "-o", "json"])["term"].as_u64();
     let started = Instant::now();
     group.start_coordinator(follower);
     eventually(
@@ -548,6 +549,20 @@ fn a_restarted_follower_catches_up_and_a_wiped_member_is_replaced() {
         },
     );
     eprintln!("restarted follower caught up in {:?}", started.elapsed());
+    // It came back with an older log and listened before it could campaign: no election, the
+    // same leader in the same term (raft/elections.rs).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        group.leader(),
+        leader,
+        "the returning member disturbed the leader"
+    );
+    let term_after = group.json(&["cluster", "-o", "json"])["term"].as_u64();
+    assert!(term_before.is_some(), "the cluster view has a term");
+    assert_eq!(
+        term_after, term_before,
+        "an election ran while the member came back"
+    );
 
     // A member's disk is lost: remove it, and join a new server in its place.
     let lost_id = group.member_id(follower);
