@@ -20,9 +20,7 @@ use anyhow::{bail, ensure, Context};
 use trainctl_benches::{fixtures, micros, time_case};
 use trainctl_coordinator::agents::{assignments_for, changed_observations, gone_attempts};
 use trainctl_coordinator::scheduler;
-use trainctl_coordinator::state::{
-    Command, CommandOutcome, JobId, NodeId, RankObservation, RankPhase, State,
-};
+use trainctl_coordinator::state::{Command, CommandOutcome, JobId, NodeId, RankPhase, State};
 use trainctl_jobs::JobSpec;
 use trainctl_proto::agent::{RankPhase as WirePhase, RankReport};
 
@@ -155,33 +153,7 @@ fn submit_and_place(
 
 /// Every rank of each of `jobs` reported in `phase` by its node's agent.
 fn report(state: &mut State, jobs: &[JobId], phase: RankPhase, exit_code: Option<i32>) {
-    let reports: Vec<Command> = jobs
-        .iter()
-        .map(|job| {
-            let j = &state.jobs[job];
-            let node = j.ranks[0].node.clone();
-            Command::ReportRanks {
-                instance_id: state.nodes[&node].instance_id.clone(),
-                node,
-                observations: j
-                    .ranks
-                    .iter()
-                    .map(|r| RankObservation {
-                        job: *job,
-                        attempt: j.attempt,
-                        rank: r.rank,
-                        phase,
-                        exit_code,
-                        message: None,
-                        pid: Some(1000 + r.rank),
-                    })
-                    .collect(),
-                idle_jobs: Vec::new(),
-                at_ms: AT_MS + 1,
-                gone_attempts: Vec::new(),
-            }
-        })
-        .collect();
+    let reports = fixtures::rank_reports(state, jobs, phase, exit_code, AT_MS + 1);
     state.apply(Command::Batch(reports));
 }
 

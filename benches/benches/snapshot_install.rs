@@ -30,7 +30,7 @@ use trainctl_coordinator::logs::LogStore;
 use trainctl_coordinator::raft::state_machine::{StateMachineStore, SNAPSHOT_CHUNK_BYTES};
 use trainctl_coordinator::raft::TypeConfig;
 use trainctl_coordinator::scheduler;
-use trainctl_coordinator::state::{Command, CommandOutcome, JobId, RankObservation, RankPhase};
+use trainctl_coordinator::state::{Command, CommandOutcome, JobId, RankPhase};
 use trainctl_jobs::JobSpec;
 
 /// Finished jobs in the state, unless `TRAINCTL_BENCH_JOBS` says otherwise.
@@ -181,34 +181,8 @@ async fn build(dir: &Path) -> anyhow::Result<()> {
             .await?;
             ensure!(outcome == CommandOutcome::Done, "place {job}: {outcome:?}");
         }
-        let reports = sm.read(|s| {
-            ids.iter()
-                .map(|job| {
-                    let j = &s.jobs[job];
-                    let node = j.ranks[0].node.clone();
-                    Command::ReportRanks {
-                        instance_id: s.nodes[&node].instance_id.clone(),
-                        node,
-                        observations: j
-                            .ranks
-                            .iter()
-                            .map(|r| RankObservation {
-                                job: *job,
-                                attempt: j.attempt,
-                                rank: r.rank,
-                                phase: RankPhase::Exited,
-                                exit_code: Some(0),
-                                message: None,
-                                pid: Some(1000 + r.rank),
-                            })
-                            .collect(),
-                        idle_jobs: Vec::new(),
-                        at_ms: AT_MS + 1,
-                        gone_attempts: Vec::new(),
-                    }
-                })
-                .collect()
-        });
+        let reports =
+            sm.read(|s| fixtures::rank_reports(s, &ids, RankPhase::Exited, Some(0), AT_MS + 1));
         apply(&mut sm, &mut index, Command::Batch(reports)).await?;
     }
     let finished = sm.read(|s| s.jobs.values().filter(|j| j.state.is_terminal()).count());

@@ -3,7 +3,9 @@
 
 use std::fmt;
 
-use trainctl_coordinator::state::{Command, GpuInfo, NodeId, NodeResources, NodeStatus, State};
+use trainctl_coordinator::state::{
+    Command, GpuInfo, JobId, NodeId, NodeResources, NodeStatus, RankObservation, RankPhase, State,
+};
 use trainctl_jobs::{Fabric, Resources};
 
 /// GPUs on every fixture host.
@@ -133,6 +135,43 @@ pub fn state(hosts: usize, fill: Fill) -> State {
         }
     }
     state
+}
+
+/// One agent report per job of `jobs` (from its first rank's node): every rank of its current
+/// attempt in `phase`, with `exit_code`.
+pub fn rank_reports(
+    state: &State,
+    jobs: &[JobId],
+    phase: RankPhase,
+    exit_code: Option<i32>,
+    at_ms: u64,
+) -> Vec<Command> {
+    jobs.iter()
+        .map(|job| {
+            let j = &state.jobs[job];
+            let node = j.ranks[0].node.clone();
+            Command::ReportRanks {
+                instance_id: state.nodes[&node].instance_id.clone(),
+                node,
+                observations: j
+                    .ranks
+                    .iter()
+                    .map(|r| RankObservation {
+                        job: *job,
+                        attempt: j.attempt,
+                        rank: r.rank,
+                        phase,
+                        exit_code,
+                        message: None,
+                        pid: Some(1000 + r.rank),
+                    })
+                    .collect(),
+                idle_jobs: Vec::new(),
+                at_ms,
+                gone_attempts: Vec::new(),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 //! record is [`TokenRecord::check`], a pure function the API layer calls with its clock.
 
 use std::fmt;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -252,8 +251,7 @@ impl State {
         };
         let (action, result) = match &outcome {
             CommandOutcome::JobSubmitted { job } => {
-                self.index.touch(*job);
-                if let Some(j) = self.jobs.get_mut(job).map(Arc::make_mut) {
+                if let Some(j) = self.job_mut(*job) {
                     j.owner = Some(actor.clone());
                 }
                 (format!("{action} as job {job}"), "done".to_string())

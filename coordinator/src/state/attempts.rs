@@ -17,7 +17,6 @@
 //! share waits for its agent as before).
 
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -232,8 +231,7 @@ impl State {
     /// The current attempt of a live job ended without success: restart the gang, or fail the job
     /// when the restart budget is spent.
     pub(super) fn end_attempt(&mut self, job_id: JobId, why: String, end: AttemptEnd, at_ms: u64) {
-        self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
+        let Some(job) = super::index::job_mut_in(&mut self.index, &mut self.jobs, job_id) else {
             return;
         };
         if job.state.is_terminal() || job.state == JobState::Pending {
@@ -278,11 +276,7 @@ impl State {
     /// Next attempt on the same hosts, with a fresh rendezvous port when one is free (the old one
     /// stays held until the old rank 0 is gone, so a straggler of the old gang never meets the new).
     fn restart_in_place(&mut self, job_id: JobId, at_ms: u64) {
-        self.index.touch(job_id);
-        let job = self
-            .jobs
-            .get_mut(&job_id)
-            .map(Arc::make_mut)
+        let job = super::index::job_mut_in(&mut self.index, &mut self.jobs, job_id)
             .expect("caller checked");
         let old_attempt = job.attempt;
         job.attempt += 1;
@@ -319,12 +313,7 @@ impl State {
     /// Back to the head of the queue for a new placement. Shares whose ranks have all ended are
     /// released; the others are retired, held until their agents report the processes gone.
     fn place_again(&mut self, job_id: JobId) {
-        self.index.touch(job_id);
-        let job = self
-            .jobs
-            .get_mut(&job_id)
-            .map(Arc::make_mut)
-            .expect("caller checked");
+        let job = self.job_mut(job_id).expect("caller checked");
         let old_attempt = job.attempt;
         job.attempt += 1;
         let ranks = std::mem::take(&mut job.ranks);
@@ -392,8 +381,7 @@ impl State {
         node: &NodeId,
         which: impl Fn(&RetiredShare) -> bool,
     ) {
-        self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
+        let Some(job) = self.job_mut(job_id) else {
             return;
         };
         let (gone, kept): (Vec<RetiredShare>, Vec<RetiredShare>) = std::mem::take(&mut job.retired)
@@ -458,8 +446,7 @@ impl State {
         metrics: Option<String>,
         at_ms: u64,
     ) -> CommandOutcome {
-        self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
+        let Some(job) = self.job_mut(job_id) else {
             return rejected(format!("job {job_id} does not exist"));
         };
         if job.attempt != attempt || job.state == JobState::Pending {
@@ -508,8 +495,7 @@ impl State {
     }
 
     pub(super) fn request_checkpoint(&mut self, job_id: JobId) -> CommandOutcome {
-        self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
+        let Some(job) = self.job_mut(job_id) else {
             return rejected(format!("job {job_id} does not exist"));
         };
         if !matches!(job.state, JobState::Starting | JobState::Running) {

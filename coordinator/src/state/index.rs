@@ -5,7 +5,7 @@
 //! The index is derived data: it is not serialized, it is rebuilt when a state is loaded
 //! ([`State::rebuild_index`]), and a state whose index was never built answers every query by a
 //! scan, so forgetting to build one costs time, never correctness. Every handler that changes a job
-//! marks it ([`JobIndex::touch`]); `apply` re-indexes the marked jobs after each command, and in
+//! goes through [`State::job_mut`], which marks it; `apply` re-indexes the marked jobs after each command, and in
 //! debug builds checks the whole index against a scan while the state is small.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -126,6 +126,17 @@ impl JobIndex {
     }
 }
 
+/// [`State::job_mut`] for a handler that reads other fields of the state while it changes the
+/// job (the borrows of `index` and `jobs` stay apart from the rest).
+pub(super) fn job_mut_in<'a>(
+    index: &mut JobIndex,
+    jobs: &'a mut BTreeMap<JobId, Arc<Job>>,
+    id: JobId,
+) -> Option<&'a mut Job> {
+    index.touch(id);
+    jobs.get_mut(&id).map(Arc::make_mut)
+}
+
 impl State {
     /// Builds the job index (after loading a state: it is not stored).
     pub fn rebuild_index(&mut self) {
@@ -142,6 +153,12 @@ impl State {
             self.jobs.len() > CHECK_IN_FULL_UP_TO_JOBS || self.index.matches(&self.jobs),
             "the job index disagrees with the jobs: a handler changed a job without touching it"
         );
+    }
+
+    /// Job `id`, to change: marked for the index, and copied first if a snapshot being written
+    /// still shares it. Every change to a job goes through here.
+    pub(super) fn job_mut(&mut self, id: JobId) -> Option<&mut Job> {
+        job_mut_in(&mut self.index, &mut self.jobs, id)
     }
 
     /// Jobs in state `Starting` or `Running`.

@@ -747,7 +747,7 @@ impl State {
     /// that starts within the committed bytes extends them; one past their end (a gap) does not.
     pub fn extend_committed_logs(&mut self, chunks: &[LogRecord]) {
         for chunk in chunks {
-            let Some(job) = self.jobs.get_mut(&chunk.job).map(Arc::make_mut) else {
+            let Some(job) = self.job_mut(chunk.job) else {
                 continue;
             };
             let committed = job
@@ -1019,7 +1019,7 @@ impl State {
             .map(|j| j.id)
             .collect();
         for id in retired_here {
-            if let Some(job) = self.jobs.get_mut(&id).map(Arc::make_mut) {
+            if let Some(job) = self.job_mut(id) {
                 for share in job.retired.iter_mut().filter(|r| &r.node == node) {
                     share.awaiting_agent = true;
                 }
@@ -1043,12 +1043,7 @@ impl State {
             .map(|j| j.id)
             .collect();
         for job_id in affected {
-            self.index.touch(job_id);
-            let job = self
-                .jobs
-                .get_mut(&job_id)
-                .map(Arc::make_mut)
-                .expect("listed above");
+            let job = self.job_mut(job_id).expect("listed above");
             let mut lost_any = false;
             for rank in job.ranks.iter_mut().filter(|r| &r.node == node) {
                 if !rank.phase.is_terminal() {
@@ -1247,12 +1242,7 @@ impl State {
                 });
             }
         }
-        self.index.touch(job_id);
-        let job = self
-            .jobs
-            .get_mut(&job_id)
-            .map(Arc::make_mut)
-            .expect("checked above");
+        let job = self.job_mut(job_id).expect("checked above");
         job.state = JobState::Starting;
         job.started_at_ms = Some(at_ms);
         job.allocation = Some(Allocation {
@@ -1290,8 +1280,7 @@ impl State {
         // The first failure reported for each job, in report order: the root cause.
         let mut first_failure: BTreeMap<JobId, u32> = BTreeMap::new();
         for obs in observations {
-            self.index.touch(obs.job);
-            let Some(job) = self.jobs.get_mut(&obs.job).map(Arc::make_mut) else {
+            let Some(job) = self.job_mut(obs.job) else {
                 continue;
             };
             if job.attempt != obs.attempt {
@@ -1316,8 +1305,7 @@ impl State {
             self.update_job_from_ranks(*job_id, first_failure.get(job_id).copied(), at_ms);
         }
         for job_id in &idle_jobs {
-            self.index.touch(*job_id);
-            let Some(job) = self.jobs.get_mut(job_id).map(Arc::make_mut) else {
+            let Some(job) = self.job_mut(*job_id) else {
                 continue;
             };
             if !job.state.is_terminal() {
@@ -1347,12 +1335,7 @@ impl State {
     /// Derives a running job's state from its ranks: the first failure (`first_failed_rank`, in
     /// report order) ends the attempt, and the gang restarts or the job fails.
     fn update_job_from_ranks(&mut self, job_id: JobId, first_failed_rank: Option<u32>, at_ms: u64) {
-        self.index.touch(job_id);
-        let job = self
-            .jobs
-            .get_mut(&job_id)
-            .map(Arc::make_mut)
-            .expect("caller checked");
+        let job = self.job_mut(job_id).expect("caller checked");
         if job.state.is_terminal() || job.state == JobState::Pending {
             return;
         }
@@ -1385,8 +1368,7 @@ impl State {
     }
 
     fn cancel_job(&mut self, job_id: JobId, at_ms: u64) -> CommandOutcome {
-        self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
+        let Some(job) = self.job_mut(job_id) else {
             return rejected(format!("job {job_id} does not exist"));
         };
         if job.state.is_terminal() {
@@ -1402,8 +1384,7 @@ impl State {
     }
 
     fn fail_pending_job(&mut self, job_id: JobId, reason: String, at_ms: u64) -> CommandOutcome {
-        self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
+        let Some(job) = self.job_mut(job_id) else {
             return rejected(format!("job {job_id} does not exist"));
         };
         if job.state != JobState::Pending {
@@ -1448,8 +1429,7 @@ impl State {
     }
 
     fn release_node_allocation(&mut self, job_id: JobId, node_id: &NodeId) {
-        self.index.touch(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
+        let Some(job) = self.job_mut(job_id) else {
             return;
         };
         let Some(allocation) = job.allocation.as_mut() else {
