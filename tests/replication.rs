@@ -1116,16 +1116,7 @@ fn a_member_that_caught_up_from_a_snapshot_fills_in_the_logs_it_lacks() {
 fn dev_runs_three_coordinators_and_the_cli_survives_losing_one() {
     let dev = common::DevCluster::start_with(1, &["--coordinators", "3"], &[]);
     // The CLI as a user runs it: the context `dev` wrote, no address given.
-    let cli = |args: &[&str]| {
-        Command::new(trainctl())
-            .args(args)
-            .env("TRAINCTL_CONFIG", dev.config_file())
-            .env_remove("TRAINCTL_ADDR")
-            .env_remove("TRAINCTL_TOKEN")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| dev.cli_from_context(args);
     let config = std::fs::read_to_string(dev.config_file()).unwrap();
     assert_eq!(config.matches("https://127.0.0.1:").count(), 3, "{config}");
     let out = cli(&["cluster", "-o", "json"]);
@@ -1396,16 +1387,7 @@ fn five_coordinators_lose_two_without_losing_a_write_and_refuse_writes_without_a
 fn dev_runs_five_coordinators_and_the_cli_survives_losing_two() {
     let dev = common::DevCluster::start_at("127.0.0.81", 1, &["--coordinators", "5"], &[]);
     // The CLI as a user runs it: the context `dev` wrote, no address given.
-    let cli = |args: &[&str]| {
-        Command::new(trainctl())
-            .args(args)
-            .env("TRAINCTL_CONFIG", dev.config_file())
-            .env_remove("TRAINCTL_ADDR")
-            .env_remove("TRAINCTL_TOKEN")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| dev.cli_from_context(args);
     let config = std::fs::read_to_string(dev.config_file()).unwrap();
     assert_eq!(config.matches("https://127.0.0.81:").count(), 5, "{config}");
     let out = cli(&["cluster", "-o", "json"]);

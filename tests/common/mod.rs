@@ -143,6 +143,19 @@ impl DevCluster {
         cmd
     }
 
+    /// Runs `trainctl ARGS` as a user of `dev` does: the context `dev` wrote (its whole list of
+    /// coordinators), no address or token given.
+    pub fn cli_from_context(&self, args: &[&str]) -> Output {
+        Command::new(trainctl())
+            .args(args)
+            .env("TRAINCTL_CONFIG", self.config_file())
+            .env_remove("TRAINCTL_ADDR")
+            .env_remove("TRAINCTL_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run trainctl")
+    }
+
     /// The context file `trainctl dev` wrote.
     pub fn config_file(&self) -> PathBuf {
         self.data_dir.path().join("config.toml")
