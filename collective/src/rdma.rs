@@ -1199,6 +1199,21 @@ mod tests {
             protocol(format!("fake fabric: {what}"))
         }
 
+        /// A write with immediate arrives: the receiver's posted receive `recv` completes with
+        /// `imm` on its CQ, and the sender's write `wr_id` on the sender's.
+        fn complete_write(receiver: &End, recv: u64, imm: u32, sender: &End, wr_id: u64) {
+            receiver.cq.lock().unwrap().push_back(completion(
+                recv,
+                WorkCompletion::OPCODE_RECV_RDMA_WITH_IMM,
+                Some(imm),
+            ));
+            sender.cq.lock().unwrap().push_back(completion(
+                wr_id,
+                WorkCompletion::OPCODE_RDMA_WRITE,
+                None,
+            ));
+        }
+
         impl RcPair for FakePair {
             fn work(&mut self, bytes: usize) -> Result<&mut [u8], CollectiveError> {
                 if self.work.len() < bytes {
@@ -1249,16 +1264,7 @@ mod tests {
                 }
                 self.next.slots.lock().unwrap()[start..start + local.len()]
                     .copy_from_slice(&self.work[local]);
-                self.next.cq.lock().unwrap().push_back(completion(
-                    recv,
-                    WorkCompletion::OPCODE_RECV_RDMA_WITH_IMM,
-                    Some(imm),
-                ));
-                self.me.cq.lock().unwrap().push_back(completion(
-                    wr_id,
-                    WorkCompletion::OPCODE_RDMA_WRITE,
-                    None,
-                ));
+                complete_write(&self.next, recv, imm, &self.me, wr_id);
                 Ok(())
             }
 
@@ -1275,16 +1281,7 @@ mod tests {
                     .ok_or_else(|| {
                         fault("a credit found no receive posted (receiver not ready)".into())
                     })?;
-                self.prev.cq.lock().unwrap().push_back(completion(
-                    recv,
-                    WorkCompletion::OPCODE_RECV_RDMA_WITH_IMM,
-                    Some(imm),
-                ));
-                self.me.cq.lock().unwrap().push_back(completion(
-                    wr_id,
-                    WorkCompletion::OPCODE_RDMA_WRITE,
-                    None,
-                ));
+                complete_write(&self.prev, recv, imm, &self.me, wr_id);
                 Ok(())
             }
 

@@ -98,12 +98,7 @@ pub(crate) fn run_ranks<T: Send + 'static>(
 /// NCCL's `libnccl.so.2` from the venv that `scripts/python-env.sh` makes (the
 /// `nvidia-nccl-cu13` wheel), if it is there.
 pub(crate) fn venv_nccl() -> Option<PathBuf> {
-    let venv_lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/lib");
-    std::fs::read_dir(venv_lib)
-        .ok()?
-        .flatten()
-        .map(|d| d.path().join("site-packages/nvidia/nccl/lib/libnccl.so.2"))
-        .find(|p| p.is_file())
+    trainctl_ffi::nccl::wheel_library(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv"))
 }
 
 /// Says why a test stops early, on stderr past libtest's capture.

@@ -27,12 +27,7 @@ fn library() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("TRAINCTL_NCCL_LIBRARY") {
         return Some(PathBuf::from(p));
     }
-    let venv_lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/lib");
-    std::fs::read_dir(venv_lib)
-        .ok()?
-        .flatten()
-        .map(|d| d.path().join("site-packages/nvidia/nccl/lib/libnccl.so.2"))
-        .find(|p| p.is_file())
+    trainctl_ffi::nccl::wheel_library(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv"))
 }
 
 /// How many GPUs a test can use, or the reason it cannot run.

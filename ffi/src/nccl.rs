@@ -33,6 +33,20 @@ pub mod check;
 /// The file name the loader is asked for: NCCL's soname, the only name its pip wheels ship.
 pub const LIBRARY_NAME: &str = "libnccl.so.2";
 
+/// The `libnccl.so.2` of NVIDIA's NCCL wheel (`nvidia-nccl-cu12`/`-cu13`, which PyTorch's CUDA
+/// wheels also pull in) installed in the Python virtual environment at `venv`, if there is one.
+pub fn wheel_library(venv: &Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(venv.join("lib"))
+        .ok()?
+        .flatten()
+        .map(|d| {
+            d.path()
+                .join("site-packages/nvidia/nccl/lib")
+                .join(LIBRARY_NAME)
+        })
+        .find(|p| p.is_file())
+}
+
 /// The size of an NCCL unique id in bytes (`NCCL_UNIQUE_ID_BYTES`).
 pub const UNIQUE_ID_BYTES: usize = sys::NCCL_UNIQUE_ID_BYTES as usize;
 
@@ -920,6 +934,23 @@ impl Drop for Communicator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wheel_library_is_found_in_a_venvs_site_packages_only() {
+        let venv = std::env::temp_dir().join(format!("trainctl-ffi-venv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&venv);
+        assert_eq!(wheel_library(&venv), None, "no venv");
+        let lib = venv.join("lib/python3.11/site-packages/nvidia/nccl/lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        assert_eq!(
+            wheel_library(&venv),
+            None,
+            "a venv without the library file"
+        );
+        std::fs::write(lib.join(LIBRARY_NAME), b"").unwrap();
+        assert_eq!(wheel_library(&venv), Some(lib.join(LIBRARY_NAME)));
+        std::fs::remove_dir_all(&venv).unwrap();
+    }
 
     #[test]
     fn version_codes_decode_in_both_encodings() {

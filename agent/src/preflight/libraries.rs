@@ -200,12 +200,7 @@ mod tests {
 
     /// The venv's NCCL (scripts/python-env.sh installs the wheel nvidia-nccl-cu13), if made.
     fn venv_nccl() -> Option<PathBuf> {
-        let venv_lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/lib");
-        std::fs::read_dir(venv_lib)
-            .ok()?
-            .flatten()
-            .map(|d| d.path().join("site-packages/nvidia/nccl/lib/libnccl.so.2"))
-            .find(|p| p.is_file())
+        trainctl_ffi::nccl::wheel_library(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"))
     }
 
     /// The C library this test process has mapped: a real shared library that is neither NCCL
