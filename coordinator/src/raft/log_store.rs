@@ -35,6 +35,9 @@ pub const TAIL_MAX_BYTES: usize = 32 << 20;
 pub struct LogStore {
     db: Arc<Database>,
     tail: Arc<Mutex<Tail>>,
+    /// The newest commit index openraft reported and no transaction has stored yet: the next log
+    /// append stores it in the same transaction (see [`RaftLogStorage::save_committed`] below).
+    unsaved_committed: Arc<Mutex<Option<Option<LogId<ServerId>>>>>,
 }
 
 /// The newest log entries, consecutive and already durable in redb, kept decoded for the reads
@@ -143,6 +146,7 @@ impl LogStore {
         Ok(LogStore {
             db,
             tail: Arc::new(Mutex::new(Tail::default())),
+            unsaved_committed: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -163,19 +167,14 @@ impl LogStore {
         Ok(Some(value))
     }
 
-    /// Writes one metadata value; `durable` commits wait for fsync, others ride on the next one.
+    /// Writes one metadata value in a durable (fsync'd) transaction.
     fn write_meta<T: serde::Serialize>(
         db: &Database,
         key: &str,
         value: &T,
-        durable: bool,
     ) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(value).map_err(|e| StorageIOError::write(&e))?;
-        let mut txn = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
-        if !durable {
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| StorageIOError::write(&e))?;
-        }
+        let txn = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
         {
             let mut table = txn
                 .open_table(META)
@@ -267,7 +266,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<ServerId>) -> Result<(), StorageError> {
         let db = self.db.clone();
         let vote = *vote;
-        blocking(move || Self::write_meta(&db, KEY_VOTE, &vote, true)).await
+        blocking(move || Self::write_meta(&db, KEY_VOTE, &vote)).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<ServerId>>, StorageError> {
@@ -275,17 +274,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || Self::read_meta(&db, KEY_VOTE)).await
     }
 
-    /// The commit index is a hint (openraft recomputes it from a quorum), so it is written without
-    /// waiting for fsync: it reaches disk with the next log append.
+    /// The commit index is a hint (openraft recomputes it from a quorum; on a restart it only lets
+    /// the member apply what it already knew to be committed before it hears from a leader), so it
+    /// costs no IO here: it is kept in memory and stored by the next log append, in that append's
+    /// transaction. openraft calls this before applying every commit, on the write path; a redb
+    /// transaction of its own there (even without fsync) cost a blocking-pool hand-off per write.
     async fn save_committed(
         &mut self,
         committed: Option<LogId<ServerId>>,
     ) -> Result<(), StorageError> {
-        let db = self.db.clone();
-        blocking(move || Self::write_meta(&db, KEY_COMMITTED, &committed, false)).await
+        *self
+            .unsaved_committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(committed);
+        Ok(())
     }
 
+    /// The newest hint: the one not yet stored, or else the stored one (after a restart).
     async fn read_committed(&mut self) -> Result<Option<LogId<ServerId>>, StorageError> {
+        if let Some(unsaved) = *self
+            .unsaved_committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            return Ok(unsaved);
+        }
         let db = self.db.clone();
         blocking(move || {
             Ok(Self::read_meta::<Option<LogId<ServerId>>>(&db, KEY_COMMITTED)?.flatten())
@@ -303,6 +316,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let db = self.db.clone();
+        let committed = self
+            .unsaved_committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .map(|c| serde_json::to_vec(&c))
+            .transpose()
+            .map_err(|e| StorageIOError::write_logs(&e))?;
         let mut encoded = Vec::new();
         let mut appended = Vec::new();
         for entry in entries {
@@ -310,24 +331,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             appended.push((entry.clone(), bytes.len()));
             encoded.push((entry.log_id.index, bytes));
         }
-        let result = blocking(move || {
-            let txn = db
-                .begin_write()
-                .map_err(|e| StorageIOError::write_logs(&e))?;
-            {
-                let mut table = txn
-                    .open_table(LOG)
-                    .map_err(|e| StorageIOError::write_logs(&e))?;
-                for (index, bytes) in &encoded {
-                    table
-                        .insert(index, bytes.as_slice())
-                        .map_err(|e| StorageIOError::write_logs(&e))?;
-                }
-            }
-            txn.commit().map_err(|e| StorageIOError::write_logs(&e))?;
-            Ok(())
-        })
-        .await;
+        let result = blocking(move || store_appended(&db, &encoded, committed.as_deref())).await;
         if result.is_ok() {
             self.tail().push(appended);
         }
@@ -352,6 +356,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         blocking(move || remove_entries(&db, ..=log_id.index, Some(&log_id))).await
     }
+}
+
+/// Stores appended entries (index, encoded entry) in one durable transaction, with the commit hint
+/// when there is one to store.
+fn store_appended(
+    db: &Database,
+    encoded: &[(u64, Vec<u8>)],
+    committed: Option<&[u8]>,
+) -> Result<(), StorageError> {
+    let txn = db
+        .begin_write()
+        .map_err(|e| StorageIOError::write_logs(&e))?;
+    {
+        let mut table = txn
+            .open_table(LOG)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        for (index, bytes) in encoded {
+            table
+                .insert(index, bytes.as_slice())
+                .map_err(|e| StorageIOError::write_logs(&e))?;
+        }
+    }
+    if let Some(committed) = committed {
+        let mut meta = txn
+            .open_table(META)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        meta.insert(KEY_COMMITTED, committed)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+    }
+    txn.commit().map_err(|e| StorageIOError::write_logs(&e))?;
+    Ok(())
 }
 
 /// Removes the log entries in `range` in one durable transaction, recording `last_purged` with them
@@ -480,5 +515,41 @@ mod tests {
         assert_eq!(half_open(&(Unbounded, Included(2))), Some((0, 3)));
         assert_eq!(half_open(&(Included(3), Unbounded)), None);
         assert_eq!(half_open(&(Included(0), Included(u64::MAX))), None);
+    }
+
+    #[tokio::test]
+    async fn the_commit_hint_costs_no_transaction_and_is_stored_by_the_next_append() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = Arc::new(Database::create(dir.path().join("state.redb")).expect("create db"));
+        let committed = LogId::new(CommittedLeaderId::new(1, 1), 4);
+
+        let mut store = LogStore::open(db.clone()).expect("open");
+        store.save_committed(Some(committed)).await.expect("save");
+        assert_eq!(store.read_committed().await.expect("read"), Some(committed));
+        let mut reopened = LogStore::open(db.clone()).expect("reopen");
+        assert_eq!(
+            reopened.read_committed().await.expect("read"),
+            None,
+            "nothing written yet: a restart here starts without the hint"
+        );
+
+        // What `append` writes: the entries and the hint it took, in one transaction.
+        let hint = store
+            .unsaved_committed
+            .lock()
+            .expect("lock")
+            .take()
+            .map(|c| serde_json::to_vec(&c).expect("encode"));
+        let fifth = encode_entry(&entry(1, 5)).expect("encode entry");
+        store_appended(&db, &[(5, fifth)], hint.as_deref()).expect("store");
+        let mut reopened = LogStore::open(db.clone()).expect("reopen");
+        assert_eq!(
+            reopened.read_committed().await.expect("read"),
+            Some(committed)
+        );
+        assert_eq!(
+            reopened.get_log_state().await.expect("state").last_log_id,
+            Some(entry(1, 5).log_id)
+        );
     }
 }
