@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 use trainctl_jobs::{Fabric, Resources};
 
-use crate::state::{NodeId, RdmaDeviceInfo, RdmaPortInfo};
+use crate::state::{JobId, NodeId, RdmaDeviceInfo, RdmaPortInfo, State};
 
 /// One node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -428,6 +428,44 @@ fn plan_exact(cluster: &ClusterSnapshot, res: &Resources) -> Result<Placement, U
         })
         .collect();
     Ok(Placement { nodes, master_port })
+}
+
+/// What the leader's scheduling pass does next with the head of the queue. First come, first
+/// served: the head is placed whole or the queue waits, so a gang is never starved by smaller jobs
+/// behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueHead {
+    /// Nothing to do: no job waits, or the head is a restarting gang whose previous attempt still
+    /// holds hosts that report (a heartbeat away; hosts that were lost do not hold it up).
+    Idle,
+    /// The head does not fit now: the queue waits for room.
+    NoRoomNow,
+    /// Place the head here.
+    Place { job: JobId, placement: Placement },
+    /// The head fit when it was submitted but can never fit the cluster as it is now (hosts were
+    /// removed): fail it, so that it does not block the queue.
+    Fail { job: JobId, reason: String },
+}
+
+/// The decision for the head of `state`'s queue, on the cluster as it is now.
+pub fn queue_head(state: &State) -> QueueHead {
+    let Some(head) = state.queue.front().and_then(|id| state.jobs.get(id)) else {
+        return QueueHead::Idle;
+    };
+    if head.retired.iter().any(|r| !r.awaiting_agent) {
+        return QueueHead::Idle;
+    }
+    match plan(&state.cluster_snapshot(), &head.spec.resources) {
+        Ok(placement) => QueueHead::Place {
+            job: head.id,
+            placement,
+        },
+        Err(Unschedulable::NoRoomNow(_)) => QueueHead::NoRoomNow,
+        Err(Unschedulable::NeverFits(why)) => QueueHead::Fail {
+            job: head.id,
+            reason: format!("can never run here any more: {why}"),
+        },
+    }
 }
 
 #[cfg(test)]

@@ -24,10 +24,10 @@ use crate::raft::network::HttpNetworkFactory;
 use crate::raft::peer_auth::{append_problem, PeerSecret, PEER_HEADER};
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{Raft, ServerId};
-use crate::scheduler::{self, Unschedulable};
+use crate::scheduler::{self, QueueHead};
 use crate::state::retention::{jobs_to_forget, JobRetention, FORGET_JOBS_PER_COMMAND};
-use crate::state::{Command, CommandOutcome, JobId, JobState, NodeId, NodeStatus};
-use crate::supervise;
+use crate::state::{Command, CommandOutcome, JobId, JobState, NodeId};
+use crate::supervise::{self, NodeSeen, NodeVerdict};
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -1087,25 +1087,10 @@ async fn scheduling_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Rec
         // Place as many as fit, one commit each; stop at the first that does not.
         const MAX_PLACEMENTS_PER_PASS: usize = 1024;
         for _ in 0..MAX_PLACEMENTS_PER_PASS {
-            let decision = coordinator.state.read(|s| {
-                let head = s.queue.front().and_then(|id| s.jobs.get(id))?;
-                // A restarting gang is placed once its previous attempt's ranks are gone (a report
-                // away); hosts that were lost do not hold it up.
-                if head.retired.iter().any(|r| !r.awaiting_agent) {
-                    return None;
-                }
-                Some((
-                    head.id,
-                    scheduler::plan(&s.cluster_snapshot(), &head.spec.resources),
-                ))
-            });
-            let Some((job, plan)) = decision else { break };
-            let placement = match plan {
-                Ok(p) => p,
-                Err(Unschedulable::NoRoomNow(_)) => break,
-                Err(Unschedulable::NeverFits(why)) => {
-                    // It fit when submitted, but the cluster shrank: it must not block the queue.
-                    let reason = format!("can never run here any more: {why}");
+            let (job, placement) = match coordinator.state.read(scheduler::queue_head) {
+                QueueHead::Idle | QueueHead::NoRoomNow => break,
+                QueueHead::Place { job, placement } => (job, placement),
+                QueueHead::Fail { job, reason } => {
                     warn!(%job, %reason, "failing a queued job");
                     if let Err(e) = coordinator
                         .write(Command::FailPendingJob {
@@ -1198,52 +1183,53 @@ async fn liveness_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Recei
         if !leader {
             continue;
         }
-        // If this loop itself was held up (an overloaded coordinator, a long fsync, a suspended
-        // process), silence is ours, not the agents': give every node a fresh timeout rather than
-        // declaring healthy hosts lost.
-        let late = last_pass.elapsed();
+        let since_last_pass = last_pass.elapsed();
         last_pass = Instant::now();
-        if late >= timeout / 2 {
-            warn!(
-                late_ms = late.as_millis() as u64,
-                "the liveness check ran late; not counting the gap against any node"
-            );
-            let now = Instant::now();
-            let mut heard = coordinator
-                .last_heard
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            for t in heard.values_mut() {
-                *t = now;
-            }
-            continue;
-        }
-        let silent: Vec<(NodeId, Duration)> = {
+        let verdict = {
             let heard = coordinator
                 .last_heard
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            coordinator.state.read(|s| {
+            let holding = coordinator
+                .holding
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let seen: Vec<NodeSeen> = coordinator.state.read(|s| {
                 s.nodes
                     .values()
-                    .filter(|n| n.status == NodeStatus::Up)
-                    .filter_map(|n| {
-                        let since = heard.get(&n.id).map(Instant::elapsed).unwrap_or(timeout);
-                        (since >= timeout).then(|| (n.id.clone(), since))
+                    .map(|n| NodeSeen {
+                        node: n.id.clone(),
+                        status: n.status,
+                        silent_for: heard.get(&n.id).map(Instant::elapsed),
+                        holding_beat: holding.get(&n.id).is_some_and(|&k| k > 0),
                     })
                     .collect()
-            })
+            });
+            supervise::node_verdict(since_last_pass, timeout, seen)
+        };
+        let lost = match verdict {
+            NodeVerdict::PassRanLate => {
+                warn!(
+                    late_ms = since_last_pass.as_millis() as u64,
+                    "the liveness check ran late; not counting the gap against any node"
+                );
+                let now = Instant::now();
+                let mut heard = coordinator
+                    .last_heard
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                for t in heard.values_mut() {
+                    *t = now;
+                }
+                continue;
+            }
+            NodeVerdict::Lost(lost) => lost,
         };
         supervise_jobs(&coordinator, &mut grow_seen).await;
-        for (node, since) in silent {
-            let reason = format!("no heartbeat for {:.1}s", since.as_secs_f64());
-            warn!(%node, %reason, "node lost");
+        for (node, silent_for) in lost {
+            warn!(%node, silent_ms = silent_for.as_millis() as u64, "node lost");
             if let Err(e) = coordinator
-                .write(Command::NodeLost {
-                    node,
-                    reason,
-                    at_ms: now_ms(),
-                })
+                .write(supervise::node_lost(node, silent_for, now_ms()))
                 .await
             {
                 warn!(error = %e, "could not record a lost node");

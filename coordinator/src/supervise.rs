@@ -1,13 +1,69 @@
-//! The leader's supervision of running gangs, as pure decisions: is a gang hung, should an elastic
-//! gang grow. The loop in `server.rs` gathers the observations (leader-local progress clocks, the
-//! state) and writes the commands these functions return.
+//! The leader's supervision, as pure decisions: which nodes are lost, is a gang hung, should an
+//! elastic gang grow. The liveness loop in `server.rs` gathers the observations (leader-local
+//! clocks of heartbeats and progress, held heartbeats, the state) and writes the commands these
+//! functions return.
 
 use std::time::Duration;
 
 use trainctl_jobs::Resources;
 
 use crate::scheduler::{self, ClusterSnapshot};
-use crate::state::{AttemptEnd, Command, Job, JobState, State};
+use crate::state::{AttemptEnd, Command, Job, JobState, NodeId, NodeStatus, State};
+
+/// What the leader knows of one node's liveness at a pass.
+#[derive(Debug, Clone)]
+pub struct NodeSeen {
+    pub node: NodeId,
+    pub status: NodeStatus,
+    /// Since this leader last heard from the node (a heartbeat or a registration); `None` if it
+    /// never has (every node gets a fresh clock when a coordinator becomes leader, so this is rare).
+    pub silent_for: Option<Duration>,
+    /// It holds a heartbeat open right now (a long poll): alive, however long ago the beat began.
+    pub holding_beat: bool,
+}
+
+/// The leader's verdict on the nodes at one liveness pass.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeVerdict {
+    /// The pass itself came at least half a node timeout after the one before (an overloaded
+    /// coordinator, a long fsync, a suspended process): the silence is the leader's, not the
+    /// agents'. Every node gets a fresh clock and none is declared lost.
+    PassRanLate,
+    /// These nodes are up, hold no heartbeat and were silent for the node timeout or longer: each
+    /// is lost ([`node_lost`]). Empty when all is well.
+    Lost(Vec<(NodeId, Duration)>),
+}
+
+/// Which nodes are lost, given how long since the previous pass (`since_last_pass`) and what was
+/// seen of each node. A node already down, or holding a heartbeat, is never lost here.
+pub fn node_verdict(
+    since_last_pass: Duration,
+    node_timeout: Duration,
+    nodes: impl IntoIterator<Item = NodeSeen>,
+) -> NodeVerdict {
+    if since_last_pass >= node_timeout / 2 {
+        return NodeVerdict::PassRanLate;
+    }
+    NodeVerdict::Lost(
+        nodes
+            .into_iter()
+            .filter(|n| n.status == NodeStatus::Up && !n.holding_beat)
+            .filter_map(|n| {
+                let silent_for = n.silent_for.unwrap_or(node_timeout);
+                (silent_for >= node_timeout).then_some((n.node, silent_for))
+            })
+            .collect(),
+    )
+}
+
+/// The command that declares `node` lost after `silent_for` without a heartbeat.
+pub fn node_lost(node: NodeId, silent_for: Duration, at_ms: u64) -> Command {
+    Command::NodeLost {
+        node,
+        reason: format!("no heartbeat for {:.1}s", silent_for.as_secs_f64()),
+        at_ms,
+    }
+}
 
 /// Longest an elastic job that could grow waits for its next checkpoint commit before it restarts at
 /// the larger size anyway (capped by its own `[checkpoint] grace`).
@@ -186,6 +242,69 @@ mod tests {
                 "{alive} {seen:?}"
             );
         }
+    }
+
+    #[test]
+    fn nodes_are_lost_only_when_up_silent_past_the_timeout_and_not_holding_a_beat() {
+        let timeout = Duration::from_millis(2_000);
+        let ms = Duration::from_millis;
+        let seen = |status, silent_for: Option<u64>, holding_beat| NodeSeen {
+            node: NodeId("n".into()),
+            status,
+            silent_for: silent_for.map(ms),
+            holding_beat,
+        };
+        // (status, silent for ms, holding a beat, lost after ms)
+        let cases = [
+            (NodeStatus::Up, Some(0), false, None),
+            (NodeStatus::Up, Some(1_999), false, None),
+            (NodeStatus::Up, Some(2_000), false, Some(2_000)),
+            (NodeStatus::Up, Some(9_000), false, Some(9_000)),
+            (NodeStatus::Up, Some(9_000), true, None), // a long poll in progress
+            (NodeStatus::Up, None, false, Some(2_000)), // never heard by this leader
+            (NodeStatus::Down, Some(9_000), false, None), // already lost
+        ];
+        for (status, silent, holding, lost) in cases {
+            let verdict = node_verdict(ms(250), timeout, [seen(status, silent, holding)]);
+            let want = NodeVerdict::Lost(
+                lost.map(|t| (NodeId("n".into()), ms(t)))
+                    .into_iter()
+                    .collect(),
+            );
+            assert_eq!(
+                verdict, want,
+                "{status:?} silent {silent:?} holding {holding}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_late_pass_declares_nobody_lost() {
+        let timeout = Duration::from_millis(2_000);
+        let silent = NodeSeen {
+            node: NodeId("n".into()),
+            status: NodeStatus::Up,
+            silent_for: Some(Duration::from_secs(60)),
+            holding_beat: false,
+        };
+        for (since_last_pass, late) in [(250, false), (999, false), (1_000, true), (30_000, true)] {
+            let verdict = node_verdict(
+                Duration::from_millis(since_last_pass),
+                timeout,
+                [silent.clone()],
+            );
+            assert_eq!(
+                verdict == NodeVerdict::PassRanLate,
+                late,
+                "{since_last_pass} ms"
+            );
+        }
+        let Command::NodeLost { reason, .. } =
+            node_lost(NodeId("n".into()), Duration::from_millis(2_345), 7)
+        else {
+            panic!("not a NodeLost");
+        };
+        assert_eq!(reason, "no heartbeat for 2.3s");
     }
 
     #[test]

@@ -2340,3 +2340,83 @@ fn a_copy_for_a_snapshot_does_not_see_later_commands() {
         "the copy serializes as the state it was taken from"
     );
 }
+
+#[test]
+fn the_queue_head_is_placed_whole_waits_for_room_or_its_old_ranks_or_fails_if_it_never_fits() {
+    use scheduler::{queue_head, QueueHead};
+
+    let mut state = two_nodes();
+    assert_eq!(queue_head(&state), QueueHead::Idle, "an empty queue");
+
+    // Fits: placed as `plan` would place it, and only the head is considered.
+    let first = submit(&mut state, 2, 2, 8);
+    let second = submit(&mut state, 1, 1, 1);
+    assert_eq!(
+        queue_head(&state),
+        QueueHead::Place {
+            job: first,
+            placement: plan_for(&state, first),
+        }
+    );
+    place(&mut state, first);
+
+    // The second fits no GPU now: it waits, and nothing behind it jumps ahead.
+    let third = submit(&mut state, 1, 1, 0);
+    assert_eq!(
+        queue_head(&state),
+        QueueHead::NoRoomNow,
+        "job {third} would fit, but job {second} is ahead of it"
+    );
+
+    // A gang restarting at another size waits for its previous attempt's ranks to be gone.
+    let mut elastic = State::default();
+    for node in ["node-1", "node-2", "node-3"] {
+        register(&mut elastic, node, 32, 8);
+    }
+    let job = submit_spec(
+        &mut elastic,
+        spec_text("nodes = 2", "[failure]\nmax_restarts = 1\n"),
+    );
+    place(&mut elastic, job);
+    report_all(&mut elastic, job, RankPhase::Running, None);
+    let hosts: Vec<String> = elastic.jobs[&job]
+        .allocation
+        .iter()
+        .flat_map(|a| a.nodes.iter().map(|n| n.node.0.clone()))
+        .collect();
+    let resize = Command::RestartJob {
+        job,
+        attempt: 0,
+        reason: "resize".into(),
+        end: AttemptEnd::Resize,
+        at_ms: AT,
+    };
+    assert_eq!(elastic.apply(resize), CommandOutcome::Done);
+    assert_eq!(queue_head(&elastic), QueueHead::Idle, "old ranks still run");
+    for host in &hosts {
+        report_gone(&mut elastic, host, job, 0);
+    }
+    assert!(matches!(queue_head(&elastic), QueueHead::Place { job: j, .. } if j == job));
+
+    // The cluster shrank under a queued 2-host job: it can never run, so it fails, naming why.
+    let mut shrunk = two_nodes();
+    let waiting = submit(&mut shrunk, 2, 1, 1);
+    lose(&mut shrunk, "node-2");
+    assert_eq!(
+        shrunk.apply(Command::RemoveNode {
+            node: id("node-2"),
+            at_ms: AT
+        }),
+        CommandOutcome::Done
+    );
+    match queue_head(&shrunk) {
+        QueueHead::Fail { job, reason } => {
+            assert_eq!(job, waiting);
+            assert!(
+                reason.starts_with("can never run here any more: the job needs 2 hosts"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
