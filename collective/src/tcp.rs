@@ -307,7 +307,6 @@ pub struct TcpRing {
     seq: u64,
     broken: Option<String>,
     op_timeout: Option<Duration>,
-    recv_buf: Vec<u8>,
 }
 
 /// The two connections of a rank in a ring of two or more.
@@ -377,7 +376,6 @@ impl TcpRing {
             seq: 0,
             broken: None,
             op_timeout: None,
-            recv_buf: Vec::new(),
         }
     }
 
@@ -499,21 +497,45 @@ impl TcpRing {
         if values.is_empty() {
             return Ok(());
         }
-        let mut buf = self.take_buf_len(values.len() * T::SIZE);
-        for (dst, v) in buf.chunks_exact_mut(T::SIZE).zip(values) {
-            v.put_le(dst);
+        let mut buf = self.take_buf_len(std::mem::size_of_val(values));
+        if cfg!(target_endian = "little") {
+            // The wire's byte order is the host's: one copy of the values' own bytes.
+            buf.copy_from_slice(bytemuck::cast_slice(values));
+        } else {
+            for (dst, v) in buf.chunks_exact_mut(T::SIZE).zip(values) {
+                dst.copy_from_slice(bytemuck::bytes_of(&v.to_from_le()));
+            }
         }
         self.queue_send(buf)
     }
 
-    /// Reads exactly `len` bytes from the previous rank into `self.recv_buf`.
-    fn recv_bytes(&mut self, len: usize, during: &'static str) -> Result<(), CollectiveError> {
+    /// Reads exactly `into.len()` bytes from the previous rank into `into`.
+    fn recv_into(&mut self, into: &mut [u8], during: &'static str) -> Result<(), CollectiveError> {
         let timeout = self.op_timeout;
-        self.recv_buf.resize(len, 0);
         let link = self.link.as_mut().ok_or_else(sender_gone)?;
         link.prev
-            .read_exact(&mut self.recv_buf)
+            .read_exact(into)
             .map_err(|e| peer_error(link.prev_rank, during, timeout, e))
+    }
+
+    /// Reads the next `dst.len()` elements from the previous rank straight into `dst`, and, with
+    /// `forward`, queues the same bytes on to the next rank.
+    fn recv_elems_into<T: Elem>(
+        &mut self,
+        dst: &mut [T],
+        forward: bool,
+        during: &'static str,
+    ) -> Result<(), CollectiveError> {
+        self.recv_into(bytemuck::cast_slice_mut(dst), during)?;
+        if forward {
+            let mut fwd = self.take_buf_len(std::mem::size_of_val(dst));
+            fwd.copy_from_slice(bytemuck::cast_slice(dst));
+            self.queue_send(fwd)?;
+        }
+        for v in dst.iter_mut() {
+            *v = v.to_from_le(); // nothing on a little-endian host
+        }
+        Ok(())
     }
 
     /// Waits until the sender thread has handed every queued message to the kernel.
@@ -549,6 +571,8 @@ impl TcpRing {
         for piece in buf[chunk_range(len, n, first)].chunks(seg) {
             self.send_elems(piece)?;
         }
+        // Each received segment lands here, in the element type, and is summed from here.
+        let mut incoming: Vec<T> = vec![T::zeroed(); seg.min(len)];
         for step in 0..n - 1 {
             let (_, recv) = reduce_scatter_step(rank, n, step);
             // Summed, this chunk is the next step's send, or after the last step the chunk this
@@ -557,9 +581,10 @@ impl TcpRing {
             let range = chunk_range(len, n, recv);
             for start in range.clone().step_by(seg) {
                 let dst = &mut buf[start..(start + seg).min(range.end)];
-                self.recv_bytes(dst.len() * T::SIZE, "receiving all_reduce data")?;
-                for (d, src) in dst.iter_mut().zip(self.recv_buf.chunks_exact(T::SIZE)) {
-                    *d = d.add(T::get_le(src));
+                let got = &mut incoming[..dst.len()];
+                self.recv_into(bytemuck::cast_slice_mut(got), "receiving all_reduce data")?;
+                for (d, s) in dst.iter_mut().zip(got.iter()) {
+                    *d = d.add(s.to_from_le());
                 }
                 self.send_elems(dst)?;
             }
@@ -571,13 +596,7 @@ impl TcpRing {
             let range = chunk_range(len, n, recv);
             for start in range.clone().step_by(seg) {
                 let dst = &mut buf[start..(start + seg).min(range.end)];
-                self.recv_bytes(dst.len() * T::SIZE, "receiving all_reduce results")?;
-                decode_into(dst, &self.recv_buf);
-                if forward {
-                    let mut fwd = self.take_buf();
-                    fwd.extend_from_slice(&self.recv_buf);
-                    self.queue_send(fwd)?;
-                }
+                self.recv_elems_into(dst, forward, "receiving all_reduce results")?;
             }
         }
         Ok(())
@@ -591,13 +610,7 @@ impl TcpRing {
                 self.send_f32(segment)?;
                 continue;
             }
-            self.recv_bytes(segment.len() * 4, "receiving broadcast data")?;
-            decode_into(segment, &self.recv_buf);
-            if self.rank != last {
-                let mut fwd = self.take_buf();
-                fwd.extend_from_slice(&self.recv_buf);
-                self.queue_send(fwd)?;
-            }
+            self.recv_elems_into(segment, self.rank != last, "receiving broadcast data")?;
         }
         Ok(())
     }
@@ -609,14 +622,15 @@ impl TcpRing {
             let mut token = self.take_buf();
             token.push(BARRIER_TOKEN);
             self.queue_send(token)?;
-            self.recv_bytes(1, "waiting at a barrier")?;
-            if self.recv_buf[0] != BARRIER_TOKEN {
+            let mut got = [0u8; 1];
+            self.recv_into(&mut got, "waiting at a barrier")?;
+            if got[0] != BARRIER_TOKEN {
                 let link = self.link_mut()?;
                 return Err(CollectiveError::ProtocolMismatch {
                     peer: link.prev_addr,
                     detail: format!(
                         "expected barrier token {BARRIER_TOKEN:#04x}, got {:#04x}",
-                        self.recv_buf[0]
+                        got[0]
                     ),
                 });
             }
@@ -710,31 +724,21 @@ impl Drop for Link {
     }
 }
 
-fn decode_into<T: Elem>(dst: &mut [T], bytes: &[u8]) {
-    for (d, src) in dst.iter_mut().zip(bytes.chunks_exact(T::SIZE)) {
-        *d = T::get_le(src);
-    }
-}
-
-/// An element type the ring reduces: its little-endian wire form and its sum.
-trait Elem: Copy {
+/// An element type the ring reduces: plain old data, whose little-endian bytes are its wire form.
+/// On a little-endian host (every host trainctl runs on today) the ring sends and receives the
+/// values' own bytes, with no per-element conversion.
+trait Elem: bytemuck::Pod {
     /// Bytes on the wire.
-    const SIZE: usize;
-    /// Writes the little-endian bytes into `dst` (exactly `SIZE` long).
-    fn put_le(self, dst: &mut [u8]);
-    /// Reads the little-endian bytes of `src` (exactly `SIZE` long).
-    fn get_le(src: &[u8]) -> Self;
+    const SIZE: usize = std::mem::size_of::<Self>();
+    /// The value with its bytes in little-endian order, or back: nothing on a little-endian host.
+    fn to_from_le(self) -> Self;
     /// The reduction.
     fn add(self, other: Self) -> Self;
 }
 
 impl Elem for f32 {
-    const SIZE: usize = 4;
-    fn put_le(self, dst: &mut [u8]) {
-        dst.copy_from_slice(&self.to_le_bytes());
-    }
-    fn get_le(src: &[u8]) -> Self {
-        f32::from_le_bytes([src[0], src[1], src[2], src[3]])
+    fn to_from_le(self) -> Self {
+        f32::from_bits(self.to_bits().to_le())
     }
     fn add(self, other: Self) -> Self {
         self + other
@@ -742,14 +746,8 @@ impl Elem for f32 {
 }
 
 impl Elem for i64 {
-    const SIZE: usize = 8;
-    fn put_le(self, dst: &mut [u8]) {
-        dst.copy_from_slice(&self.to_le_bytes());
-    }
-    fn get_le(src: &[u8]) -> Self {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(src);
-        i64::from_le_bytes(b)
+    fn to_from_le(self) -> Self {
+        self.to_le()
     }
     /// Wrapping, so the sum is exact modulo 2^64 and independent of the order of addition.
     fn add(self, other: Self) -> Self {
@@ -1024,7 +1022,6 @@ pub(crate) fn build_ring(
         seq: 0,
         broken: None,
         op_timeout: None,
-        recv_buf: Vec::new(),
     })
 }
 
