@@ -305,6 +305,34 @@ impl Coordinator {
     }
 }
 
+/// The Raft configuration of every coordinator (and of the simulated clusters in the tests):
+/// timers, snapshots every `snapshot_logs` entries, message bounds.
+pub fn raft_config(snapshot_logs: u64) -> anyhow::Result<openraft::Config> {
+    let config = openraft::Config {
+        cluster_name: "trainctl".to_string(),
+        // A follower that heard from a leader campaigns after the leader's lease (openraft
+        // 0.9 fixes it at election_timeout_max) plus its own election timeout: 0.45 to 0.6 s of
+        // silence, so a failover (and its first commit) fits in well under a second.
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        // Bounds each snapshot chunk's RPC, and the last one waits for the receiver to fsync and
+        // load the whole snapshot (seconds for 100 000 jobs): openraft's 200 ms default made the
+        // leader send a large snapshot again and again.
+        install_snapshot_timeout: SNAPSHOT_INSTALL_TIMEOUT_MS,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs.max(2)),
+        max_in_snapshot_log_to_keep: snapshot_logs.max(2) / 2,
+        snapshot_max_chunk_size: crate::raft::state_machine::SNAPSHOT_CHUNK_BYTES,
+        // An append carries at most this many entries (each up to MAX_COMMANDS_PER_ENTRY
+        // commands), so a Raft message stays within MAX_RAFT_BODY_BYTES.
+        max_payload_entries: RAFT_MAX_PAYLOAD_ENTRIES,
+        ..Default::default()
+    }
+    .validate()
+    .context("raft configuration")?;
+    Ok(config)
+}
+
 /// Opens the coordinator's storage and Raft. A new data dir either starts a one-voter cluster
 /// (`ClusterStart::Bootstrap`) or joins one (`ClusterStart::Join`: the grant is fetched and stored
 /// here; `run` asks to be added once it serves).
@@ -357,28 +385,7 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
     let logs = LogStore::new(config.data_dir.join("logs"));
     let state = StateMachineStore::open(db, config.data_dir.join("snapshots"), logs.clone())
         .context("open the state machine")?;
-    let raft_config = openraft::Config {
-        cluster_name: "trainctl".to_string(),
-        // A follower that heard from a leader campaigns after the leader's lease (openraft
-        // 0.9 fixes it at election_timeout_max) plus its own election timeout: 0.45 to 0.6 s of
-        // silence, so a failover (and its first commit) fits in well under a second.
-        heartbeat_interval: 50,
-        election_timeout_min: 150,
-        election_timeout_max: 300,
-        // Bounds each snapshot chunk's RPC, and the last one waits for the receiver to fsync and
-        // load the whole snapshot (seconds for 100 000 jobs): openraft's 200 ms default made the
-        // leader send a large snapshot again and again.
-        install_snapshot_timeout: SNAPSHOT_INSTALL_TIMEOUT_MS,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs.max(2)),
-        max_in_snapshot_log_to_keep: config.snapshot_logs.max(2) / 2,
-        snapshot_max_chunk_size: crate::raft::state_machine::SNAPSHOT_CHUNK_BYTES,
-        // An append carries at most this many entries (each up to MAX_COMMANDS_PER_ENTRY
-        // commands), so a Raft message stays within MAX_RAFT_BODY_BYTES.
-        max_payload_entries: RAFT_MAX_PAYLOAD_ENTRIES,
-        ..Default::default()
-    }
-    .validate()
-    .context("raft configuration")?;
+    let raft_config = raft_config(config.snapshot_logs)?;
     let peer_secret = PeerSecret::load_or_create(&config.data_dir)
         .context("read or create the cluster's peer secret")?;
     let tls = if config.secure {
@@ -407,18 +414,7 @@ pub async fn open(mut config: CoordinatorConfig) -> anyhow::Result<Arc<Coordinat
             "initialised a new one-voter cluster"
         );
     }
-    let elections = Elections::new(raft.clone());
-    let voters = raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .count();
-    if voters > 1 {
-        // A member of a group coming back: it listens before it campaigns (see `elections`).
-        elections.hold_until_a_leader_is_heard();
-    }
+    let elections = Elections::start(raft.clone());
     if !joining && state.read(|s| s.cluster_id.is_none()) {
         name_cluster(&raft, config.server_id).await?;
     }
@@ -796,32 +792,6 @@ async fn exit_if_raft_core_fails(coordinator: Arc<Coordinator>) {
     }
 }
 
-/// Whether a voter that just refused a candidate should campaign at once: the candidate's log
-/// is behind its own (so it can never win this voter's vote) and no leader is alive (none known,
-/// or the known one sent no append for a lease: it is gone). Without this,
-/// openraft waits a full election timeout more, and a failover takes twice as long whenever
-/// the first candidate is the one with the shorter log. Pure.
-pub fn campaign_after_refusing(
-    granted: bool,
-    own_log: Option<openraft::LogId<ServerId>>,
-    candidate_log: Option<openraft::LogId<ServerId>>,
-    leader_alive: bool,
-    voter: bool,
-) -> bool {
-    !granted && voter && !leader_alive && own_log > candidate_log
-}
-
-/// How many elections in a row take a voter at `own_term` past a candidate's `candidate_term`
-/// (each election takes the next term; the candidate holds its own term's vote, so campaigning in
-/// that term only splits the vote). At most [`OUTBID_ELECTIONS_MAX`]. Pure.
-pub fn elections_to_outbid(own_term: u64, candidate_term: u64) -> u32 {
-    let needed = candidate_term.saturating_sub(own_term).saturating_add(1);
-    needed.min(OUTBID_ELECTIONS_MAX as u64) as u32
-}
-
-/// Most elections a refusing voter starts in a row to outbid a candidate.
-pub const OUTBID_ELECTIONS_MAX: u32 = 4;
-
 /// Most Raft requests from other coordinators served at once.
 pub const MAX_RAFT_REQUESTS: usize = 256;
 
@@ -837,9 +807,7 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
     use axum::response::IntoResponse;
     use axum::routing::post;
     use axum::Json;
-    use openraft::raft::{
-        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
-    };
+    use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 
     use crate::raft::TypeConfig;
 
@@ -910,57 +878,11 @@ fn raft_router(coordinator: Arc<Coordinator>) -> axum::Router {
                         format!("malformed append: {problem}"),
                     );
                 }
-                let answer = c.raft.append_entries(rpc).await;
-                if matches!(
-                    answer,
-                    Ok(AppendEntriesResponse::Success
-                        | AppendEntriesResponse::PartialSuccess(_)
-                        | AppendEntriesResponse::Conflict)
-                ) {
-                    c.elections.heard_from_leader();
-                }
+                let answer = c.elections.receive_append(rpc).await;
                 Json(answer).into_response()
             }
             "vote" => match parse::<VoteRequest<ServerId>>(&body) {
-                Ok(rpc) => {
-                    let candidate_log = rpc.last_log_id;
-                    let candidate_term = rpc.vote.leader_id.term;
-                    let answer = c.raft.vote(rpc).await;
-                    if let Ok(answer) = &answer {
-                        let metrics = c.raft.metrics().borrow().clone();
-                        let voter = metrics
-                            .membership_config
-                            .membership()
-                            .voter_ids()
-                            .any(|v| v == c.config.server_id);
-                        // The leader counts as alive only while it keeps sending appends.
-                        let leader_alive = metrics.current_leader.is_some()
-                            && c.elections.leader_heard_within(Duration::from_millis(
-                                c.raft.config().election_timeout_max,
-                            ));
-                        if campaign_after_refusing(
-                            answer.vote_granted,
-                            answer.last_log_id,
-                            candidate_log,
-                            leader_alive,
-                            voter,
-                        ) {
-                            // Each election takes the next term; the refused candidate holds its
-                            // own term's vote, so campaign past it or the two split the vote.
-                            let rounds =
-                                elections_to_outbid(answer.vote.leader_id.term, candidate_term);
-                            let raft = c.raft.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..rounds {
-                                    if raft.trigger().elect().await.is_err() {
-                                        break;
-                                    }
-                                }
-                            });
-                        }
-                    }
-                    Json(answer).into_response()
-                }
+                Ok(rpc) => Json(c.elections.receive_vote(rpc).await).into_response(),
                 Err(response) => response,
             },
             "snapshot" => match parse::<InstallSnapshotRequest<TypeConfig>>(&body) {
@@ -1411,60 +1333,6 @@ pub fn job_counts(coordinator: &Coordinator) -> BTreeMap<&'static str, u64> {
 mod tests {
     use super::*;
     use crate::state::{Command, CommandOutcome, State};
-
-    #[test]
-    fn a_refusing_voter_campaigns_past_the_candidates_term() {
-        // (own term, candidate's term, elections)
-        let cases = [
-            (14, 15, 2),
-            (15, 15, 1),
-            (16, 15, 1),
-            (10, 15, 4),
-            (0, u64::MAX, 4),
-        ];
-        for (own, candidate, rounds) in cases {
-            assert_eq!(
-                elections_to_outbid(own, candidate),
-                rounds,
-                "own {own}, candidate {candidate}"
-            );
-            if rounds < OUTBID_ELECTIONS_MAX {
-                assert!(own + rounds as u64 > candidate, "past the candidate's term");
-            }
-        }
-    }
-
-    #[test]
-    fn a_voter_campaigns_at_once_only_when_it_refused_a_candidate_with_a_shorter_log() {
-        let log = |term: u64, index: u64| {
-            Some(openraft::LogId::new(
-                openraft::CommittedLeaderId::new(term, 1),
-                index,
-            ))
-        };
-        // (granted, own log, candidate's log, leader known, voter, campaign)
-        let table = [
-            (false, log(2, 10), log(2, 9), false, true, true),
-            (false, log(3, 5), log(2, 9), false, true, true),
-            // Granted: the candidate will lead.
-            (true, log(2, 10), log(2, 9), false, true, false),
-            // The candidate's log is as new or newer: refused for another reason.
-            (false, log(2, 10), log(2, 10), false, true, false),
-            (false, log(2, 9), log(2, 10), false, true, false),
-            // A leader is still known (refused because of its lease): no election.
-            (false, log(2, 10), log(2, 9), true, true, false),
-            // A learner never campaigns.
-            (false, log(2, 10), log(2, 9), false, false, false),
-            (false, log(2, 1), None, false, true, true),
-        ];
-        for (granted, own, candidate, leader, voter, want) in table {
-            assert_eq!(
-                campaign_after_refusing(granted, own, candidate, leader, voter),
-                want,
-                "{granted} {own:?} {candidate:?} {leader} {voter}"
-            );
-        }
-    }
 
     #[test]
     fn logs_go_once_their_job_ended_longer_ago_than_the_retention() {
