@@ -22,6 +22,8 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, ServerState};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use trainctl_coordinator::raft::elections::Elections;
 use trainctl_coordinator::raft::log_store::LogStore;
 use trainctl_coordinator::raft::state_machine::StateMachineStore;
@@ -660,23 +662,6 @@ async fn a_new_member_catches_up_from_a_snapshot_and_every_member_restarts_from_
     cluster.assert_no_split_brain();
 }
 
-/// SplitMix64: the fault schedule of a seed.
-struct Dice(u64);
-
-impl Dice {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// What one seeded schedule went through.
 #[derive(Debug, Default)]
 struct Explored {
@@ -697,7 +682,7 @@ struct Explored {
 async fn random_faults(seed: u64) -> Explored {
     let mut explored = Explored::default();
     let began = tokio::time::Instant::now();
-    let mut dice = Dice(seed);
+    let mut dice = StdRng::seed_from_u64(seed);
     let mut cluster = Cluster::start(5, 30).await;
     cluster
         .leader(Duration::from_secs(5))
@@ -719,9 +704,9 @@ async fn random_faults(seed: u64) -> Explored {
     let mut down: BTreeSet<ServerId> = BTreeSet::new();
     let mut cut_off: BTreeSet<ServerId> = BTreeSet::new();
     for _ in 0..12 {
-        let id = dice.below(5) + 1;
+        let id = dice.random_range(1..=5);
         let troubled = down.union(&cut_off).count();
-        match dice.below(4) {
+        match dice.random_range(0..4) {
             0 if !down.contains(&id) && !cut_off.contains(&id) && troubled < 2 => {
                 cluster.crash(id).await;
                 down.insert(id);
@@ -743,7 +728,7 @@ async fn random_faults(seed: u64) -> Explored {
                 cut_off.clear();
             }
         }
-        let pause = Duration::from_millis(dice.below(800));
+        let pause = Duration::from_millis(dice.random_range(0..800));
         cluster.run_for(pause).await;
     }
     for id in std::mem::take(&mut down) {
