@@ -662,6 +662,46 @@ async fn a_new_member_catches_up_from_a_snapshot_and_every_member_restarts_from_
     cluster.assert_no_split_brain();
 }
 
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_log_is_compacted_while_a_member_is_down_and_the_member_catches_up_from_a_snapshot() {
+    let mut cluster = Cluster::start(3, 20).await;
+    let mut acked = BTreeMap::new();
+    acked.insert(
+        "first".to_string(),
+        submit_until_acknowledged(&mut cluster, "first", 0).await,
+    );
+    cluster.crash(3).await;
+    for i in 1..=150 {
+        let key = format!("k{i}");
+        acked.insert(
+            key.clone(),
+            submit_until_acknowledged(&mut cluster, &key, i).await,
+        );
+    }
+    // openraft puts a purge off while a replication to the dead member holds the entries in
+    // flight, and purges at its next failed attempt (within the network's backoff).
+    cluster.run_for(Duration::from_secs(1)).await;
+    let (leader, _) = cluster
+        .leader(Duration::from_secs(5))
+        .await
+        .expect("a leader");
+    let m = cluster.raft(leader).metrics().borrow().clone();
+    let last = m.last_log_index.expect("a log");
+    assert!(
+        m.purged.is_some_and(|p| p.index + 40 >= last),
+        "the log was compacted behind the snapshots: purged {:?} of {last}",
+        m.purged
+    );
+    cluster.boot(3).await;
+    let states = cluster.converged_states(Duration::from_secs(20)).await;
+    assert_exactly_once(&states, &acked);
+    assert!(
+        cluster.raft(3).metrics().borrow().snapshot.is_some(),
+        "member 3 caught up from a snapshot: the entries it lacked were purged"
+    );
+    cluster.assert_no_split_brain();
+}
+
 /// What one seeded schedule went through.
 #[derive(Debug, Default)]
 struct Explored {
