@@ -274,7 +274,9 @@ fn pci_ok(id: &str) -> bool {
     }
     let n = id.len();
     let b = id.as_bytes();
-    (12..=16).contains(&n)
+    // Byte positions below: anything not ASCII is no bus id (and would not slice at them).
+    id.is_ascii()
+        && (12..=16).contains(&n)
         && id[..n - 8].chars().all(lower_hex)
         && b[n - 8] == b':'
         && id[n - 7..n - 5].chars().all(lower_hex)
