@@ -489,10 +489,6 @@ impl TcpRing {
         Ok(())
     }
 
-    fn send_f32(&mut self, values: &[f32]) -> Result<(), CollectiveError> {
-        self.send_elems(values)
-    }
-
     fn send_elems<T: Elem>(&mut self, values: &[T]) -> Result<(), CollectiveError> {
         if values.is_empty() {
             return Ok(());
@@ -607,7 +603,7 @@ impl TcpRing {
         let last = (root + n - 1) % n; // the rank before the root forwards nothing
         for segment in buf.chunks_mut(BROADCAST_SEGMENT_BYTES / 4) {
             if self.rank == root {
-                self.send_f32(segment)?;
+                self.send_elems(segment)?;
                 continue;
             }
             self.recv_elems_into(segment, self.rank != last, "receiving broadcast data")?;

@@ -32,8 +32,6 @@ use super::{Raft, ServerId, TypeConfig};
 /// How long a restarted member of a multi-voter group holds its elections at most, waiting to
 /// hear from a leader.
 pub const RESTART_HOLD: Duration = Duration::from_secs(2);
-/// How often a restarted member checks whether a leader's append arrived.
-const RESTART_POLL: Duration = Duration::from_millis(20);
 
 /// Until when elections are held; `None`: not held.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,14 +58,17 @@ pub struct Elections {
     raft: Raft,
     hold: Mutex<Hold>,
     leader_contact: Mutex<Option<Instant>>,
+    /// The end of the restart's hold, until a leader's first append ends it early.
+    restart_hold: Mutex<Option<Instant>>,
 }
 
 impl Elections {
-    pub fn new(raft: Raft) -> Arc<Elections> {
+    fn new(raft: Raft) -> Arc<Elections> {
         Arc::new(Elections {
             raft,
             hold: Mutex::new(Hold::default()),
             leader_contact: Mutex::new(None),
+            restart_hold: Mutex::new(None),
         })
     }
 
@@ -181,34 +182,31 @@ impl Elections {
     /// After a restart: holds elections until a leader's append arrives, or [`RESTART_HOLD`].
     /// (Not the leader openraft reports: right after a restart that is the one of the stored
     /// vote, which may be long gone.)
-    pub fn hold_until_a_leader_is_heard(self: &Arc<Self>) {
-        let until = Instant::now() + RESTART_HOLD;
+    fn hold_until_a_leader_is_heard(self: &Arc<Self>) {
+        *self.restart_hold.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Instant::now() + RESTART_HOLD);
         self.hold_for(RESTART_HOLD);
-        let elections = self.clone();
-        tokio::spawn(async move {
-            while Instant::now() < until {
-                if elections.leader_heard_within(RESTART_HOLD) {
-                    tracing::info!(
-                        "heard from the leader after the restart; elections allowed again"
-                    );
-                    elections.end_hold(until);
-                    return;
-                }
-                tokio::time::sleep(RESTART_POLL).await;
-            }
-        });
     }
 
-    /// Notes that a leader's append was just answered.
-    pub fn heard_from_leader(&self) {
+    /// Notes that a leader's append was just answered; the first one ends a restart's hold.
+    fn heard_from_leader(&self) {
         *self
             .leader_contact
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        let restart_hold = self
+            .restart_hold
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(until) = restart_hold {
+            tracing::info!("heard from the leader after the restart; elections allowed again");
+            self.end_hold(until);
+        }
     }
 
     /// Whether a leader's append arrived within `window`.
-    pub fn leader_heard_within(&self, window: Duration) -> bool {
+    fn leader_heard_within(&self, window: Duration) -> bool {
         self.leader_contact
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -5,8 +5,8 @@
 //! The index is derived data: it is not serialized, it is rebuilt when a state is loaded
 //! ([`State::rebuild_index`]), and a state whose index was never built answers every query by a
 //! scan, so forgetting to build one costs time, never correctness. Every handler that changes a job
-//! goes through [`State::job_mut`], which marks it; `apply` re-indexes the marked jobs after each command, and in
-//! debug builds checks the whole index against a scan while the state is small.
+//! goes through [`State::job_mut`], which marks it; `apply` re-indexes the marked jobs after each
+//! command, and in debug builds checks the whole index against a scan while the state is small.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
