@@ -40,6 +40,21 @@ pub fn threads_cpu(prefix: &str) -> io::Result<Duration> {
     Ok(total)
 }
 
+/// CPU time (user + system) used so far by the whole process: every thread, those that have
+/// exited included (`CLOCK_PROCESS_CPUTIME_ID`, nanoseconds). Unlike [`threads_cpu`], it counts a
+/// thread that lived only inside the window, such as the sender thread an all-reduce starts.
+pub fn process_cpu() -> io::Result<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
 fn thread_cpu(dir: &Path) -> Option<Duration> {
     if let Ok(schedstat) = std::fs::read_to_string(dir.join("schedstat")) {
         if let Some(ns) = schedstat

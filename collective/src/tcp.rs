@@ -25,6 +25,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -54,6 +56,10 @@ const BARRIER_TOKEN: u8 = 0xba;
 /// `all_reduce_body`): small enough for a segment's passes to stay in cache, large enough that the
 /// hand-over to the sender thread costs little.
 const ALL_REDUCE_SEGMENT_BYTES: usize = 256 << 10;
+/// All-reduces of at least this many bytes send straight from the caller's buffer, through a
+/// sender thread of their own (`all_reduce_lending`); smaller ones copy each segment to the ring's
+/// sender thread instead, which costs less than starting a thread.
+const LENDING_MIN_BYTES: usize = 1 << 20;
 /// Spare send buffers a ring keeps for reuse, in bytes of capacity all together. The first chunk
 /// of an all-reduce is queued whole (a 64 MiB all-reduce on 2 ranks: 128 segments), so this many
 /// bytes of segments come back to be reused by the next operation instead of being allocated and
@@ -559,6 +565,17 @@ impl TcpRing {
     /// receives the next segment, and every pass over a segment stays in cache. The bytes on the
     /// wire are the same as without segments: each chunk whole and in order, chunk after chunk.
     fn all_reduce_body<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CollectiveError> {
+        if cfg!(target_endian = "little") && std::mem::size_of_val(buf) >= LENDING_MIN_BYTES {
+            self.all_reduce_lending(buf)
+        } else {
+            self.all_reduce_copying(buf)
+        }
+    }
+
+    /// The ring all-reduce through the ring's own sender thread: each segment sent is first
+    /// copied into a send buffer the thread owns. For small buffers, where starting a thread for
+    /// the operation ([`TcpRing::all_reduce_lending`]) would cost more than the copies.
+    fn all_reduce_copying<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CollectiveError> {
         let n = self.world_size as usize;
         let rank = self.rank as usize;
         let len = buf.len();
@@ -596,6 +613,79 @@ impl TcpRing {
             }
         }
         Ok(())
+    }
+
+    /// The same ring, segments and bytes on the wire as [`TcpRing::all_reduce_copying`], but
+    /// nothing is copied to be sent: the caller's buffer is cut into its segments, and a sender
+    /// thread scoped to this operation borrows each segment in turn (lent over a channel, given
+    /// back once written), so the kernel reads the bytes straight from the caller's buffer, as
+    /// gloo does. The calling thread takes a segment back before it writes to it again. Only on a
+    /// little-endian host, where the values' own bytes are the wire's.
+    fn all_reduce_lending<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CollectiveError> {
+        // The operation's header is queued on the ring's own sender thread: it goes out first.
+        self.flush_sends()?;
+        let n = self.world_size as usize;
+        let rank = self.rank as usize;
+        let timeout = self.op_timeout;
+        let link = self.link_mut()?;
+        let (prev_rank, next_rank) = (link.prev_rank, link.next_rank);
+        let (prev, next) = (&link.prev, &link.next_ctl);
+        let seg = (ALL_REDUCE_SEGMENT_BYTES / T::SIZE).max(1);
+        let incoming_len = seg.min(buf.len());
+        let mut segments = Segments::split(buf, n, seg);
+        let send_failed = AtomicBool::new(false);
+        thread::scope(|scope| {
+            let (lend, to_send) = mpsc::channel::<(usize, &mut [T])>();
+            let (give_back, returned) = mpsc::channel::<(usize, &mut [T])>();
+            let send_failed = &send_failed;
+            let sender = thread::Builder::new()
+                .name(format!("collective-lend-r{rank}"))
+                .spawn_scoped(scope, move || -> io::Result<()> {
+                    let mut out = next;
+                    for (index, segment) in to_send {
+                        if let Err(e) = out.write_all(bytemuck::cast_slice(segment)) {
+                            send_failed.store(true, Ordering::SeqCst);
+                            // Wakes the calling thread if it waits for the previous rank.
+                            let _ = prev.shutdown(Shutdown::Both);
+                            return Err(e);
+                        }
+                        // Once the calling thread has received everything it stops taking
+                        // segments back, but the ones still queued must go out all the same.
+                        let _ = give_back.send((index, segment));
+                    }
+                    Ok(())
+                })
+                .map_err(|e| CollectiveError::Io {
+                    context: "start the all_reduce's sender thread",
+                    source: e,
+                })?;
+            let mut lending = Lending {
+                segments: &mut segments,
+                lend,
+                returned,
+            };
+            let received = lending.run(rank, n, incoming_len, prev);
+            // Read before this thread shuts the connection down, which fails the sender too.
+            let send_failed_first = send_failed.load(Ordering::SeqCst);
+            if received.is_err() && !send_failed_first {
+                // Unblocks the sender if the next rank stopped reading.
+                let _ = next.shutdown(Shutdown::Both);
+            }
+            drop(lending);
+            let sent = sender.join().unwrap_or_else(|_| {
+                Err(io::Error::other("the all_reduce's sender thread panicked"))
+            });
+            let send_error = |e| peer_error(next_rank, "sending all_reduce data", timeout, e);
+            match (received, sent) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Ok(()), Err(e)) | (Err(LendingError::SenderStopped), Err(e)) => Err(send_error(e)),
+                (Err(LendingError::Recv { .. }), Err(e)) if send_failed_first => Err(send_error(e)),
+                (Err(LendingError::Recv { during, source }), _) => {
+                    Err(peer_error(prev_rank, during, timeout, source))
+                }
+                (Err(LendingError::SenderStopped), Ok(())) => Err(sender_gone()),
+            }
+        })
     }
 
     fn broadcast_body(&mut self, buf: &mut [f32], root: u32) -> Result<(), CollectiveError> {
@@ -720,10 +810,136 @@ impl Drop for Link {
     }
 }
 
+/// The caller's buffer cut into an all-reduce's segments: each chunk's (`schedule::chunk_range`),
+/// in order, [`ALL_REDUCE_SEGMENT_BYTES`] each but a chunk's last. A slot is empty while its
+/// segment is lent to the sender thread.
+struct Segments<'b, T> {
+    slots: Vec<Option<&'b mut [T]>>,
+    /// Index of the first slot of chunk `c`, then one past the last slot.
+    chunk_starts: Vec<usize>,
+}
+
+impl<'b, T> Segments<'b, T> {
+    fn split(buf: &'b mut [T], chunks: usize, seg: usize) -> Segments<'b, T> {
+        let len = buf.len();
+        let mut slots = Vec::new();
+        let mut chunk_starts = Vec::with_capacity(chunks + 1);
+        let mut rest = buf;
+        for c in 0..chunks {
+            chunk_starts.push(slots.len());
+            let (mut chunk, after) = rest.split_at_mut(chunk_range(len, chunks, c).len());
+            rest = after;
+            while !chunk.is_empty() {
+                let (segment, after) = chunk.split_at_mut(seg.min(chunk.len()));
+                slots.push(Some(segment));
+                chunk = after;
+            }
+        }
+        chunk_starts.push(slots.len());
+        Segments {
+            slots,
+            chunk_starts,
+        }
+    }
+
+    /// The slots of chunk `c`, in order.
+    fn of_chunk(&self, c: usize) -> Range<usize> {
+        self.chunk_starts[c]..self.chunk_starts[c + 1]
+    }
+}
+
+/// Why the calling thread of [`TcpRing::all_reduce_lending`] stopped.
+enum LendingError {
+    Recv {
+        during: &'static str,
+        source: io::Error,
+    },
+    /// The sender thread is gone (it failed to write): the send error is the cause.
+    SenderStopped,
+}
+
+/// The calling thread's side of [`TcpRing::all_reduce_lending`].
+struct Lending<'s, 'b, T> {
+    segments: &'s mut Segments<'b, T>,
+    lend: Sender<(usize, &'b mut [T])>,
+    returned: Receiver<(usize, &'b mut [T])>,
+}
+
+impl<'b, T: Elem> Lending<'_, 'b, T> {
+    /// Reduce-scatter then all-gather, in the order of [`TcpRing::all_reduce_copying`].
+    fn run(
+        &mut self,
+        rank: usize,
+        n: usize,
+        incoming_len: usize,
+        prev: &TcpStream,
+    ) -> Result<(), LendingError> {
+        let mut prev = prev;
+        let (first, _) = reduce_scatter_step(rank, n, 0);
+        for i in self.segments.of_chunk(first) {
+            let segment = self.take(i)?;
+            self.lend(i, segment)?;
+        }
+        let mut incoming: Vec<T> = vec![T::zeroed(); incoming_len];
+        for step in 0..n - 1 {
+            let (_, recv) = reduce_scatter_step(rank, n, step);
+            for i in self.segments.of_chunk(recv) {
+                let dst = self.take(i)?;
+                let got = &mut incoming[..dst.len()];
+                prev.read_exact(bytemuck::cast_slice_mut(got))
+                    .map_err(|source| LendingError::Recv {
+                        during: "receiving all_reduce data",
+                        source,
+                    })?;
+                for (d, s) in dst.iter_mut().zip(got.iter()) {
+                    *d = d.add(*s);
+                }
+                self.lend(i, dst)?;
+            }
+        }
+        for step in 0..n - 1 {
+            let (_, recv) = all_gather_step(rank, n, step);
+            let forward = step + 2 < n;
+            for i in self.segments.of_chunk(recv) {
+                let dst = self.take(i)?;
+                prev.read_exact(bytemuck::cast_slice_mut(dst))
+                    .map_err(|source| LendingError::Recv {
+                        during: "receiving all_reduce results",
+                        source,
+                    })?;
+                if forward {
+                    self.lend(i, dst)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Segment `i`, waiting for the sender thread to give it back if it is lent.
+    fn take(&mut self, i: usize) -> Result<&'b mut [T], LendingError> {
+        loop {
+            if let Some(segment) = self.segments.slots[i].take() {
+                return Ok(segment);
+            }
+            let (j, segment) = self
+                .returned
+                .recv()
+                .map_err(|_| LendingError::SenderStopped)?;
+            self.segments.slots[j] = Some(segment);
+        }
+    }
+
+    fn lend(&mut self, i: usize, segment: &'b mut [T]) -> Result<(), LendingError> {
+        self.lend
+            .send((i, segment))
+            .map_err(|_| LendingError::SenderStopped)
+    }
+}
+
 /// An element type the ring reduces: plain old data, whose little-endian bytes are its wire form.
 /// On a little-endian host (every host trainctl runs on today) the ring sends and receives the
 /// values' own bytes, with no per-element conversion.
-trait Elem: bytemuck::Pod {
+trait Elem: bytemuck::Pod + Send {
     /// Bytes on the wire.
     const SIZE: usize = std::mem::size_of::<Self>();
     /// The value with its bytes in little-endian order, or back: nothing on a little-endian host.
@@ -1199,11 +1415,88 @@ mod tests {
         }
     }
 
+    /// The segments cover the buffer in order, each within one chunk, a chunk's last one the only
+    /// short one; the chunk's slots are its segments.
+    #[test]
+    fn segments_cut_each_chunk_in_order() {
+        for (len, chunks, seg) in [
+            (0, 2, 4),
+            (5, 3, 4),
+            (16, 4, 4),
+            (17, 4, 4),
+            (100, 3, 7),
+            (3, 5, 2),
+        ] {
+            let mut buf: Vec<usize> = (0..len).collect();
+            let segments = Segments::split(&mut buf, chunks, seg);
+            let mut next = 0;
+            for c in 0..chunks {
+                let range = chunk_range(len, chunks, c);
+                let slots = segments.of_chunk(c);
+                assert_eq!(
+                    slots.len(),
+                    range.len().div_ceil(seg),
+                    "{len} {chunks} {seg} chunk {c}"
+                );
+                for (k, i) in slots.enumerate() {
+                    let segment = segments.slots[i].as_deref().unwrap();
+                    let want: Vec<usize> = (range.start + k * seg
+                        ..(range.start + (k + 1) * seg).min(range.end))
+                        .collect();
+                    assert_eq!(
+                        segment,
+                        &want[..],
+                        "{len} {chunks} {seg} chunk {c} segment {k}"
+                    );
+                    next += segment.len();
+                }
+            }
+            assert_eq!(next, len);
+            assert_eq!(segments.slots.len(), *segments.chunk_starts.last().unwrap());
+        }
+    }
+
+    /// A rank that dies in the middle of a large all-reduce's data, after the header: both of
+    /// its neighbours fail with a lost peer instead of hanging. Which peer each names depends on
+    /// which connection fails first (rank 0 reads from the dead rank, rank 1 writes to it, and
+    /// each shuts its connections down as it fails), but the first to fail names rank 2.
+    #[test]
+    fn a_rank_that_dies_mid_way_through_a_large_all_reduce_fails_both_neighbours() {
+        let len = 4 * LENDING_MIN_BYTES / 4;
+        let errs = run_ranks(3, move |mut ring| {
+            if ring.rank() == 2 {
+                ring.start_op(OpKind::AllReduceSumF32, len as u64, 0)
+                    .unwrap();
+                let mut some = vec![0u8; ALL_REDUCE_SEGMENT_BYTES];
+                ring.recv_into(&mut some, "test").unwrap();
+                drop(ring);
+                return None;
+            }
+            let err = ring.all_reduce_sum_f32(&mut vec![1.0; len]).unwrap_err();
+            let later = ring.barrier().unwrap_err();
+            assert!(matches!(later, CollectiveError::Broken { .. }), "{later}");
+            Some(err)
+        });
+        let named: Vec<u32> = errs[..2]
+            .iter()
+            .map(|e| match e.as_ref().unwrap() {
+                CollectiveError::PeerLost { rank, during, .. } => {
+                    assert!(during.contains("all_reduce data"), "{during}");
+                    *rank
+                }
+                other => panic!("expected a lost peer, got {other}"),
+            })
+            .collect();
+        assert!(named.contains(&2), "{named:?}");
+    }
+
     /// The pool keeps segment buffers up to its byte budget and drops small ones.
     #[test]
     fn the_send_pool_stays_within_its_budget() {
         let pools = run_ranks(2, |mut ring| {
-            let mut buf = vec![1.0f32; 4 * ALL_REDUCE_SEGMENT_BYTES];
+            // Below the size that lends the caller's buffer: this one goes through the pool.
+            let mut buf = vec![1.0f32; LENDING_MIN_BYTES / 4 - 1];
+            assert!(buf.len() * 4 > 2 * ALL_REDUCE_SEGMENT_BYTES);
             ring.all_reduce_sum_f32(&mut buf).unwrap();
             ring.barrier().unwrap();
             let link = ring.link.as_ref().unwrap();

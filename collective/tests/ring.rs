@@ -264,6 +264,37 @@ fn a_rank_that_exits_is_reported_by_its_neighbours_instead_of_hanging() {
     assert!(errs[1].is_some());
 }
 
+/// Large enough that the all-reduce sends straight from the caller's buffer through a sender
+/// thread of its own (1 MiB and up), where the small ones go through the ring's sender thread.
+const LENT_LEN: usize = 4 * 1024 * 1024 / 4;
+
+#[test]
+fn op_timeout_ends_a_large_all_reduce_a_neighbour_never_joins() {
+    let errs = run_ranks(2, |mut ring: TcpRing| {
+        if ring.rank() == 0 {
+            ring.set_op_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let started = Instant::now();
+            let err = ring
+                .all_reduce_sum_f32(&mut vec![1.0; LENT_LEN])
+                .unwrap_err();
+            Some((err, started.elapsed()))
+        } else {
+            thread::sleep(Duration::from_millis(1500));
+            drop(ring);
+            None
+        }
+    });
+    let (err, took) = errs[0].as_ref().unwrap();
+    match err {
+        CollectiveError::PeerTimeout {
+            rank: 1, timeout, ..
+        } => assert_eq!(*timeout, Duration::from_millis(200)),
+        other => panic!("expected PeerTimeout from rank 1, got {other}"),
+    }
+    assert!(*took < Duration::from_millis(1400), "took {took:?}");
+}
+
 #[test]
 fn op_timeout_reports_the_silent_neighbour() {
     let errs = run_ranks(2, |mut ring: TcpRing| {

@@ -11,8 +11,8 @@
 //!
 //! Prints one JSON line on stdout:
 //! `{"impl":"trainctl","rank":R,"world_size":N,"bytes":B,"warmup":W,"times_s":[...],"cpu_s":[...]}`:
-//! per timed call, its wall time and the CPU time (user + system, every thread of this process:
-//! the caller and the ring's sender thread) it used.
+//! per timed call, its wall time and the CPU time (user + system, every thread of this process,
+//! `CLOCK_PROCESS_CPUTIME_ID`: the caller and the ring's sender threads, exited ones included) it used.
 //! Exits 1 with the reason on stderr on any failure.
 
 use std::process::ExitCode;
@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use trainctl_benches::allreduce::{self, MAX_CHECKED_WORLD_SIZE};
-use trainctl_benches::cpu::threads_cpu;
+use trainctl_benches::cpu::process_cpu;
 use trainctl_collective::{rendezvous_config_from_env, Collective, TcpRing};
 
 fn main() -> ExitCode {
@@ -55,16 +55,16 @@ fn run() -> anyhow::Result<String> {
 
     let mut times_s = Vec::with_capacity(args.iters);
     let mut cpu_s = Vec::with_capacity(args.iters);
-    let process_cpu = || threads_cpu("").context("read this process's CPU time");
+    let cpu_now = || process_cpu().context("read this process's CPU time");
     for i in 0..args.warmup + args.iters {
         buf.copy_from_slice(&input);
         ring.barrier().context("barrier before an all-reduce")?;
-        let cpu_before = process_cpu()?;
+        let cpu_before = cpu_now()?;
         let start = Instant::now();
         ring.all_reduce_sum_f32(&mut buf)
             .with_context(|| format!("all-reduce {i}"))?;
         let took = start.elapsed();
-        let cpu = process_cpu()?.saturating_sub(cpu_before);
+        let cpu = cpu_now()?.saturating_sub(cpu_before);
         if let Some((at, got, expected)) = allreduce::first_mismatch(&buf, &want) {
             bail!("all-reduce {i} on rank {rank}: element {at} is {got}, expected {expected}");
         }
