@@ -21,7 +21,9 @@
 //! Data: each rank owns a sender thread that writes to the next rank while the calling thread reads
 //! from the previous one, so a ring of large messages never deadlocks on full socket buffers. The
 //! all-reduce moves its chunks in segments, each passed on as soon as it is summed (pipelined; the
-//! bytes on the wire are those of whole chunks in order).
+//! bytes on the wire are those of whole chunks in order). A large all-reduce (1 MiB or more)
+//! copies nothing to send: a sender thread scoped to the operation borrows the caller's buffer one
+//! segment at a time (`all_reduce_lending`).
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
