@@ -477,27 +477,8 @@ enum Cmd {
         /// unhealthy the checks run again every 60 s (or this interval, if shorter), also with 0.
         #[arg(long, default_value_t = trainctl_agent::preflight::DEFAULT_INTERVAL.as_secs(), value_name = "SECONDS")]
         preflight_interval: u64,
-        /// The RDMA ports this host claims, which the pre-flight requires ACTIVE: DEVICE (every
-        /// port of it) or DEVICE:PORT, comma-separated, e.g. mlx5_0:1,mlx5_1:1. Each must exist
-        /// at start. Default: the ports ACTIVE when the agent starts; a port that is not ACTIVE
-        /// then is reported by the pre-flight but not required.
-        #[arg(long, env = "TRAINCTL_RDMA_PORTS", value_name = "DEVICE[:PORT],...")]
-        rdma_ports: Option<String>,
-        /// RDMA ports this host never claims (a storage NIC training does not use), DEVICE or
-        /// DEVICE:PORT, comma-separated; subtracted from the default claim or from --rdma-ports
-        /// (an --rdma-ports entry it excludes entirely is an error).
-        #[arg(long, env = "TRAINCTL_RDMA_IGNORE", value_name = "DEVICE[:PORT],...")]
-        rdma_ignore: Option<String>,
-        /// The NCCL library (libnccl.so.2) the pre-flight uses instead of the loader's search,
-        /// e.g. PyTorch's .../site-packages/nvidia/nccl/lib/libnccl.so.2. The agent refuses to
-        /// start if it does not open as NCCL. Ranks of GPU jobs get TRAINCTL_NCCL_LIBRARY=PATH
-        /// unless their job's env sets it.
-        #[arg(long, env = "TRAINCTL_NCCL_LIBRARY", value_name = "PATH")]
-        nccl_library: Option<PathBuf>,
-        /// The libibverbs library (libibverbs.so.1) the pre-flight uses instead of the loader's
-        /// search. The agent refuses to start if it does not open as libibverbs.
-        #[arg(long, env = "TRAINCTL_IBVERBS_LIBRARY", value_name = "PATH")]
-        ibverbs_library: Option<PathBuf>,
+        #[command(flatten)]
+        hardware: HardwareArgs,
     },
     /// Check this host: its GPUs, RDMA devices and libraries (CUDA driver, NCCL, libibverbs),
     /// and whether each GPU copies memory at a plausible rate, NVML reports no retired pages
@@ -512,21 +493,8 @@ enum Cmd {
     Preflight {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human)]
         output: Output,
-        /// The RDMA ports to require ACTIVE: DEVICE (every port of it) or DEVICE:PORT,
-        /// comma-separated, e.g. mlx5_0:1,mlx5_1:1; each must exist.
-        #[arg(long, env = "TRAINCTL_RDMA_PORTS", value_name = "DEVICE[:PORT],...")]
-        rdma_ports: Option<String>,
-        /// RDMA ports to leave out, DEVICE or DEVICE:PORT, comma-separated.
-        #[arg(long, env = "TRAINCTL_RDMA_IGNORE", value_name = "DEVICE[:PORT],...")]
-        rdma_ignore: Option<String>,
-        /// The NCCL library (libnccl.so.2) to use instead of the loader's search; exit 2 if it
-        /// does not open as NCCL.
-        #[arg(long, env = "TRAINCTL_NCCL_LIBRARY", value_name = "PATH")]
-        nccl_library: Option<PathBuf>,
-        /// The libibverbs library (libibverbs.so.1) to use instead of the loader's search; exit 2
-        /// if it does not open as libibverbs.
-        #[arg(long, env = "TRAINCTL_IBVERBS_LIBRARY", value_name = "PATH")]
-        ibverbs_library: Option<PathBuf>,
+        #[command(flatten)]
+        hardware: HardwareArgs,
     },
     /// Internal: started by an agent; kills the agent's ranks when the agent dies.
     #[command(hide = true)]
@@ -702,31 +670,60 @@ enum CheckpointCmd {
     },
 }
 
+/// The options `trainctl agent` and `trainctl preflight` share: which RDMA ports count, and the
+/// libraries to load instead of the loader's search.
+#[derive(Args, Clone, Debug, Default, PartialEq, Eq)]
+struct HardwareArgs {
+    /// The RDMA ports this host claims, which the pre-flight requires ACTIVE: DEVICE (every port
+    /// of it) or DEVICE:PORT, comma-separated, e.g. mlx5_0:1,mlx5_1:1; each must exist. Default:
+    /// the ports ACTIVE when the agent starts (for `preflight`: now); a port that is not ACTIVE
+    /// then is reported by the pre-flight, with a warning, but not required.
+    #[arg(long, env = "TRAINCTL_RDMA_PORTS", value_name = "DEVICE[:PORT],...")]
+    rdma_ports: Option<String>,
+    /// RDMA ports this host never claims (a storage NIC training does not use), DEVICE or
+    /// DEVICE:PORT, comma-separated; subtracted from the default claim or from --rdma-ports (an
+    /// --rdma-ports entry it excludes entirely is an error).
+    #[arg(long, env = "TRAINCTL_RDMA_IGNORE", value_name = "DEVICE[:PORT],...")]
+    rdma_ignore: Option<String>,
+    /// The NCCL library (libnccl.so.2) the pre-flight uses instead of the loader's search, e.g.
+    /// PyTorch's .../site-packages/nvidia/nccl/lib/libnccl.so.2. The agent refuses to start (and
+    /// `preflight` exits 2) if it does not open as NCCL. Ranks of GPU jobs get
+    /// TRAINCTL_NCCL_LIBRARY=PATH unless their job's env sets it.
+    #[arg(long, env = "TRAINCTL_NCCL_LIBRARY", value_name = "PATH")]
+    nccl_library: Option<PathBuf>,
+    /// The libibverbs library (libibverbs.so.1) the pre-flight uses instead of the loader's
+    /// search. The agent refuses to start (and `preflight` exits 2) if it does not open as
+    /// libibverbs.
+    #[arg(long, env = "TRAINCTL_IBVERBS_LIBRARY", value_name = "PATH")]
+    ibverbs_library: Option<PathBuf>,
+}
+
+impl HardwareArgs {
+    /// The library paths, made absolute against `cwd`: ranks start in their job's workdir and
+    /// must open the same file.
+    fn libraries(&self, cwd: &Path) -> trainctl_agent::preflight::libraries::LibraryPaths {
+        trainctl_agent::preflight::libraries::LibraryPaths {
+            nccl: self.nccl_library.clone(),
+            ibverbs: self.ibverbs_library.clone(),
+        }
+        .resolved(cwd)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Cmd::ExampleTrain { args } = &cli.command {
         // No runtime, no logging setup: this is a training process.
         return ExitCode::from(trainctl_collective::example_train_main(args).clamp(0, 255) as u8);
     }
-    if let Cmd::Preflight {
-        output,
-        rdma_ports,
-        rdma_ignore,
-        nccl_library,
-        ibverbs_library,
-    } = &cli.command
-    {
+    if let Cmd::Preflight { output, hardware } = &cli.command {
         init_logging("warn");
-        let libraries = trainctl_agent::preflight::libraries::LibraryPaths {
-            nccl: nccl_library.clone(),
-            ibverbs: ibverbs_library.clone(),
-        }
-        .resolved(&std::env::current_dir().unwrap_or_default());
+        let libraries = hardware.libraries(&std::env::current_dir().unwrap_or_default());
         // Blocking: each probe runs on its own thread with a deadline; no runtime needed.
         return match preflight::command(
             *output,
-            rdma_ports.as_deref(),
-            rdma_ignore.as_deref(),
+            hardware.rdma_ports.as_deref(),
+            hardware.rdma_ignore.as_deref(),
             &libraries,
         ) {
             Ok(code) => code,
@@ -1191,16 +1188,13 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
             run_retention_days,
             run_as,
             preflight_interval,
-            rdma_ports,
-            rdma_ignore,
-            nccl_library,
-            ibverbs_library,
+            hardware,
         } => {
             init_logging("info");
             let port_range = parse_port_range(&port_range)?;
             let rdma_ports = trainctl_agent::preflight::ports::PortOptions::parse(
-                rdma_ports.as_deref(),
-                rdma_ignore.as_deref(),
+                hardware.rdma_ports.as_deref(),
+                hardware.rdma_ignore.as_deref(),
             )?;
             let coordinator_urls: Vec<String> = coordinator
                 .iter()
@@ -1240,12 +1234,8 @@ async fn dispatch(command: Cmd) -> anyhow::Result<ExitCode> {
                 run_as,
                 preflight_interval: std::time::Duration::from_secs(preflight_interval),
                 rdma_ports,
-                // Absolute: ranks start in their job's workdir and must open the same file.
-                libraries: trainctl_agent::preflight::libraries::LibraryPaths {
-                    nccl: nccl_library,
-                    ibverbs: ibverbs_library,
-                }
-                .resolved(&std::env::current_dir().context("find the working directory")?),
+                libraries: hardware
+                    .libraries(&std::env::current_dir().context("find the working directory")?),
             };
             let shutdown = shutdown_on_signals()?;
             trainctl_agent::run(config, shutdown).await?;
@@ -2154,16 +2144,9 @@ mod tests {
     #[test]
     fn agent_and_preflight_take_the_library_paths() {
         let libraries = |cmd: Cmd| match cmd {
-            Cmd::Agent {
-                nccl_library,
-                ibverbs_library,
-                ..
+            Cmd::Agent { hardware, .. } | Cmd::Preflight { hardware, .. } => {
+                (hardware.nccl_library, hardware.ibverbs_library)
             }
-            | Cmd::Preflight {
-                nccl_library,
-                ibverbs_library,
-                ..
-            } => (nccl_library, ibverbs_library),
             _ => panic!("not agent or preflight"),
         };
         let given = (
