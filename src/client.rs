@@ -80,13 +80,10 @@ impl Client {
         &self,
         build: impl Fn(&str) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, reqwest::Error> {
-        let is_read = build(self.base())
-            .build()
-            .is_ok_and(|r| r.method() == reqwest::Method::GET);
         let deadline = tokio::time::Instant::now() + READ_RETRY_WINDOW;
         let mut delay = READ_RETRY_FIRST_DELAY;
         loop {
-            let response = self.send_once(&build).await;
+            let (is_read, response) = self.send_once(&build).await;
             let transient = matches!(&response, Ok(r) if retry_read(is_read, r.status().as_u16()));
             if !transient || tokio::time::Instant::now() + delay >= deadline {
                 return response;
@@ -97,17 +94,25 @@ impl Client {
     }
 
     /// One round of [`Client::send`]: the current coordinator, then the next ones while
-    /// unreachable or not processing.
+    /// unreachable or not processing. Also says whether the request was a read (GET).
     async fn send_once(
         &self,
         build: &impl Fn(&str) -> reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, reqwest::Error> {
+    ) -> (bool, Result<reqwest::Response, reqwest::Error>) {
+        let mut is_read = false;
+        let mut execute = |base: &str| {
+            let request = build(base).build();
+            if let Ok(r) = &request {
+                is_read = r.method() == reqwest::Method::GET;
+            }
+            async move { self.http.execute(request?).await }
+        };
         let first = self.current.load(std::sync::atomic::Ordering::Relaxed);
         let mut last = None;
         for step in 0..self.bases.len() {
             let i = (first + step) % self.bases.len();
             let more = step + 1 < self.bases.len();
-            match build(&self.bases[i]).send().await {
+            match execute(&self.bases[i]).await {
                 Err(e) if e.is_connect() && more => last = Some(e),
                 // This coordinator did not process the request at all (it knows no leader, or can
                 // not reach it): another one may.
@@ -117,16 +122,17 @@ impl Client {
                             .contains_key(trainctl_coordinator::forward::TRY_ELSEWHERE_HEADER) => {}
                 result => {
                     self.current.store(i, std::sync::atomic::Ordering::Relaxed);
-                    return result;
+                    return (is_read, result);
                 }
             }
         }
-        match last {
+        let result = match last {
             Some(e) => Err(e),
             // Every coordinator but the last said "not here" and the last was reached: unreachable
             // in practice (the last one's answer is returned above).
-            None => build(self.base()).send().await,
-        }
+            None => execute(self.base()).await,
+        };
+        (is_read, result)
     }
 
     async fn check<T: DeserializeOwned>(
