@@ -1280,18 +1280,24 @@ impl State {
         // The first failure reported for each job, in report order: the root cause.
         let mut first_failure: BTreeMap<JobId, u32> = BTreeMap::new();
         for obs in observations {
-            let Some(job) = self.job_mut(obs.job) else {
-                continue;
-            };
-            if job.attempt != obs.attempt {
+            // Checked on the shared job first: `job_mut` copies a job that a snapshot still
+            // holds, which a stale or settled observation must not cost.
+            let applies = self.jobs.get(&obs.job).is_some_and(|job| {
+                job.attempt == obs.attempt
+                    && job
+                        .ranks
+                        .iter()
+                        .any(|r| r.rank == obs.rank && &r.node == node && !r.phase.is_terminal())
+            });
+            if !applies {
                 continue;
             }
-            let Some(rank) = job.ranks.iter_mut().find(|r| r.rank == obs.rank) else {
+            let Some(rank) = self
+                .job_mut(obs.job)
+                .and_then(|job| job.ranks.iter_mut().find(|r| r.rank == obs.rank))
+            else {
                 continue;
             };
-            if &rank.node != node || rank.phase.is_terminal() {
-                continue;
-            }
             rank.phase = obs.phase;
             rank.exit_code = obs.exit_code;
             rank.message = obs.message;
@@ -1305,12 +1311,12 @@ impl State {
             self.update_job_from_ranks(*job_id, first_failure.get(job_id).copied(), at_ms);
         }
         for job_id in &idle_jobs {
+            if !self.jobs.get(job_id).is_some_and(|j| j.state.is_terminal()) {
+                continue;
+            }
             let Some(job) = self.job_mut(*job_id) else {
                 continue;
             };
-            if !job.state.is_terminal() {
-                continue;
-            }
             for rank in job.ranks.iter_mut().filter(|r| &r.node == node) {
                 if !rank.phase.is_terminal() {
                     rank.phase = RankPhase::Lost;

@@ -1075,6 +1075,12 @@ fn stale_and_misdirected_reports_are_ignored() {
             "{what}: {outcome:?}"
         );
         assert_eq!(state, before, "{what}: changed the state");
+        // `before` shares the jobs, as a snapshot being written does: an ignored report must not
+        // copy one (`Arc::make_mut`).
+        assert!(
+            Arc::ptr_eq(&state.jobs[&job], &before.jobs[&job]),
+            "{what}: copied the job"
+        );
     }
     // A rank that has ended stays ended, whatever a later report says.
     report(&mut state, "node-1", job, 1, RankPhase::Exited, Some(3));
@@ -1082,6 +1088,7 @@ fn stale_and_misdirected_reports_are_ignored() {
     report(&mut state, "node-1", job, 1, RankPhase::Running, None);
     report(&mut state, "node-1", job, 1, RankPhase::Exited, Some(0));
     assert_eq!(state, before);
+    assert!(Arc::ptr_eq(&state.jobs[&job], &before.jobs[&job]));
 }
 
 /// A small deterministic generator (64-bit LCG, Knuth's constants) so the sequence is the same
