@@ -5,10 +5,10 @@
 # libnccl 2.28, torch with NCCL, libibverbs without an RDMA device, NO cargo): build here in release,
 # carry the binaries, run this there from the repository root, read the report it leaves under $OUT.
 #
-#   cargo build --release --bin trainctl && cargo build --release -p trainctl-benches --bin nccl_init
-#   mkdir -p target-gpu && cp target/release/trainctl target/release/nccl_init target-gpu/ && strip target-gpu/*
+#   cargo build --release --bin trainctl && cargo build --release -p trainctl-benches --bin nccl_init --bin ring_allreduce
+#   mkdir -p target-gpu && cp target/release/{trainctl,nccl_init,ring_allreduce} target-gpu/ && strip target-gpu/*
 #   # device tool: command "scripts/gpu-check.sh", carry ["target-gpu"]   (/target-* is git-ignored;
-#   # the two stripped binaries stay well under the 64 MiB the tool carries)
+#   # the three stripped binaries stay well under the 64 MiB the tool carries)
 #
 # The binaries are taken from the first of: $1 (a trainctl binary; nccl_init beside it), target-gpu/,
 # target/release/, target/debug/.
@@ -32,7 +32,9 @@
 #      init_process_group("nccl") + first all-reduce on the same GPU (benches/scripts/nccl_init_driver.py,
 #      5 rounds; goal: not slower), reported as INFO with the ratio;
 #   8. store ops/s with torch's own client, `trainctl store` next to torch's libuv server
-#      (benches/scripts/store_ops_driver.py, 4 clients, 3 rounds), reported as INFO (about 30 s).
+#      (benches/scripts/store_ops_driver.py, 4 clients, 3 rounds), reported as INFO (about 30 s);
+#   9. the TCP ring all-reduce against gloo, 64 MiB, 2 and 4 ranks, 3 rounds
+#      (benches/scripts/allreduce_driver.py), reported as INFO with the ratios (about 1 minute).
 # Exit status: 0 when every step that could run passed, 1 when one failed (or no trainctl binary),
 # 2 when there is no GPU (the dry run on a machine without one: it says so and stops).
 set -uo pipefail
@@ -286,6 +288,20 @@ if "$python" -c 'import torch.distributed' 2>/dev/null; then
         report INFO "store ops/s ($(nproc) cores): $(grep -h 'trainctl / torch' "$out/store-ops.txt")"
     else
         report FAIL "store ops/s benchmark (see $out/store-ops.log)"
+    fi
+fi
+# 9. The TCP ring all-reduce against gloo, 64 MiB, 2 and 4 ranks, where the ranks have cores of
+#    their own (the 2-core VM where it is developed shares 2 cores between all ranks).
+ring_allreduce="$(dirname "$bin")/ring_allreduce"
+if [ ! -x "$ring_allreduce" ]; then
+    report SKIP "ring all-reduce against gloo: no ring_allreduce binary beside $bin (build and carry it, see the top)"
+elif "$python" -c 'import torch.distributed' 2>/dev/null; then
+    if OMP_NUM_THREADS=1 timeout 300 "$python" benches/scripts/allreduce_driver.py "$ring_allreduce" 2,4 3 \
+        67108864 2 10 > "$out/allreduce.txt" 2> "$out/allreduce.log"; then
+        report INFO "ring all-reduce vs gloo ($(nproc) cores): $(grep -h 'ranks: trainctl' "$out/allreduce.txt" | sed 's/ (gloo median.*//' | paste -sd';')"
+        sed 's/^/       /' "$out/allreduce.txt" | tee -a "$out/report.txt"
+    else
+        report FAIL "ring all-reduce against gloo (see $out/allreduce.log)"
     fi
 fi
 summary
