@@ -5,6 +5,8 @@
 //! affinity naming reported devices, NVLink peers, netdevs, GID entries). 256 cases, no
 //! persistence file.
 
+use std::net::IpAddr;
+
 use proptest::collection::vec;
 use proptest::prelude::*;
 use trainctl_proto::agent::{
