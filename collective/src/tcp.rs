@@ -62,10 +62,10 @@ const ALL_REDUCE_SEGMENT_BYTES: usize = 256 << 10;
 /// sender thread of their own (`all_reduce_lending`); smaller ones copy each segment to the ring's
 /// sender thread instead, which costs less than starting a thread.
 const LENDING_MIN_BYTES: usize = 1 << 20;
-/// Spare send buffers a ring keeps for reuse, in bytes of capacity all together. The first chunk
-/// of an all-reduce is queued whole (a 64 MiB all-reduce on 2 ranks: 128 segments), so this many
-/// bytes of segments come back to be reused by the next operation instead of being allocated and
-/// page-faulted anew.
+/// Spare send buffers a ring keeps for reuse, in bytes of capacity all together. A broadcast's
+/// root queues its whole buffer at once (64 MiB: 64 segments of 1 MiB), so this many bytes of
+/// segments come back to be reused by the next operation instead of being allocated and
+/// page-faulted anew. (All-reduces of 1 MiB or more lend the caller's buffer and use no pool.)
 const SEND_BUFFER_POOL_MAX_BYTES: usize = 64 << 20;
 /// Smaller sent buffers (headers, barrier tokens) are dropped rather than pooled, so that they do
 /// not take the places of segment buffers, which would then be allocated (and page-faulted) anew.
@@ -1469,6 +1469,8 @@ mod tests {
             if ring.rank() == 2 {
                 ring.start_op(OpKind::AllReduceSumF32, len as u64, 0)
                     .unwrap();
+                // The header is out before this rank dies, so its neighbours fail in the data.
+                ring.flush_sends().unwrap();
                 let mut some = vec![0u8; ALL_REDUCE_SEGMENT_BYTES];
                 ring.recv_into(&mut some, "test").unwrap();
                 drop(ring);
@@ -1490,6 +1492,73 @@ mod tests {
             })
             .collect();
         assert!(named.contains(&2), "{named:?}");
+    }
+
+    /// A neighbour that sent its header and then stops (never sends its data, never reads): the
+    /// operation timeout ends a lending all-reduce in its data phase, naming that neighbour.
+    #[test]
+    fn op_timeout_ends_a_lending_all_reduce_whose_neighbour_stalls_after_the_header() {
+        let len = 4 * LENDING_MIN_BYTES / 4;
+        let errs = run_ranks(2, move |mut ring| {
+            if ring.rank() == 1 {
+                ring.start_op(OpKind::AllReduceSumF32, len as u64, 0)
+                    .unwrap();
+                ring.flush_sends().unwrap();
+                thread::sleep(Duration::from_millis(1500));
+                return None;
+            }
+            ring.set_op_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let started = Instant::now();
+            let err = ring.all_reduce_sum_f32(&mut vec![1.0; len]).unwrap_err();
+            Some((err, started.elapsed()))
+        });
+        let (err, took) = errs[0].as_ref().unwrap();
+        match err {
+            CollectiveError::PeerTimeout {
+                rank: 1,
+                during,
+                timeout,
+            } => {
+                assert!(during.contains("all_reduce data"), "{during}");
+                assert_eq!(*timeout, Duration::from_millis(200));
+            }
+            other => panic!("expected PeerTimeout from rank 1, got {other}"),
+        }
+        assert!(*took < Duration::from_millis(1400), "took {took:?}");
+    }
+
+    /// The lending path and the copying path give the same bits (the same order of summation) on
+    /// the same random input, on every rank.
+    #[test]
+    fn lending_and_copying_all_reduces_give_identical_bits() {
+        let len = LENDING_MIN_BYTES / 4 + 12_345;
+        for world in [2u32, 3, 4] {
+            let got = run_ranks(world, move |mut ring| {
+                let mut rng = crate::prng::SplitMix64::new(0x5eed ^ u64::from(ring.rank()));
+                let input: Vec<f32> = (0..len).map(|_| rng.next_signed_unit() * 1e3).collect();
+                let mut lent = input.clone();
+                ring.all_reduce_sum_f32(&mut lent).unwrap();
+                let mut copied = input;
+                ring.run_op(
+                    (OpKind::AllReduceSumF32, len as u64, 0),
+                    |r: &mut TcpRing| r.all_reduce_copying(&mut copied),
+                )
+                .unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                (bits(&lent), bits(&copied))
+            });
+            for (rank, (lent, copied)) in got.iter().enumerate() {
+                assert!(
+                    lent == copied,
+                    "world {world} rank {rank}: the paths differ"
+                );
+                assert!(
+                    *lent == got[0].0,
+                    "world {world} rank {rank}: differs from rank 0"
+                );
+            }
+        }
     }
 
     /// The pool keeps segment buffers up to its byte budget and drops small ones.

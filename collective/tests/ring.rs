@@ -68,8 +68,8 @@ fn reduce_random(world: u32, len: usize) -> Vec<Vec<u32>> {
 
 #[test]
 fn all_reduce_gives_identical_bits_on_every_rank_and_every_run() {
-    for world in 2..=5u32 {
-        let len = 10_007;
+    // Below and above 1 MiB: the copying and the lending all-reduce.
+    for (world, len) in (2..=5u32).flat_map(|w| [(w, 10_007), (w, 300_007)]) {
         let first = reduce_random(world, len);
         for rank in 1..world as usize {
             assert!(
@@ -83,14 +83,11 @@ fn all_reduce_gives_identical_bits_on_every_rank_and_every_run() {
             "world {world}: second run differs from the first"
         );
         // And the result is the sum, up to rounding.
+        let inputs: Vec<Vec<f32>> = (0..world).map(|r| random_values(r, len)).collect();
         for i in (0..len).step_by(97) {
-            let exact: f64 = (0..world)
-                .map(|r| f64::from(random_values(r, len)[i]))
-                .sum();
+            let exact: f64 = inputs.iter().map(|v| f64::from(v[i])).sum();
             let got = f64::from(f32::from_bits(first[0][i]));
-            let scale: f64 = (0..world)
-                .map(|r| f64::from(random_values(r, len)[i]).abs())
-                .sum();
+            let scale: f64 = inputs.iter().map(|v| f64::from(v[i]).abs()).sum();
             assert!(
                 (got - exact).abs() <= 1e-6 * scale,
                 "world {world} index {i}: {got} vs {exact}"
@@ -262,37 +259,6 @@ fn a_rank_that_exits_is_reported_by_its_neighbours_instead_of_hanging() {
     let msg = errs[0].as_ref().unwrap().to_string();
     assert!(msg.contains("lost the connection to rank 2"), "{msg}");
     assert!(errs[1].is_some());
-}
-
-/// Large enough that the all-reduce sends straight from the caller's buffer through a sender
-/// thread of its own (1 MiB and up), where the small ones go through the ring's sender thread.
-const LENT_LEN: usize = 4 * 1024 * 1024 / 4;
-
-#[test]
-fn op_timeout_ends_a_large_all_reduce_a_neighbour_never_joins() {
-    let errs = run_ranks(2, |mut ring: TcpRing| {
-        if ring.rank() == 0 {
-            ring.set_op_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            let started = Instant::now();
-            let err = ring
-                .all_reduce_sum_f32(&mut vec![1.0; LENT_LEN])
-                .unwrap_err();
-            Some((err, started.elapsed()))
-        } else {
-            thread::sleep(Duration::from_millis(1500));
-            drop(ring);
-            None
-        }
-    });
-    let (err, took) = errs[0].as_ref().unwrap();
-    match err {
-        CollectiveError::PeerTimeout {
-            rank: 1, timeout, ..
-        } => assert_eq!(*timeout, Duration::from_millis(200)),
-        other => panic!("expected PeerTimeout from rank 1, got {other}"),
-    }
-    assert!(*took < Duration::from_millis(1400), "took {took:?}");
 }
 
 #[test]
