@@ -672,7 +672,7 @@ enum CheckpointCmd {
 
 /// The options `trainctl agent` and `trainctl preflight` share: which RDMA ports count, and the
 /// libraries to load instead of the loader's search.
-#[derive(Args, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Args, Clone, Debug)]
 struct HardwareArgs {
     /// The RDMA ports this host claims, which the pre-flight requires ACTIVE: DEVICE (every port
     /// of it) or DEVICE:PORT, comma-separated, e.g. mlx5_0:1,mlx5_1:1; each must exist. Default:
