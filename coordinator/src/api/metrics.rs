@@ -91,19 +91,18 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// The OpenMetrics text of every metric, after setting the gauges from `state`, the jobs per
-    /// state (`job_counts`) and the Raft log's last applied index.
-    pub(super) fn render(
+    /// Sets the gauges from `state`, the jobs per state (`job_counts`) and the Raft log's last
+    /// applied index. Called under the state's read lock; [`Metrics::encode`] then runs outside it.
+    pub(super) fn observe(
         &self,
         job_counts: &BTreeMap<&'static str, u64>,
         state: &ClusterState,
         last_applied: u64,
-    ) -> Result<String, ApiError> {
+    ) {
         for (job_state, count) in job_counts {
-            let count = *count;
             self.jobs
                 .get_or_create(&vec![("state".to_string(), job_state.to_string())])
-                .set(count as i64);
+                .set(*count as i64);
         }
         let (mut up, mut down, mut gpus, mut allocated) = (0, 0, 0, 0);
         for n in state.nodes.values() {
@@ -124,6 +123,10 @@ impl Metrics {
         self.gpus_total.set(gpus);
         self.gpus_allocated.set(allocated);
         self.raft_last_applied.set(last_applied as i64);
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub(super) fn encode(&self) -> Result<String, ApiError> {
         let mut body = String::new();
         encode(&mut body, &self.registry).map_err(|e| ApiError::Internal(e.to_string()))?;
         Ok(body)

@@ -884,7 +884,8 @@ async fn metrics(State(c): Ctx) -> Result<Response, ApiError> {
         .last_applied
         .map_or(0, |l| l.index);
     let jobs = job_counts(&c);
-    let body = c.state.read(|s| c.metrics.render(&jobs, s, applied))?;
+    c.state.read(|s| c.metrics.observe(&jobs, s, applied));
+    let body = c.metrics.encode()?;
     Ok((
         [(
             header::CONTENT_TYPE,
